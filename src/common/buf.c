@@ -1,0 +1,133 @@
+#include "common/buf.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void hl_buf_init(hl_buf *b, size_t limit)
+{
+    b->data = NULL;
+    b->len = 0;
+    b->cap = 0;
+    b->limit = limit;
+}
+
+void hl_buf_free(hl_buf *b)
+{
+    if (!b)
+        return;
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+void hl_buf_reset(hl_buf *b)
+{
+    b->len = 0;
+    if (b->data)
+        b->data[0] = 0;
+}
+
+/* Makes room for n more bytes plus the trailing NUL. */
+static hl_status grow(hl_buf *b, size_t n)
+{
+    if (n > b->limit || b->len > b->limit - n)
+        return HL_ERR_TOO_LARGE;
+    size_t need = b->len + n + 1;
+    if (need <= b->cap)
+        return HL_OK;
+    size_t ncap = b->cap ? b->cap : 64;
+    while (ncap < need)
+        ncap = ncap > SIZE_MAX / 2 ? need : ncap * 2;
+    unsigned char *p = realloc(b->data, ncap);
+    if (!p)
+        return HL_ERR_NOMEM;
+    b->data = p;
+    b->cap = ncap;
+    return HL_OK;
+}
+
+hl_status hl_buf_add(hl_buf *b, const void *p, size_t n)
+{
+    hl_status st = grow(b, n);
+    if (st)
+        return st;
+    if (n)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = 0;
+    return HL_OK;
+}
+
+hl_status hl_buf_addc(hl_buf *b, unsigned char c)
+{
+    return hl_buf_add(b, &c, 1);
+}
+
+hl_status hl_buf_adds(hl_buf *b, const char *s)
+{
+    return hl_buf_add(b, s, strlen(s));
+}
+
+hl_status hl_buf_addf(hl_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return HL_ERR_INVALID;
+    hl_status st = grow(b, (size_t)n);
+    if (st)
+        return st;
+    va_start(ap, fmt);
+    vsnprintf((char *)b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return HL_OK;
+}
+
+static hl_status add_quoted(hl_buf *b, const char *s, char q)
+{
+    size_t old = b->len;
+    hl_status st = hl_buf_addc(b, (unsigned char)q);
+    for (const char *p = s; !st && *p; p++) {
+        st = hl_buf_addc(b, (unsigned char)*p);
+        if (!st && *p == q)
+            st = hl_buf_addc(b, (unsigned char)q);
+    }
+    if (!st)
+        st = hl_buf_addc(b, (unsigned char)q);
+    if (st) {
+        b->len = old;
+        if (b->data)
+            b->data[old] = 0;
+    }
+    return st;
+}
+
+hl_status hl_buf_add_ident(hl_buf *b, const char *s)
+{
+    return add_quoted(b, s, '"');
+}
+
+hl_status hl_buf_add_sqlstr(hl_buf *b, const char *s)
+{
+    return add_quoted(b, s, '\'');
+}
+
+const char *hl_buf_str(const hl_buf *b)
+{
+    return b->data ? (const char *)b->data : "";
+}
+
+unsigned char *hl_buf_steal(hl_buf *b, size_t *len)
+{
+    unsigned char *p = b->data;
+    if (len)
+        *len = b->len;
+    b->data = NULL;
+    b->len = b->cap = 0;
+    return p;
+}

@@ -1,0 +1,41 @@
+#include "common/hlc.h"
+
+#include <time.h>
+
+uint64_t hl_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+uint64_t hl_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+uint64_t hl_hlc_next(uint64_t *last, uint64_t write_ms)
+{
+    /* Keep 48 bits of milliseconds: good until the year 10889. */
+    uint64_t phys = (write_ms & 0xFFFFFFFFFFFFull) << 16;
+    uint64_t h = phys > *last ? phys : *last + 1;
+    *last = h;
+    return h;
+}
+
+void hl_hlc_observe(uint64_t *last, uint64_t remote)
+{
+    if (remote > *last)
+        *last = remote;
+}
+
+int hl_version_cmp(uint64_t hlc_a, uint64_t node_a, uint64_t hlc_b, uint64_t node_b)
+{
+    if (hlc_a != hlc_b)
+        return hlc_a < hlc_b ? -1 : 1;
+    if (node_a != node_b)
+        return node_a < node_b ? -1 : 1;
+    return 0;
+}

@@ -1,0 +1,30 @@
+/*
+ * hlc.h - hybrid logical clock: 48 bits of milliseconds, 16 bits of counter.
+ *
+ * A local write gets hlc = max(write_ms << 16, last + 1); seeing a remote
+ * version advances last past it. So a write made after this node saw a remote
+ * version always orders after it, even when wall clocks are skewed.
+ */
+#ifndef HL_HLC_H
+#define HL_HLC_H
+
+#include <stdint.h>
+
+#define HL_HLC_MS(h) ((h) >> 16)
+
+/* Wall clock, milliseconds since the Unix epoch. */
+uint64_t hl_now_ms(void);
+/* Monotonic clock, milliseconds (for timeouts). */
+uint64_t hl_mono_ms(void);
+
+/* Returns the version for a local write made at wall time write_ms and stores it in *last. */
+uint64_t hl_hlc_next(uint64_t *last, uint64_t write_ms);
+
+/* Receive rule: *last = max(*last, remote). */
+void hl_hlc_observe(uint64_t *last, uint64_t remote);
+
+/* Last-writer-wins order of two versions: (hlc, node) compared lexicographically.
+ * Returns <0, 0, >0 like strcmp. */
+int hl_version_cmp(uint64_t hlc_a, uint64_t node_a, uint64_t hlc_b, uint64_t node_b);
+
+#endif

@@ -1,0 +1,171 @@
+/*
+ * config.h - harmonylite configuration: YAML file, then HARMONYLITE_* environment,
+ * then command-line flags (each overriding the previous).
+ *
+ * Every key is described once in the key table in config.c; the YAML loader,
+ * the environment mapping, the docs and `-check-config` all derive from it.
+ */
+#ifndef HL_CONFIG_H
+#define HL_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/status.h"
+
+typedef struct hl_strlist {
+    char **v; /* owned strings */
+    size_t n;
+} hl_strlist;
+
+typedef struct hl_config {
+    char *config_path; /* the YAML file read, or NULL */
+
+    char *db_path;     /* db_path: the application's SQLite file (required) */
+    uint64_t node_id;  /* node_id: >= 1; default: StatefulSet ordinal of the host name + 1 */
+    char *data_dir;    /* data_dir: harmonylite's own files (nats store, generated config);
+                          default "<db_path>-harmonylite" */
+    bool publish;      /* publish: send local changes (default true) */
+    bool replicate;    /* replicate: apply remote changes (default true) */
+    int scan_max_changes;    /* scan_max_changes: max rows per message part (default 512 in HarmonyLite;
+                                ours: 10000) */
+    int polling_interval_ms; /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
+    int cleanup_interval_ms; /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
+    int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
+    int shutdown_grace_s;    /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
+    int apply_batch_rows;    /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
+    int64_t cache_size_kib;  /* cache_size: engine connection page cache in KiB (default 65536) */
+
+    struct {
+        int shards;          /* replication_log.shards (default 1) */
+        int64_t max_entries; /* replication_log.max_entries (default 1048576) */
+        int replicas;        /* replication_log.replicas (default 1) */
+        bool compress;       /* replication_log.compress (default true) */
+        int64_t max_bytes;   /* replication_log.max_bytes: stream byte limit, -1 unlimited (default -1) */
+        int64_t max_age_s;   /* replication_log.max_age: seconds, 0 unlimited (default 0) */
+        int chunk_bytes;     /* replication_log.chunk_bytes: max payload per message (default 524288) */
+        int64_t max_changeset_bytes; /* replication_log.max_changeset_bytes: reject larger (default 268435456) */
+        int duplicate_window_s; /* replication_log.duplicate_window: seconds (default 120) */
+        bool update_existing; /* replication_log.update_existing: update stream config if it differs */
+    } replication_log;
+
+    struct {
+        hl_strlist urls;      /* nats.urls: external servers; empty = embedded mode */
+        char *bind_address;   /* nats.bind_address: embedded client listener (default "0.0.0.0:4222") */
+        char *subject_prefix; /* nats.subject_prefix (default "harmonylite-change-log") */
+        char *stream_prefix;  /* nats.stream_prefix (default "harmonylite-changes") */
+        char *server_config;  /* nats.server_config: include this file in the generated nats-server config */
+        char *server_bin;     /* nats.server_bin: nats-server executable (default "nats-server" on PATH) */
+        char *cluster_name;   /* nats.cluster_name (default "harmonylite") */
+        char *cluster_addr;   /* nats.cluster_addr / -cluster-addr: embedded cluster listener, host:port */
+        hl_strlist cluster_peers; /* nats.cluster_peers / -cluster-peers: nats://host:port route URLs */
+        char *user_name;      /* nats.user_name */
+        char *user_password;  /* nats.user_password (secret: never logged) */
+        char *seed_file;      /* nats.seed_file: NKey seed file */
+        char *creds_file;     /* nats.creds_file: JWT credentials file */
+        char *ca_file;        /* nats.ca_file */
+        char *cert_file;      /* nats.cert_file */
+        char *key_file;       /* nats.key_file */
+        int connect_retries;  /* nats.connect_retries (default 5; -1 forever) */
+        int reconnect_wait_seconds; /* nats.reconnect_wait_seconds (default 2) */
+        int max_payload;      /* nats.max_payload: embedded server max_payload bytes (default 1048576) */
+    } nats;
+
+    struct {
+        bool verbose;  /* logging.verbose: debug level */
+        char *format;  /* logging.format: "console" | "json" */
+        char *level;   /* logging.level: "debug" | "info" | "warn" | "error" (default "info") */
+    } logging;
+
+    struct {
+        char *bind;    /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
+    } http;
+} hl_config;
+
+/* Fills c with defaults. Never fails. */
+void hl_config_defaults(hl_config *c);
+
+/*
+ * Reads the YAML file at path into c (c must hold defaults). On error writes
+ * "path:line: key: what was expected" to err (NUL-terminated, truncated to
+ * errlen) and returns HL_ERR_CONFIG. Unknown keys and wrong types are errors.
+ */
+hl_status hl_config_load_file(hl_config *c, const char *path, char *err, size_t errlen);
+
+/*
+ * Applies HARMONYLITE_<PATH> environment variables (path upper-cased, '.' -> '_',
+ * e.g. HARMONYLITE_REPLICATION_LOG_SHARDS, HARMONYLITE_NATS_URLS as a comma list).
+ * envp is a NULL-terminated "NAME=value" array (pass `environ`). Unknown
+ * HARMONYLITE_* names are ignored (Kubernetes injects HARMONYLITE_SERVICE_HOST
+ * and friends for a Service named harmonylite). Errors as above with
+ * "env HARMONYLITE_X: ..." instead of file:line.
+ */
+hl_status hl_config_load_env(hl_config *c, char *const *envp, char *err, size_t errlen);
+
+/*
+ * Sets one key by its dotted path ("nats.cluster_addr") from a string, as a flag
+ * would. origin names the source for error messages (e.g. "flag -node-id").
+ */
+hl_status hl_config_set(hl_config *c, const char *path, const char *value, const char *origin, char *err,
+                        size_t errlen);
+
+/*
+ * Fills derived defaults (node_id from host name ordinal, data_dir from db_path)
+ * and checks cross-field rules (db_path set, shards >= 1, ...). Errors as above.
+ */
+hl_status hl_config_finish(hl_config *c, char *err, size_t errlen);
+
+/* Frees every owned string. NULL is a no-op. */
+void hl_config_free(hl_config *c);
+
+/* Writes every key with its effective value as YAML to f; secrets as "<redacted>". */
+void hl_config_dump(const hl_config *c, FILE *f);
+
+/*
+ * Key introspection, for main's flag parser, `-check-config`, the docs and the
+ * tests. Every key has a flag "-<path with '.' and '_' as '-'>" (-node-id,
+ * -replication-log-shards, -nats-cluster-addr) and an environment variable
+ * "HARMONYLITE_<path upper-cased, '.' as '_'>".
+ */
+typedef struct hl_config_key_info {
+    const char *path; /* dotted path: "replication_log.shards" */
+    const char *type; /* "string", "bool", "integer" or "list" */
+    const char *def;  /* default as YAML text; NULL when the key has none */
+    const char *doc;  /* one line */
+    int64_t min, max; /* range of an integer key */
+    bool secret;      /* value is never printed */
+    char env[64];     /* "HARMONYLITE_REPLICATION_LOG_SHARDS" */
+    char flag[64];    /* "replication-log-shards" (without the leading '-') */
+} hl_config_key_info;
+
+/* Number of keys in the key table. */
+size_t hl_config_key_count(void);
+
+/* Fills out with the i-th key of the table; returns false when i is past the end. */
+bool hl_config_key_at(size_t i, hl_config_key_info *out);
+
+/*
+ * Returns the dotted path (static storage) of the key set by a flag, or NULL
+ * when flag names no key. Leading dashes are skipped ("-node-id", "--node-id",
+ * "node-id"). The seed's -cluster-addr and -cluster-peers are accepted as
+ * aliases of -nats-cluster-addr and -nats-cluster-peers.
+ */
+const char *hl_config_flag_path(const char *flag);
+
+/*
+ * Returns the node id a StatefulSet pod gets from its host name: ordinal + 1
+ * when the host name (up to the first '.') ends in "-<digits>" with something
+ * before the dash and no leading zero ("harmonylite-0" -> 1, "db-12.svc" -> 13);
+ * 0 when it does not.
+ */
+uint64_t hl_config_node_id_from_hostname(const char *hostname);
+
+/*
+ * hl_config_finish with the host name given instead of read with gethostname()
+ * (hostname is only consulted when node_id is 0; NULL counts as "").
+ */
+hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, size_t errlen);
+
+#endif

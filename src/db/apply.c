@@ -1,0 +1,547 @@
+/*
+ * apply.c - where a remote changeset lands.
+ *
+ * Runs inside the engine's write transaction after capture (capture before
+ * apply: local writes get their clocks before any remote row is compared with
+ * them) and with __harmonylite__ctl.applying = 1 so the triggers ignore our
+ * writes. Per row, the version (hlc, origin node) must beat the stored clock;
+ * deletes leave tombstones. The origin sequence advances in the same
+ * transaction, so each changeset is applied exactly once.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/hlc.h"
+#include "common/log.h"
+#include "db/db.h"
+
+typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED } one_result;
+
+hl_status hl_apply_begin(hl_db *d)
+{
+    return hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 1");
+}
+
+hl_status hl_apply_end(hl_db *d)
+{
+    return hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0");
+}
+
+static hl_status origin_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t *seq)
+{
+    sqlite3_stmt *st = d->st_origin_get;
+    sqlite3_bind_int64(st, 1, (int64_t)node);
+    sqlite3_bind_int64(st, 2, (int64_t)epoch);
+    int rc = sqlite3_step(st);
+    *seq = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(st, 0) : 0;
+    sqlite3_reset(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "origin get");
+}
+
+static hl_status origin_put(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq)
+{
+    sqlite3_stmt *st = d->st_origin_put;
+    sqlite3_bind_int64(st, 1, (int64_t)node);
+    sqlite3_bind_int64(st, 2, (int64_t)epoch);
+    sqlite3_bind_int64(st, 3, (int64_t)seq);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "origin put");
+}
+
+static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                      const char *reason)
+{
+    sqlite3_stmt *st = d->st_pending_put;
+    sqlite3_bind_int64(st, 1, (int64_t)cs->origin);
+    sqlite3_bind_int64(st, 2, (int64_t)cs->epoch);
+    sqlite3_bind_int64(st, 3, (int64_t)cs->seq);
+    sqlite3_bind_int(st, 4, flags);
+    sqlite3_bind_blob64(st, 5, raw, rawlen, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "hold changeset");
+    if (sqlite3_changes(d->db) > 0)
+        d->stats.changesets_held++;
+    return HL_OK;
+}
+
+static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, const hl_buf *pk, uint64_t hlc,
+                                 const char *reason)
+{
+    sqlite3_stmt *st = d->st_conflict_put;
+    sqlite3_bind_int64(st, 1, (int64_t)hl_now_ms());
+    sqlite3_bind_int64(st, 2, (int64_t)origin);
+    sqlite3_bind_text(st, 3, tbl, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(st, 4, pk->data, pk->len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, (int64_t)hlc);
+    sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    d->stats.conflicts++;
+    hl_logf(HL_LOG_WARN, "conflict: row from node %llu for table \"%s\" not applied: %s", (unsigned long long)origin,
+            tbl, reason);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "conflict put");
+}
+
+/* How the columns of one changeset table map onto the local table. */
+typedef struct tmap {
+    hl_table *t;
+    int *col; /* remote column i -> local column index */
+} tmap;
+
+/* Builds (or reuses) t->st_write / t->st_insert for the remote column mapping m. */
+static hl_status prepare_write(hl_db *d, tmap *m, size_t nrc)
+{
+    hl_table *t = m->t;
+    hl_buf sig, q;
+    hl_status st = HL_OK;
+    hl_buf_init(&sig, 1u << 20);
+    hl_buf_init(&q, 64u << 20);
+    for (size_t i = 0; i < nrc && !st; i++)
+        st = hl_buf_addf(&sig, "%d,", m->col[i]);
+    if (st)
+        goto out;
+    if (t->write_sig && strcmp(t->write_sig, hl_buf_str(&sig)) == 0 && t->st_write && t->st_row_del)
+        goto out;
+    sqlite3_finalize(t->st_write);
+    sqlite3_finalize(t->st_insert);
+    t->st_write = t->st_insert = NULL;
+    free(t->write_sig);
+    t->write_sig = NULL;
+
+    if (t->npk) {
+        /* UPSERT, not REPLACE: REPLACE deletes the old row first, which fires
+         * ON DELETE actions on child rows and removes rows that clash on other
+         * unique constraints behind the application's back. */
+        st = hl_buf_adds(&q, "INSERT INTO ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, "(");
+        for (size_t i = 0; i < nrc && !st; i++) {
+            if (i)
+                st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
+        }
+        if (!st)
+            st = hl_buf_adds(&q, ") VALUES (");
+        for (size_t i = 0; i < nrc && !st; i++)
+            st = hl_buf_addf(&q, "%s?%zu", i ? ", " : "", i + 1);
+        if (!st)
+            st = hl_buf_adds(&q, ") ON CONFLICT (");
+        for (size_t i = 0; i < t->npk && !st; i++) {
+            if (i)
+                st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[t->pk[i]]);
+        }
+        if (!st)
+            st = hl_buf_adds(&q, ") DO ");
+        bool any = false;
+        for (size_t i = 0; i < nrc && !st; i++) {
+            if (t->pkpos[m->col[i]] > 0)
+                continue;
+            st = hl_buf_adds(&q, any ? ", " : "UPDATE SET ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
+            if (!st)
+                st = hl_buf_adds(&q, " = excluded.");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
+            any = true;
+        }
+        if (!st && !any)
+            st = hl_buf_adds(&q, "NOTHING");
+    } else {
+        /* Rowid tables have no conflict target: update, and insert when no row changed. */
+        st = hl_buf_adds(&q, "UPDATE ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " SET ");
+        for (size_t i = 0; i < nrc && !st; i++) {
+            if (i)
+                st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
+            if (!st)
+                st = hl_buf_addf(&q, " = ?%zu", i + 1);
+        }
+        if (!st && nrc == 0)
+            st = hl_buf_addf(&q, "%s = %s", t->rowid, t->rowid);
+        if (!st)
+            st = hl_buf_addf(&q, " WHERE %s = ?%zu", t->rowid, nrc + 1);
+        if (!st) {
+            int rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, &t->st_write, NULL);
+            if (rc != SQLITE_OK)
+                st = hl_db_err(d, rc, hl_buf_str(&q));
+        }
+        hl_buf_reset(&q);
+        if (!st)
+            st = hl_buf_adds(&q, "INSERT INTO ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_addf(&q, "(%s", t->rowid);
+        for (size_t i = 0; i < nrc && !st; i++) {
+            st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
+        }
+        if (!st)
+            st = hl_buf_addf(&q, ") VALUES (?%zu", nrc + 1);
+        for (size_t i = 0; i < nrc && !st; i++)
+            st = hl_buf_addf(&q, ", ?%zu", i + 1);
+        if (!st)
+            st = hl_buf_adds(&q, ")");
+    }
+    if (st)
+        goto out;
+    sqlite3_stmt **target = t->npk ? &t->st_write : &t->st_insert;
+    int rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, target, NULL);
+    if (rc != SQLITE_OK) {
+        st = hl_db_err(d, rc, hl_buf_str(&q));
+        goto out;
+    }
+    if (!t->st_row_del) {
+        hl_buf_reset(&q);
+        st = hl_buf_adds(&q, "DELETE FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " WHERE ");
+        if (!st)
+            st = hl_add_key_where(&q, t, 1);
+        if (!st) {
+            rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, &t->st_row_del, NULL);
+            if (rc != SQLITE_OK)
+                st = hl_db_err(d, rc, hl_buf_str(&q));
+        }
+    }
+    if (!st)
+        t->write_sig = (char *)hl_buf_steal(&sig, NULL);
+out:
+    hl_buf_free(&sig);
+    hl_buf_free(&q);
+    return st;
+}
+
+/* Runs a write statement; a constraint failure is reported through why (empty when none). */
+static hl_status step_write(hl_db *d, sqlite3_stmt *st, char *why, size_t whylen)
+{
+    int rc = sqlite3_step(st);
+    why[0] = 0;
+    if (rc == SQLITE_DONE || rc == SQLITE_ROW) {
+        sqlite3_reset(st);
+        return HL_OK;
+    }
+    int prc = rc & 0xff;
+    if (prc == SQLITE_CONSTRAINT || prc == SQLITE_MISMATCH || prc == SQLITE_TOOBIG) {
+        snprintf(why, whylen, "%s", sqlite3_errmsg(d->db));
+        sqlite3_reset(st);
+        return HL_OK;
+    }
+    hl_status res = hl_db_err(d, rc, "apply row");
+    sqlite3_reset(st);
+    return res;
+}
+
+static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk)
+{
+    hl_table *t = m->t;
+    hl_status st;
+    char why[512];
+
+    hl_buf_reset(pk);
+    if ((st = hl_key_encode(r->key, r->nkey, pk)))
+        return st;
+    hl_hlc_observe(&d->last_hlc, r->hlc);
+
+    sqlite3_stmt *cg = d->st_clock_get;
+    sqlite3_bind_text(cg, 1, t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(cg, 2, pk->data, pk->len, SQLITE_STATIC);
+    int rc = sqlite3_step(cg);
+    bool newer = true;
+    if (rc == SQLITE_ROW)
+        newer = hl_version_cmp(r->hlc, cs->origin, (uint64_t)sqlite3_column_int64(cg, 0),
+                               (uint64_t)sqlite3_column_int64(cg, 1)) > 0;
+    sqlite3_reset(cg);
+    sqlite3_clear_bindings(cg);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "clock get");
+    if (!newer) {
+        d->stats.rows_skipped_lww++;
+        return HL_OK;
+    }
+    if ((st = prepare_write(d, m, nrc)))
+        return st;
+    if (r->op == HL_OP_DELETE) {
+        for (size_t i = 0; i < r->nkey; i++)
+            hl_bind_value(t->st_row_del, (int)i + 1, &r->key[i]);
+        st = step_write(d, t->st_row_del, why, sizeof why);
+        sqlite3_clear_bindings(t->st_row_del);
+    } else if (t->npk) {
+        for (size_t i = 0; i < nrc; i++)
+            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
+        st = step_write(d, t->st_write, why, sizeof why);
+        sqlite3_clear_bindings(t->st_write);
+    } else {
+        for (size_t i = 0; i < nrc; i++) {
+            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
+            hl_bind_value(t->st_insert, (int)i + 1, &r->vals[i]);
+        }
+        hl_bind_value(t->st_write, (int)nrc + 1, &r->key[0]);
+        hl_bind_value(t->st_insert, (int)nrc + 1, &r->key[0]);
+        st = step_write(d, t->st_write, why, sizeof why);
+        if (!st && !why[0] && sqlite3_changes(d->db) == 0)
+            st = step_write(d, t->st_insert, why, sizeof why);
+        sqlite3_clear_bindings(t->st_write);
+        sqlite3_clear_bindings(t->st_insert);
+    }
+    if (st)
+        return st;
+    if (why[0])
+        return record_conflict(d, cs->origin, t->name, pk, r->hlc, why);
+    d->stats.rows_applied++;
+    return hl_clock_put(d, t->name, pk, r->hlc, cs->origin, r->op == HL_OP_DELETE);
+}
+
+/* Maps every table and column of cs onto the local schema. */
+static one_result map_tables(hl_db *d, const hl_changeset *cs, tmap *maps, char *why, size_t whylen)
+{
+    for (size_t i = 0; i < cs->ntables; i++) {
+        const hl_cs_table *ct = &cs->tables[i];
+        hl_table *t = hl_schema_find(&d->schema, ct->name);
+        if (!t) {
+            snprintf(why, whylen, "unknown table \"%s\"", ct->name);
+            return ONE_SCHEMA;
+        }
+        maps[i].t = t;
+        maps[i].col = calloc(ct->ncols ? ct->ncols : 1, sizeof(int));
+        if (!maps[i].col) {
+            snprintf(why, whylen, "out of memory");
+            return ONE_SCHEMA;
+        }
+        for (size_t c = 0; c < ct->ncols; c++) {
+            int lc = hl_table_col(t, ct->cols[c]);
+            if (lc < 0) {
+                snprintf(why, whylen, "unknown column \"%s\" in table \"%s\"", ct->cols[c], ct->name);
+                return ONE_SCHEMA;
+            }
+            maps[i].col[c] = lc;
+        }
+        bool keys_match = ct->npk == t->npk;
+        for (size_t k = 0; keys_match && k < ct->npk; k++)
+            keys_match = sqlite3_stricmp(ct->pk[k], t->cols[t->pk[k]]) == 0;
+        if (!keys_match) {
+            snprintf(why, whylen, "primary key of table \"%s\" differs", ct->name);
+            return ONE_SCHEMA;
+        }
+        /* An upsert must carry every key column. */
+        for (size_t k = 0; k < t->npk; k++) {
+            bool found = false;
+            for (size_t c = 0; c < ct->ncols && !found; c++)
+                found = (size_t)maps[i].col[c] == t->pk[k];
+            if (!found && ct->ncols) {
+                snprintf(why, whylen, "table \"%s\": key column missing from row images", ct->name);
+                return ONE_SCHEMA;
+            }
+        }
+    }
+    return ONE_OK;
+}
+
+static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, char *why, size_t whylen)
+{
+    hl_status st = HL_OK;
+    hl_buf pk;
+    tmap *maps = calloc(cs->ntables ? cs->ntables : 1, sizeof *maps);
+    hl_buf_init(&pk, 64u << 20);
+    if (!maps)
+        return HL_ERR_NOMEM;
+    *res = map_tables(d, cs, maps, why, whylen);
+    if (*res != ONE_OK) {
+        /* Names unknown although the sender claims our exact schema: the
+         * message is lying, refuse it. Otherwise the schemas differ; hold it
+         * until ours catches up. */
+        if (memcmp(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN) == 0)
+            *res = ONE_MALFORMED;
+        goto out;
+    }
+    for (size_t i = 0; i < cs->nrows && !st; i++) {
+        const hl_cs_row *r = &cs->rows[i];
+        st = apply_row(d, cs, r, &maps[r->table], cs->tables[r->table].ncols, &pk);
+    }
+out:
+    for (size_t i = 0; i < cs->ntables; i++)
+        free(maps[i].col);
+    free(maps);
+    hl_buf_free(&pk);
+    return st;
+}
+
+static void log_refused(const hl_changeset *cs, const char *why)
+{
+    hl_logf(HL_LOG_ERROR, "malformed changeset refused: origin %llu seq %llu: %s (claims our schema hash)",
+            (unsigned long long)cs->origin, (unsigned long long)cs->seq, why);
+}
+
+/* Applies held changesets of (node, epoch) that are next in line. */
+static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t applied)
+{
+    hl_status st = HL_OK;
+    for (;;) {
+        sqlite3_stmt *q = NULL;
+        hl_changeset *cs = NULL;
+        int rc = sqlite3_prepare_v2(d->db,
+                                    "SELECT flags, data FROM " HL_PREFIX
+                                    "pending WHERE node = ? AND epoch = ? AND seq = ?",
+                                    -1, &q, NULL);
+        if (rc != SQLITE_OK)
+            return hl_db_err(d, rc, "pending read");
+        sqlite3_bind_int64(q, 1, (int64_t)node);
+        sqlite3_bind_int64(q, 2, (int64_t)epoch);
+        sqlite3_bind_int64(q, 3, (int64_t)(applied + 1));
+        rc = sqlite3_step(q);
+        if (rc != SQLITE_ROW) {
+            sqlite3_finalize(q);
+            return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending read");
+        }
+        char err[256] = "";
+        hl_status dst = hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                            (sqlite3_column_int(q, 0) & HL_PART_FLAG_ZSTD) != 0,
+                                            d->max_changeset_bytes, &cs, err, sizeof err);
+        sqlite3_finalize(q);
+        one_result r = ONE_MALFORMED;
+        char why[512] = "";
+        if (dst == HL_OK)
+            st = apply_one(d, cs, &r, why, sizeof why);
+        if (st) {
+            hl_changeset_free(cs);
+            return st;
+        }
+        if (r == ONE_SCHEMA) {
+            hl_changeset_free(cs);
+            return HL_OK; /* still waiting for our schema */
+        }
+        if (r == ONE_MALFORMED) {
+            d->stats.changesets_malformed++;
+            if (cs)
+                log_refused(cs, why);
+        } else {
+            d->stats.changesets_applied++;
+        }
+        hl_changeset_free(cs);
+        applied++;
+        if ((st = origin_put(d, node, epoch, applied)))
+            return st;
+        sqlite3_stmt *del = NULL;
+        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq <= ?",
+                                -1, &del, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_int64(del, 1, (int64_t)node);
+            sqlite3_bind_int64(del, 2, (int64_t)epoch);
+            sqlite3_bind_int64(del, 3, (int64_t)applied);
+            rc = sqlite3_step(del);
+        }
+        sqlite3_finalize(del);
+        if (rc != SQLITE_DONE)
+            return hl_db_err(d, rc, "pending delete");
+        hl_logf(HL_LOG_INFO, "held changeset %llu from node %llu applied", (unsigned long long)applied,
+                (unsigned long long)node);
+    }
+}
+
+hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                   hl_apply_result *res)
+{
+    hl_status st;
+    uint64_t applied;
+    char why[512] = "";
+    *res = HL_DUPLICATE;
+    if (cs->origin == d->node_id && cs->epoch == d->epoch)
+        return HL_OK;
+    if ((st = origin_get(d, cs->origin, cs->epoch, &applied)))
+        return st;
+    if (cs->seq <= applied) {
+        d->stats.changesets_duplicate++;
+        return HL_OK;
+    }
+    if (cs->seq > applied + 1) {
+        /* An earlier changeset of this origin has not arrived (reordered
+         * publish after a failure) or is itself held: keep order per origin. */
+        snprintf(why, sizeof why, "waiting for changeset %llu of this origin", (unsigned long long)(applied + 1));
+        hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
+                (unsigned long long)cs->origin, why);
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, why);
+    }
+    one_result r;
+    if ((st = apply_one(d, cs, &r, why, sizeof why)))
+        return st;
+    switch (r) {
+    case ONE_SCHEMA:
+        hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
+                (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, why);
+    case ONE_MALFORMED:
+        d->stats.changesets_malformed++;
+        log_refused(cs, why);
+        *res = HL_MALFORMED;
+        break;
+    case ONE_OK:
+        d->stats.changesets_applied++;
+        *res = HL_APPLIED;
+        break;
+    }
+    if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
+        return st;
+    return drain_held(d, cs->origin, cs->epoch, cs->seq);
+}
+
+hl_status hl_apply_retry_held(hl_db *d)
+{
+    sqlite3_stmt *q = NULL;
+    hl_status st = HL_OK;
+    /* The lowest held changeset of each origin; drain_held applies it when it
+     * is next in line. */
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT p.node, p.epoch, coalesce(o.seq, 0) FROM " HL_PREFIX "pending p LEFT JOIN " HL_PREFIX
+                                "origins o ON o.node = p.node AND o.epoch = p.epoch GROUP BY p.node, p.epoch",
+                                -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending scan");
+    typedef struct {
+        uint64_t node, epoch, applied;
+    } ent;
+    ent *v = NULL;
+    size_t n = 0, cap = 0;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 8;
+            ent *nv = realloc(v, cap * sizeof *nv);
+            if (!nv) {
+                st = HL_ERR_NOMEM;
+                break;
+            }
+            v = nv;
+        }
+        v[n].node = (uint64_t)sqlite3_column_int64(q, 0);
+        v[n].epoch = (uint64_t)sqlite3_column_int64(q, 1);
+        v[n].applied = (uint64_t)sqlite3_column_int64(q, 2);
+        n++;
+    }
+    sqlite3_finalize(q);
+    for (size_t i = 0; i < n && !st; i++)
+        st = drain_held(d, v[i].node, v[i].epoch, v[i].applied);
+    free(v);
+    return st;
+}

@@ -1,0 +1,297 @@
+/*
+ * capture.c - where a changeset is born.
+ *
+ * Runs inside the engine's write transaction (BEGIN IMMEDIATE), so every
+ * change-log row it sees belongs to an application transaction that has
+ * committed in full, and no application write can interleave: a changeset
+ * never splits an application transaction.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/hlc.h"
+#include "common/log.h"
+#include "db/db.h"
+
+/* Reads a column as an hl_value pointing into SQLite's memory (valid until the next step). */
+void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v)
+{
+    switch (sqlite3_column_type(st, col)) {
+    case SQLITE_INTEGER:
+        v->type = HL_VAL_INT;
+        v->u.i = sqlite3_column_int64(st, col);
+        break;
+    case SQLITE_FLOAT:
+        v->type = HL_VAL_REAL;
+        v->u.r = sqlite3_column_double(st, col);
+        break;
+    case SQLITE_TEXT:
+        v->type = HL_VAL_TEXT;
+        v->u.b.p = (unsigned char *)sqlite3_column_text(st, col);
+        v->u.b.n = (size_t)sqlite3_column_bytes(st, col);
+        break;
+    case SQLITE_BLOB:
+        v->type = HL_VAL_BLOB;
+        v->u.b.p = (unsigned char *)sqlite3_column_blob(st, col);
+        v->u.b.n = (size_t)sqlite3_column_bytes(st, col);
+        break;
+    default:
+        v->type = HL_VAL_NULL;
+        break;
+    }
+}
+
+/* Binds v as parameter idx. Text and blobs are bound without a copy. */
+int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v)
+{
+    switch (v->type) {
+    case HL_VAL_INT:
+        return sqlite3_bind_int64(st, idx, v->u.i);
+    case HL_VAL_REAL:
+        return sqlite3_bind_double(st, idx, v->u.r);
+    case HL_VAL_TEXT:
+        return sqlite3_bind_text64(st, idx, (const char *)v->u.b.p, v->u.b.n, SQLITE_STATIC, SQLITE_UTF8);
+    case HL_VAL_BLOB:
+        return sqlite3_bind_blob64(st, idx, v->u.b.p, v->u.b.n, SQLITE_STATIC);
+    default:
+        return sqlite3_bind_null(st, idx);
+    }
+}
+
+static hl_status prepare(hl_db *d, sqlite3_stmt **st, const hl_buf *sql)
+{
+    if (*st)
+        return HL_OK;
+    int rc = sqlite3_prepare_v3(d->db, hl_buf_str(sql), -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
+    return rc == SQLITE_OK ? HL_OK : hl_db_err(d, rc, hl_buf_str(sql));
+}
+
+/* Appends "k = ? AND ..." for t's key (rowid or key columns). */
+hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param)
+{
+    hl_status st = HL_OK;
+    if (t->npk == 0)
+        return hl_buf_addf(b, "%s = ?%d", t->rowid, first_param);
+    for (size_t i = 0; i < t->npk && !st; i++) {
+        if (i)
+            st = hl_buf_adds(b, " AND ");
+        if (!st)
+            st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
+        if (!st)
+            st = hl_buf_addf(b, " = ?%d", first_param + (int)i);
+    }
+    return st;
+}
+
+static hl_status prepare_table(hl_db *d, hl_table *t)
+{
+    hl_buf q;
+    hl_status st = HL_OK;
+    size_t nk = t->npk ? t->npk : 1;
+    hl_buf_init(&q, 64u << 20);
+    if (!t->st_log_read) {
+        /* One entry per row: the last write time and the last log position. */
+        st = hl_buf_adds(&q, "SELECT max(ms), max(seq)");
+        for (size_t i = 0; i < nk && !st; i++)
+            st = hl_buf_addf(&q, ", k%zu", i);
+        if (!st)
+            st = hl_buf_adds(&q, " FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->log);
+        if (!st)
+            st = hl_buf_adds(&q, " GROUP BY ");
+        for (size_t i = 0; i < nk && !st; i++)
+            st = hl_buf_addf(&q, "%sk%zu", i ? ", " : "", i);
+        if (!st)
+            st = hl_buf_adds(&q, " ORDER BY 2");
+        if (!st)
+            st = prepare(d, &t->st_log_read, &q);
+    }
+    if (!st && !t->st_log_del) {
+        hl_buf_reset(&q);
+        st = hl_buf_adds(&q, "DELETE FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->log);
+        if (!st)
+            st = hl_buf_adds(&q, " WHERE seq <= ?1");
+        if (!st)
+            st = prepare(d, &t->st_log_del, &q);
+    }
+    if (!st && !t->st_row_read) {
+        hl_buf_reset(&q);
+        st = hl_buf_adds(&q, "SELECT ");
+        for (size_t i = 0; i < t->ncols && !st; i++) {
+            if (i)
+                st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[i]);
+        }
+        if (!st && t->ncols == 0)
+            st = hl_buf_adds(&q, "NULL");
+        if (!st)
+            st = hl_buf_adds(&q, " FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " WHERE ");
+        if (!st)
+            st = hl_add_key_where(&q, t, 1);
+        if (!st)
+            st = prepare(d, &t->st_row_read, &q);
+    }
+    hl_buf_free(&q);
+    return st;
+}
+
+/* Records the winning version of a row. */
+hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc, uint64_t node, bool deleted)
+{
+    sqlite3_stmt *st = d->st_clock_put;
+    sqlite3_bind_text(st, 1, tbl, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(st, 2, pk->data, pk->len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, (int64_t)hlc);
+    sqlite3_bind_int64(st, 4, (int64_t)node);
+    sqlite3_bind_int(st, 5, deleted ? 1 : 0);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
+}
+
+static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *pk, uint64_t *rows)
+{
+    hl_status st;
+    size_t nk = t->npk ? t->npk : 1;
+    hl_value key[HL_CS_MAX_KEY];
+    hl_value *vals = NULL;
+    uint32_t tidx = UINT32_MAX;
+    int64_t max_seq = 0;
+    int rc;
+
+    if (nk > HL_CS_MAX_KEY) {
+        hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
+                HL_CS_MAX_KEY);
+        return HL_OK;
+    }
+    if ((st = prepare_table(d, t)))
+        return st;
+    vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
+    if (!vals)
+        return HL_ERR_NOMEM;
+
+    sqlite3_stmt *lr = t->st_log_read;
+    while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
+        uint64_t ms = (uint64_t)sqlite3_column_int64(lr, 0);
+        int64_t seq = sqlite3_column_int64(lr, 1);
+        if (seq > max_seq)
+            max_seq = seq;
+        for (size_t i = 0; i < nk; i++)
+            hl_value_from_column(lr, 2 + (int)i, &key[i]);
+        if (tidx == UINT32_MAX) {
+            const char *pkn[HL_CS_MAX_KEY];
+            for (size_t i = 0; i < t->npk; i++)
+                pkn[i] = t->cols[t->pk[i]];
+            if ((st = hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk,
+                                             &tidx)))
+                goto out;
+        }
+        /* The row as it is now is the last image of every write logged for it. */
+        sqlite3_stmt *rr = t->st_row_read;
+        for (size_t i = 0; i < nk; i++)
+            hl_bind_value(rr, (int)i + 1, &key[i]);
+        rc = sqlite3_step(rr);
+        bool exists = rc == SQLITE_ROW;
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+            st = hl_db_err(d, rc, "capture row read");
+            sqlite3_reset(rr);
+            goto out;
+        }
+        if (exists)
+            for (size_t i = 0; i < t->ncols; i++)
+                hl_value_from_column(rr, (int)i, &vals[i]);
+        uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
+        st = hl_changeset_add_row(cs, tidx, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
+                                  exists ? t->ncols : 0);
+        hl_buf_reset(pk);
+        if (!st)
+            st = hl_key_encode(key, nk, pk);
+        sqlite3_reset(rr);
+        if (!st)
+            st = hl_clock_put(d, t->name, pk, hlc, d->node_id, !exists);
+        if (st)
+            goto out;
+        (*rows)++;
+    }
+    if (rc != SQLITE_DONE) {
+        st = hl_db_err(d, rc, "capture log read");
+        goto out;
+    }
+    sqlite3_reset(lr);
+    if (max_seq > 0) {
+        sqlite3_bind_int64(t->st_log_del, 1, max_seq);
+        rc = sqlite3_step(t->st_log_del);
+        sqlite3_reset(t->st_log_del);
+        if (rc != SQLITE_DONE)
+            st = hl_db_err(d, rc, "capture log delete");
+    }
+out:
+    sqlite3_reset(lr);
+    free(vals);
+    return st;
+}
+
+hl_status hl_capture(hl_db *d, uint64_t *rows)
+{
+    hl_status st = HL_OK;
+    hl_changeset *cs = hl_changeset_new();
+    hl_buf pk, payload;
+    *rows = 0;
+    hl_buf_init(&pk, 64u << 20);
+    hl_buf_init(&payload, (size_t)d->max_changeset_bytes + 1024);
+    if (!cs) {
+        st = HL_ERR_NOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < d->schema.n; i++)
+        if ((st = capture_table(d, &d->schema.t[i], cs, &pk, rows)))
+            goto out;
+    if (cs->nrows == 0)
+        goto out;
+    for (size_t i = 0; i < cs->nrows; i++)
+        if (cs->rows[i].hlc > cs->hlc)
+            cs->hlc = cs->rows[i].hlc;
+    cs->origin = d->node_id;
+    cs->epoch = d->epoch;
+    cs->seq = d->next_seq;
+    cs->wall_ms = hl_now_ms();
+    memcpy(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN);
+    if (d->publish) {
+        if ((st = hl_changeset_encode(cs, d->compress, &payload)))
+            goto out;
+        sqlite3_stmt *ob = d->st_outbox_put;
+        sqlite3_bind_int64(ob, 1, (int64_t)cs->seq);
+        sqlite3_bind_int(ob, 2, d->compress ? HL_PART_FLAG_ZSTD : 0);
+        sqlite3_bind_blob64(ob, 3, payload.data, payload.len, SQLITE_STATIC);
+        int rc = sqlite3_step(ob);
+        sqlite3_reset(ob);
+        sqlite3_clear_bindings(ob);
+        if (rc != SQLITE_DONE) {
+            st = hl_db_err(d, rc, "outbox put");
+            goto out;
+        }
+        d->next_seq++;
+        if ((st = hl_db_meta_put(d, "next_seq", (int64_t)d->next_seq)))
+            goto out;
+    }
+    if ((st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc)))
+        goto out;
+    d->stats.rows_captured += *rows;
+    d->stats.changesets_captured++;
+    hl_debugf("captured %llu rows as changeset %llu (%zu bytes)", (unsigned long long)*rows,
+              (unsigned long long)cs->seq, payload.len);
+out:
+    hl_changeset_free(cs);
+    hl_buf_free(&pk);
+    hl_buf_free(&payload);
+    return st;
+}

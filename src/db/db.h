@@ -1,0 +1,196 @@
+/*
+ * db.h - everything harmonylite does to the SQLite database.
+ *
+ * One hl_db owns the engine's single writer connection. Only the engine thread
+ * touches it. The pieces, in the order a change flows through them:
+ *   schema.c   - which tables replicate, their columns and keys, the schema hash
+ *   triggers.c - the per-table change logs and the AFTER triggers that fill them
+ *   capture.c  - change logs -> coalesced changeset -> clock rows + outbox
+ *   apply.c    - remote changeset -> last-writer-wins per row -> table rows
+ *   store.c    - harmonylite's own tables (meta, clock, outbox, origins, ...)
+ */
+#ifndef HL_DB_H
+#define HL_DB_H
+
+#include <sqlite3.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "common/status.h"
+#include "repl/changeset.h"
+
+#define HL_PREFIX "__harmonylite__"
+
+/* One replicated table as it is in the local schema now. */
+typedef struct hl_table {
+    char *name;
+    char **cols; /* replicated (non-generated) columns in table order */
+    size_t ncols;
+    char **decl; /* normalised declared types, parallel to cols */
+    bool *notnull;
+    int *pkpos;   /* 1-based primary-key position per column, 0 if not in the key */
+    size_t *pk;   /* indexes into cols, in key order */
+    size_t npk;   /* 0: keyed by rowid */
+    char *rowid;  /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
+    bool without_rowid;
+    char *log;    /* name of its change-log table */
+    char *keysig; /* key layout signature stored in __harmonylite__tables */
+
+    /* cached statements, prepared lazily, finalized when the schema changes */
+    sqlite3_stmt *st_log_read; /* SELECT seq, ms, k0.. FROM log ORDER BY seq */
+    sqlite3_stmt *st_log_del;  /* DELETE FROM log WHERE seq <= ? */
+    sqlite3_stmt *st_row_read; /* SELECT cols FROM t WHERE key */
+    sqlite3_stmt *st_row_del;  /* DELETE FROM t WHERE key */
+    sqlite3_stmt *st_write;    /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
+    sqlite3_stmt *st_insert;   /* apply: INSERT for rowid tables */
+    char *write_sig;           /* remote column list st_write/st_insert were built for */
+} hl_table;
+
+typedef struct hl_schema {
+    hl_table *t;
+    size_t n;
+    unsigned char hash[32];
+} hl_schema;
+
+/* Counters the engine exports as metrics. Only the engine thread writes them. */
+typedef struct hl_db_stats {
+    uint64_t rows_captured;
+    uint64_t changesets_captured;
+    uint64_t rows_applied;
+    uint64_t rows_skipped_lww;
+    uint64_t conflicts;
+    uint64_t changesets_applied;
+    uint64_t changesets_duplicate;
+    uint64_t changesets_malformed;
+    uint64_t changesets_held;
+} hl_db_stats;
+
+typedef struct hl_db {
+    sqlite3 *db;
+    char *path;
+    uint64_t node_id;
+    uint64_t epoch;    /* random id of this database's harmonylite incarnation */
+    uint64_t next_seq; /* next outbox changeset sequence */
+    uint64_t last_hlc;
+    uint64_t txn_next_seq; /* next_seq when the transaction began, restored on rollback */
+    bool publish;
+    bool compress;
+    size_t max_changeset_bytes;
+    int64_t data_version;
+    int64_t schema_version;
+    hl_schema schema;
+    unsigned char prev_hash[32];
+    bool have_prev_hash;
+    hl_db_stats stats;
+    sqlite3_stmt *st_clock_get, *st_clock_put, *st_outbox_put, *st_meta_put, *st_conflict_put;
+    sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
+} hl_db;
+
+/* ---- store.c ---- */
+
+/*
+ * Opens path as the engine connection: WAL journal mode, busy timeout,
+ * cache_size (KiB), creates harmonylite's tables if missing, loads or creates
+ * the epoch, sequences and clock. After a successful call the caller owns *out
+ * and frees it with hl_db_close.
+ */
+hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib);
+void hl_db_close(hl_db *d);
+
+hl_status hl_db_exec(hl_db *d, const char *sql);
+hl_status hl_db_meta_put(hl_db *d, const char *key, int64_t v);
+hl_status hl_db_begin(hl_db *d);    /* BEGIN IMMEDIATE, retrying while busy */
+hl_status hl_db_commit(hl_db *d);
+void hl_db_rollback(hl_db *d);
+
+/* Logs the SQLite error of d with context and returns HL_ERR_SQLITE (or HL_ERR_BUSY). */
+hl_status hl_db_err(hl_db *d, int rc, const char *what);
+
+/* True when another connection committed since the last call (PRAGMA data_version). */
+bool hl_db_changed_externally(hl_db *d);
+
+/* Applied stream sequence for stream (0 if none). */
+hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq);
+hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq);
+
+/* Outbox: rows with seq > after, in order; returns HL_ERR_NOT_FOUND when none. */
+hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, hl_buf *payload);
+hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq);
+hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
+
+/* Removes every trigger and table harmonylite created. Application data untouched. */
+hl_status hl_db_cleanup(const char *path);
+
+/* Deletes tombstones whose hlc is older than older_than_ms. */
+hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *deleted);
+
+/* Helpers shared by capture and apply. */
+void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v); /* points into SQLite memory */
+int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v);   /* binds without copying */
+hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param);
+hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc, uint64_t node, bool deleted);
+
+/* ---- schema.c ---- */
+
+/* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
+hl_status hl_schema_scan(hl_db *d, hl_schema *out);
+void hl_schema_free(hl_schema *s);
+void hl_table_finalize(hl_table *t);
+/* Finds a table by name, case-insensitively as SQLite does. */
+hl_table *hl_schema_find(hl_schema *s, const char *name);
+/* Index of column name in t, or -1 (case-insensitive). */
+int hl_table_col(const hl_table *t, const char *name);
+
+/* ---- triggers.c ---- */
+
+/* SQL text of the change-log table and the triggers for t (exposed for unit tests). */
+hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl, hl_buf *triggers);
+
+/*
+ * Brings the database in line with the current schema: re-scans it when
+ * schema_version moved (or force), creates change logs and triggers for new or
+ * changed tables, drops those of dropped tables. Pending change-log rows of a
+ * table whose key layout changed or that was dropped cannot be captured and
+ * are discarded with a warning. Must run inside a write transaction.
+ * *changed is set when the schema was re-read.
+ */
+hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed);
+
+/* ---- capture.c ---- */
+
+/*
+ * Captures every committed local change: coalesces the change logs (one entry
+ * per row, the current row image or a delete), gives each a new hlc, records
+ * the clocks, writes the encoded changeset to the outbox (when publishing) and
+ * empties the logs. Must run inside a write transaction. *rows receives the
+ * number of rows captured.
+ */
+hl_status hl_capture(hl_db *d, uint64_t *rows);
+
+/* ---- apply.c ---- */
+
+typedef enum hl_apply_result {
+    HL_APPLIED = 0,   /* applied (some rows may have lost to LWW or been recorded as conflicts) */
+    HL_DUPLICATE,     /* seq already applied for this origin */
+    HL_HELD,          /* stored in __harmonylite__pending: out of order, or schema mismatch */
+    HL_MALFORMED,     /* names things unknown although the schema hash matches: refused */
+} hl_apply_result;
+
+/*
+ * Applies one remote changeset (inside a write transaction with applying = 1,
+ * which the caller sets with hl_apply_begin). Checks and advances the origin
+ * sequence, so a changeset is applied exactly once. raw/rawlen/flags are the
+ * encoded payload, stored when the changeset must be held. After an applied
+ * changeset, held successors of the same origin are applied too.
+ */
+hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                   hl_apply_result *res);
+hl_status hl_apply_begin(hl_db *d); /* sets __harmonylite__ctl.applying = 1 */
+hl_status hl_apply_end(hl_db *d);   /* clears it; call before commit */
+
+/* Retries every held changeset (after a schema change). */
+hl_status hl_apply_retry_held(hl_db *d);
+hl_status hl_db_held_count(hl_db *d, uint64_t *count);
+
+#endif

@@ -1,0 +1,344 @@
+/*
+ * schema.c - which tables replicate and what they look like.
+ *
+ * Every table in "main" replicates except sqlite_* tables, harmonylite's own
+ * (__harmonylite__*), virtual tables and their shadow tables. Generated
+ * columns are not replicated (each node computes them).
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/sha256.h"
+#include "db/db.h"
+
+void hl_table_finalize(hl_table *t)
+{
+    sqlite3_finalize(t->st_log_read);
+    sqlite3_finalize(t->st_log_del);
+    sqlite3_finalize(t->st_row_read);
+    sqlite3_finalize(t->st_row_del);
+    sqlite3_finalize(t->st_write);
+    sqlite3_finalize(t->st_insert);
+    t->st_log_read = t->st_log_del = t->st_row_read = t->st_row_del = t->st_write = t->st_insert = NULL;
+    free(t->write_sig);
+    t->write_sig = NULL;
+}
+
+static void table_free(hl_table *t)
+{
+    hl_table_finalize(t);
+    for (size_t i = 0; i < t->ncols; i++) {
+        free(t->cols[i]);
+        free(t->decl[i]);
+    }
+    free(t->cols);
+    free(t->decl);
+    free(t->notnull);
+    free(t->pkpos);
+    free(t->pk);
+    free(t->name);
+    free(t->rowid);
+    free(t->log);
+    free(t->keysig);
+    memset(t, 0, sizeof *t);
+}
+
+void hl_schema_free(hl_schema *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        table_free(&s->t[i]);
+    free(s->t);
+    s->t = NULL;
+    s->n = 0;
+}
+
+hl_table *hl_schema_find(hl_schema *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (sqlite3_stricmp(s->t[i].name, name) == 0)
+            return &s->t[i];
+    return NULL;
+}
+
+int hl_table_col(const hl_table *t, const char *name)
+{
+    for (size_t i = 0; i < t->ncols; i++)
+        if (sqlite3_stricmp(t->cols[i], name) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* Declared type, upper-cased with runs of white space folded to one space. */
+static char *normalise_type(const char *s)
+{
+    size_t n = strlen(s);
+    char *o = malloc(n + 1), *w = o;
+    if (!o)
+        return NULL;
+    bool space = false;
+    for (const char *p = s; *p; p++) {
+        if (isspace((unsigned char)*p)) {
+            space = w != o;
+            continue;
+        }
+        if (space)
+            *w++ = ' ';
+        space = false;
+        *w++ = (char)toupper((unsigned char)*p);
+    }
+    *w = 0;
+    return o;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static hl_status load_columns(hl_db *d, hl_table *t)
+{
+    sqlite3_stmt *st = NULL;
+    hl_status res = HL_OK;
+    size_t cap = 0;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name, type, \"notnull\", pk FROM pragma_table_xinfo(?) "
+                                "WHERE hidden = 0 ORDER BY cid",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "table_xinfo");
+    sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (t->ncols == cap) {
+            cap = cap ? cap * 2 : 8;
+            char **c = realloc(t->cols, cap * sizeof *c);
+            if (c)
+                t->cols = c;
+            char **dl = realloc(t->decl, cap * sizeof *dl);
+            if (dl)
+                t->decl = dl;
+            bool *nn = realloc(t->notnull, cap * sizeof *nn);
+            if (nn)
+                t->notnull = nn;
+            int *pp = realloc(t->pkpos, cap * sizeof *pp);
+            if (pp)
+                t->pkpos = pp;
+            if (!c || !dl || !nn || !pp) {
+                res = HL_ERR_NOMEM;
+                goto out;
+            }
+        }
+        size_t i = t->ncols;
+        t->cols[i] = strdup((const char *)sqlite3_column_text(st, 0));
+        t->decl[i] = normalise_type(sqlite3_column_type(st, 1) == SQLITE_NULL ? ""
+                                                                               : (const char *)sqlite3_column_text(st, 1));
+        t->notnull[i] = sqlite3_column_int(st, 2) != 0;
+        t->pkpos[i] = sqlite3_column_int(st, 3);
+        t->ncols++;
+        if (!t->cols[i] || !t->decl[i]) {
+            res = HL_ERR_NOMEM;
+            goto out;
+        }
+    }
+    if (rc != SQLITE_DONE) {
+        res = hl_db_err(d, rc, "table_xinfo");
+        goto out;
+    }
+    for (size_t i = 0; i < t->ncols; i++)
+        if (t->pkpos[i] > 0)
+            t->npk++;
+    if (t->npk) {
+        t->pk = calloc(t->npk, sizeof *t->pk);
+        if (!t->pk) {
+            res = HL_ERR_NOMEM;
+            goto out;
+        }
+        for (size_t i = 0; i < t->ncols; i++)
+            if (t->pkpos[i] > 0 && (size_t)t->pkpos[i] <= t->npk)
+                t->pk[t->pkpos[i] - 1] = i;
+    } else {
+        /* Keyed by rowid: pick an alias no column shadows. */
+        static const char *const aliases[] = {"rowid", "_rowid_", "oid"};
+        for (int a = 0; a < 3 && !t->rowid; a++)
+            if (hl_table_col(t, aliases[a]) < 0)
+                t->rowid = strdup(aliases[a]);
+        if (!t->rowid) {
+            hl_log(HL_LOG_WARN, "table has no primary key and columns shadow rowid, _rowid_ and oid; not replicated",
+                   "table", t->name, NULL);
+            res = HL_ERR_SCHEMA;
+            goto out;
+        }
+    }
+out:
+    sqlite3_finalize(st);
+    return res;
+}
+
+/* Key layout signature: the key column names joined by \x1f, or "\x1erowid". */
+static char *key_signature(const hl_table *t)
+{
+    hl_buf b;
+    hl_buf_init(&b, 1u << 20);
+    if (t->npk == 0)
+        hl_buf_adds(&b, "\x1erowid");
+    for (size_t i = 0; i < t->npk; i++) {
+        if (i)
+            hl_buf_addc(&b, 0x1f);
+        hl_buf_adds(&b, t->cols[t->pk[i]]);
+    }
+    return (char *)hl_buf_steal(&b, NULL);
+}
+
+static void schema_hash(hl_schema *s)
+{
+    /* Canonical description: tables sorted by name; per table its columns
+     * sorted by name with normalised type, not-null and key position. Lengths
+     * prefix every string so no two schemas serialise alike. */
+    hl_sha256 h;
+    char num[64];
+    char **names = calloc(s->n ? s->n : 1, sizeof *names);
+    hl_sha256_init(&h);
+    if (!names)
+        goto out;
+    for (size_t i = 0; i < s->n; i++)
+        names[i] = s->t[i].name;
+    qsort(names, s->n, sizeof *names, cmp_str);
+    for (size_t i = 0; i < s->n; i++) {
+        hl_table *t = hl_schema_find(s, names[i]);
+        int n = snprintf(num, sizeof num, "T%zu:", strlen(t->name));
+        hl_sha256_update(&h, num, (size_t)n);
+        hl_sha256_update(&h, t->name, strlen(t->name));
+        size_t *ord = calloc(t->ncols ? t->ncols : 1, sizeof *ord);
+        if (!ord)
+            goto out;
+        for (size_t c = 0; c < t->ncols; c++)
+            ord[c] = c;
+        /* insertion sort by column name: column counts are small */
+        for (size_t a = 1; a < t->ncols; a++)
+            for (size_t b = a; b > 0 && strcmp(t->cols[ord[b - 1]], t->cols[ord[b]]) > 0; b--) {
+                size_t tmp = ord[b];
+                ord[b] = ord[b - 1];
+                ord[b - 1] = tmp;
+            }
+        for (size_t c = 0; c < t->ncols; c++) {
+            size_t k = ord[c];
+            n = snprintf(num, sizeof num, "C%zu:", strlen(t->cols[k]));
+            hl_sha256_update(&h, num, (size_t)n);
+            hl_sha256_update(&h, t->cols[k], strlen(t->cols[k]));
+            n = snprintf(num, sizeof num, "D%zu:", strlen(t->decl[k]));
+            hl_sha256_update(&h, num, (size_t)n);
+            hl_sha256_update(&h, t->decl[k], strlen(t->decl[k]));
+            n = snprintf(num, sizeof num, "N%dP%d;", t->notnull[k] ? 1 : 0, t->pkpos[k]);
+            hl_sha256_update(&h, num, (size_t)n);
+        }
+        free(ord);
+    }
+out:
+    free(names);
+    hl_sha256_final(&h, s->hash);
+}
+
+hl_status hl_schema_scan(hl_db *d, hl_schema *out)
+{
+    sqlite3_stmt *st = NULL;
+    hl_schema s = {0};
+    hl_status res = HL_OK;
+    size_t cap = 0;
+    hl_buf virt; /* names of virtual tables, NUL separated: their shadow tables start with "<name>_" */
+    hl_buf_init(&virt, 64u << 20);
+
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name, type FROM pragma_table_list WHERE schema = 'main' "
+                                "AND type IN ('table', 'virtual', 'shadow') ORDER BY type = 'table', name",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK) {
+        res = hl_db_err(d, rc, "table_list");
+        goto out;
+    }
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(st, 0);
+        const char *type = (const char *)sqlite3_column_text(st, 1);
+        if (strncmp(name, "sqlite_", 7) == 0 || strncmp(name, HL_PREFIX, strlen(HL_PREFIX)) == 0)
+            continue;
+        if (strcmp(type, "virtual") == 0) {
+            hl_log(HL_LOG_INFO, "virtual table skipped: virtual tables and their shadow tables are not replicated",
+                   "table", name, NULL);
+            hl_buf_add(&virt, name, strlen(name) + 1);
+            continue;
+        }
+        if (strcmp(type, "shadow") == 0)
+            continue;
+        /* Shadow tables of a module this process did not load show as plain tables. */
+        bool shadow = false;
+        for (size_t off = 0; off < virt.len && !shadow;) {
+            const char *v = (const char *)virt.data + off;
+            size_t vl = strlen(v);
+            if (sqlite3_strnicmp(name, v, (int)vl) == 0 && name[vl] == '_')
+                shadow = true;
+            off += vl + 1;
+        }
+        if (shadow)
+            continue;
+        if (s.n == cap) {
+            cap = cap ? cap * 2 : 16;
+            hl_table *nt = realloc(s.t, cap * sizeof *nt);
+            if (!nt) {
+                res = HL_ERR_NOMEM;
+                goto out;
+            }
+            s.t = nt;
+        }
+        hl_table *t = &s.t[s.n];
+        memset(t, 0, sizeof *t);
+        t->name = strdup(name);
+        if (!t->name) {
+            res = HL_ERR_NOMEM;
+            goto out;
+        }
+        s.n++;
+        hl_buf lb;
+        hl_buf_init(&lb, 1u << 20);
+        hl_buf_addf(&lb, HL_PREFIX "%s_change_log", name);
+        t->log = (char *)hl_buf_steal(&lb, NULL);
+        res = load_columns(d, t);
+        if (res == HL_ERR_SCHEMA) {
+            table_free(t);
+            s.n--;
+            res = HL_OK;
+            continue;
+        }
+        if (res)
+            goto out;
+        t->keysig = key_signature(t);
+        if (!t->log || !t->keysig) {
+            res = HL_ERR_NOMEM;
+            goto out;
+        }
+    }
+    if (rc != SQLITE_DONE) {
+        res = hl_db_err(d, rc, "table_list");
+        goto out;
+    }
+    /* pragma table_list has no without-rowid column in 3.40; ask sqlite_schema. */
+    for (size_t i = 0; i < s.n; i++) {
+        sqlite3_stmt *w = NULL;
+        if (sqlite3_prepare_v2(d->db, "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", -1, &w,
+                               NULL) == SQLITE_OK) {
+            sqlite3_bind_text(w, 1, s.t[i].name, -1, SQLITE_STATIC);
+            if (sqlite3_step(w) == SQLITE_ROW)
+                s.t[i].without_rowid = sqlite3_column_int(w, 0) != 0;
+        }
+        sqlite3_finalize(w);
+    }
+    schema_hash(&s);
+    hl_schema_free(out);
+    *out = s;
+    memset(&s, 0, sizeof s);
+out:
+    sqlite3_finalize(st);
+    hl_schema_free(&s);
+    hl_buf_free(&virt);
+    return res;
+}

@@ -1,0 +1,456 @@
+/*
+ * store.c - the engine connection and harmonylite's own tables.
+ *
+ * Every table harmonylite creates starts with __harmonylite__ so -cleanup can
+ * find them all and the schema scan can skip them.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "common/hlc.h"
+#include "common/log.h"
+#include "db/db.h"
+
+static const char *const internal_ddl =
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "ctl(id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL);"
+    "INSERT OR IGNORE INTO " HL_PREFIX "ctl VALUES (1, 0);"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "clock(tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL,"
+    " node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "outbox(seq INTEGER PRIMARY KEY, flags INTEGER NOT NULL,"
+    " data BLOB NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "origins(node INTEGER NOT NULL, epoch INTEGER NOT NULL,"
+    " seq INTEGER NOT NULL, PRIMARY KEY (node, epoch)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "seq(stream TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "conflicts(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL,"
+    " origin INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB, hlc INTEGER, reason TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "pending(id INTEGER PRIMARY KEY, node INTEGER NOT NULL,"
+    " epoch INTEGER NOT NULL, seq INTEGER NOT NULL, flags INTEGER NOT NULL, data BLOB NOT NULL,"
+    " reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;";
+
+hl_status hl_db_err(hl_db *d, int rc, const char *what)
+{
+    int prc = rc & 0xff;
+    hl_log(prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_LOG_WARN : HL_LOG_ERROR, "sqlite error", "op", what,
+           "error", d && d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
+    if (prc == SQLITE_BUSY || prc == SQLITE_LOCKED)
+        return HL_ERR_BUSY;
+    if (prc == SQLITE_CONSTRAINT)
+        return HL_ERR_CONSTRAINT;
+    return HL_ERR_SQLITE;
+}
+
+hl_status hl_db_exec(hl_db *d, const char *sql)
+{
+    char *msg = NULL;
+    int rc = sqlite3_exec(d->db, sql, NULL, NULL, &msg);
+    if (rc != SQLITE_OK) {
+        hl_log(HL_LOG_ERROR, "sqlite exec failed", "error", msg ? msg : sqlite3_errstr(rc), NULL);
+        sqlite3_free(msg);
+        int prc = rc & 0xff;
+        return prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_ERR_BUSY : HL_ERR_SQLITE;
+    }
+    return HL_OK;
+}
+
+hl_status hl_db_begin(hl_db *d)
+{
+    /* The busy handler waits for the application's writer; a few extra tries
+     * cover the rare case where the handler gives up (deadlock avoidance). */
+    for (int i = 0;; i++) {
+        int rc = sqlite3_exec(d->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+        if (rc == SQLITE_OK) {
+            d->txn_next_seq = d->next_seq;
+            return HL_OK;
+        }
+        if ((rc & 0xff) != SQLITE_BUSY || i >= 5)
+            return hl_db_err(d, rc, "begin");
+        usleep(10000);
+    }
+}
+
+hl_status hl_db_commit(hl_db *d)
+{
+    for (int i = 0;; i++) {
+        int rc = sqlite3_exec(d->db, "COMMIT", NULL, NULL, NULL);
+        if (rc == SQLITE_OK)
+            return HL_OK;
+        if ((rc & 0xff) != SQLITE_BUSY || i >= 50) {
+            hl_status st = hl_db_err(d, rc, "commit");
+            hl_db_rollback(d);
+            return st;
+        }
+        usleep(10000);
+    }
+}
+
+void hl_db_rollback(hl_db *d)
+{
+    if (!sqlite3_get_autocommit(d->db))
+        sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
+    /* A sequence handed out in a rolled-back transaction was never stored;
+     * reusing it keeps the origin's sequence free of gaps. */
+    d->next_seq = d->txn_next_seq;
+}
+
+static hl_status prep(hl_db *d, sqlite3_stmt **st, const char *sql)
+{
+    int rc = sqlite3_prepare_v3(d->db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
+    return rc == SQLITE_OK ? HL_OK : hl_db_err(d, rc, sql);
+}
+
+static int64_t query_int(hl_db *d, const char *sql, int64_t dflt)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = dflt;
+    if (sqlite3_prepare_v2(d->db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW &&
+        sqlite3_column_type(st, 0) != SQLITE_NULL)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static hl_status meta_get_int(hl_db *d, const char *key, int64_t *v, bool *found)
+{
+    sqlite3_stmt *st = NULL;
+    *found = false;
+    int rc = sqlite3_prepare_v2(d->db, "SELECT value FROM " HL_PREFIX "meta WHERE key = ?", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "meta get");
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *v = sqlite3_column_int64(st, 0);
+        *found = true;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "meta get");
+}
+
+hl_status hl_db_meta_put(hl_db *d, const char *key, int64_t v)
+{
+    sqlite3_stmt *st = d->st_meta_put;
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, v);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "meta put");
+}
+
+static uint64_t random_epoch(void)
+{
+    uint64_t v = 0;
+    while (v == 0) {
+        if (getrandom(&v, sizeof v, 0) != (ssize_t)sizeof v)
+            v = hl_now_ms() ^ ((uint64_t)getpid() << 32);
+        v &= 0x7FFFFFFFFFFFFFFFull; /* SQLite integers are signed */
+    }
+    return v;
+}
+
+hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib)
+{
+    hl_status st = HL_OK;
+    hl_db *d = calloc(1, sizeof *d);
+    char sql[128];
+    *out = NULL;
+    if (!d)
+        return HL_ERR_NOMEM;
+    d->node_id = node_id;
+    d->path = strdup(path);
+    if (!d->path) {
+        st = HL_ERR_NOMEM;
+        goto out;
+    }
+    int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK) {
+        hl_log(HL_LOG_ERROR, "cannot open database", "path", path, "error",
+               d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
+        st = HL_ERR_SQLITE;
+        goto out;
+    }
+    sqlite3_busy_timeout(d->db, 5000);
+    sqlite3_extended_result_codes(d->db, 1);
+    /* WAL lets the application read while we write and vice versa. It is a
+     * property of the file, so it persists for the application too. */
+    if ((st = hl_db_exec(d, "PRAGMA journal_mode = WAL")))
+        goto out;
+    snprintf(sql, sizeof sql, "PRAGMA cache_size = -%lld", (long long)(cache_kib > 0 ? cache_kib : 2000));
+    if ((st = hl_db_exec(d, sql)) || (st = hl_db_exec(d, "PRAGMA synchronous = NORMAL")) ||
+        (st = hl_db_exec(d, "PRAGMA foreign_keys = OFF")) || (st = hl_db_exec(d, "PRAGMA recursive_triggers = OFF")))
+        goto out;
+    if ((st = hl_db_begin(d)))
+        goto out;
+    if ((st = hl_db_exec(d, internal_ddl)))
+        goto rollback;
+    /* A crash between "applying = 1" and commit never commits the flag, but a
+     * file copied mid-transaction by a tool could; make sure it is clear. */
+    if ((st = hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0 WHERE applying <> 0")))
+        goto rollback;
+    if ((st = prep(d, &d->st_meta_put, "INSERT INTO " HL_PREFIX "meta(key, value) VALUES (?, ?) "
+                                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value")))
+        goto rollback;
+
+    int64_t v;
+    bool found;
+    uint64_t stored_node = 0;
+    if ((st = meta_get_int(d, "node_id", &v, &found)))
+        goto rollback;
+    if (found)
+        stored_node = (uint64_t)v;
+    if ((st = meta_get_int(d, "epoch", &v, &found)))
+        goto rollback;
+    if (found && stored_node == node_id) {
+        d->epoch = (uint64_t)v;
+    } else {
+        /* New database, or one copied from another node: start a new origin
+         * incarnation so its changesets can never be mistaken for old ones. */
+        if (found)
+            hl_logf(HL_LOG_WARN, "database was last used by node %llu; starting a new origin epoch as node %llu",
+                    (unsigned long long)stored_node, (unsigned long long)node_id);
+        d->epoch = random_epoch();
+        if ((st = hl_db_meta_put(d, "epoch", (int64_t)d->epoch)) || (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) ||
+            (st = hl_db_meta_put(d, "next_seq", 1)))
+            goto rollback;
+    }
+    if ((st = meta_get_int(d, "next_seq", &v, &found)))
+        goto rollback;
+    d->next_seq = found && v > 0 ? (uint64_t)v : 1;
+    /* Outbox rows may be ahead of next_seq only if meta was lost; never reuse a sequence. */
+    int64_t maxo = query_int(d, "SELECT max(seq) FROM " HL_PREFIX "outbox", 0);
+    if (maxo >= (int64_t)d->next_seq)
+        d->next_seq = (uint64_t)maxo + 1;
+    if ((st = meta_get_int(d, "last_hlc", &v, &found)))
+        goto rollback;
+    d->last_hlc = found ? (uint64_t)v : 0;
+    int64_t maxc = query_int(d, "SELECT max(hlc) FROM " HL_PREFIX "clock", 0);
+    if (maxc > 0 && (uint64_t)maxc > d->last_hlc)
+        d->last_hlc = (uint64_t)maxc;
+    if ((st = hl_db_commit(d)))
+        goto out;
+
+    if ((st = prep(d, &d->st_clock_get, "SELECT hlc, node FROM " HL_PREFIX "clock WHERE tbl = ? AND pk = ?")) ||
+        (st = prep(d, &d->st_clock_put,
+                   "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
+                   "deleted = excluded.deleted")) ||
+        (st = prep(d, &d->st_outbox_put, "INSERT INTO " HL_PREFIX "outbox(seq, flags, data) VALUES (?, ?, ?)")) ||
+        (st = prep(d, &d->st_conflict_put,
+                   "INSERT INTO " HL_PREFIX "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
+        (st = prep(d, &d->st_origin_get, "SELECT seq FROM " HL_PREFIX "origins WHERE node = ? AND epoch = ?")) ||
+        (st = prep(d, &d->st_origin_put,
+                   "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) VALUES (?, ?, ?) "
+                   "ON CONFLICT(node, epoch) DO UPDATE SET seq = excluded.seq")) ||
+        (st = prep(d, &d->st_seq_put,
+                   "INSERT INTO " HL_PREFIX "seq(stream, seq) VALUES (?, ?) "
+                   "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq")) ||
+        (st = prep(d, &d->st_pending_put,
+                   "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, reason) "
+                   "VALUES (?, ?, ?, ?, ?, ?)")))
+        goto out;
+    d->data_version = -1;
+    d->schema_version = -1;
+    hl_db_changed_externally(d);
+    *out = d;
+    return HL_OK;
+rollback:
+    hl_db_rollback(d);
+out:
+    hl_db_close(d);
+    return st;
+}
+
+void hl_db_close(hl_db *d)
+{
+    if (!d)
+        return;
+    hl_schema_free(&d->schema);
+    sqlite3_finalize(d->st_clock_get);
+    sqlite3_finalize(d->st_clock_put);
+    sqlite3_finalize(d->st_outbox_put);
+    sqlite3_finalize(d->st_meta_put);
+    sqlite3_finalize(d->st_conflict_put);
+    sqlite3_finalize(d->st_origin_get);
+    sqlite3_finalize(d->st_origin_put);
+    sqlite3_finalize(d->st_seq_put);
+    sqlite3_finalize(d->st_pending_put);
+    if (d->db)
+        sqlite3_close_v2(d->db);
+    free(d->path);
+    free(d);
+}
+
+bool hl_db_changed_externally(hl_db *d)
+{
+    int64_t v = query_int(d, "PRAGMA data_version", -1);
+    bool changed = v != d->data_version;
+    d->data_version = v;
+    return changed;
+}
+
+hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq)
+{
+    sqlite3_stmt *st = NULL;
+    *seq = 0;
+    int rc = sqlite3_prepare_v2(d->db, "SELECT seq FROM " HL_PREFIX "seq WHERE stream = ?", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "stream seq get");
+    sqlite3_bind_text(st, 1, stream, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *seq = (uint64_t)sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "stream seq get");
+}
+
+hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq)
+{
+    sqlite3_stmt *st = d->st_seq_put;
+    sqlite3_bind_text(st, 1, stream, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int64(st, 2, (int64_t)seq);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "stream seq put");
+}
+
+hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, hl_buf *payload)
+{
+    sqlite3_stmt *st = NULL;
+    hl_status res = HL_ERR_NOT_FOUND;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT seq, flags, data FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "outbox read");
+    sqlite3_bind_int64(st, 1, (int64_t)after);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *seq = (uint64_t)sqlite3_column_int64(st, 0);
+        hl_buf_reset(payload);
+        /* First byte of the buffer carries the flags; the payload follows. */
+        res = hl_buf_addc(payload, (unsigned char)sqlite3_column_int(st, 1));
+        if (!res)
+            res = hl_buf_add(payload, sqlite3_column_blob(st, 2), (size_t)sqlite3_column_bytes(st, 2));
+    } else if (rc != SQLITE_DONE) {
+        res = hl_db_err(d, rc, "outbox read");
+    }
+    sqlite3_finalize(st);
+    return res;
+}
+
+hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "outbox WHERE seq = ?", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "outbox delete");
+    sqlite3_bind_int64(st, 1, (int64_t)seq);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox delete");
+}
+
+hl_status hl_db_outbox_count(hl_db *d, uint64_t *count)
+{
+    int64_t v = query_int(d, "SELECT count(*) FROM " HL_PREFIX "outbox", -1);
+    if (v < 0)
+        return HL_ERR_SQLITE;
+    *count = (uint64_t)v;
+    return HL_OK;
+}
+
+hl_status hl_db_held_count(hl_db *d, uint64_t *count)
+{
+    int64_t v = query_int(d, "SELECT count(*) FROM " HL_PREFIX "pending", -1);
+    if (v < 0)
+        return HL_ERR_SQLITE;
+    *count = (uint64_t)v;
+    return HL_OK;
+}
+
+hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *deleted)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "clock WHERE deleted = 1 AND hlc < ?", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "tombstone gc");
+    sqlite3_bind_int64(st, 1, (int64_t)(older_than_ms << 16));
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "tombstone gc");
+    *deleted = (uint64_t)sqlite3_changes(d->db);
+    return HL_OK;
+}
+
+hl_status hl_db_cleanup(const char *path)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    hl_buf sql;
+    hl_status res = HL_OK;
+    int ntrig = 0, ntab = 0;
+
+    hl_buf_init(&sql, 16u << 20);
+    int rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc != SQLITE_OK) {
+        hl_log(HL_LOG_ERROR, "cannot open database", "path", path, "error",
+               db ? sqlite3_errmsg(db) : sqlite3_errstr(rc), NULL);
+        res = HL_ERR_SQLITE;
+        goto out;
+    }
+    sqlite3_busy_timeout(db, 10000);
+    /* Triggers first: dropping a change log a trigger writes to would make the
+     * application's writes fail until the trigger is gone. */
+    rc = sqlite3_prepare_v2(db,
+                            "SELECT type, name FROM sqlite_schema WHERE name LIKE '\\_\\_harmonylite\\_\\_%' "
+                            "ESCAPE '\\' AND type IN ('trigger', 'table') ORDER BY type = 'table'",
+                            -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        goto sqlerr;
+    res = hl_buf_adds(&sql, "BEGIN IMMEDIATE;");
+    while (!res && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *type = (const char *)sqlite3_column_text(st, 0);
+        const char *name = (const char *)sqlite3_column_text(st, 1);
+        bool trig = strcmp(type, "trigger") == 0;
+        res = hl_buf_adds(&sql, trig ? "DROP TRIGGER IF EXISTS " : "DROP TABLE IF EXISTS ");
+        if (!res)
+            res = hl_buf_add_ident(&sql, name);
+        if (!res)
+            res = hl_buf_addc(&sql, ';');
+        trig ? ntrig++ : ntab++;
+    }
+    if (res)
+        goto out;
+    if (rc != SQLITE_DONE)
+        goto sqlerr;
+    sqlite3_finalize(st);
+    st = NULL;
+    if ((res = hl_buf_adds(&sql, "COMMIT;")))
+        goto out;
+    char *msg = NULL;
+    rc = sqlite3_exec(db, hl_buf_str(&sql), NULL, NULL, &msg);
+    if (rc != SQLITE_OK) {
+        hl_log(HL_LOG_ERROR, "cleanup failed", "error", msg ? msg : sqlite3_errstr(rc), NULL);
+        sqlite3_free(msg);
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        res = HL_ERR_SQLITE;
+        goto out;
+    }
+    hl_logf(HL_LOG_INFO, "cleanup: removed %d triggers and %d tables from %s", ntrig, ntab, path);
+    goto out;
+sqlerr:
+    hl_log(HL_LOG_ERROR, "cleanup failed", "error", sqlite3_errmsg(db), NULL);
+    res = HL_ERR_SQLITE;
+out:
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    hl_buf_free(&sql);
+    return res;
+}

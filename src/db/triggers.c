@@ -1,0 +1,369 @@
+/*
+ * triggers.c - change logs and the triggers that fill them.
+ *
+ * The trigger is the only harmonylite code inside every application write, so
+ * it does as little as possible: one INSERT of (write time, key) into the
+ * table's own change log. Capture later reads the current row image by key,
+ * which is the coalesced "last image wins" value anyway, and which carries
+ * columns added by ALTER TABLE even before the triggers are re-created.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "db/db.h"
+
+#define GUARD "(SELECT applying FROM \"" HL_PREFIX "ctl\") = 0"
+#define NOW_MS "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+
+static const char *const trig_suffix[4] = {"_ai", "_au", "_ak", "_ad"};
+
+/* Appends "NEW.k0, NEW.k1" style key references (which = "NEW" or "OLD"). */
+static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
+{
+    hl_status st = HL_OK;
+    if (t->npk == 0)
+        return hl_buf_addf(b, "%s.%s", which, t->rowid);
+    for (size_t i = 0; i < t->npk && !st; i++) {
+        st = hl_buf_addf(b, "%s%s.", i ? ", " : "", which);
+        if (!st)
+            st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
+    }
+    return st;
+}
+
+static hl_status add_log_cols(hl_buf *b, const hl_table *t)
+{
+    hl_status st = hl_buf_adds(b, "ms");
+    size_t n = t->npk ? t->npk : 1;
+    for (size_t i = 0; i < n && !st; i++)
+        st = hl_buf_addf(b, ", k%zu", i);
+    return st;
+}
+
+static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
+{
+    hl_buf name;
+    hl_buf_init(&name, 1u << 20);
+    hl_status st = hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[which]);
+    if (!st)
+        st = hl_buf_add_ident(b, hl_buf_str(&name));
+    hl_buf_free(&name);
+    return st;
+}
+
+/* One trigger's CREATE text (without a trailing ';'). */
+static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
+{
+    static const char *const event[4] = {"INSERT", "UPDATE", "UPDATE", "DELETE"};
+    hl_status st = hl_buf_adds(b, "CREATE TRIGGER ");
+    if (!st)
+        st = add_trigger_name(b, t, which);
+    if (!st)
+        st = hl_buf_addf(b, " AFTER %s", event[which]);
+    if (!st && which == 2 && t->npk) {
+        st = hl_buf_adds(b, " OF ");
+        for (size_t i = 0; i < t->npk && !st; i++) {
+            if (i)
+                st = hl_buf_adds(b, ", ");
+            if (!st)
+                st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
+        }
+    }
+    if (!st)
+        st = hl_buf_adds(b, " ON ");
+    if (!st)
+        st = hl_buf_add_ident(b, t->name);
+    if (!st)
+        st = hl_buf_adds(b, " WHEN " GUARD);
+    if (!st && which == 2) {
+        /* The key changed: the row under the old key is gone. */
+        st = hl_buf_adds(b, " AND (");
+        size_t n = t->npk ? t->npk : 1;
+        for (size_t i = 0; i < n && !st; i++) {
+            const char *col = t->npk ? t->cols[t->pk[i]] : t->rowid;
+            st = hl_buf_adds(b, i ? " OR OLD." : "OLD.");
+            if (!st)
+                st = t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
+            if (!st)
+                st = hl_buf_adds(b, " IS NOT NEW.");
+            if (!st)
+                st = t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
+        }
+        if (!st)
+            st = hl_buf_adds(b, ")");
+    }
+    if (!st)
+        st = hl_buf_adds(b, " BEGIN INSERT INTO ");
+    if (!st)
+        st = hl_buf_add_ident(b, t->log);
+    if (!st)
+        st = hl_buf_adds(b, "(");
+    if (!st)
+        st = add_log_cols(b, t);
+    if (!st)
+        st = hl_buf_adds(b, ") VALUES (" NOW_MS ", ");
+    if (!st)
+        st = add_keys(b, t, which >= 2 ? "OLD" : "NEW");
+    if (!st)
+        st = hl_buf_adds(b, "); END");
+    return st;
+}
+
+static hl_status log_ddl(const hl_table *t, hl_buf *b)
+{
+    /* Key columns have no declared type, so no affinity converts the values. */
+    hl_status st = hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
+    if (!st)
+        st = hl_buf_add_ident(b, t->log);
+    if (!st)
+        st = hl_buf_adds(b, "(seq INTEGER PRIMARY KEY, ms INTEGER NOT NULL");
+    size_t n = t->npk ? t->npk : 1;
+    for (size_t i = 0; i < n && !st; i++)
+        st = hl_buf_addf(b, ", k%zu", i);
+    if (!st)
+        st = hl_buf_adds(b, ")");
+    return st;
+}
+
+hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl_out, hl_buf *triggers)
+{
+    hl_status st = log_ddl(t, log_ddl_out);
+    for (int w = 0; w < 4 && !st; w++) {
+        st = trigger_sql(t, w, triggers);
+        if (!st)
+            st = hl_buf_adds(triggers, ";\n");
+    }
+    return st;
+}
+
+static int64_t schema_version(hl_db *d)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = -1;
+    if (sqlite3_prepare_v2(d->db, "PRAGMA schema_version", -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* Executes sql; on error logs it with the statement. */
+static hl_status exec_logged(hl_db *d, const char *sql)
+{
+    char *msg = NULL;
+    int rc = sqlite3_exec(d->db, sql, NULL, NULL, &msg);
+    if (rc == SQLITE_OK)
+        return HL_OK;
+    hl_log(HL_LOG_ERROR, "schema change failed", "sql", sql, "error", msg ? msg : sqlite3_errstr(rc), NULL);
+    sqlite3_free(msg);
+    return (rc & 0xff) == SQLITE_BUSY ? HL_ERR_BUSY : HL_ERR_SQLITE;
+}
+
+static int64_t count_rows(hl_db *d, const char *table)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    int64_t n = 0;
+    hl_buf_init(&q, 1u << 20);
+    if (!hl_buf_adds(&q, "SELECT count(*) FROM ") && !hl_buf_add_ident(&q, table) &&
+        sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return n;
+}
+
+static hl_status drop_object(hl_db *d, const char *kind, const char *name)
+{
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    hl_status st = hl_buf_addf(&q, "DROP %s IF EXISTS ", kind);
+    if (!st)
+        st = hl_buf_add_ident(&q, name);
+    if (!st)
+        st = exec_logged(d, hl_buf_str(&q));
+    hl_buf_free(&q);
+    return st;
+}
+
+/* Names of our existing objects of one type, with their SQL, NUL separated pairs. */
+static hl_status existing(hl_db *d, const char *type, hl_buf *out)
+{
+    sqlite3_stmt *st = NULL;
+    hl_status res = HL_OK;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name, coalesce(sql, '') FROM sqlite_schema WHERE type = ? AND "
+                                "name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\'",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "sqlite_schema");
+    sqlite3_bind_text(st, 1, type, -1, SQLITE_STATIC);
+    while (!res && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *n = (const char *)sqlite3_column_text(st, 0);
+        const char *s = (const char *)sqlite3_column_text(st, 1);
+        res = hl_buf_add(out, n, strlen(n) + 1);
+        if (!res)
+            res = hl_buf_add(out, s, strlen(s) + 1);
+    }
+    if (!res && rc != SQLITE_DONE)
+        res = hl_db_err(d, rc, "sqlite_schema");
+    sqlite3_finalize(st);
+    return res;
+}
+
+/* Looks name up in a pair list from existing(); returns its SQL or NULL. */
+static const char *pair_find(const hl_buf *pairs, const char *name)
+{
+    for (size_t off = 0; off < pairs->len;) {
+        const char *n = (const char *)pairs->data + off;
+        const char *s = n + strlen(n) + 1;
+        if (strcmp(n, name) == 0)
+            return s;
+        off = (size_t)(s + strlen(s) + 1 - (const char *)pairs->data);
+    }
+    return NULL;
+}
+
+static char *stored_keysig(hl_db *d, const char *table)
+{
+    sqlite3_stmt *st = NULL;
+    char *v = NULL;
+    if (sqlite3_prepare_v2(d->db, "SELECT keysig FROM " HL_PREFIX "tables WHERE name = ?", -1, &st, NULL) ==
+        SQLITE_OK) {
+        sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW)
+            v = strdup((const char *)sqlite3_column_text(st, 0));
+    }
+    sqlite3_finalize(st);
+    return v;
+}
+
+static hl_status put_keysig(hl_db *d, const char *table, const char *sig)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "INSERT INTO " HL_PREFIX "tables(name, keysig) VALUES (?, ?) "
+                                "ON CONFLICT(name) DO UPDATE SET keysig = excluded.keysig",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, sig, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "tables put");
+}
+
+hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
+{
+    hl_status st = HL_OK;
+    hl_buf trig, tabs, ddl, tsql, want;
+    *changed = false;
+    int64_t sv = schema_version(d);
+    if (!force && sv == d->schema_version)
+        return HL_OK;
+
+    hl_buf_init(&trig, 256u << 20);
+    hl_buf_init(&tabs, 256u << 20);
+    hl_buf_init(&ddl, 16u << 20);
+    hl_buf_init(&tsql, 16u << 20);
+    hl_buf_init(&want, 256u << 20); /* desired object names, NUL separated */
+
+    unsigned char old_hash[32];
+    bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
+    memcpy(old_hash, d->schema.hash, 32);
+    if ((st = hl_schema_scan(d, &d->schema)))
+        goto out;
+    if ((st = existing(d, "trigger", &trig)) || (st = existing(d, "table", &tabs)))
+        goto out;
+
+    for (size_t i = 0; i < d->schema.n; i++) {
+        hl_table *t = &d->schema.t[i];
+        char *sig = stored_keysig(d, t->name);
+        if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&tabs, t->log)) {
+            int64_t n = count_rows(d, t->log);
+            if (n > 0)
+                hl_logf(HL_LOG_WARN,
+                        "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
+                        "cannot be replicated",
+                        t->name, (long long)n);
+            st = drop_object(d, "TABLE", t->log);
+        }
+        free(sig);
+        if (st)
+            goto out;
+        hl_buf_reset(&ddl);
+        if ((st = log_ddl(t, &ddl)))
+            goto out;
+        if ((st = exec_logged(d, hl_buf_str(&ddl))) || (st = put_keysig(d, t->name, t->keysig)))
+            goto out;
+        if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)))
+            goto out;
+        for (int w = 0; w < 4; w++) {
+            hl_buf name;
+            hl_buf_init(&name, 1u << 20);
+            hl_buf_reset(&tsql);
+            st = hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
+            if (!st)
+                st = trigger_sql(t, w, &tsql);
+            const char *have = st ? NULL : pair_find(&trig, hl_buf_str(&name));
+            if (!st && (!have || strcmp(have, hl_buf_str(&tsql)) != 0)) {
+                if (have)
+                    st = drop_object(d, "TRIGGER", hl_buf_str(&name));
+                if (!st)
+                    st = exec_logged(d, hl_buf_str(&tsql));
+            }
+            if (!st)
+                st = hl_buf_add(&want, name.data, name.len + 1);
+            hl_buf_free(&name);
+            if (st)
+                goto out;
+        }
+    }
+    /* Drop our triggers and change logs whose table is gone or renamed. */
+    for (int pass = 0; pass < 2; pass++) {
+        hl_buf *have = pass == 0 ? &trig : &tabs;
+        for (size_t off = 0; off < have->len;) {
+            const char *n = (const char *)have->data + off;
+            const char *s = n + strlen(n) + 1;
+            off = (size_t)(s + strlen(s) + 1 - (const char *)have->data);
+            size_t nl = strlen(n);
+            if (pass == 1 && (nl < 11 || strcmp(n + nl - 11, "_change_log") != 0))
+                continue; /* only change logs; not our internal tables */
+            bool found = false;
+            for (size_t off2 = 0; off2 < want.len && !found;) {
+                const char *w = (const char *)want.data + off2;
+                found = strcmp(w, n) == 0;
+                off2 += strlen(w) + 1;
+            }
+            if (found)
+                continue;
+            if (pass == 1) {
+                int64_t cnt = count_rows(d, n);
+                if (cnt > 0)
+                    hl_logf(HL_LOG_WARN, "table of change log \"%s\" was dropped or renamed; %lld uncaptured changes "
+                                         "discarded",
+                            n, (long long)cnt);
+            }
+            if ((st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n)))
+                goto out;
+        }
+    }
+    st = exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
+                        "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
+    if (st)
+        goto out;
+    d->schema_version = schema_version(d);
+    *changed = true;
+    if (had_schema && memcmp(old_hash, d->schema.hash, 32) != 0) {
+        memcpy(d->prev_hash, old_hash, 32);
+        d->have_prev_hash = true;
+    }
+out:
+    hl_buf_free(&trig);
+    hl_buf_free(&tabs);
+    hl_buf_free(&ddl);
+    hl_buf_free(&tsql);
+    hl_buf_free(&want);
+    return st;
+}

@@ -1,0 +1,159 @@
+/*
+ * main.c - flags and wiring only; the work is in engine.c.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "config/config.h"
+#include "db/db.h"
+#include "engine.h"
+
+extern char **environ;
+
+static const char usage[] =
+    "Usage: harmonylite [options]\n"
+    "\n"
+    "Leaderless, eventually consistent replication for SQLite through NATS JetStream.\n"
+    "Runs beside an application that uses the SQLite file at db_path: captures every\n"
+    "committed change with triggers, publishes it, and applies the other nodes' changes.\n"
+    "\n"
+    "Options (each also accepted with --, and as -flag=value):\n"
+    "  -config FILE          YAML configuration file (see config/harmonylite.yaml)\n"
+    "  -node-id N            this node's id, >= 1 (overrides node_id)\n"
+    "  -cluster-addr H:P     embedded nats-server cluster listener (nats.cluster_addr)\n"
+    "  -cluster-peers URLS   comma-separated nats://host:port routes to the other nodes\n"
+    "                        (nats.cluster_peers)\n"
+    "  -check-config         validate the configuration and exit (0 valid, 2 invalid)\n"
+    "  -cleanup              remove every trigger and table harmonylite created in db_path\n"
+    "                        and exit; application tables and rows are left untouched\n"
+    "  -version              print the version and exit\n"
+    "  -help                 print this help and exit\n"
+    "\n"
+    "Configuration is read from the YAML file, then HARMONYLITE_* environment variables\n"
+    "(the key path upper-cased with '.' as '_', e.g. HARMONYLITE_NODE_ID,\n"
+    "HARMONYLITE_REPLICATION_LOG_SHARDS, HARMONYLITE_NATS_URLS=nats://a:4222,nats://b:4222),\n"
+    "then flags; each overrides the one before. Without nats.urls harmonylite starts and\n"
+    "supervises its own nats-server (embedded mode).\n"
+    "\n"
+    "Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads.\n"
+    "Exit status: 0 success, 1 runtime error, 2 usage or configuration error.\n"
+    "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
+
+typedef struct flagdef {
+    const char *name;
+    const char *key; /* config key it sets, or NULL for actions */
+    int takes_value;
+} flagdef;
+
+static const flagdef flags[] = {
+    {"config", NULL, 1},       {"node-id", "node_id", 1},
+    {"cluster-addr", "nats.cluster_addr", 1}, {"cluster-peers", "nats.cluster_peers", 1},
+    {"check-config", NULL, 0}, {"cleanup", NULL, 0},
+    {"version", NULL, 0},      {"help", NULL, 0},
+    {"h", NULL, 0},
+};
+
+int main(int argc, char **argv)
+{
+    const char *config_path = NULL;
+    const char *sets[16][2];
+    size_t nsets = 0;
+    int check = 0, cleanup = 0;
+    char err[1024];
+    hl_config c;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (a[0] != '-') {
+            fprintf(stderr, "harmonylite: unexpected argument \"%s\" (see -help)\n", a);
+            return 2;
+        }
+        a += a[1] == '-' ? 2 : 1;
+        const char *eq = strchr(a, '=');
+        size_t nl = eq ? (size_t)(eq - a) : strlen(a);
+        const flagdef *f = NULL;
+        for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
+            if (strlen(flags[k].name) == nl && strncmp(flags[k].name, a, nl) == 0)
+                f = &flags[k];
+        if (!f) {
+            fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
+            return 2;
+        }
+        const char *val = NULL;
+        if (f->takes_value) {
+            if (eq)
+                val = eq + 1;
+            else if (i + 1 < argc)
+                val = argv[++i];
+            else {
+                fprintf(stderr, "harmonylite: flag -%s needs a value\n", f->name);
+                return 2;
+            }
+        } else if (eq) {
+            fprintf(stderr, "harmonylite: flag -%s takes no value\n", f->name);
+            return 2;
+        }
+        if (strcmp(f->name, "help") == 0 || strcmp(f->name, "h") == 0) {
+            fputs(usage, stdout);
+            return 0;
+        }
+        if (strcmp(f->name, "version") == 0) {
+            printf("harmonylite %s\n", HL_VERSION);
+            return 0;
+        }
+        if (strcmp(f->name, "config") == 0)
+            config_path = val;
+        else if (strcmp(f->name, "check-config") == 0)
+            check = 1;
+        else if (strcmp(f->name, "cleanup") == 0)
+            cleanup = 1;
+        else if (nsets < 16) {
+            sets[nsets][0] = f->key;
+            sets[nsets][1] = val;
+            nsets++;
+        }
+    }
+
+    hl_config_defaults(&c);
+    err[0] = 0;
+    if (config_path && hl_config_load_file(&c, config_path, err, sizeof err))
+        goto config_error;
+    if (hl_config_load_env(&c, environ, err, sizeof err))
+        goto config_error;
+    for (size_t i = 0; i < nsets; i++) {
+        char origin[64];
+        snprintf(origin, sizeof origin, "flag -%s",
+                 strcmp(sets[i][0], "node_id") == 0           ? "node-id"
+                 : strcmp(sets[i][0], "nats.cluster_addr") == 0 ? "cluster-addr"
+                                                                : "cluster-peers");
+        if (hl_config_set(&c, sets[i][0], sets[i][1], origin, err, sizeof err))
+            goto config_error;
+    }
+    if (hl_config_finish(&c, err, sizeof err))
+        goto config_error;
+
+    int level = c.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(c.logging.level);
+    hl_log_setup(level < 0 ? HL_LOG_INFO : (hl_log_level)level, strcmp(c.logging.format, "json") == 0, c.node_id);
+
+    if (check) {
+        printf("%s: configuration is valid\n", config_path ? config_path : "(defaults and environment)");
+        hl_config_free(&c);
+        return 0;
+    }
+    if (cleanup) {
+        int rc = hl_db_cleanup(c.db_path) == HL_OK ? 0 : 1;
+        hl_config_free(&c);
+        return rc;
+    }
+    int rc = hl_engine_run(&c);
+    hl_config_free(&c);
+    return rc;
+
+config_error:
+    fprintf(stderr, "harmonylite: %s\n", err);
+    hl_config_free(&c);
+    return 2;
+}

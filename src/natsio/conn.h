@@ -1,0 +1,67 @@
+/*
+ * conn.h - the NATS connection, JetStream context and the change-log streams.
+ *
+ * One connection per process. nats.c runs its own threads; callbacks given here
+ * run on them and must only enqueue work (never touch SQLite or block).
+ */
+#ifndef HL_NATSIO_CONN_H
+#define HL_NATSIO_CONN_H
+
+#include <nats/nats.h>
+#include <stdbool.h>
+
+#include "common/status.h"
+#include "config/config.h"
+
+typedef struct hl_nats hl_nats;
+
+/*
+ * Connects to urls (nurls >= 1) with the credentials/TLS from c->nats
+ * (user_name/user_password, seed_file, creds_file, ca_file, cert_file/key_file),
+ * reconnecting forever once connected (max reconnect -1, reconnect_wait_seconds).
+ * The first connection is tried connect_retries times (-1: until stop_flag is
+ * set) with reconnect_wait_seconds between tries. ack_cb/ack_closure become the
+ * JetStream async-publish ack handler (jsOptions.PublishAsync.AckHandler), with
+ * MaxPending = max_pending. stop_flag (may be NULL) is polled between tries so a
+ * shutdown is not delayed. Never logs passwords or seeds.
+ */
+hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *urls, size_t nurls,
+                          jsPubAckHandler ack_cb, void *ack_closure, int64_t max_pending,
+                          const volatile int *stop_flag);
+
+natsConnection *hl_nats_conn(hl_nats *n);
+jsCtx *hl_nats_js(hl_nats *n);
+/* True while the connection is CONNECTED (not reconnecting/closed). Thread-safe. */
+bool hl_nats_connected(hl_nats *n);
+
+/* Stream and subject names for shard i: "<stream_prefix>-<i>", "<subject_prefix>.<i>". */
+void hl_nats_stream_name(const hl_config *c, int shard, char *buf, size_t len);
+void hl_nats_subject(const hl_config *c, int shard, char *buf, size_t len);
+
+/*
+ * Creates every shard's stream if missing (file storage, c->replication_log
+ * replicas / max_entries / max_bytes / max_age, discard old, duplicate window),
+ * or checks an existing one (and updates it when replication_log.update_existing).
+ * While JetStream is not yet available (cluster forming, no meta leader) it
+ * retries every 500 ms until timeout_ms, then returns HL_ERR_TIMEOUT.
+ */
+hl_status hl_nats_ensure_streams(hl_nats *n, const hl_config *c, int timeout_ms, const volatile int *stop_flag);
+
+/* First and last sequence currently in a stream, as the server reports them:
+ * 0/0 when it never held a message; first = last + 1 when every message was
+ * removed (age/purge), so a reader can still see how far the stream got.
+ * HL_ERR_NOT_FOUND when the stream does not exist. */
+hl_status hl_nats_stream_bounds(hl_nats *n, const char *stream, uint64_t *first, uint64_t *last);
+
+/*
+ * Derives the public key ("U...", 56 characters) of an encoded user NKey seed
+ * ("SU...", 58 characters) into pub (publen >= 57). nats.c's
+ * natsOptions_SetNKeyFromSeed needs both, and a seed file holds only the seed.
+ * Returns HL_ERR_INVALID for anything that is not a valid user seed.
+ */
+hl_status hl_nats_nkey_public_from_seed(const char *seed, char *pub, size_t publen);
+
+/* Waits for outstanding async publishes (up to timeout_ms), drains and closes. NULL is a no-op. */
+void hl_nats_close(hl_nats *n, int timeout_ms);
+
+#endif

@@ -1,0 +1,196 @@
+/*
+ * changeset.h - the unit of replication and its wire format.
+ *
+ * A changeset is every row change one capture cycle found: one or more whole
+ * application transactions, coalesced to at most one entry per row (the last
+ * image wins). It is encoded as CBOR (docs/protocol.md), optionally
+ * zstd-compressed, and cut into parts no larger than the chunk limit; each part
+ * travels as one NATS message with a fixed binary header.
+ *
+ * Nothing decoded from the network is trusted: the decoder enforces every limit
+ * below and rejects anything else with HL_ERR_DECODE, never crashing.
+ */
+#ifndef HL_CHANGESET_H
+#define HL_CHANGESET_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "common/status.h"
+
+#define HL_CS_FORMAT_VERSION 1
+#define HL_SCHEMA_HASH_LEN 32
+
+/* Decoder limits (hostile-input bounds). */
+#define HL_CS_MAX_NAME 4096      /* bytes in a table or column name */
+#define HL_CS_MAX_TABLES 100000  /* tables in one changeset */
+#define HL_CS_MAX_COLS 32767     /* columns in one table (SQLite's hard limit) */
+#define HL_CS_MAX_KEY 64         /* values in one primary key */
+
+/* SQLite's five storage classes, same numbering as SQLITE_INTEGER etc. minus one. */
+typedef enum hl_vtype { HL_VAL_NULL = 0, HL_VAL_INT = 1, HL_VAL_REAL = 2, HL_VAL_TEXT = 3, HL_VAL_BLOB = 4 } hl_vtype;
+
+/* One SQLite value. TEXT and BLOB bytes are owned by the containing changeset
+ * (or by whoever built the value); TEXT is not NUL-terminated on the wire but
+ * the changeset always stores a NUL after it (not counted in n). */
+typedef struct hl_value {
+    hl_vtype type;
+    union {
+        int64_t i;
+        double r;
+        struct {
+            unsigned char *p;
+            size_t n;
+        } b;
+    } u;
+} hl_value;
+
+typedef struct hl_cs_table {
+    char *name;
+    char **cols; /* every column of the row images, in order */
+    size_t ncols;
+    char **pk; /* primary-key column names in key order; npk == 0: keyed by rowid */
+    size_t npk;
+} hl_cs_table;
+
+typedef enum hl_op { HL_OP_UPSERT = 1, HL_OP_DELETE = 2 } hl_op;
+
+/* A row's key, vals and their TEXT/BLOB bytes are one allocation owned by
+ * the changeset (starting at key): read them, never free or replace them. */
+typedef struct hl_cs_row {
+    uint32_t table; /* index into tables */
+    hl_op op;
+    uint64_t hlc;  /* row version: 48 bits ms, 16 bits counter */
+    hl_value *key; /* npk values (1 = the rowid when npk == 0) */
+    size_t nkey;
+    hl_value *vals; /* ncols values for HL_OP_UPSERT; NULL for HL_OP_DELETE */
+    size_t nvals;
+} hl_cs_row;
+
+typedef struct hl_changeset {
+    uint64_t origin;  /* node id of the writer */
+    uint64_t epoch;   /* random id of the origin database incarnation */
+    uint64_t seq;     /* per-(origin, epoch) changeset sequence, from 1 */
+    uint64_t hlc;     /* highest row hlc */
+    uint64_t wall_ms; /* origin wall clock at capture, ms since the epoch (for lag metrics) */
+    unsigned char schema_hash[HL_SCHEMA_HASH_LEN];
+    hl_cs_table *tables;
+    size_t ntables, tables_cap;
+    hl_cs_row *rows;
+    size_t nrows, rows_cap;
+    size_t approx_bytes; /* running estimate of the encoded size */
+} hl_changeset;
+
+/* Allocates an empty changeset (all fields zero). Returns NULL on OOM. */
+hl_changeset *hl_changeset_new(void);
+/* Frees cs and everything it owns. NULL is a no-op. */
+void hl_changeset_free(hl_changeset *cs);
+
+/* Adds a table description; names are copied. *idx receives its index. */
+hl_status hl_changeset_add_table(hl_changeset *cs, const char *name, const char *const *cols, size_t ncols,
+                                 const char *const *pk, size_t npk, uint32_t *idx);
+
+/* Adds a row; key and vals (NULL for deletes) are deep-copied. nkey must be
+ * max(npk, 1) and nvals the table's ncols for upserts. Raises cs->hlc to hlc
+ * when hlc is higher and adds the row's rough encoded size to cs->approx_bytes.
+ * A rowid key (npk == 0) must be an INTEGER; REAL values must not be NaN
+ * (SQLite never stores NaN). Copied TEXT and BLOB values always get a non-NULL
+ * pointer, even when empty, so sqlite3_bind_blob() binds an empty BLOB and not
+ * NULL. */
+hl_status hl_changeset_add_row(hl_changeset *cs, uint32_t table, hl_op op, uint64_t hlc, const hl_value *key,
+                               size_t nkey, const hl_value *vals, size_t nvals);
+
+/* Encodes cs as the CBOR payload (docs/protocol.md §2), zstd-compressed when
+ * compress is set (level 3). Appends to out. */
+hl_status hl_changeset_encode(const hl_changeset *cs, bool compress, hl_buf *out);
+
+/*
+ * Decodes a payload produced by hl_changeset_encode. compressed says whether it
+ * is zstd-framed; max_bytes caps the decompressed size. On success *out is a new
+ * changeset the caller frees. Any malformation: HL_ERR_DECODE (or
+ * HL_ERR_TOO_LARGE), *out NULL, and if err is non-NULL a short reason is
+ * written there.
+ */
+hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t max_bytes, hl_changeset **out,
+                              char *err, size_t errlen);
+
+/* Appends the canonical encoding of a primary key (a CBOR array of the values,
+ * shortest integer forms, floats as 64-bit) to out. Used as the row identity in
+ * the clock table: equal keys give equal bytes. */
+hl_status hl_key_encode(const hl_value *key, size_t n, hl_buf *out);
+
+/* ---- parts: the NATS message envelope (docs/protocol.md §1) ---- */
+
+#define HL_PART_MAGIC "HLC1"
+#define HL_PART_HEADER_LEN 48
+#define HL_PART_FLAG_ZSTD 0x01
+
+typedef struct hl_part {
+    uint8_t version; /* HL_CS_FORMAT_VERSION */
+    uint8_t flags;   /* HL_PART_FLAG_* */
+    uint64_t origin, epoch, seq;
+    uint32_t index, count; /* 0 <= index < count */
+    uint64_t total_len;    /* length of the whole payload */
+    const unsigned char *data; /* this part's slice (points into the message) */
+    size_t len;
+} hl_part;
+
+/* Writes the 48-byte header for p (data/len ignored) to hdr. */
+void hl_part_header_write(const hl_part *p, unsigned char hdr[HL_PART_HEADER_LEN]);
+
+/* Parses a message; on success p->data/len point into msg. Checks magic,
+ * version, index < count, len <= total_len, count >= 1, reserved == 0. */
+hl_status hl_part_parse(const void *msg, size_t n, hl_part *p);
+
+/* Number of parts a payload of total_len bytes needs with chunk_bytes per part
+ * (1 for an empty payload); 0 when chunk_bytes is 0 or more than UINT32_MAX
+ * parts would be needed. */
+uint32_t hl_part_count(size_t total_len, size_t chunk_bytes);
+
+/*
+ * Describes part index of a payload of total_len bytes cut at chunk_bytes: sets
+ * p->version, index, count, total_len, data (points into payload) and len. The
+ * caller sets origin, epoch, seq and flags, which all parts share. Returns
+ * HL_ERR_INVALID when chunk_bytes is 0, index is out of range or the payload
+ * needs more than UINT32_MAX parts.
+ */
+hl_status hl_part_slice(hl_part *p, const void *payload, size_t total_len, size_t chunk_bytes, uint32_t index);
+
+/* Room for the longest NATS message id, NUL included. */
+#define HL_PART_MSG_ID_LEN 72
+
+/* Writes the part's Nats-Msg-Id, "<origin>-<epoch as 16 lowercase hex>-<seq>-<index>"
+ * (docs/protocol.md §1.3), NUL-terminated and truncated to len bytes. */
+void hl_part_msg_id(const hl_part *p, char *buf, size_t len);
+
+/*
+ * Reassembles the parts of one origin's changesets, in order. Parts of other
+ * origins may interleave in the stream; keep one hl_reasm per origin.
+ */
+typedef struct hl_reasm {
+    uint64_t epoch, seq;
+    uint32_t next, count;
+    uint8_t flags;
+    uint64_t total_len;
+    uint64_t first_stream_seq; /* stream sequence of part 0 */
+    hl_buf buf;
+} hl_reasm;
+
+void hl_reasm_init(hl_reasm *r, size_t max_bytes);
+void hl_reasm_free(hl_reasm *r);
+/* True while a changeset is partly received. */
+bool hl_reasm_pending(const hl_reasm *r);
+
+/*
+ * Feeds one part received at stream sequence sseq. Returns HL_OK and sets
+ * *complete when the payload is whole (then r->buf holds it and r->flags its
+ * flags; call hl_reasm_reset() after use). A part that does not continue the
+ * pending changeset (wrong seq/index) drops the pending one: a part 0 starts
+ * afresh; any other out-of-place part returns HL_ERR_DECODE and is ignored.
+ */
+hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, bool *complete);
+void hl_reasm_reset(hl_reasm *r);
+
+#endif

@@ -1,0 +1,31 @@
+/*
+ * fetcher.h - JetStream -> engine queue, one thread per shard stream.
+ *
+ * Each fetcher reads its stream with an ordered consumer starting after the
+ * sequence the database says was applied, reassembles parts per origin,
+ * decodes (and decompresses) changesets off the engine thread, and pushes them
+ * to the engine queue with the stream sequence the engine may record once the
+ * item is applied. A malformed message is logged, counted and skipped.
+ */
+#ifndef HL_FETCHER_H
+#define HL_FETCHER_H
+
+#include <stdint.h>
+
+#include "config/config.h"
+#include "natsio/conn.h"
+#include "repl/queue.h"
+
+typedef struct hl_fetcher hl_fetcher;
+
+/* Starts the thread for shard, delivering messages after start_seq. Own
+ * changesets (node_id, epoch) are skipped. */
+hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_queue *q, int shard,
+                           uint64_t start_seq, uint64_t epoch);
+/* Stops and joins the thread, frees f. NULL is a no-op. */
+void hl_fetcher_stop(hl_fetcher *f);
+/* Highest stream sequence received, malformed messages seen (thread-safe). */
+uint64_t hl_fetcher_received(const hl_fetcher *f);
+uint64_t hl_fetcher_malformed(const hl_fetcher *f);
+
+#endif

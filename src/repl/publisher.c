@@ -1,0 +1,264 @@
+#include "repl/publisher.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/hlc.h"
+#include "common/log.h"
+
+#define WINDOW_PARTS 256     /* unacknowledged parts at most */
+#define STALL_MS 10000       /* no ack for this long: take the pending list back and re-publish */
+#define RETRY_MS 500         /* after a failure, wait this long before re-publishing */
+
+typedef struct inflight {
+    uint64_t seq;
+    uint32_t parts_left;
+} inflight;
+
+struct hl_publisher {
+    const hl_config *c;
+    hl_queue *q;
+    hl_nats *n;
+    char subject[512];
+    inflight *win;
+    size_t nwin, capwin;
+    size_t parts_inflight;
+    uint64_t last_sent;     /* highest outbox seq handed to nats.c */
+    uint64_t last_progress; /* mono ms of the last ack or send */
+    uint64_t retry_at;      /* mono ms before which nothing is re-published */
+    bool resend;
+    uint64_t published;
+    hl_buf row, msg;
+};
+
+int hl_shard_for_node(uint64_t node_id, int shards)
+{
+    /* splitmix64 finaliser: consecutive node ids spread over the shards */
+    uint64_t z = node_id + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return shards > 0 ? (int)(z % (uint64_t)shards) : 0;
+}
+
+hl_status hl_publisher_new(hl_publisher **out, const hl_config *c, hl_queue *q)
+{
+    hl_publisher *p = calloc(1, sizeof *p);
+    if (!p)
+        return HL_ERR_NOMEM;
+    p->c = c;
+    p->q = q;
+    hl_nats_subject(c, hl_shard_for_node(c->node_id, c->replication_log.shards), p->subject, sizeof p->subject);
+    hl_buf_init(&p->row, (size_t)c->replication_log.max_changeset_bytes + 16);
+    hl_buf_init(&p->msg, (size_t)c->replication_log.chunk_bytes + HL_PART_HEADER_LEN);
+    p->last_progress = hl_mono_ms();
+    *out = p;
+    return HL_OK;
+}
+
+void hl_publisher_free(hl_publisher *p)
+{
+    if (!p)
+        return;
+    free(p->win);
+    hl_buf_free(&p->row);
+    hl_buf_free(&p->msg);
+    free(p);
+}
+
+void hl_publisher_attach(hl_publisher *p, hl_nats *n)
+{
+    p->n = n;
+}
+
+size_t hl_publisher_inflight(const hl_publisher *p)
+{
+    return p->parts_inflight;
+}
+
+uint64_t hl_publisher_published(const hl_publisher *p)
+{
+    return p->published;
+}
+
+void hl_publisher_ack_handler(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
+{
+    (void)js;
+    hl_queue *q = closure;
+    const char *id = NULL;
+    hl_ack a = {0};
+    /* Runs on a nats.c thread: only parse and enqueue. */
+    if (natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) == NATS_OK && id) {
+        unsigned long long origin, seq;
+        char epoch[17];
+        unsigned part;
+        if (sscanf(id, "%llu-%16[0-9a-f]-%llu-%u", &origin, epoch, &seq, &part) == 4) {
+            a.seq = seq;
+            a.part = part;
+            a.ok = pa != NULL && pae == NULL;
+            hl_queue_push_ack(q, a);
+        }
+    }
+    natsMsg_Destroy(msg);
+}
+
+static inflight *find(hl_publisher *p, uint64_t seq)
+{
+    for (size_t i = 0; i < p->nwin; i++)
+        if (p->win[i].seq == seq)
+            return &p->win[i];
+    return NULL;
+}
+
+/* Forgets everything in flight; the next pump re-publishes from the oldest outbox row. */
+static void restart(hl_publisher *p, const char *why)
+{
+    if (p->n) {
+        natsMsgList pending = {0};
+        if (js_PublishAsyncGetPendingList(&pending, hl_nats_js(p->n)) == NATS_OK)
+            natsMsgList_Destroy(&pending);
+    }
+    /* Acks already queued belong to the copies just abandoned. */
+    hl_ack *stale = NULL;
+    hl_queue_take_acks(p->q, &stale);
+    free(stale);
+    if (p->nwin)
+        hl_logf(HL_LOG_WARN, "re-publishing %zu unacknowledged changesets: %s", p->nwin, why);
+    p->nwin = 0;
+    p->parts_inflight = 0;
+    p->last_sent = 0;
+    p->resend = false;
+    p->retry_at = hl_mono_ms() + RETRY_MS;
+    p->last_progress = hl_mono_ms();
+}
+
+static hl_status send_one(hl_publisher *p, uint64_t epoch, uint64_t seq)
+{
+    /* hl_db_outbox_next puts the flags byte first. */
+    uint8_t flags = p->row.data[0];
+    const unsigned char *payload = p->row.data + 1;
+    size_t total = p->row.len - 1;
+    size_t chunk = (size_t)p->c->replication_log.chunk_bytes;
+    uint32_t count = hl_part_count(total, chunk);
+    hl_part hp = {.version = HL_CS_FORMAT_VERSION,
+                  .flags = flags,
+                  .origin = p->c->node_id,
+                  .seq = seq,
+                  .count = count,
+                  .epoch = epoch,
+                  .total_len = total};
+    for (uint32_t i = 0; i < count; i++) {
+        size_t off = (size_t)i * chunk;
+        size_t len = total - off < chunk ? total - off : chunk;
+        char id[128];
+        natsMsg *m = NULL;
+        hp.index = i;
+        hl_buf_reset(&p->msg);
+        unsigned char hdr[HL_PART_HEADER_LEN];
+        hl_part_header_write(&hp, hdr);
+        hl_status st = hl_buf_add(&p->msg, hdr, sizeof hdr);
+        if (!st)
+            st = hl_buf_add(&p->msg, payload + off, len);
+        if (st)
+            return st;
+        hl_part_msg_id(&hp, id, sizeof id);
+        natsStatus ns = natsMsg_Create(&m, p->subject, NULL, (const char *)p->msg.data, (int)p->msg.len);
+        if (ns == NATS_OK)
+            ns = natsMsgHeader_Set(m, "Nats-Msg-Id", id);
+        if (ns == NATS_OK)
+            ns = js_PublishMsgAsync(hl_nats_js(p->n), &m, NULL);
+        natsMsg_Destroy(m);
+        if (ns != NATS_OK) {
+            /* Parts already handed over will be acked or time out; start over. */
+            hl_logf(HL_LOG_WARN, "publish of changeset %" PRIu64 " failed: %s", seq, natsStatus_GetText(ns));
+            p->resend = true;
+            return HL_ERR_NATS;
+        }
+        p->parts_inflight++;
+    }
+    return HL_OK;
+}
+
+hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
+{
+    uint64_t now = hl_mono_ms();
+    if (!p->n || !hl_nats_connected(p->n))
+        return HL_OK;
+    if (p->nwin && now - p->last_progress > STALL_MS)
+        restart(p, "no acknowledgement from JetStream");
+    if (p->resend && p->nwin == 0)
+        restart(p, "publish failed");
+    if (p->resend || now < p->retry_at)
+        return HL_OK;
+    while (p->parts_inflight < WINDOW_PARTS) {
+        uint64_t seq;
+        hl_status st = hl_db_outbox_next(d, p->last_sent, &seq, &p->row);
+        if (st == HL_ERR_NOT_FOUND)
+            return HL_OK;
+        if (st)
+            return st;
+        if (p->nwin == p->capwin) {
+            size_t ncap = p->capwin ? p->capwin * 2 : 64;
+            inflight *nw = realloc(p->win, ncap * sizeof *nw);
+            if (!nw)
+                return HL_ERR_NOMEM;
+            p->win = nw;
+            p->capwin = ncap;
+        }
+        uint32_t count = hl_part_count(p->row.len - 1, (size_t)p->c->replication_log.chunk_bytes);
+        p->win[p->nwin++] = (inflight){.seq = seq, .parts_left = count};
+        p->last_sent = seq;
+        p->last_progress = now;
+        if (send_one(p, d->epoch, seq))
+            return HL_OK;
+    }
+    return HL_OK;
+}
+
+hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size_t n)
+{
+    hl_status st = HL_OK;
+    bool began = false;
+    for (size_t i = 0; i < n; i++) {
+        inflight *f = find(p, acks[i].seq);
+        if (!f)
+            continue; /* from before a restart(): the re-published copy will be acked */
+        p->last_progress = hl_mono_ms();
+        if (p->parts_inflight)
+            p->parts_inflight--;
+        if (!acks[i].ok) {
+            p->resend = true;
+            continue;
+        }
+        if (f->parts_left && --f->parts_left == 0) {
+            if (!began) {
+                if ((st = hl_db_begin(d)))
+                    return st;
+                began = true;
+            }
+            if ((st = hl_db_outbox_delete(d, f->seq)))
+                break;
+            p->published++;
+            *f = p->win[--p->nwin];
+        }
+    }
+    if (began) {
+        if (st)
+            hl_db_rollback(d);
+        else
+            st = hl_db_commit(d);
+    }
+    return st;
+}
+
+int hl_publisher_next_timeout(const hl_publisher *p)
+{
+    uint64_t now = hl_mono_ms();
+    if (p->retry_at > now)
+        return (int)(p->retry_at - now);
+    if (p->nwin)
+        return 1000;
+    return -1;
+}

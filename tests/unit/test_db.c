@@ -1,0 +1,513 @@
+/*
+ * test_db.c - capture and apply between two real SQLite databases.
+ */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/hlc.h"
+#include "common/log.h"
+#include "db/db.h"
+
+static char dir[256];
+
+static void setup(void)
+{
+    snprintf(dir, sizeof dir, "/tmp/hl_test_db_XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    hl_log_setup(HL_LOG_WARN, false, 0);
+}
+
+static void teardown(void)
+{
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+static void path_of(char *buf, size_t n, const char *name)
+{
+    snprintf(buf, n, "%s/%s", dir, name);
+}
+
+/* An application connection: its own handle, trusted_schema OFF like a careful app. */
+static sqlite3 *app_open(const char *path)
+{
+    sqlite3 *db = NULL;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    ck_assert_int_eq(sqlite3_exec(db, "PRAGMA trusted_schema = OFF; PRAGMA journal_mode = WAL", NULL, NULL, NULL),
+                     SQLITE_OK);
+    return db;
+}
+
+static void app_exec(sqlite3 *db, const char *sql)
+{
+    char *msg = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
+    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
+}
+
+static const char *schema_sql =
+    "CREATE TABLE books(id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, year INTEGER);"
+    "CREATE TABLE \"my table\"(\"select\" TEXT PRIMARY KEY, \"a\"\"b\" BLOB, \"prénom\" REAL);"
+    "CREATE TABLE pairs(a INTEGER, b TEXT, v, PRIMARY KEY(a, b)) WITHOUT ROWID;"
+    "CREATE TABLE plain(x, y);"
+    "CREATE TABLE uniq(id INTEGER PRIMARY KEY, email TEXT UNIQUE);"
+    "CREATE VIRTUAL TABLE docs USING fts5(body);";
+
+static hl_db *engine_open(const char *path, uint64_t node)
+{
+    hl_db *d = NULL;
+    ck_assert_int_eq(hl_db_open(&d, path, node, 2000), HL_OK);
+    d->publish = true;
+    d->compress = node % 2 == 0;
+    d->max_changeset_bytes = 64u << 20;
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(d), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(d, true, &changed), HL_OK);
+    ck_assert_int_eq(hl_db_commit(d), HL_OK);
+    return d;
+}
+
+static uint64_t capture(hl_db *d)
+{
+    uint64_t rows = 0;
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(d), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(d, false, &changed), HL_OK);
+    ck_assert_int_eq(hl_capture(d, &rows), HL_OK);
+    ck_assert_int_eq(hl_db_commit(d), HL_OK);
+    return rows;
+}
+
+/* Takes the oldest outbox changeset of src (and deletes it). */
+static hl_changeset *take(hl_db *src, hl_buf *raw, uint8_t *flags)
+{
+    uint64_t seq;
+    hl_buf_reset(raw);
+    ck_assert_int_eq(hl_db_outbox_next(src, 0, &seq, raw), HL_OK);
+    *flags = raw->data[0];
+    hl_changeset *cs = NULL;
+    char err[256];
+    ck_assert_int_eq(hl_changeset_decode(raw->data + 1, raw->len - 1, (*flags & HL_PART_FLAG_ZSTD) != 0, 64u << 20,
+                                         &cs, err, sizeof err),
+                     HL_OK);
+    ck_assert_uint_eq(cs->seq, seq);
+    ck_assert_int_eq(hl_db_outbox_delete(src, seq), HL_OK);
+    return cs;
+}
+
+static hl_apply_result apply(hl_db *dst, hl_changeset *cs, hl_buf *raw, uint8_t flags)
+{
+    hl_apply_result r;
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(dst), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(dst, false, &changed), HL_OK);
+    uint64_t rows;
+    ck_assert_int_eq(hl_capture(dst, &rows), HL_OK);
+    ck_assert_int_eq(hl_apply_begin(dst), HL_OK);
+    ck_assert_int_eq(hl_apply(dst, cs, raw->data + 1, raw->len - 1, flags, &r), HL_OK);
+    ck_assert_int_eq(hl_apply_end(dst), HL_OK);
+    ck_assert_int_eq(hl_db_commit(dst), HL_OK);
+    return r;
+}
+
+/* Deterministic dump of the application tables (quote() shows type and bytes). */
+static char *dump(const char *path)
+{
+    sqlite3 *db = app_open(path);
+    hl_buf out;
+    hl_buf_init(&out, 256u << 20);
+    const char *q[] = {"SELECT id, quote(title), quote(year) FROM books ORDER BY id",
+                       "SELECT quote(\"select\"), quote(\"a\"\"b\"), quote(\"prénom\") FROM \"my table\" ORDER BY 1",
+                       "SELECT quote(a), quote(b), quote(v) FROM pairs ORDER BY a, b",
+                       "SELECT rowid, quote(x), quote(y) FROM plain ORDER BY rowid",
+                       "SELECT id, quote(email) FROM uniq ORDER BY id"};
+    for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) {
+        sqlite3_stmt *st;
+        ck_assert_int_eq(sqlite3_prepare_v2(db, q[i], -1, &st, NULL), SQLITE_OK);
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            for (int c = 0; c < sqlite3_column_count(st); c++)
+                hl_buf_addf(&out, "%s|", sqlite3_column_text(st, c) ? (const char *)sqlite3_column_text(st, c) : "");
+            hl_buf_addc(&out, '\n');
+        }
+        sqlite3_finalize(st);
+        hl_buf_adds(&out, "--\n");
+    }
+    sqlite3_close(db);
+    return (char *)hl_buf_steal(&out, NULL);
+}
+
+static void make_pair(char *pa, char *pb, size_t n, hl_db **a, hl_db **b)
+{
+    path_of(pa, n, "a.db");
+    path_of(pb, n, "b.db");
+    sqlite3 *x = app_open(pa), *y = app_open(pb);
+    app_exec(x, schema_sql);
+    app_exec(y, schema_sql);
+    sqlite3_close(x);
+    sqlite3_close(y);
+    *a = engine_open(pa, 1);
+    *b = engine_open(pb, 2);
+}
+
+START_TEST(trigger_sql_quotes_identifiers)
+{
+    hl_table t = {0};
+    char *cols[] = {"se\"lect", "v"};
+    size_t pk[] = {0};
+    int pkpos[] = {1, 0};
+    t.name = "my \"odd\" table";
+    t.cols = cols;
+    t.ncols = 2;
+    t.pk = pk;
+    t.npk = 1;
+    t.pkpos = pkpos;
+    t.log = "__harmonylite__my \"odd\" table_change_log";
+    hl_buf ddl, trg;
+    hl_buf_init(&ddl, 1 << 20);
+    hl_buf_init(&trg, 1 << 20);
+    ck_assert_int_eq(hl_trigger_sql(&t, &ddl, &trg), HL_OK);
+    ck_assert_str_eq(hl_buf_str(&ddl), "CREATE TABLE IF NOT EXISTS \"__harmonylite__my \"\"odd\"\" table_change_log\""
+                                       "(seq INTEGER PRIMARY KEY, ms INTEGER NOT NULL, k0)");
+    ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "AFTER INSERT ON \"my \"\"odd\"\" table\""));
+    ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "NEW.\"se\"\"lect\""));
+    ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "AFTER UPDATE OF \"se\"\"lect\" ON"));
+    ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "OLD.\"se\"\"lect\" IS NOT NEW.\"se\"\"lect\""));
+    ck_assert_ptr_null(strstr(hl_buf_str(&trg), "pragma_function_list"));
+    hl_buf_free(&ddl);
+    hl_buf_free(&trg);
+}
+END_TEST
+
+START_TEST(schema_skips_virtual_and_internal)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    ck_assert_uint_eq(a->schema.n, 5);
+    ck_assert_ptr_null(hl_schema_find(&a->schema, "docs"));
+    ck_assert_ptr_null(hl_schema_find(&a->schema, "docs_data"));
+    ck_assert_ptr_nonnull(hl_schema_find(&a->schema, "BOOKS"));
+    hl_table *p = hl_schema_find(&a->schema, "plain");
+    ck_assert_uint_eq(p->npk, 0);
+    ck_assert_str_eq(p->rowid, "rowid");
+    hl_table *pr = hl_schema_find(&a->schema, "pairs");
+    ck_assert(pr->without_rowid);
+    ck_assert_uint_eq(pr->npk, 2);
+    ck_assert_mem_eq(a->schema.hash, b->schema.hash, 32);
+    hl_db_close(a);
+    hl_db_close(b);
+}
+END_TEST
+
+START_TEST(capture_and_apply_round_trip)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+
+    sqlite3 *app = app_open(pa);
+    app_exec(app, "BEGIN;"
+                  "INSERT INTO books(title, year) VALUES ('Emma', 1815), ('Persuasion', NULL);"
+                  "INSERT INTO \"my table\" VALUES ('k1', x'00ff10', 1.5), ('ключ', zeroblob(0), -0.25);"
+                  "INSERT INTO pairs VALUES (1, 'a', 9223372036854775807), (-9223372036854775808, '', 'x');"
+                  "INSERT INTO plain VALUES ('p', 1), (NULL, 2.5);"
+                  "COMMIT;");
+    /* An update and a delete coalesce with the inserts: one entry per row
+     * (the deleted row travels as a delete, leaving a tombstone everywhere). */
+    app_exec(app, "UPDATE books SET title = 'Emma.' WHERE id = 1; DELETE FROM plain WHERE y = 1;");
+    ck_assert_uint_eq(capture(a), 8);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_uint_eq(cs->nrows, 8);
+    ck_assert_uint_eq(cs->origin, 1);
+    ck_assert_uint_eq(cs->seq, 1);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+
+    /* Replicated writes are not captured again. */
+    ck_assert_uint_eq(capture(b), 0);
+    uint64_t n;
+    ck_assert_int_eq(hl_db_outbox_count(b, &n), HL_OK);
+    ck_assert_uint_eq(n, 0);
+
+    /* Applying the same changeset again is a duplicate. */
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_DUPLICATE);
+    hl_changeset_free(cs);
+    sqlite3_close(app);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
+START_TEST(last_writer_wins_and_tombstones)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+
+    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'from a')");
+    capture(a);
+    hl_changeset *older = take(a, &raw, &flags);
+    hl_buf raw_older;
+    hl_buf_init(&raw_older, 256u << 20);
+    hl_buf_add(&raw_older, raw.data, raw.len);
+    uint8_t flags_older = flags;
+
+    usleep(5000);
+    /* b writes the same row later: its version is newer. */
+    app_exec(appb, "INSERT INTO books(id, title) VALUES (1, 'from b')");
+    capture(b);
+    ck_assert_int_eq(apply(b, older, &raw_older, flags_older), HL_APPLIED);
+    ck_assert_uint_eq(b->stats.rows_skipped_lww, 1);
+    char *db = dump(pb);
+    ck_assert_ptr_nonnull(strstr(db, "'from b'"));
+    free(db);
+
+    /* b's version reaches a and wins there too. */
+    hl_changeset *newer = take(b, &raw, &flags);
+    ck_assert_int_eq(apply(a, newer, &raw, flags), HL_APPLIED);
+    char *da = dump(pa);
+    db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    hl_changeset_free(newer);
+    hl_changeset_free(older);
+
+    /* A delete on a leaves a tombstone: an older insert of the row from elsewhere cannot resurrect it. */
+    app_exec(appb, "INSERT INTO books(id, title) VALUES (7, 'old on b')");
+    capture(b);
+    hl_changeset *old_insert = take(b, &raw_older, &flags_older);
+    usleep(5000);
+    app_exec(appa, "INSERT INTO books(id, title) VALUES (7, 'on a'); DELETE FROM books WHERE id = 7;");
+    capture(a);
+    ck_assert_int_eq(apply(a, old_insert, &raw_older, flags_older), HL_APPLIED);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(appa, "SELECT count(*) FROM books WHERE id = 7", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_int(st, 0), 0);
+    sqlite3_finalize(st);
+    hl_changeset_free(old_insert);
+
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+    hl_buf_free(&raw_older);
+}
+END_TEST
+
+START_TEST(out_of_order_changesets_are_held_then_applied)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf r1, r2;
+    uint8_t f1, f2;
+    hl_buf_init(&r1, 256u << 20);
+    hl_buf_init(&r2, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *app = app_open(pa);
+    app_exec(app, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    capture(a);
+    app_exec(app, "UPDATE books SET title = 'two' WHERE id = 1");
+    capture(a);
+    hl_changeset *c1 = take(a, &r1, &f1);
+    hl_changeset *c2 = take(a, &r2, &f2);
+    ck_assert_uint_eq(c2->seq, 2);
+    ck_assert_int_eq(apply(b, c2, &r2, f2), HL_HELD);
+    uint64_t held;
+    ck_assert_int_eq(hl_db_held_count(b, &held), HL_OK);
+    ck_assert_uint_eq(held, 1);
+    ck_assert_int_eq(apply(b, c1, &r1, f1), HL_APPLIED);
+    ck_assert_int_eq(hl_db_held_count(b, &held), HL_OK);
+    ck_assert_uint_eq(held, 0);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    hl_changeset_free(c1);
+    hl_changeset_free(c2);
+    sqlite3_close(app);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&r1);
+    hl_buf_free(&r2);
+}
+END_TEST
+
+START_TEST(schema_mismatch_holds_until_schema_catches_up)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    app_exec(appa, "ALTER TABLE books ADD COLUMN isbn TEXT; INSERT INTO books(id, title, isbn) VALUES (3, 't', 'i')");
+    ck_assert_uint_eq(capture(a), 1);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_HELD);
+    /* The application on b runs the same DDL; the held changeset applies. */
+    app_exec(appb, "ALTER TABLE books ADD COLUMN isbn TEXT");
+    bool changed;
+    uint64_t rows;
+    ck_assert_int_eq(hl_db_begin(b), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(b, false, &changed), HL_OK);
+    ck_assert(changed);
+    ck_assert_int_eq(hl_capture(b, &rows), HL_OK);
+    ck_assert_int_eq(hl_apply_begin(b), HL_OK);
+    ck_assert_int_eq(hl_apply_retry_held(b), HL_OK);
+    ck_assert_int_eq(hl_apply_end(b), HL_OK);
+    ck_assert_int_eq(hl_db_commit(b), HL_OK);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT isbn FROM books WHERE id = 3", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_str_eq((const char *)sqlite3_column_text(st, 0), "i");
+    sqlite3_finalize(st);
+    hl_changeset_free(cs);
+
+    /* Same hash claimed, unknown table: malformed and refused; later changesets still apply. */
+    hl_changeset *bad = hl_changeset_new();
+    const char *cols[] = {"id"};
+    uint32_t ti;
+    hl_changeset_add_table(bad, "nope", cols, 1, cols, 1, &ti);
+    hl_value k = {.type = HL_VAL_INT, .u.i = 1};
+    hl_changeset_add_row(bad, ti, HL_OP_UPSERT, 1u << 16, &k, 1, &k, 1);
+    bad->origin = 9;
+    bad->epoch = 9;
+    bad->seq = 1;
+    memcpy(bad->schema_hash, b->schema.hash, 32);
+    hl_buf_reset(&raw);
+    hl_buf_addc(&raw, 0);
+    ck_assert_int_eq(hl_changeset_encode(bad, false, &raw), HL_OK);
+    ck_assert_int_eq(apply(b, bad, &raw, 0), HL_MALFORMED);
+    ck_assert_uint_eq(b->stats.changesets_malformed, 1);
+    hl_changeset_free(bad);
+
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
+START_TEST(constraint_conflict_is_recorded_and_rest_applies)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    app_exec(appb, "INSERT INTO uniq VALUES (50, 'x@y')");
+    capture(b);
+    app_exec(appa, "INSERT INTO uniq VALUES (1, 'x@y'), (2, 'z@y')");
+    capture(a);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_uint_eq(b->stats.conflicts, 1);
+    ck_assert_uint_eq(b->stats.rows_applied, 1);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT count(*) FROM __harmonylite__conflicts", -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_int(st, 0), 1);
+    sqlite3_finalize(st);
+    hl_changeset_free(cs);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
+START_TEST(cleanup_leaves_application_data)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *app = app_open(pa);
+    app_exec(app, "INSERT INTO books(title) VALUES ('keep me'); INSERT INTO plain VALUES (1, 2)");
+    capture(a);
+    app_exec(app, "INSERT INTO books(title) VALUES ('uncaptured')");
+    hl_db_close(a);
+    hl_db_close(b);
+    char *before = dump(pa);
+    ck_assert_int_eq(hl_db_cleanup(pa), HL_OK);
+    char *after = dump(pa);
+    ck_assert_str_eq(before, after);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(app, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_int_eq(sqlite3_column_int(st, 0), 0);
+    sqlite3_finalize(st);
+    /* The application keeps writing normally. */
+    app_exec(app, "INSERT INTO books(title) VALUES ('after cleanup')");
+    free(before);
+    free(after);
+    sqlite3_close(app);
+}
+END_TEST
+
+START_TEST(hlc_rules)
+{
+    uint64_t last = 0;
+    uint64_t a = hl_hlc_next(&last, 1000);
+    ck_assert_uint_eq(a, 1000u << 16);
+    uint64_t b = hl_hlc_next(&last, 1000);
+    ck_assert_uint_eq(b, a + 1);
+    uint64_t c = hl_hlc_next(&last, 900); /* clock went back: still after */
+    ck_assert(c > b);
+    hl_hlc_observe(&last, 5000u << 16);
+    uint64_t d = hl_hlc_next(&last, 1001); /* a write after seeing a remote version orders after it */
+    ck_assert(d > (5000u << 16));
+    ck_assert_int_lt(hl_version_cmp(5, 1, 5, 2), 0);
+    ck_assert_int_gt(hl_version_cmp(6, 1, 5, 2), 0);
+    ck_assert_int_eq(hl_version_cmp(5, 2, 5, 2), 0);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("db");
+    TCase *tc = tcase_create("db");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, trigger_sql_quotes_identifiers);
+    tcase_add_test(tc, schema_skips_virtual_and_internal);
+    tcase_add_test(tc, capture_and_apply_round_trip);
+    tcase_add_test(tc, last_writer_wins_and_tombstones);
+    tcase_add_test(tc, out_of_order_changesets_are_held_then_applied);
+    tcase_add_test(tc, schema_mismatch_holds_until_schema_catches_up);
+    tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
+    tcase_add_test(tc, cleanup_leaves_application_data);
+    tcase_add_test(tc, hlc_rules);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
