@@ -1,6 +1,7 @@
 /*
  * main.c - flags and wiring only; the work is in engine.c.
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,9 @@ static const char usage[] =
     "                        and exit; application tables and rows are left untouched\n"
     "  -version              print the version and exit\n"
     "  -help                 print this help and exit\n"
+    "  -<key> VALUE          any configuration key as a flag: the dotted path with '.' and\n"
+    "                        '_' written as '-', e.g. -db-path /data/app.db,\n"
+    "                        -replication-log-shards 4, -logging-format json\n"
     "\n"
     "Configuration is read from the YAML file, then HARMONYLITE_* environment variables\n"
     "(the key path upper-cased with '.' as '_', e.g. HARMONYLITE_NODE_ID,\n"
@@ -42,24 +46,13 @@ static const char usage[] =
     "Exit status: 0 success, 1 runtime error, 2 usage or configuration error.\n"
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
-typedef struct flagdef {
-    const char *name;
-    const char *key; /* config key it sets, or NULL for actions */
-    int takes_value;
-} flagdef;
-
-static const flagdef flags[] = {
-    {"config", NULL, 1},       {"node-id", "node_id", 1},
-    {"cluster-addr", "nats.cluster_addr", 1}, {"cluster-peers", "nats.cluster_peers", 1},
-    {"check-config", NULL, 0}, {"cleanup", NULL, 0},
-    {"version", NULL, 0},      {"help", NULL, 0},
-    {"h", NULL, 0},
-};
+/* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
+static const char *const actions[] = {"config", "check-config", "cleanup", "version", "help", "h"};
 
 int main(int argc, char **argv)
 {
     const char *config_path = NULL;
-    const char *sets[16][2];
+    const char *sets[64][3]; /* key, value, the flag as given */
     size_t nsets = 0;
     int check = 0, cleanup = 0;
     char err[1024];
@@ -74,45 +67,57 @@ int main(int argc, char **argv)
         a += a[1] == '-' ? 2 : 1;
         const char *eq = strchr(a, '=');
         size_t nl = eq ? (size_t)(eq - a) : strlen(a);
-        const flagdef *f = NULL;
-        for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
-            if (strlen(flags[k].name) == nl && strncmp(flags[k].name, a, nl) == 0)
-                f = &flags[k];
-        if (!f) {
+        char name[128];
+        if (nl == 0 || nl >= sizeof name) {
+            fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
+            return 2;
+        }
+        memcpy(name, a, nl);
+        name[nl] = 0;
+        bool is_action = false;
+        for (size_t k = 0; k < sizeof actions / sizeof actions[0]; k++)
+            is_action |= strcmp(actions[k], name) == 0;
+        const char *key = is_action ? NULL : hl_config_flag_path(name);
+        if (!is_action && !key) {
             fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
             return 2;
         }
         const char *val = NULL;
-        if (f->takes_value) {
+        if (key || strcmp(name, "config") == 0) {
             if (eq)
                 val = eq + 1;
             else if (i + 1 < argc)
                 val = argv[++i];
             else {
-                fprintf(stderr, "harmonylite: flag -%s needs a value\n", f->name);
+                fprintf(stderr, "harmonylite: flag -%s needs a value\n", name);
                 return 2;
             }
         } else if (eq) {
-            fprintf(stderr, "harmonylite: flag -%s takes no value\n", f->name);
+            fprintf(stderr, "harmonylite: flag -%s takes no value\n", name);
             return 2;
         }
-        if (strcmp(f->name, "help") == 0 || strcmp(f->name, "h") == 0) {
+        if (strcmp(name, "help") == 0 || strcmp(name, "h") == 0) {
             fputs(usage, stdout);
             return 0;
         }
-        if (strcmp(f->name, "version") == 0) {
+        if (strcmp(name, "version") == 0) {
             printf("harmonylite %s\n", HL_VERSION);
             return 0;
         }
-        if (strcmp(f->name, "config") == 0)
+        if (strcmp(name, "config") == 0) {
             config_path = val;
-        else if (strcmp(f->name, "check-config") == 0)
+        } else if (strcmp(name, "check-config") == 0) {
             check = 1;
-        else if (strcmp(f->name, "cleanup") == 0)
+        } else if (strcmp(name, "cleanup") == 0) {
             cleanup = 1;
-        else if (nsets < 16) {
-            sets[nsets][0] = f->key;
+        } else {
+            if (nsets == sizeof sets / sizeof sets[0]) {
+                fprintf(stderr, "harmonylite: too many flags\n");
+                return 2;
+            }
+            sets[nsets][0] = key;
             sets[nsets][1] = val;
+            sets[nsets][2] = argv[i][0] == '-' && eq ? argv[i] : argv[i - 1];
             nsets++;
         }
     }
@@ -124,11 +129,10 @@ int main(int argc, char **argv)
     if (hl_config_load_env(&c, environ, err, sizeof err))
         goto config_error;
     for (size_t i = 0; i < nsets; i++) {
-        char origin[64];
-        snprintf(origin, sizeof origin, "flag -%s",
-                 strcmp(sets[i][0], "node_id") == 0           ? "node-id"
-                 : strcmp(sets[i][0], "nats.cluster_addr") == 0 ? "cluster-addr"
-                                                                : "cluster-peers");
+        char origin[160];
+        const char *f = sets[i][2];
+        size_t fl = strcspn(f, "=");
+        snprintf(origin, sizeof origin, "flag %.*s", (int)fl, f);
         if (hl_config_set(&c, sets[i][0], sets[i][1], origin, err, sizeof err))
             goto config_error;
     }

@@ -36,6 +36,16 @@ bool hl_nats_server_running(const hl_nats_server *s);
 /* Number of times the child was restarted after dying. Thread-safe. */
 uint64_t hl_nats_server_restarts(const hl_nats_server *s);
 
+/*
+ * Re-renders the config from the hl_config given to start (the caller changed
+ * e.g. nats.cluster_peers after a DNS lookup), checks it with `nats-server -t`
+ * and, when it differs from the running one, replaces the file and sends
+ * SIGHUP. nats-server reloads routes, authorization and logging this way; a
+ * changed listen address, store dir or server_name needs a restart. Not
+ * thread-safe against a concurrent change of the hl_config itself.
+ */
+hl_status hl_nats_server_reload(hl_nats_server *s);
+
 /* Pid of the current child, 0 while none is running (between a death and its
  * restart). For diagnostics and tests; the pid is stale once the child dies. */
 int hl_nats_server_pid(const hl_nats_server *s);

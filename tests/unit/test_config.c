@@ -1,0 +1,998 @@
+/*
+ * test_config.c - the configuration module: defaults, YAML loading and every
+ * error message, environment and flag precedence, derived values, dump.
+ */
+#include <check.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config/config.h"
+
+/* environment strings: the API takes char *const * like environ */
+#define E(s) ((char *)(s))
+
+#ifndef HL_SOURCE_DIR
+#define HL_SOURCE_DIR "."
+#endif
+
+static char tmpdir[256];
+static char err[1024];
+
+static void setup(void)
+{
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/hl_test_config.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(tmpdir));
+    err[0] = 0;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void teardown(void)
+{
+    nftw(tmpdir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Writes text to <tmpdir>/<name> and returns the path (static storage). */
+static const char *write_file(const char *name, const char *text, size_t len)
+{
+    static char path[512];
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(text, 1, len, f), len);
+    fclose(f);
+    return path;
+}
+
+/* Loads yaml written to <tmpdir>/node.yaml into c (which gets defaults first). */
+static hl_status load(hl_config *c, const char *yaml)
+{
+    hl_config_defaults(c);
+    const char *p = write_file("node.yaml", yaml, strlen(yaml));
+    return hl_config_load_file(c, p, err, sizeof err);
+}
+
+/* Asserts that loading yaml fails with exactly "<tmpdir>/node.yaml:<rest>". */
+static void expect_load_error(const char *yaml, const char *rest)
+{
+    hl_config c;
+    char want[1200];
+    hl_status st = load(&c, yaml);
+    snprintf(want, sizeof want, "%s/node.yaml:%s", tmpdir, rest);
+    ck_assert_int_eq(st, HL_ERR_CONFIG);
+    ck_assert_str_eq(err, want);
+    ck_assert_ptr_null(strchr(err, '\n'));
+    hl_config_free(&c);
+}
+
+/* Returns c dumped as text (caller frees). */
+static char *dump(const hl_config *c)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    ck_assert_ptr_nonnull(f);
+    hl_config_dump(c, f);
+    fclose(f);
+    return text;
+}
+
+/* Returns the dump without its first (comment) line, which names the file. */
+static char *dump_body(const hl_config *c)
+{
+    char *text = dump(c);
+    char *nl = strchr(text, '\n');
+    ck_assert_ptr_nonnull(nl);
+    memmove(text, nl + 1, strlen(nl + 1) + 1);
+    return text;
+}
+
+static char *read_source(const char *rel)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", HL_SOURCE_DIR, rel);
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&text, &len);
+    char chunk[4096];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        fwrite(chunk, 1, n, m);
+    fclose(f);
+    fclose(m);
+    return text;
+}
+
+/* ---- defaults --------------------------------------------------------- */
+
+START_TEST(test_defaults)
+{
+    hl_config c;
+    hl_config_defaults(&c);
+    ck_assert_ptr_null(c.config_path);
+    ck_assert_ptr_null(c.db_path);
+    ck_assert_uint_eq(c.node_id, 0);
+    ck_assert_ptr_null(c.data_dir);
+    ck_assert(c.publish);
+    ck_assert(c.replicate);
+    ck_assert_int_eq(c.scan_max_changes, 10000);
+    ck_assert_int_eq(c.polling_interval_ms, 1000);
+    ck_assert_int_eq(c.cleanup_interval_ms, 5000);
+    ck_assert_int_eq(c.tombstone_retention_s, 7 * 24 * 3600);
+    ck_assert_int_eq(c.shutdown_grace_s, 10);
+    ck_assert_int_eq(c.apply_batch_rows, 10000);
+    ck_assert_int_eq(c.cache_size_kib, 65536);
+
+    ck_assert_int_eq(c.replication_log.shards, 1);
+    ck_assert_int_eq(c.replication_log.max_entries, 1048576);
+    ck_assert_int_eq(c.replication_log.replicas, 1);
+    ck_assert(c.replication_log.compress);
+    ck_assert_int_eq(c.replication_log.max_bytes, -1);
+    ck_assert_int_eq(c.replication_log.max_age_s, 0);
+    ck_assert_int_eq(c.replication_log.chunk_bytes, 524288);
+    ck_assert_int_eq(c.replication_log.max_changeset_bytes, 268435456);
+    ck_assert_int_eq(c.replication_log.duplicate_window_s, 120);
+    ck_assert(!c.replication_log.update_existing);
+
+    ck_assert_uint_eq(c.nats.urls.n, 0);
+    ck_assert_str_eq(c.nats.bind_address, "0.0.0.0:4222");
+    ck_assert_str_eq(c.nats.subject_prefix, "harmonylite-change-log");
+    ck_assert_str_eq(c.nats.stream_prefix, "harmonylite-changes");
+    ck_assert_ptr_null(c.nats.server_config);
+    ck_assert_str_eq(c.nats.server_bin, "nats-server");
+    ck_assert_str_eq(c.nats.cluster_name, "harmonylite");
+    ck_assert_ptr_null(c.nats.cluster_addr);
+    ck_assert_uint_eq(c.nats.cluster_peers.n, 0);
+    ck_assert_ptr_null(c.nats.user_name);
+    ck_assert_ptr_null(c.nats.user_password);
+    ck_assert_ptr_null(c.nats.seed_file);
+    ck_assert_ptr_null(c.nats.creds_file);
+    ck_assert_ptr_null(c.nats.ca_file);
+    ck_assert_ptr_null(c.nats.cert_file);
+    ck_assert_ptr_null(c.nats.key_file);
+    ck_assert_int_eq(c.nats.connect_retries, 5);
+    ck_assert_int_eq(c.nats.reconnect_wait_seconds, 2);
+    ck_assert_int_eq(c.nats.max_payload, 1048576);
+
+    ck_assert(!c.logging.verbose);
+    ck_assert_str_eq(c.logging.format, "console");
+    ck_assert_str_eq(c.logging.level, "info");
+    ck_assert_str_eq(c.http.bind, "0.0.0.0:8080");
+    hl_config_free(&c);
+    hl_config_free(&c); /* fields were reset: a second free is harmless */
+    hl_config_free(NULL);
+}
+END_TEST
+
+START_TEST(test_key_table)
+{
+    size_t n = hl_config_key_count();
+    hl_config_key_info a, b;
+    ck_assert_uint_eq(n, 45);
+    ck_assert(!hl_config_key_at(n, &a));
+    for (size_t i = 0; i < n; i++) {
+        ck_assert(hl_config_key_at(i, &a));
+        ck_assert_ptr_nonnull(a.doc);
+        ck_assert_ptr_nonnull(strstr(a.env, "HARMONYLITE_"));
+        ck_assert_str_eq(hl_config_flag_path(a.flag), a.path);
+        /* every default is itself a valid value */
+        if (a.def) {
+            hl_config c;
+            hl_config_defaults(&c);
+            ck_assert_msg(hl_config_set(&c, a.path, a.def, "default", err, sizeof err) == HL_OK, "%s", err);
+            hl_config_free(&c);
+        }
+        for (size_t j = i + 1; j < n; j++) {
+            ck_assert(hl_config_key_at(j, &b));
+            ck_assert_str_ne(a.path, b.path);
+            ck_assert_str_ne(a.env, b.env);
+            ck_assert_str_ne(a.flag, b.flag);
+        }
+    }
+    ck_assert(hl_config_key_at(0, &a));
+    ck_assert_str_eq(a.path, "db_path");
+    ck_assert_str_eq(a.env, "HARMONYLITE_DB_PATH");
+    ck_assert_str_eq(a.flag, "db-path");
+
+    ck_assert_str_eq(hl_config_flag_path("-node-id"), "node_id");
+    ck_assert_str_eq(hl_config_flag_path("--replication-log-shards"), "replication_log.shards");
+    ck_assert_str_eq(hl_config_flag_path("-cluster-addr"), "nats.cluster_addr");
+    ck_assert_str_eq(hl_config_flag_path("-cluster-peers"), "nats.cluster_peers");
+    ck_assert_str_eq(hl_config_flag_path("-nats-cluster-peers"), "nats.cluster_peers");
+    ck_assert_ptr_null(hl_config_flag_path("-node_id"));
+    ck_assert_ptr_null(hl_config_flag_path("-config"));
+    ck_assert_ptr_null(hl_config_flag_path("-nats"));
+    ck_assert_ptr_null(hl_config_flag_path(NULL));
+
+    int found = 0;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert(hl_config_key_at(i, &a));
+        if (strcmp(a.path, "nats.user_password") == 0) {
+            ck_assert(a.secret);
+            found++;
+        } else {
+            ck_assert(!a.secret);
+        }
+        if (strcmp(a.path, "replication_log.shards") == 0) {
+            ck_assert_str_eq(a.type, "integer");
+            ck_assert_int_eq(a.min, 1);
+            ck_assert_int_eq(a.max, 1024);
+            ck_assert_str_eq(a.env, "HARMONYLITE_REPLICATION_LOG_SHARDS");
+            found++;
+        }
+    }
+    ck_assert_int_eq(found, 2);
+}
+END_TEST
+
+/* ---- loading ---------------------------------------------------------- */
+
+START_TEST(test_empty_files)
+{
+    static const char *empties[] = {"", "\n\n", "# only a comment\n", "---\n", "---\n...\n", "~\n", "null\n"};
+    for (size_t i = 0; i < sizeof empties / sizeof empties[0]; i++) {
+        hl_config c, d;
+        ck_assert_msg(load(&c, empties[i]) == HL_OK, "%s", err);
+        ck_assert_str_eq(err, "");
+        ck_assert_ptr_nonnull(c.config_path);
+        hl_config_defaults(&d);
+        char *x = dump_body(&c), *y = dump_body(&d);
+        ck_assert_str_eq(x, y);
+        free(x);
+        free(y);
+        hl_config_free(&c);
+        hl_config_free(&d);
+    }
+}
+END_TEST
+
+START_TEST(test_full_file)
+{
+    hl_config c;
+    const char *yaml = "db_path: /data/app.db\n"
+                       "node_id: 7\n"
+                       "data_dir: /data/hl\n"
+                       "publish: no\n"
+                       "replicate: Off\n"
+                       "scan_max_changes: 512\n"
+                       "polling_interval: 0\n"
+                       "cleanup_interval: 60000\n"
+                       "tombstone_retention: 86400\n"
+                       "shutdown_grace: 30\n"
+                       "apply_batch_rows: 500\n"
+                       "cache_size: \"2048\"\n"
+                       "replication_log:\n"
+                       "  shards: 4\n"
+                       "  max_entries: 2048\n"
+                       "  replicas: 3\n"
+                       "  compress: FALSE\n"
+                       "  max_bytes: 1073741824\n"
+                       "  max_age: 86400\n"
+                       "  chunk_bytes: 65536\n"
+                       "  max_changeset_bytes: 1048576\n"
+                       "  duplicate_window: 60\n"
+                       "  update_existing: yes\n"
+                       "nats:\n"
+                       "  urls:\n"
+                       "    - nats://nats-0:4222\n"
+                       "    - tls://nats-1:4222\n"
+                       "  bind_address: 127.0.0.1:4333\n"
+                       "  subject_prefix: app.changes\n"
+                       "  stream_prefix: app-changes\n"
+                       "  server_config: /etc/nats/extra.conf\n"
+                       "  server_bin: /usr/sbin/nats-server\n"
+                       "  cluster_name: prod\n"
+                       "  cluster_addr: 0.0.0.0:6222\n"
+                       "  cluster_peers: [nats://hl-0.hl:6222, 'nats-route://hl-1.hl:6222']\n"
+                       "  user_name: app\n"
+                       "  user_password: \"s3cret\"\n"
+                       "  seed_file: /run/secrets/seed\n"
+                       "  creds_file: /run/secrets/creds\n"
+                       "  ca_file: /etc/ssl/ca.pem\n"
+                       "  cert_file: /etc/ssl/cert.pem\n"
+                       "  key_file: /etc/ssl/key.pem\n"
+                       "  connect_retries: -1\n"
+                       "  reconnect_wait_seconds: 5\n"
+                       "  max_payload: 8388608\n"
+                       "logging:\n"
+                       "  verbose: true\n"
+                       "  format: JSON\n"
+                       "  level: warn\n"
+                       "http:\n"
+                       "  bind: \"\"\n";
+    ck_assert_msg(load(&c, yaml) == HL_OK, "%s", err);
+    ck_assert_str_eq(c.db_path, "/data/app.db");
+    ck_assert_uint_eq(c.node_id, 7);
+    ck_assert_str_eq(c.data_dir, "/data/hl");
+    ck_assert(!c.publish);
+    ck_assert(!c.replicate);
+    ck_assert_int_eq(c.scan_max_changes, 512);
+    ck_assert_int_eq(c.polling_interval_ms, 0);
+    ck_assert_int_eq(c.cleanup_interval_ms, 60000);
+    ck_assert_int_eq(c.tombstone_retention_s, 86400);
+    ck_assert_int_eq(c.shutdown_grace_s, 30);
+    ck_assert_int_eq(c.apply_batch_rows, 500);
+    ck_assert_int_eq(c.cache_size_kib, 2048);
+    ck_assert_int_eq(c.replication_log.shards, 4);
+    ck_assert_int_eq(c.replication_log.max_entries, 2048);
+    ck_assert_int_eq(c.replication_log.replicas, 3);
+    ck_assert(!c.replication_log.compress);
+    ck_assert_int_eq(c.replication_log.max_bytes, 1073741824);
+    ck_assert_int_eq(c.replication_log.max_age_s, 86400);
+    ck_assert_int_eq(c.replication_log.chunk_bytes, 65536);
+    ck_assert_int_eq(c.replication_log.max_changeset_bytes, 1048576);
+    ck_assert_int_eq(c.replication_log.duplicate_window_s, 60);
+    ck_assert(c.replication_log.update_existing);
+    ck_assert_uint_eq(c.nats.urls.n, 2);
+    ck_assert_str_eq(c.nats.urls.v[0], "nats://nats-0:4222");
+    ck_assert_str_eq(c.nats.urls.v[1], "tls://nats-1:4222");
+    ck_assert_str_eq(c.nats.bind_address, "127.0.0.1:4333");
+    ck_assert_str_eq(c.nats.subject_prefix, "app.changes");
+    ck_assert_str_eq(c.nats.stream_prefix, "app-changes");
+    ck_assert_str_eq(c.nats.server_config, "/etc/nats/extra.conf");
+    ck_assert_str_eq(c.nats.server_bin, "/usr/sbin/nats-server");
+    ck_assert_str_eq(c.nats.cluster_name, "prod");
+    ck_assert_str_eq(c.nats.cluster_addr, "0.0.0.0:6222");
+    ck_assert_uint_eq(c.nats.cluster_peers.n, 2);
+    ck_assert_str_eq(c.nats.cluster_peers.v[0], "nats://hl-0.hl:6222");
+    ck_assert_str_eq(c.nats.cluster_peers.v[1], "nats-route://hl-1.hl:6222");
+    ck_assert_str_eq(c.nats.user_name, "app");
+    ck_assert_str_eq(c.nats.user_password, "s3cret");
+    ck_assert_str_eq(c.nats.seed_file, "/run/secrets/seed");
+    ck_assert_str_eq(c.nats.creds_file, "/run/secrets/creds");
+    ck_assert_str_eq(c.nats.ca_file, "/etc/ssl/ca.pem");
+    ck_assert_str_eq(c.nats.cert_file, "/etc/ssl/cert.pem");
+    ck_assert_str_eq(c.nats.key_file, "/etc/ssl/key.pem");
+    ck_assert_int_eq(c.nats.connect_retries, -1);
+    ck_assert_int_eq(c.nats.reconnect_wait_seconds, 5);
+    ck_assert_int_eq(c.nats.max_payload, 8388608);
+    ck_assert(c.logging.verbose);
+    ck_assert_str_eq(c.logging.format, "json"); /* stored lower-case */
+    ck_assert_str_eq(c.logging.level, "warn");
+    ck_assert_str_eq(c.http.bind, ""); /* "" disables the listener; it is not reset to the default */
+
+    ck_assert_int_eq(hl_config_finish_host(&c, "whatever", err, sizeof err), HL_OK);
+    ck_assert_str_eq(c.logging.level, "debug"); /* verbose wins */
+    ck_assert_uint_eq(c.node_id, 7);
+    ck_assert_str_eq(c.data_dir, "/data/hl");
+    hl_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_yaml_forms)
+{
+    hl_config c;
+    /* flow mappings, null sections and lists, empty optional strings, a later file overriding */
+    ck_assert_msg(load(&c, "{db_path: a.db, nats: {urls: ['nats://x:1'], seed_file: ''}, logging: ~, http: }\n") ==
+                      HL_OK,
+                  "%s", err);
+    ck_assert_str_eq(c.db_path, "a.db");
+    ck_assert_uint_eq(c.nats.urls.n, 1);
+    ck_assert_ptr_null(c.nats.seed_file);
+    ck_assert_str_eq(c.logging.format, "console");
+    hl_config_free(&c);
+
+    ck_assert_msg(load(&c, "nats:\n  urls:\n  cluster_addr: ~\n  user_name:\ndb_path: \"\"\n") == HL_OK, "%s", err);
+    ck_assert_uint_eq(c.nats.urls.n, 0);
+    ck_assert_ptr_null(c.nats.cluster_addr);
+    ck_assert_ptr_null(c.nats.user_name);
+    ck_assert_ptr_null(c.db_path);
+    hl_config_free(&c);
+
+    /* a dotted key at the top level is the same key */
+    ck_assert_msg(load(&c, "replication_log.shards: 3\n") == HL_OK, "%s", err);
+    ck_assert_int_eq(c.replication_log.shards, 3);
+    hl_config_free(&c);
+
+    /* booleans in any case, integers with a sign, anchors without aliases */
+    ck_assert_msg(load(&c, "publish: YES\nreplicate: On\nnode_id: +12\nnats:\n  connect_retries: &r -1\n") == HL_OK,
+                  "%s", err);
+    ck_assert(c.publish);
+    ck_assert(c.replicate);
+    ck_assert_uint_eq(c.node_id, 12);
+    ck_assert_int_eq(c.nats.connect_retries, -1);
+    hl_config_free(&c);
+
+    /* int64 extremes */
+    ck_assert_msg(load(&c, "replication_log:\n  max_entries: 9223372036854775807\nnode_id: 9223372036854775807\n") ==
+                      HL_OK,
+                  "%s", err);
+    ck_assert_int_eq(c.replication_log.max_entries, INT64_MAX);
+    ck_assert_uint_eq(c.node_id, (uint64_t)INT64_MAX);
+    hl_config_free(&c);
+
+    /* a second file overrides only what it names */
+    hl_config_defaults(&c);
+    const char *p1 = write_file("a.yaml", "db_path: a.db\nnode_id: 2\n", 25);
+    ck_assert_int_eq(hl_config_load_file(&c, p1, err, sizeof err), HL_OK);
+    const char *p2 = write_file("b.yaml", "node_id: 3\n", 11);
+    ck_assert_int_eq(hl_config_load_file(&c, p2, err, sizeof err), HL_OK);
+    ck_assert_str_eq(c.db_path, "a.db");
+    ck_assert_uint_eq(c.node_id, 3);
+    ck_assert_str_eq(c.config_path, p2);
+    hl_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_error_types)
+{
+    expect_load_error("db_path: a.db\n"
+                      "node_id: 1\n"
+                      "publish: true\n"
+                      "\n"
+                      "# comment\n"
+                      "replication_log:\n"
+                      "  shards: abc\n",
+                      "7: replication_log.shards: expected an integer from 1 to 1024, got \"abc\"");
+    expect_load_error("db_path: a.db\n\n\n\npublish: maybe\n", "5: publish: expected true or false, got \"maybe\"");
+    expect_load_error("publish: 1\n", "1: publish: expected true or false, got \"1\"");
+    expect_load_error("replication_log:\n  shards: 0\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"0\"");
+    expect_load_error("replication_log:\n  shards: 1025\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"1025\"");
+    expect_load_error("replication_log:\n  shards: 1.5\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"1.5\"");
+    expect_load_error("replication_log:\n  shards: 12abc\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"12abc\"");
+    expect_load_error("replication_log:\n  shards: \" 12\"\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \" 12\"");
+    expect_load_error("replication_log:\n  shards: 0x10\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"0x10\"");
+    expect_load_error("replication_log:\n  shards: 1e3\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"1e3\"");
+    expect_load_error("replication_log:\n  shards:\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"\"");
+    expect_load_error("replication_log:\n  shards: '-'\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"-\"");
+    expect_load_error("replication_log:\n  shards: '+'\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got \"+\"");
+    expect_load_error("scan_max_changes: 99999999999999999999\n",
+                      "1: scan_max_changes: expected an integer from 1 to 1000000, got \"99999999999999999999\"");
+    expect_load_error("replication_log:\n  max_entries: 9223372036854775808\n",
+                      "2: replication_log.max_entries: expected an integer from 1 to 9223372036854775807, got "
+                      "\"9223372036854775808\"");
+    expect_load_error("node_id: -1\n", "1: node_id: expected an integer from 0 to 9223372036854775807, got \"-1\"");
+    expect_load_error("shutdown_grace: 3601\n", "1: shutdown_grace: expected an integer from 0 to 3600, got \"3601\"");
+    expect_load_error("logging:\n  format: xml\n", "2: logging.format: expected one of console, json, got \"xml\"");
+    expect_load_error("logging:\n  level: verbose\n",
+                      "2: logging.level: expected one of debug, info, warn, error, got \"verbose\"");
+    expect_load_error("logging:\n  format: \"\"\n", "2: logging.format: expected one of console, json, got \"\"");
+    expect_load_error("nats:\n  urls:\n    - nats://ok:4222\n    - http://bad:4222\n",
+                      "4: nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got "
+                      "\"http://bad:4222\"");
+    expect_load_error("nats:\n  cluster_peers: [nats://a:6222, tls://b:6222]\n",
+                      "2: nats.cluster_peers: expected a URL starting with nats:// or nats-route://, got "
+                      "\"tls://b:6222\"");
+    expect_load_error("nats:\n  urls: ['']\n", "2: nats.urls: expected a non-empty string in the list");
+    expect_load_error("nats:\n  subject_prefix: \"a b\"\n",
+                      "2: nats.subject_prefix: expected a NATS subject (tokens separated by '.', no spaces, '*' or "
+                      "'>'), got \"a b\"");
+    expect_load_error("nats:\n  stream_prefix: a.b\n",
+                      "2: nats.stream_prefix: expected a stream name (no spaces, '.', '*', '>', '/' or '\\'), got "
+                      "\"a.b\"");
+    expect_load_error("db_path: \"a\\0b\"\n", "1: db_path: expected text without NUL bytes");
+    expect_load_error("db_path: \"line\\nbreak\"\nnode_id: \"x\\ny\"\n",
+                      "2: node_id: expected an integer from 0 to 9223372036854775807, got \"x\\x0ay\"");
+}
+END_TEST
+
+START_TEST(test_error_unknown_keys)
+{
+    expect_load_error("db_path: a.db\nnats:\n  urlz: [nats://a:4222]\n",
+                      "3: nats.urlz: unknown key (did you mean nats.urls?)");
+    expect_load_error("urls: [nats://a:4222]\n", "1: urls: unknown key (did you mean nats.urls?)");
+    expect_load_error("natz:\n  urls: []\n", "1: natz: unknown key (did you mean nats?)");
+    expect_load_error("replicaton_log:\n  shards: 2\n", "1: replicaton_log: unknown key (did you mean replication_log?)");
+    expect_load_error("db_paht: x\n", "1: db_paht: unknown key (did you mean db_path?)");
+    expect_load_error("DB_PATH: x\n", "1: DB_PATH: unknown key (did you mean db_path?)");
+    expect_load_error("nats:\n  shards: 2\n", "2: nats.shards: unknown key (did you mean replication_log.shards?)");
+    expect_load_error("snapshot:\n  enabled: true\n", "1: snapshot: unknown key");
+    expect_load_error("seq_map_path: /tmp/x\n", "1: seq_map_path: unknown key");
+    expect_load_error("nats:\n  nats:\n    urls: []\n", "2: nats.nats: unknown key");
+    expect_load_error("\"a\\nb\": 1\n", "1: a\\x0ab: unknown key");
+    expect_load_error("? [a, b]\n: 1\n", "1: expected a key name, got a sequence");
+    expect_load_error("nats:\n  ? {a: 1}\n  : 1\n", "2: nats: expected a key name, got a mapping");
+}
+END_TEST
+
+START_TEST(test_error_structure)
+{
+    expect_load_error("db_path: a.db\nnats: 5\n",
+                      "2: nats: expected a section (a mapping of keys such as nats.urls), got \"5\"");
+    expect_load_error("logging:\n  - a\n",
+                      "2: logging: expected a section (a mapping of keys such as logging.verbose), got a sequence");
+    expect_load_error("db_path:\n  a: 1\n", "2: db_path: expected a string, got a mapping");
+    expect_load_error("publish: [true]\n", "1: publish: expected true or false, got a sequence");
+    expect_load_error("replication_log:\n  shards: {a: 1}\n",
+                      "2: replication_log.shards: expected an integer from 1 to 1024, got a mapping");
+    expect_load_error("nats:\n  urls: nats://a:4222\n",
+                      "2: nats.urls: expected a list of strings (a YAML sequence such as [\"a\", \"b\"]), got "
+                      "\"nats://a:4222\"");
+    expect_load_error("nats:\n  urls:\n    - nats://a:4222\n    - {b: 1}\n",
+                      "4: nats.urls: expected a list of strings, got a mapping in the list");
+    expect_load_error("nats:\n  urls: [[nats://a:4222]]\n",
+                      "2: nats.urls: expected a list of strings, got a sequence in the list");
+    expect_load_error("- db_path\n- node_id\n", "1: expected a mapping of keys at the top level, got a sequence");
+    expect_load_error("just text\n", "1: expected a mapping of keys at the top level, got \"just text\"");
+    expect_load_error("db_path: a.db\n---\nnode_id: 2\n", "2: expected a single YAML document, found another");
+    expect_load_error("x: &a foo\ndb_path: *a\n", "1: x: unknown key");
+    expect_load_error("db_path: &a foo\ndata_dir: *a\n",
+                      "2: data_dir: expected a string, got an alias (YAML aliases are not supported)");
+}
+END_TEST
+
+START_TEST(test_error_duplicates)
+{
+    expect_load_error("db_path: a\nnode_id: 1\ndb_path: b\n", "3: db_path: duplicate key (first set on line 1)");
+    expect_load_error("nats:\n  urls: []\n  bind_address: x\n  urls: []\n",
+                      "4: nats.urls: duplicate key (first set on line 2)");
+    expect_load_error("nats:\n  urls: []\nlogging: {}\nnats:\n  seed_file: x\n",
+                      "4: nats: duplicate key (first set on line 1)");
+    expect_load_error("replication_log.shards: 2\nreplication_log:\n  shards: 3\n",
+                      "3: replication_log.shards: duplicate key (first set on line 1)");
+}
+END_TEST
+
+START_TEST(test_error_syntax)
+{
+    expect_load_error("db_path: a.db\nnats:\n  urls: [nats://a:4222\nlogging:\n",
+                      "4: YAML syntax error: did not find expected ',' or ']'");
+    expect_load_error("db_path: a.db\n\tnode_id: 1\n", "2: YAML syntax error: found a tab character that violates indentation");
+    expect_load_error("db_path: \"unterminated\n", "2: YAML syntax error: found unexpected end of stream");
+    expect_load_error("db_path: b: c\n", "1: YAML syntax error: mapping values are not allowed in this context");
+    expect_load_error("db_path: x\n  node_id: 2\n", "2: YAML syntax error: mapping values are not allowed in this context");
+
+    /* invalid UTF-8 and NUL bytes are reader errors, reported at their line */
+    hl_config c;
+    hl_config_defaults(&c);
+    const char *p = write_file("node.yaml", "db_path: a\nnode_id: 1\ndata_dir: \xff\xfe\n", 33);
+    ck_assert_int_eq(hl_config_load_file(&c, p, err, sizeof err), HL_ERR_CONFIG);
+    char want[600];
+    snprintf(want, sizeof want, "%s:3: YAML syntax error: invalid leading UTF-8 octet", p);
+    ck_assert_str_eq(err, want);
+    p = write_file("node.yaml", "db_path: a\nnode_id: 1\0\n", 23);
+    ck_assert_int_eq(hl_config_load_file(&c, p, err, sizeof err), HL_ERR_CONFIG);
+    snprintf(want, sizeof want, "%s:2: YAML syntax error: control characters are not allowed", p);
+    ck_assert_str_eq(err, want);
+    hl_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_error_io)
+{
+    hl_config c;
+    char path[512], want[700];
+    hl_config_defaults(&c);
+    snprintf(path, sizeof path, "%s/missing.yaml", tmpdir);
+    ck_assert_int_eq(hl_config_load_file(&c, path, err, sizeof err), HL_ERR_IO);
+    snprintf(want, sizeof want, "%s: cannot open: No such file or directory", path);
+    ck_assert_str_eq(err, want);
+
+    ck_assert_int_eq(hl_config_load_file(&c, tmpdir, err, sizeof err), HL_ERR_IO);
+    snprintf(want, sizeof want, "%s: cannot read: Is a directory", tmpdir);
+    ck_assert_str_eq(err, want);
+
+    /* a file above the 1 MiB cap */
+    size_t big = 1024 * 1024 + 10;
+    char *text = malloc(big);
+    ck_assert_ptr_nonnull(text);
+    memset(text, '#', big);
+    char p[512];
+    snprintf(p, sizeof p, "%s", write_file("big.yaml", text, big));
+    free(text);
+    ck_assert_int_eq(hl_config_load_file(&c, p, err, sizeof err), HL_ERR_TOO_LARGE);
+    snprintf(want, sizeof want, "%s: file is larger than 1048576 bytes", p);
+    ck_assert_str_eq(err, want);
+
+    /* errors are truncated to errlen, and a tiny or missing buffer is fine */
+    char small[12];
+    ck_assert_int_eq(hl_config_load_file(&c, p, small, sizeof small), HL_ERR_TOO_LARGE);
+    ck_assert_uint_eq(strlen(small), sizeof small - 1);
+    ck_assert_int_eq(hl_config_load_file(&c, p, NULL, 0), HL_ERR_TOO_LARGE);
+    hl_config_free(&c);
+}
+END_TEST
+
+/* ---- environment and flags -------------------------------------------- */
+
+START_TEST(test_env)
+{
+    hl_config c;
+    char *env[] = {
+        E("PATH=/usr/bin"),
+        E("HARMONYLITE_DB_PATH=/env/app.db"),
+        E("HARMONYLITE_NODE_ID=4"),
+        E("HARMONYLITE_REPLICATION_LOG_SHARDS=8"),
+        E("HARMONYLITE_NATS_URLS=nats://a:4222, nats://b:4222,,"),
+        E("HARMONYLITE_PUBLISH=off"),
+        E("HARMONYLITE_LOGGING_FORMAT=Json"),
+        E("HARMONYLITE_NATS_USER_PASSWORD=pw"),
+        /* Kubernetes service links and other strangers are ignored */
+        E("HARMONYLITE_SERVICE_HOST=10.0.0.1"),
+        E("HARMONYLITE_PORT_4222_TCP=tcp://10.0.0.1:4222"),
+        E("HARMONYLITE_=x"),
+        E("HARMONYLITE_db_path=/lower/case/ignored"),
+        E("HARMONYLITE_NATS=x"),
+        E("HARMONYLITE_CONFIG=/etc/harmonylite.yaml"),
+        E("NOEQUALSIGN"),
+        NULL,
+    };
+    hl_config_defaults(&c);
+    ck_assert_msg(hl_config_load_env(&c, env, err, sizeof err) == HL_OK, "%s", err);
+    ck_assert_str_eq(c.db_path, "/env/app.db");
+    ck_assert_uint_eq(c.node_id, 4);
+    ck_assert_int_eq(c.replication_log.shards, 8);
+    ck_assert_uint_eq(c.nats.urls.n, 2);
+    ck_assert_str_eq(c.nats.urls.v[0], "nats://a:4222");
+    ck_assert_str_eq(c.nats.urls.v[1], "nats://b:4222");
+    ck_assert(!c.publish);
+    ck_assert_str_eq(c.logging.format, "json");
+    ck_assert_str_eq(c.nats.user_password, "pw");
+
+    /* an empty value empties a list, unsets an optional string, and is "" for a string with a default */
+    char *env2[] = {E("HARMONYLITE_NATS_URLS="), E("HARMONYLITE_DB_PATH="), E("HARMONYLITE_HTTP_BIND="), NULL};
+    ck_assert_int_eq(hl_config_load_env(&c, env2, err, sizeof err), HL_OK);
+    ck_assert_uint_eq(c.nats.urls.n, 0);
+    ck_assert_ptr_null(c.db_path);
+    ck_assert_str_eq(c.http.bind, "");
+    ck_assert_int_eq(hl_config_load_env(&c, NULL, err, sizeof err), HL_OK);
+    hl_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_env_errors)
+{
+    static const struct {
+        const char *env;
+        const char *want;
+    } cases[] = {
+        {"HARMONYLITE_REPLICATION_LOG_SHARDS=abc",
+         "env HARMONYLITE_REPLICATION_LOG_SHARDS: replication_log.shards: expected an integer from 1 to 1024, got "
+         "\"abc\""},
+        {"HARMONYLITE_PUBLISH=maybe", "env HARMONYLITE_PUBLISH: publish: expected true or false, got \"maybe\""},
+        {"HARMONYLITE_NODE_ID=", "env HARMONYLITE_NODE_ID: node_id: expected an integer from 0 to 9223372036854775807, "
+                                 "got \"\""},
+        {"HARMONYLITE_NATS_URLS=nats://a:4222,http://b",
+         "env HARMONYLITE_NATS_URLS: nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got "
+         "\"http://b\""},
+        {"HARMONYLITE_NATS_CLUSTER_PEERS=a:6222",
+         "env HARMONYLITE_NATS_CLUSTER_PEERS: nats.cluster_peers: expected a URL starting with nats:// or "
+         "nats-route://, got \"a:6222\""},
+        {"HARMONYLITE_LOGGING_LEVEL=trace",
+         "env HARMONYLITE_LOGGING_LEVEL: logging.level: expected one of debug, info, warn, error, got \"trace\""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        hl_config c;
+        char *env[] = {(char *)cases[i].env, NULL};
+        hl_config_defaults(&c);
+        ck_assert_int_eq(hl_config_load_env(&c, env, err, sizeof err), HL_ERR_CONFIG);
+        ck_assert_str_eq(err, cases[i].want);
+        hl_config_free(&c);
+    }
+
+    /* a list longer than 256 entries */
+    hl_config c;
+    size_t cap = 20 + 300 * 12;
+    char *big = malloc(cap), *env[] = {big, NULL};
+    ck_assert_ptr_nonnull(big);
+    size_t o = (size_t)snprintf(big, cap, "HARMONYLITE_NATS_URLS=");
+    for (int i = 0; i < 300; i++)
+        o += (size_t)snprintf(big + o, cap - o, "nats://h:%d,", i % 10);
+    hl_config_defaults(&c);
+    ck_assert_int_eq(hl_config_load_env(&c, env, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "env HARMONYLITE_NATS_URLS: nats.urls: expected at most 256 entries");
+    hl_config_free(&c);
+    free(big);
+}
+END_TEST
+
+START_TEST(test_set)
+{
+    hl_config c;
+    hl_config_defaults(&c);
+    ck_assert_int_eq(hl_config_set(&c, "node_id", "9", "flag -node-id", err, sizeof err), HL_OK);
+    ck_assert_uint_eq(c.node_id, 9);
+    ck_assert_int_eq(hl_config_set(&c, "nats.cluster_peers", "nats://a:6222,nats-route://b:6222", "flag -cluster-peers",
+                                   err, sizeof err),
+                     HL_OK);
+    ck_assert_uint_eq(c.nats.cluster_peers.n, 2);
+    ck_assert_str_eq(c.nats.cluster_peers.v[1], "nats-route://b:6222");
+    ck_assert_int_eq(hl_config_set(&c, "nats.cluster_addr", "0.0.0.0:6222", "flag -cluster-addr", err, sizeof err),
+                     HL_OK);
+    ck_assert_str_eq(c.nats.cluster_addr, "0.0.0.0:6222");
+
+    ck_assert_int_eq(hl_config_set(&c, "node_id", "x", "flag -node-id", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "flag -node-id: node_id: expected an integer from 0 to 9223372036854775807, got \"x\"");
+    ck_assert_uint_eq(c.node_id, 9); /* unchanged by the failed set */
+    ck_assert_int_eq(hl_config_set(&c, "nats.cluster_peers", "nats://a:6222,bad", "flag -cluster-peers", err,
+                                   sizeof err),
+                     HL_ERR_CONFIG);
+    ck_assert_uint_eq(c.nats.cluster_peers.n, 2); /* a bad list leaves the old one */
+    ck_assert_int_eq(hl_config_set(&c, "nats.urlz", "x", "flag -nats-urlz", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "flag -nats-urlz: nats.urlz: unknown key (did you mean nats.urls?)");
+    ck_assert_int_eq(hl_config_set(&c, "nats", "x", NULL, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "nats: unknown key (nats is a section: name one of its keys, such as nats.urls)");
+    ck_assert_int_eq(hl_config_set(&c, "publish", "nope", NULL, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "publish: expected true or false, got \"nope\"");
+    ck_assert_int_eq(hl_config_set(&c, "publish", NULL, "flag -publish", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "flag -publish: publish: expected a value");
+    ck_assert_int_eq(hl_config_set(&c, NULL, "x", NULL, err, sizeof err), HL_ERR_CONFIG);
+    hl_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_precedence)
+{
+    hl_config c;
+    ck_assert_int_eq(load(&c, "db_path: file.db\nnode_id: 1\nreplication_log:\n  shards: 2\n"
+                              "nats:\n  urls: [nats://file:4222]\n"),
+                     HL_OK);
+    char *env[] = {E("HARMONYLITE_NODE_ID=2"), E("HARMONYLITE_REPLICATION_LOG_SHARDS=3"),
+                   E("HARMONYLITE_NATS_URLS=nats://env:4222"), NULL};
+    ck_assert_int_eq(hl_config_load_env(&c, env, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.shards", "4", "flag -replication-log-shards", err, sizeof err),
+                     HL_OK);
+    ck_assert_str_eq(c.db_path, "file.db");          /* file only */
+    ck_assert_uint_eq(c.node_id, 2);                 /* env over file */
+    ck_assert_int_eq(c.replication_log.shards, 4);   /* flag over env over file */
+    ck_assert_str_eq(c.nats.urls.v[0], "nats://env:4222");
+    ck_assert_uint_eq(c.nats.urls.n, 1);
+    hl_config_free(&c);
+}
+END_TEST
+
+/* ---- finish ----------------------------------------------------------- */
+
+START_TEST(test_node_id_from_hostname)
+{
+    static const struct {
+        const char *host;
+        uint64_t id;
+    } cases[] = {
+        {"harmonylite-0", 1},
+        {"harmonylite-2", 3},
+        {"db-12", 13},
+        {"my-app-db-7", 8},
+        {"harmonylite-3.harmonylite.default.svc.cluster.local", 4},
+        {"a-999999999999999999", 1000000000000000000ULL},
+        {"a-9999999999999999999", 0}, /* too many digits */
+        {"harmonylite", 0},
+        {"harmonylite-", 0},
+        {"harmonylite-01", 0},
+        {"harmonylite-0a", 0},
+        {"host7", 0},
+        {"-3", 0},
+        {"3", 0},
+        {"", 0},
+        {"x.y-3", 0}, /* the ordinal must be in the first label */
+        {NULL, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        ck_assert_msg(hl_config_node_id_from_hostname(cases[i].host) == cases[i].id, "%s",
+                      cases[i].host ? cases[i].host : "(null)");
+}
+END_TEST
+
+START_TEST(test_finish)
+{
+    hl_config c;
+    hl_config_defaults(&c);
+    ck_assert_int_eq(hl_config_finish_host(&c, "harmonylite-0", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "db_path: required: set db_path, HARMONYLITE_DB_PATH or -db-path");
+
+    ck_assert_int_eq(hl_config_set(&c, "db_path", "/data/app.db", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish_host(&c, "myhost", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "node_id: required: set node_id, HARMONYLITE_NODE_ID or -node-id (host name \"myhost\" "
+                          "has no StatefulSet ordinal)");
+    ck_assert_int_eq(hl_config_finish_host(&c, NULL, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "node_id: required: set node_id, HARMONYLITE_NODE_ID or -node-id (host name \"\" "
+                          "has no StatefulSet ordinal)");
+
+    ck_assert_int_eq(hl_config_finish_host(&c, "harmonylite-2", err, sizeof err), HL_OK);
+    ck_assert_str_eq(err, "");
+    ck_assert_uint_eq(c.node_id, 3);
+    ck_assert_str_eq(c.data_dir, "/data/app.db-harmonylite");
+    ck_assert_str_eq(c.logging.level, "info");
+    /* finishing twice changes nothing */
+    ck_assert_int_eq(hl_config_finish_host(&c, "other-9", err, sizeof err), HL_OK);
+    ck_assert_uint_eq(c.node_id, 3);
+    ck_assert_str_eq(c.data_dir, "/data/app.db-harmonylite");
+    hl_config_free(&c);
+
+    /* an explicit node id is kept whatever the host name; hl_config_finish uses gethostname */
+    hl_config_defaults(&c);
+    ck_assert_int_eq(hl_config_set(&c, "db_path", "a.db", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_set(&c, "node_id", "5", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_set(&c, "data_dir", "/x", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+    ck_assert_uint_eq(c.node_id, 5);
+    ck_assert_str_eq(c.data_dir, "/x");
+
+    /* cross-field rules name the key and have no file:line */
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.chunk_bytes", "1048512", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "replication_log.chunk_bytes: must be less than nats.max_payload - 64 (1048512), got 1048512");
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.chunk_bytes", "1048511", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.max_age", "60", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "replication_log.duplicate_window: must not exceed replication_log.max_age (60) when it is "
+                          "set, got 120");
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.duplicate_window", "60", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+
+    /* values edited directly in the struct are checked too */
+    free(c.logging.format);
+    c.logging.format = strdup("xml");
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "logging.format: expected one of console, json, got \"xml\"");
+    free(c.logging.format);
+    c.logging.format = strdup("json");
+    free(c.logging.level);
+    c.logging.level = strdup("loud");
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "logging.level: expected one of debug, info, warn, error, got \"loud\"");
+    free(c.logging.level);
+    c.logging.level = strdup("error");
+    ck_assert_int_eq(hl_config_set(&c, "logging.verbose", "true", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+    ck_assert_str_eq(c.logging.level, "debug");
+    ck_assert_int_eq(hl_config_set(&c, "nats.urls", "nats://a:1", NULL, err, sizeof err), HL_OK);
+    free(c.nats.urls.v[0]);
+    c.nats.urls.v[0] = strdup("http://a:1");
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got \"http://a:1\"");
+    hl_config_free(&c);
+}
+END_TEST
+
+/* ---- dump ------------------------------------------------------------- */
+
+START_TEST(test_dump)
+{
+    hl_config c, d;
+    ck_assert_msg(load(&c, "db_path: \"/data/a \\\"q\\\" \\t\\u00e9\\u2028.db\"\nnode_id: 3\n"
+                           "nats:\n  urls: [nats://a:4222, nats://b:4222]\n  user_password: hunter2\n"
+                           "  user_name: app\nhttp:\n  bind: ''\n") == HL_OK,
+                  "%s", err);
+    char *text = dump(&c);
+    ck_assert_ptr_null(strstr(text, "hunter2"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  user_password: \"<redacted>\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  user_name: \"app\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  urls: [\"nats://a:4222\", \"nats://b:4222\"]\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\nnode_id: 3\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\nreplication_log:\n  shards: 1\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  seed_file: \"\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\nhttp:\n  bind: \"\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "db_path: \"/data/a \\\"q\\\" \\x09\xc3\xa9\\u2028.db\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "# harmonylite effective configuration (file "));
+
+    /* the dump loads back to the same configuration */
+    hl_config_defaults(&d);
+    const char *p = write_file("dump.yaml", text, strlen(text));
+    ck_assert_msg(hl_config_load_file(&d, p, err, sizeof err) == HL_OK, "%s", err);
+    ck_assert_str_eq(d.db_path, c.db_path);
+    ck_assert_str_eq(d.http.bind, "");
+    ck_assert_str_eq(d.nats.user_password, "<redacted>");
+    char *a = dump_body(&c), *b = dump_body(&d);
+    ck_assert_str_eq(a, b);
+    free(a);
+    free(b);
+    free(text);
+    hl_config_free(&c);
+    hl_config_free(&d);
+
+    /* an unset password is shown empty, not redacted */
+    hl_config_defaults(&c);
+    text = dump(&c);
+    ck_assert_ptr_nonnull(strstr(text, "\n  user_password: \"\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "# harmonylite effective configuration\n"));
+    free(text);
+    hl_config_free(&c);
+}
+END_TEST
+
+/* ---- the example and the docs never rot ------------------------------- */
+
+START_TEST(test_example_file)
+{
+    hl_config c, d;
+    char path[512];
+    snprintf(path, sizeof path, "%s/config/harmonylite.yaml", HL_SOURCE_DIR);
+    hl_config_defaults(&c);
+    ck_assert_msg(hl_config_load_file(&c, path, err, sizeof err) == HL_OK, "%s", err);
+    /* it names every key with its default value (db_path has none, so it shows an example) */
+    hl_config_defaults(&d);
+    ck_assert_int_eq(hl_config_set(&d, "db_path", c.db_path, NULL, err, sizeof err), HL_OK);
+    char *a = dump_body(&c), *b = dump_body(&d);
+    ck_assert_str_eq(a, b);
+    free(a);
+    free(b);
+    ck_assert_int_eq(hl_config_finish_host(&c, "harmonylite-0", err, sizeof err), HL_OK);
+    hl_config_free(&c);
+    hl_config_free(&d);
+
+    char *text = read_source("config/harmonylite.yaml");
+    for (size_t i = 0; i < hl_config_key_count(); i++) {
+        hl_config_key_info k;
+        char want[128];
+        ck_assert(hl_config_key_at(i, &k));
+        const char *dot = strchr(k.path, '.');
+        if (dot)
+            snprintf(want, sizeof want, "\n  %s: ", dot + 1);
+        else
+            snprintf(want, sizeof want, "\n%s: ", k.path);
+        ck_assert_msg(strstr(text, want) != NULL, "config/harmonylite.yaml lacks %s", k.path);
+    }
+    free(text);
+}
+END_TEST
+
+START_TEST(test_docs)
+{
+    char *text = read_source("docs/configuration.md");
+    for (size_t i = 0; i < hl_config_key_count(); i++) {
+        hl_config_key_info k;
+        char want[128];
+        ck_assert(hl_config_key_at(i, &k));
+        snprintf(want, sizeof want, "`%s`", k.path);
+        ck_assert_msg(strstr(text, want) != NULL, "docs/configuration.md lacks %s", want);
+        snprintf(want, sizeof want, "`%s`", k.env);
+        ck_assert_msg(strstr(text, want) != NULL, "docs/configuration.md lacks %s", want);
+        snprintf(want, sizeof want, "`-%s`", k.flag);
+        ck_assert_msg(strstr(text, want) != NULL, "docs/configuration.md lacks %s", want);
+    }
+    free(text);
+}
+END_TEST
+
+static Suite *config_suite(void)
+{
+    Suite *s = suite_create("config");
+    TCase *tc = tcase_create("config");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_defaults);
+    tcase_add_test(tc, test_key_table);
+    tcase_add_test(tc, test_empty_files);
+    tcase_add_test(tc, test_full_file);
+    tcase_add_test(tc, test_yaml_forms);
+    tcase_add_test(tc, test_error_types);
+    tcase_add_test(tc, test_error_unknown_keys);
+    tcase_add_test(tc, test_error_structure);
+    tcase_add_test(tc, test_error_duplicates);
+    tcase_add_test(tc, test_error_syntax);
+    tcase_add_test(tc, test_error_io);
+    tcase_add_test(tc, test_env);
+    tcase_add_test(tc, test_env_errors);
+    tcase_add_test(tc, test_set);
+    tcase_add_test(tc, test_precedence);
+    tcase_add_test(tc, test_node_id_from_hostname);
+    tcase_add_test(tc, test_finish);
+    tcase_add_test(tc, test_dump);
+    tcase_add_test(tc, test_example_file);
+    tcase_add_test(tc, test_docs);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(config_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
