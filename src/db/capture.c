@@ -6,6 +6,7 @@
  * committed in full, and no application write can interleave: a changeset
  * never splits an application transaction.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -91,7 +92,7 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
     hl_buf_init(&q, 64u << 20);
     if (!t->st_log_read) {
         /* One entry per row: the last write time and the last log position. */
-        st = hl_buf_adds(&q, "SELECT max(ms), max(seq)");
+        st = hl_buf_adds(&q, "SELECT max(jd), max(seq)");
         for (size_t i = 0; i < nk && !st; i++)
             st = hl_buf_addf(&q, ", k%zu", i);
         if (!st)
@@ -181,7 +182,9 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *
 
     sqlite3_stmt *lr = t->st_log_read;
     while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
-        uint64_t ms = (uint64_t)sqlite3_column_int64(lr, 0);
+        /* Julian day -> Unix milliseconds */
+        double jd = sqlite3_column_double(lr, 0);
+        uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : 0;
         int64_t seq = sqlite3_column_int64(lr, 1);
         if (seq > max_seq)
             max_seq = seq;

@@ -14,7 +14,9 @@
 #include "db/db.h"
 
 #define GUARD "(SELECT applying FROM \"" HL_PREFIX "ctl\") = 0"
-#define NOW_MS "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+/* The raw Julian day: the cheapest clock SQLite offers inside a trigger;
+ * capture converts it to Unix milliseconds. */
+#define NOW_JD "julianday('now')"
 
 static const char *const trig_suffix[4] = {"_ai", "_au", "_ak", "_ad"};
 
@@ -34,7 +36,7 @@ static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
 
 static hl_status add_log_cols(hl_buf *b, const hl_table *t)
 {
-    hl_status st = hl_buf_adds(b, "ms");
+    hl_status st = hl_buf_adds(b, "jd");
     size_t n = t->npk ? t->npk : 1;
     for (size_t i = 0; i < n && !st; i++)
         st = hl_buf_addf(b, ", k%zu", i);
@@ -102,7 +104,7 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
     if (!st)
         st = add_log_cols(b, t);
     if (!st)
-        st = hl_buf_adds(b, ") VALUES (" NOW_MS ", ");
+        st = hl_buf_adds(b, ") VALUES (" NOW_JD ", ");
     if (!st)
         st = add_keys(b, t, which >= 2 ? "OLD" : "NEW");
     if (!st)
@@ -117,7 +119,7 @@ static hl_status log_ddl(const hl_table *t, hl_buf *b)
     if (!st)
         st = hl_buf_add_ident(b, t->log);
     if (!st)
-        st = hl_buf_adds(b, "(seq INTEGER PRIMARY KEY, ms INTEGER NOT NULL");
+        st = hl_buf_adds(b, "(seq INTEGER PRIMARY KEY, jd REAL NOT NULL");
     size_t n = t->npk ? t->npk : 1;
     for (size_t i = 0; i < n && !st; i++)
         st = hl_buf_addf(b, ", k%zu", i);
@@ -157,6 +159,39 @@ static hl_status exec_logged(hl_db *d, const char *sql)
     hl_log(HL_LOG_ERROR, "schema change failed", "sql", sql, "error", msg ? msg : sqlite3_errstr(rc), NULL);
     sqlite3_free(msg);
     return (rc & 0xff) == SQLITE_BUSY ? HL_ERR_BUSY : HL_ERR_SQLITE;
+}
+
+/* Logs every existing row of t as changed, so capture sends it. */
+static hl_status backfill_table(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    hl_buf_init(&q, 64u << 20);
+    hl_status st = hl_buf_adds(&q, "INSERT INTO ");
+    if (!st)
+        st = hl_buf_add_ident(&q, t->log);
+    if (!st)
+        st = hl_buf_adds(&q, "(");
+    if (!st)
+        st = add_log_cols(&q, t);
+    if (!st)
+        st = hl_buf_adds(&q, ") SELECT " NOW_JD);
+    for (size_t i = 0; i < t->npk && !st; i++) {
+        st = hl_buf_adds(&q, ", ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->cols[t->pk[i]]);
+    }
+    if (!st && t->npk == 0)
+        st = hl_buf_addf(&q, ", %s", t->rowid);
+    if (!st)
+        st = hl_buf_adds(&q, " FROM ");
+    if (!st)
+        st = hl_buf_add_ident(&q, t->name);
+    if (!st)
+        st = exec_logged(d, hl_buf_str(&q));
+    if (!st && sqlite3_changes(d->db) > 0)
+        hl_logf(HL_LOG_INFO, "new table \"%s\": %d existing rows will be replicated", t->name, sqlite3_changes(d->db));
+    hl_buf_free(&q);
+    return st;
 }
 
 static int64_t count_rows(hl_db *d, const char *table)
@@ -276,6 +311,12 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
         goto out;
     if ((st = existing(d, "trigger", &trig)) || (st = existing(d, "table", &tabs)))
         goto out;
+    /* Tables that appear while we run (or while we were stopped, on a database
+     * we already manage) may already hold rows the application wrote before
+     * the triggers existed: those are captured too. On the very first run the
+     * existing content is taken as the common starting point, as HarmonyLite
+     * does, and not sent. */
+    bool backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
 
     for (size_t i = 0; i < d->schema.n; i++) {
         hl_table *t = &d->schema.t[i];
@@ -295,7 +336,15 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
         hl_buf_reset(&ddl);
         if ((st = log_ddl(t, &ddl)))
             goto out;
+        bool is_new = false;
+        {
+            char *known = stored_keysig(d, t->name);
+            is_new = known == NULL;
+            free(known);
+        }
         if ((st = exec_logged(d, hl_buf_str(&ddl))) || (st = put_keysig(d, t->name, t->keysig)))
+            goto out;
+        if (is_new && backfill && (st = backfill_table(d, t)))
             goto out;
         if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)))
             goto out;

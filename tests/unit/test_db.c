@@ -157,22 +157,24 @@ static void make_pair(char *pa, char *pb, size_t n, hl_db **a, hl_db **b)
 START_TEST(trigger_sql_quotes_identifiers)
 {
     hl_table t = {0};
-    char *cols[] = {"se\"lect", "v"};
+    char c0[] = "se\"lect", c1[] = "v", name[] = "my \"odd\" table",
+         log[] = "__harmonylite__my \"odd\" table_change_log";
+    char *cols[] = {c0, c1};
     size_t pk[] = {0};
     int pkpos[] = {1, 0};
-    t.name = "my \"odd\" table";
+    t.name = name;
     t.cols = cols;
     t.ncols = 2;
     t.pk = pk;
     t.npk = 1;
     t.pkpos = pkpos;
-    t.log = "__harmonylite__my \"odd\" table_change_log";
+    t.log = log;
     hl_buf ddl, trg;
     hl_buf_init(&ddl, 1 << 20);
     hl_buf_init(&trg, 1 << 20);
     ck_assert_int_eq(hl_trigger_sql(&t, &ddl, &trg), HL_OK);
     ck_assert_str_eq(hl_buf_str(&ddl), "CREATE TABLE IF NOT EXISTS \"__harmonylite__my \"\"odd\"\" table_change_log\""
-                                       "(seq INTEGER PRIMARY KEY, ms INTEGER NOT NULL, k0)");
+                                       "(seq INTEGER PRIMARY KEY, jd REAL NOT NULL, k0)");
     ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "AFTER INSERT ON \"my \"\"odd\"\" table\""));
     ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "NEW.\"se\"\"lect\""));
     ck_assert_ptr_nonnull(strstr(hl_buf_str(&trg), "AFTER UPDATE OF \"se\"\"lect\" ON"));
@@ -471,6 +473,36 @@ START_TEST(cleanup_leaves_application_data)
 }
 END_TEST
 
+START_TEST(new_table_rows_written_before_triggers_are_captured)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    /* The application creates a table and fills it before harmonylite looks. */
+    app_exec(appa, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO later VALUES (1, 'x'), (2, 'y')");
+    app_exec(appb, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT)");
+    ck_assert_uint_eq(capture(a), 2);
+    ck_assert_uint_eq(capture(b), 0);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT group_concat(v) FROM later", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    ck_assert_str_eq((const char *)sqlite3_column_text(st, 0), "x,y");
+    sqlite3_finalize(st);
+    hl_changeset_free(cs);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -503,6 +535,7 @@ int main(void)
     tcase_add_test(tc, schema_mismatch_holds_until_schema_catches_up);
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, cleanup_leaves_application_data);
+    tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

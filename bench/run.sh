@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# bench/run.sh - every benchmark, measured in one run on this machine.
+#   (a) application insert speed with harmonylite's triggers vs without (ratio)
+#   (b) end-to-end replicated rows/s node 1 -> nodes 2 and 3, next to bare SQLite
+#   (c) commit -> visible lag p50/p99 at a fixed 1,000 txn/s
+# Usage: bench/run.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+scripts/build.sh release
+cmake --build build --target bench_trigger -j2 >/dev/null
+secs=3; rows=200000; lag_s=10
+if [ "${1:-}" = "--quick" ]; then secs=1; rows=50000; lag_s=3; fi
+echo "== (a) trigger overhead on application inserts"
+build/bench_trigger "$secs"
+echo "== (b)(c) 3-node cluster on loopback"
+HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s"
