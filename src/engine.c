@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <cjson/cJSON.h>
 #include <sys/inotify.h>
 #include <unistd.h>
 
@@ -25,6 +26,8 @@
 #include "common/log.h"
 #include "common/sha256.h"
 #include "db/db.h"
+#include "http/http.h"
+#include "http/state.h"
 #include "natsio/conn.h"
 #include "natsio/server.h"
 #include "repl/changeset.h"
@@ -48,13 +51,95 @@ typedef struct engine {
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
     int inotify_fd;
     char *db_base, *wal_base;
-    uint64_t last_seq_flush, last_gc;
+    uint64_t last_seq_flush, last_gc, last_held_check;
     bool retry_held;
+    hl_state state;
+    hl_state_snapshot snap; /* engine-owned; published to state each iteration */
+    hl_http *http;
+    /* NATS comes up in its own thread so the engine keeps capturing (and its
+     * heartbeat keeps beating) while a cluster forms or a server is away. */
+    pthread_t setup_th;
+    bool setup_started;
+    atomic_int setup_done; /* 0 running, 1 ready, -1 failed */
+    bool online;           /* setup finished and publisher/fetchers started */
+    bool stream_gap;       /* a stream lost messages this node had not applied */
+    bool order_gap;        /* a changeset has been missing for more than a minute */
+    uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
 } engine;
 
 static atomic_int stop_signals;
 static volatile int stop_flag; /* polled by blocking NATS setup loops */
 static hl_queue *signal_queue;
+static hl_config_loader signal_reload;
+static const hl_config *signal_current; /* the running configuration (read-only) */
+
+/* Logs every line of the effective configuration that differs between a and b. */
+static void log_restart_needed(const hl_config *a, const hl_config *b)
+{
+    char *ta = NULL, *tb = NULL;
+    size_t la = 0, lb = 0;
+    FILE *fa = open_memstream(&ta, &la), *fb = open_memstream(&tb, &lb);
+    if (fa && fb) {
+        hl_config_dump(a, fa);
+        hl_config_dump(b, fb);
+    }
+    if (fa)
+        fclose(fa);
+    if (fb)
+        fclose(fb);
+    if (ta && tb) {
+        /* Compare line by line; the dump lists keys in one fixed order. */
+        char *sa = ta, *sb = tb;
+        while (*sa && *sb) {
+            size_t na = strcspn(sa, "\n"), nb = strcspn(sb, "\n");
+            bool logging = strstr(sb, "verbose:") == sb + strspn(sb, " ") ||
+                           strstr(sb, "format:") == sb + strspn(sb, " ") || strstr(sb, "level:") == sb + strspn(sb, " ");
+            if ((na != nb || memcmp(sa, sb, na) != 0) && sb[0] != '#' && !logging)
+                hl_logf(HL_LOG_WARN, "SIGHUP: changed setting needs a restart to take effect: %.*s", (int)nb, sb);
+            sa += na + (sa[na] ? 1 : 0);
+            sb += nb + (sb[nb] ? 1 : 0);
+        }
+    }
+    free(ta);
+    free(tb);
+}
+
+static const char *level_name(int l)
+{
+    static const char *const n[] = {"debug", "info", "warn", "error"};
+    return l >= 0 && l < 4 ? n[l] : "info";
+}
+
+/* SIGHUP: re-read the configuration; the log level and format change at run
+ * time, other keys need a restart and are reported as such. */
+static void reload_config(void)
+{
+    hl_config nc;
+    char err[1024] = "";
+    if (!signal_reload) {
+        hl_infof("SIGHUP: no configuration source to reload");
+        return;
+    }
+    hl_config_defaults(&nc);
+    if (signal_reload(&nc, err, sizeof err)) {
+        hl_errorf("SIGHUP: configuration not reloaded: %s", err);
+        hl_config_free(&nc);
+        return;
+    }
+    int level = nc.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(nc.logging.level);
+    if (level < 0)
+        level = HL_LOG_INFO;
+    int old = hl_log_get_level();
+    bool json = strcmp(nc.logging.format, "json") == 0;
+    hl_log_setup((hl_log_level)level, json, nc.node_id);
+    if (old != level)
+        hl_log(HL_LOG_INFO, "SIGHUP: log level changed", "from", level_name(old), "to", level_name(level), NULL);
+    else
+        hl_log(HL_LOG_INFO, "SIGHUP: configuration re-read; log level unchanged", "level", level_name(level), NULL);
+    if (signal_current)
+        log_restart_needed(signal_current, &nc);
+    hl_config_free(&nc);
+}
 
 static void *signal_thread(void *arg)
 {
@@ -64,7 +149,7 @@ static void *signal_thread(void *arg)
         if (sigwait(set, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
-            hl_infof("SIGHUP received: nothing to reload yet");
+            reload_config();
             continue;
         }
         if (atomic_fetch_add(&stop_signals, 1) > 0) {
@@ -135,6 +220,110 @@ static bool db_touched(engine *e)
     return hit;
 }
 
+/* Describes the replicated tables for /schema. */
+static void schema_to_state(engine *e)
+{
+    hl_db *d = e->d;
+    cJSON *arr = cJSON_CreateArray();
+    for (size_t i = 0; arr && i < d->schema.n; i++) {
+        hl_table *t = &d->schema.t[i];
+        cJSON *o = cJSON_CreateObject(), *cols = cJSON_CreateArray();
+        cJSON_AddStringToObject(o, "name", t->name);
+        cJSON_AddStringToObject(o, "key", t->npk ? "primary_key" : "rowid");
+        cJSON_AddBoolToObject(o, "without_rowid", t->without_rowid);
+        for (size_t c = 0; c < t->ncols; c++) {
+            cJSON *col = cJSON_CreateObject();
+            cJSON_AddStringToObject(col, "name", t->cols[c]);
+            cJSON_AddStringToObject(col, "type", t->decl[c]);
+            cJSON_AddBoolToObject(col, "notnull", t->notnull[c]);
+            cJSON_AddNumberToObject(col, "pk", t->pkpos[c]);
+            cJSON_AddItemToArray(cols, col);
+        }
+        cJSON_AddItemToObject(o, "columns", cols);
+        cJSON_AddItemToArray(arr, o);
+    }
+    free(e->snap.schema_json);
+    e->snap.schema_json = arr ? cJSON_PrintUnformatted(arr) : NULL;
+    cJSON_Delete(arr);
+    hl_hex(d->schema.hash, 32, e->snap.schema_hash);
+    if (d->have_prev_hash)
+        hl_hex(d->prev_hash, 32, e->snap.prev_schema_hash);
+    e->snap.triggers_installed = true;
+}
+
+/* Copies counters and readiness inputs into the snapshot and publishes it. */
+static void publish_state(engine *e)
+{
+    hl_state_snapshot *s = &e->snap;
+    hl_db *d = e->d;
+    s->engine_beat_ms = hl_mono_ms();
+    if (d) {
+        s->rows_captured = d->stats.rows_captured;
+        s->changesets_captured = d->stats.changesets_captured;
+        s->rows_applied = d->stats.rows_applied;
+        s->rows_skipped_lww = d->stats.rows_skipped_lww;
+        s->conflicts = d->stats.conflicts;
+        s->changesets_applied = d->stats.changesets_applied;
+        s->changesets_duplicate = d->stats.changesets_duplicate;
+        s->changesets_malformed = d->stats.changesets_malformed;
+        s->changesets_held = d->stats.changesets_held;
+        if (hl_mono_ms() - e->last_held_check >= 1000) {
+            e->last_held_check = hl_mono_ms();
+            uint64_t for_schema = 0, oldest = 0;
+            hl_db_held_count(d, &s->held_now, &for_schema, &oldest);
+            hl_db_outbox_count(d, &s->outbox_rows);
+            s->paused = for_schema > 0;
+            if (s->paused)
+                snprintf(s->paused_reason, sizeof s->paused_reason,
+                         "%llu changesets wait for the local schema to match their origin's (see "
+                         "__harmonylite__pending)",
+                         (unsigned long long)for_schema);
+            else
+                s->paused_reason[0] = 0;
+            /* Held only for order: normal for a moment after a publish retry;
+             * for a minute it means a changeset is missing. */
+            bool order_gap = s->held_now > for_schema && oldest && hl_now_ms() - oldest > 60000;
+            if (order_gap && !e->order_gap) {
+                snprintf(s->gap_reason, sizeof s->gap_reason,
+                         "changesets held for more than a minute waiting for a missing predecessor (see "
+                         "__harmonylite__pending)");
+                hl_errorf("%s", s->gap_reason);
+            }
+            if (order_gap || e->order_gap)
+                s->gap = order_gap || e->stream_gap;
+            e->order_gap = order_gap;
+        }
+    }
+    if (e->pub) {
+        s->changesets_published = hl_publisher_published(e->pub);
+        s->rows_published = hl_publisher_rows_published(e->pub);
+    }
+    s->nats_connected = e->online && hl_nats_connected(e->n);
+    if (e->online && e->srv) {
+        s->nats_server_running = hl_nats_server_running(e->srv);
+        s->nats_server_restarts = hl_nats_server_restarts(e->srv);
+    }
+    uint64_t malformed = 0;
+    bool caught = true;
+    for (int i = 0; e->seen_seq && i < s->nstreams; i++) {
+        s->streams[i].applied_seq = e->seen_seq[i];
+        if (e->fetchers && e->fetchers[i]) {
+            malformed += hl_fetcher_malformed(e->fetchers[i]);
+            uint64_t rcv = hl_fetcher_received(e->fetchers[i]);
+            if (rcv > s->streams[i].tail_seq)
+                s->streams[i].tail_seq = rcv;
+        }
+        if (e->c->replicate && e->seen_seq[i] < s->streams[i].start_tail)
+            caught = false;
+    }
+    s->messages_malformed = malformed;
+    if (s->streams_ready)
+        s->caught_up = caught;
+    else if (e->snap.embedded && atomic_load(&e->setup_done) == 0)
+        s->nats_server_running = true; /* still starting: liveness must not fail */
+    hl_state_publish(&e->state, s);
+}
+
 /*
  * One engine transaction: schema check, capture, then (capture before apply)
  * the remote changesets in items. On failure nothing is lost: the transaction
@@ -168,6 +357,7 @@ static hl_status cycle(engine *e, hl_inbound *items)
                 hl_apply_result r;
                 if ((st = hl_apply(d, it->cs, it->raw, it->rawlen, it->flags, &r)))
                     goto fail;
+                it->applied = r == HL_APPLIED;
             }
             if (it->safe_seq > e->seen_seq[it->shard])
                 e->seen_seq[it->shard] = it->safe_seq;
@@ -183,6 +373,12 @@ static hl_status cycle(engine *e, hl_inbound *items)
     e->retry_held = false;
     for (int s = 0; s < e->c->replication_log.shards; s++)
         e->applied_seq[s] = e->seen_seq[s];
+    uint64_t now = hl_now_ms();
+    for (hl_inbound *it = items; it; it = it->next)
+        if (it->applied)
+            hl_state_observe_lag(&e->snap, now > it->cs->wall_ms ? (double)(now - it->cs->wall_ms) / 1000.0 : 0.0);
+    if (changed)
+        schema_to_state(e);
     e->last_seq_flush = hl_mono_ms();
     if (rows)
         hl_debugf("captured %" PRIu64 " rows", rows);
@@ -223,19 +419,68 @@ static hl_status start_nats(engine *e)
         return st;
     /* A JetStream cluster needs a quorum before streams can be created: keep
      * trying (and logging) until it forms or we are told to stop. */
-    for (;;) {
-        st = hl_nats_ensure_streams(e->n, c, 30000, &stop_flag);
+    for (int tries = 0;; tries++) {
+        st = hl_nats_ensure_streams(e->n, c, 5000, &stop_flag);
         if (st == HL_OK || stopping())
-            return st;
-        hl_warnf("JetStream streams not ready yet (%s); still trying", hl_status_str(st));
+            break;
+        if (tries % 6 == 5)
+            hl_warnf("JetStream streams not ready yet (%s); still trying", hl_status_str(st));
     }
+    for (int i = 0; st == HL_OK && i < c->replication_log.shards; i++)
+        if (hl_nats_stream_bounds(e->n, e->streams[i], &e->setup_first[i], &e->setup_last[i]) != HL_OK)
+            e->setup_first[i] = e->setup_last[i] = 0;
+    return st;
+}
+
+static void *setup_thread(void *arg)
+{
+    engine *e = arg;
+    hl_status st = start_nats(e);
+    if (st && !stopping())
+        hl_errorf("cannot reach NATS: %s", hl_status_str(st));
+    atomic_store(&e->setup_done, st == HL_OK ? 1 : -1);
+    hl_queue_wake(&e->q);
+    return NULL;
+}
+
+/* Runs on the engine thread once NATS is ready: checks for gaps, starts publishing and fetching. */
+static hl_status go_online(engine *e)
+{
+    hl_config *c = e->c;
+    e->snap.streams_ready = true;
+    for (int s = 0; s < c->replication_log.shards; s++) {
+        uint64_t first = e->setup_first[s], last = e->setup_last[s];
+        if (s < HL_STATE_MAX_SHARDS) {
+            e->snap.streams[s].start_tail = last;
+            e->snap.streams[s].tail_seq = last;
+        }
+        /* Messages after what we applied are gone: never skip them silently. */
+        if (c->replicate && last >= first && first > e->applied_seq[s] + 1) {
+            e->snap.gap = e->stream_gap = true;
+            snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
+                     "stream %s starts at sequence %" PRIu64 " but this node applied only up to %" PRIu64
+                     "; changesets in between were discarded by retention: restore a snapshot",
+                     e->streams[s], first, e->applied_seq[s]);
+            hl_errorf("gap in replication log: %s", e->snap.gap_reason);
+        }
+    }
+    if (c->publish)
+        hl_publisher_attach(e->pub, e->n);
+    if (c->replicate)
+        for (int s = 0; s < c->replication_log.shards; s++)
+            if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, e->d->epoch))
+                return HL_ERR_IO;
+    e->online = true;
+    hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
+           c->publish ? "true" : "false", "replicate", c->replicate ? "true" : "false", NULL);
+    return HL_OK;
 }
 
 static void flush_outbox(engine *e)
 {
     uint64_t deadline = hl_mono_ms() + (uint64_t)e->c->shutdown_grace_s * 1000u;
     uint64_t left = 0;
-    while (e->pub && e->n && hl_mono_ms() < deadline) {
+    while (e->online && e->c->publish && hl_mono_ms() < deadline) {
         if (hl_db_outbox_count(e->d, &left) || left == 0)
             break;
         hl_publisher_pump(e->pub, e->d);
@@ -252,7 +497,7 @@ static void flush_outbox(engine *e)
                  left);
 }
 
-int hl_engine_run(hl_config *c)
+int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
     engine e = {.c = c, .inotify_fd = -1};
     int rc = 1;
@@ -272,6 +517,13 @@ int hl_engine_run(hl_config *c)
         return 1;
     }
     signal_queue = &e.q;
+    signal_reload = reload;
+    signal_current = c;
+    hl_state_init(&e.state);
+    e.snap.node_id = c->node_id;
+    e.snap.embedded = c->nats.urls.n == 0;
+    e.snap.nstreams = shards < HL_STATE_MAX_SHARDS ? shards : HL_STATE_MAX_SHARDS;
+    publish_state(&e);
     pthread_create(&sig_th, NULL, signal_thread, &set);
     pthread_detach(sig_th);
 
@@ -286,10 +538,15 @@ int hl_engine_run(hl_config *c)
         if (!e.streams[s])
             goto out;
         hl_nats_stream_name(c, s, e.streams[s], 256);
+        if (s < HL_STATE_MAX_SHARDS)
+            snprintf(e.snap.streams[s].name, sizeof e.snap.streams[s].name, "%s", e.streams[s]);
     }
+    if (c->http.bind && c->http.bind[0] && hl_http_start(&e.http, c->http.bind, &e.state))
+        goto out;
 
     if (hl_db_open(&e.d, c->db_path, c->node_id, c->cache_size_kib))
         goto out;
+    e.snap.db_open = true;
     e.d->publish = c->publish;
     e.d->compress = c->replication_log.compress;
     e.d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
@@ -319,28 +576,32 @@ int hl_engine_run(hl_config *c)
         hl_hex(e.d->schema.hash, 32, hex);
         hl_logf(HL_LOG_INFO, "watching %zu tables in %s (schema hash %s); %" PRIu64 " pending changes captured",
                 e.d->schema.n, c->db_path, hex, rows);
+        schema_to_state(&e);
+        publish_state(&e);
     }
     if (watch_db(&e))
         goto out;
     if (hl_publisher_new(&e.pub, c, &e.q))
         goto out;
-    if (start_nats(&e)) {
-        if (stopping())
-            rc = 0;
+    e.setup_first = calloc((size_t)shards, sizeof *e.setup_first);
+    e.setup_last = calloc((size_t)shards, sizeof *e.setup_last);
+    if (!e.setup_first || !e.setup_last)
         goto out;
-    }
-    if (c->publish)
-        hl_publisher_attach(e.pub, e.n);
-    if (c->replicate)
-        for (int s = 0; s < shards; s++)
-            if (hl_fetcher_start(&e.fetchers[s], c, e.n, &e.q, s, e.applied_seq[s] + 1, e.d->epoch))
-                goto out;
-    hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
-           c->publish ? "true" : "false", "replicate", c->replicate ? "true" : "false", NULL);
+    if (pthread_create(&e.setup_th, NULL, setup_thread, &e) != 0)
+        goto out;
+    e.setup_started = true;
 
     e.last_gc = hl_mono_ms();
     bool want_capture = true;
+    uint64_t last_poll = hl_mono_ms();
     while (!stopping()) {
+        if (!e.online) {
+            int sd = atomic_load(&e.setup_done);
+            if (sd < 0)
+                goto out;
+            if (sd > 0 && go_online(&e))
+                goto out;
+        }
         hl_ack *acks = NULL;
         size_t na = hl_queue_take_acks(&e.q, &acks);
         if (na)
@@ -377,6 +638,7 @@ int hl_engine_run(hl_config *c)
                 continue; /* more queued: go again without sleeping */
         }
         hl_publisher_pump(e.pub, e.d);
+        publish_state(&e);
 
         if (hl_mono_ms() - e.last_gc > TOMBSTONE_GC_MS) {
             uint64_t n = 0;
@@ -391,7 +653,8 @@ int hl_engine_run(hl_config *c)
         }
 
         struct pollfd pfd[2] = {{.fd = e.q.wake_fd, .events = POLLIN}, {.fd = e.inotify_fd, .events = POLLIN}};
-        int timeout = c->polling_interval_ms > 0 ? c->polling_interval_ms : 1000;
+        /* Wake at least every 5 s so the /healthz heartbeat stays fresh. */
+        int timeout = c->polling_interval_ms > 0 && c->polling_interval_ms < 5000 ? c->polling_interval_ms : 5000;
         int pt = hl_publisher_next_timeout(e.pub);
         if (pt >= 0 && pt < timeout)
             timeout = pt;
@@ -406,11 +669,18 @@ int hl_engine_run(hl_config *c)
             hl_queue_drain_wake(&e.q);
         if (pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN) && db_touched(&e))
             want_capture = true;
-        if (pr == 0 && c->polling_interval_ms > 0)
+        if (pr == 0 && c->polling_interval_ms > 0 && hl_mono_ms() - last_poll >= (uint64_t)c->polling_interval_ms) {
             want_capture = true;
+            last_poll = hl_mono_ms();
+        }
     }
 
     /* Graceful stop: no new remote work, capture the last local writes, flush. */
+    stop_flag = 1;
+    if (e.setup_started) {
+        pthread_join(e.setup_th, NULL);
+        e.setup_started = false;
+    }
     hl_queue_close(&e.q);
     for (int s = 0; s < shards; s++) {
         hl_fetcher_stop(e.fetchers[s]);
@@ -424,11 +694,17 @@ int hl_engine_run(hl_config *c)
     flush_outbox(&e);
     rc = 0;
 out:
+    stop_flag = 1;
+    if (e.setup_started)
+        pthread_join(e.setup_th, NULL);
     if (e.fetchers)
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e.fetchers[s]);
     hl_nats_close(e.n, 2000);
     hl_nats_server_stop(e.srv, 10000);
+    hl_http_stop(e.http);
+    hl_state_destroy(&e.state);
+    free(e.snap.schema_json);
     hl_publisher_free(e.pub);
     hl_db_close(e.d);
     if (e.inotify_fd >= 0)
@@ -440,6 +716,8 @@ out:
     free(e.applied_seq);
     free(e.seen_seq);
     free(e.fetchers);
+    free(e.setup_first);
+    free(e.setup_last);
     free(e.db_base);
     free(e.wal_base);
     signal_queue = NULL;

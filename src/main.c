@@ -49,11 +49,32 @@ static const char usage[] =
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
 static const char *const actions[] = {"config", "check-config", "cleanup", "version", "help", "h"};
 
+/* What the command line asked for; kept so SIGHUP can reload the same way. */
+static const char *config_path;
+static const char *sets[64][3]; /* key, value, the flag as given */
+static size_t nsets;
+
+/* Defaults, then the file, the environment and the flags, then derived values. */
+static hl_status load_config(hl_config *c, char *err, size_t errlen)
+{
+    hl_status st;
+    if (config_path && (st = hl_config_load_file(c, config_path, err, errlen)))
+        return st;
+    if ((st = hl_config_load_env(c, environ, err, errlen)))
+        return st;
+    for (size_t i = 0; i < nsets; i++) {
+        char origin[160];
+        const char *f = sets[i][2];
+        size_t fl = strcspn(f, "=");
+        snprintf(origin, sizeof origin, "flag %.*s", (int)fl, f);
+        if ((st = hl_config_set(c, sets[i][0], sets[i][1], origin, err, errlen)))
+            return st;
+    }
+    return hl_config_finish(c, err, errlen);
+}
+
 int main(int argc, char **argv)
 {
-    const char *config_path = NULL;
-    const char *sets[64][3]; /* key, value, the flag as given */
-    size_t nsets = 0;
     int check = 0, cleanup = 0;
     char err[1024];
     hl_config c;
@@ -124,19 +145,7 @@ int main(int argc, char **argv)
 
     hl_config_defaults(&c);
     err[0] = 0;
-    if (config_path && hl_config_load_file(&c, config_path, err, sizeof err))
-        goto config_error;
-    if (hl_config_load_env(&c, environ, err, sizeof err))
-        goto config_error;
-    for (size_t i = 0; i < nsets; i++) {
-        char origin[160];
-        const char *f = sets[i][2];
-        size_t fl = strcspn(f, "=");
-        snprintf(origin, sizeof origin, "flag %.*s", (int)fl, f);
-        if (hl_config_set(&c, sets[i][0], sets[i][1], origin, err, sizeof err))
-            goto config_error;
-    }
-    if (hl_config_finish(&c, err, sizeof err))
+    if (load_config(&c, err, sizeof err))
         goto config_error;
 
     int level = c.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(c.logging.level);
@@ -152,7 +161,7 @@ int main(int argc, char **argv)
         hl_config_free(&c);
         return rc;
     }
-    int rc = hl_engine_run(&c);
+    int rc = hl_engine_run(&c, load_config);
     hl_config_free(&c);
     return rc;
 

@@ -51,7 +51,7 @@ static hl_status origin_put(hl_db *d, uint64_t node, uint64_t epoch, uint64_t se
 }
 
 static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
-                      const char *reason)
+                      bool for_schema, const char *reason)
 {
     sqlite3_stmt *st = d->st_pending_put;
     sqlite3_bind_int64(st, 1, (int64_t)cs->origin);
@@ -59,7 +59,9 @@ static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t 
     sqlite3_bind_int64(st, 3, (int64_t)cs->seq);
     sqlite3_bind_int(st, 4, flags);
     sqlite3_bind_blob64(st, 5, raw, rawlen, SQLITE_STATIC);
-    sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int(st, 6, for_schema ? 1 : 0);
+    sqlite3_bind_int64(st, 7, (int64_t)hl_now_ms());
+    sqlite3_bind_text(st, 8, reason, -1, SQLITE_TRANSIENT);
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
@@ -429,7 +431,21 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
         }
         if (r == ONE_SCHEMA) {
             hl_changeset_free(cs);
-            return HL_OK; /* still waiting for our schema */
+            /* Now first in line, it waits for our schema rather than for a predecessor. */
+            sqlite3_stmt *u = NULL;
+            rc = sqlite3_prepare_v2(d->db,
+                                    "UPDATE " HL_PREFIX "pending SET schema = 1, reason = ? "
+                                    "WHERE node = ? AND epoch = ? AND seq = ?",
+                                    -1, &u, NULL);
+            if (rc == SQLITE_OK) {
+                sqlite3_bind_text(u, 1, why, -1, SQLITE_STATIC);
+                sqlite3_bind_int64(u, 2, (int64_t)node);
+                sqlite3_bind_int64(u, 3, (int64_t)epoch);
+                sqlite3_bind_int64(u, 4, (int64_t)(applied + 1));
+                rc = sqlite3_step(u);
+            }
+            sqlite3_finalize(u);
+            return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending update");
         }
         if (r == ONE_MALFORMED) {
             d->stats.changesets_malformed++;
@@ -481,7 +497,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
                 (unsigned long long)cs->origin, why);
         *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, why);
+        return hold(d, cs, raw, rawlen, flags, false, why);
     }
     one_result r;
     if ((st = apply_one(d, cs, &r, why, sizeof why)))
@@ -491,7 +507,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
                 (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
         *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, why);
+        return hold(d, cs, raw, rawlen, flags, true, why);
     case ONE_MALFORMED:
         d->stats.changesets_malformed++;
         log_refused(cs, why);

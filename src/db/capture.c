@@ -274,7 +274,8 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
         sqlite3_stmt *ob = d->st_outbox_put;
         sqlite3_bind_int64(ob, 1, (int64_t)cs->seq);
         sqlite3_bind_int(ob, 2, d->compress ? HL_PART_FLAG_ZSTD : 0);
-        sqlite3_bind_blob64(ob, 3, payload.data, payload.len, SQLITE_STATIC);
+        sqlite3_bind_int64(ob, 3, (int64_t)cs->nrows);
+        sqlite3_bind_blob64(ob, 4, payload.data, payload.len, SQLITE_STATIC);
         int rc = sqlite3_step(ob);
         sqlite3_reset(ob);
         sqlite3_clear_bindings(ob);

@@ -115,7 +115,7 @@ hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq);
 hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq);
 
 /* Outbox: rows with seq > after, in order; returns HL_ERR_NOT_FOUND when none. */
-hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, hl_buf *payload);
+hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *rows, hl_buf *payload);
 hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq);
 hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
 
@@ -191,6 +191,7 @@ hl_status hl_apply_end(hl_db *d);   /* clears it; call before commit */
 
 /* Retries every held changeset (after a schema change). */
 hl_status hl_apply_retry_held(hl_db *d);
-hl_status hl_db_held_count(hl_db *d, uint64_t *count);
+/* Held changesets: all, those waiting for the local schema, and the oldest one's hold time. */
+hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms);
 
 #endif

@@ -23,7 +23,7 @@ static const char *const internal_ddl =
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "clock(tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL,"
     " node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "outbox(seq INTEGER PRIMARY KEY, flags INTEGER NOT NULL,"
-    " data BLOB NOT NULL);"
+    " rows INTEGER NOT NULL, data BLOB NOT NULL);"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "origins(node INTEGER NOT NULL, epoch INTEGER NOT NULL,"
     " seq INTEGER NOT NULL, PRIMARY KEY (node, epoch)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "seq(stream TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"
@@ -31,7 +31,7 @@ static const char *const internal_ddl =
     " origin INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB, hlc INTEGER, reason TEXT NOT NULL);"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "pending(id INTEGER PRIMARY KEY, node INTEGER NOT NULL,"
     " epoch INTEGER NOT NULL, seq INTEGER NOT NULL, flags INTEGER NOT NULL, data BLOB NOT NULL,"
-    " reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
+    " schema INTEGER NOT NULL, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;";
 
 hl_status hl_db_err(hl_db *d, int rc, const char *what)
@@ -240,7 +240,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?, ?, ?, ?, ?) "
                    "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
                    "deleted = excluded.deleted")) ||
-        (st = prep(d, &d->st_outbox_put, "INSERT INTO " HL_PREFIX "outbox(seq, flags, data) VALUES (?, ?, ?)")) ||
+        (st = prep(d, &d->st_outbox_put, "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_conflict_put,
                    "INSERT INTO " HL_PREFIX "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_origin_get, "SELECT seq FROM " HL_PREFIX "origins WHERE node = ? AND epoch = ?")) ||
@@ -251,8 +251,8 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "INSERT INTO " HL_PREFIX "seq(stream, seq) VALUES (?, ?) "
                    "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq")) ||
         (st = prep(d, &d->st_pending_put,
-                   "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, reason) "
-                   "VALUES (?, ?, ?, ?, ?, ?)")))
+                   "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, schema, at_ms, reason) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")))
         goto out;
     d->data_version = -1;
     d->schema_version = -1;
@@ -319,12 +319,12 @@ hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq)
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "stream seq put");
 }
 
-hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, hl_buf *payload)
+hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *rows, hl_buf *payload)
 {
     sqlite3_stmt *st = NULL;
     hl_status res = HL_ERR_NOT_FOUND;
     int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT seq, flags, data FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1",
+                                "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1",
                                 -1, &st, NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "outbox read");
@@ -332,6 +332,7 @@ hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, hl_buf *pay
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         *seq = (uint64_t)sqlite3_column_int64(st, 0);
+        *rows = (uint64_t)sqlite3_column_int64(st, 3);
         hl_buf_reset(payload);
         /* First byte of the buffer carries the flags; the payload follows. */
         res = hl_buf_addc(payload, (unsigned char)sqlite3_column_int(st, 1));
@@ -365,13 +366,25 @@ hl_status hl_db_outbox_count(hl_db *d, uint64_t *count)
     return HL_OK;
 }
 
-hl_status hl_db_held_count(hl_db *d, uint64_t *count)
+hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms)
 {
-    int64_t v = query_int(d, "SELECT count(*) FROM " HL_PREFIX "pending", -1);
-    if (v < 0)
-        return HL_ERR_SQLITE;
-    *count = (uint64_t)v;
-    return HL_OK;
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT count(*), coalesce(sum(schema), 0), coalesce(min(at_ms), 0) FROM " HL_PREFIX
+                                "pending",
+                                -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending count");
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *count = (uint64_t)sqlite3_column_int64(st, 0);
+        if (for_schema)
+            *for_schema = (uint64_t)sqlite3_column_int64(st, 1);
+        if (oldest_ms)
+            *oldest_ms = (uint64_t)sqlite3_column_int64(st, 2);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? HL_OK : hl_db_err(d, rc, "pending count");
 }
 
 hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *deleted)

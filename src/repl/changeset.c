@@ -908,7 +908,7 @@ static hl_status dec_row(dec *d, const hl_changeset *cs, hl_cs_row *r)
     const hl_cs_table *t = &cs->tables[table];
     size_t nkey = t->npk ? t->npk : 1, nvals = op == HL_OP_UPSERT ? t->ncols : 0, strbytes = 0;
     unsigned char *sp;
-    hl_value v;
+    hl_value v = {.type = HL_VAL_NULL};
     dec scan = *d;
     st = dec_array_exact(&scan, nkey, MIN_VALUE_BYTES, "key length does not match the table");
     for (size_t i = 0; !st && i < nkey; i++)

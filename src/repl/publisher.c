@@ -14,6 +14,7 @@
 
 typedef struct inflight {
     uint64_t seq;
+    uint64_t rows;
     uint32_t parts_left;
 } inflight;
 
@@ -29,7 +30,7 @@ struct hl_publisher {
     uint64_t last_progress; /* mono ms of the last ack or send */
     uint64_t retry_at;      /* mono ms before which nothing is re-published */
     bool resend;
-    uint64_t published;
+    uint64_t published, rows_published;
     hl_buf row, msg;
 };
 
@@ -81,6 +82,11 @@ size_t hl_publisher_inflight(const hl_publisher *p)
 uint64_t hl_publisher_published(const hl_publisher *p)
 {
     return p->published;
+}
+
+uint64_t hl_publisher_rows_published(const hl_publisher *p)
+{
+    return p->rows_published;
 }
 
 void hl_publisher_ack_handler(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
@@ -193,8 +199,8 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
     if (p->resend || now < p->retry_at)
         return HL_OK;
     while (p->parts_inflight < WINDOW_PARTS) {
-        uint64_t seq;
-        hl_status st = hl_db_outbox_next(d, p->last_sent, &seq, &p->row);
+        uint64_t seq, rows = 0;
+        hl_status st = hl_db_outbox_next(d, p->last_sent, &seq, &rows, &p->row);
         if (st == HL_ERR_NOT_FOUND)
             return HL_OK;
         if (st)
@@ -208,7 +214,7 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             p->capwin = ncap;
         }
         uint32_t count = hl_part_count(p->row.len - 1, (size_t)p->c->replication_log.chunk_bytes);
-        p->win[p->nwin++] = (inflight){.seq = seq, .parts_left = count};
+        p->win[p->nwin++] = (inflight){.seq = seq, .rows = rows, .parts_left = count};
         p->last_sent = seq;
         p->last_progress = now;
         if (send_one(p, d->epoch, seq))
@@ -241,6 +247,7 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
             if ((st = hl_db_outbox_delete(d, f->seq)))
                 break;
             p->published++;
+            p->rows_published += f->rows;
             *f = p->win[--p->nwin];
         }
     }

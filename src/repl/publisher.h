@@ -34,7 +34,8 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d);
 hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size_t n);
 /* Parts published and not yet acknowledged. */
 size_t hl_publisher_inflight(const hl_publisher *p);
-uint64_t hl_publisher_published(const hl_publisher *p); /* changesets fully acknowledged */
+uint64_t hl_publisher_published(const hl_publisher *p);      /* changesets fully acknowledged */
+uint64_t hl_publisher_rows_published(const hl_publisher *p); /* rows in those changesets */
 /* Milliseconds until pump() should run again for stall detection, or -1. */
 int hl_publisher_next_timeout(const hl_publisher *p);
 /* Shard this node publishes to: a hash of its node id modulo shards. */

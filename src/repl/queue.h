@@ -24,6 +24,7 @@ typedef struct hl_inbound {
     unsigned char *raw; /* the encoded payload, kept in case the changeset must be held */
     size_t rawlen;
     uint8_t flags;
+    bool applied; /* set by the engine when the changeset's rows were applied */
     size_t bytes; /* accounted size */
 } hl_inbound;
 

@@ -91,9 +91,10 @@ static char *dump(const hl_config *c)
 static char *dump_body(const hl_config *c)
 {
     char *text = dump(c);
-    char *nl = strchr(text, '\n');
-    ck_assert_ptr_nonnull(nl);
-    memmove(text, nl + 1, strlen(nl + 1) + 1);
+    size_t off = strcspn(text, "\n");
+    ck_assert_int_eq(text[off], '\n');
+    off++;
+    memmove(text, text + off, strlen(text + off) + 1);
     return text;
 }
 

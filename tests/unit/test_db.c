@@ -88,7 +88,9 @@ static hl_changeset *take(hl_db *src, hl_buf *raw, uint8_t *flags)
 {
     uint64_t seq;
     hl_buf_reset(raw);
-    ck_assert_int_eq(hl_db_outbox_next(src, 0, &seq, raw), HL_OK);
+    uint64_t rows;
+    ck_assert_int_eq(hl_db_outbox_next(src, 0, &seq, &rows, raw), HL_OK);
+    ck_assert_uint_gt(rows, 0);
     *flags = raw->data[0];
     hl_changeset *cs = NULL;
     char err[256];
@@ -334,10 +336,10 @@ START_TEST(out_of_order_changesets_are_held_then_applied)
     ck_assert_uint_eq(c2->seq, 2);
     ck_assert_int_eq(apply(b, c2, &r2, f2), HL_HELD);
     uint64_t held;
-    ck_assert_int_eq(hl_db_held_count(b, &held), HL_OK);
+    ck_assert_int_eq(hl_db_held_count(b, &held, NULL, NULL), HL_OK);
     ck_assert_uint_eq(held, 1);
     ck_assert_int_eq(apply(b, c1, &r1, f1), HL_APPLIED);
-    ck_assert_int_eq(hl_db_held_count(b, &held), HL_OK);
+    ck_assert_int_eq(hl_db_held_count(b, &held, NULL, NULL), HL_OK);
     ck_assert_uint_eq(held, 0);
     char *da = dump(pa), *db = dump(pb);
     ck_assert_str_eq(da, db);

@@ -1,0 +1,846 @@
+/*
+ * http.c - the operator HTTP surface: /healthz, /readyz, /metrics, /schema.
+ *
+ * libmicrohttpd runs one internal polling thread. Handlers copy the engine's
+ * last published snapshot (hl_state_get, a short mutex hold) and render it;
+ * they never touch the database or NATS, so a slow client cannot slow the
+ * engine. Bodies are rendered into size-capped buffers and handed to MHD,
+ * which frees them with free().
+ *
+ * Only GET and HEAD exist. Request bodies are never buffered: a declared body
+ * larger than HL_HTTP_MAX_BODY is refused with 413 before it is read, and a
+ * chunked body is counted and discarded, the connection dropped once it passes
+ * the limit.
+ */
+#include "http/http.h"
+
+#include <arpa/inet.h>
+#include <cjson/cJSON.h>
+#include <inttypes.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "common/hlc.h"
+#include "common/log.h"
+
+#ifndef HL_VERSION
+#define HL_VERSION "unknown"
+#endif
+
+#define HL_HTTP_MAX_CONNECTIONS 64u
+#define HL_HTTP_TIMEOUT_S 10u
+#define HL_HTTP_CONN_MEMORY (16u * 1024u) /* request line + headers per connection */
+#define HL_HTTP_MAX_BODY 1024u            /* bytes of request body read and thrown away */
+#define HL_HTTP_HEARTBEAT_MS 10000u       /* /healthz fails when the engine loop is older */
+#define HL_HTTP_BODY_LIMIT (1u << 20)     /* cap of any rendered response */
+
+#define CT_JSON "application/json"
+#define CT_METRICS "text/plain; version=0.0.4; charset=utf-8"
+
+struct hl_http {
+    struct MHD_Daemon *d;
+    hl_state *state;
+    int port;
+    char bind[256];
+    /* MHD's last message while starting, to explain a failure; guarded by mu
+     * because MHD logs from its own thread once started. */
+    pthread_mutex_t mu;
+    int starting;
+    char start_err[256];
+};
+
+/* Per request: bytes of body seen (and discarded). Freed in on_completed. */
+typedef struct hl_http_req {
+    uint64_t body;
+} hl_http_req;
+
+/* ---- small helpers ---- */
+
+/* Copies a fixed-size char array that may lack its NUL into out (size outsz). */
+static void fixed_str(char *out, size_t outsz, const char *in, size_t insz)
+{
+    size_t n = strnlen(in, insz);
+    if (n >= outsz)
+        n = outsz - 1;
+    memcpy(out, in, n);
+    out[n] = 0;
+}
+
+static int nstreams_of(const hl_state_snapshot *s)
+{
+    if (s->nstreams < 0)
+        return 0;
+    return s->nstreams > HL_STATE_MAX_SHARDS ? HL_STATE_MAX_SHARDS : s->nstreams;
+}
+
+/* Prints cJSON item followed by a newline into a new malloc'd string (NULL on failure). */
+static char *json_finish(cJSON *root)
+{
+    char *out = NULL;
+    char *txt = root ? cJSON_PrintUnformatted(root) : NULL;
+    if (txt) {
+        size_t n = strlen(txt);
+        out = malloc(n + 2);
+        if (out) {
+            memcpy(out, txt, n);
+            out[n] = '\n';
+            out[n + 1] = 0;
+        }
+        cJSON_free(txt);
+    }
+    cJSON_Delete(root);
+    return out;
+}
+
+/* ---- /healthz ---- */
+
+char *hl_http_render_healthz(const hl_state_snapshot *s, uint64_t now_mono_ms, int *code)
+{
+    char reason[160] = "";
+
+    if (s->engine_beat_ms == 0) {
+        snprintf(reason, sizeof reason, "the engine loop has not run yet");
+    } else {
+        uint64_t age = now_mono_ms > s->engine_beat_ms ? now_mono_ms - s->engine_beat_ms : 0;
+        if (age >= HL_HTTP_HEARTBEAT_MS)
+            snprintf(reason, sizeof reason, "the engine loop has not run for %" PRIu64 ".%01" PRIu64 " s", age / 1000,
+                     (age % 1000) / 100);
+        else if (s->embedded && !s->nats_server_running)
+            snprintf(reason, sizeof reason, "the embedded nats-server is not running");
+    }
+
+    cJSON *root = cJSON_CreateObject();
+    if (!root)
+        goto out;
+    if (!cJSON_AddStringToObject(root, "status", reason[0] ? "unhealthy" : "ok"))
+        goto out;
+    if (reason[0] && !cJSON_AddStringToObject(root, "reason", reason))
+        goto out;
+out:
+    *code = reason[0] ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_OK;
+    return json_finish(root);
+}
+
+/* ---- readiness checks, shared by /readyz and /metrics ---- */
+
+enum { CHECK_DATABASE, CHECK_TRIGGERS, CHECK_NATS, CHECK_STREAMS, CHECK_CAUGHT_UP, CHECK_GAP, CHECK_SCHEMA, NCHECKS };
+
+typedef struct check {
+    const char *name;
+    bool ok;
+    char reason[400];
+} check;
+
+/* Fills c[NCHECKS]; returns true when every check passes. */
+static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
+{
+    static const char *const names[NCHECKS] = {"database", "triggers", "nats", "streams", "caught_up", "gap", "schema"};
+    for (int i = 0; i < NCHECKS; i++) {
+        c[i].name = names[i];
+        c[i].ok = true;
+        c[i].reason[0] = 0;
+    }
+
+    if (!s->db_open) {
+        c[CHECK_DATABASE].ok = false;
+        snprintf(c[CHECK_DATABASE].reason, sizeof c[0].reason, "the database is not open");
+    }
+    if (!s->triggers_installed) {
+        c[CHECK_TRIGGERS].ok = false;
+        snprintf(c[CHECK_TRIGGERS].reason, sizeof c[0].reason, "change-capture triggers are not installed");
+    }
+    if (!s->nats_connected) {
+        c[CHECK_NATS].ok = false;
+        snprintf(c[CHECK_NATS].reason, sizeof c[0].reason, "%s",
+                 s->embedded ? "not connected to the embedded nats-server" : "not connected to NATS");
+    }
+    if (!s->streams_ready) {
+        c[CHECK_STREAMS].ok = false;
+        snprintf(c[CHECK_STREAMS].reason, sizeof c[0].reason, "the JetStream change-log streams are not ready");
+    }
+    if (!s->caught_up) {
+        c[CHECK_CAUGHT_UP].ok = false;
+        int behind = -1, nbehind = 0;
+        for (int i = 0; i < nstreams_of(s); i++)
+            if (s->streams[i].applied_seq < s->streams[i].start_tail) {
+                if (behind < 0)
+                    behind = i;
+                nbehind++;
+            }
+        if (behind >= 0) {
+            char name[sizeof s->streams[0].name];
+            fixed_str(name, sizeof name, s->streams[behind].name, sizeof s->streams[behind].name);
+            int n = snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
+                             "applied %" PRIu64 " of %" PRIu64 " messages present at start on %s",
+                             s->streams[behind].applied_seq, s->streams[behind].start_tail, name);
+            if (nbehind > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
+                snprintf(c[CHECK_CAUGHT_UP].reason + n, sizeof c[0].reason - (size_t)n,
+                         " (and %d more stream%s behind)", nbehind - 1, nbehind > 2 ? "s" : "");
+        } else {
+            snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
+                     "still reading the messages present in the change-log streams at start");
+        }
+    }
+    if (s->gap) {
+        char r[sizeof s->gap_reason];
+        fixed_str(r, sizeof r, s->gap_reason, sizeof s->gap_reason);
+        c[CHECK_GAP].ok = false;
+        snprintf(c[CHECK_GAP].reason, sizeof c[0].reason, "%s",
+                 r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
+    }
+    if (s->paused) {
+        char r[sizeof s->paused_reason];
+        fixed_str(r, sizeof r, s->paused_reason, sizeof s->paused_reason);
+        c[CHECK_SCHEMA].ok = false;
+        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
+                 r[0] ? r : "changesets are held until the local schema matches theirs");
+    }
+
+    bool all = true;
+    for (int i = 0; i < NCHECKS; i++)
+        all = all && c[i].ok;
+    return all;
+}
+
+/* ---- /readyz ---- */
+
+char *hl_http_render_readyz(const hl_state_snapshot *s, int *code)
+{
+    check c[NCHECKS];
+    bool ready = eval_checks(s, c);
+    *code = ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE;
+
+    cJSON *root = cJSON_CreateObject();
+    cJSON *arr = NULL;
+    if (!root || !cJSON_AddBoolToObject(root, "ready", ready))
+        goto fail;
+    arr = cJSON_AddArrayToObject(root, "checks");
+    if (!arr)
+        goto fail;
+    for (int i = 0; i < NCHECKS; i++) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o)
+            goto fail;
+        cJSON_AddItemToArray(arr, o);
+        if (!cJSON_AddStringToObject(o, "name", c[i].name) || !cJSON_AddBoolToObject(o, "ok", c[i].ok) ||
+            !cJSON_AddStringToObject(o, "reason", c[i].reason))
+            goto fail;
+    }
+    return json_finish(root);
+fail:
+    cJSON_Delete(root);
+    return NULL;
+}
+
+/* ---- /metrics ---- */
+
+/* Appends a label value escaped per the exposition format: \ " and newline. */
+static hl_status add_label_value(hl_buf *b, const char *v)
+{
+    hl_status st = HL_OK;
+    for (const char *p = v; !st && *p; p++) {
+        if (*p == '\\')
+            st = hl_buf_adds(b, "\\\\");
+        else if (*p == '"')
+            st = hl_buf_adds(b, "\\\"");
+        else if (*p == '\n')
+            st = hl_buf_adds(b, "\\n");
+        else
+            st = hl_buf_addc(b, (unsigned char)*p);
+    }
+    return st;
+}
+
+/* Appends a float in the shortest form that reads back exactly. */
+static hl_status add_float(hl_buf *b, double v)
+{
+    char tmp[40];
+    if (isnan(v))
+        return hl_buf_adds(b, "NaN");
+    if (isinf(v))
+        return hl_buf_adds(b, v > 0 ? "+Inf" : "-Inf");
+    snprintf(tmp, sizeof tmp, "%.15g", v);
+    if (strtod(tmp, NULL) != v)
+        snprintf(tmp, sizeof tmp, "%.17g", v);
+    return hl_buf_adds(b, tmp);
+}
+
+/* Context for writing one exposition: the buffer and the node label. */
+typedef struct mw {
+    hl_buf b;
+    char node[24];
+    hl_status st;
+} mw;
+
+/* "# HELP" and "# TYPE" lines. help must not contain '\' or newlines. */
+static void m_head(mw *w, const char *name, const char *type, const char *help)
+{
+    if (!w->st)
+        w->st = hl_buf_addf(&w->b, "# HELP harmonylite_%s %s\n# TYPE harmonylite_%s %s\n", name, help, name, type);
+}
+
+/* Starts a sample line: name{node_id="N" (the caller may add labels, then calls m_end_*). */
+static void m_begin(mw *w, const char *name)
+{
+    if (!w->st)
+        w->st = hl_buf_addf(&w->b, "harmonylite_%s{node_id=\"%s\"", name, w->node);
+}
+
+static void m_label(mw *w, const char *k, const char *v)
+{
+    if (!w->st)
+        w->st = hl_buf_addf(&w->b, ",%s=\"", k);
+    if (!w->st)
+        w->st = add_label_value(&w->b, v);
+    if (!w->st)
+        w->st = hl_buf_addc(&w->b, '"');
+}
+
+static void m_end_u64(mw *w, uint64_t v)
+{
+    if (!w->st)
+        w->st = hl_buf_addf(&w->b, "} %" PRIu64 "\n", v);
+}
+
+static void m_end_f(mw *w, double v)
+{
+    if (!w->st)
+        w->st = hl_buf_adds(&w->b, "} ");
+    if (!w->st)
+        w->st = add_float(&w->b, v);
+    if (!w->st)
+        w->st = hl_buf_addc(&w->b, '\n');
+}
+
+/* A metric with a single sample labelled node_id only. */
+static void m_simple(mw *w, const char *name, const char *type, const char *help, uint64_t v)
+{
+    m_head(w, name, type, help);
+    m_begin(w, name);
+    m_end_u64(w, v);
+}
+
+char *hl_http_render_metrics(const hl_state_snapshot *s)
+{
+    mw w;
+    check c[NCHECKS];
+    bool ready = eval_checks(s, c);
+    int ns = nstreams_of(s);
+
+    hl_buf_init(&w.b, HL_HTTP_BODY_LIMIT);
+    w.st = HL_OK;
+    snprintf(w.node, sizeof w.node, "%" PRIu64, s->node_id);
+
+    m_head(&w, "build_info", "gauge", "Always 1; the version label is the running harmonylite version.");
+    m_begin(&w, "build_info");
+    m_label(&w, "version", HL_VERSION);
+    m_end_u64(&w, 1);
+
+    /* capture and publish */
+    m_simple(&w, "rows_captured_total", "counter", "Row changes captured from local writes.", s->rows_captured);
+    m_simple(&w, "changesets_captured_total", "counter", "Changesets built from local writes.", s->changesets_captured);
+    m_simple(&w, "changesets_published_total", "counter", "Changesets acknowledged by JetStream.",
+             s->changesets_published);
+    m_simple(&w, "rows_published_total", "counter", "Row changes in changesets acknowledged by JetStream.",
+             s->rows_published);
+    m_simple(&w, "publish_backlog", "gauge", "Changesets in the outbox waiting to be acknowledged by JetStream.",
+             s->outbox_rows);
+
+    /* apply */
+    m_simple(&w, "rows_applied_total", "counter", "Remote row changes written to the local database.", s->rows_applied);
+    m_simple(&w, "rows_skipped_lww_total", "counter",
+             "Remote row changes skipped because the local version is newer (last writer wins).", s->rows_skipped_lww);
+    m_simple(&w, "conflicts_total", "counter",
+             "Remote row changes that could not be applied and were recorded in __harmonylite__conflicts.",
+             s->conflicts);
+    m_simple(&w, "changesets_applied_total", "counter", "Remote changesets applied.", s->changesets_applied);
+    m_simple(&w, "changesets_duplicate_total", "counter", "Remote changesets dropped as already applied.",
+             s->changesets_duplicate);
+    m_simple(&w, "changesets_held_total", "counter",
+             "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
+             s->changesets_held);
+    m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
+             s->messages_malformed + s->changesets_malformed);
+
+    /* lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones */
+    m_head(&w, "replication_lag_seconds", "histogram",
+           "Seconds from a change's capture on its origin node to its apply commit here.");
+    uint64_t cum = 0;
+    for (int i = 0; i <= HL_LAG_BUCKETS; i++) {
+        char le[32];
+        cum += s->lag_buckets[i];
+        if (i < HL_LAG_BUCKETS)
+            snprintf(le, sizeof le, "%g", hl_lag_bounds[i]);
+        else
+            snprintf(le, sizeof le, "+Inf");
+        m_begin(&w, "replication_lag_seconds_bucket");
+        m_label(&w, "le", le);
+        m_end_u64(&w, cum);
+    }
+    m_begin(&w, "replication_lag_seconds_sum");
+    m_end_f(&w, s->lag_sum);
+    /* _count is the +Inf bucket by definition; emitting the same number keeps the two equal. */
+    m_begin(&w, "replication_lag_seconds_count");
+    m_end_u64(&w, cum);
+
+    /* streams */
+    m_head(&w, "stream_applied_sequence", "gauge",
+           "Stream sequence up to which this node has dealt with every message.");
+    for (int i = 0; i < ns; i++) {
+        char name[sizeof s->streams[0].name];
+        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(&w, "stream_applied_sequence");
+        m_label(&w, "stream", name);
+        m_end_u64(&w, s->streams[i].applied_seq);
+    }
+    m_head(&w, "stream_last_sequence", "gauge", "Last sequence of the stream as last seen by this node.");
+    for (int i = 0; i < ns; i++) {
+        char name[sizeof s->streams[0].name];
+        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(&w, "stream_last_sequence");
+        m_label(&w, "stream", name);
+        m_end_u64(&w, s->streams[i].tail_seq);
+    }
+
+    /* NATS */
+    m_simple(&w, "nats_connected", "gauge", "1 while connected to NATS.", s->nats_connected ? 1 : 0);
+    if (s->embedded)
+        m_simple(&w, "nats_server_running", "gauge", "1 while the embedded nats-server child is running.",
+                 s->nats_server_running ? 1 : 0);
+    m_simple(&w, "nats_server_restarts_total", "counter", "Restarts of the embedded nats-server child.",
+             s->nats_server_restarts);
+
+    /* readiness */
+    m_simple(&w, "ready", "gauge", "1 when every readiness check passes (as /readyz).", ready ? 1 : 0);
+    m_head(&w, "readiness_check", "gauge", "1 when the named /readyz check passes.");
+    for (int i = 0; i < NCHECKS; i++) {
+        m_begin(&w, "readiness_check");
+        m_label(&w, "check", c[i].name);
+        m_end_u64(&w, c[i].ok ? 1 : 0);
+    }
+
+    if (w.st) {
+        hl_buf_free(&w.b);
+        return NULL;
+    }
+    return (char *)hl_buf_steal(&w.b, NULL);
+}
+
+/* ---- /schema ---- */
+
+/* Builds the /schema object. Kept separate so more fields can be added to it. */
+static cJSON *schema_object(const hl_state_snapshot *s)
+{
+    char num[24], hash[sizeof s->schema_hash];
+    cJSON *root = cJSON_CreateObject();
+    if (!root)
+        return NULL;
+
+    /* Raw keeps node ids above 2^53 exact (a cJSON number is a double). */
+    snprintf(num, sizeof num, "%" PRIu64, s->node_id);
+    if (!cJSON_AddRawToObject(root, "node_id", num))
+        goto fail;
+
+    fixed_str(hash, sizeof hash, s->schema_hash, sizeof s->schema_hash);
+    if (!(hash[0] ? cJSON_AddStringToObject(root, "schema_hash", hash) : cJSON_AddNullToObject(root, "schema_hash")))
+        goto fail;
+    fixed_str(hash, sizeof hash, s->prev_schema_hash, sizeof s->prev_schema_hash);
+    if (!(hash[0] ? cJSON_AddStringToObject(root, "previous_schema_hash", hash)
+                  : cJSON_AddNullToObject(root, "previous_schema_hash")))
+        goto fail;
+
+    cJSON *tables = s->schema_json ? cJSON_Parse(s->schema_json) : NULL;
+    if (s->schema_json && (!tables || !cJSON_IsArray(tables))) {
+        /* cannot happen: the engine writes schema_json with cJSON */
+        cJSON_Delete(tables);
+        tables = NULL;
+        if (!cJSON_AddStringToObject(root, "error", "the schema description is not valid JSON"))
+            goto fail;
+    }
+    if (!tables)
+        tables = cJSON_CreateArray();
+    if (!tables)
+        goto fail;
+    cJSON_AddItemToObject(root, "tables", tables);
+    return root;
+fail:
+    cJSON_Delete(root);
+    return NULL;
+}
+
+char *hl_http_render_schema(const hl_state_snapshot *s)
+{
+    cJSON *root = schema_object(s);
+    return root ? json_finish(root) : NULL;
+}
+
+/* ---- server ---- */
+
+/* Queues body (malloc'd, taken over; NULL means rendering failed → 500). close_after asks the
+ * client to close, used when a request body is left unread. */
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned int code, const char *ctype, char *body,
+                             bool close_after)
+{
+    static const char oom[] = "{\"error\":\"internal error\"}\n";
+    struct MHD_Response *r;
+
+    if (body) {
+        r = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+        if (!r)
+            free(body);
+    } else {
+        code = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        ctype = CT_JSON;
+        r = MHD_create_response_from_buffer(sizeof oom - 1, (void *)(uintptr_t)oom, MHD_RESPMEM_PERSISTENT);
+    }
+    if (!r)
+        return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (code == MHD_HTTP_METHOD_NOT_ALLOWED)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
+    if (close_after)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ret = MHD_queue_response(conn, code, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result reply_error(struct MHD_Connection *conn, unsigned int code, const char *msg, bool close_after)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (o && !cJSON_AddStringToObject(o, "error", msg)) {
+        cJSON_Delete(o);
+        o = NULL;
+    }
+    return reply(conn, code, CT_JSON, json_finish(o), close_after);
+}
+
+/* Whether the request announces a body (Content-Length > 0 or chunked); *len gets the length, UINT64_MAX if unknown. */
+static bool has_body(struct MHD_Connection *conn, uint64_t *len)
+{
+    const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *te = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    *len = 0;
+    if (te) {
+        *len = UINT64_MAX;
+        return true;
+    }
+    if (!cl)
+        return false;
+    uint64_t v = 0;
+    for (const char *p = cl; *p; p++) {
+        if (*p < '0' || *p > '9' || v > (UINT64_MAX - 9) / 10) {
+            *len = UINT64_MAX; /* MHD rejects such requests itself; treat as too large */
+            return true;
+        }
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    *len = v;
+    return v > 0;
+}
+
+static enum MHD_Result route(hl_http *h, struct MHD_Connection *conn, const char *url)
+{
+    hl_state_snapshot s;
+    int code = MHD_HTTP_OK;
+    char *body;
+    const char *ctype = CT_JSON;
+
+    if (strcmp(url, "/healthz") != 0 && strcmp(url, "/readyz") != 0 && strcmp(url, "/metrics") != 0 &&
+        strcmp(url, "/schema") != 0)
+        return reply_error(conn, MHD_HTTP_NOT_FOUND, "not found", false);
+
+    hl_state_get(h->state, &s);
+    if (strcmp(url, "/healthz") == 0) {
+        body = hl_http_render_healthz(&s, hl_mono_ms(), &code);
+    } else if (strcmp(url, "/readyz") == 0) {
+        body = hl_http_render_readyz(&s, &code);
+    } else if (strcmp(url, "/metrics") == 0) {
+        body = hl_http_render_metrics(&s);
+        ctype = CT_METRICS;
+    } else {
+        body = hl_http_render_schema(&s);
+    }
+    free(s.schema_json);
+    return reply(conn, (unsigned int)code, ctype, body, false);
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_data_size,
+                                  void **req_cls)
+{
+    hl_http *h = cls;
+    hl_http_req *r = *req_cls;
+    (void)version;
+    (void)upload_data;
+
+    if (!r) {
+        /* First call: headers only. Refuse here so a body is never read. */
+        uint64_t len;
+        bool body = has_body(conn, &len);
+        r = calloc(1, sizeof *r);
+        if (!r)
+            return MHD_NO;
+        *req_cls = r;
+        if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
+            return reply_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed", body);
+        if (body && len > HL_HTTP_MAX_BODY)
+            return reply_error(conn, MHD_HTTP_CONTENT_TOO_LARGE, "request body too large", true);
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        /* A small (or chunked) body on GET: count it and throw it away. */
+        r->body += *upload_data_size;
+        *upload_data_size = 0;
+        return r->body > HL_HTTP_MAX_BODY ? MHD_NO : MHD_YES;
+    }
+    return route(h, conn, url);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls, enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    free(*req_cls);
+    *req_cls = NULL;
+}
+
+__attribute__((format(printf, 2, 0))) static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    hl_http *h = cls;
+    char msg[256];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r' || msg[n - 1] == ' '))
+        msg[--n] = 0;
+
+    pthread_mutex_lock(&h->mu);
+    int starting = h->starting;
+    if (starting)
+        memcpy(h->start_err, msg, n + 1);
+    pthread_mutex_unlock(&h->mu);
+    /* A start-up failure is logged once by hl_http_start with this text. Once
+     * running, MHD mostly reports clients that misbehave or vanish: debug level
+     * keeps a noisy client out of the log. */
+    hl_log(HL_LOG_DEBUG, "http: libmicrohttpd", "component", "libmicrohttpd", "detail", msg, NULL);
+}
+
+/* Parses a decimal port 0..65535. */
+static bool parse_port(const char *p, uint16_t *out)
+{
+    uint32_t v = 0;
+    if (!*p)
+        return false;
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9')
+            return false;
+        v = v * 10 + (uint32_t)(*p - '0');
+        if (v > 65535)
+            return false;
+    }
+    *out = (uint16_t)v;
+    return true;
+}
+
+/* Whether this host can create IPv6 sockets (containers sometimes cannot). */
+static bool have_ipv6(void)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    if (fd < 0)
+        return false;
+    close(fd);
+    return true;
+}
+
+/*
+ * Turns bind into a socket address. "host:port" (IPv4 literal or host name,
+ * first IPv4 answer preferred), "[v6]:port", ":port" (every interface: IPv6
+ * dual stack when available, else IPv4). *dual is set for the ":port" case.
+ */
+static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint16_t *portp, bool *dual, char *err,
+                            size_t errsz)
+{
+    char host[256];
+    const char *portstr;
+    uint16_t port;
+    bool bracketed = false;
+
+    *dual = false;
+    if (bind[0] == '[') {
+        const char *rb = strchr(bind, ']');
+        if (!rb || rb[1] != ':') {
+            snprintf(err, errsz, "expected [IPv6 address]:port");
+            return HL_ERR_INVALID;
+        }
+        size_t n = (size_t)(rb - bind - 1);
+        if (n == 0 || n >= sizeof host) {
+            snprintf(err, errsz, "expected [IPv6 address]:port");
+            return HL_ERR_INVALID;
+        }
+        memcpy(host, bind + 1, n);
+        host[n] = 0;
+        portstr = rb + 2;
+        bracketed = true;
+    } else {
+        const char *colon = strrchr(bind, ':');
+        if (!colon) {
+            snprintf(err, errsz, "expected host:port, [IPv6 address]:port or :port");
+            return HL_ERR_INVALID;
+        }
+        size_t n = (size_t)(colon - bind);
+        if (n >= sizeof host) {
+            snprintf(err, errsz, "host name too long");
+            return HL_ERR_INVALID;
+        }
+        memcpy(host, bind, n);
+        host[n] = 0;
+        if (strchr(host, ':')) {
+            snprintf(err, errsz, "write an IPv6 address in brackets: [addr]:port");
+            return HL_ERR_INVALID;
+        }
+        portstr = colon + 1;
+    }
+    if (!parse_port(portstr, &port)) {
+        snprintf(err, errsz, "expected a port from 0 to 65535, got \"%.32s\"", portstr);
+        return HL_ERR_INVALID;
+    }
+    *portp = port;
+
+    memset(ss, 0, sizeof *ss);
+    if (!host[0]) {
+        if (have_ipv6()) {
+            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+            a6->sin6_family = AF_INET6;
+            a6->sin6_addr = in6addr_any;
+            a6->sin6_port = htons(port);
+            *dual = true;
+        } else {
+            struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+            a4->sin_family = AF_INET;
+            a4->sin_addr.s_addr = htonl(INADDR_ANY);
+            a4->sin_port = htons(port);
+        }
+        return HL_OK;
+    }
+
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = bracketed ? AF_INET6 : AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (bracketed ? AI_NUMERICHOST : 0);
+    int rc = getaddrinfo(host, portstr, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errsz, "cannot resolve \"%s\": %s", host, gai_strerror(rc));
+        return HL_ERR_INVALID;
+    }
+    const struct addrinfo *pick = NULL;
+    for (const struct addrinfo *ai = res; ai && !pick; ai = ai->ai_next)
+        if (ai->ai_family == AF_INET)
+            pick = ai;
+    for (const struct addrinfo *ai = res; ai && !pick; ai = ai->ai_next)
+        if (ai->ai_family == AF_INET6)
+            pick = ai;
+    if (!pick || pick->ai_addrlen > sizeof *ss) {
+        freeaddrinfo(res);
+        snprintf(err, errsz, "\"%s\" has no IPv4 or IPv6 address", host);
+        return HL_ERR_INVALID;
+    }
+    memcpy(ss, pick->ai_addr, pick->ai_addrlen);
+    freeaddrinfo(res);
+    return HL_OK;
+}
+
+hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
+{
+    struct sockaddr_storage ss;
+    bool dual = false;
+    uint16_t port = 0;
+    char err[256] = "";
+    hl_status st = HL_OK;
+    hl_http *h = NULL;
+
+    *out = NULL;
+    if (!bind || !state) {
+        st = HL_ERR_INVALID;
+        goto out;
+    }
+    h = calloc(1, sizeof *h);
+    if (!h) {
+        st = HL_ERR_NOMEM;
+        goto out;
+    }
+    pthread_mutex_init(&h->mu, NULL);
+    h->state = state;
+    snprintf(h->bind, sizeof h->bind, "%s", bind);
+
+    st = parse_bind(bind, &ss, &port, &dual, err, sizeof err);
+    if (st) {
+        hl_log(HL_LOG_ERROR, "http: invalid listen address", "bind", bind, "error", err, NULL);
+        goto out;
+    }
+
+    unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    if (ss.ss_family == AF_INET6)
+        flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+
+    h->starting = 1;
+    /* The port argument only appears in MHD's messages; the address is SOCK_ADDR. */
+    h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h,
+                            /* must come first so start-up messages reach it */
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+                            MHD_OPTION_CONNECTION_LIMIT, HL_HTTP_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
+                            HL_HTTP_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HL_HTTP_CONN_MEMORY,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+    pthread_mutex_lock(&h->mu);
+    h->starting = 0;
+    snprintf(err, sizeof err, "%s", h->start_err);
+    pthread_mutex_unlock(&h->mu);
+    if (!h->d) {
+        hl_log(HL_LOG_ERROR, "http: cannot listen", "bind", bind, "error",
+               err[0] ? err : "libmicrohttpd failed to start", NULL);
+        st = HL_ERR_IO;
+        goto out;
+    }
+
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = info ? (int)info->port : 0;
+    char portstr[8];
+    snprintf(portstr, sizeof portstr, "%d", h->port);
+    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, NULL);
+    *out = h;
+    h = NULL;
+out:
+    if (h) {
+        pthread_mutex_destroy(&h->mu);
+        free(h);
+    }
+    return st;
+}
+
+int hl_http_port(const hl_http *h)
+{
+    return h ? h->port : 0;
+}
+
+void hl_http_stop(hl_http *h)
+{
+    if (!h)
+        return;
+    if (h->d)
+        MHD_stop_daemon(h->d);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+}

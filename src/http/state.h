@@ -1,0 +1,84 @@
+/*
+ * state.h - what the engine publishes for the HTTP endpoints.
+ *
+ * The engine thread is the only writer: it fills an hl_state_snapshot and
+ * calls hl_state_publish() once per loop iteration. HTTP threads call
+ * hl_state_get() for a consistent copy. Neither side ever touches the
+ * database handle of the other.
+ */
+#ifndef HL_STATE_H
+#define HL_STATE_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define HL_STATE_MAX_SHARDS 64
+#define HL_LAG_BUCKETS 14
+
+/* Upper bounds (seconds) of the replication lag histogram buckets; +Inf is implicit. */
+extern const double hl_lag_bounds[HL_LAG_BUCKETS];
+
+typedef struct hl_state_stream {
+    char name[128];
+    uint64_t applied_seq; /* stream sequence recorded as dealt with */
+    uint64_t tail_seq;    /* last sequence the stream had when last asked */
+    uint64_t start_tail;  /* last sequence when this node started (for "caught up") */
+} hl_state_stream;
+
+typedef struct hl_state_snapshot {
+    uint64_t node_id;
+    bool embedded;          /* embedded nats-server mode */
+    uint64_t engine_beat_ms; /* monotonic ms of the engine's last loop iteration */
+
+    /* readiness inputs */
+    bool db_open;
+    bool triggers_installed;
+    bool nats_connected;
+    bool streams_ready;
+    bool caught_up;
+    bool gap;
+    char gap_reason[256];
+    bool paused; /* changesets held waiting for the local schema */
+    char paused_reason[256];
+    bool nats_server_running; /* embedded mode only */
+    uint64_t nats_server_restarts;
+
+    /* counters */
+    uint64_t rows_captured, changesets_captured;
+    uint64_t changesets_published, rows_published;
+    uint64_t outbox_rows; /* publish backlog */
+    uint64_t rows_applied, rows_skipped_lww, conflicts;
+    uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
+    uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
+    uint64_t held_now;           /* rows in __harmonylite__pending */
+
+    /* replication lag: origin capture wall time -> local apply commit */
+    uint64_t lag_buckets[HL_LAG_BUCKETS + 1]; /* cumulative counts are computed when rendering */
+    double lag_sum;
+    uint64_t lag_count;
+
+    int nstreams;
+    hl_state_stream streams[HL_STATE_MAX_SHARDS];
+
+    /* /schema: JSON text describing the replicated tables, rebuilt on schema change */
+    char schema_hash[65];
+    char prev_schema_hash[65];
+    char *schema_json; /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
+} hl_state_snapshot;
+
+typedef struct hl_state {
+    pthread_mutex_t mu;
+    hl_state_snapshot cur;
+} hl_state;
+
+void hl_state_init(hl_state *s);
+void hl_state_destroy(hl_state *s);
+/* Copies snap in (schema_json is duplicated when it changed). Engine thread only. */
+void hl_state_publish(hl_state *s, const hl_state_snapshot *snap);
+/* Copies the current snapshot out; out->schema_json is a new string the caller frees. */
+void hl_state_get(hl_state *s, hl_state_snapshot *out);
+/* Adds one lag observation (seconds) to a snapshot's histogram. */
+void hl_state_observe_lag(hl_state_snapshot *snap, double seconds);
+
+#endif
