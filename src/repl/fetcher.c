@@ -154,6 +154,11 @@ static natsSubscription *subscribe(hl_fetcher *f)
     so.Ordered = true;
     so.Config.DeliverPolicy = js_DeliverByStartSequence;
     so.Config.OptStartSeq = f->next_seq;
+    /* An ordered consumer lives on one server. When that server goes away the
+     * consumer is silently gone; the library notices only after missing
+     * heartbeats (5 s apart by default, about 30 s in practice), so ask for
+     * them every second and resubscribe on the first NATS_MISSED_HEARTBEAT. */
+    so.Config.Heartbeat = (int64_t)1000 * 1000 * 1000;
     natsStatus s = js_SubscribeSync(&sub, hl_nats_js(f->n), f->subject, NULL, &so, &jerr);
     if (s != NATS_OK) {
         hl_logf(HL_LOG_WARN, "cannot subscribe to stream %s: %s (%d)", f->stream, natsStatus_GetText(s), (int)jerr);

@@ -1,0 +1,236 @@
+"""The operator surface through real HTTP on running nodes: probes, metrics,
+schema, logs and signals (docs/operations.md, docs/metrics.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import harness
+from harness import REPL_TIMEOUT, SLOW_TIMEOUT, wait_until
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def http(node, path: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, str, dict]:
+    """(status, body, headers) of one request; raises only when nothing answers."""
+    req = urllib.request.Request(node.http_url + path, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+def metrics(node) -> dict[str, list]:
+    """Samples by name, parsed by the Prometheus project's own text parser."""
+    code, body, headers = http(node, "/metrics")
+    assert code == 200
+    assert headers.get("Content-Type", "").startswith("text/plain; version=0.0.4")
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def value(node, name: str, **labels) -> float:
+    for s in metrics(node).get(name, []):
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"metric {name}{labels} not exported by node {node.id}")
+
+
+def test_probes_schema_and_errors(cluster):
+    for n in cluster.nodes:
+        code, body, _ = http(n, "/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ok"
+        wait_until(lambda: http(n, "/readyz")[0] == 200, REPL_TIMEOUT, f"node {n.id} ready")
+        ready = json.loads(http(n, "/readyz")[1])
+        assert ready["ready"] is True
+        names = {c["name"] for c in ready["checks"]}
+        assert {"database", "triggers", "nats", "streams", "caught_up", "gap", "schema"} <= names
+        assert all(c["ok"] for c in ready["checks"])
+
+        code, body, _ = http(n, "/schema")
+        assert code == 200
+        schema = json.loads(body)
+        assert schema["node_id"] == n.id
+        assert re.fullmatch(r"[0-9a-f]{64}", schema["schema_hash"])
+        books = [t for t in schema["tables"] if t["name"] == "books"]
+        assert books and {c["name"] for c in books[0]["columns"]} >= {"id", "title", "author"}
+
+        assert http(n, "/nope")[0] == 404
+        code, _, headers = http(n, "/healthz", method="POST")
+        assert code == 405 and "GET" in headers.get("Allow", "")
+    # every node computes the same schema hash for the same schema
+    assert len({json.loads(http(n, "/schema")[1])["schema_hash"] for n in cluster.nodes}) == 1
+
+
+def test_metrics_move_when_rows_replicate(cluster):
+    n1, n2 = cluster.node(1), cluster.node(2)
+    captured0 = value(n1, "harmonylite_rows_captured_total", node_id="1")
+    published0 = value(n1, "harmonylite_rows_published_total", node_id="1")
+    applied0 = value(n2, "harmonylite_rows_applied_total", node_id="2")
+    lag0 = value(n2, "harmonylite_replication_lag_seconds_count", node_id="2")
+
+    conn = n1.connect()
+    with harness.transaction(conn):
+        conn.executemany("INSERT INTO books(title, author, publication_year) VALUES (?, 'metrics', 2000)",
+                         [(f"metrics {i}",) for i in range(25)])
+    conn.close()
+    wait_until(lambda: n2.scalar("SELECT count(*) FROM books WHERE author = 'metrics'") == 25, REPL_TIMEOUT,
+               "25 rows on node 2")
+    wait_until(lambda: value(n2, "harmonylite_rows_applied_total", node_id="2") >= applied0 + 25, REPL_TIMEOUT,
+               "rows_applied on node 2 moved by 25")
+    assert value(n1, "harmonylite_rows_captured_total", node_id="1") >= captured0 + 25
+    wait_until(lambda: value(n1, "harmonylite_rows_published_total", node_id="1") >= published0 + 25, REPL_TIMEOUT,
+               "rows_published on node 1 moved by 25")
+    assert value(n2, "harmonylite_replication_lag_seconds_count", node_id="2") >= lag0 + 1
+
+    m = metrics(n2)
+    # histogram: cumulative buckets, +Inf equals _count
+    buckets = sorted(((float(s.labels["le"]), s.value) for s in m["harmonylite_replication_lag_seconds_bucket"]))
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
+    assert buckets[-1][0] == float("inf")
+    assert buckets[-1][1] == m["harmonylite_replication_lag_seconds_count"][0].value
+    assert m["harmonylite_nats_connected"][0].value == 1
+    assert m["harmonylite_ready"][0].value == 1
+    assert m["harmonylite_stream_applied_sequence"][0].labels["stream"] == harness.STREAM
+    assert m["harmonylite_build_info"][0].labels["version"]
+    assert all(s.labels.get("node_id") == "2" for samples in m.values() for s in samples)
+
+    # every exported metric is documented
+    doc = (DOCS / "metrics.md").read_text()
+    families = {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in m}
+    undocumented = [f for f in families if f not in doc]
+    assert not undocumented, f"metrics missing from docs/metrics.md: {undocumented}"
+
+
+def test_readiness_goes_503_to_200_as_a_node_catches_up(cluster):
+    n1, n2, n3 = cluster.nodes
+    n3.stop()
+    conn = n1.connect()
+    for b in range(40):
+        with harness.transaction(conn):
+            conn.executemany("INSERT INTO books(title, author, publication_year) VALUES (?, 'catch-up', ?)",
+                             [(f"catch-up {b}-{i}", i) for i in range(50)])
+    conn.close()
+    wait_until(lambda: n2.scalar("SELECT count(*) FROM books WHERE author = 'catch-up'") == 2000, SLOW_TIMEOUT,
+               "2000 rows on node 2")
+
+    n3.start(wait=False)
+    seen = []
+    deadline = time.monotonic() + SLOW_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            code, body, _ = http(n3, "/readyz", timeout=2)
+        except OSError:
+            time.sleep(0.02)
+            continue
+        seen.append(code)
+        if code == 200:
+            # ready means the backlog present at start is applied
+            assert n3.scalar("SELECT count(*) FROM books WHERE author = 'catch-up'") == 2000
+            break
+        failing = [c["name"] for c in json.loads(body)["checks"] if not c["ok"]]
+        assert failing, body
+        time.sleep(0.02)
+    assert seen and seen[-1] == 200, f"node 3 never became ready: {seen[-5:]}\n{n3.log_tail()}"
+    assert 503 in seen, f"node 3 was never seen not ready: {seen[:5]}"
+    n3.wait_started()
+
+
+def test_not_ready_while_nats_is_gone_but_alive(tmp_path, hl_bin):
+    nats = harness.NatsServer(tmp_path / "nats")
+    nats.start()
+    node = harness.Node(hl_bin, tmp_path / "node", 1, harness.free_port(), harness.free_port(), harness.free_port(),
+                        [], external_urls=[nats.url],
+                        settings={"replication_log": {"replicas": 1},
+                                  "nats": {"reconnect_wait_seconds": 1}})
+    node.executescript(harness.BOOKS_SCHEMA)
+    try:
+        node.start()
+        wait_until(lambda: http(node, "/readyz")[0] == 200, REPL_TIMEOUT, "ready with NATS up")
+        nats.stop()
+        wait_until(lambda: http(node, "/readyz")[0] == 503, REPL_TIMEOUT, "not ready once NATS is gone")
+        body = json.loads(http(node, "/readyz")[1])
+        assert [c for c in body["checks"] if c["name"] == "nats" and not c["ok"]], body
+        # liveness never depends on NATS in external mode
+        assert http(node, "/healthz")[0] == 200
+        # the application keeps writing; nothing is lost when NATS returns
+        node.execute("INSERT INTO books(title, author) VALUES ('written while NATS was down', 'x')")
+        nats.start()
+        wait_until(lambda: http(node, "/readyz")[0] == 200, SLOW_TIMEOUT, "ready again once NATS is back")
+        wait_until(lambda: value(node, "harmonylite_publish_backlog", node_id="1") == 0, SLOW_TIMEOUT,
+                   "outbox flushed after NATS came back")
+        node.stop()
+    finally:
+        node.kill()
+        nats.stop()
+
+
+def test_sigterm_during_write_stream_exits_0_and_loses_nothing(cluster):
+    n1, n2, n3 = cluster.nodes
+    written: list[int] = []
+    stop = threading.Event()
+
+    def writer():
+        conn = n1.connect()
+        i = 0
+        while not stop.is_set():
+            cur = conn.execute("INSERT INTO books(title, author) VALUES (?, 'sigterm')", (f"sigterm {i}",))
+            written.append(cur.lastrowid)
+            i += 1
+            time.sleep(0.002)
+        conn.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(1.0)
+        n1.stop()  # asserts exit status 0 within the stop timeout
+        time.sleep(0.5)  # the application keeps writing while harmonylite is down
+    finally:
+        stop.set()
+        t.join()
+    n1.start()
+    want = len(written)
+    for n in (n2, n3):
+        wait_until(lambda n=n: n.scalar("SELECT count(*) FROM books WHERE author = 'sigterm'") == want, SLOW_TIMEOUT,
+                   f"all {want} rows on node {n.id}")
+    assert n2.dump(["books"]) == n1.dump(["books"])
+
+
+def test_json_logs_and_sighup_log_level(tmp_path, hl_bin):
+    node = harness.Node(hl_bin, tmp_path / "node", 1, harness.free_port(), harness.free_port(), harness.free_port(),
+                        [], settings={"replication_log": {"replicas": 1},
+                                      "nats": {"cluster_addr": "", "cluster_peers": []},
+                                      "logging": {"format": "json", "verbose": False, "level": "info"}})
+    node.executescript(harness.BOOKS_SCHEMA)
+    try:
+        node.start()
+        node.settings["logging"]["level"] = "debug"
+        node.write_config()
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "log level changed" in node.log_since_start(), REPL_TIMEOUT, "SIGHUP logged")
+        node.stop()
+    finally:
+        node.kill()
+    lines = [ln for ln in node.log_since_start().splitlines() if ln.strip() and not ln.startswith("=== harness")]
+    assert lines
+    objs = [json.loads(ln) for ln in lines]  # every line, nats-server's included, is one JSON object
+    for o in objs:
+        assert {"time", "level", "msg", "node_id"} <= set(o), o
+    assert any(o.get("component") == "nats-server" for o in objs)
+    changed = [o for o in objs if o["msg"] == "SIGHUP: log level changed"]
+    assert changed and changed[0]["from"] == "info" and changed[0]["to"] == "debug"
