@@ -27,7 +27,8 @@ static const char usage[] =
     "  -cluster-addr H:P     embedded nats-server cluster listener (nats.cluster_addr)\n"
     "  -cluster-peers URLS   comma-separated nats://host:port routes to the other nodes\n"
     "                        (nats.cluster_peers)\n"
-    "  -check-config         validate the configuration and exit (0 valid, 2 invalid)\n"
+    "  -check-config         validate the configuration without touching the database, print\n"
+    "                        the effective settings (secrets redacted) and exit: 0 valid, 1 not\n"
     "  -cleanup              remove every trigger and table harmonylite created in db_path\n"
     "                        and exit; application tables and rows are left untouched\n"
     "  -version              print the version and exit\n"
@@ -43,7 +44,8 @@ static const char usage[] =
     "supervises its own nats-server (embedded mode).\n"
     "\n"
     "Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads.\n"
-    "Exit status: 0 success, 1 runtime error, 2 usage or configuration error.\n"
+    "Exit status: 0 success, 1 runtime error (or invalid configuration with -check-config),\n"
+    "2 usage or configuration error.\n"
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
@@ -152,7 +154,9 @@ int main(int argc, char **argv)
     hl_log_setup(level < 0 ? HL_LOG_INFO : (hl_log_level)level, strcmp(c.logging.format, "json") == 0, c.node_id);
 
     if (check) {
-        printf("%s: configuration is valid\n", config_path ? config_path : "(defaults and environment)");
+        /* The effective configuration, secrets redacted, then the verdict. */
+        hl_config_dump(&c, stdout);
+        fprintf(stderr, "%s: configuration is valid\n", config_path ? config_path : "(defaults and environment)");
         hl_config_free(&c);
         return 0;
     }
@@ -168,5 +172,5 @@ int main(int argc, char **argv)
 config_error:
     fprintf(stderr, "harmonylite: %s\n", err);
     hl_config_free(&c);
-    return 2;
+    return check ? 1 : 2;
 }

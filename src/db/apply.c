@@ -282,8 +282,6 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
         d->stats.rows_skipped_lww++;
         return HL_OK;
     }
-    if ((st = prepare_write(d, m, nrc)))
-        return st;
     if (r->op == HL_OP_DELETE) {
         for (size_t i = 0; i < r->nkey; i++)
             hl_bind_value(t->st_row_del, (int)i + 1, &r->key[i]);
@@ -377,8 +375,14 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
             *res = ONE_MALFORMED;
         goto out;
     }
+    /* Rows of one table are usually adjacent: build its statements when the
+     * table changes, not per row. */
+    uint32_t prepared = UINT32_MAX;
     for (size_t i = 0; i < cs->nrows && !st; i++) {
         const hl_cs_row *r = &cs->rows[i];
+        if (r->table != prepared && (st = prepare_write(d, &maps[r->table], cs->tables[r->table].ncols)))
+            break;
+        prepared = r->table;
         st = apply_row(d, cs, r, &maps[r->table], cs->tables[r->table].ncols, &pk);
     }
 out:

@@ -74,6 +74,7 @@ typedef struct hl_db {
     uint64_t next_seq; /* next outbox changeset sequence */
     uint64_t last_hlc;
     uint64_t txn_next_seq; /* next_seq when the transaction began, restored on rollback */
+    uint64_t busy_since;   /* monotonic ms when the current wait for the write lock began */
     bool publish;
     bool compress;
     size_t max_changeset_bytes;

@@ -154,6 +154,25 @@ static uint64_t random_epoch(void)
     return v;
 }
 
+/*
+ * Waiting for the application's write lock. SQLite's default handler sleeps
+ * 1, 2, 5, 10, 15... ms between tries, so a capture that collides with a short
+ * application transaction loses far more time than the transaction took.
+ * Applications commit in well under a millisecond, so poll finely at first,
+ * then back off; give up after the same 5 s as sqlite3_busy_timeout(5000).
+ */
+static int busy_wait(void *arg, int tries)
+{
+    hl_db *d = arg;
+    uint64_t now = hl_mono_ms();
+    if (tries == 0)
+        d->busy_since = now;
+    if (now - d->busy_since >= 5000)
+        return 0;
+    usleep(tries < 50 ? 100 : tries < 200 ? 500 : 2000);
+    return 1;
+}
+
 hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib)
 {
     hl_status st = HL_OK;
@@ -175,7 +194,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         st = HL_ERR_SQLITE;
         goto out;
     }
-    sqlite3_busy_timeout(d->db, 5000);
+    sqlite3_busy_handler(d->db, busy_wait, d);
     sqlite3_extended_result_codes(d->db, 1);
     /* WAL lets the application read while we write and vice versa. It is a
      * property of the file, so it persists for the application too. */

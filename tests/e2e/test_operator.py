@@ -234,3 +234,27 @@ def test_json_logs_and_sighup_log_level(tmp_path, hl_bin):
     assert any(o.get("component") == "nats-server" for o in objs)
     changed = [o for o in objs if o["msg"] == "SIGHUP: log level changed"]
     assert changed and changed[0]["from"] == "info" and changed[0]["to"] == "debug"
+
+
+def test_check_config(tmp_path, hl_bin):
+    import subprocess
+
+    db = tmp_path / "never-created.db"
+    good = tmp_path / "good.yaml"
+    good.write_text(f"db_path: {db}\nnode_id: 4\nnats:\n  urls: [nats://127.0.0.1:4222]\n"
+                    f"  user_name: app\n  user_password: s3cret-pass\n")
+    r = subprocess.run([str(hl_bin), "-config", str(good), "-check-config"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "configuration is valid" in r.stderr
+    assert "s3cret-pass" not in r.stdout + r.stderr and "<redacted>" in r.stdout
+    assert "node_id: 4" in r.stdout
+    assert not db.exists(), "-check-config must not touch the database"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"db_path: {db}\nnode_id: 4\nreplication_log:\n  shardz: 2\n")
+    r = subprocess.run([str(hl_bin), "-config", str(bad), "-check-config"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert f"{bad}:4: replication_log.shardz: unknown key" in r.stderr, r.stderr
+    assert not db.exists()

@@ -606,6 +606,21 @@ def test_publish_false_node(cluster):
     wait_row([n2, n3], lambda n: book(n, bid), ("Publish Test", "Author", 2020), f"book {bid} on a publish=false node")
 
 
+def test_replicate_false_node(cluster):
+    n1, n2, n3 = cluster.nodes
+    cluster.dirty = "node 2 was reconfigured with replicate=false"
+    n2.restart({"replicate": False})
+    bid = insert_book(n1, "Not applied on node 2", book_id=5_100_001)
+    wait_row([n3], lambda n: book(n, bid), ("Not applied on node 2", "Author", 2020), f"book {bid} on node 3")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert count(n2, "books", "id = 5100001") == 0, "node 2 applied a change with replicate=false"
+        time.sleep(0.25)
+    own = insert_book(n2, "Sent by a replicate=false node", book_id=5_100_002)
+    wait_row([n1, n3], lambda n: book(n, own), ("Sent by a replicate=false node", "Author", 2020),
+             f"book {own} from a replicate=false node")
+
+
 def test_cleanup_removes_harmonylite_objects(cluster):
     n1, n2, n3 = cluster.nodes
     cluster.dirty = "node 3 was cleaned up"
