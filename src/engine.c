@@ -65,6 +65,7 @@ typedef struct engine {
     bool stream_gap;       /* a stream lost messages this node had not applied */
     bool order_gap;        /* a changeset has been missing for more than a minute */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
+    hl_ratelimit fail_log;
 } engine;
 
 static atomic_int stop_signals;
@@ -499,7 +500,7 @@ static void flush_outbox(engine *e)
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
-    engine e = {.c = c, .inotify_fd = -1};
+    engine e = {.c = c, .inotify_fd = -1, .fail_log = {.burst = 5, .window_ms = 60000}};
     int rc = 1;
     static sigset_t set; /* read by the signal thread for the life of the process */
     pthread_t sig_th;
@@ -629,7 +630,10 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             if (st) {
                 hl_queue_unpop(&e.q, items);
                 items = NULL;
-                hl_warnf("engine transaction failed (%s); retrying", hl_status_str(st));
+                uint64_t dropped = 0;
+                if (hl_ratelimit_allow(&e.fail_log, &dropped))
+                    hl_warnf("engine transaction failed (%s); nothing is lost, retrying%s", hl_status_str(st),
+                             dropped ? " (repeated failures not logged)" : "");
                 usleep(200000);
                 want_capture = true;
             }

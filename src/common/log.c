@@ -1,5 +1,7 @@
 #include "common/log.h"
 
+#include "common/hlc.h"
+
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -161,4 +163,21 @@ void hl_logf(hl_log_level level, const char *fmt, ...)
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     emit(level, buf, NULL);
+}
+
+bool hl_ratelimit_allow(hl_ratelimit *rl, uint64_t *suppressed)
+{
+    uint64_t now = hl_mono_ms();
+    if (rl->start == 0 || now - rl->start >= rl->window_ms) {
+        rl->start = now;
+        rl->count = 0;
+    }
+    if (rl->count >= rl->burst) {
+        rl->suppressed++;
+        return false;
+    }
+    rl->count++;
+    *suppressed = rl->suppressed;
+    rl->suppressed = 0;
+    return true;
 }

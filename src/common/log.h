@@ -31,6 +31,23 @@ void hl_log(hl_log_level level, const char *msg, ...);
 /* Formats a message with printf and logs it without fields. */
 void hl_logf(hl_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/*
+ * Rate limit for a repetitive event (a flood of bad messages, a failure retried
+ * in a loop): at most `burst` lines per `window_ms`; the first line after a
+ * quiet window says how many were suppressed. Zero-initialise, set burst and
+ * window_ms. Not thread-safe: one per thread or call site.
+ */
+typedef struct hl_ratelimit {
+    uint64_t window_ms;
+    uint32_t burst;
+    uint64_t start;      /* window start, monotonic ms */
+    uint32_t count;      /* lines logged in this window */
+    uint64_t suppressed; /* lines dropped since the last one logged */
+} hl_ratelimit;
+
+/* True when the caller may log now; *suppressed gets the count dropped before it. */
+bool hl_ratelimit_allow(hl_ratelimit *rl, uint64_t *suppressed);
+
 #define hl_debugf(...)                                                                                                 \
     do {                                                                                                               \
         if (hl_log_enabled(HL_LOG_DEBUG))                                                                              \

@@ -28,6 +28,7 @@ struct hl_fetcher {
     atomic_uint_fast64_t received, malformed;
     origin_slot *slots;
     size_t nslots;
+    hl_ratelimit refused_log; /* a hostile flood must not flood the log too */
 };
 
 uint64_t hl_fetcher_received(const hl_fetcher *f)
@@ -90,7 +91,10 @@ static void push(hl_fetcher *f, uint64_t sseq, hl_changeset *cs, unsigned char *
 static void refuse(hl_fetcher *f, uint64_t sseq, const char *why)
 {
     atomic_fetch_add(&f->malformed, 1);
-    hl_logf(HL_LOG_WARN, "malformed message refused: stream %s sequence %" PRIu64 ": %s", f->stream, sseq, why);
+    uint64_t dropped = 0;
+    if (hl_ratelimit_allow(&f->refused_log, &dropped))
+        hl_logf(HL_LOG_WARN, "malformed message refused: stream %s sequence %" PRIu64 ": %s%s", f->stream, sseq, why,
+                dropped ? " (and earlier ones not logged; see harmonylite_malformed_messages_total)" : "");
     push(f, sseq, NULL, NULL, 0, 0);
 }
 
@@ -222,6 +226,8 @@ hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_
     f->shard = shard;
     f->epoch = epoch;
     f->next_seq = start_seq ? start_seq : 1;
+    f->refused_log.burst = 10;
+    f->refused_log.window_ms = 60000;
     hl_nats_stream_name(c, shard, f->stream, sizeof f->stream);
     hl_nats_subject(c, shard, f->subject, sizeof f->subject);
     if (pthread_create(&f->th, NULL, run, f) != 0) {
