@@ -258,3 +258,25 @@ def test_check_config(tmp_path, hl_bin):
     assert r.returncode == 1
     assert f"{bad}:4: replication_log.shardz: unknown key" in r.stderr, r.stderr
     assert not db.exists()
+
+
+def test_killed_nats_server_child_is_restarted_and_replication_resumes(cluster):
+    import os
+
+    n1, n2, n3 = cluster.nodes
+    restarts0 = value(n2, "harmonylite_nats_server_restarts_total", node_id="2")
+    kids = [p for p in harness.descendants(n2.proc.pid) if b"nats-server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(kids) == 1, f"expected one nats-server child of node 2, found {kids}"
+    os.kill(kids[0], signal.SIGKILL)
+    wait_until(lambda: value(n2, "harmonylite_nats_server_restarts_total", node_id="2") == restarts0 + 1,
+               REPL_TIMEOUT, "restart counted")
+    wait_until(lambda: http(n2, "/healthz")[0] == 200, REPL_TIMEOUT, "node 2 live again")
+    wait_until(lambda: http(n2, "/readyz")[0] == 200, SLOW_TIMEOUT, "node 2 ready again")
+    # both directions work through the restarted server (explicit ids: AUTOINCREMENT would
+    # give both rows the same key on two nodes, and last-writer-wins would keep one)
+    n1.execute("INSERT INTO books(id, title, author) VALUES (9000001, 'after child restart, from 1', 'restart')")
+    n2.execute("INSERT INTO books(id, title, author) VALUES (9000002, 'after child restart, from 2', 'restart')")
+    for n in cluster.nodes:
+        wait_until(lambda n=n: n.scalar("SELECT count(*) FROM books WHERE author = 'restart'") == 2, SLOW_TIMEOUT,
+                   f"both rows on node {n.id}")
+    assert n2.running
