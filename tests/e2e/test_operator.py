@@ -280,3 +280,40 @@ def test_killed_nats_server_child_is_restarted_and_replication_resumes(cluster):
         wait_until(lambda n=n: n.scalar("SELECT count(*) FROM books WHERE author = 'restart'") == 2, SLOW_TIMEOUT,
                    f"both rows on node {n.id}")
     assert n2.running
+
+
+def test_second_stop_signal_exits_at_once_and_keeps_the_outbox(tmp_path, hl_bin):
+    nats = harness.NatsServer(tmp_path / "nats")
+    nats.start()
+    node = harness.Node(hl_bin, tmp_path / "node", 1, harness.free_port(), harness.free_port(), harness.free_port(),
+                        [], external_urls=[nats.url],
+                        settings={"replication_log": {"replicas": 1}, "shutdown_grace": 30,
+                                  "nats": {"reconnect_wait_seconds": 1}})
+    node.executescript(harness.BOOKS_SCHEMA)
+    try:
+        node.start()
+        nats.stop()
+        wait_until(lambda: http(node, "/readyz")[0] == 503, REPL_TIMEOUT, "not ready once NATS is gone")
+        node.execute("INSERT INTO books(id, title, author) VALUES (424242, 'kept in the outbox', 'x')")
+        wait_until(lambda: value(node, "harmonylite_publish_backlog", node_id="1") >= 1, REPL_TIMEOUT,
+                   "the change waits in the outbox")
+        # the first signal starts a drain that waits up to shutdown_grace for NATS ...
+        node.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping gracefully" in node.log_since_start(), REPL_TIMEOUT, "graceful stop began")
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)  # ... the second one does not wait
+        rc = node.proc.wait(10)
+        assert time.monotonic() - t0 < 5, "second signal did not exit at once"
+        assert rc != 0
+        node.expected_running = False
+        assert "second stop signal" in node.log_since_start()
+        # nothing lost: the changeset is still in the outbox and goes out once NATS is back
+        assert node.scalar("SELECT count(*) FROM __harmonylite__outbox") >= 1
+        nats.start()
+        node.start()
+        wait_until(lambda: value(node, "harmonylite_publish_backlog", node_id="1") == 0, SLOW_TIMEOUT,
+                   "outbox flushed after restart")
+        node.stop()
+    finally:
+        node.kill()
+        nats.stop()
