@@ -6,10 +6,7 @@
  * line, and a configuration that loads dumps to YAML that loads back to the
  * same configuration (the dump is what `-check-config` prints).
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isrc \
- *       fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/status.c \
- *       $(pkg-config --cflags --libs yaml-0.1) -o fuzz_config
- *   ./fuzz_config -max_total_time=60 fuzz/corpus/config
+ *   scripts/fuzz.sh builds and runs it (with every source file it needs).
  */
 #include <stdint.h>
 #include <stdio.h>

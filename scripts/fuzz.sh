@@ -25,7 +25,8 @@ build() { # name sources... -- libs
 }
 
 build changeset fuzz/fuzz_changeset.c src/repl/changeset.c src/common/buf.c src/common/status.c $libs_changeset
-build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/status.c src/common/log.c $libs_config
+build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/status.c src/common/log.c \
+    src/common/hlc.c $libs_config
 
 fail=0
 for name in changeset config; do

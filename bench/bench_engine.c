@@ -1,0 +1,156 @@
+/*
+ * bench_engine.c - per-row cost of capture and apply on one core, without NATS.
+ *
+ * An "application" connection inserts N rows into node A's database in
+ * transactions of B rows; harmonylite's capture (the product's own code) turns
+ * them into changesets; the changesets are applied to node B's database.
+ * Reports rows/s for the bare inserts, the capture and the apply, measured in
+ * the same run. This is the per-node capacity that bench_cluster.py's
+ * end-to-end figure shares among three nodes on one machine.
+ *
+ * Usage: bench_engine [rows] [rows-per-txn] [dir]
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "db/db.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void check(int ok, const char *what)
+{
+    if (!ok) {
+        fprintf(stderr, "bench_engine: %s failed\n", what);
+        exit(1);
+    }
+}
+
+static void rm_db(const char *path)
+{
+    char p[600];
+    unlink(path);
+    snprintf(p, sizeof p, "%s-wal", path);
+    unlink(p);
+    snprintf(p, sizeof p, "%s-shm", path);
+    unlink(p);
+}
+
+static const char *schema = "CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL)";
+
+/* Inserts rows [from, from+n) in transactions of batch rows; returns seconds. */
+static double insert(const char *path, long from, long n, int batch)
+{
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    check(sqlite3_open(path, &db) == SQLITE_OK, "open");
+    sqlite3_busy_timeout(db, 5000);
+    sqlite3_exec(db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+    check(sqlite3_prepare_v2(db, "INSERT INTO t(id, a, b, c) VALUES (?, ?, ?, ?)", -1, &st, NULL) == SQLITE_OK,
+          "prepare");
+    double t0 = now();
+    for (long i = 0; i < n;) {
+        sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
+        for (int k = 0; k < batch && i < n; k++, i++) {
+            sqlite3_bind_int64(st, 1, from + i);
+            sqlite3_bind_int64(st, 2, from + i);
+            sqlite3_bind_text(st, 3, "some text value of moderate size", -1, SQLITE_STATIC);
+            sqlite3_bind_double(st, 4, (double)(from + i) * 0.5);
+            check(sqlite3_step(st) == SQLITE_DONE, "insert");
+            sqlite3_reset(st);
+        }
+        check(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK, "commit");
+    }
+    double el = now() - t0;
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return el;
+}
+
+static hl_db *open_node(const char *path, uint64_t node)
+{
+    hl_db *d;
+    bool changed;
+    check(hl_db_open(&d, path, node, 65536) == HL_OK, "hl_db_open");
+    d->publish = true;
+    d->compress = true;
+    d->max_changeset_bytes = 256u << 20;
+    check(hl_db_begin(d) == HL_OK && hl_triggers_sync(d, true, &changed) == HL_OK && hl_db_commit(d) == HL_OK,
+          "triggers");
+    return d;
+}
+
+int main(int argc, char **argv)
+{
+    long rows = argc > 1 ? atol(argv[1]) : 200000;
+    int batch = argc > 2 ? atoi(argv[2]) : 1000;
+    const char *dir = argc > 3 ? argv[3] : "/tmp";
+    char pa[512], pb[512], pc[512];
+    snprintf(pa, sizeof pa, "%s/bench_engine_a_%d.db", dir, (int)getpid());
+    snprintf(pb, sizeof pb, "%s/bench_engine_b_%d.db", dir, (int)getpid());
+    snprintf(pc, sizeof pc, "%s/bench_engine_c_%d.db", dir, (int)getpid());
+    hl_log_setup(HL_LOG_WARN, false, 0);
+    for (int i = 0; i < 3; i++) {
+        const char *p = i == 0 ? pa : i == 1 ? pb : pc;
+        sqlite3 *db;
+        rm_db(p);
+        check(sqlite3_open(p, &db) == SQLITE_OK && sqlite3_exec(db, schema, NULL, NULL, NULL) == SQLITE_OK, "create");
+        sqlite3_close(db);
+    }
+
+    /* bare: the same inserts into a database without harmonylite */
+    double bare = insert(pc, 1, rows, batch);
+
+    hl_db *a = open_node(pa, 1), *b = open_node(pb, 2);
+    double t_ins = insert(pa, 1, rows, batch);
+
+    /* capture in chunks the size a busy engine sees: every 20 application transactions */
+    double t_cap = 0, t_apply = 0;
+    long captured = 0;
+    hl_buf raw;
+    hl_buf_init(&raw, 512u << 20);
+    uint64_t rows_done;
+    double t0 = now();
+    check(hl_db_begin(a) == HL_OK && hl_capture(a, &rows_done) == HL_OK && hl_db_commit(a) == HL_OK, "capture");
+    t_cap = now() - t0;
+    captured = (long)rows_done;
+
+    /* apply every outbox changeset to b, one transaction each */
+    uint64_t seq = 0, nrows;
+    while (hl_db_outbox_next(a, seq, &seq, &nrows, &raw) == HL_OK) {
+        hl_changeset *cs = NULL;
+        char err[256];
+        check(hl_changeset_decode(raw.data + 1, raw.len - 1, (raw.data[0] & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
+                                  err, sizeof err) == HL_OK,
+              "decode");
+        hl_apply_result r;
+        t0 = now();
+        check(hl_db_begin(b) == HL_OK && hl_apply_begin(b) == HL_OK &&
+                  hl_apply(b, cs, raw.data + 1, raw.len - 1, raw.data[0], &r) == HL_OK && hl_apply_end(b) == HL_OK &&
+                  hl_db_commit(b) == HL_OK,
+              "apply");
+        t_apply += now() - t0;
+        hl_changeset_free(cs);
+    }
+    check(b->stats.rows_applied == (uint64_t)rows, "all rows applied");
+    printf("%-34s %12s\n", "step (one core, no NATS)", "rows/s");
+    printf("%-34s %12.0f\n", "bare SQLite insert", rows / bare);
+    printf("%-34s %12.0f\n", "insert with triggers", rows / t_ins);
+    printf("%-34s %12.0f   (%ld rows, one capture)\n", "capture -> outbox (zstd)", captured / t_cap, captured);
+    printf("%-34s %12.0f\n", "apply (decode excluded)", rows / t_apply);
+    hl_buf_free(&raw);
+    hl_db_close(a);
+    hl_db_close(b);
+    rm_db(pa);
+    rm_db(pb);
+    rm_db(pc);
+    return 0;
+}
