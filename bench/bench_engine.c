@@ -97,6 +97,7 @@ int main(int argc, char **argv)
     snprintf(pa, sizeof pa, "%s/bench_engine_a_%d.db", dir, (int)getpid());
     snprintf(pb, sizeof pb, "%s/bench_engine_b_%d.db", dir, (int)getpid());
     snprintf(pc, sizeof pc, "%s/bench_engine_c_%d.db", dir, (int)getpid());
+    hl_db_global_init(); /* as the product does: the application side below shares the process */
     hl_log_setup(HL_LOG_WARN, false, 0);
     for (int i = 0; i < 3; i++) {
         const char *p = i == 0 ? pa : i == 1 ? pb : pc;

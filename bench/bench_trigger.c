@@ -95,6 +95,7 @@ int main(int argc, char **argv)
     const char *dir = argc > 2 ? argv[2] : "/tmp";
     char path[512];
     snprintf(path, sizeof path, "%s/bench_trigger_%d.db", dir, (int)getpid());
+    hl_db_global_init(); /* as the product does: the application side below shares the process */
     hl_log_setup(HL_LOG_WARN, false, 0);
 
     int batches[] = {1, 1000};

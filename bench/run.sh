@@ -8,10 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh release
-cmake --build build --target bench_trigger -j2 >/dev/null
+cmake --build build --target bench_trigger bench_engine -j2 >/dev/null
 secs=3; rows=200000; lag_s=10
 if [ "${1:-}" = "--quick" ]; then secs=1; rows=50000; lag_s=3; fi
 echo "== (a) trigger overhead on application inserts"
 build/bench_trigger "$secs"
+echo "== per node: capture and apply on one core, no NATS"
+build/bench_engine "$rows" 1000
 echo "== (b)(c) 3-node cluster on loopback"
 HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s"

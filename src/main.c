@@ -77,6 +77,7 @@ static hl_status load_config(hl_config *c, char *err, size_t errlen)
 
 int main(int argc, char **argv)
 {
+    hl_db_global_init();
     int check = 0, cleanup = 0;
     char err[1024];
     hl_config c;

@@ -266,18 +266,20 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
         return st;
     hl_hlc_observe(&d->last_hlc, r->hlc);
 
-    sqlite3_stmt *cg = d->st_clock_get;
-    sqlite3_bind_text(cg, 1, t->name, -1, SQLITE_STATIC);
-    sqlite3_bind_blob64(cg, 2, pk->data, pk->len, SQLITE_STATIC);
-    int rc = sqlite3_step(cg);
-    bool newer = true;
-    if (rc == SQLITE_ROW)
-        newer = hl_version_cmp(r->hlc, cs->origin, (uint64_t)sqlite3_column_int64(cg, 0),
-                               (uint64_t)sqlite3_column_int64(cg, 1)) > 0;
-    sqlite3_reset(cg);
-    sqlite3_clear_bindings(cg);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return hl_db_err(d, rc, "clock get");
+    /* Check and record the version in one statement: the clock row is
+     * written only when (hlc, origin) beats the stored version. */
+    sqlite3_stmt *cw = d->st_clock_win;
+    sqlite3_bind_text(cw, 1, t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(cw, 2, pk->data, pk->len, SQLITE_STATIC);
+    sqlite3_bind_int64(cw, 3, (int64_t)r->hlc);
+    sqlite3_bind_int64(cw, 4, (int64_t)cs->origin);
+    sqlite3_bind_int(cw, 5, r->op == HL_OP_DELETE ? 1 : 0);
+    int rc = sqlite3_step(cw);
+    bool newer = rc == SQLITE_DONE && sqlite3_changes(d->db) > 0;
+    sqlite3_reset(cw);
+    sqlite3_clear_bindings(cw);
+    if (rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "clock check");
     if (!newer) {
         d->stats.rows_skipped_lww++;
         return HL_OK;
@@ -307,10 +309,13 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     }
     if (st)
         return st;
+    /* A row that cannot be written keeps its winning version in the clock:
+     * every node agrees on the version, and an older one arriving later
+     * cannot be applied here either. The row itself is in the conflicts table. */
     if (why[0])
         return record_conflict(d, cs->origin, t->name, pk, r->hlc, why);
     d->stats.rows_applied++;
-    return hl_clock_put(d, t->name, pk, r->hlc, cs->origin, r->op == HL_OP_DELETE);
+    return HL_OK;
 }
 
 /* Maps every table and column of cs onto the local schema. */

@@ -84,11 +84,14 @@ typedef struct hl_db {
     unsigned char prev_hash[32];
     bool have_prev_hash;
     hl_db_stats stats;
-    sqlite3_stmt *st_clock_get, *st_clock_put, *st_outbox_put, *st_meta_put, *st_conflict_put;
+    sqlite3_stmt *st_clock_win, *st_clock_put, *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
 } hl_db;
 
 /* ---- store.c ---- */
+
+/* Process-wide SQLite settings; call once at start, before any connection is opened. */
+void hl_db_global_init(void);
 
 /*
  * Opens path as the engine connection: WAL journal mode, busy timeout,

@@ -34,6 +34,13 @@ static const char *const internal_ddl =
     " schema INTEGER NOT NULL, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;";
 
+void hl_db_global_init(void)
+{
+    /* SQLite's memory statistics take a global mutex on every allocation;
+     * we never read them. Must precede sqlite3_initialize(). */
+    sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+}
+
 hl_status hl_db_err(hl_db *d, int rc, const char *what)
 {
     int prc = rc & 0xff;
@@ -254,7 +261,11 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     if ((st = hl_db_commit(d)))
         goto out;
 
-    if ((st = prep(d, &d->st_clock_get, "SELECT hlc, node FROM " HL_PREFIX "clock WHERE tbl = ? AND pk = ?")) ||
+    if ((st = prep(d, &d->st_clock_win,
+                   "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?1, ?2, ?3, ?4, ?5) "
+                   "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
+                   "deleted = excluded.deleted "
+                   "WHERE excluded.hlc > hlc OR (excluded.hlc = hlc AND excluded.node > node)")) ||
         (st = prep(d, &d->st_clock_put,
                    "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?, ?, ?, ?, ?) "
                    "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
@@ -290,7 +301,7 @@ void hl_db_close(hl_db *d)
     if (!d)
         return;
     hl_schema_free(&d->schema);
-    sqlite3_finalize(d->st_clock_get);
+    sqlite3_finalize(d->st_clock_win);
     sqlite3_finalize(d->st_clock_put);
     sqlite3_finalize(d->st_outbox_put);
     sqlite3_finalize(d->st_meta_put);
