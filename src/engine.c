@@ -60,10 +60,10 @@ typedef struct engine {
      * heartbeat keeps beating) while a cluster forms or a server is away. */
     pthread_t setup_th;
     bool setup_started;
-    atomic_int setup_done; /* 0 running, 1 ready, -1 failed */
-    bool online;           /* setup finished and publisher/fetchers started */
-    bool stream_gap;       /* a stream lost messages this node had not applied */
-    bool order_gap;        /* a changeset has been missing for more than a minute */
+    atomic_int setup_done;              /* 0 running, 1 ready, -1 failed */
+    bool online;                        /* setup finished and publisher/fetchers started */
+    bool stream_gap;                    /* a stream lost messages this node had not applied */
+    bool order_gap;                     /* a changeset has been missing for more than a minute */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
     hl_ratelimit fail_log;
 } engine;
@@ -94,7 +94,8 @@ static void log_restart_needed(const hl_config *a, const hl_config *b)
         while (*sa && *sb) {
             size_t na = strcspn(sa, "\n"), nb = strcspn(sb, "\n");
             bool logging = strstr(sb, "verbose:") == sb + strspn(sb, " ") ||
-                           strstr(sb, "format:") == sb + strspn(sb, " ") || strstr(sb, "level:") == sb + strspn(sb, " ");
+                           strstr(sb, "format:") == sb + strspn(sb, " ") ||
+                           strstr(sb, "level:") == sb + strspn(sb, " ");
             if ((na != nb || memcmp(sa, sb, na) != 0) && sb[0] != '#' && !logging)
                 hl_logf(HL_LOG_WARN, "SIGHUP: changed setting needs a restart to take effect: %.*s", (int)nb, sb);
             sa += na + (sa[na] ? 1 : 0);
@@ -189,8 +190,8 @@ static hl_status watch_db(engine *e)
     }
     snprintf(e->wal_base, wl, "%s-wal", base);
     e->inotify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (e->inotify_fd < 0 || inotify_add_watch(e->inotify_fd, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO |
-                                                                        IN_CREATE) < 0) {
+    if (e->inotify_fd < 0 ||
+        inotify_add_watch(e->inotify_fd, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE) < 0) {
         hl_logf(HL_LOG_WARN, "inotify unavailable (%s): relying on polling_interval", strerror(errno));
         if (e->inotify_fd >= 0)
             close(e->inotify_fd);
@@ -494,8 +495,7 @@ static void flush_outbox(engine *e)
         free(acks);
     }
     if (left)
-        hl_warnf("stopping with %" PRIu64 " changesets not yet published; they are kept and sent after restart",
-                 left);
+        hl_warnf("stopping with %" PRIu64 " changesets not yet published; they are kept and sent after restart", left);
 }
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
@@ -616,8 +616,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         bool pos_pending = false;
         for (int s = 0; s < shards; s++)
             pos_pending |= e.seen_seq[s] != e.applied_seq[s];
-        bool work = external || e.retry_held || (items && !only_positions(items)) ||
-                    ((items || pos_pending) && positions_due);
+        bool work =
+            external || e.retry_held || (items && !only_positions(items)) || ((items || pos_pending) && positions_due);
         if (items && !work) {
             /* Only positions: remember them, record later. */
             for (hl_inbound *it = items; it; it = it->next)

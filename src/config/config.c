@@ -43,7 +43,7 @@ typedef enum hl_key_type {
 typedef const char *(*hl_key_check)(const char *v);
 
 typedef struct hl_key {
-    const char *path;    /* dotted path; the part before '.' is the YAML section */
+    const char *path; /* dotted path; the part before '.' is the YAML section */
     hl_key_type type;
     size_t off;          /* offsetof the field in hl_config */
     int64_t min, max;    /* integer range */
@@ -61,12 +61,30 @@ static const char *check_stream(const char *v);
 static const char *check_token(const char *v);
 
 #define OFF(field) offsetof(hl_config, field)
-#define STR(p, f, d, doc) {p, HL_KEY_STRING, OFF(f), 0, 0, d, NULL, NULL, false, doc}
-#define STRC(p, f, d, chk, doc) {p, HL_KEY_STRING, OFF(f), 0, 0, d, NULL, chk, false, doc}
-#define BOOL(p, f, d, doc) {p, HL_KEY_BOOL, OFF(f), 0, 0, d, NULL, NULL, false, doc}
-#define INT(p, f, lo, hi, d, doc) {p, HL_KEY_INT, OFF(f), lo, hi, d, NULL, NULL, false, doc}
-#define I64(p, f, lo, hi, d, doc) {p, HL_KEY_INT64, OFF(f), lo, hi, d, NULL, NULL, false, doc}
-#define LIST(p, f, chk, doc) {p, HL_KEY_LIST, OFF(f), 0, 0, NULL, NULL, chk, false, doc}
+#define STR(p, f, d, doc)                                                                                              \
+    {                                                                                                                  \
+        p, HL_KEY_STRING, OFF(f), 0, 0, d, NULL, NULL, false, doc                                                      \
+    }
+#define STRC(p, f, d, chk, doc)                                                                                        \
+    {                                                                                                                  \
+        p, HL_KEY_STRING, OFF(f), 0, 0, d, NULL, chk, false, doc                                                       \
+    }
+#define BOOL(p, f, d, doc)                                                                                             \
+    {                                                                                                                  \
+        p, HL_KEY_BOOL, OFF(f), 0, 0, d, NULL, NULL, false, doc                                                        \
+    }
+#define INT(p, f, lo, hi, d, doc)                                                                                      \
+    {                                                                                                                  \
+        p, HL_KEY_INT, OFF(f), lo, hi, d, NULL, NULL, false, doc                                                       \
+    }
+#define I64(p, f, lo, hi, d, doc)                                                                                      \
+    {                                                                                                                  \
+        p, HL_KEY_INT64, OFF(f), lo, hi, d, NULL, NULL, false, doc                                                     \
+    }
+#define LIST(p, f, chk, doc)                                                                                           \
+    {                                                                                                                  \
+        p, HL_KEY_LIST, OFF(f), 0, 0, NULL, NULL, chk, false, doc                                                      \
+    }
 
 /*
  * The key table. Top-level keys come first, then each section's keys together
@@ -134,8 +152,7 @@ static const hl_key keys[] = {
     STR("nats.key_file", nats.key_file, NULL, "client key for NATS TLS (PEM)"),
     INT("nats.connect_retries", nats.connect_retries, -1, INT_MAX, "5",
         "attempts to connect to external servers at start; -1: forever"),
-    INT("nats.reconnect_wait_seconds", nats.reconnect_wait_seconds, 0, 3600, "2",
-        "seconds between reconnect attempts"),
+    INT("nats.reconnect_wait_seconds", nats.reconnect_wait_seconds, 0, 3600, "2", "seconds between reconnect attempts"),
     INT("nats.max_payload", nats.max_payload, 1024, 67108864, "1048576", "embedded server's max_payload, bytes"),
 
     BOOL("logging.verbose", logging.verbose, "false", "log at debug level (overrides logging.level)"),
@@ -287,10 +304,9 @@ static hl_status vfail(char *err, size_t errlen, hl_status st, const char *where
 }
 
 /* As vfail, with the arguments given directly. */
-static hl_status fail(char *err, size_t errlen, hl_status st, const char *where, const char *key, const char *fmt,
-                      ...) __attribute__((format(printf, 6, 7)));
-static hl_status fail(char *err, size_t errlen, hl_status st, const char *where, const char *key, const char *fmt,
-                      ...)
+static hl_status fail(char *err, size_t errlen, hl_status st, const char *where, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static hl_status fail(char *err, size_t errlen, hl_status st, const char *where, const char *key, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -492,8 +508,8 @@ static hl_status parse_str(const hl_key *k, const char *v, size_t n, char **out,
     if (memchr(v, 0, n))
         return fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected text without NUL bytes");
     if (n > HL_CONFIG_MAX_STR)
-        return fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected at most %d bytes, got %zu",
-                    HL_CONFIG_MAX_STR, n);
+        return fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected at most %d bytes, got %zu", HL_CONFIG_MAX_STR,
+                    n);
     /* a secret is never repeated in a message */
     if (k->secret)
         snprintf(got, sizeof got, "a secret value");
@@ -560,8 +576,7 @@ static hl_status set_list_text(hl_config *c, const hl_key *k, const char *v, con
         if (s == e)
             continue;
         if (l.n == HL_CONFIG_MAX_LIST) {
-            st = fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected at most %d entries",
-                      HL_CONFIG_MAX_LIST);
+            st = fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected at most %d entries", HL_CONFIG_MAX_LIST);
             goto out;
         }
         char *item = NULL;
@@ -688,8 +703,7 @@ void hl_config_defaults(hl_config *c)
     }
 }
 
-hl_status hl_config_set(hl_config *c, const char *path, const char *value, const char *origin, char *err,
-                        size_t errlen)
+hl_status hl_config_set(hl_config *c, const char *path, const char *value, const char *origin, char *err, size_t errlen)
 {
     const hl_key *k = path ? key_find(path, strlen(path)) : NULL;
     const hl_key *sec = path && !k ? section_find(path, strlen(path)) : NULL;
@@ -1135,7 +1149,8 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
     }
 
     if (!c->db_path || !*c->db_path)
-        return fail(err, errlen, HL_ERR_CONFIG, NULL, "db_path", "required: set db_path, HARMONYLITE_DB_PATH or -db-path");
+        return fail(err, errlen, HL_ERR_CONFIG, NULL, "db_path",
+                    "required: set db_path, HARMONYLITE_DB_PATH or -db-path");
 
     if (c->node_id == 0) {
         c->node_id = hl_config_node_id_from_hostname(hostname);

@@ -23,64 +23,65 @@ typedef struct hl_strlist {
 typedef struct hl_config {
     char *config_path; /* the YAML file read, or NULL */
 
-    char *db_path;     /* db_path: the application's SQLite file (required) */
-    uint64_t node_id;  /* node_id: >= 1; default: StatefulSet ordinal of the host name + 1 */
-    char *data_dir;    /* data_dir: harmonylite's own files (nats store, generated config);
-                          default "<db_path>-harmonylite" */
-    bool publish;      /* publish: send local changes (default true) */
-    bool replicate;    /* replicate: apply remote changes (default true) */
-    int scan_max_changes;    /* scan_max_changes: max rows per message part (default 512 in HarmonyLite;
-                                ours: 10000) */
-    int polling_interval_ms; /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
-    int cleanup_interval_ms; /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
+    char *db_path;                 /* db_path: the application's SQLite file (required) */
+    uint64_t node_id;              /* node_id: >= 1; default: StatefulSet ordinal of the host name + 1 */
+    char *data_dir;                /* data_dir: harmonylite's own files (nats store, generated config);
+                                      default "<db_path>-harmonylite" */
+    bool publish;                  /* publish: send local changes (default true) */
+    bool replicate;                /* replicate: apply remote changes (default true) */
+    int scan_max_changes;          /* scan_max_changes: max rows per message part (default 512 in HarmonyLite;
+                                      ours: 10000) */
+    int polling_interval_ms;       /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
+    int cleanup_interval_ms;       /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
     int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
-    int shutdown_grace_s;    /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
-    int apply_batch_rows;    /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
-    int64_t cache_size_kib;  /* cache_size: engine connection page cache in KiB (default 65536) */
+    int shutdown_grace_s;          /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
+    int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
+    int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */
 
     struct {
-        int shards;          /* replication_log.shards (default 1) */
-        int64_t max_entries; /* replication_log.max_entries (default 1048576) */
-        int replicas;        /* replication_log.replicas (default 1) */
-        bool compress;       /* replication_log.compress (default true) */
-        int64_t max_bytes;   /* replication_log.max_bytes: stream byte limit, -1 unlimited (default -1) */
-        int64_t max_age_s;   /* replication_log.max_age: seconds, 0 unlimited (default 0) */
-        int chunk_bytes;     /* replication_log.chunk_bytes: max payload per message (default 524288) */
+        int shards;                  /* replication_log.shards (default 1) */
+        int64_t max_entries;         /* replication_log.max_entries (default 1048576) */
+        int replicas;                /* replication_log.replicas (default 1) */
+        bool compress;               /* replication_log.compress (default true) */
+        int64_t max_bytes;           /* replication_log.max_bytes: stream byte limit, -1 unlimited (default -1) */
+        int64_t max_age_s;           /* replication_log.max_age: seconds, 0 unlimited (default 0) */
+        int chunk_bytes;             /* replication_log.chunk_bytes: max payload per message (default 524288) */
         int64_t max_changeset_bytes; /* replication_log.max_changeset_bytes: reject larger (default 268435456) */
-        int duplicate_window_s; /* replication_log.duplicate_window: seconds (default 120) */
-        bool update_existing; /* replication_log.update_existing: update stream config if it differs */
+        int duplicate_window_s;      /* replication_log.duplicate_window: seconds (default 120) */
+        bool update_existing;        /* replication_log.update_existing: update stream config if it differs */
     } replication_log;
 
     struct {
-        hl_strlist urls;      /* nats.urls: external servers; empty = embedded mode */
-        char *bind_address;   /* nats.bind_address: embedded client listener (default "0.0.0.0:4222") */
-        char *subject_prefix; /* nats.subject_prefix (default "harmonylite-change-log") */
-        char *stream_prefix;  /* nats.stream_prefix (default "harmonylite-changes") */
-        char *server_config;  /* nats.server_config: include this file in the generated nats-server config */
-        char *server_bin;     /* nats.server_bin: nats-server executable (default "nats-server" on PATH) */
-        char *cluster_name;   /* nats.cluster_name (default "harmonylite") */
-        char *cluster_addr;   /* nats.cluster_addr / -cluster-addr: embedded cluster listener, host:port */
-        hl_strlist cluster_peers; /* nats.cluster_peers / -cluster-peers: nats://host:port route URLs */
-        char *user_name;      /* nats.user_name */
-        char *user_password;  /* nats.user_password (secret: never logged) */
-        char *seed_file;      /* nats.seed_file: NKey seed file */
-        char *creds_file;     /* nats.creds_file: JWT credentials file */
-        char *ca_file;        /* nats.ca_file */
-        char *cert_file;      /* nats.cert_file */
-        char *key_file;       /* nats.key_file */
-        int connect_retries;  /* nats.connect_retries (default 5; -1 forever) */
+        hl_strlist urls;            /* nats.urls: external servers; empty = embedded mode */
+        char *bind_address;         /* nats.bind_address: embedded client listener (default "0.0.0.0:4222") */
+        char *subject_prefix;       /* nats.subject_prefix (default "harmonylite-change-log") */
+        char *stream_prefix;        /* nats.stream_prefix (default "harmonylite-changes") */
+        char *server_config;        /* nats.server_config: include this file in the generated nats-server config */
+        char *server_bin;           /* nats.server_bin: nats-server executable (default "nats-server" on PATH) */
+        char *cluster_name;         /* nats.cluster_name (default "harmonylite") */
+        char *cluster_addr;         /* nats.cluster_addr / -cluster-addr: embedded cluster listener, host:port */
+        hl_strlist cluster_peers;   /* nats.cluster_peers / -cluster-peers: nats://host:port route URLs */
+        char *user_name;            /* nats.user_name */
+        char *user_password;        /* nats.user_password (secret: never logged) */
+        char *seed_file;            /* nats.seed_file: NKey seed file */
+        char *creds_file;           /* nats.creds_file: JWT credentials file */
+        char *ca_file;              /* nats.ca_file */
+        char *cert_file;            /* nats.cert_file */
+        char *key_file;             /* nats.key_file */
+        int connect_retries;        /* nats.connect_retries (default 5; -1 forever) */
         int reconnect_wait_seconds; /* nats.reconnect_wait_seconds (default 2) */
-        int max_payload;      /* nats.max_payload: embedded server max_payload bytes (default 1048576) */
+        int max_payload;            /* nats.max_payload: embedded server max_payload bytes (default 1048576) */
     } nats;
 
     struct {
-        bool verbose;  /* logging.verbose: debug level */
-        char *format;  /* logging.format: "console" | "json" */
-        char *level;   /* logging.level: "debug" | "info" | "warn" | "error" (default "info") */
+        bool verbose; /* logging.verbose: debug level */
+        char *format; /* logging.format: "console" | "json" */
+        char *level;  /* logging.level: "debug" | "info" | "warn" | "error" (default "info") */
     } logging;
 
     struct {
-        char *bind;    /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
+        char
+            *bind; /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
     } http;
 } hl_config;
 

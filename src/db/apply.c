@@ -50,8 +50,8 @@ static hl_status origin_put(hl_db *d, uint64_t node, uint64_t epoch, uint64_t se
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "origin put");
 }
 
-static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
-                      bool for_schema, const char *reason)
+static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags, bool for_schema,
+                      const char *reason)
 {
     sqlite3_stmt *st = d->st_pending_put;
     sqlite3_bind_int64(st, 1, (int64_t)cs->origin);
@@ -411,10 +411,9 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
     for (;;) {
         sqlite3_stmt *q = NULL;
         hl_changeset *cs = NULL;
-        int rc = sqlite3_prepare_v2(d->db,
-                                    "SELECT flags, data FROM " HL_PREFIX
-                                    "pending WHERE node = ? AND epoch = ? AND seq = ?",
-                                    -1, &q, NULL);
+        int rc = sqlite3_prepare_v2(
+            d->db, "SELECT flags, data FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?", -1, &q,
+            NULL);
         if (rc != SQLITE_OK)
             return hl_db_err(d, rc, "pending read");
         sqlite3_bind_int64(q, 1, (int64_t)node);
@@ -427,8 +426,8 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
         }
         char err[256] = "";
         hl_status dst = hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                                            (sqlite3_column_int(q, 0) & HL_PART_FLAG_ZSTD) != 0,
-                                            d->max_changeset_bytes, &cs, err, sizeof err);
+                                            (sqlite3_column_int(q, 0) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes,
+                                            &cs, err, sizeof err);
         sqlite3_finalize(q);
         one_result r = ONE_MALFORMED;
         char why[512] = "";
@@ -468,8 +467,8 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
         if ((st = origin_put(d, node, epoch, applied)))
             return st;
         sqlite3_stmt *del = NULL;
-        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq <= ?",
-                                -1, &del, NULL);
+        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq <= ?", -1,
+                                &del, NULL);
         if (rc == SQLITE_OK) {
             sqlite3_bind_int64(del, 1, (int64_t)node);
             sqlite3_bind_int64(del, 2, (int64_t)epoch);
@@ -538,10 +537,11 @@ hl_status hl_apply_retry_held(hl_db *d)
     hl_status st = HL_OK;
     /* The lowest held changeset of each origin; drain_held applies it when it
      * is next in line. */
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT p.node, p.epoch, coalesce(o.seq, 0) FROM " HL_PREFIX "pending p LEFT JOIN " HL_PREFIX
-                                "origins o ON o.node = p.node AND o.epoch = p.epoch GROUP BY p.node, p.epoch",
-                                -1, &q, NULL);
+    int rc =
+        sqlite3_prepare_v2(d->db,
+                           "SELECT p.node, p.epoch, coalesce(o.seq, 0) FROM " HL_PREFIX "pending p LEFT JOIN " HL_PREFIX
+                           "origins o ON o.node = p.node AND o.epoch = p.epoch GROUP BY p.node, p.epoch",
+                           -1, &q, NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "pending scan");
     typedef struct {

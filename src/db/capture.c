@@ -194,8 +194,7 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *
             const char *pkn[HL_CS_MAX_KEY];
             for (size_t i = 0; i < t->npk; i++)
                 pkn[i] = t->cols[t->pk[i]];
-            if ((st = hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk,
-                                             &tidx)))
+            if ((st = hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, &tidx)))
                 goto out;
         }
         /* The row as it is now is the last image of every write logged for it. */

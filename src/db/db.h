@@ -29,10 +29,10 @@ typedef struct hl_table {
     size_t ncols;
     char **decl; /* normalised declared types, parallel to cols */
     bool *notnull;
-    int *pkpos;   /* 1-based primary-key position per column, 0 if not in the key */
-    size_t *pk;   /* indexes into cols, in key order */
-    size_t npk;   /* 0: keyed by rowid */
-    char *rowid;  /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
+    int *pkpos;  /* 1-based primary-key position per column, 0 if not in the key */
+    size_t *pk;  /* indexes into cols, in key order */
+    size_t npk;  /* 0: keyed by rowid */
+    char *rowid; /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
     bool without_rowid;
     char *log;    /* name of its change-log table */
     char *keysig; /* key layout signature stored in __harmonylite__tables */
@@ -104,7 +104,7 @@ void hl_db_close(hl_db *d);
 
 hl_status hl_db_exec(hl_db *d, const char *sql);
 hl_status hl_db_meta_put(hl_db *d, const char *key, int64_t v);
-hl_status hl_db_begin(hl_db *d);    /* BEGIN IMMEDIATE, retrying while busy */
+hl_status hl_db_begin(hl_db *d); /* BEGIN IMMEDIATE, retrying while busy */
 hl_status hl_db_commit(hl_db *d);
 void hl_db_rollback(hl_db *d);
 
@@ -175,10 +175,10 @@ hl_status hl_capture(hl_db *d, uint64_t *rows);
 /* ---- apply.c ---- */
 
 typedef enum hl_apply_result {
-    HL_APPLIED = 0,   /* applied (some rows may have lost to LWW or been recorded as conflicts) */
-    HL_DUPLICATE,     /* seq already applied for this origin */
-    HL_HELD,          /* stored in __harmonylite__pending: out of order, or schema mismatch */
-    HL_MALFORMED,     /* names things unknown although the schema hash matches: refused */
+    HL_APPLIED = 0, /* applied (some rows may have lost to LWW or been recorded as conflicts) */
+    HL_DUPLICATE,   /* seq already applied for this origin */
+    HL_HELD,        /* stored in __harmonylite__pending: out of order, or schema mismatch */
+    HL_MALFORMED,   /* names things unknown although the schema hash matches: refused */
 } hl_apply_result;
 
 /*

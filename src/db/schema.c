@@ -132,8 +132,8 @@ static hl_status load_columns(hl_db *d, hl_table *t)
         }
         size_t i = t->ncols;
         t->cols[i] = strdup((const char *)sqlite3_column_text(st, 0));
-        t->decl[i] = normalise_type(sqlite3_column_type(st, 1) == SQLITE_NULL ? ""
-                                                                               : (const char *)sqlite3_column_text(st, 1));
+        t->decl[i] =
+            normalise_type(sqlite3_column_type(st, 1) == SQLITE_NULL ? "" : (const char *)sqlite3_column_text(st, 1));
         t->notnull[i] = sqlite3_column_int(st, 2) != 0;
         t->pkpos[i] = sqlite3_column_int(st, 3);
         t->ncols++;

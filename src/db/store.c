@@ -44,8 +44,8 @@ void hl_db_global_init(void)
 hl_status hl_db_err(hl_db *d, int rc, const char *what)
 {
     int prc = rc & 0xff;
-    hl_log(prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_LOG_WARN : HL_LOG_ERROR, "sqlite error", "op", what,
-           "error", d && d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
+    hl_log(prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_LOG_WARN : HL_LOG_ERROR, "sqlite error", "op", what, "error",
+           d && d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
     if (prc == SQLITE_BUSY || prc == SQLITE_LOCKED)
         return HL_ERR_BUSY;
     if (prc == SQLITE_CONSTRAINT)
@@ -219,8 +219,9 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
      * file copied mid-transaction by a tool could; make sure it is clear. */
     if ((st = hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0 WHERE applying <> 0")))
         goto rollback;
-    if ((st = prep(d, &d->st_meta_put, "INSERT INTO " HL_PREFIX "meta(key, value) VALUES (?, ?) "
-                                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value")))
+    if ((st = prep(d, &d->st_meta_put,
+                   "INSERT INTO " HL_PREFIX "meta(key, value) VALUES (?, ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value")))
         goto rollback;
 
     int64_t v;
@@ -241,8 +242,8 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
             hl_logf(HL_LOG_WARN, "database was last used by node %llu; starting a new origin epoch as node %llu",
                     (unsigned long long)stored_node, (unsigned long long)node_id);
         d->epoch = random_epoch();
-        if ((st = hl_db_meta_put(d, "epoch", (int64_t)d->epoch)) || (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) ||
-            (st = hl_db_meta_put(d, "next_seq", 1)))
+        if ((st = hl_db_meta_put(d, "epoch", (int64_t)d->epoch)) ||
+            (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) || (st = hl_db_meta_put(d, "next_seq", 1)))
             goto rollback;
     }
     if ((st = meta_get_int(d, "next_seq", &v, &found)))
@@ -270,9 +271,11 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?, ?, ?, ?, ?) "
                    "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
                    "deleted = excluded.deleted")) ||
-        (st = prep(d, &d->st_outbox_put, "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
+        (st = prep(d, &d->st_outbox_put,
+                   "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_conflict_put,
-                   "INSERT INTO " HL_PREFIX "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
+                   "INSERT INTO " HL_PREFIX
+                   "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_origin_get, "SELECT seq FROM " HL_PREFIX "origins WHERE node = ? AND epoch = ?")) ||
         (st = prep(d, &d->st_origin_put,
                    "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) VALUES (?, ?, ?) "
@@ -353,9 +356,9 @@ hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *r
 {
     sqlite3_stmt *st = NULL;
     hl_status res = HL_ERR_NOT_FOUND;
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1",
-                                -1, &st, NULL);
+    int rc = sqlite3_prepare_v2(
+        d->db, "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1", -1, &st,
+        NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "outbox read");
     sqlite3_bind_int64(st, 1, (int64_t)after);
@@ -399,10 +402,9 @@ hl_status hl_db_outbox_count(hl_db *d, uint64_t *count)
 hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms)
 {
     sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT count(*), coalesce(sum(schema), 0), coalesce(min(at_ms), 0) FROM " HL_PREFIX
-                                "pending",
-                                -1, &st, NULL);
+    int rc = sqlite3_prepare_v2(
+        d->db, "SELECT count(*), coalesce(sum(schema), 0), coalesce(min(at_ms), 0) FROM " HL_PREFIX "pending", -1, &st,
+        NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "pending count");
     rc = sqlite3_step(st);

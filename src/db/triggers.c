@@ -143,7 +143,8 @@ static int64_t schema_version(hl_db *d)
 {
     sqlite3_stmt *st = NULL;
     int64_t v = -1;
-    if (sqlite3_prepare_v2(d->db, "PRAGMA schema_version", -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+    if (sqlite3_prepare_v2(d->db, "PRAGMA schema_version", -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
         v = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     return v;
@@ -390,8 +391,9 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             if (pass == 1) {
                 int64_t cnt = count_rows(d, n);
                 if (cnt > 0)
-                    hl_logf(HL_LOG_WARN, "table of change log \"%s\" was dropped or renamed; %lld uncaptured changes "
-                                         "discarded",
+                    hl_logf(HL_LOG_WARN,
+                            "table of change log \"%s\" was dropped or renamed; %lld uncaptured changes "
+                            "discarded",
                             n, (long long)cnt);
             }
             if ((st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n)))

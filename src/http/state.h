@@ -28,7 +28,7 @@ typedef struct hl_state_stream {
 
 typedef struct hl_state_snapshot {
     uint64_t node_id;
-    bool embedded;          /* embedded nats-server mode */
+    bool embedded;           /* embedded nats-server mode */
     uint64_t engine_beat_ms; /* monotonic ms of the engine's last loop iteration */
 
     /* readiness inputs */

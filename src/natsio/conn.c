@@ -130,8 +130,8 @@ static void log_nats_error(hl_nats *n, const char *what, natsStatus s, jsErrCode
     redact(txt && *txt ? txt : natsStatus_GetText(s), n ? n->secret : NULL, clean, sizeof clean);
     snprintf(code, sizeof code, "%d", (int)jerr);
     if (jerr)
-        hl_log(HL_LOG_ERROR, what, "component", "nats", "status", natsStatus_GetText(s), "js_error", code, "error", clean,
-               NULL);
+        hl_log(HL_LOG_ERROR, what, "component", "nats", "status", natsStatus_GetText(s), "js_error", code, "error",
+               clean, NULL);
     else
         hl_log(HL_LOG_ERROR, what, "component", "nats", "status", natsStatus_GetText(s), "error", clean, NULL);
 }
@@ -190,8 +190,7 @@ static void on_lame_duck(natsConnection *nc, void *closure)
 {
     (void)nc;
     (void)closure;
-    hl_log(HL_LOG_INFO, "nats server entered lame duck mode; will move to another server", "component", "nats",
-           NULL);
+    hl_log(HL_LOG_INFO, "nats server entered lame duck mode; will move to another server", "component", "nats", NULL);
 }
 
 /* ---- NKey seed -> public key ---- */
@@ -291,8 +290,8 @@ static hl_status nkey_public_from_file(const char *path, char *pub, size_t puble
     hl_status st = HL_ERR_CONFIG;
     FILE *f = fopen(path, "re");
     if (!f) {
-        hl_log(HL_LOG_ERROR, "cannot read nats.seed_file", "component", "nats", "path", path, "error",
-               strerror(errno), NULL);
+        hl_log(HL_LOG_ERROR, "cannot read nats.seed_file", "component", "nats", "path", path, "error", strerror(errno),
+               NULL);
         return HL_ERR_CONFIG;
     }
     len = fread(buf, 1, sizeof buf - 1, f);
@@ -314,8 +313,8 @@ static hl_status nkey_public_from_file(const char *path, char *pub, size_t puble
     }
     OPENSSL_cleanse(buf, sizeof buf);
     if (st)
-        hl_log(HL_LOG_ERROR, "nats.seed_file holds no valid user NKey seed (SU...)", "component", "nats", "path",
-               path, NULL);
+        hl_log(HL_LOG_ERROR, "nats.seed_file holds no valid user NKey seed (SU...)", "component", "nats", "path", path,
+               NULL);
     return st;
 }
 
@@ -422,8 +421,7 @@ fail:
 }
 
 hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *urls, size_t nurls,
-                          jsPubAckHandler ack_cb, void *ack_closure, int64_t max_pending,
-                          const volatile int *stop_flag)
+                          jsPubAckHandler ack_cb, void *ack_closure, int64_t max_pending, const volatile int *stop_flag)
 {
     hl_status st = HL_OK;
     natsStatus s;
@@ -623,8 +621,9 @@ static hl_status ensure_one(hl_nats *n, const hl_config *c, jsStreamConfig *sc, 
             hl_status st = HL_OK;
             if (stream_differs(sc, si->Config, diff, sizeof diff)) {
                 if (!c->replication_log.update_existing) {
-                    hl_log(HL_LOG_WARN, "stream settings differ from the configuration (set "
-                                        "replication_log.update_existing to apply them)",
+                    hl_log(HL_LOG_WARN,
+                           "stream settings differ from the configuration (set "
+                           "replication_log.update_existing to apply them)",
                            "component", "nats", "stream", sc->Name, "differences", diff, NULL);
                 } else {
                     jsStreamInfo *ui = NULL;
@@ -693,8 +692,9 @@ hl_status hl_nats_ensure_streams(hl_nats *n, const hl_config *c, int timeout_ms,
     int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     int shards = c->replication_log.shards > 0 ? c->replication_log.shards : 1;
     int64_t max_age_ns = c->replication_log.max_age_s > 0 ? c->replication_log.max_age_s * 1000000000LL : 0;
-    int64_t dup_ns = (int64_t)(c->replication_log.duplicate_window_s > 0 ? c->replication_log.duplicate_window_s : 120) *
-                     1000000000LL;
+    int64_t dup_ns =
+        (int64_t)(c->replication_log.duplicate_window_s > 0 ? c->replication_log.duplicate_window_s : 120) *
+        1000000000LL;
     /* The server refuses a duplicate window longer than max_age. */
     if (max_age_ns > 0 && dup_ns > max_age_ns) {
         hl_log(HL_LOG_WARN, "replication_log.duplicate_window is longer than max_age; using max_age", "component",

@@ -53,7 +53,7 @@ struct hl_nats_server {
     pthread_cond_t cv; /* CLOCK_MONOTONIC; signalled on every state change */
     pid_t pid;         /* child pid while it is alive (not yet waited for); 0 otherwise */
     bool stopping;
-    uint64_t exits;         /* number of times a child exited (start() fails fast on one) */
+    uint64_t exits;                       /* number of times a child exited (start() fails fast on one) */
     char tail[TAIL_LINES][TAIL_LINE_LEN]; /* last lines the child printed, ring buffer */
     unsigned tail_next;
     unsigned tail_count;
@@ -235,8 +235,8 @@ static hl_status add_include(hl_buf *b, const char *conf_dir, const char *target
         goto out;
     for (const unsigned char *p = abs.data; *p; p++) {
         if (*p == '"' || *p < 0x20 || *p == 0x7f) {
-            hl_log(HL_LOG_ERROR, "nats.server_config: path must not contain '\"' or control characters",
-                   "component", "nats-server", NULL);
+            hl_log(HL_LOG_ERROR, "nats.server_config: path must not contain '\"' or control characters", "component",
+                   "nats-server", NULL);
             st = HL_ERR_CONFIG;
             goto out;
         }
@@ -263,8 +263,7 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
     hl_status st = HL_OK;
 
     if (split_hostport(bind, host, sizeof host, port, sizeof port)) {
-        hl_log(HL_LOG_ERROR, "nats.bind_address: expected host:port", "component", "nats-server", "value", bind,
-               NULL);
+        hl_log(HL_LOG_ERROR, "nats.bind_address: expected host:port", "component", "nats-server", "value", bind, NULL);
         st = HL_ERR_CONFIG;
         goto out;
     }
@@ -323,8 +322,8 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
     if (!st && c->nats.cluster_addr && *c->nats.cluster_addr) {
         st = hl_buf_adds(out, "cluster {\n  name: ");
         if (!st)
-            st = add_conf_str(out, c->nats.cluster_name && *c->nats.cluster_name ? c->nats.cluster_name
-                                                                                 : "harmonylite");
+            st =
+                add_conf_str(out, c->nats.cluster_name && *c->nats.cluster_name ? c->nats.cluster_name : "harmonylite");
         if (!st)
             st = hl_buf_adds(out, "\n  listen: ");
         if (!st)
@@ -447,7 +446,8 @@ static char *resolve_bin(const char *bin)
         const char *e = strchr(path, ':');
         size_t n = e ? (size_t)(e - path) : strlen(path);
         char cand[PATH_MAX];
-        int w = n ? snprintf(cand, sizeof cand, "%.*s/%s", (int)n, path, bin) : snprintf(cand, sizeof cand, "./%s", bin);
+        int w =
+            n ? snprintf(cand, sizeof cand, "%.*s/%s", (int)n, path, bin) : snprintf(cand, sizeof cand, "./%s", bin);
         if (w > 0 && (size_t)w < sizeof cand && access(cand, X_OK) == 0)
             return dup_str(cand);
         path += n;
@@ -567,8 +567,8 @@ static hl_status validate_config(const char *bin, const char *conf)
     pid_t pid = spawn(bin, argv, p[1], &err);
     close(p[1]);
     if (pid < 0 || err) {
-        hl_log(HL_LOG_ERROR, "cannot run nats-server", "component", "nats-server", "path", bin, "error",
-               strerror(err), NULL);
+        hl_log(HL_LOG_ERROR, "cannot run nats-server", "component", "nats-server", "path", bin, "error", strerror(err),
+               NULL);
         st = HL_ERR_CONFIG;
     }
     for (;;) {
@@ -1034,8 +1034,8 @@ hl_status hl_nats_server_start(hl_nats_server **out, const hl_config *c, int tim
         halt(s, 0);
         tail_join(s, 6, last, sizeof last);
         snprintf(tmo, sizeof tmo, "%d", timeout_ms);
-        hl_log(HL_LOG_ERROR, "nats-server did not start", "component", "nats-server", "reason", why, "timeout_ms",
-               tmo, "url", s->client_url, "last_output", last, NULL);
+        hl_log(HL_LOG_ERROR, "nats-server did not start", "component", "nats-server", "reason", why, "timeout_ms", tmo,
+               "url", s->client_url, "last_output", last, NULL);
         goto out;
     }
     hl_log(HL_LOG_INFO, "nats-server ready", "component", "nats-server", "url", s->client_url, NULL);

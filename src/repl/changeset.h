@@ -24,10 +24,10 @@
 #define HL_SCHEMA_HASH_LEN 32
 
 /* Decoder limits (hostile-input bounds). */
-#define HL_CS_MAX_NAME 4096      /* bytes in a table or column name */
-#define HL_CS_MAX_TABLES 100000  /* tables in one changeset */
-#define HL_CS_MAX_COLS 32767     /* columns in one table (SQLite's hard limit) */
-#define HL_CS_MAX_KEY 64         /* values in one primary key */
+#define HL_CS_MAX_NAME 4096     /* bytes in a table or column name */
+#define HL_CS_MAX_TABLES 100000 /* tables in one changeset */
+#define HL_CS_MAX_COLS 32767    /* columns in one table (SQLite's hard limit) */
+#define HL_CS_MAX_KEY 64        /* values in one primary key */
 
 /* SQLite's five storage classes, same numbering as SQLITE_INTEGER etc. minus one. */
 typedef enum hl_vtype { HL_VAL_NULL = 0, HL_VAL_INT = 1, HL_VAL_REAL = 2, HL_VAL_TEXT = 3, HL_VAL_BLOB = 4 } hl_vtype;
@@ -113,8 +113,8 @@ hl_status hl_changeset_encode(const hl_changeset *cs, bool compress, hl_buf *out
  * HL_ERR_TOO_LARGE), *out NULL, and if err is non-NULL a short reason is
  * written there.
  */
-hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t max_bytes, hl_changeset **out,
-                              char *err, size_t errlen);
+hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t max_bytes, hl_changeset **out, char *err,
+                              size_t errlen);
 
 /* Appends the canonical encoding of a primary key (a CBOR array of the values,
  * shortest integer forms, floats as 64-bit) to out. Used as the row identity in
@@ -131,8 +131,8 @@ typedef struct hl_part {
     uint8_t version; /* HL_CS_FORMAT_VERSION */
     uint8_t flags;   /* HL_PART_FLAG_* */
     uint64_t origin, epoch, seq;
-    uint32_t index, count; /* 0 <= index < count */
-    uint64_t total_len;    /* length of the whole payload */
+    uint32_t index, count;     /* 0 <= index < count */
+    uint64_t total_len;        /* length of the whole payload */
     const unsigned char *data; /* this part's slice (points into the message) */
     size_t len;
 } hl_part;

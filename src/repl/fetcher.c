@@ -214,8 +214,8 @@ static void *run(void *arg)
     return NULL;
 }
 
-hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_queue *q, int shard,
-                           uint64_t start_seq, uint64_t epoch)
+hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_queue *q, int shard, uint64_t start_seq,
+                           uint64_t epoch)
 {
     hl_fetcher *f = calloc(1, sizeof *f);
     if (!f)

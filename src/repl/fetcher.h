@@ -20,8 +20,8 @@ typedef struct hl_fetcher hl_fetcher;
 
 /* Starts the thread for shard, delivering messages after start_seq. Own
  * changesets (node_id, epoch) are skipped. */
-hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_queue *q, int shard,
-                           uint64_t start_seq, uint64_t epoch);
+hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_queue *q, int shard, uint64_t start_seq,
+                           uint64_t epoch);
 /* Stops and joins the thread, frees f. NULL is a no-op. */
 void hl_fetcher_stop(hl_fetcher *f);
 /* Highest stream sequence received, malformed messages seen (thread-safe). */

@@ -8,9 +8,9 @@
 #include "common/hlc.h"
 #include "common/log.h"
 
-#define WINDOW_PARTS 256     /* unacknowledged parts at most */
-#define STALL_MS 10000       /* no ack for this long: take the pending list back and re-publish */
-#define RETRY_MS 500         /* after a failure, wait this long before re-publishing */
+#define WINDOW_PARTS 256 /* unacknowledged parts at most */
+#define STALL_MS 10000   /* no ack for this long: take the pending list back and re-publish */
+#define RETRY_MS 500     /* after a failure, wait this long before re-publishing */
 
 typedef struct inflight {
     uint64_t seq;

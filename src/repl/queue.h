@@ -29,9 +29,9 @@ typedef struct hl_inbound {
 } hl_inbound;
 
 typedef struct hl_ack {
-    uint64_t seq;   /* changeset sequence */
-    uint32_t part;  /* part index */
-    bool ok;        /* false: the server refused or timed out */
+    uint64_t seq;  /* changeset sequence */
+    uint32_t part; /* part index */
+    bool ok;       /* false: the server refused or timed out */
 } hl_ack;
 
 typedef struct hl_queue {

@@ -495,7 +495,8 @@ START_TEST(test_error_unknown_keys)
                       "3: nats.urlz: unknown key (did you mean nats.urls?)");
     expect_load_error("urls: [nats://a:4222]\n", "1: urls: unknown key (did you mean nats.urls?)");
     expect_load_error("natz:\n  urls: []\n", "1: natz: unknown key (did you mean nats?)");
-    expect_load_error("replicaton_log:\n  shards: 2\n", "1: replicaton_log: unknown key (did you mean replication_log?)");
+    expect_load_error("replicaton_log:\n  shards: 2\n",
+                      "1: replicaton_log: unknown key (did you mean replication_log?)");
     expect_load_error("db_paht: x\n", "1: db_paht: unknown key (did you mean db_path?)");
     expect_load_error("DB_PATH: x\n", "1: DB_PATH: unknown key (did you mean db_path?)");
     expect_load_error("nats:\n  shards: 2\n", "2: nats.shards: unknown key (did you mean replication_log.shards?)");
@@ -550,10 +551,12 @@ START_TEST(test_error_syntax)
 {
     expect_load_error("db_path: a.db\nnats:\n  urls: [nats://a:4222\nlogging:\n",
                       "4: YAML syntax error: did not find expected ',' or ']'");
-    expect_load_error("db_path: a.db\n\tnode_id: 1\n", "2: YAML syntax error: found a tab character that violates indentation");
+    expect_load_error("db_path: a.db\n\tnode_id: 1\n",
+                      "2: YAML syntax error: found a tab character that violates indentation");
     expect_load_error("db_path: \"unterminated\n", "2: YAML syntax error: found unexpected end of stream");
     expect_load_error("db_path: b: c\n", "1: YAML syntax error: mapping values are not allowed in this context");
-    expect_load_error("db_path: x\n  node_id: 2\n", "2: YAML syntax error: mapping values are not allowed in this context");
+    expect_load_error("db_path: x\n  node_id: 2\n",
+                      "2: YAML syntax error: mapping values are not allowed in this context");
 
     /* invalid UTF-8 and NUL bytes are reader errors, reported at their line */
     hl_config c;
@@ -717,9 +720,9 @@ START_TEST(test_set)
     ck_assert_int_eq(hl_config_set(&c, "node_id", "x", "flag -node-id", err, sizeof err), HL_ERR_CONFIG);
     ck_assert_str_eq(err, "flag -node-id: node_id: expected an integer from 0 to 9223372036854775807, got \"x\"");
     ck_assert_uint_eq(c.node_id, 9); /* unchanged by the failed set */
-    ck_assert_int_eq(hl_config_set(&c, "nats.cluster_peers", "nats://a:6222,bad", "flag -cluster-peers", err,
-                                   sizeof err),
-                     HL_ERR_CONFIG);
+    ck_assert_int_eq(
+        hl_config_set(&c, "nats.cluster_peers", "nats://a:6222,bad", "flag -cluster-peers", err, sizeof err),
+        HL_ERR_CONFIG);
     ck_assert_uint_eq(c.nats.cluster_peers.n, 2); /* a bad list leaves the old one */
     ck_assert_int_eq(hl_config_set(&c, "nats.urlz", "x", "flag -nats-urlz", err, sizeof err), HL_ERR_CONFIG);
     ck_assert_str_eq(err, "flag -nats-urlz: nats.urlz: unknown key (did you mean nats.urls?)");
@@ -745,9 +748,9 @@ START_TEST(test_precedence)
     ck_assert_int_eq(hl_config_load_env(&c, env, err, sizeof err), HL_OK);
     ck_assert_int_eq(hl_config_set(&c, "replication_log.shards", "4", "flag -replication-log-shards", err, sizeof err),
                      HL_OK);
-    ck_assert_str_eq(c.db_path, "file.db");          /* file only */
-    ck_assert_uint_eq(c.node_id, 2);                 /* env over file */
-    ck_assert_int_eq(c.replication_log.shards, 4);   /* flag over env over file */
+    ck_assert_str_eq(c.db_path, "file.db");        /* file only */
+    ck_assert_uint_eq(c.node_id, 2);               /* env over file */
+    ck_assert_int_eq(c.replication_log.shards, 4); /* flag over env over file */
     ck_assert_str_eq(c.nats.urls.v[0], "nats://env:4222");
     ck_assert_uint_eq(c.nats.urls.n, 1);
     hl_config_free(&c);
@@ -824,7 +827,8 @@ START_TEST(test_finish)
     /* cross-field rules name the key and have no file:line */
     ck_assert_int_eq(hl_config_set(&c, "replication_log.chunk_bytes", "1048512", NULL, err, sizeof err), HL_OK);
     ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
-    ck_assert_str_eq(err, "replication_log.chunk_bytes: must be less than nats.max_payload - 64 (1048512), got 1048512");
+    ck_assert_str_eq(err,
+                     "replication_log.chunk_bytes: must be less than nats.max_payload - 64 (1048512), got 1048512");
     ck_assert_int_eq(hl_config_set(&c, "replication_log.chunk_bytes", "1048511", NULL, err, sizeof err), HL_OK);
     ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
 
@@ -855,7 +859,8 @@ START_TEST(test_finish)
     free(c.nats.urls.v[0]);
     c.nats.urls.v[0] = strdup("http://a:1");
     ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
-    ck_assert_str_eq(err, "nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got \"http://a:1\"");
+    ck_assert_str_eq(err,
+                     "nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got \"http://a:1\"");
     hl_config_free(&c);
 }
 END_TEST

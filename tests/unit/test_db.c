@@ -94,8 +94,8 @@ static hl_changeset *take(hl_db *src, hl_buf *raw, uint8_t *flags)
     *flags = raw->data[0];
     hl_changeset *cs = NULL;
     char err[256];
-    ck_assert_int_eq(hl_changeset_decode(raw->data + 1, raw->len - 1, (*flags & HL_PART_FLAG_ZSTD) != 0, 64u << 20,
-                                         &cs, err, sizeof err),
+    ck_assert_int_eq(hl_changeset_decode(raw->data + 1, raw->len - 1, (*flags & HL_PART_FLAG_ZSTD) != 0, 64u << 20, &cs,
+                                         err, sizeof err),
                      HL_OK);
     ck_assert_uint_eq(cs->seq, seq);
     ck_assert_int_eq(hl_db_outbox_delete(src, seq), HL_OK);
@@ -461,9 +461,9 @@ START_TEST(cleanup_leaves_application_data)
     char *after = dump(pa);
     ck_assert_str_eq(before, after);
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(app, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'",
-                                        -1, &st, NULL),
-                     SQLITE_OK);
+    ck_assert_int_eq(
+        sqlite3_prepare_v2(app, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'", -1, &st, NULL),
+        SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_int_eq(sqlite3_column_int(st, 0), 0);
     sqlite3_finalize(st);

@@ -140,10 +140,10 @@ static void cfg_free(hl_config *c)
     free(c->data_dir);
     list_free(&c->nats.urls);
     list_free(&c->nats.cluster_peers);
-    char **strs[] = {&c->nats.bind_address, &c->nats.subject_prefix, &c->nats.stream_prefix, &c->nats.server_config,
-                     &c->nats.server_bin,   &c->nats.cluster_name,   &c->nats.cluster_addr,  &c->nats.user_name,
-                     &c->nats.user_password, &c->nats.seed_file,     &c->nats.creds_file,    &c->nats.ca_file,
-                     &c->nats.cert_file,    &c->nats.key_file,       &c->logging.format,     &c->logging.level,
+    char **strs[] = {&c->nats.bind_address,  &c->nats.subject_prefix, &c->nats.stream_prefix, &c->nats.server_config,
+                     &c->nats.server_bin,    &c->nats.cluster_name,   &c->nats.cluster_addr,  &c->nats.user_name,
+                     &c->nats.user_password, &c->nats.seed_file,      &c->nats.creds_file,    &c->nats.ca_file,
+                     &c->nats.cert_file,     &c->nats.key_file,       &c->logging.format,     &c->logging.level,
                      &c->http.bind};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) {
         free(*strs[i]);
