@@ -638,9 +638,9 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
                 want_capture = true;
             }
             hl_inbound_free(items);
-            if (!st && e.q.head)
-                continue; /* more queued: go again without sleeping */
         }
+        /* Publishing and the heartbeat run every iteration, also under a
+         * sustained inbound load. */
         hl_publisher_pump(e.pub, e.d);
         publish_state(&e);
 
@@ -667,6 +667,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
                 if (e.seen_seq[s] != e.applied_seq[s] && timeout > SEQ_FLUSH_MS)
                     timeout = SEQ_FLUSH_MS;
         }
+        if (hl_queue_has_items(&e.q))
+            timeout = 0; /* more queued: only look at the other events */
         int nfd = e.inotify_fd >= 0 ? 2 : 1;
         int pr = poll(pfd, (nfds_t)nfd, timeout);
         if (pr > 0 && (pfd[0].revents & POLLIN))
@@ -691,10 +693,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         e.fetchers[s] = NULL;
     }
     hl_inbound_free(hl_queue_pop(&e.q, SIZE_MAX));
-    {
-        if (cycle(&e, NULL))
-            hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
-    }
+    if (cycle(&e, NULL))
+        hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
     flush_outbox(&e);
     rc = 0;
 out:

@@ -95,6 +95,14 @@ hl_inbound *hl_queue_pop(hl_queue *q, size_t max_rows)
     return last ? head : NULL;
 }
 
+bool hl_queue_has_items(hl_queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    bool any = q->head != NULL;
+    pthread_mutex_unlock(&q->mu);
+    return any;
+}
+
 void hl_queue_unpop(hl_queue *q, hl_inbound *list)
 {
     if (!list)

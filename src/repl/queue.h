@@ -55,6 +55,8 @@ void hl_queue_drain_wake(hl_queue *q);
 void hl_queue_push(hl_queue *q, hl_inbound *it);
 /* Pops items whose total size stays near max_rows rows (at least one). Returns the list, or NULL. */
 hl_inbound *hl_queue_pop(hl_queue *q, size_t max_rows);
+/* True when inbound items are waiting. */
+bool hl_queue_has_items(hl_queue *q);
 /* Puts a popped list back at the front (after a failed transaction). */
 void hl_queue_unpop(hl_queue *q, hl_inbound *list);
 void hl_inbound_free(hl_inbound *it);
