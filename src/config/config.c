@@ -99,7 +99,7 @@ static const hl_key keys[] = {
         "directory for harmonylite's own files (NATS store, generated config); empty: <db_path>-harmonylite"),
     BOOL("publish", publish, "true", "publish local changes to NATS"),
     BOOL("replicate", replicate, "true", "apply changes received from other nodes"),
-    INT("scan_max_changes", scan_max_changes, 1, 1000000, "10000", "maximum rows per message part"),
+    INT("scan_max_changes", scan_max_changes, 1, 1000000, "10000", "accepted for HarmonyLite configs; no effect (transactions are never split)"),
     INT("polling_interval", polling_interval_ms, 0, 3600000, "1000",
         "milliseconds between fallback polls of the database; 0: inotify only"),
     INT("cleanup_interval", cleanup_interval_ms, 0, INT_MAX, "5000",
