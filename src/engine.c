@@ -393,6 +393,46 @@ undo:
     return st;
 }
 
+/*
+ * A cycle with local changes only: read them under a snapshot without the
+ * write lock (the application keeps writing meanwhile), then record them in
+ * a short write transaction. Sets *fallback when the schema moved, for a full
+ * cycle to deal with it.
+ */
+static hl_status capture_cycle(engine *e, bool *fallback)
+{
+    hl_db *d = e->d;
+    hl_capture_batch b = {0};
+    hl_status st;
+    *fallback = false;
+    if ((st = hl_db_exec(d, "BEGIN")))
+        return st;
+    if (hl_db_schema_version(d) != d->schema_version) {
+        hl_db_exec(d, "ROLLBACK");
+        *fallback = true;
+        return HL_OK;
+    }
+    st = hl_capture_collect(d, &b);
+    hl_db_exec(d, "ROLLBACK"); /* a read transaction: nothing to keep */
+    if (st || b.rows == 0)
+        goto out;
+    if ((st = hl_db_begin(d)))
+        goto out;
+    if (hl_db_schema_version(d) != d->schema_version) {
+        hl_db_rollback(d);
+        *fallback = true;
+        goto out;
+    }
+    if ((st = hl_capture_record(d, &b))) {
+        hl_db_rollback(d);
+        goto out;
+    }
+    st = hl_db_commit(d);
+out:
+    hl_capture_batch_free(&b);
+    return st;
+}
+
 /* Items that carry nothing to apply only move the stream position; it is
  * recorded lazily (a lost position only re-reads messages that are skipped). */
 static bool only_positions(hl_inbound *items)
@@ -626,7 +666,12 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             hl_inbound_free(items);
             items = NULL;
         } else if (work) {
-            hl_status st = cycle(&e, items);
+            hl_status st = HL_OK;
+            bool full = true;
+            if (!items && !e.retry_held && !(pos_pending && positions_due))
+                st = capture_cycle(&e, &full);
+            if (!st && full)
+                st = cycle(&e, items);
             if (st) {
                 hl_queue_unpop(&e.q, items);
                 items = NULL;

@@ -159,16 +159,18 @@ hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
 }
 
-static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *pk, uint64_t *rows)
+/* Reads t's change log into cs: one entry per row with its current image and
+ * a new version. Writes nothing; *max_seq receives the last log position read. */
+static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t *rows, int64_t *max_seq)
 {
     hl_status st;
     size_t nk = t->npk ? t->npk : 1;
     hl_value key[HL_CS_MAX_KEY];
     hl_value *vals = NULL;
     uint32_t tidx = UINT32_MAX;
-    int64_t max_seq = 0;
     int rc;
 
+    *max_seq = 0;
     if (nk > HL_CS_MAX_KEY) {
         hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
                 HL_CS_MAX_KEY);
@@ -186,8 +188,8 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *
         double jd = sqlite3_column_double(lr, 0);
         uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : 0;
         int64_t seq = sqlite3_column_int64(lr, 1);
-        if (seq > max_seq)
-            max_seq = seq;
+        if (seq > *max_seq)
+            *max_seq = seq;
         for (size_t i = 0; i < nk; i++)
             hl_value_from_column(lr, 2 + (int)i, &key[i]);
         if (tidx == UINT32_MAX) {
@@ -214,87 +216,113 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, hl_buf *
         uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
         st = hl_changeset_add_row(cs, tidx, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
                                   exists ? t->ncols : 0);
-        hl_buf_reset(pk);
-        if (!st)
-            st = hl_key_encode(key, nk, pk);
         sqlite3_reset(rr);
-        if (!st)
-            st = hl_clock_put(d, t->name, pk, hlc, d->node_id, !exists);
         if (st)
             goto out;
         (*rows)++;
     }
-    if (rc != SQLITE_DONE) {
+    if (rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture log read");
-        goto out;
-    }
-    sqlite3_reset(lr);
-    if (max_seq > 0) {
-        sqlite3_bind_int64(t->st_log_del, 1, max_seq);
-        rc = sqlite3_step(t->st_log_del);
-        sqlite3_reset(t->st_log_del);
-        if (rc != SQLITE_DONE)
-            st = hl_db_err(d, rc, "capture log delete");
-    }
 out:
     sqlite3_reset(lr);
     free(vals);
     return st;
 }
 
-hl_status hl_capture(hl_db *d, uint64_t *rows)
+void hl_capture_batch_free(hl_capture_batch *b)
+{
+    hl_changeset_free(b->cs);
+    hl_buf_free(&b->payload);
+    free(b->max_seq);
+    memset(b, 0, sizeof *b);
+}
+
+hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
 {
     hl_status st = HL_OK;
-    hl_changeset *cs = hl_changeset_new();
-    hl_buf pk, payload;
-    *rows = 0;
-    hl_buf_init(&pk, 64u << 20);
-    hl_buf_init(&payload, (size_t)d->max_changeset_bytes + 1024);
-    if (!cs) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
+    memset(b, 0, sizeof *b);
+    hl_buf_init(&b->payload, (size_t)d->max_changeset_bytes + 1024);
+    b->cs = hl_changeset_new();
+    b->ntables = d->schema.n;
+    b->max_seq = calloc(b->ntables ? b->ntables : 1, sizeof *b->max_seq);
+    if (!b->cs || !b->max_seq)
+        return HL_ERR_NOMEM;
     for (size_t i = 0; i < d->schema.n; i++)
-        if ((st = capture_table(d, &d->schema.t[i], cs, &pk, rows)))
-            goto out;
-    if (cs->nrows == 0)
-        goto out;
-    for (size_t i = 0; i < cs->nrows; i++)
-        if (cs->rows[i].hlc > cs->hlc)
-            cs->hlc = cs->rows[i].hlc;
+        if ((st = capture_table(d, &d->schema.t[i], b->cs, &b->rows, &b->max_seq[i])))
+            return st;
+    if (b->cs->nrows == 0)
+        return HL_OK;
+    hl_changeset *cs = b->cs;
     cs->origin = d->node_id;
     cs->epoch = d->epoch;
     cs->seq = d->next_seq;
     cs->wall_ms = hl_now_ms();
     memcpy(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN);
+    if (d->publish)
+        st = hl_changeset_encode(cs, d->compress, &b->payload);
+    return st;
+}
+
+hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
+{
+    hl_status st = HL_OK;
+    hl_changeset *cs = b->cs;
+    hl_buf pk;
+    if (b->ntables != d->schema.n) /* the caller re-checks schema_version; cannot happen */
+        return HL_ERR_INTERNAL;
+    hl_buf_init(&pk, 64u << 20);
+    /* Versions, then the log positions read, then the outbox. */
+    for (size_t i = 0; cs && i < cs->nrows && !st; i++) {
+        const hl_cs_row *r = &cs->rows[i];
+        hl_buf_reset(&pk);
+        st = hl_key_encode(r->key, r->nkey, &pk);
+        if (!st)
+            st = hl_clock_put(d, cs->tables[r->table].name, &pk, r->hlc, d->node_id, r->op == HL_OP_DELETE);
+    }
+    hl_buf_free(&pk);
+    for (size_t i = 0; i < b->ntables && !st; i++) {
+        hl_table *t = &d->schema.t[i];
+        if (b->max_seq[i] <= 0)
+            continue;
+        sqlite3_bind_int64(t->st_log_del, 1, b->max_seq[i]);
+        int rc = sqlite3_step(t->st_log_del);
+        sqlite3_reset(t->st_log_del);
+        if (rc != SQLITE_DONE)
+            st = hl_db_err(d, rc, "capture log delete");
+    }
+    if (st || !cs || cs->nrows == 0)
+        return st;
     if (d->publish) {
-        if ((st = hl_changeset_encode(cs, d->compress, &payload)))
-            goto out;
         sqlite3_stmt *ob = d->st_outbox_put;
         sqlite3_bind_int64(ob, 1, (int64_t)cs->seq);
         sqlite3_bind_int(ob, 2, d->compress ? HL_PART_FLAG_ZSTD : 0);
         sqlite3_bind_int64(ob, 3, (int64_t)cs->nrows);
-        sqlite3_bind_blob64(ob, 4, payload.data, payload.len, SQLITE_STATIC);
+        sqlite3_bind_blob64(ob, 4, b->payload.data, b->payload.len, SQLITE_STATIC);
         int rc = sqlite3_step(ob);
         sqlite3_reset(ob);
         sqlite3_clear_bindings(ob);
-        if (rc != SQLITE_DONE) {
-            st = hl_db_err(d, rc, "outbox put");
-            goto out;
-        }
-        d->next_seq++;
+        if (rc != SQLITE_DONE)
+            return hl_db_err(d, rc, "outbox put");
+        d->next_seq = cs->seq + 1;
         if ((st = hl_db_meta_put(d, "next_seq", (int64_t)d->next_seq)))
-            goto out;
+            return st;
     }
     if ((st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc)))
-        goto out;
-    d->stats.rows_captured += *rows;
+        return st;
+    d->stats.rows_captured += b->rows;
     d->stats.changesets_captured++;
-    hl_debugf("captured %llu rows as changeset %llu (%zu bytes)", (unsigned long long)*rows,
-              (unsigned long long)cs->seq, payload.len);
-out:
-    hl_changeset_free(cs);
-    hl_buf_free(&pk);
-    hl_buf_free(&payload);
+    hl_debugf("captured %llu rows as changeset %llu (%zu bytes)", (unsigned long long)b->rows,
+              (unsigned long long)cs->seq, b->payload.len);
+    return HL_OK;
+}
+
+hl_status hl_capture(hl_db *d, uint64_t *rows)
+{
+    hl_capture_batch b;
+    hl_status st = hl_capture_collect(d, &b);
+    if (!st)
+        st = hl_capture_record(d, &b);
+    *rows = st ? 0 : b.rows;
+    hl_capture_batch_free(&b);
     return st;
 }

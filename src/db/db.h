@@ -172,6 +172,29 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed);
  */
 hl_status hl_capture(hl_db *d, uint64_t *rows);
 
+/*
+ * hl_capture in two steps, so the expensive part need not hold the write lock.
+ * hl_capture_collect only reads: inside any transaction it sees a snapshot of
+ * committed application transactions, and builds (and encodes) the changeset
+ * of every change logged up to then. hl_capture_record, in a write
+ * transaction on the same schema, records the clocks, deletes exactly the log
+ * rows that were read and writes the outbox. Changes logged in between have
+ * later log positions and are captured by the next cycle with later versions.
+ */
+typedef struct hl_capture_batch {
+    hl_changeset *cs;
+    hl_buf payload;   /* encoded changeset (when publishing) */
+    int64_t *max_seq; /* per schema table: last log position read */
+    size_t ntables;
+    uint64_t rows;
+} hl_capture_batch;
+
+hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b);
+hl_status hl_capture_record(hl_db *d, hl_capture_batch *b);
+void hl_capture_batch_free(hl_capture_batch *b);
+/* PRAGMA schema_version of the database now (-1 on error). */
+int64_t hl_db_schema_version(hl_db *d);
+
 /* ---- apply.c ---- */
 
 typedef enum hl_apply_result {

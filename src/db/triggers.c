@@ -139,7 +139,7 @@ hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl_out, hl_buf *trigger
     return st;
 }
 
-static int64_t schema_version(hl_db *d)
+int64_t hl_db_schema_version(hl_db *d)
 {
     sqlite3_stmt *st = NULL;
     int64_t v = -1;
@@ -295,7 +295,7 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     hl_status st = HL_OK;
     hl_buf trig, tabs, ddl, tsql, want;
     *changed = false;
-    int64_t sv = schema_version(d);
+    int64_t sv = hl_db_schema_version(d);
     if (!force && sv == d->schema_version)
         return HL_OK;
 
@@ -404,7 +404,7 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                         "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
     if (st)
         goto out;
-    d->schema_version = schema_version(d);
+    d->schema_version = hl_db_schema_version(d);
     *changed = true;
     if (had_schema && memcmp(old_hash, d->schema.hash, 32) != 0) {
         memcpy(d->prev_hash, old_hash, 32);

@@ -505,6 +505,53 @@ START_TEST(new_table_rows_written_before_triggers_are_captured)
 }
 END_TEST
 
+START_TEST(split_capture_with_writes_in_between_converges)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *app = app_open(pa);
+    app_exec(app, "INSERT INTO books(id, title) VALUES (1, 'first'), (2, 'second')");
+
+    /* collect under a snapshot, without the write lock ... */
+    hl_capture_batch batch;
+    ck_assert_int_eq(hl_db_exec(a, "BEGIN"), HL_OK);
+    ck_assert_int_eq(hl_capture_collect(a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_exec(a, "ROLLBACK"), HL_OK);
+    ck_assert_uint_eq(batch.rows, 2);
+    /* ... the application keeps writing, also to a row just collected ... */
+    app_exec(app,
+             "UPDATE books SET title = 'first, changed' WHERE id = 1; INSERT INTO books(id, title) VALUES (3, 't')");
+    /* ... then record what was read */
+    ck_assert_int_eq(hl_db_begin(a), HL_OK);
+    ck_assert_int_eq(hl_capture_record(a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_commit(a), HL_OK);
+    hl_capture_batch_free(&batch);
+    /* the later writes were not consumed: the next capture has them, with later versions */
+    ck_assert_uint_eq(capture(a), 2);
+
+    hl_changeset *c1 = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, c1, &raw, flags), HL_APPLIED);
+    hl_changeset *c2 = take(a, &raw, &flags);
+    ck_assert_uint_eq(c2->seq, c1->seq + 1);
+    ck_assert_int_eq(apply(b, c2, &raw, flags), HL_APPLIED);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    ck_assert_ptr_nonnull(strstr(db, "'first, changed'"));
+    free(da);
+    free(db);
+    hl_changeset_free(c1);
+    hl_changeset_free(c2);
+    sqlite3_close(app);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -538,6 +585,7 @@ int main(void)
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
+    tcase_add_test(tc, split_capture_with_writes_in_between_converges);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
