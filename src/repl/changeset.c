@@ -21,7 +21,7 @@
 #include <zstd.h>
 #include <zstd_errors.h>
 
-#define ZSTD_LEVEL 3
+#define ZSTD_LEVEL 1
 /* Decoder window bounds. Frames written without a known content size use
  * their level's default window (2 MiB at level 3, 8 MiB up to about level 12)
  * whatever the content, so windows up to 8 MiB are always allowed; beyond
@@ -539,9 +539,10 @@ static hl_status encode_cbor(const hl_changeset *cs, hl_buf *b)
     return st;
 }
 
-/* Compresses p into one zstd frame (level 3, content size and checksum
- * recorded) appended to out, streaming so no compressBound()-sized buffer is
- * needed next to a large payload. */
+/* Compresses p into one zstd frame (content size and checksum recorded)
+ * appended to out, streaming so no compressBound()-sized buffer is needed next
+ * to a large payload. Level 1: on our 2-core machines level 3 cost ~5 % of
+ * end-to-end throughput for a few percent of size (docs/performance.md). */
 static hl_status zstd_compress(const unsigned char *p, size_t n, hl_buf *out)
 {
     hl_status st = HL_OK;

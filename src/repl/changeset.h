@@ -103,7 +103,7 @@ hl_status hl_changeset_add_row(hl_changeset *cs, uint32_t table, hl_op op, uint6
                                size_t nkey, const hl_value *vals, size_t nvals);
 
 /* Encodes cs as the CBOR payload (docs/protocol.md §2), zstd-compressed when
- * compress is set (level 3). Appends to out. */
+ * compress is set (level 1). Appends to out. */
 hl_status hl_changeset_encode(const hl_changeset *cs, bool compress, hl_buf *out);
 
 /*
