@@ -29,7 +29,7 @@ typedef struct hl_config {
                                       default "<db_path>-harmonylite" */
     bool publish;                  /* publish: send local changes (default true) */
     bool replicate;                /* replicate: apply remote changes (default true) */
-    int scan_max_changes;    /* scan_max_changes: accepted for HarmonyLite configs; no effect */
+    int scan_max_changes;          /* scan_max_changes: accepted for HarmonyLite configs; no effect */
     int polling_interval_ms;       /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
     int cleanup_interval_ms;       /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
     int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
