@@ -86,6 +86,7 @@ typedef struct hl_db {
     hl_db_stats stats;
     sqlite3_stmt *st_clock_win, *st_clock_put, *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
+    sqlite3_stmt *st_outbox_next, *st_outbox_del, *st_data_version, *st_schema_version;
 } hl_db;
 
 /* ---- store.c ---- */
@@ -113,6 +114,8 @@ hl_status hl_db_err(hl_db *d, int rc, const char *what);
 
 /* True when another connection committed since the last call (PRAGMA data_version). */
 bool hl_db_changed_externally(hl_db *d);
+/* PRAGMA schema_version of the database now (-1 on error). */
+int64_t hl_db_schema_version(hl_db *d);
 
 /* Applied stream sequence for stream (0 if none). */
 hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq);
@@ -140,7 +143,6 @@ hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc
 /* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
 hl_status hl_schema_scan(hl_db *d, hl_schema *out);
 void hl_schema_free(hl_schema *s);
-void hl_table_finalize(hl_table *t);
 /* Finds a table by name, case-insensitively as SQLite does. */
 hl_table *hl_schema_find(hl_schema *s, const char *name);
 /* Index of column name in t, or -1 (case-insensitive). */
@@ -192,8 +194,6 @@ typedef struct hl_capture_batch {
 hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b);
 hl_status hl_capture_record(hl_db *d, hl_capture_batch *b);
 void hl_capture_batch_free(hl_capture_batch *b);
-/* PRAGMA schema_version of the database now (-1 on error). */
-int64_t hl_db_schema_version(hl_db *d);
 
 /* ---- apply.c ---- */
 

@@ -14,7 +14,8 @@
 #include "common/sha256.h"
 #include "db/db.h"
 
-void hl_table_finalize(hl_table *t)
+/* Finalizes t's cached statements. */
+static void table_finalize(hl_table *t)
 {
     sqlite3_finalize(t->st_log_read);
     sqlite3_finalize(t->st_log_del);
@@ -29,7 +30,7 @@ void hl_table_finalize(hl_table *t)
 
 static void table_free(hl_table *t)
 {
-    hl_table_finalize(t);
+    table_finalize(t);
     for (size_t i = 0; i < t->ncols; i++) {
         free(t->cols[i]);
         free(t->decl[i]);

@@ -112,6 +112,16 @@ static hl_status prep(hl_db *d, sqlite3_stmt **st, const char *sql)
     return rc == SQLITE_OK ? HL_OK : hl_db_err(d, rc, sql);
 }
 
+/* Steps a cached single-value statement, returns column 0 (dflt when no row or NULL), resets it. */
+static int64_t step_int(sqlite3_stmt *st, int64_t dflt)
+{
+    int64_t v = dflt;
+    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_reset(st);
+    return v;
+}
+
 static int64_t query_int(hl_db *d, const char *sql, int64_t dflt)
 {
     sqlite3_stmt *st = NULL;
@@ -273,6 +283,11 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "deleted = excluded.deleted")) ||
         (st = prep(d, &d->st_outbox_put,
                    "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
+        (st = prep(d, &d->st_outbox_next,
+                   "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1")) ||
+        (st = prep(d, &d->st_outbox_del, "DELETE FROM " HL_PREFIX "outbox WHERE seq = ?")) ||
+        (st = prep(d, &d->st_data_version, "PRAGMA data_version")) ||
+        (st = prep(d, &d->st_schema_version, "PRAGMA schema_version")) ||
         (st = prep(d, &d->st_conflict_put,
                    "INSERT INTO " HL_PREFIX
                    "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
@@ -313,6 +328,10 @@ void hl_db_close(hl_db *d)
     sqlite3_finalize(d->st_origin_put);
     sqlite3_finalize(d->st_seq_put);
     sqlite3_finalize(d->st_pending_put);
+    sqlite3_finalize(d->st_outbox_next);
+    sqlite3_finalize(d->st_outbox_del);
+    sqlite3_finalize(d->st_data_version);
+    sqlite3_finalize(d->st_schema_version);
     if (d->db)
         sqlite3_close_v2(d->db);
     free(d->path);
@@ -321,10 +340,15 @@ void hl_db_close(hl_db *d)
 
 bool hl_db_changed_externally(hl_db *d)
 {
-    int64_t v = query_int(d, "PRAGMA data_version", -1);
+    int64_t v = step_int(d->st_data_version, -1);
     bool changed = v != d->data_version;
     d->data_version = v;
     return changed;
+}
+
+int64_t hl_db_schema_version(hl_db *d)
+{
+    return step_int(d->st_schema_version, -1);
 }
 
 hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq)
@@ -354,15 +378,10 @@ hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq)
 
 hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *rows, hl_buf *payload)
 {
-    sqlite3_stmt *st = NULL;
+    sqlite3_stmt *st = d->st_outbox_next;
     hl_status res = HL_ERR_NOT_FOUND;
-    int rc = sqlite3_prepare_v2(
-        d->db, "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1", -1, &st,
-        NULL);
-    if (rc != SQLITE_OK)
-        return hl_db_err(d, rc, "outbox read");
     sqlite3_bind_int64(st, 1, (int64_t)after);
-    rc = sqlite3_step(st);
+    int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         *seq = (uint64_t)sqlite3_column_int64(st, 0);
         *rows = (uint64_t)sqlite3_column_int64(st, 3);
@@ -374,19 +393,16 @@ hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *r
     } else if (rc != SQLITE_DONE) {
         res = hl_db_err(d, rc, "outbox read");
     }
-    sqlite3_finalize(st);
+    sqlite3_reset(st);
     return res;
 }
 
 hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq)
 {
-    sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "outbox WHERE seq = ?", -1, &st, NULL);
-    if (rc != SQLITE_OK)
-        return hl_db_err(d, rc, "outbox delete");
+    sqlite3_stmt *st = d->st_outbox_del;
     sqlite3_bind_int64(st, 1, (int64_t)seq);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox delete");
 }
 

@@ -139,17 +139,6 @@ hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl_out, hl_buf *trigger
     return st;
 }
 
-int64_t hl_db_schema_version(hl_db *d)
-{
-    sqlite3_stmt *st = NULL;
-    int64_t v = -1;
-    if (sqlite3_prepare_v2(d->db, "PRAGMA schema_version", -1, &st, NULL) == SQLITE_OK &&
-        sqlite3_step(st) == SQLITE_ROW)
-        v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return v;
-}
-
 /* Executes sql; on error logs it with the statement. */
 static hl_status exec_logged(hl_db *d, const char *sql)
 {

@@ -74,11 +74,6 @@ void hl_publisher_attach(hl_publisher *p, hl_nats *n)
     p->n = n;
 }
 
-size_t hl_publisher_inflight(const hl_publisher *p)
-{
-    return p->parts_inflight;
-}
-
 uint64_t hl_publisher_published(const hl_publisher *p)
 {
     return p->published;

@@ -32,8 +32,6 @@ void hl_publisher_attach(hl_publisher *p, hl_nats *n);
 hl_status hl_publisher_pump(hl_publisher *p, hl_db *d);
 /* Handles acknowledgements: deletes fully acknowledged outbox rows (own transaction). */
 hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size_t n);
-/* Parts published and not yet acknowledged. */
-size_t hl_publisher_inflight(const hl_publisher *p);
 uint64_t hl_publisher_published(const hl_publisher *p);      /* changesets fully acknowledged */
 uint64_t hl_publisher_rows_published(const hl_publisher *p); /* rows in those changesets */
 /* Milliseconds until pump() should run again for stall detection, or -1. */
