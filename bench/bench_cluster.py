@@ -60,12 +60,14 @@ def bare_sqlite(dirpath: Path, total: int, batch: int) -> float:
     return total / el
 
 
-def count(path: Path) -> int:
-    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return c.execute("SELECT count(*) FROM t").fetchone()[0]
-    finally:
-        c.close()
+def has_all(conn: sqlite3.Connection, total: int) -> bool:
+    """True once all total rows are visible. Polls max(id), an index lookup, and
+    confirms with count(*) only then: a count(*) of a 200,000-row table costs
+    milliseconds, and polling with it every few ms on two nodes would take CPU
+    from the very processes being measured."""
+    if (conn.execute("SELECT max(id) FROM t").fetchone()[0] or 0) < total:
+        return False
+    return conn.execute("SELECT count(*) FROM t").fetchone()[0] >= total
 
 
 def throughput(cluster, total: int, batch: int) -> dict:
@@ -75,13 +77,16 @@ def throughput(cluster, total: int, batch: int) -> dict:
     insert_batches(conn, total, batch)
     t_written = time.perf_counter() - t0
     conn.close()
+    readers = {n.id: sqlite3.connect(f"file:{n.db_path}?mode=ro", uri=True, timeout=10) for n in (n2, n3)}
     done = {}
     deadline = time.monotonic() + 600
     while len(done) < 2 and time.monotonic() < deadline:
         for n in (n2, n3):
-            if n.id not in done and count(n.db_path) >= total:
+            if n.id not in done and has_all(readers[n.id], total):
                 done[n.id] = time.perf_counter() - t0
         time.sleep(0.005)
+    for r in readers.values():
+        r.close()
     if len(done) < 2:
         raise SystemExit(f"rows did not replicate within 600 s: {done}")
     slowest = max(done.values())

@@ -327,18 +327,39 @@ static void publish_state(engine *e)
 }
 
 /*
- * One engine transaction: schema check, capture, then (capture before apply)
- * the remote changesets in items. On failure nothing is lost: the transaction
- * rolls back and the items go back to the queue.
+ * One engine cycle. When local is set, what the application logged is read
+ * and encoded first, under a WAL snapshot and without the write lock, so the
+ * application keeps writing meanwhile (hl_capture_collect). Then one write
+ * transaction: the schema check, the recording of that batch, the capture of
+ * whatever was logged since the snapshot (usually little), and only then
+ * (capture before apply) the remote changesets in items and the stream
+ * positions. The write lock is held for the short part only, which matters
+ * because an application that finds the database locked sleeps for
+ * milliseconds in SQLite's default busy handler. On failure nothing is lost:
+ * the transaction rolls back and the items go back to the queue.
  */
-static hl_status cycle(engine *e, hl_inbound *items)
+static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_positions)
 {
     hl_db *d = e->d;
+    hl_capture_batch pre = {0};
     hl_status st;
-    bool changed = false;
+    bool changed = false, schema_moved = false;
     uint64_t rows = 0;
+    int64_t pre_version = d->schema_version;
+    if (local) {
+        if ((st = hl_db_exec(d, "BEGIN")))
+            return st;
+        schema_moved = hl_db_schema_version(d) != d->schema_version;
+        if (!schema_moved)
+            st = hl_capture_collect(d, &pre);
+        hl_db_exec(d, "ROLLBACK"); /* a read transaction: nothing to keep */
+        if (st)
+            goto out;
+    }
+    if (!items && !e->retry_held && !flush_positions && !schema_moved && pre.rows == 0)
+        goto out; /* nothing to write */
     if ((st = hl_db_begin(d)))
-        return st;
+        goto out;
     if ((st = hl_triggers_sync(d, false, &changed)))
         goto fail;
     if (changed) {
@@ -347,8 +368,13 @@ static hl_status cycle(engine *e, hl_inbound *items)
         hl_logf(HL_LOG_INFO, "schema changed: %zu replicated tables, schema hash %s", d->schema.n, hex);
         e->retry_held = true;
     }
+    if (d->schema_version != pre_version)
+        hl_capture_batch_free(&pre); /* read under another schema: its rows are still logged, captured below */
+    if (pre.rows && (st = hl_capture_record(d, &pre)))
+        goto fail;
     if ((st = hl_capture(d, &rows)))
         goto fail;
+    rows += pre.rows;
     if (items || e->retry_held) {
         if ((st = hl_apply_begin(d)))
             goto fail;
@@ -384,52 +410,14 @@ static hl_status cycle(engine *e, hl_inbound *items)
     e->last_seq_flush = hl_mono_ms();
     if (rows)
         hl_debugf("captured %" PRIu64 " rows", rows);
-    return HL_OK;
+    goto out;
 fail:
     hl_db_rollback(d);
 undo:
     for (int s = 0; s < e->c->replication_log.shards; s++)
         e->seen_seq[s] = e->applied_seq[s];
-    return st;
-}
-
-/*
- * A cycle with local changes only: read them under a snapshot without the
- * write lock (the application keeps writing meanwhile), then record them in
- * a short write transaction. Sets *fallback when the schema moved, for a full
- * cycle to deal with it.
- */
-static hl_status capture_cycle(engine *e, bool *fallback)
-{
-    hl_db *d = e->d;
-    hl_capture_batch b = {0};
-    hl_status st;
-    *fallback = false;
-    if ((st = hl_db_exec(d, "BEGIN")))
-        return st;
-    if (hl_db_schema_version(d) != d->schema_version) {
-        hl_db_exec(d, "ROLLBACK");
-        *fallback = true;
-        return HL_OK;
-    }
-    st = hl_capture_collect(d, &b);
-    hl_db_exec(d, "ROLLBACK"); /* a read transaction: nothing to keep */
-    if (st || b.rows == 0)
-        goto out;
-    if ((st = hl_db_begin(d)))
-        goto out;
-    if (hl_db_schema_version(d) != d->schema_version) {
-        hl_db_rollback(d);
-        *fallback = true;
-        goto out;
-    }
-    if ((st = hl_capture_record(d, &b))) {
-        hl_db_rollback(d);
-        goto out;
-    }
-    st = hl_db_commit(d);
 out:
-    hl_capture_batch_free(&b);
+    hl_capture_batch_free(&pre);
     return st;
 }
 
@@ -652,26 +640,20 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         hl_inbound *items = hl_queue_pop(&e.q, (size_t)c->apply_batch_rows);
         bool external = want_capture && hl_db_changed_externally(e.d);
         want_capture = false;
-        bool positions_due = hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
-        bool pos_pending = false;
-        for (int s = 0; s < shards; s++)
-            pos_pending |= e.seen_seq[s] != e.applied_seq[s];
-        bool work =
-            external || e.retry_held || (items && !only_positions(items)) || ((items || pos_pending) && positions_due);
-        if (items && !work) {
-            /* Only positions: remember them, record later. */
+        if (items && only_positions(items)) {
+            /* Only positions: remember them, record them with the next write. */
             for (hl_inbound *it = items; it; it = it->next)
                 if (it->safe_seq > e.seen_seq[it->shard])
                     e.seen_seq[it->shard] = it->safe_seq;
             hl_inbound_free(items);
             items = NULL;
-        } else if (work) {
-            hl_status st = HL_OK;
-            bool full = true;
-            if (!items && !e.retry_held && !(pos_pending && positions_due))
-                st = capture_cycle(&e, &full);
-            if (!st && full)
-                st = cycle(&e, items);
+        }
+        bool pos_pending = false;
+        for (int s = 0; s < shards; s++)
+            pos_pending |= e.seen_seq[s] != e.applied_seq[s];
+        bool flush_positions = pos_pending && hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
+        if (external || e.retry_held || items || flush_positions) {
+            hl_status st = cycle(&e, items, external, flush_positions);
             if (st) {
                 hl_queue_unpop(&e.q, items);
                 items = NULL;
@@ -738,7 +720,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         e.fetchers[s] = NULL;
     }
     hl_inbound_free(hl_queue_pop(&e.q, SIZE_MAX));
-    if (cycle(&e, NULL))
+    if (cycle(&e, NULL, true, true))
         hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
     flush_outbox(&e);
     rc = 0;
