@@ -20,12 +20,18 @@ typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED } one_result;
 
 hl_status hl_apply_begin(hl_db *d)
 {
+    d->apply_start_hlc = d->last_hlc;
     return hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 1");
 }
 
 hl_status hl_apply_end(hl_db *d)
 {
-    return hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0");
+    /* The clock only moves forward, also across restarts: remember the
+     * highest version seen in the transaction that stored it. */
+    hl_status st = HL_OK;
+    if (d->last_hlc != d->apply_start_hlc)
+        st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc);
+    return st ? st : hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0");
 }
 
 static hl_status origin_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t *seq)
@@ -261,23 +267,28 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     hl_status st;
     char why[512];
 
-    hl_buf_reset(pk);
-    if ((st = hl_key_encode(r->key, r->nkey, pk)))
-        return st;
     hl_hlc_observe(&d->last_hlc, r->hlc);
+    for (size_t i = 0; i < r->nkey; i++)
+        if (r->key[i].type == HL_VAL_NULL) {
+            hl_buf_reset(pk);
+            if ((st = hl_key_encode(r->key, r->nkey, pk)))
+                return st;
+            return record_conflict(d, cs->origin, t->name, pk, r->hlc, "NULL in the primary key");
+        }
 
     /* Check and record the version in one statement: the clock row is
      * written only when (hlc, origin) beats the stored version. */
-    sqlite3_stmt *cw = d->st_clock_win;
-    sqlite3_bind_text(cw, 1, t->name, -1, SQLITE_STATIC);
-    sqlite3_bind_blob64(cw, 2, pk->data, pk->len, SQLITE_STATIC);
-    sqlite3_bind_int64(cw, 3, (int64_t)r->hlc);
-    sqlite3_bind_int64(cw, 4, (int64_t)cs->origin);
-    sqlite3_bind_int(cw, 5, r->op == HL_OP_DELETE ? 1 : 0);
+    if ((st = hl_clock_prepare(d, t)))
+        return st;
+    sqlite3_stmt *cw = t->st_clock_win;
+    for (size_t i = 0; i < r->nkey; i++)
+        hl_bind_value(cw, (int)i + 1, &r->key[i]);
+    sqlite3_bind_int64(cw, (int)r->nkey + 1, (int64_t)r->hlc);
+    sqlite3_bind_int64(cw, (int)r->nkey + 2, (int64_t)cs->origin);
+    sqlite3_bind_int(cw, (int)r->nkey + 3, r->op == HL_OP_DELETE ? 1 : 0);
     int rc = sqlite3_step(cw);
     bool newer = rc == SQLITE_DONE && sqlite3_changes(d->db) > 0;
     sqlite3_reset(cw);
-    sqlite3_clear_bindings(cw);
     if (rc != SQLITE_DONE)
         return hl_db_err(d, rc, "clock check");
     if (!newer) {
@@ -312,8 +323,12 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     /* A row that cannot be written keeps its winning version in the clock:
      * every node agrees on the version, and an older one arriving later
      * cannot be applied here either. The row itself is in the conflicts table. */
-    if (why[0])
+    if (why[0]) {
+        hl_buf_reset(pk);
+        if ((st = hl_key_encode(r->key, r->nkey, pk)))
+            return st;
         return record_conflict(d, cs->origin, t->name, pk, r->hlc, why);
+    }
     d->stats.rows_applied++;
     return HL_OK;
 }

@@ -144,18 +144,60 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
     return st;
 }
 
-/* Records the winning version of a row. */
-hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc, uint64_t node, bool deleted)
+/* Appends the clock UPSERT for t; win adds the last-writer-wins condition. */
+static hl_status clock_sql(const hl_table *t, bool win, hl_buf *q)
 {
-    sqlite3_stmt *st = d->st_clock_put;
-    sqlite3_bind_text(st, 1, tbl, -1, SQLITE_STATIC);
-    sqlite3_bind_blob64(st, 2, pk->data, pk->len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, (int64_t)hlc);
-    sqlite3_bind_int64(st, 4, (int64_t)node);
-    sqlite3_bind_int(st, 5, deleted ? 1 : 0);
+    size_t nk = t->npk ? t->npk : 1;
+    hl_status st = hl_buf_adds(q, "INSERT INTO ");
+    if (!st)
+        st = hl_buf_add_ident(q, t->clock);
+    if (!st)
+        st = hl_buf_adds(q, "(");
+    for (size_t i = 0; i < nk && !st; i++)
+        st = hl_buf_addf(q, "k%zu, ", i);
+    if (!st)
+        st = hl_buf_adds(q, "hlc, node, deleted) VALUES (");
+    for (size_t i = 0; i < nk + 3 && !st; i++)
+        st = hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
+    if (!st)
+        st = hl_buf_adds(q, ") ON CONFLICT(");
+    for (size_t i = 0; i < nk && !st; i++)
+        st = hl_buf_addf(q, "%sk%zu", i ? ", " : "", i);
+    if (!st)
+        st = hl_buf_adds(q, ") DO UPDATE SET hlc = excluded.hlc, node = excluded.node, deleted = excluded.deleted");
+    if (!st && win)
+        st = hl_buf_adds(q, " WHERE excluded.hlc > hlc OR (excluded.hlc = hlc AND excluded.node > node)");
+    return st;
+}
+
+hl_status hl_clock_prepare(hl_db *d, hl_table *t)
+{
+    hl_buf q;
+    hl_status st = HL_OK;
+    hl_buf_init(&q, 64u << 20);
+    if (!t->st_clock_win && !(st = clock_sql(t, true, &q)))
+        st = prepare(d, &t->st_clock_win, &q);
+    hl_buf_reset(&q);
+    if (!st && !t->st_clock_put && !(st = clock_sql(t, false, &q)))
+        st = prepare(d, &t->st_clock_put, &q);
+    hl_buf_free(&q);
+    return st;
+}
+
+hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, uint64_t hlc, uint64_t node,
+                       bool deleted)
+{
+    hl_status res = hl_clock_prepare(d, t);
+    if (res)
+        return res;
+    sqlite3_stmt *st = t->st_clock_put;
+    for (size_t i = 0; i < nkey; i++)
+        hl_bind_value(st, (int)i + 1, &key[i]);
+    sqlite3_bind_int64(st, (int)nkey + 1, (int64_t)hlc);
+    sqlite3_bind_int64(st, (int)nkey + 2, (int64_t)node);
+    sqlite3_bind_int(st, (int)nkey + 3, deleted ? 1 : 0);
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
 }
 
@@ -190,8 +232,20 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
         int64_t seq = sqlite3_column_int64(lr, 1);
         if (seq > *max_seq)
             *max_seq = seq;
-        for (size_t i = 0; i < nk; i++)
+        bool null_key = false;
+        for (size_t i = 0; i < nk; i++) {
             hl_value_from_column(lr, 2 + (int)i, &key[i]);
+            null_key |= key[i].type == HL_VAL_NULL;
+        }
+        if (null_key) {
+            /* SQLite lets rowid tables store NULL in a declared key column; such a
+             * row has no identity another node could find it by. */
+            uint64_t dropped = 0;
+            if (hl_ratelimit_allow(&d->null_key_log, &dropped))
+                hl_logf(HL_LOG_WARN, "table \"%s\": a row with NULL in its primary key cannot be replicated%s", t->name,
+                        dropped ? " (repeats not logged)" : "");
+            continue;
+        }
         if (tidx == UINT32_MAX) {
             const char *pkn[HL_CS_MAX_KEY];
             for (size_t i = 0; i < t->npk; i++)
@@ -267,19 +321,20 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
 {
     hl_status st = HL_OK;
     hl_changeset *cs = b->cs;
-    hl_buf pk;
     if (b->ntables != d->schema.n) /* the caller re-checks schema_version; cannot happen */
         return HL_ERR_INTERNAL;
-    hl_buf_init(&pk, 64u << 20);
     /* Versions, then the log positions read, then the outbox. */
+    hl_table *tab = NULL;
+    uint32_t tidx = UINT32_MAX;
     for (size_t i = 0; cs && i < cs->nrows && !st; i++) {
         const hl_cs_row *r = &cs->rows[i];
-        hl_buf_reset(&pk);
-        st = hl_key_encode(r->key, r->nkey, &pk);
-        if (!st)
-            st = hl_clock_put(d, cs->tables[r->table].name, &pk, r->hlc, d->node_id, r->op == HL_OP_DELETE);
+        if (r->table != tidx) {
+            tidx = r->table;
+            if (!(tab = hl_schema_find(&d->schema, cs->tables[tidx].name)))
+                return HL_ERR_INTERNAL; /* same schema as when collected */
+        }
+        st = hl_clock_put(d, tab, r->key, r->nkey, r->hlc, d->node_id, r->op == HL_OP_DELETE);
     }
-    hl_buf_free(&pk);
     for (size_t i = 0; i < b->ntables && !st; i++) {
         hl_table *t = &d->schema.t[i];
         if (b->max_seq[i] <= 0)

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "common/buf.h"
+#include "common/log.h"
 #include "common/status.h"
 #include "repl/changeset.h"
 
@@ -35,16 +36,19 @@ typedef struct hl_table {
     char *rowid; /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
     bool without_rowid;
     char *log;    /* name of its change-log table */
+    char *clock;  /* name of its clock table: the winning version of each row */
     char *keysig; /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
-    sqlite3_stmt *st_log_read; /* SELECT seq, ms, k0.. FROM log ORDER BY seq */
-    sqlite3_stmt *st_log_del;  /* DELETE FROM log WHERE seq <= ? */
-    sqlite3_stmt *st_row_read; /* SELECT cols FROM t WHERE key */
-    sqlite3_stmt *st_row_del;  /* DELETE FROM t WHERE key */
-    sqlite3_stmt *st_write;    /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
-    sqlite3_stmt *st_insert;   /* apply: INSERT for rowid tables */
-    char *write_sig;           /* remote column list st_write/st_insert were built for */
+    sqlite3_stmt *st_log_read;  /* SELECT seq, ms, k0.. FROM log ORDER BY seq */
+    sqlite3_stmt *st_log_del;   /* DELETE FROM log WHERE seq <= ? */
+    sqlite3_stmt *st_row_read;  /* SELECT cols FROM t WHERE key */
+    sqlite3_stmt *st_clock_win; /* apply: UPSERT the clock row if the version wins */
+    sqlite3_stmt *st_clock_put; /* capture: UPSERT the clock row */
+    sqlite3_stmt *st_row_del;   /* DELETE FROM t WHERE key */
+    sqlite3_stmt *st_write;     /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
+    sqlite3_stmt *st_insert;    /* apply: INSERT for rowid tables */
+    char *write_sig;            /* remote column list st_write/st_insert were built for */
 } hl_table;
 
 typedef struct hl_schema {
@@ -73,8 +77,9 @@ typedef struct hl_db {
     uint64_t epoch;    /* random id of this database's harmonylite incarnation */
     uint64_t next_seq; /* next outbox changeset sequence */
     uint64_t last_hlc;
-    uint64_t txn_next_seq; /* next_seq when the transaction began, restored on rollback */
-    uint64_t busy_since;   /* monotonic ms when the current wait for the write lock began */
+    uint64_t apply_start_hlc; /* last_hlc when hl_apply_begin ran */
+    uint64_t txn_next_seq;    /* next_seq when the transaction began, restored on rollback */
+    uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
     bool publish;
     bool compress;
     size_t max_changeset_bytes;
@@ -84,7 +89,8 @@ typedef struct hl_db {
     unsigned char prev_hash[32];
     bool have_prev_hash;
     hl_db_stats stats;
-    sqlite3_stmt *st_clock_win, *st_clock_put, *st_outbox_put, *st_meta_put, *st_conflict_put;
+    hl_ratelimit null_key_log; /* warnings about rows with NULL in their key */
+    sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
     sqlite3_stmt *st_outbox_next, *st_outbox_del, *st_data_version, *st_schema_version;
 } hl_db;
@@ -136,7 +142,11 @@ hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *delete
 void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v); /* points into SQLite memory */
 int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v);   /* binds without copying */
 hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param);
-hl_status hl_clock_put(hl_db *d, const char *tbl, const hl_buf *pk, uint64_t hlc, uint64_t node, bool deleted);
+/* Prepares t's clock statements (st_clock_win, st_clock_put) if needed. */
+hl_status hl_clock_prepare(hl_db *d, hl_table *t);
+/* Records (hlc, node, deleted) as the version of t's row with this key. */
+hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, uint64_t hlc, uint64_t node,
+                       bool deleted);
 
 /* ---- schema.c ---- */
 

@@ -23,7 +23,10 @@ static void table_finalize(hl_table *t)
     sqlite3_finalize(t->st_row_del);
     sqlite3_finalize(t->st_write);
     sqlite3_finalize(t->st_insert);
+    sqlite3_finalize(t->st_clock_win);
+    sqlite3_finalize(t->st_clock_put);
     t->st_log_read = t->st_log_del = t->st_row_read = t->st_row_del = t->st_write = t->st_insert = NULL;
+    t->st_clock_win = t->st_clock_put = NULL;
     free(t->write_sig);
     t->write_sig = NULL;
 }
@@ -43,6 +46,7 @@ static void table_free(hl_table *t)
     free(t->name);
     free(t->rowid);
     free(t->log);
+    free(t->clock);
     free(t->keysig);
     memset(t, 0, sizeof *t);
 }
@@ -303,6 +307,9 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
         hl_buf_init(&lb, 1u << 20);
         hl_buf_addf(&lb, HL_PREFIX "%s_change_log", name);
         t->log = (char *)hl_buf_steal(&lb, NULL);
+        hl_buf_init(&lb, 1u << 20);
+        hl_buf_addf(&lb, HL_PREFIX "%s_clock", name);
+        t->clock = (char *)hl_buf_steal(&lb, NULL);
         res = load_columns(d, t);
         if (res == HL_ERR_SCHEMA) {
             table_free(t);
@@ -313,7 +320,7 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
         if (res)
             goto out;
         t->keysig = key_signature(t);
-        if (!t->log || !t->keysig) {
+        if (!t->log || !t->clock || !t->keysig) {
             res = HL_ERR_NOMEM;
             goto out;
         }

@@ -20,8 +20,6 @@ static const char *const internal_ddl =
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "ctl(id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL);"
     "INSERT OR IGNORE INTO " HL_PREFIX "ctl VALUES (1, 0);"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "clock(tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL,"
-    " node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "outbox(seq INTEGER PRIMARY KEY, flags INTEGER NOT NULL,"
     " rows INTEGER NOT NULL, data BLOB NOT NULL);"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "origins(node INTEGER NOT NULL, epoch INTEGER NOT NULL,"
@@ -200,6 +198,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         return HL_ERR_NOMEM;
     d->node_id = node_id;
     d->path = strdup(path);
+    d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
     if (!d->path) {
         st = HL_ERR_NOMEM;
         goto out;
@@ -266,22 +265,10 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     if ((st = meta_get_int(d, "last_hlc", &v, &found)))
         goto rollback;
     d->last_hlc = found ? (uint64_t)v : 0;
-    int64_t maxc = query_int(d, "SELECT max(hlc) FROM " HL_PREFIX "clock", 0);
-    if (maxc > 0 && (uint64_t)maxc > d->last_hlc)
-        d->last_hlc = (uint64_t)maxc;
     if ((st = hl_db_commit(d)))
         goto out;
 
-    if ((st = prep(d, &d->st_clock_win,
-                   "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?1, ?2, ?3, ?4, ?5) "
-                   "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
-                   "deleted = excluded.deleted "
-                   "WHERE excluded.hlc > hlc OR (excluded.hlc = hlc AND excluded.node > node)")) ||
-        (st = prep(d, &d->st_clock_put,
-                   "INSERT INTO " HL_PREFIX "clock(tbl, pk, hlc, node, deleted) VALUES (?, ?, ?, ?, ?) "
-                   "ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, "
-                   "deleted = excluded.deleted")) ||
-        (st = prep(d, &d->st_outbox_put,
+    if ((st = prep(d, &d->st_outbox_put,
                    "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_outbox_next,
                    "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1")) ||
@@ -319,8 +306,6 @@ void hl_db_close(hl_db *d)
     if (!d)
         return;
     hl_schema_free(&d->schema);
-    sqlite3_finalize(d->st_clock_win);
-    sqlite3_finalize(d->st_clock_put);
     sqlite3_finalize(d->st_outbox_put);
     sqlite3_finalize(d->st_meta_put);
     sqlite3_finalize(d->st_conflict_put);
@@ -437,17 +422,29 @@ hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint
 
 hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *deleted)
 {
-    sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "clock WHERE deleted = 1 AND hlc < ?", -1, &st, NULL);
-    if (rc != SQLITE_OK)
-        return hl_db_err(d, rc, "tombstone gc");
-    sqlite3_bind_int64(st, 1, (int64_t)(older_than_ms << 16));
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE)
-        return hl_db_err(d, rc, "tombstone gc");
-    *deleted = (uint64_t)sqlite3_changes(d->db);
-    return HL_OK;
+    hl_status res = HL_OK;
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    *deleted = 0;
+    for (size_t i = 0; i < d->schema.n && !res; i++) {
+        sqlite3_stmt *st = NULL;
+        hl_buf_reset(&q);
+        if ((res = hl_buf_adds(&q, "DELETE FROM ")) || (res = hl_buf_add_ident(&q, d->schema.t[i].clock)) ||
+            (res = hl_buf_adds(&q, " WHERE deleted = 1 AND hlc < ?")))
+            break;
+        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_int64(st, 1, (int64_t)(older_than_ms << 16));
+            rc = sqlite3_step(st);
+        }
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE)
+            res = hl_db_err(d, rc, "tombstone gc");
+        else
+            *deleted += (uint64_t)sqlite3_changes(d->db);
+    }
+    hl_buf_free(&q);
+    return res;
 }
 
 hl_status hl_db_cleanup(const char *path)

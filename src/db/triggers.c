@@ -7,6 +7,7 @@
  * which is the coalesced "last image wins" value anyway, and which carries
  * columns added by ALTER TABLE even before the triggers are re-created.
  */
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -125,6 +126,27 @@ static hl_status log_ddl(const hl_table *t, hl_buf *b)
         st = hl_buf_addf(b, ", k%zu", i);
     if (!st)
         st = hl_buf_adds(b, ")");
+    return st;
+}
+
+/* The clock: the winning version of every row of t, keyed like the change log.
+ * Key columns have no declared type, so 1 and 1.0 are one key, as in SQLite. */
+static hl_status clock_ddl(const hl_table *t, hl_buf *b)
+{
+    size_t n = t->npk ? t->npk : 1;
+    hl_status st = hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
+    if (!st)
+        st = hl_buf_add_ident(b, t->clock);
+    if (!st)
+        st = hl_buf_adds(b, "(");
+    for (size_t i = 0; i < n && !st; i++)
+        st = hl_buf_addf(b, "k%zu, ", i);
+    if (!st)
+        st = hl_buf_adds(b, "hlc INTEGER NOT NULL, node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (");
+    for (size_t i = 0; i < n && !st; i++)
+        st = hl_buf_addf(b, "%sk%zu", i ? ", " : "", i);
+    if (!st)
+        st = hl_buf_adds(b, ")) WITHOUT ROWID");
     return st;
 }
 
@@ -279,6 +301,55 @@ static hl_status put_keysig(hl_db *d, const char *table, const char *sig)
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "tables put");
 }
 
+/*
+ * Databases from development builds before per-table clocks kept every
+ * version in one table, __harmonylite__clock(tbl, pk, hlc, node, deleted),
+ * keyed by the encoded key. Moves those versions into the tables' clocks
+ * (the caller then drops the old table) so no row loses its version.
+ */
+static hl_status migrate_legacy_clock(hl_db *d)
+{
+    sqlite3_stmt *q = NULL;
+    hl_status st = HL_OK;
+    uint64_t moved = 0, maxh = 0;
+    unsigned char *scratch = NULL;
+    int rc = sqlite3_prepare_v2(d->db, "SELECT tbl, pk, hlc, node, deleted FROM " HL_PREFIX "clock", -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "legacy clock");
+    while (!st && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        hl_table *t = hl_schema_find(&d->schema, (const char *)sqlite3_column_text(q, 0));
+        const void *pk = sqlite3_column_blob(q, 1);
+        size_t len = (size_t)sqlite3_column_bytes(q, 1), nk = 0;
+        uint64_t hlc = (uint64_t)sqlite3_column_int64(q, 2);
+        hl_value key[HL_CS_MAX_KEY];
+        if (hlc > maxh)
+            maxh = hlc;
+        if (!t)
+            continue; /* the table is gone: so is the version's meaning */
+        unsigned char *ns = realloc(scratch, len + HL_CS_MAX_KEY);
+        if (!ns) {
+            st = HL_ERR_NOMEM;
+            break;
+        }
+        scratch = ns;
+        if (hl_key_decode(pk, len, key, &nk, scratch) != HL_OK || nk != (t->npk ? t->npk : 1))
+            continue; /* from before a change of the table's key */
+        st = hl_clock_put(d, t, key, nk, hlc, (uint64_t)sqlite3_column_int64(q, 3), sqlite3_column_int(q, 4) != 0);
+        moved++;
+    }
+    if (!st && rc != SQLITE_DONE)
+        st = hl_db_err(d, rc, "legacy clock");
+    sqlite3_finalize(q);
+    free(scratch);
+    if (!st && maxh > d->last_hlc) {
+        d->last_hlc = maxh;
+        st = hl_db_meta_put(d, "last_hlc", (int64_t)maxh);
+    }
+    if (!st)
+        hl_logf(HL_LOG_INFO, "moved %" PRIu64 " row versions from " HL_PREFIX "clock into per-table clocks", moved);
+    return st;
+}
+
 hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
 {
     hl_status st = HL_OK;
@@ -319,6 +390,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                         "cannot be replicated",
                         t->name, (long long)n);
             st = drop_object(d, "TABLE", t->log);
+            if (!st)
+                st = drop_object(d, "TABLE", t->clock); /* versions of keys that no longer exist */
         }
         free(sig);
         if (st)
@@ -332,11 +405,16 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             is_new = known == NULL;
             free(known);
         }
-        if ((st = exec_logged(d, hl_buf_str(&ddl))) || (st = put_keysig(d, t->name, t->keysig)))
+        if ((st = exec_logged(d, hl_buf_str(&ddl))))
+            goto out;
+        hl_buf_reset(&ddl);
+        if ((st = clock_ddl(t, &ddl)) || (st = exec_logged(d, hl_buf_str(&ddl))) ||
+            (st = put_keysig(d, t->name, t->keysig)))
             goto out;
         if (is_new && backfill && (st = backfill_table(d, t)))
             goto out;
-        if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)))
+        if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||
+            (st = hl_buf_add(&want, t->clock, strlen(t->clock) + 1)))
             goto out;
         for (int w = 0; w < 4; w++) {
             hl_buf name;
@@ -359,7 +437,9 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                 goto out;
         }
     }
-    /* Drop our triggers and change logs whose table is gone or renamed. */
+    if (pair_find(&tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d)))
+        goto out;
+    /* Drop our triggers, change logs and clocks whose table is gone or renamed. */
     for (int pass = 0; pass < 2; pass++) {
         hl_buf *have = pass == 0 ? &trig : &tabs;
         for (size_t off = 0; off < have->len;) {
@@ -367,8 +447,10 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             const char *s = n + strlen(n) + 1;
             off = (size_t)(s + strlen(s) + 1 - (const char *)have->data);
             size_t nl = strlen(n);
-            if (pass == 1 && (nl < 11 || strcmp(n + nl - 11, "_change_log") != 0))
-                continue; /* only change logs; not our internal tables */
+            bool is_log = nl >= 11 && strcmp(n + nl - 11, "_change_log") == 0;
+            bool is_clock = nl >= 6 && strcmp(n + nl - 6, "_clock") == 0;
+            if (pass == 1 && !is_log && !is_clock)
+                continue; /* only change logs and clocks; not our internal tables */
             bool found = false;
             for (size_t off2 = 0; off2 < want.len && !found;) {
                 const char *w = (const char *)want.data + off2;
@@ -377,7 +459,7 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             }
             if (found)
                 continue;
-            if (pass == 1) {
+            if (pass == 1 && is_log) {
                 int64_t cnt = count_rows(d, n);
                 if (cnt > 0)
                     hl_logf(HL_LOG_WARN,

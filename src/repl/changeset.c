@@ -845,6 +845,19 @@ static hl_status dec_values(dec *d, size_t n, hl_value *out, unsigned char **sp,
     return st;
 }
 
+hl_status hl_key_decode(const void *p, size_t len, hl_value *out, size_t *n, unsigned char *scratch)
+{
+    dec d = {.start = p, .p = p, .end = (const unsigned char *)p + len};
+    uint64_t cnt;
+    hl_status st = dec_array(&d, &cnt, HL_CS_MAX_KEY, MIN_VALUE_BYTES, "key");
+    for (size_t i = 0; !st && i < cnt; i++)
+        st = dec_value(&d, &out[i], &scratch, NULL);
+    if (!st && d.p != d.end)
+        st = HL_ERR_DECODE;
+    *n = st ? 0 : (size_t)cnt;
+    return st;
+}
+
 static hl_status dec_names(dec *d, uint64_t max, char ***out, size_t *nout, const char *what)
 {
     uint64_t n;

@@ -117,9 +117,14 @@ hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t m
                               size_t errlen);
 
 /* Appends the canonical encoding of a primary key (a CBOR array of the values,
- * shortest integer forms, floats as 64-bit) to out. Used as the row identity in
- * the clock table: equal keys give equal bytes. */
+ * shortest integer forms, floats as 64-bit) to out. Identifies the row in
+ * __harmonylite__conflicts: equal keys give equal bytes. */
 hl_status hl_key_encode(const hl_value *key, size_t n, hl_buf *out);
+
+/* Decodes a key written by hl_key_encode into out (at most HL_CS_MAX_KEY
+ * values); text and blob values point into scratch, which must hold len +
+ * HL_CS_MAX_KEY bytes. *n receives the number of values. */
+hl_status hl_key_decode(const void *p, size_t len, hl_value *out, size_t *n, unsigned char *scratch);
 
 /* ---- parts: the NATS message envelope (docs/protocol.md §1) ---- */
 

@@ -445,6 +445,96 @@ START_TEST(constraint_conflict_is_recorded_and_rest_applies)
 }
 END_TEST
 
+static int64_t scalar(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st;
+    ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+START_TEST(null_key_rows_are_refused_not_fatal)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    /* A rowid table lets a declared key column hold NULL. */
+    app_exec(appa, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
+    app_exec(appb, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
+    capture(a);
+    capture(b);
+    app_exec(appa, "INSERT INTO nk VALUES (NULL, 1, 'x'), ('k', 2, 'y')");
+    ck_assert_uint_eq(capture(a), 1);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_uint_eq(cs->nrows, 1);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM nk WHERE a = 'k'"), 1);
+    /* The same row arriving with a NULL in its key is recorded as a conflict. */
+    cs->rows[0].key[0].type = HL_VAL_NULL;
+    cs->seq++;
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_uint_eq(b->stats.conflicts, 1);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NULL%'"), 1);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM nk"), 1);
+    hl_changeset_free(cs);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
+/* Databases from builds with one global clock table keep their versions. */
+START_TEST(legacy_clock_table_is_migrated)
+{
+    char pa[300];
+    path_of(pa, sizeof pa, "legacy.db");
+    sqlite3 *app = app_open(pa);
+    app_exec(app, schema_sql);
+    app_exec(app, "CREATE TABLE __harmonylite__clock(tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL,"
+                  " node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID");
+    hl_buf k1, k2;
+    hl_buf_init(&k1, 1024);
+    hl_buf_init(&k2, 1024);
+    hl_value v1 = {.type = HL_VAL_INT, .u.i = 1};
+    hl_value v2[2] = {{.type = HL_VAL_INT, .u.i = 7}, {.type = HL_VAL_TEXT, .u.b = {(unsigned char *)"x", 1}}};
+    ck_assert_int_eq(hl_key_encode(&v1, 1, &k1), HL_OK);
+    ck_assert_int_eq(hl_key_encode(v2, 2, &k2), HL_OK);
+    uint64_t future = (hl_now_ms() + 3600000u) << 16;
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(app, "INSERT INTO __harmonylite__clock VALUES (?, ?, ?, 9, ?)", -1, &st, NULL),
+                     SQLITE_OK);
+    const char *tbl[3] = {"books", "pairs", "gone"};
+    hl_buf *keys[3] = {&k1, &k2, &k1};
+    for (int i = 0; i < 3; i++) {
+        sqlite3_bind_text(st, 1, tbl[i], -1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, keys[i]->data, (int)keys[i]->len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (int64_t)future + i);
+        sqlite3_bind_int(st, 4, i == 1);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_DONE);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+
+    hl_db *d = engine_open(pa, 1);
+    ck_assert_int_eq(scalar(app, "SELECT count(*) FROM sqlite_schema WHERE name = '__harmonylite__clock'"), 0);
+    ck_assert_int_eq(scalar(app, "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 1"), (int64_t)future);
+    ck_assert_int_eq(scalar(app, "SELECT deleted FROM __harmonylite__pairs_clock WHERE k0 = 7 AND k1 = 'x'"), 1);
+    ck_assert_uint_ge(d->last_hlc, future + 2); /* new local versions come after every migrated one */
+    hl_db_close(d);
+    sqlite3_close(app);
+    hl_buf_free(&k1);
+    hl_buf_free(&k2);
+}
+END_TEST
+
 START_TEST(cleanup_leaves_application_data)
 {
     char pa[300], pb[300];
@@ -583,6 +673,8 @@ int main(void)
     tcase_add_test(tc, out_of_order_changesets_are_held_then_applied);
     tcase_add_test(tc, schema_mismatch_holds_until_schema_catches_up);
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
+    tcase_add_test(tc, null_key_rows_are_refused_not_fatal);
+    tcase_add_test(tc, legacy_clock_table_is_migrated);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
