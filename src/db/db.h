@@ -57,6 +57,19 @@ typedef struct hl_schema {
     unsigned char hash[32];
 } hl_schema;
 
+/* ---- checkpoint.c: WAL checkpoints in a thread of their own ---- */
+
+/* The engine asks for a checkpoint after a commit that left this many WAL
+ * frames or more (1 MiB at 4 KiB pages): well before the application's own
+ * automatic checkpoint (1000 frames) would run inside its COMMIT. */
+#define HL_CHECKPOINT_FRAMES 256
+
+typedef struct hl_checkpointer hl_checkpointer;
+hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path);
+void hl_checkpointer_kick(hl_checkpointer *c); /* returns at once; the thread checkpoints */
+uint64_t hl_checkpointer_runs(hl_checkpointer *c);
+void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection */
+
 /* Counters the engine exports as metrics. Only the engine thread writes them. */
 typedef struct hl_db_stats {
     uint64_t rows_captured;
@@ -78,6 +91,8 @@ typedef struct hl_db {
     uint64_t next_seq; /* next outbox changeset sequence */
     uint64_t last_hlc;
     uint64_t apply_start_hlc; /* last_hlc when hl_apply_begin ran */
+    hl_checkpointer *ckpt;    /* NULL: the engine connection checkpoints itself (SQLite's default) */
+    int wal_frames;           /* WAL size after this connection's last commit */
     uint64_t txn_next_seq;    /* next_seq when the transaction began, restored on rollback */
     uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
     bool publish;

@@ -80,12 +80,26 @@ hl_status hl_db_begin(hl_db *d)
     }
 }
 
+/* Replaces the connection's automatic checkpoint: only notes the WAL size. */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+    (void)db;
+    (void)name;
+    ((hl_db *)arg)->wal_frames = frames;
+    return SQLITE_OK;
+}
+
 hl_status hl_db_commit(hl_db *d)
 {
     for (int i = 0;; i++) {
         int rc = sqlite3_exec(d->db, "COMMIT", NULL, NULL, NULL);
-        if (rc == SQLITE_OK)
+        if (rc == SQLITE_OK) {
+            if (d->ckpt && d->wal_frames >= HL_CHECKPOINT_FRAMES) {
+                hl_checkpointer_kick(d->ckpt);
+                d->wal_frames = 0;
+            }
             return HL_OK;
+        }
         if ((rc & 0xff) != SQLITE_BUSY || i >= 50) {
             hl_status st = hl_db_err(d, rc, "commit");
             hl_db_rollback(d);
@@ -289,6 +303,10 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, schema, at_ms, reason) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")))
         goto out;
+    /* WAL mode is set: checkpoints can move to their own thread. Without it
+     * the connection keeps SQLite's automatic checkpoint. */
+    if (hl_checkpointer_start(&d->ckpt, path) == HL_OK)
+        sqlite3_wal_hook(d->db, wal_hook, d);
     d->data_version = -1;
     d->schema_version = -1;
     hl_db_changed_externally(d);
@@ -305,6 +323,7 @@ void hl_db_close(hl_db *d)
 {
     if (!d)
         return;
+    hl_checkpointer_stop(d->ckpt);
     hl_schema_free(&d->schema);
     sqlite3_finalize(d->st_outbox_put);
     sqlite3_finalize(d->st_meta_put);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/hlc.h"
@@ -535,6 +536,33 @@ START_TEST(legacy_clock_table_is_migrated)
 }
 END_TEST
 
+static long file_size(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 ? (long)sb.st_size : -1;
+}
+
+START_TEST(checkpointer_moves_wal_into_the_database)
+{
+    char p[300];
+    path_of(p, sizeof p, "ckpt.db");
+    sqlite3 *app = app_open(p);
+    app_exec(app, "PRAGMA wal_autocheckpoint = 0; CREATE TABLE t(x);"
+                  "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+                  " INSERT INTO t SELECT randomblob(100) FROM n;");
+    ck_assert_int_lt(file_size(p), 100000); /* everything is still in the -wal file */
+    hl_checkpointer *c = NULL;
+    ck_assert_int_eq(hl_checkpointer_start(&c, p), HL_OK);
+    hl_checkpointer_kick(c);
+    for (int i = 0; i < 500 && hl_checkpointer_runs(c) == 0; i++)
+        usleep(10000);
+    ck_assert_uint_ge(hl_checkpointer_runs(c), 1);
+    ck_assert_int_gt(file_size(p), 2000000);
+    hl_checkpointer_stop(c);
+    sqlite3_close(app);
+}
+END_TEST
+
 START_TEST(cleanup_leaves_application_data)
 {
     char pa[300], pb[300];
@@ -675,6 +703,7 @@ int main(void)
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, null_key_rows_are_refused_not_fatal);
     tcase_add_test(tc, legacy_clock_table_is_migrated);
+    tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
