@@ -289,6 +289,13 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     int rc = sqlite3_step(cw);
     bool newer = rc == SQLITE_DONE && sqlite3_changes(d->db) > 0;
     sqlite3_reset(cw);
+    if ((rc & 0xff) == SQLITE_MISMATCH) {
+        /* Not an integer, for a table keyed by its rowid. */
+        hl_buf_reset(pk);
+        if ((st = hl_key_encode(r->key, r->nkey, pk)))
+            return st;
+        return record_conflict(d, cs->origin, t->name, pk, r->hlc, "key is not an integer (the table's rowid)");
+    }
     if (rc != SQLITE_DONE)
         return hl_db_err(d, rc, "clock check");
     if (!newer) {

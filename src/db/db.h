@@ -35,6 +35,7 @@ typedef struct hl_table {
     size_t npk;  /* 0: keyed by rowid */
     char *rowid; /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
     bool without_rowid;
+    bool int_key; /* keyed by the rowid or its INTEGER PRIMARY KEY alias: always an integer */
     char *log;    /* name of its change-log table */
     char *clock;  /* name of its clock table: the winning version of each row */
     char *keysig; /* key layout signature stored in __harmonylite__tables */

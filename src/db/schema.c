@@ -339,6 +339,17 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
                 s.t[i].without_rowid = sqlite3_column_int(w, 0) != 0;
         }
         sqlite3_finalize(w);
+        /* An INTEGER PRIMARY KEY is the rowid, except in WITHOUT ROWID tables
+         * and when declared DESC; then SQLite gives it an index of its own. */
+        hl_table *t = &s.t[i];
+        t->int_key = t->npk == 0;
+        if (t->npk == 1 && !t->without_rowid && strcmp(t->decl[t->pk[0]], "INTEGER") == 0 &&
+            sqlite3_prepare_v2(d->db, "SELECT count(*) FROM pragma_index_list(?) WHERE origin = 'pk'", -1, &w, NULL) ==
+                SQLITE_OK) {
+            sqlite3_bind_text(w, 1, t->name, -1, SQLITE_STATIC);
+            t->int_key = sqlite3_step(w) == SQLITE_ROW && sqlite3_column_int(w, 0) == 0;
+            sqlite3_finalize(w);
+        }
     }
     schema_hash(&s);
     hl_schema_free(out);

@@ -492,6 +492,51 @@ START_TEST(null_key_rows_are_refused_not_fatal)
 }
 END_TEST
 
+START_TEST(rowid_clocks_and_their_exceptions)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    /* DESC makes an INTEGER PRIMARY KEY an ordinary column that can hold text. */
+    const char *ddl = "CREATE TABLE descd(x INTEGER PRIMARY KEY DESC, y)";
+    app_exec(appa, ddl);
+    app_exec(appb, ddl);
+    capture(a);
+    capture(b);
+    ck_assert(hl_schema_find(&a->schema, "books")->int_key);
+    ck_assert(hl_schema_find(&a->schema, "plain")->int_key);
+    ck_assert(!hl_schema_find(&a->schema, "descd")->int_key);
+    ck_assert(!hl_schema_find(&a->schema, "pairs")->int_key);
+    app_exec(appa, "INSERT INTO descd VALUES ('abc', 1); INSERT INTO books(id, title) VALUES (5, 'five')");
+    ck_assert_uint_eq(capture(a), 2);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM descd WHERE x = 'abc'"), 1);
+    /* A text key for a rowid table is refused as a conflict; the rest applies. */
+    for (size_t i = 0; i < cs->nrows; i++)
+        if (cs->rows[i].key[0].type == HL_VAL_INT) {
+            cs->rows[i].key[0] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)"six", 3}};
+            cs->rows[i].hlc += 1000;
+        } else {
+            cs->rows[i].hlc += 1000;
+        }
+    cs->seq++;
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_uint_eq(b->stats.conflicts, 1);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM books"), 1);
+    hl_changeset_free(cs);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
 /* Databases from builds with one global clock table keep their versions. */
 START_TEST(legacy_clock_table_is_migrated)
 {
@@ -703,6 +748,7 @@ int main(void)
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, null_key_rows_are_refused_not_fatal);
     tcase_add_test(tc, legacy_clock_table_is_migrated);
+    tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
