@@ -1,10 +1,11 @@
 /*
  * capture.c - where a changeset is born.
  *
- * Runs inside the engine's write transaction (BEGIN IMMEDIATE), so every
+ * hl_capture_collect reads inside a transaction, a WAL snapshot: every
  * change-log row it sees belongs to an application transaction that has
- * committed in full, and no application write can interleave: a changeset
- * never splits an application transaction.
+ * committed in full, so a changeset never splits an application transaction.
+ * One query per table coalesces the log by key and joins each key to the row
+ * as it is now. hl_capture_record then writes, in a write transaction.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -91,8 +92,24 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
     size_t nk = t->npk ? t->npk : 1;
     hl_buf_init(&q, 64u << 20);
     if (!t->st_log_read) {
-        /* One entry per row: the last write time and the last log position. */
-        st = hl_buf_adds(&q, "SELECT max(jd), max(seq)");
+        /* One entry per logged row: the last write time and log position,
+         * joined to the row as it is now (no row: it was deleted). */
+        st = hl_buf_adds(&q, "SELECT g.jd, g.seq");
+        for (size_t i = 0; i < nk && !st; i++)
+            st = hl_buf_addf(&q, ", g.k%zu", i);
+        if (!st)
+            st = hl_buf_adds(&q, ", r.");
+        if (!st)
+            st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
+        if (!st)
+            st = hl_buf_adds(&q, " IS NOT NULL");
+        for (size_t i = 0; i < t->ncols && !st; i++) {
+            st = hl_buf_adds(&q, ", r.");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[i]);
+        }
+        if (!st)
+            st = hl_buf_adds(&q, " FROM (SELECT max(jd) AS jd, max(seq) AS seq");
         for (size_t i = 0; i < nk && !st; i++)
             st = hl_buf_addf(&q, ", k%zu", i);
         if (!st)
@@ -104,7 +121,20 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
         for (size_t i = 0; i < nk && !st; i++)
             st = hl_buf_addf(&q, "%sk%zu", i ? ", " : "", i);
         if (!st)
-            st = hl_buf_adds(&q, " ORDER BY 2");
+            st = hl_buf_adds(&q, ") AS g LEFT JOIN ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " AS r ON ");
+        for (size_t i = 0; i < nk && !st; i++) {
+            st = hl_buf_adds(&q, i ? " AND r." : "r.");
+            if (!st)
+                st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[i]]) : hl_buf_adds(&q, t->rowid);
+            if (!st)
+                st = hl_buf_addf(&q, " = g.k%zu", i);
+        }
+        if (!st)
+            st = hl_buf_adds(&q, " ORDER BY g.seq");
         if (!st)
             st = prepare(d, &t->st_log_read, &q);
     }
@@ -117,28 +147,6 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
             st = hl_buf_adds(&q, " WHERE seq <= ?1");
         if (!st)
             st = prepare(d, &t->st_log_del, &q);
-    }
-    if (!st && !t->st_row_read) {
-        hl_buf_reset(&q);
-        st = hl_buf_adds(&q, "SELECT ");
-        for (size_t i = 0; i < t->ncols && !st; i++) {
-            if (i)
-                st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[i]);
-        }
-        if (!st && t->ncols == 0)
-            st = hl_buf_adds(&q, "NULL");
-        if (!st)
-            st = hl_buf_adds(&q, " FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " WHERE ");
-        if (!st)
-            st = hl_add_key_where(&q, t, 1);
-        if (!st)
-            st = prepare(d, &t->st_row_read, &q);
     }
     hl_buf_free(&q);
     return st;
@@ -254,23 +262,13 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
                 goto out;
         }
         /* The row as it is now is the last image of every write logged for it. */
-        sqlite3_stmt *rr = t->st_row_read;
-        for (size_t i = 0; i < nk; i++)
-            hl_bind_value(rr, (int)i + 1, &key[i]);
-        rc = sqlite3_step(rr);
-        bool exists = rc == SQLITE_ROW;
-        if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-            st = hl_db_err(d, rc, "capture row read");
-            sqlite3_reset(rr);
-            goto out;
-        }
+        bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
         if (exists)
             for (size_t i = 0; i < t->ncols; i++)
-                hl_value_from_column(rr, (int)i, &vals[i]);
+                hl_value_from_column(lr, 3 + (int)nk + (int)i, &vals[i]);
         uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
         st = hl_changeset_add_row(cs, tidx, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
                                   exists ? t->ncols : 0);
-        sqlite3_reset(rr);
         if (st)
             goto out;
         (*rows)++;

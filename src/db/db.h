@@ -41,9 +41,8 @@ typedef struct hl_table {
     char *keysig; /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
-    sqlite3_stmt *st_log_read;  /* SELECT seq, ms, k0.. FROM log ORDER BY seq */
+    sqlite3_stmt *st_log_read;  /* change log joined to the rows, one entry per key */
     sqlite3_stmt *st_log_del;   /* DELETE FROM log WHERE seq <= ? */
-    sqlite3_stmt *st_row_read;  /* SELECT cols FROM t WHERE key */
     sqlite3_stmt *st_clock_win; /* apply: UPSERT the clock row if the version wins */
     sqlite3_stmt *st_clock_put; /* capture: UPSERT the clock row */
     sqlite3_stmt *st_row_del;   /* DELETE FROM t WHERE key */

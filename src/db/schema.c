@@ -19,13 +19,12 @@ static void table_finalize(hl_table *t)
 {
     sqlite3_finalize(t->st_log_read);
     sqlite3_finalize(t->st_log_del);
-    sqlite3_finalize(t->st_row_read);
     sqlite3_finalize(t->st_row_del);
     sqlite3_finalize(t->st_write);
     sqlite3_finalize(t->st_insert);
     sqlite3_finalize(t->st_clock_win);
     sqlite3_finalize(t->st_clock_put);
-    t->st_log_read = t->st_log_del = t->st_row_read = t->st_row_del = t->st_write = t->st_insert = NULL;
+    t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = NULL;
     t->st_clock_win = t->st_clock_put = NULL;
     free(t->write_sig);
     t->write_sig = NULL;
