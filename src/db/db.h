@@ -93,6 +93,7 @@ typedef struct hl_db {
     uint64_t apply_start_hlc; /* last_hlc when hl_apply_begin ran */
     hl_checkpointer *ckpt;    /* NULL: the engine connection checkpoints itself (SQLite's default) */
     int wal_frames;           /* WAL size after this connection's last commit */
+    int64_t app_triggers;     /* triggers the application defined; 0: triggers off for this connection */
     uint64_t txn_next_seq;    /* next_seq when the transaction began, restored on rollback */
     uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
     bool publish;

@@ -225,6 +225,21 @@ static int64_t count_rows(hl_db *d, const char *table)
     return n;
 }
 
+/* Triggers the application defined (on any table), -1 when unknown. */
+static int64_t count_app_triggers(hl_db *d)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t n = -1;
+    if (sqlite3_prepare_v2(d->db,
+                           "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND "
+                           "name NOT LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\'",
+                           -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return n;
+}
+
 static hl_status drop_object(hl_db *d, const char *kind, const char *name)
 {
     hl_buf q;
@@ -480,6 +495,12 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                         "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
     if (st)
         goto out;
+    /* Our own triggers skip the engine's writes through the applying flag,
+     * but SQLite still runs each one's program per applied row. With no
+     * application triggers there is nothing else to fire: switch triggers
+     * off for the engine connection (statements are re-prepared). */
+    d->app_triggers = count_app_triggers(d);
+    sqlite3_db_config(d->db, SQLITE_DBCONFIG_ENABLE_TRIGGER, d->app_triggers ? 1 : 0, NULL);
     d->schema_version = hl_db_schema_version(d);
     *changed = true;
     if (had_schema && memcmp(old_hash, d->schema.hash, 32) != 0) {

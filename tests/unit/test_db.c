@@ -537,6 +537,54 @@ START_TEST(rowid_clocks_and_their_exceptions)
 }
 END_TEST
 
+static int engine_triggers_enabled(hl_db *d)
+{
+    int on = -1;
+    ck_assert_int_eq(sqlite3_db_config(d->db, SQLITE_DBCONFIG_ENABLE_TRIGGER, -1, &on), SQLITE_OK);
+    return on;
+}
+
+/* Without application triggers the engine connection runs with triggers off
+ * (ours would only skip its writes); the application's fire on applied rows. */
+START_TEST(application_triggers_fire_on_apply)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    ck_assert_int_eq(engine_triggers_enabled(b), 0);
+    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    capture(a);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+
+    app_exec(appb, "CREATE TABLE audit(id INTEGER PRIMARY KEY, book INTEGER);"
+                   "CREATE TRIGGER app_audit AFTER INSERT ON books BEGIN INSERT INTO audit(book) VALUES (NEW.id); END");
+    capture(b);
+    ck_assert_int_eq(engine_triggers_enabled(b), 1);
+    app_exec(appa, "INSERT INTO books(id, title) VALUES (2, 'two')");
+    capture(a);
+    cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM audit WHERE book = 2"), 1);
+    /* Our triggers still skip everything written inside the apply, the
+     * application trigger's row included: each node derives it itself. */
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__audit_change_log"), 0);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
 /* Databases from builds with one global clock table keep their versions. */
 START_TEST(legacy_clock_table_is_migrated)
 {
@@ -748,6 +796,7 @@ int main(void)
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, null_key_rows_are_refused_not_fatal);
     tcase_add_test(tc, legacy_clock_table_is_migrated);
+    tcase_add_test(tc, application_triggers_fire_on_apply);
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, cleanup_leaves_application_data);
