@@ -24,6 +24,41 @@ hl_status hl_apply_begin(hl_db *d)
     return hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 1");
 }
 
+/*
+ * Rows applied above a table's high-water mark must not look like local
+ * inserts to the next capture. Capture ran first in this transaction (capture
+ * before apply), so every local insert is already captured: the mark can move
+ * to the table's last rowid.
+ */
+static hl_status raise_hwm(hl_db *d, hl_table *t)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    hl_status res;
+    hl_buf_init(&q, 1u << 20);
+    res = hl_buf_adds(&q, "UPDATE " HL_PREFIX "hwm SET hwm = m FROM (SELECT max(");
+    if (!res)
+        res = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
+    if (!res)
+        res = hl_buf_adds(&q, ") AS m FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_adds(&q, ") WHERE tbl = ?1 AND m > hwm");
+    if (!res) {
+        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st);
+        }
+        if (rc != SQLITE_DONE)
+            res = hl_db_err(d, rc, "hwm raise");
+    }
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return res;
+}
+
 hl_status hl_apply_end(hl_db *d)
 {
     /* The clock only moves forward, also across restarts: remember the
@@ -31,6 +66,12 @@ hl_status hl_apply_end(hl_db *d)
     hl_status st = HL_OK;
     if (d->last_hlc != d->apply_start_hlc)
         st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc);
+    for (size_t i = 0; i < d->schema.n && !st; i++) {
+        hl_table *t = &d->schema.t[i];
+        if (t->applied && t->int_key)
+            st = raise_hwm(d, t);
+        t->applied = false;
+    }
     return st ? st : hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0");
 }
 
@@ -336,6 +377,7 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
             return st;
         return record_conflict(d, cs->origin, t->name, pk, r->hlc, why);
     }
+    t->applied = true;
     d->stats.rows_applied++;
     return HL_OK;
 }

@@ -85,6 +85,12 @@ hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param)
     return st;
 }
 
+/* The rowid of a rowid-keyed table: its INTEGER PRIMARY KEY column or alias. */
+static hl_status add_rowid(hl_buf *b, const hl_table *t)
+{
+    return t->npk ? hl_buf_add_ident(b, t->cols[t->pk[0]]) : hl_buf_adds(b, t->rowid);
+}
+
 static hl_status prepare_table(hl_db *d, hl_table *t)
 {
     hl_buf q;
@@ -137,6 +143,59 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
             st = hl_buf_adds(&q, " ORDER BY g.seq");
         if (!st)
             st = prepare(d, &t->st_log_read, &q);
+    }
+    if (!st && t->int_key && !t->st_range) {
+        hl_buf_reset(&q);
+        st = hl_buf_adds(&q, "SELECT ");
+        if (!st)
+            st = add_rowid(&q, t);
+        for (size_t i = 0; i < t->ncols && !st; i++) {
+            st = hl_buf_adds(&q, ", ");
+            if (!st)
+                st = hl_buf_add_ident(&q, t->cols[i]);
+        }
+        if (!st)
+            st = hl_buf_adds(&q, " FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " WHERE ");
+        if (!st)
+            st = add_rowid(&q, t);
+        if (!st)
+            st = hl_buf_adds(&q, " > ?1 ORDER BY 1");
+        if (!st)
+            st = prepare(d, &t->st_range, &q);
+        hl_buf_reset(&q);
+        if (!st)
+            st = hl_buf_adds(&q, "SELECT ");
+        if (!st)
+            st = add_rowid(&q, t);
+        if (!st)
+            st = hl_buf_adds(&q, " FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->name);
+        if (!st)
+            st = hl_buf_adds(&q, " WHERE ");
+        if (!st)
+            st = add_rowid(&q, t);
+        if (!st)
+            st = hl_buf_adds(&q, " > ?1 AND ");
+        if (!st)
+            st = add_rowid(&q, t);
+        if (!st)
+            st = hl_buf_adds(&q, " <= ?2 ORDER BY 1");
+        if (!st)
+            st = prepare(d, &t->st_range_keys, &q);
+        hl_buf_reset(&q);
+        if (!st)
+            st = hl_buf_adds(&q, "INSERT INTO ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->log);
+        if (!st)
+            st = hl_buf_adds(&q, "(jd, k0) VALUES (julianday('now'), ?1)");
+        if (!st)
+            st = prepare(d, &t->st_log_add, &q);
     }
     if (!st && !t->st_log_del) {
         hl_buf_reset(&q);
@@ -209,18 +268,71 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
 }
 
-/* Reads t's change log into cs: one entry per row with its current image and
- * a new version. Writes nothing; *max_seq receives the last log position read. */
-static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t *rows, int64_t *max_seq)
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static hl_status push_i64(int64_t **v, size_t *n, size_t *cap, int64_t x)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 256;
+        int64_t *nv = realloc(*v, nc * sizeof *nv);
+        if (!nv)
+            return HL_ERR_NOMEM;
+        *v = nv;
+        *cap = nc;
+    }
+    (*v)[(*n)++] = x;
+    return HL_OK;
+}
+
+/* Reads the high-water mark of a rowid-keyed table; false when it has none
+ * (then every insert is logged). */
+static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
+{
+    sqlite3_stmt *st = d->st_hwm_get;
+    sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+    bool found = sqlite3_step(st) == SQLITE_ROW;
+    if (found)
+        *hwm = sqlite3_column_int64(st, 0);
+    sqlite3_reset(st);
+    return found;
+}
+
+/* Adds t's table entry to cs once. */
+static hl_status cs_table(hl_changeset *cs, const hl_table *t, uint32_t *tidx)
+{
+    if (*tidx != UINT32_MAX)
+        return HL_OK;
+    const char *pkn[HL_CS_MAX_KEY];
+    for (size_t i = 0; i < t->npk; i++)
+        pkn[i] = t->cols[t->pk[i]];
+    return hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, tidx);
+}
+
+/*
+ * Reads t's changes into cs: one entry per row with its current image and a
+ * new version. First the change log, in log order; then, for a rowid-keyed
+ * table, the rows above its high-water mark that were inserted without a log
+ * entry (and not changed since, or they would be in the log), in rowid order
+ * after the logged ones: such a row still holds the values it was inserted
+ * with, so no logged change can depend on coming after it. Writes nothing; tab
+ * receives what hl_capture_record needs.
+ */
+static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t *rows, hl_capture_tab *tab)
 {
     hl_status st;
     size_t nk = t->npk ? t->npk : 1;
     hl_value key[HL_CS_MAX_KEY];
     hl_value *vals = NULL;
     uint32_t tidx = UINT32_MAX;
+    int64_t *logged = NULL;
+    size_t nlogged = 0, caplogged = 0;
     int rc;
 
-    *max_seq = 0;
+    tab->max_seq = 0;
     if (nk > HL_CS_MAX_KEY) {
         hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
                 HL_CS_MAX_KEY);
@@ -238,8 +350,8 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
         double jd = sqlite3_column_double(lr, 0);
         uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : 0;
         int64_t seq = sqlite3_column_int64(lr, 1);
-        if (seq > *max_seq)
-            *max_seq = seq;
+        if (seq > tab->max_seq)
+            tab->max_seq = seq;
         bool null_key = false;
         for (size_t i = 0; i < nk; i++) {
             hl_value_from_column(lr, 2 + (int)i, &key[i]);
@@ -254,13 +366,10 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
                         dropped ? " (repeats not logged)" : "");
             continue;
         }
-        if (tidx == UINT32_MAX) {
-            const char *pkn[HL_CS_MAX_KEY];
-            for (size_t i = 0; i < t->npk; i++)
-                pkn[i] = t->cols[t->pk[i]];
-            if ((st = hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, &tidx)))
-                goto out;
-        }
+        if ((st = cs_table(cs, t, &tidx)))
+            goto out;
+        if (t->int_key && key[0].type == HL_VAL_INT && (st = push_i64(&logged, &nlogged, &caplogged, key[0].u.i)))
+            goto out;
         /* The row as it is now is the last image of every write logged for it. */
         bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
         if (exists)
@@ -273,19 +382,91 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
             goto out;
         (*rows)++;
     }
-    if (rc != SQLITE_DONE)
+    if (rc != SQLITE_DONE) {
         st = hl_db_err(d, rc, "capture log read");
+        goto out;
+    }
+    if (!t->int_key || !hwm_get(d, t, &tab->hwm))
+        goto out;
+    tab->ranged = true;
+    tab->top = tab->hwm;
+    qsort(logged, nlogged, sizeof *logged, cmp_i64);
+    sqlite3_stmt *rg = t->st_range;
+    sqlite3_bind_int64(rg, 1, tab->hwm);
+    uint64_t now = hl_now_ms();
+    while ((rc = sqlite3_step(rg)) == SQLITE_ROW) {
+        int64_t rowid = sqlite3_column_int64(rg, 0);
+        tab->top = rowid;
+        if ((st = push_i64(&tab->seen, &tab->nseen, &tab->capseen, rowid)))
+            break;
+        if (nlogged && bsearch(&rowid, logged, nlogged, sizeof *logged, cmp_i64))
+            continue; /* changed since: captured above, from the log */
+        if ((st = cs_table(cs, t, &tidx)))
+            break;
+        key[0] = (hl_value){.type = HL_VAL_INT, .u.i = rowid};
+        for (size_t i = 0; i < t->ncols; i++)
+            hl_value_from_column(rg, 1 + (int)i, &vals[i]);
+        if ((st = hl_changeset_add_row(cs, tidx, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), key, 1, vals, t->ncols)))
+            break;
+        (*rows)++;
+    }
+    if (!st && rc != SQLITE_DONE)
+        st = hl_db_err(d, rc, "capture range read");
+    sqlite3_reset(rg);
 out:
     sqlite3_reset(lr);
     free(vals);
+    free(logged);
     return st;
+}
+
+/*
+ * Rows inserted above the high-water mark after the snapshot a batch was read
+ * under, with rowids at or below what the batch read (an explicit id filling
+ * a gap), had no log entry and are not in the batch: raising the mark would
+ * lose them. They get a log entry now, inside the write transaction, and are
+ * captured by the next capture (the engine runs one in the same transaction).
+ */
+static hl_status range_settle(hl_db *d, hl_table *t, const hl_capture_tab *tab)
+{
+    sqlite3_stmt *rk = t->st_range_keys;
+    size_t j = 0;
+    int rc;
+    hl_status st = HL_OK;
+    sqlite3_bind_int64(rk, 1, tab->hwm);
+    sqlite3_bind_int64(rk, 2, tab->top);
+    while (!st && (rc = sqlite3_step(rk)) == SQLITE_ROW) {
+        int64_t rowid = sqlite3_column_int64(rk, 0);
+        while (j < tab->nseen && tab->seen[j] < rowid)
+            j++;
+        if (j < tab->nseen && tab->seen[j] == rowid)
+            continue;
+        sqlite3_bind_int64(t->st_log_add, 1, rowid);
+        int arc = sqlite3_step(t->st_log_add);
+        sqlite3_reset(t->st_log_add);
+        if (arc != SQLITE_DONE)
+            st = hl_db_err(d, arc, "capture log add");
+    }
+    if (!st && rc != SQLITE_DONE)
+        st = hl_db_err(d, rc, "capture range check");
+    sqlite3_reset(rk);
+    if (st)
+        return st;
+    sqlite3_stmt *hp = d->st_hwm_put;
+    sqlite3_bind_text(hp, 1, t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(hp, 2, tab->top);
+    rc = sqlite3_step(hp);
+    sqlite3_reset(hp);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "hwm put");
 }
 
 void hl_capture_batch_free(hl_capture_batch *b)
 {
     hl_changeset_free(b->cs);
     hl_buf_free(&b->payload);
-    free(b->max_seq);
+    for (size_t i = 0; b->tab && i < b->ntables; i++)
+        free(b->tab[i].seen);
+    free(b->tab);
     memset(b, 0, sizeof *b);
 }
 
@@ -296,11 +477,11 @@ hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
     hl_buf_init(&b->payload, (size_t)d->max_changeset_bytes + 1024);
     b->cs = hl_changeset_new();
     b->ntables = d->schema.n;
-    b->max_seq = calloc(b->ntables ? b->ntables : 1, sizeof *b->max_seq);
-    if (!b->cs || !b->max_seq)
+    b->tab = calloc(b->ntables ? b->ntables : 1, sizeof *b->tab);
+    if (!b->cs || !b->tab)
         return HL_ERR_NOMEM;
     for (size_t i = 0; i < d->schema.n; i++)
-        if ((st = capture_table(d, &d->schema.t[i], b->cs, &b->rows, &b->max_seq[i])))
+        if ((st = capture_table(d, &d->schema.t[i], b->cs, &b->rows, &b->tab[i])))
             return st;
     if (b->cs->nrows == 0)
         return HL_OK;
@@ -335,13 +516,16 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
     }
     for (size_t i = 0; i < b->ntables && !st; i++) {
         hl_table *t = &d->schema.t[i];
-        if (b->max_seq[i] <= 0)
-            continue;
-        sqlite3_bind_int64(t->st_log_del, 1, b->max_seq[i]);
-        int rc = sqlite3_step(t->st_log_del);
-        sqlite3_reset(t->st_log_del);
-        if (rc != SQLITE_DONE)
-            st = hl_db_err(d, rc, "capture log delete");
+        if (b->tab[i].max_seq > 0) {
+            sqlite3_bind_int64(t->st_log_del, 1, b->tab[i].max_seq);
+            int rc = sqlite3_step(t->st_log_del);
+            sqlite3_reset(t->st_log_del);
+            if (rc != SQLITE_DONE)
+                st = hl_db_err(d, rc, "capture log delete");
+        }
+        /* After the deletion: entries range_settle adds are for the next capture. */
+        if (!st && b->tab[i].ranged && b->tab[i].top > b->tab[i].hwm)
+            st = range_settle(d, t, &b->tab[i]);
     }
     if (st || !cs || cs->nrows == 0)
         return st;

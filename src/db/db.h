@@ -41,14 +41,18 @@ typedef struct hl_table {
     char *keysig; /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
-    sqlite3_stmt *st_log_read;  /* change log joined to the rows, one entry per key */
-    sqlite3_stmt *st_log_del;   /* DELETE FROM log WHERE seq <= ? */
-    sqlite3_stmt *st_clock_win; /* apply: UPSERT the clock row if the version wins */
-    sqlite3_stmt *st_clock_put; /* capture: UPSERT the clock row */
-    sqlite3_stmt *st_row_del;   /* DELETE FROM t WHERE key */
-    sqlite3_stmt *st_write;     /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
-    sqlite3_stmt *st_insert;    /* apply: INSERT for rowid tables */
-    char *write_sig;            /* remote column list st_write/st_insert were built for */
+    sqlite3_stmt *st_log_read;   /* change log joined to the rows, one entry per key */
+    sqlite3_stmt *st_log_del;    /* DELETE FROM log WHERE seq <= ? */
+    sqlite3_stmt *st_range;      /* capture: SELECT key, cols FROM t WHERE key > ? ORDER BY key */
+    sqlite3_stmt *st_range_keys; /* capture: SELECT key FROM t WHERE key > ? AND key <= ? ORDER BY key */
+    sqlite3_stmt *st_log_add;    /* capture: INSERT INTO log (jd, k0) VALUES (now, ?) */
+    bool applied;                /* apply wrote rows: raise the high-water mark at hl_apply_end */
+    sqlite3_stmt *st_clock_win;  /* apply: UPSERT the clock row if the version wins */
+    sqlite3_stmt *st_clock_put;  /* capture: UPSERT the clock row */
+    sqlite3_stmt *st_row_del;    /* DELETE FROM t WHERE key */
+    sqlite3_stmt *st_write;      /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
+    sqlite3_stmt *st_insert;     /* apply: INSERT for rowid tables */
+    char *write_sig;             /* remote column list st_write/st_insert were built for */
 } hl_table;
 
 typedef struct hl_schema {
@@ -107,6 +111,7 @@ typedef struct hl_db {
     hl_db_stats stats;
     hl_ratelimit null_key_log; /* warnings about rows with NULL in their key */
     sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
+    sqlite3_stmt *st_hwm_get, *st_hwm_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
     sqlite3_stmt *st_outbox_next, *st_outbox_del, *st_data_version, *st_schema_version;
 } hl_db;
@@ -209,10 +214,19 @@ hl_status hl_capture(hl_db *d, uint64_t *rows);
  * rows that were read and writes the outbox. Changes logged in between have
  * later log positions and are captured by the next cycle with later versions.
  */
+typedef struct hl_capture_tab {
+    int64_t max_seq; /* last log position read */
+    bool ranged;     /* rows above the high-water mark were read (rowid-keyed tables) */
+    int64_t hwm;     /* the high-water mark then */
+    int64_t top;     /* the highest rowid read above it (hwm when none) */
+    int64_t *seen;   /* every rowid above it in the snapshot, ascending */
+    size_t nseen, capseen;
+} hl_capture_tab;
+
 typedef struct hl_capture_batch {
     hl_changeset *cs;
-    hl_buf payload;   /* encoded changeset (when publishing) */
-    int64_t *max_seq; /* per schema table: last log position read */
+    hl_buf payload;      /* encoded changeset (when publishing) */
+    hl_capture_tab *tab; /* per schema table */
     size_t ntables;
     uint64_t rows;
 } hl_capture_batch;

@@ -30,7 +30,8 @@ static const char *const internal_ddl =
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "pending(id INTEGER PRIMARY KEY, node INTEGER NOT NULL,"
     " epoch INTEGER NOT NULL, seq INTEGER NOT NULL, flags INTEGER NOT NULL, data BLOB NOT NULL,"
     " schema INTEGER NOT NULL, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
-    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;";
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "hwm(tbl TEXT PRIMARY KEY, hwm INTEGER NOT NULL) WITHOUT ROWID;";
 
 void hl_db_global_init(void)
 {
@@ -284,6 +285,8 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
 
     if ((st = prep(d, &d->st_outbox_put,
                    "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
+        (st = prep(d, &d->st_hwm_get, "SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?")) ||
+        (st = prep(d, &d->st_hwm_put, "UPDATE " HL_PREFIX "hwm SET hwm = ?2 WHERE tbl = ?1 AND hwm < ?2")) ||
         (st = prep(d, &d->st_outbox_next,
                    "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1")) ||
         (st = prep(d, &d->st_outbox_del, "DELETE FROM " HL_PREFIX "outbox WHERE seq = ?")) ||
@@ -326,6 +329,8 @@ void hl_db_close(hl_db *d)
     hl_checkpointer_stop(d->ckpt);
     hl_schema_free(&d->schema);
     sqlite3_finalize(d->st_outbox_put);
+    sqlite3_finalize(d->st_hwm_get);
+    sqlite3_finalize(d->st_hwm_put);
     sqlite3_finalize(d->st_meta_put);
     sqlite3_finalize(d->st_conflict_put);
     sqlite3_finalize(d->st_origin_get);

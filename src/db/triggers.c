@@ -55,6 +55,15 @@ static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
     return st;
 }
 
+/* Appends s as an SQL string literal. */
+static hl_status add_literal(hl_buf *b, const char *s)
+{
+    hl_status st = hl_buf_addc(b, '\'');
+    for (; *s && !st; s++)
+        st = *s == '\'' ? hl_buf_adds(b, "''") : hl_buf_addc(b, *s);
+    return st ? st : hl_buf_addc(b, '\'');
+}
+
 /* One trigger's CREATE text (without a trailing ';'). */
 static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
 {
@@ -79,6 +88,20 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
         st = hl_buf_add_ident(b, t->name);
     if (!st)
         st = hl_buf_adds(b, " WHEN " GUARD);
+    if (!st && which == 0 && t->int_key) {
+        /* Rows inserted above the table's high-water mark are found by
+         * capture through the rowid, without a log entry: an append then
+         * writes one B-tree page, not two. */
+        st = hl_buf_adds(b, " AND ");
+        if (!st)
+            st = add_keys(b, t, "NEW");
+        if (!st)
+            st = hl_buf_adds(b, " <= coalesce((SELECT hwm FROM \"" HL_PREFIX "hwm\" WHERE tbl = ");
+        if (!st)
+            st = add_literal(b, t->name);
+        if (!st)
+            st = hl_buf_adds(b, "), 9223372036854775807)");
+    }
     if (!st && which == 2) {
         /* The key changed: the row under the old key is gone. */
         st = hl_buf_adds(b, " AND (");
@@ -223,6 +246,40 @@ static int64_t count_rows(hl_db *d, const char *table)
     sqlite3_finalize(st);
     hl_buf_free(&q);
     return n;
+}
+
+/* Starts t's high-water mark at its last rowid, unless it has one. */
+static hl_status hwm_init(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    hl_status st = hl_buf_adds(&q, "INSERT OR IGNORE INTO " HL_PREFIX "hwm(tbl, hwm) SELECT ");
+    if (!st)
+        st = add_literal(&q, t->name);
+    if (!st)
+        st = hl_buf_adds(&q, ", coalesce(max(");
+    if (!st)
+        st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
+    if (!st)
+        st = hl_buf_adds(&q, "), 0) FROM ");
+    if (!st)
+        st = hl_buf_add_ident(&q, t->name);
+    if (!st)
+        st = exec_logged(d, hl_buf_str(&q));
+    hl_buf_free(&q);
+    return st;
+}
+
+static hl_status hwm_drop(hl_db *d, const char *table)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "hwm WHERE tbl = ?", -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "hwm drop");
 }
 
 /* Triggers the application defined (on any table), -1 when unknown. */
@@ -412,6 +469,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             st = drop_object(d, "TABLE", t->log);
             if (!st)
                 st = drop_object(d, "TABLE", t->clock); /* versions of keys that no longer exist */
+            if (!st)
+                st = hwm_drop(d, t->name);
         }
         free(sig);
         if (st)
@@ -432,6 +491,10 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             (st = put_keysig(d, t->name, t->keysig)))
             goto out;
         if (is_new && backfill && (st = backfill_table(d, t)))
+            goto out;
+        /* Everything up to here is logged (or, on the first run, the common
+         * starting point): inserts above the current last rowid need no log. */
+        if (t->int_key && (st = hwm_init(d, t)))
             goto out;
         if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||
             (st = hl_buf_add(&want, t->clock, strlen(t->clock) + 1)))
@@ -492,6 +555,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
         }
     }
     st = exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
+                        "(SELECT name FROM pragma_table_list WHERE schema = 'main');"
+                        "DELETE FROM " HL_PREFIX "hwm WHERE tbl NOT IN "
                         "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
     if (st)
         goto out;

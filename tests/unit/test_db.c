@@ -763,6 +763,92 @@ START_TEST(split_capture_with_writes_in_between_converges)
 }
 END_TEST
 
+/* Appends above a rowid table's high-water mark leave no log entry; capture
+ * finds them by rowid, and applied rows do not come back as local inserts. */
+START_TEST(inserts_above_the_high_water_mark_are_not_logged)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'one'), (2, 'two'), (3, 'three');"
+                   "INSERT INTO plain(x, y) VALUES ('p', 1)");
+    ck_assert_int_eq(scalar(appa, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(scalar(appa, "SELECT count(*) FROM __harmonylite__plain_change_log"), 0);
+    ck_assert_uint_eq(capture(a), 4);
+    ck_assert_int_eq(scalar(appa, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
+    hl_changeset *cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(scalar(appb, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
+    ck_assert_uint_eq(capture(b), 0); /* no echo */
+
+    /* At or below the mark, and every update and delete, is logged. */
+    app_exec(appa,
+             "DELETE FROM books WHERE id = 2; INSERT INTO books(id, title) VALUES (2, 'two again');"
+             "UPDATE books SET title = 'three, changed' WHERE id = 3; INSERT INTO books(id, title) VALUES (9, 'n')");
+    ck_assert_int_eq(scalar(appa, "SELECT count(DISTINCT k0) FROM __harmonylite__books_change_log"), 2);
+    ck_assert_uint_eq(capture(a), 3);
+    cs = take(a, &raw, &flags);
+    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    sqlite3_close(appa);
+    sqlite3_close(appb);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
+/* An explicit id filling a gap below what a snapshot read, committed between
+ * the read and the recording, had no log entry: it must still be captured. */
+START_TEST(gap_filled_between_read_and_record_is_captured)
+{
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    hl_buf raw;
+    uint8_t flags;
+    hl_buf_init(&raw, 256u << 20);
+    make_pair(pa, pb, sizeof pa, &a, &b);
+    sqlite3 *app = app_open(pa);
+    app_exec(app, "INSERT INTO books(id, title) VALUES (10, 'ten'), (20, 'twenty')");
+    hl_capture_batch batch;
+    ck_assert_int_eq(hl_db_exec(a, "BEGIN"), HL_OK);
+    ck_assert_int_eq(hl_capture_collect(a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_exec(a, "ROLLBACK"), HL_OK);
+    ck_assert_uint_eq(batch.rows, 2);
+    app_exec(app, "INSERT INTO books(id, title) VALUES (15, 'fifteen'), (30, 'thirty')");
+    ck_assert_int_eq(scalar(app, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(hl_db_begin(a), HL_OK);
+    ck_assert_int_eq(hl_capture_record(a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_commit(a), HL_OK);
+    hl_capture_batch_free(&batch);
+    ck_assert_int_eq(scalar(app, "SELECT k0 FROM __harmonylite__books_change_log"), 15);
+    ck_assert_uint_eq(capture(a), 2); /* 15 from the log, 30 above the mark */
+    for (int i = 0; i < 2; i++) {
+        hl_changeset *cs = take(a, &raw, &flags);
+        ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+        hl_changeset_free(cs);
+    }
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    ck_assert_ptr_nonnull(strstr(db, "'fifteen'"));
+    free(da);
+    free(db);
+    sqlite3_close(app);
+    hl_db_close(a);
+    hl_db_close(b);
+    hl_buf_free(&raw);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -802,6 +888,8 @@ int main(void)
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
+    tcase_add_test(tc, inserts_above_the_high_water_mark_are_not_logged);
+    tcase_add_test(tc, gap_filled_between_read_and_record_is_captured);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
