@@ -4,7 +4,9 @@
  * Measures, in one run on the same machine and file system, application
  * insert throughput into the same table without triggers and with
  * harmonylite's capture triggers installed (through the product's own code),
- * for single-row transactions and for 1,000-row transactions. Prints ratios.
+ * for single-row transactions and for 1,000-row transactions, and single-row
+ * updates of existing rows (always logged; appends above a table's high-water
+ * mark are not). Prints ratios.
  *
  * Usage: bench_trigger [seconds-per-case] [dir]
  */
@@ -15,6 +17,8 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#define HL_STR_(x) #x
+#define HL_STR(x) HL_STR_(x)
 #include "db/db.h"
 
 static double now(void)
@@ -30,8 +34,11 @@ static void die(sqlite3 *db, const char *what)
     exit(1);
 }
 
-/* Inserts rows in transactions of batch rows for `seconds`; returns rows/s. */
-static double run(const char *path, int batch, double seconds)
+#define PREFILL 10000
+
+/* Inserts rows (or, with update, updates random existing rows) in
+ * transactions of batch rows for `seconds`; returns rows/s. */
+static double run(const char *path, int batch, bool update, double seconds)
 {
     sqlite3 *db;
     sqlite3_stmt *ins;
@@ -39,7 +46,9 @@ static double run(const char *path, int batch, double seconds)
         die(db, "open");
     sqlite3_busy_timeout(db, 5000);
     sqlite3_exec(db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
-    if (sqlite3_prepare_v2(db, "INSERT INTO t(a, b, c) VALUES (?, ?, ?)", -1, &ins, NULL) != SQLITE_OK)
+    const char *sql =
+        update ? "UPDATE t SET a = ?1, b = ?2, c = ?3 WHERE id = ?4" : "INSERT INTO t(a, b, c) VALUES (?, ?, ?)";
+    if (sqlite3_prepare_v2(db, sql, -1, &ins, NULL) != SQLITE_OK)
         die(db, "prepare");
     long rows = 0;
     double t0 = now(), t1;
@@ -49,6 +58,8 @@ static double run(const char *path, int batch, double seconds)
             sqlite3_bind_int64(ins, 1, rows);
             sqlite3_bind_text(ins, 2, "some text value of moderate size", -1, SQLITE_STATIC);
             sqlite3_bind_double(ins, 3, (double)rows * 0.5);
+            if (update)
+                sqlite3_bind_int64(ins, 4, 1 + (int64_t)((uint64_t)rows * 2654435761u % PREFILL));
             if (sqlite3_step(ins) != SQLITE_DONE)
                 die(db, "insert");
             sqlite3_reset(ins);
@@ -74,7 +85,12 @@ static void fresh(const char *path, bool triggers)
     sqlite3 *db;
     if (sqlite3_open(path, &db) != SQLITE_OK)
         die(db, "open");
-    if (sqlite3_exec(db, "CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL)", NULL, NULL, NULL))
+    if (sqlite3_exec(db,
+                     "CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL);"
+                     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < " HL_STR(
+                         PREFILL) ")"
+                                  " INSERT INTO t SELECT i, i, 'some text value of moderate size', i * 0.5 FROM n",
+                     NULL, NULL, NULL))
         die(db, "create");
     sqlite3_close(db);
     if (triggers) {
@@ -97,22 +113,24 @@ int main(int argc, char **argv)
     hl_db_global_init(); /* as the product does: the application side below shares the process */
     hl_log_setup(HL_LOG_WARN, false, 0);
 
-    int batches[] = {1, 1000};
+    int batches[] = {1, 1000, 1};
     printf("%-28s %14s %14s %8s\n", "case", "bare rows/s", "triggers rows/s", "ratio");
-    for (size_t i = 0; i < 2; i++) {
+    for (size_t i = 0; i < 3; i++) {
+        bool update = i == 2;
         /* Alternate bare and trigger runs twice and keep each one's best, so a
          * noisy neighbour hurts both sides alike. */
         double bare = 0, trig = 0;
         for (int rep = 0; rep < 2; rep++) {
             fresh(path, false);
-            double b = run(path, batches[i], secs);
+            double b = run(path, batches[i], update, secs);
             fresh(path, true);
-            double t = run(path, batches[i], secs);
+            double t = run(path, batches[i], update, secs);
             bare = b > bare ? b : bare;
             trig = t > trig ? t : trig;
         }
         char name[64];
-        snprintf(name, sizeof name, "insert, %d row%s/txn", batches[i], batches[i] > 1 ? "s" : "");
+        snprintf(name, sizeof name, "%s, %d row%s/txn", update ? "update" : "insert", batches[i],
+                 batches[i] > 1 ? "s" : "");
         printf("%-28s %14.0f %14.0f %8.2f\n", name, bare, trig, trig / bare);
     }
     fresh(path, false);
