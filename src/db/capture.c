@@ -390,7 +390,8 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
         goto out;
     tab->ranged = true;
     tab->top = tab->hwm;
-    qsort(logged, nlogged, sizeof *logged, cmp_i64);
+    if (nlogged)
+        qsort(logged, nlogged, sizeof *logged, cmp_i64);
     sqlite3_stmt *rg = t->st_range;
     sqlite3_bind_int64(rg, 1, tab->hwm);
     uint64_t now = hl_now_ms();
