@@ -38,7 +38,7 @@ static hl_status raise_hwm(hl_db *d, hl_table *t)
     hl_buf_init(&q, 1u << 20);
     res = hl_buf_adds(&q, "UPDATE " HL_PREFIX "hwm SET hwm = m FROM (SELECT max(");
     if (!res)
-        res = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
+        res = hl_add_rowid(&q, t);
     if (!res)
         res = hl_buf_adds(&q, ") AS m FROM ");
     if (!res)

@@ -85,10 +85,41 @@ hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param)
     return st;
 }
 
-/* The rowid of a rowid-keyed table: its INTEGER PRIMARY KEY column or alias. */
-static hl_status add_rowid(hl_buf *b, const hl_table *t)
+hl_status hl_add_rowid(hl_buf *b, const hl_table *t)
 {
     return t->npk ? hl_buf_add_ident(b, t->cols[t->pk[0]]) : hl_buf_adds(b, t->rowid);
+}
+
+/* Rows above a rowid: "SELECT rowid, cols ... WHERE rowid > ?1", or for
+ * keys_only the rowids up to a bound: "SELECT rowid ... AND rowid <= ?2". */
+static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only)
+{
+    hl_status st = hl_buf_adds(q, "SELECT ");
+    if (!st)
+        st = hl_add_rowid(q, t);
+    for (size_t i = 0; !keys_only && i < t->ncols && !st; i++) {
+        st = hl_buf_adds(q, ", ");
+        if (!st)
+            st = hl_buf_add_ident(q, t->cols[i]);
+    }
+    if (!st)
+        st = hl_buf_adds(q, " FROM ");
+    if (!st)
+        st = hl_buf_add_ident(q, t->name);
+    if (!st)
+        st = hl_buf_adds(q, " WHERE ");
+    if (!st)
+        st = hl_add_rowid(q, t);
+    if (!st)
+        st = hl_buf_adds(q, " > ?1");
+    if (!st && keys_only) {
+        st = hl_buf_adds(q, " AND ");
+        if (!st)
+            st = hl_add_rowid(q, t);
+        if (!st)
+            st = hl_buf_adds(q, " <= ?2");
+    }
+    return st ? st : hl_buf_adds(q, " ORDER BY 1");
 }
 
 static hl_status prepare_table(hl_db *d, hl_table *t)
@@ -146,46 +177,10 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
     }
     if (!st && t->int_key && !t->st_range) {
         hl_buf_reset(&q);
-        st = hl_buf_adds(&q, "SELECT ");
-        if (!st)
-            st = add_rowid(&q, t);
-        for (size_t i = 0; i < t->ncols && !st; i++) {
-            st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[i]);
-        }
-        if (!st)
-            st = hl_buf_adds(&q, " FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " WHERE ");
-        if (!st)
-            st = add_rowid(&q, t);
-        if (!st)
-            st = hl_buf_adds(&q, " > ?1 ORDER BY 1");
-        if (!st)
+        if (!(st = range_sql(&q, t, false)))
             st = prepare(d, &t->st_range, &q);
         hl_buf_reset(&q);
-        if (!st)
-            st = hl_buf_adds(&q, "SELECT ");
-        if (!st)
-            st = add_rowid(&q, t);
-        if (!st)
-            st = hl_buf_adds(&q, " FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " WHERE ");
-        if (!st)
-            st = add_rowid(&q, t);
-        if (!st)
-            st = hl_buf_adds(&q, " > ?1 AND ");
-        if (!st)
-            st = add_rowid(&q, t);
-        if (!st)
-            st = hl_buf_adds(&q, " <= ?2 ORDER BY 1");
-        if (!st)
+        if (!st && !(st = range_sql(&q, t, true)))
             st = prepare(d, &t->st_range_keys, &q);
         hl_buf_reset(&q);
         if (!st)

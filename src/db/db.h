@@ -163,6 +163,8 @@ hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *delete
 void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v); /* points into SQLite memory */
 int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v);   /* binds without copying */
 hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param);
+/* The rowid of a rowid-keyed table (int_key): its INTEGER PRIMARY KEY column or rowid alias. */
+hl_status hl_add_rowid(hl_buf *b, const hl_table *t);
 /* Prepares t's clock statements (st_clock_win, st_clock_put) if needed. */
 hl_status hl_clock_prepare(hl_db *d, hl_table *t);
 /* Records (hlc, node, deleted) as the version of t's row with this key. */

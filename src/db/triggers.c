@@ -259,7 +259,7 @@ static hl_status hwm_init(hl_db *d, const hl_table *t)
     if (!st)
         st = hl_buf_adds(&q, ", coalesce(max(");
     if (!st)
-        st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
+        st = hl_add_rowid(&q, t);
     if (!st)
         st = hl_buf_adds(&q, "), 0) FROM ");
     if (!st)
