@@ -157,6 +157,34 @@ static void make_pair(char *pa, char *pb, size_t n, hl_db **a, hl_db **b)
     *b = engine_open(pb, 2);
 }
 
+/* Two engine databases a and b with the test schema, an application connection to each, and a buffer for raw
+ * changesets. */
+typedef struct pair {
+    char pa[300], pb[300];
+    hl_db *a, *b;
+    sqlite3 *appa, *appb;
+    hl_buf raw;
+    uint8_t flags;
+} pair;
+
+static void pair_open(pair *p)
+{
+    hl_buf_init(&p->raw, 256u << 20);
+    make_pair(p->pa, p->pb, sizeof p->pa, &p->a, &p->b);
+    p->appa = app_open(p->pa);
+    p->appb = app_open(p->pb);
+}
+
+/* Closes what is still open: a test that closed an engine database early sets its pointer to NULL. */
+static void pair_close(pair *p)
+{
+    sqlite3_close(p->appa);
+    sqlite3_close(p->appb);
+    hl_db_close(p->a);
+    hl_db_close(p->b);
+    hl_buf_free(&p->raw);
+}
+
 START_TEST(trigger_sql_quotes_identifiers)
 {
     hl_table t = {0};
@@ -190,104 +218,89 @@ END_TEST
 
 START_TEST(schema_skips_virtual_and_internal)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    ck_assert_uint_eq(a->schema.n, 5);
-    ck_assert_ptr_null(hl_schema_find(&a->schema, "docs"));
-    ck_assert_ptr_null(hl_schema_find(&a->schema, "docs_data"));
-    ck_assert_ptr_nonnull(hl_schema_find(&a->schema, "BOOKS"));
-    hl_table *p = hl_schema_find(&a->schema, "plain");
-    ck_assert_uint_eq(p->npk, 0);
-    ck_assert_str_eq(p->rowid, "rowid");
-    hl_table *pr = hl_schema_find(&a->schema, "pairs");
+    pair p;
+    pair_open(&p);
+    ck_assert_uint_eq(p.a->schema.n, 5);
+    ck_assert_ptr_null(hl_schema_find(&p.a->schema, "docs"));
+    ck_assert_ptr_null(hl_schema_find(&p.a->schema, "docs_data"));
+    ck_assert_ptr_nonnull(hl_schema_find(&p.a->schema, "BOOKS"));
+    hl_table *pl = hl_schema_find(&p.a->schema, "plain");
+    ck_assert_uint_eq(pl->npk, 0);
+    ck_assert_str_eq(pl->rowid, "rowid");
+    hl_table *pr = hl_schema_find(&p.a->schema, "pairs");
     ck_assert(pr->without_rowid);
     ck_assert_uint_eq(pr->npk, 2);
-    ck_assert_mem_eq(a->schema.hash, b->schema.hash, 32);
-    hl_db_close(a);
-    hl_db_close(b);
+    ck_assert_mem_eq(p.a->schema.hash, p.b->schema.hash, 32);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(capture_and_apply_round_trip)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
+    pair p;
+    pair_open(&p);
 
-    sqlite3 *app = app_open(pa);
-    app_exec(app, "BEGIN;"
-                  "INSERT INTO books(title, year) VALUES ('Emma', 1815), ('Persuasion', NULL);"
-                  "INSERT INTO \"my table\" VALUES ('k1', x'00ff10', 1.5), ('ключ', zeroblob(0), -0.25);"
-                  "INSERT INTO pairs VALUES (1, 'a', 9223372036854775807), (-9223372036854775808, '', 'x');"
-                  "INSERT INTO plain VALUES ('p', 1), (NULL, 2.5);"
-                  "COMMIT;");
+    app_exec(p.appa, "BEGIN;"
+                     "INSERT INTO books(title, year) VALUES ('Emma', 1815), ('Persuasion', NULL);"
+                     "INSERT INTO \"my table\" VALUES ('k1', x'00ff10', 1.5), ('ключ', zeroblob(0), -0.25);"
+                     "INSERT INTO pairs VALUES (1, 'a', 9223372036854775807), (-9223372036854775808, '', 'x');"
+                     "INSERT INTO plain VALUES ('p', 1), (NULL, 2.5);"
+                     "COMMIT;");
     /* An update and a delete coalesce with the inserts: one entry per row
      * (the deleted row travels as a delete, leaving a tombstone everywhere). */
-    app_exec(app, "UPDATE books SET title = 'Emma.' WHERE id = 1; DELETE FROM plain WHERE y = 1;");
-    ck_assert_uint_eq(capture(a), 8);
-    hl_changeset *cs = take(a, &raw, &flags);
+    app_exec(p.appa, "UPDATE books SET title = 'Emma.' WHERE id = 1; DELETE FROM plain WHERE y = 1;");
+    ck_assert_uint_eq(capture(p.a), 8);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     ck_assert_uint_eq(cs->nrows, 8);
     ck_assert_uint_eq(cs->origin, 1);
     ck_assert_uint_eq(cs->seq, 1);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    char *da = dump(pa), *db = dump(pb);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     free(da);
     free(db);
 
     /* Replicated writes are not captured again. */
-    ck_assert_uint_eq(capture(b), 0);
+    ck_assert_uint_eq(capture(p.b), 0);
     uint64_t n;
-    ck_assert_int_eq(hl_db_outbox_count(b, &n), HL_OK);
+    ck_assert_int_eq(hl_db_outbox_count(p.b, &n), HL_OK);
     ck_assert_uint_eq(n, 0);
 
     /* Applying the same changeset again is a duplicate. */
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_DUPLICATE);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_DUPLICATE);
     hl_changeset_free(cs);
-    sqlite3_close(app);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(last_writer_wins_and_tombstones)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    pair p;
+    pair_open(&p);
 
-    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'from a')");
-    capture(a);
-    hl_changeset *older = take(a, &raw, &flags);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'from a')");
+    capture(p.a);
+    hl_changeset *older = take(p.a, &p.raw, &p.flags);
     hl_buf raw_older;
     hl_buf_init(&raw_older, 256u << 20);
-    hl_buf_add(&raw_older, raw.data, raw.len);
-    uint8_t flags_older = flags;
+    hl_buf_add(&raw_older, p.raw.data, p.raw.len);
+    uint8_t flags_older = p.flags;
 
     usleep(5000);
     /* b writes the same row later: its version is newer. */
-    app_exec(appb, "INSERT INTO books(id, title) VALUES (1, 'from b')");
-    capture(b);
-    ck_assert_int_eq(apply(b, older, &raw_older, flags_older), HL_APPLIED);
-    ck_assert_uint_eq(b->stats.rows_skipped_lww, 1);
-    char *db = dump(pb);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (1, 'from b')");
+    capture(p.b);
+    ck_assert_int_eq(apply(p.b, older, &raw_older, flags_older), HL_APPLIED);
+    ck_assert_uint_eq(p.b->stats.rows_skipped_lww, 1);
+    char *db = dump(p.pb);
     ck_assert_ptr_nonnull(strstr(db, "'from b'"));
     free(db);
 
     /* b's version reaches a and wins there too. */
-    hl_changeset *newer = take(b, &raw, &flags);
-    ck_assert_int_eq(apply(a, newer, &raw, flags), HL_APPLIED);
-    char *da = dump(pa);
-    db = dump(pb);
+    hl_changeset *newer = take(p.b, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.a, newer, &p.raw, p.flags), HL_APPLIED);
+    char *da = dump(p.pa);
+    db = dump(p.pb);
     ck_assert_str_eq(da, db);
     free(da);
     free(db);
@@ -295,62 +308,54 @@ START_TEST(last_writer_wins_and_tombstones)
     hl_changeset_free(older);
 
     /* A delete on a leaves a tombstone: an older insert of the row from elsewhere cannot resurrect it. */
-    app_exec(appb, "INSERT INTO books(id, title) VALUES (7, 'old on b')");
-    capture(b);
-    hl_changeset *old_insert = take(b, &raw_older, &flags_older);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (7, 'old on b')");
+    capture(p.b);
+    hl_changeset *old_insert = take(p.b, &raw_older, &flags_older);
     usleep(5000);
-    app_exec(appa, "INSERT INTO books(id, title) VALUES (7, 'on a'); DELETE FROM books WHERE id = 7;");
-    capture(a);
-    ck_assert_int_eq(apply(a, old_insert, &raw_older, flags_older), HL_APPLIED);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (7, 'on a'); DELETE FROM books WHERE id = 7;");
+    capture(p.a);
+    ck_assert_int_eq(apply(p.a, old_insert, &raw_older, flags_older), HL_APPLIED);
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(appa, "SELECT count(*) FROM books WHERE id = 7", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appa, "SELECT count(*) FROM books WHERE id = 7", -1, &st, NULL), SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_int_eq(sqlite3_column_int(st, 0), 0);
     sqlite3_finalize(st);
     hl_changeset_free(old_insert);
 
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
     hl_buf_free(&raw_older);
 }
 END_TEST
 
 START_TEST(out_of_order_changesets_are_held_then_applied)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
+    pair p;
+    pair_open(&p);
     hl_buf r1, r2;
     uint8_t f1, f2;
     hl_buf_init(&r1, 256u << 20);
     hl_buf_init(&r2, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *app = app_open(pa);
-    app_exec(app, "INSERT INTO books(id, title) VALUES (1, 'one')");
-    capture(a);
-    app_exec(app, "UPDATE books SET title = 'two' WHERE id = 1");
-    capture(a);
-    hl_changeset *c1 = take(a, &r1, &f1);
-    hl_changeset *c2 = take(a, &r2, &f2);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    capture(p.a);
+    app_exec(p.appa, "UPDATE books SET title = 'two' WHERE id = 1");
+    capture(p.a);
+    hl_changeset *c1 = take(p.a, &r1, &f1);
+    hl_changeset *c2 = take(p.a, &r2, &f2);
     ck_assert_uint_eq(c2->seq, 2);
-    ck_assert_int_eq(apply(b, c2, &r2, f2), HL_HELD);
+    ck_assert_int_eq(apply(p.b, c2, &r2, f2), HL_HELD);
     uint64_t held;
-    ck_assert_int_eq(hl_db_held_count(b, &held, NULL, NULL), HL_OK);
+    ck_assert_int_eq(hl_db_held_count(p.b, &held, NULL, NULL), HL_OK);
     ck_assert_uint_eq(held, 1);
-    ck_assert_int_eq(apply(b, c1, &r1, f1), HL_APPLIED);
-    ck_assert_int_eq(hl_db_held_count(b, &held, NULL, NULL), HL_OK);
+    ck_assert_int_eq(apply(p.b, c1, &r1, f1), HL_APPLIED);
+    ck_assert_int_eq(hl_db_held_count(p.b, &held, NULL, NULL), HL_OK);
     ck_assert_uint_eq(held, 0);
-    char *da = dump(pa), *db = dump(pb);
+    char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     free(da);
     free(db);
     hl_changeset_free(c1);
     hl_changeset_free(c2);
-    sqlite3_close(app);
-    hl_db_close(a);
-    hl_db_close(b);
+    pair_close(&p);
     hl_buf_free(&r1);
     hl_buf_free(&r2);
 }
@@ -358,31 +363,26 @@ END_TEST
 
 START_TEST(schema_mismatch_holds_until_schema_catches_up)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
-    app_exec(appa, "ALTER TABLE books ADD COLUMN isbn TEXT; INSERT INTO books(id, title, isbn) VALUES (3, 't', 'i')");
-    ck_assert_uint_eq(capture(a), 1);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_HELD);
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "ALTER TABLE books ADD COLUMN isbn TEXT; INSERT INTO books(id, title, isbn) VALUES (3, 't', 'i')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
     /* The application on b runs the same DDL; the held changeset applies. */
-    app_exec(appb, "ALTER TABLE books ADD COLUMN isbn TEXT");
+    app_exec(p.appb, "ALTER TABLE books ADD COLUMN isbn TEXT");
     bool changed;
     uint64_t rows;
-    ck_assert_int_eq(hl_db_begin(b), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(b, false, &changed), HL_OK);
+    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(p.b, false, &changed), HL_OK);
     ck_assert(changed);
-    ck_assert_int_eq(hl_capture(b, &rows), HL_OK);
-    ck_assert_int_eq(hl_apply_begin(b), HL_OK);
-    ck_assert_int_eq(hl_apply_retry_held(b), HL_OK);
-    ck_assert_int_eq(hl_apply_end(b), HL_OK);
-    ck_assert_int_eq(hl_db_commit(b), HL_OK);
+    ck_assert_int_eq(hl_capture(p.b, &rows), HL_OK);
+    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
+    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT isbn FROM books WHERE id = 3", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appb, "SELECT isbn FROM books WHERE id = 3", -1, &st, NULL), SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_str_eq((const char *)sqlite3_column_text(st, 0), "i");
     sqlite3_finalize(st);
@@ -398,51 +398,38 @@ START_TEST(schema_mismatch_holds_until_schema_catches_up)
     bad->origin = 9;
     bad->epoch = 9;
     bad->seq = 1;
-    memcpy(bad->schema_hash, b->schema.hash, 32);
-    hl_buf_reset(&raw);
-    hl_buf_addc(&raw, 0);
-    ck_assert_int_eq(hl_changeset_encode(bad, false, &raw), HL_OK);
-    ck_assert_int_eq(apply(b, bad, &raw, 0), HL_MALFORMED);
-    ck_assert_uint_eq(b->stats.changesets_malformed, 1);
+    memcpy(bad->schema_hash, p.b->schema.hash, 32);
+    hl_buf_reset(&p.raw);
+    hl_buf_addc(&p.raw, 0);
+    ck_assert_int_eq(hl_changeset_encode(bad, false, &p.raw), HL_OK);
+    ck_assert_int_eq(apply(p.b, bad, &p.raw, 0), HL_MALFORMED);
+    ck_assert_uint_eq(p.b->stats.changesets_malformed, 1);
     hl_changeset_free(bad);
 
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(constraint_conflict_is_recorded_and_rest_applies)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
-    app_exec(appb, "INSERT INTO uniq VALUES (50, 'x@y')");
-    capture(b);
-    app_exec(appa, "INSERT INTO uniq VALUES (1, 'x@y'), (2, 'z@y')");
-    capture(a);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    ck_assert_uint_eq(b->stats.conflicts, 1);
-    ck_assert_uint_eq(b->stats.rows_applied, 1);
+    pair p;
+    pair_open(&p);
+    app_exec(p.appb, "INSERT INTO uniq VALUES (50, 'x@y')");
+    capture(p.b);
+    app_exec(p.appa, "INSERT INTO uniq VALUES (1, 'x@y'), (2, 'z@y')");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_uint_eq(p.b->stats.conflicts, 1);
+    ck_assert_uint_eq(p.b->stats.rows_applied, 1);
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT count(*) FROM __harmonylite__conflicts", -1, &st, NULL),
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appb, "SELECT count(*) FROM __harmonylite__conflicts", -1, &st, NULL),
                      SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_int_eq(sqlite3_column_int(st, 0), 1);
     sqlite3_finalize(st);
     hl_changeset_free(cs);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
@@ -458,64 +445,50 @@ static int64_t scalar(sqlite3 *db, const char *sql)
 
 START_TEST(null_key_rows_are_refused_not_fatal)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    pair p;
+    pair_open(&p);
     /* A rowid table lets a declared key column hold NULL. */
-    app_exec(appa, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
-    app_exec(appb, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
-    capture(a);
-    capture(b);
-    app_exec(appa, "INSERT INTO nk VALUES (NULL, 1, 'x'), ('k', 2, 'y')");
-    ck_assert_uint_eq(capture(a), 1);
-    hl_changeset *cs = take(a, &raw, &flags);
+    app_exec(p.appa, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
+    app_exec(p.appb, "CREATE TABLE nk(a TEXT, b INTEGER, v, PRIMARY KEY(a, b))");
+    capture(p.a);
+    capture(p.b);
+    app_exec(p.appa, "INSERT INTO nk VALUES (NULL, 1, 'x'), ('k', 2, 'y')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     ck_assert_uint_eq(cs->nrows, 1);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM nk WHERE a = 'k'"), 1);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM nk WHERE a = 'k'"), 1);
     /* The same row arriving with a NULL in its key is recorded as a conflict. */
     cs->rows[0].key[0].type = HL_VAL_NULL;
     cs->seq++;
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    ck_assert_uint_eq(b->stats.conflicts, 1);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NULL%'"), 1);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM nk"), 1);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_uint_eq(p.b->stats.conflicts, 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NULL%'"), 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM nk"), 1);
     hl_changeset_free(cs);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(rowid_clocks_and_their_exceptions)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    pair p;
+    pair_open(&p);
     /* DESC makes an INTEGER PRIMARY KEY an ordinary column that can hold text. */
     const char *ddl = "CREATE TABLE descd(x INTEGER PRIMARY KEY DESC, y)";
-    app_exec(appa, ddl);
-    app_exec(appb, ddl);
-    capture(a);
-    capture(b);
-    ck_assert(hl_schema_find(&a->schema, "books")->int_key);
-    ck_assert(hl_schema_find(&a->schema, "plain")->int_key);
-    ck_assert(!hl_schema_find(&a->schema, "descd")->int_key);
-    ck_assert(!hl_schema_find(&a->schema, "pairs")->int_key);
-    app_exec(appa, "INSERT INTO descd VALUES ('abc', 1); INSERT INTO books(id, title) VALUES (5, 'five')");
-    ck_assert_uint_eq(capture(a), 2);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM descd WHERE x = 'abc'"), 1);
+    app_exec(p.appa, ddl);
+    app_exec(p.appb, ddl);
+    capture(p.a);
+    capture(p.b);
+    ck_assert(hl_schema_find(&p.a->schema, "books")->int_key);
+    ck_assert(hl_schema_find(&p.a->schema, "plain")->int_key);
+    ck_assert(!hl_schema_find(&p.a->schema, "descd")->int_key);
+    ck_assert(!hl_schema_find(&p.a->schema, "pairs")->int_key);
+    app_exec(p.appa, "INSERT INTO descd VALUES ('abc', 1); INSERT INTO books(id, title) VALUES (5, 'five')");
+    ck_assert_uint_eq(capture(p.a), 2);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM descd WHERE x = 'abc'"), 1);
     /* A text key for a rowid table is refused as a conflict; the rest applies. */
     for (size_t i = 0; i < cs->nrows; i++)
         if (cs->rows[i].key[0].type == HL_VAL_INT) {
@@ -525,15 +498,11 @@ START_TEST(rowid_clocks_and_their_exceptions)
             cs->rows[i].hlc += 1000;
         }
     cs->seq++;
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
-    ck_assert_uint_eq(b->stats.conflicts, 1);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM books"), 1);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_uint_eq(p.b->stats.conflicts, 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
     hl_changeset_free(cs);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
@@ -548,40 +517,32 @@ static int engine_triggers_enabled(hl_db *d)
  * (ours would only skip its writes); the application's fire on applied rows. */
 START_TEST(application_triggers_fire_on_apply)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
-    ck_assert_int_eq(engine_triggers_enabled(b), 0);
-    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
-    capture(a);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    pair p;
+    pair_open(&p);
+    ck_assert_int_eq(engine_triggers_enabled(p.b), 0);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
 
-    app_exec(appb, "CREATE TABLE audit(id INTEGER PRIMARY KEY, book INTEGER);"
-                   "CREATE TRIGGER app_audit AFTER INSERT ON books BEGIN INSERT INTO audit(book) VALUES (NEW.id); END");
-    capture(b);
-    ck_assert_int_eq(engine_triggers_enabled(b), 1);
-    app_exec(appa, "INSERT INTO books(id, title) VALUES (2, 'two')");
-    capture(a);
-    cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    app_exec(p.appb,
+             "CREATE TABLE audit(id INTEGER PRIMARY KEY, book INTEGER);"
+             "CREATE TRIGGER app_audit AFTER INSERT ON books BEGIN INSERT INTO audit(book) VALUES (NEW.id); END");
+    capture(p.b);
+    ck_assert_int_eq(engine_triggers_enabled(p.b), 1);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (2, 'two')");
+    capture(p.a);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM audit WHERE book = 2"), 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM audit WHERE book = 2"), 1);
     /* Our triggers still skip everything written inside the apply, the
      * application trigger's row included: each node derives it itself. */
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
-    ck_assert_int_eq(scalar(appb, "SELECT count(*) FROM __harmonylite__audit_change_log"), 0);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__audit_change_log"), 0);
+    pair_close(&p);
 }
 END_TEST
 
@@ -658,108 +619,90 @@ END_TEST
 
 START_TEST(cleanup_leaves_application_data)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *app = app_open(pa);
-    app_exec(app, "INSERT INTO books(title) VALUES ('keep me'); INSERT INTO plain VALUES (1, 2)");
-    capture(a);
-    app_exec(app, "INSERT INTO books(title) VALUES ('uncaptured')");
-    hl_db_close(a);
-    hl_db_close(b);
-    char *before = dump(pa);
-    ck_assert_int_eq(hl_db_cleanup(pa), HL_OK);
-    char *after = dump(pa);
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(title) VALUES ('keep me'); INSERT INTO plain VALUES (1, 2)");
+    capture(p.a);
+    app_exec(p.appa, "INSERT INTO books(title) VALUES ('uncaptured')");
+    hl_db_close(p.a);
+    hl_db_close(p.b);
+    p.a = p.b = NULL; /* closed here, not again by pair_close */
+    char *before = dump(p.pa);
+    ck_assert_int_eq(hl_db_cleanup(p.pa), HL_OK);
+    char *after = dump(p.pa);
     ck_assert_str_eq(before, after);
     sqlite3_stmt *st;
-    ck_assert_int_eq(
-        sqlite3_prepare_v2(app, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'", -1, &st, NULL),
-        SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appa, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '__harmonylite__%'",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_int_eq(sqlite3_column_int(st, 0), 0);
     sqlite3_finalize(st);
     /* The application keeps writing normally. */
-    app_exec(app, "INSERT INTO books(title) VALUES ('after cleanup')");
+    app_exec(p.appa, "INSERT INTO books(title) VALUES ('after cleanup')");
     free(before);
     free(after);
-    sqlite3_close(app);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(new_table_rows_written_before_triggers_are_captured)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    pair p;
+    pair_open(&p);
     /* The application creates a table and fills it before harmonylite looks. */
-    app_exec(appa, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO later VALUES (1, 'x'), (2, 'y')");
-    app_exec(appb, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT)");
-    ck_assert_uint_eq(capture(a), 2);
-    ck_assert_uint_eq(capture(b), 0);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    app_exec(p.appa, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO later VALUES (1, 'x'), (2, 'y')");
+    app_exec(p.appb, "CREATE TABLE later(id INTEGER PRIMARY KEY, v TEXT)");
+    ck_assert_uint_eq(capture(p.a), 2);
+    ck_assert_uint_eq(capture(p.b), 0);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(appb, "SELECT group_concat(v) FROM later", -1, &st, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appb, "SELECT group_concat(v) FROM later", -1, &st, NULL), SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
     ck_assert_str_eq((const char *)sqlite3_column_text(st, 0), "x,y");
     sqlite3_finalize(st);
     hl_changeset_free(cs);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
 START_TEST(split_capture_with_writes_in_between_converges)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *app = app_open(pa);
-    app_exec(app, "INSERT INTO books(id, title) VALUES (1, 'first'), (2, 'second')");
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'first'), (2, 'second')");
 
     /* collect under a snapshot, without the write lock ... */
     hl_capture_batch batch;
-    ck_assert_int_eq(hl_db_exec(a, "BEGIN"), HL_OK);
-    ck_assert_int_eq(hl_capture_collect(a, &batch), HL_OK);
-    ck_assert_int_eq(hl_db_exec(a, "ROLLBACK"), HL_OK);
+    ck_assert_int_eq(hl_db_exec(p.a, "BEGIN"), HL_OK);
+    ck_assert_int_eq(hl_capture_collect(p.a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_exec(p.a, "ROLLBACK"), HL_OK);
     ck_assert_uint_eq(batch.rows, 2);
     /* ... the application keeps writing, also to a row just collected ... */
-    app_exec(app,
+    app_exec(p.appa,
              "UPDATE books SET title = 'first, changed' WHERE id = 1; INSERT INTO books(id, title) VALUES (3, 't')");
     /* ... then record what was read */
-    ck_assert_int_eq(hl_db_begin(a), HL_OK);
-    ck_assert_int_eq(hl_capture_record(a, &batch), HL_OK);
-    ck_assert_int_eq(hl_db_commit(a), HL_OK);
+    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
+    ck_assert_int_eq(hl_capture_record(p.a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_commit(p.a), HL_OK);
     hl_capture_batch_free(&batch);
     /* the later writes were not consumed: the next capture has them, with later versions */
-    ck_assert_uint_eq(capture(a), 2);
+    ck_assert_uint_eq(capture(p.a), 2);
 
-    hl_changeset *c1 = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, c1, &raw, flags), HL_APPLIED);
-    hl_changeset *c2 = take(a, &raw, &flags);
+    hl_changeset *c1 = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, c1, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset *c2 = take(p.a, &p.raw, &p.flags);
     ck_assert_uint_eq(c2->seq, c1->seq + 1);
-    ck_assert_int_eq(apply(b, c2, &raw, flags), HL_APPLIED);
-    char *da = dump(pa), *db = dump(pb);
+    ck_assert_int_eq(apply(p.b, c2, &p.raw, p.flags), HL_APPLIED);
+    char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     ck_assert_ptr_nonnull(strstr(db, "'first, changed'"));
     free(da);
     free(db);
     hl_changeset_free(c1);
     hl_changeset_free(c2);
-    sqlite3_close(app);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
@@ -767,43 +710,34 @@ END_TEST
  * finds them by rowid, and applied rows do not come back as local inserts. */
 START_TEST(inserts_above_the_high_water_mark_are_not_logged)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
-    app_exec(appa, "INSERT INTO books(id, title) VALUES (1, 'one'), (2, 'two'), (3, 'three');"
-                   "INSERT INTO plain(x, y) VALUES ('p', 1)");
-    ck_assert_int_eq(scalar(appa, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
-    ck_assert_int_eq(scalar(appa, "SELECT count(*) FROM __harmonylite__plain_change_log"), 0);
-    ck_assert_uint_eq(capture(a), 4);
-    ck_assert_int_eq(scalar(appa, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
-    hl_changeset *cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'one'), (2, 'two'), (3, 'three');"
+                     "INSERT INTO plain(x, y) VALUES ('p', 1)");
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__plain_change_log"), 0);
+    ck_assert_uint_eq(capture(p.a), 4);
+    ck_assert_int_eq(scalar(p.appa, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs);
-    ck_assert_int_eq(scalar(appb, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
-    ck_assert_uint_eq(capture(b), 0); /* no echo */
+    ck_assert_int_eq(scalar(p.appb, "SELECT hwm FROM __harmonylite__hwm WHERE tbl = 'books'"), 3);
+    ck_assert_uint_eq(capture(p.b), 0); /* no echo */
 
     /* At or below the mark, and every update and delete, is logged. */
-    app_exec(appa,
+    app_exec(p.appa,
              "DELETE FROM books WHERE id = 2; INSERT INTO books(id, title) VALUES (2, 'two again');"
              "UPDATE books SET title = 'three, changed' WHERE id = 3; INSERT INTO books(id, title) VALUES (9, 'n')");
-    ck_assert_int_eq(scalar(appa, "SELECT count(DISTINCT k0) FROM __harmonylite__books_change_log"), 2);
-    ck_assert_uint_eq(capture(a), 3);
-    cs = take(a, &raw, &flags);
-    ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(DISTINCT k0) FROM __harmonylite__books_change_log"), 2);
+    ck_assert_uint_eq(capture(p.a), 3);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs);
-    char *da = dump(pa), *db = dump(pb);
+    char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     free(da);
     free(db);
-    sqlite3_close(appa);
-    sqlite3_close(appb);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
@@ -811,41 +745,33 @@ END_TEST
  * the read and the recording, had no log entry: it must still be captured. */
 START_TEST(gap_filled_between_read_and_record_is_captured)
 {
-    char pa[300], pb[300];
-    hl_db *a, *b;
-    hl_buf raw;
-    uint8_t flags;
-    hl_buf_init(&raw, 256u << 20);
-    make_pair(pa, pb, sizeof pa, &a, &b);
-    sqlite3 *app = app_open(pa);
-    app_exec(app, "INSERT INTO books(id, title) VALUES (10, 'ten'), (20, 'twenty')");
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (10, 'ten'), (20, 'twenty')");
     hl_capture_batch batch;
-    ck_assert_int_eq(hl_db_exec(a, "BEGIN"), HL_OK);
-    ck_assert_int_eq(hl_capture_collect(a, &batch), HL_OK);
-    ck_assert_int_eq(hl_db_exec(a, "ROLLBACK"), HL_OK);
+    ck_assert_int_eq(hl_db_exec(p.a, "BEGIN"), HL_OK);
+    ck_assert_int_eq(hl_capture_collect(p.a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_exec(p.a, "ROLLBACK"), HL_OK);
     ck_assert_uint_eq(batch.rows, 2);
-    app_exec(app, "INSERT INTO books(id, title) VALUES (15, 'fifteen'), (30, 'thirty')");
-    ck_assert_int_eq(scalar(app, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
-    ck_assert_int_eq(hl_db_begin(a), HL_OK);
-    ck_assert_int_eq(hl_capture_record(a, &batch), HL_OK);
-    ck_assert_int_eq(hl_db_commit(a), HL_OK);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (15, 'fifteen'), (30, 'thirty')");
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_change_log"), 0);
+    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
+    ck_assert_int_eq(hl_capture_record(p.a, &batch), HL_OK);
+    ck_assert_int_eq(hl_db_commit(p.a), HL_OK);
     hl_capture_batch_free(&batch);
-    ck_assert_int_eq(scalar(app, "SELECT k0 FROM __harmonylite__books_change_log"), 15);
-    ck_assert_uint_eq(capture(a), 2); /* 15 from the log, 30 above the mark */
+    ck_assert_int_eq(scalar(p.appa, "SELECT k0 FROM __harmonylite__books_change_log"), 15);
+    ck_assert_uint_eq(capture(p.a), 2); /* 15 from the log, 30 above the mark */
     for (int i = 0; i < 2; i++) {
-        hl_changeset *cs = take(a, &raw, &flags);
-        ck_assert_int_eq(apply(b, cs, &raw, flags), HL_APPLIED);
+        hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+        ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
         hl_changeset_free(cs);
     }
-    char *da = dump(pa), *db = dump(pb);
+    char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     ck_assert_ptr_nonnull(strstr(db, "'fifteen'"));
     free(da);
     free(db);
-    sqlite3_close(app);
-    hl_db_close(a);
-    hl_db_close(b);
-    hl_buf_free(&raw);
+    pair_close(&p);
 }
 END_TEST
 
