@@ -975,7 +975,7 @@ START_TEST(external_nkey_seed_file)
     n = NULL;
     hl_status st2 = hl_nats_connect(&n, &c, urls, 1, NULL, NULL, 100, NULL);
     char *log = capture_end(&cp);
-    ck_assert_int_eq(st, HL_OK);
+    ck_assert_msg(st == HL_OK, "connect with the seed failed (%d):\n%s", (int)st, log);
     ck_assert_int_eq(st2, HL_ERR_NATS);
     ck_assert_msg(!strstr(log, DOC_SEED), "seed leaked:\n%s", log);
 
