@@ -119,15 +119,21 @@ static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t 
     return HL_OK;
 }
 
-static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, const hl_buf *pk, uint64_t hlc,
+/* Stores row r of origin's changeset in the conflicts table with the reason;
+ * pk is scratch space for the encoded key. */
+static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, const hl_cs_row *r, hl_buf *pk,
                                  const char *reason)
 {
+    hl_buf_reset(pk);
+    hl_status res = hl_key_encode(r->key, r->nkey, pk);
+    if (res)
+        return res;
     sqlite3_stmt *st = d->st_conflict_put;
     sqlite3_bind_int64(st, 1, (int64_t)hl_now_ms());
     sqlite3_bind_int64(st, 2, (int64_t)origin);
     sqlite3_bind_text(st, 3, tbl, -1, SQLITE_STATIC);
     sqlite3_bind_blob64(st, 4, pk->data, pk->len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, (int64_t)hlc);
+    sqlite3_bind_int64(st, 5, (int64_t)r->hlc);
     sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
@@ -310,17 +316,11 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
 
     hl_hlc_observe(&d->last_hlc, r->hlc);
     for (size_t i = 0; i < r->nkey; i++)
-        if (r->key[i].type == HL_VAL_NULL) {
-            hl_buf_reset(pk);
-            if ((st = hl_key_encode(r->key, r->nkey, pk)))
-                return st;
-            return record_conflict(d, cs->origin, t->name, pk, r->hlc, "NULL in the primary key");
-        }
+        if (r->key[i].type == HL_VAL_NULL)
+            return record_conflict(d, cs->origin, t->name, r, pk, "NULL in the primary key");
 
     /* Check and record the version in one statement: the clock row is
      * written only when (hlc, origin) beats the stored version. */
-    if ((st = hl_clock_prepare(d, t)))
-        return st;
     sqlite3_stmt *cw = t->st_clock_win;
     for (size_t i = 0; i < r->nkey; i++)
         hl_bind_value(cw, (int)i + 1, &r->key[i]);
@@ -330,13 +330,8 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     int rc = sqlite3_step(cw);
     bool newer = rc == SQLITE_DONE && sqlite3_changes(d->db) > 0;
     sqlite3_reset(cw);
-    if ((rc & 0xff) == SQLITE_MISMATCH) {
-        /* Not an integer, for a table keyed by its rowid. */
-        hl_buf_reset(pk);
-        if ((st = hl_key_encode(r->key, r->nkey, pk)))
-            return st;
-        return record_conflict(d, cs->origin, t->name, pk, r->hlc, "key is not an integer (the table's rowid)");
-    }
+    if ((rc & 0xff) == SQLITE_MISMATCH) /* not an integer, for a table keyed by its rowid */
+        return record_conflict(d, cs->origin, t->name, r, pk, "key is not an integer (the table's rowid)");
     if (rc != SQLITE_DONE)
         return hl_db_err(d, rc, "clock check");
     if (!newer) {
@@ -371,12 +366,8 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     /* A row that cannot be written keeps its winning version in the clock:
      * every node agrees on the version, and an older one arriving later
      * cannot be applied here either. The row itself is in the conflicts table. */
-    if (why[0]) {
-        hl_buf_reset(pk);
-        if ((st = hl_key_encode(r->key, r->nkey, pk)))
-            return st;
-        return record_conflict(d, cs->origin, t->name, pk, r->hlc, why);
-    }
+    if (why[0])
+        return record_conflict(d, cs->origin, t->name, r, pk, why);
     t->applied = true;
     d->stats.rows_applied++;
     return HL_OK;
@@ -449,7 +440,8 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
     uint32_t prepared = UINT32_MAX;
     for (size_t i = 0; i < cs->nrows && !st; i++) {
         const hl_cs_row *r = &cs->rows[i];
-        if (r->table != prepared && (st = prepare_write(d, &maps[r->table], cs->tables[r->table].ncols)))
+        if (r->table != prepared && ((st = prepare_write(d, &maps[r->table], cs->tables[r->table].ncols)) ||
+                                     (st = hl_clock_prepare(d, maps[r->table].t))))
             break;
         prepared = r->table;
         st = apply_row(d, cs, r, &maps[r->table], cs->tables[r->table].ncols, &pk);
