@@ -213,37 +213,48 @@ def test_readers_never_see_half_a_transaction(cluster, seed):
         f"the readers did not see replication in progress (reads {reads}, distinct totals {states})"
 
 
-def test_concurrent_writers_converge(cluster, seed):
-    cluster.create_tables("CREATE TABLE conc (id INTEGER PRIMARY KEY, v TEXT, n INTEGER, who INTEGER)", ["conc"])
+def write_from_every_node(cluster, seed: int, work) -> None:
+    """Runs work(node, conn, rng) on every node at once, each in its own thread
+    with its own connection and a seeded random generator; fails the test with
+    every writer's exception."""
     errors: list[str] = []
 
-    def writer(node, rng):
+    def run(node):
         conn = node.connect()
         try:
-            ops = 0
-            while ops < 300:
-                batch = rng.choice([1, 1, 1, 3])
-                with transaction(conn):
-                    for _ in range(batch):
-                        k = rng.randint(1, 50)
-                        if rng.random() < 0.3:
-                            conn.execute("DELETE FROM conc WHERE id = ?", (k,))
-                        else:
-                            conn.execute("INSERT INTO conc VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                                         "v = excluded.v, n = excluded.n, who = excluded.who",
-                                         (k, f"node{node.id}-op{ops}", rng.randint(-10**12, 10**12), node.id))
-                        ops += 1
+            work(node, conn, random.Random(seed * 10 + node.id))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"writer on node {node.id}: {e!r}")
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=writer, args=(n, random.Random(seed * 10 + n.id))) for n in cluster.nodes]
+    threads = [threading.Thread(target=run, args=(n,)) for n in cluster.nodes]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not errors, errors
+
+
+def test_concurrent_writers_converge(cluster, seed):
+    cluster.create_tables("CREATE TABLE conc (id INTEGER PRIMARY KEY, v TEXT, n INTEGER, who INTEGER)", ["conc"])
+
+    def writer(node, conn, rng):
+        ops = 0
+        while ops < 300:
+            batch = rng.choice([1, 1, 1, 3])
+            with transaction(conn):
+                for _ in range(batch):
+                    k = rng.randint(1, 50)
+                    if rng.random() < 0.3:
+                        conn.execute("DELETE FROM conc WHERE id = ?", (k,))
+                    else:
+                        conn.execute("INSERT INTO conc VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                                     "v = excluded.v, n = excluded.n, who = excluded.who",
+                                     (k, f"node{node.id}-op{ops}", rng.randint(-10**12, 10**12), node.id))
+                    ops += 1
+
+    write_from_every_node(cluster, seed, writer)
     cluster.wait_converged(["conc"])
 
 
@@ -253,47 +264,35 @@ def test_appends_and_gap_filling_ids_converge(cluster, seed):
     appends, gap fills, updates and deletes at once end identical, every
     appended row present once."""
     cluster.create_tables("CREATE TABLE hw (id INTEGER PRIMARY KEY, v TEXT, who INTEGER)", ["hw"])
-    errors: list[str] = []
     appended: dict[int, list[str]] = {}
 
-    def writer(node, rng):
-        conn = node.connect()
+    def writer(node, conn, rng):
         mine = appended.setdefault(node.id, [])
-        try:
-            for op in range(400):
-                with transaction(conn):
-                    r = rng.random()
-                    if r < 0.5:
-                        # an append: the node's own id space keeps rows from colliding
-                        tag = f"n{node.id}-{op}"
-                        conn.execute("INSERT INTO hw(id, v, who) VALUES (?, ?, ?)",
-                                     (node.id * 1_000_000 + op * 10 + 5, tag, node.id))
-                        mine.append(tag)
-                    elif r < 0.7:
-                        # mostly into the gaps just below this node's latest appends, where
-                        # the high-water mark is about to move; sometimes anywhere
-                        k = (node.id * 1_000_000 + rng.randint(max(0, op * 10 - 40), op * 10) if rng.random() < 0.8
-                             else rng.randint(1, 3_000_000))
-                        k += k % 10 == 5  # appends end in 5: never overwrite one
-                        conn.execute("INSERT INTO hw(id, v, who) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                                     "v = excluded.v, who = excluded.who", (k, f"gap{node.id}-{op}", node.id))
-                    elif r < 0.9:
-                        conn.execute("UPDATE hw SET v = v || '+' WHERE id = (SELECT id FROM hw ORDER BY random() "
-                                     "LIMIT 1) AND v LIKE 'gap%'")
-                    else:
-                        conn.execute("DELETE FROM hw WHERE id = (SELECT id FROM hw WHERE v LIKE 'gap%' "
-                                     "ORDER BY random() LIMIT 1)")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"writer on node {node.id}: {e!r}")
-        finally:
-            conn.close()
+        for op in range(400):
+            with transaction(conn):
+                r = rng.random()
+                if r < 0.5:
+                    # an append: the node's own id space keeps rows from colliding
+                    tag = f"n{node.id}-{op}"
+                    conn.execute("INSERT INTO hw(id, v, who) VALUES (?, ?, ?)",
+                                 (node.id * 1_000_000 + op * 10 + 5, tag, node.id))
+                    mine.append(tag)
+                elif r < 0.7:
+                    # mostly into the gaps just below this node's latest appends, where
+                    # the high-water mark is about to move; sometimes anywhere
+                    k = (node.id * 1_000_000 + rng.randint(max(0, op * 10 - 40), op * 10) if rng.random() < 0.8
+                         else rng.randint(1, 3_000_000))
+                    k += k % 10 == 5  # appends end in 5: never overwrite one
+                    conn.execute("INSERT INTO hw(id, v, who) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                                 "v = excluded.v, who = excluded.who", (k, f"gap{node.id}-{op}", node.id))
+                elif r < 0.9:
+                    conn.execute("UPDATE hw SET v = v || '+' WHERE id = (SELECT id FROM hw ORDER BY random() "
+                                 "LIMIT 1) AND v LIKE 'gap%'")
+                else:
+                    conn.execute("DELETE FROM hw WHERE id = (SELECT id FROM hw WHERE v LIKE 'gap%' "
+                                 "ORDER BY random() LIMIT 1)")
 
-    threads = [threading.Thread(target=writer, args=(n, random.Random(seed * 7 + n.id))) for n in cluster.nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    write_from_every_node(cluster, seed, writer)
     cluster.wait_converged(["hw"])
     for n in cluster.nodes:
         tags = [r[0] for r in n.query("SELECT v FROM hw WHERE v LIKE 'n%'")]
