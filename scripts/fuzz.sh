@@ -17,6 +17,20 @@ common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
 
+# Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
+# (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
+probe=$(mktemp -d)
+printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' \
+    >"$probe/probe.c"
+if ! "$cc" -fsanitize=fuzzer,address,undefined "$probe/probe.c" -o "$probe/probe" >"$probe/log" 2>&1; then
+    echo "fuzz.sh: $cc cannot link a libFuzzer harness; install clang and libclang-rt-dev" \
+        "(scripts/install-deps.sh does). The linker said:" >&2
+    cat "$probe/log" >&2
+    rm -rf "$probe"
+    exit 1
+fi
+rm -rf "$probe"
+
 build() { # name sources... -- libs
     local name=$1
     shift

@@ -6,12 +6,17 @@
 # imported. Output is shown only when a step fails.
 set -euo pipefail
 
+#
+# Why each package is needed: docs/development.md ("What the scripts install").
+# Installed with --no-install-recommends, so everything a phase needs is listed
+# here explicitly (clang alone, for one, does not bring its fuzzer runtime).
 APT_PACKAGES=(
     build-essential cmake pkg-config git
     libsqlite3-dev sqlite3
     libnats-dev libcbor-dev libzstd-dev libcjson-dev libyaml-dev
     libmicrohttpd-dev libcurl4-openssl-dev libc-ares-dev libssl-dev
-    check clang
+    check openssl
+    clang libclang-rt-dev
     nats-server
     python3 python3-pip
 )
