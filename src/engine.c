@@ -53,6 +53,11 @@ typedef struct engine {
     char *db_base, *wal_base;
     uint64_t last_seq_flush, last_gc, last_held_check;
     bool retry_held;
+    bool expire_held;    /* an out-of-order hold waited order_hold_timeout: give up on its predecessors */
+    bool recapture;      /* the last cycle that captured failed: capture again without a new wake-up */
+    uint64_t fail_since; /* monotonic ms of the first failure of the current run of failed cycles, 0: none */
+    uint64_t failures;   /* failed engine transactions */
+    char fail_reason[200];
     hl_state state;
     hl_state_snapshot snap; /* engine-owned; published to state each iteration */
     hl_http *http;
@@ -63,7 +68,6 @@ typedef struct engine {
     atomic_int setup_done;              /* 0 running, 1 ready, -1 failed */
     bool online;                        /* setup finished and publisher/fetchers started */
     bool stream_gap;                    /* a stream lost messages this node had not applied */
-    bool order_gap;                     /* a changeset has been missing for more than a minute */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
     hl_ratelimit fail_log;
 } engine;
@@ -253,6 +257,56 @@ static void schema_to_state(engine *e)
     e->snap.triggers_installed = true;
 }
 
+/*
+ * Held changesets into the snapshot (/schema, the schema check's reason), and
+ * whether an out-of-order hold has waited long enough to give up on its
+ * missing predecessors (done in the next cycle).
+ */
+static void held_to_state(engine *e)
+{
+    hl_state_snapshot *s = &e->snap;
+    uint64_t for_schema = 0, oldest = 0;
+    hl_db_held_count(e->d, &s->held_now, &for_schema, &oldest);
+    hl_db_outbox_count(e->d, &s->outbox_rows);
+    hl_held_origin *v = NULL;
+    size_t n = 0;
+    s->nheld = 0;
+    s->held_origins = 0;
+    s->paused_reason[0] = 0;
+    if (s->held_now && hl_db_held_list(e->d, &v, &n) == HL_OK) {
+        uint64_t first_schema_origin = 0;
+        s->held_origins = n;
+        for (size_t i = 0; i < n; i++) {
+            if (i < HL_STATE_MAX_HELD) {
+                hl_state_held *h = &s->held[s->nheld++];
+                h->node = v[i].node;
+                h->epoch = v[i].epoch;
+                h->count = v[i].count;
+                h->for_schema = v[i].for_schema;
+                h->first_seq = v[i].first_seq;
+                h->applied = v[i].applied;
+                h->since_ms = v[i].since_ms;
+                snprintf(h->reason, sizeof h->reason, "%s", v[i].reason);
+            }
+            if (v[i].for_schema && !first_schema_origin)
+                first_schema_origin = v[i].node;
+        }
+        hl_held_list_free(v);
+        if (for_schema)
+            snprintf(s->paused_reason, sizeof s->paused_reason,
+                     "%llu changesets wait for the local schema to match their origin's (see /schema; "
+                     "harmonylite -drop-held %llu drops those of node %llu)",
+                     (unsigned long long)for_schema, (unsigned long long)first_schema_origin,
+                     (unsigned long long)first_schema_origin);
+    }
+    s->paused = for_schema > 0;
+    /* Held only for order: normal for a moment after a publish retry; after
+     * order_hold_timeout the predecessors are given up on (hl_apply_expire_held
+     * checks each origin's own wait). */
+    if (s->held_now > for_schema && oldest && hl_now_ms() - oldest >= (uint64_t)e->c->order_hold_timeout_s * 1000u)
+        e->expire_held = true;
+}
+
 /* Copies counters and readiness inputs into the snapshot and publishes it. */
 static void publish_state(engine *e)
 {
@@ -269,33 +323,20 @@ static void publish_state(engine *e)
         s->changesets_duplicate = d->stats.changesets_duplicate;
         s->changesets_malformed = d->stats.changesets_malformed;
         s->changesets_held = d->stats.changesets_held;
+        s->changesets_late = d->stats.changesets_late;
+        s->order_gaps = d->stats.order_gaps;
         if (hl_mono_ms() - e->last_held_check >= 1000) {
             e->last_held_check = hl_mono_ms();
-            uint64_t for_schema = 0, oldest = 0;
-            hl_db_held_count(d, &s->held_now, &for_schema, &oldest);
-            hl_db_outbox_count(d, &s->outbox_rows);
-            s->paused = for_schema > 0;
-            if (s->paused)
-                snprintf(s->paused_reason, sizeof s->paused_reason,
-                         "%llu changesets wait for the local schema to match their origin's (see "
-                         "__harmonylite__pending)",
-                         (unsigned long long)for_schema);
-            else
-                s->paused_reason[0] = 0;
-            /* Held only for order: normal for a moment after a publish retry;
-             * for a minute it means a changeset is missing. */
-            bool order_gap = s->held_now > for_schema && oldest && hl_now_ms() - oldest > 60000;
-            if (order_gap && !e->order_gap) {
-                snprintf(s->gap_reason, sizeof s->gap_reason,
-                         "changesets held for more than a minute waiting for a missing predecessor (see "
-                         "__harmonylite__pending)");
-                hl_errorf("%s", s->gap_reason);
-            }
-            if (order_gap || e->order_gap)
-                s->gap = order_gap || e->stream_gap;
-            e->order_gap = order_gap;
+            held_to_state(e);
         }
     }
+    s->engine_failures = e->failures;
+    s->engine_stalled = e->fail_since && hl_mono_ms() - e->fail_since >= (uint64_t)e->c->stall_timeout_s * 1000u;
+    if (s->engine_stalled)
+        snprintf(s->engine_reason, sizeof s->engine_reason, "engine transactions failing for %llu s: %s",
+                 (unsigned long long)((hl_mono_ms() - e->fail_since) / 1000u), e->fail_reason);
+    else
+        s->engine_reason[0] = 0;
     if (e->pub) {
         s->changesets_published = hl_publisher_published(e->pub);
         s->rows_published = hl_publisher_rows_published(e->pub);
@@ -356,7 +397,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
         if (st)
             goto out;
     }
-    if (!items && !e->retry_held && !flush_positions && !schema_moved && pre.rows == 0)
+    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0)
         goto out; /* nothing to write */
     if ((st = hl_db_begin(d)))
         goto out;
@@ -375,10 +416,13 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     if ((st = hl_capture(d, &rows)))
         goto fail;
     rows += pre.rows;
-    if (items || e->retry_held) {
+    if (items || e->retry_held || e->expire_held) {
         if ((st = hl_apply_begin(d)))
             goto fail;
         if (e->retry_held && (st = hl_apply_retry_held(d)))
+            goto fail;
+        if (e->expire_held &&
+            (st = hl_apply_expire_held(d, hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u, NULL)))
             goto fail;
         for (hl_inbound *it = items; it; it = it->next) {
             if (it->cs) {
@@ -399,6 +443,10 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     if ((st = hl_db_commit(d)))
         goto undo;
     e->retry_held = false;
+    if (e->expire_held) {
+        e->expire_held = false;
+        e->last_held_check = 0; /* show the result at once */
+    }
     for (int s = 0; s < e->c->replication_log.shards; s++)
         e->applied_seq[s] = e->seen_seq[s];
     uint64_t now = hl_now_ms();
@@ -419,6 +467,37 @@ undo:
 out:
     hl_capture_batch_free(&pre);
     return st;
+}
+
+/*
+ * A failed engine transaction rolled back: nothing is lost and it is retried.
+ * Failures are logged (rate-limited) and counted; after stall_timeout without
+ * a success /readyz reports the node not ready with the last error.
+ */
+static void cycle_failed(engine *e, hl_status st, bool captured)
+{
+    uint64_t dropped = 0;
+    e->failures++;
+    if (!e->fail_since)
+        e->fail_since = hl_mono_ms();
+    snprintf(e->fail_reason, sizeof e->fail_reason, "%s%s%s", hl_status_str(st), e->d->last_error[0] ? ": " : "",
+             e->d->last_error);
+    if (captured)
+        e->recapture = true; /* the change logs still hold it; no new wake-up may come */
+    if (hl_ratelimit_allow(&e->fail_log, &dropped))
+        hl_warnf("engine transaction failed (%s); nothing is lost, retrying%s", e->fail_reason,
+                 dropped ? " (repeated failures not logged)" : "");
+    usleep(200000);
+}
+
+static void cycle_succeeded(engine *e)
+{
+    if (e->fail_since) {
+        hl_infof("engine transactions succeed again after %llu failures", (unsigned long long)e->failures);
+        e->fail_since = 0;
+    }
+    e->recapture = false;
+    e->d->last_error[0] = 0;
 }
 
 /* Items that carry nothing to apply only move the stream position; it is
@@ -638,7 +717,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         free(acks);
 
         hl_inbound *items = hl_queue_pop(&e.q, (size_t)c->apply_batch_rows);
-        bool external = want_capture && hl_db_changed_externally(e.d);
+        bool external = (want_capture && hl_db_changed_externally(e.d)) || e.recapture;
         want_capture = false;
         if (items && only_positions(items)) {
             /* Only positions: remember them, record them with the next write. */
@@ -652,17 +731,15 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         for (int s = 0; s < shards; s++)
             pos_pending |= e.seen_seq[s] != e.applied_seq[s];
         bool flush_positions = pos_pending && hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
-        if (external || e.retry_held || items || flush_positions) {
+        if (external || e.retry_held || e.expire_held || items || flush_positions) {
             hl_status st = cycle(&e, items, external, flush_positions);
             if (st) {
                 hl_queue_unpop(&e.q, items);
                 items = NULL;
-                uint64_t dropped = 0;
-                if (hl_ratelimit_allow(&e.fail_log, &dropped))
-                    hl_warnf("engine transaction failed (%s); nothing is lost, retrying%s", hl_status_str(st),
-                             dropped ? " (repeated failures not logged)" : "");
-                usleep(200000);
+                cycle_failed(&e, st, external);
                 want_capture = true;
+            } else {
+                cycle_succeeded(&e);
             }
             hl_inbound_free(items);
         }
@@ -672,11 +749,10 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         publish_state(&e);
 
         if (hl_mono_ms() - e.last_gc > TOMBSTONE_GC_MS) {
-            uint64_t n = 0;
+            uint64_t n = 0, older = hl_now_ms() - (uint64_t)c->tombstone_retention_s * 1000u;
             e.last_gc = hl_mono_ms();
             if (!hl_db_begin(e.d)) {
-                if (!hl_db_gc_tombstones(e.d, hl_now_ms() - (uint64_t)c->tombstone_retention_s * 1000u, &n) &&
-                    !hl_db_commit(e.d))
+                if (!hl_db_gc_tombstones(e.d, older, &n) && !hl_db_missing_gc(e.d, older) && !hl_db_commit(e.d))
                     hl_debugf("collected %" PRIu64 " tombstones", n);
                 else
                     hl_db_rollback(e.d);

@@ -1,7 +1,9 @@
 /*
  * main.c - flags and wiring only; the work is in engine.c.
  */
+#include <errno.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +33,9 @@ static const char usage[] =
     "                        the effective settings (secrets redacted) and exit: 0 valid, 1 not\n"
     "  -cleanup              remove every trigger and table harmonylite created in db_path\n"
     "                        and exit; application tables and rows are left untouched\n"
+    "  -drop-held ORIGIN     drop every changeset held for origin node ORIGIN (listed under\n"
+    "                        \"held\" in /schema) so its next changesets apply, print how many\n"
+    "                        and exit; safe beside the running node (docs/operations.md)\n"
     "  -version              print the version and exit\n"
     "  -help                 print this help and exit\n"
     "  -<key> VALUE          any configuration key as a flag: the dotted path with '.' and\n"
@@ -49,7 +54,7 @@ static const char usage[] =
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
-static const char *const actions[] = {"config", "check-config", "cleanup", "version", "help", "h"};
+static const char *const actions[] = {"config", "check-config", "cleanup", "drop-held", "version", "help", "h"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -75,10 +80,37 @@ static hl_status load_config(hl_config *c, char *err, size_t errlen)
     return hl_config_finish(c, err, errlen);
 }
 
+/* -drop-held: one short write transaction beside the running node. */
+static int run_drop_held(const hl_config *c, uint64_t origin)
+{
+    hl_db *d = NULL;
+    uint64_t dropped = 0;
+    hl_status st = hl_db_open(&d, c->db_path, c->node_id, 0);
+    if (!st && !(st = hl_db_begin(d))) {
+        st = hl_db_drop_held(d, origin, &dropped);
+        if (!st)
+            st = hl_db_commit(d);
+        else
+            hl_db_rollback(d);
+    }
+    hl_db_close(d);
+    if (st) {
+        fprintf(stderr, "harmonylite: -drop-held %llu: %s\n", (unsigned long long)origin, hl_status_str(st));
+        return 1;
+    }
+    if (dropped)
+        printf("dropped %llu changesets held for node %llu; its next changesets apply\n", (unsigned long long)dropped,
+               (unsigned long long)origin);
+    else
+        printf("no changesets were held for node %llu\n", (unsigned long long)origin);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     hl_db_global_init();
     int check = 0, cleanup = 0;
+    uint64_t drop_held = 0;
     char err[1024];
     hl_config c;
 
@@ -107,7 +139,7 @@ int main(int argc, char **argv)
             return 2;
         }
         const char *val = NULL;
-        if (key || strcmp(name, "config") == 0) {
+        if (key || strcmp(name, "config") == 0 || strcmp(name, "drop-held") == 0) {
             if (eq)
                 val = eq + 1;
             else if (i + 1 < argc)
@@ -134,6 +166,16 @@ int main(int argc, char **argv)
             check = 1;
         } else if (strcmp(name, "cleanup") == 0) {
             cleanup = 1;
+        } else if (strcmp(name, "drop-held") == 0) {
+            char *end = NULL;
+            errno = 0;
+            unsigned long long v = strtoull(val, &end, 10);
+            if (!val[0] || *end || errno || v == 0 || v > INT64_MAX || val[0] == '-') {
+                fprintf(stderr, "harmonylite: -drop-held: expected a node id from 1 to %lld, got \"%s\"\n",
+                        (long long)INT64_MAX, val);
+                return 2;
+            }
+            drop_held = (uint64_t)v;
         } else {
             if (nsets == sizeof sets / sizeof sets[0]) {
                 fprintf(stderr, "harmonylite: too many flags\n");
@@ -160,6 +202,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: configuration is valid\n", config_path ? config_path : "(defaults and environment)");
         hl_config_free(&c);
         return 0;
+    }
+    if (drop_held) {
+        int rc = run_drop_held(&c, drop_held);
+        hl_config_free(&c);
+        return rc;
     }
     if (cleanup) {
         int rc = hl_db_cleanup(c.db_path) == HL_OK ? 0 : 1;

@@ -34,6 +34,8 @@ typedef struct hl_config {
     int cleanup_interval_ms;       /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
     int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
     int shutdown_grace_s;          /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
+    int order_hold_timeout_s;      /* order_hold_timeout: seconds before a missing predecessor is given up on (60) */
+    int stall_timeout_s;           /* stall_timeout: seconds of failing engine transactions before not ready (30) */
     int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
     int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */
 

@@ -523,7 +523,8 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
         if ((st = origin_put(d, node, epoch, applied)))
             return st;
         sqlite3_stmt *del = NULL;
-        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq <= ?", -1,
+        /* Exactly this one: held late arrivals below it (see apply_late) stay. */
+        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?", -1,
                                 &del, NULL);
         if (rc == SQLITE_OK) {
             sqlite3_bind_int64(del, 1, (int64_t)node);
@@ -539,6 +540,100 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
     }
 }
 
+/* ---- missing predecessors given up on (see hl_apply_expire_held) ---- */
+
+/* Runs one statement with up to five integer parameters; SQLITE_DONE expected. */
+static hl_status exec_ints(hl_db *d, const char *sql, const char *what, int n, const int64_t *v)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db, sql, -1, &st, NULL);
+    for (int i = 0; rc == SQLITE_OK && i < n; i++)
+        rc = sqlite3_bind_int64(st, i + 1, v[i]);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, what);
+}
+
+/*
+ * When seq of (node, epoch) lies in a range of changesets given up on, takes
+ * it out of the range (splitting it) and sets *found: the changeset is late,
+ * not a duplicate.
+ */
+static hl_status missing_take(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq, bool *found)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t lo = 0, hi = 0, at = 0;
+    *found = false;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT lo, hi, at_ms FROM " HL_PREFIX "missing WHERE node = ?1 AND epoch = ?2 "
+                                "AND lo <= ?3 ORDER BY lo DESC LIMIT 1",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, (int64_t)node);
+        sqlite3_bind_int64(st, 2, (int64_t)epoch);
+        sqlite3_bind_int64(st, 3, (int64_t)seq);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            lo = sqlite3_column_int64(st, 0);
+            hi = sqlite3_column_int64(st, 1);
+            at = sqlite3_column_int64(st, 2);
+            *found = hi >= (int64_t)seq;
+            rc = SQLITE_DONE;
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "missing read");
+    if (!*found)
+        return HL_OK;
+    int64_t s = (int64_t)seq;
+    hl_status res = exec_ints(d, "DELETE FROM " HL_PREFIX "missing WHERE node = ? AND epoch = ? AND lo = ?",
+                              "missing update", 3, (int64_t[]){(int64_t)node, (int64_t)epoch, lo});
+    if (!res && lo < s)
+        res = exec_ints(d, "INSERT INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
+                        "missing update", 5, (int64_t[]){(int64_t)node, (int64_t)epoch, lo, s - 1, at});
+    if (!res && s < hi)
+        res = exec_ints(d, "INSERT INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
+                        "missing update", 5, (int64_t[]){(int64_t)node, (int64_t)epoch, s + 1, hi, at});
+    return res;
+}
+
+/*
+ * A changeset whose position was given up on arrives after all. Versions make
+ * the order of changesets irrelevant to the result (every row keeps the
+ * greatest version), so it is applied now; one that needs a schema we do not
+ * have yet is held, below its origin's applied sequence, and retried with the
+ * other held changesets.
+ */
+static hl_status apply_late(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                            hl_apply_result *res)
+{
+    one_result r;
+    char why[512] = "";
+    hl_status st = apply_one(d, cs, &r, why, sizeof why);
+    if (st)
+        return st;
+    switch (r) {
+    case ONE_SCHEMA:
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, true, why);
+    case ONE_MALFORMED:
+        d->stats.changesets_malformed++;
+        log_refused(cs, why);
+        *res = HL_MALFORMED;
+        return HL_OK;
+    case ONE_OK:
+        break;
+    }
+    d->stats.changesets_applied++;
+    d->stats.changesets_late++;
+    hl_logf(HL_LOG_INFO, "late changeset %llu from node %llu applied (its position had been given up on)",
+            (unsigned long long)cs->seq, (unsigned long long)cs->origin);
+    *res = HL_APPLIED;
+    return HL_OK;
+}
+
 hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
                    hl_apply_result *res)
 {
@@ -548,9 +643,21 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
     *res = HL_DUPLICATE;
     if (cs->origin == d->node_id && cs->epoch == d->epoch)
         return HL_OK;
+    if (cs->origin > INT64_MAX || cs->epoch > INT64_MAX || cs->seq == 0 || cs->seq > INT64_MAX) {
+        /* Stored as SQLite integers: a value above INT64_MAX would wrap. */
+        d->stats.changesets_malformed++;
+        log_refused(cs, "origin, epoch or sequence out of range");
+        *res = HL_MALFORMED;
+        return HL_OK;
+    }
     if ((st = origin_get(d, cs->origin, cs->epoch, &applied)))
         return st;
     if (cs->seq <= applied) {
+        bool late = false;
+        if ((st = missing_take(d, cs->origin, cs->epoch, cs->seq, &late)))
+            return st;
+        if (late)
+            return apply_late(d, cs, raw, rawlen, flags, res);
         d->stats.changesets_duplicate++;
         return HL_OK;
     }
@@ -585,6 +692,53 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
     if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
         return st;
     return drain_held(d, cs->origin, cs->epoch, cs->seq);
+}
+
+/* Retries held late arrivals (below their origin's applied sequence). */
+static hl_status retry_late(hl_db *d)
+{
+    sqlite3_stmt *q = NULL;
+    hl_status st = HL_OK;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT p.id, p.flags, p.data FROM " HL_PREFIX "pending p JOIN " HL_PREFIX
+                                "origins o ON o.node = p.node AND o.epoch = p.epoch WHERE p.seq <= o.seq",
+                                -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending scan");
+    int64_t *done = NULL;
+    size_t ndone = 0;
+    while (!st && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        hl_changeset *cs = NULL;
+        char err[256] = "", why[512] = "";
+        one_result r = ONE_MALFORMED;
+        if (hl_changeset_decode(sqlite3_column_blob(q, 2), (size_t)sqlite3_column_bytes(q, 2),
+                                (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err,
+                                sizeof err) == HL_OK)
+            st = apply_one(d, cs, &r, why, sizeof why);
+        if (!st && r != ONE_SCHEMA) {
+            int64_t *nd = realloc(done, (ndone + 1) * sizeof *nd);
+            if (!nd) {
+                st = HL_ERR_NOMEM;
+            } else {
+                done = nd;
+                done[ndone++] = sqlite3_column_int64(q, 0);
+                if (r == ONE_OK) {
+                    d->stats.changesets_applied++;
+                    d->stats.changesets_late++;
+                } else {
+                    d->stats.changesets_malformed++;
+                }
+            }
+        }
+        hl_changeset_free(cs);
+    }
+    sqlite3_finalize(q);
+    if (!st && rc != SQLITE_DONE && rc != SQLITE_ROW)
+        st = hl_db_err(d, rc, "pending scan");
+    for (size_t i = 0; i < ndone && !st; i++)
+        st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE id = ?", "pending delete", 1, &done[i]);
+    free(done);
+    return st;
 }
 
 hl_status hl_apply_retry_held(hl_db *d)
@@ -624,5 +778,148 @@ hl_status hl_apply_retry_held(hl_db *d)
     for (size_t i = 0; i < n && !st; i++)
         st = drain_held(d, v[i].node, v[i].epoch, v[i].applied);
     free(v);
+    return st ? st : retry_late(d);
+}
+
+/*
+ * Gives up waiting for missing predecessors. For every origin whose first held
+ * changeset is an out-of-order hold (its predecessor is neither applied nor
+ * held) that has waited since before older_than_ms, the missing sequences are
+ * recorded in __harmonylite__missing, the origin's applied sequence moves to
+ * just before the held one, and the held changesets are applied in order (up
+ * to a schema hold, which stays). A missing changeset that arrives later is
+ * still applied (apply_late). Runs inside the apply transaction.
+ */
+hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps)
+{
+    sqlite3_stmt *q = NULL;
+    hl_status st = HL_OK;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT p.node, p.epoch, coalesce(o.seq, 0) AS a, min(p.seq) AS l FROM " HL_PREFIX
+                                "pending p LEFT JOIN " HL_PREFIX "origins o ON o.node = p.node AND o.epoch = p.epoch "
+                                "WHERE p.seq > coalesce(o.seq, 0) GROUP BY p.node, p.epoch "
+                                "HAVING l > a + 1 AND min(p.at_ms) <= ?",
+                                -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending scan");
+    sqlite3_bind_int64(q, 1, (int64_t)older_than_ms);
+    typedef struct {
+        int64_t node, epoch, a, l;
+    } ent;
+    ent *v = NULL;
+    size_t n = 0;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        ent *nv = realloc(v, (n + 1) * sizeof *nv);
+        if (!nv) {
+            st = HL_ERR_NOMEM;
+            break;
+        }
+        v = nv;
+        v[n++] = (ent){sqlite3_column_int64(q, 0), sqlite3_column_int64(q, 1), sqlite3_column_int64(q, 2),
+                       sqlite3_column_int64(q, 3)};
+    }
+    sqlite3_finalize(q);
+    if (!st && rc != SQLITE_DONE)
+        st = hl_db_err(d, rc, "pending scan");
+    for (size_t i = 0; i < n && !st; i++) {
+        ent *e = &v[i];
+        hl_logf(HL_LOG_WARN,
+                "node %lld: changesets %lld to %lld never arrived; gave up waiting and applied the ones held after "
+                "them (any of them that arrives later is still applied)",
+                (long long)e->node, (long long)e->a + 1, (long long)e->l - 1);
+        st = exec_ints(d,
+                       "INSERT OR REPLACE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
+                       "missing put", 5, (int64_t[]){e->node, e->epoch, e->a + 1, e->l - 1, (int64_t)hl_now_ms()});
+        if (!st)
+            st = origin_put(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
+        if (!st)
+            st = drain_held(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
+        if (!st) {
+            d->stats.order_gaps++;
+            if (gaps)
+                (*gaps)++;
+        }
+    }
+    free(v);
+    return st;
+}
+
+/* Forgets ranges of missing changesets given up on before older_than_ms. */
+hl_status hl_db_missing_gc(hl_db *d, uint64_t older_than_ms)
+{
+    return exec_ints(d, "DELETE FROM " HL_PREFIX "missing WHERE at_ms < ?", "missing gc", 1,
+                     (int64_t[]){(int64_t)older_than_ms});
+}
+
+hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped)
+{
+    *dropped = 0;
+    if (node > INT64_MAX)
+        return HL_ERR_INVALID;
+    int64_t n = (int64_t)node;
+    /* Each epoch's applied sequence moves past everything dropped, so the
+     * origin's next changesets apply instead of waiting for these. */
+    hl_status st =
+        exec_ints(d,
+                  "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) SELECT node, epoch, max(seq) FROM " HL_PREFIX
+                  "pending WHERE node = ?1 GROUP BY epoch ON CONFLICT(node, epoch) DO UPDATE SET "
+                  "seq = max(seq, excluded.seq)",
+                  "drop held", 1, &n);
+    if (!st)
+        st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ?", "drop held", 1, &n);
+    if (!st)
+        *dropped = (uint64_t)sqlite3_changes(d->db);
+    return st;
+}
+
+void hl_held_list_free(hl_held_origin *v)
+{
+    free(v);
+}
+
+hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n)
+{
+    sqlite3_stmt *q = NULL;
+    hl_status st = HL_OK;
+    *out = NULL;
+    *n = 0;
+    /* Per origin: what is held, and why the first one in line waits. */
+    int rc = sqlite3_prepare_v2(
+        d->db,
+        "SELECT p.node, p.epoch, count(*), sum(p.schema), min(p.seq), min(p.at_ms), coalesce(o.seq, 0), "
+        "(SELECT reason FROM " HL_PREFIX
+        "pending r WHERE r.node = p.node AND r.epoch = p.epoch ORDER BY r.seq LIMIT 1) "
+        "FROM " HL_PREFIX "pending p LEFT JOIN " HL_PREFIX "origins o ON o.node = p.node AND o.epoch = p.epoch "
+        "GROUP BY p.node, p.epoch ORDER BY p.node, p.epoch LIMIT 64",
+        -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending list");
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        hl_held_origin *nv = realloc(*out, (*n + 1) * sizeof *nv);
+        if (!nv) {
+            st = HL_ERR_NOMEM;
+            break;
+        }
+        *out = nv;
+        hl_held_origin *h = &nv[(*n)++];
+        memset(h, 0, sizeof *h);
+        h->node = (uint64_t)sqlite3_column_int64(q, 0);
+        h->epoch = (uint64_t)sqlite3_column_int64(q, 1);
+        h->count = (uint64_t)sqlite3_column_int64(q, 2);
+        h->for_schema = (uint64_t)sqlite3_column_int64(q, 3);
+        h->first_seq = (uint64_t)sqlite3_column_int64(q, 4);
+        h->since_ms = (uint64_t)sqlite3_column_int64(q, 5);
+        h->applied = (uint64_t)sqlite3_column_int64(q, 6);
+        const unsigned char *r = sqlite3_column_text(q, 7);
+        snprintf(h->reason, sizeof h->reason, "%s", r ? (const char *)r : "");
+    }
+    sqlite3_finalize(q);
+    if (!st && rc != SQLITE_DONE)
+        st = hl_db_err(d, rc, "pending list");
+    if (st) {
+        free(*out);
+        *out = NULL;
+        *n = 0;
+    }
     return st;
 }

@@ -85,6 +85,8 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
+    uint64_t changesets_late; /* applied after their position had been given up on */
+    uint64_t order_gaps;      /* times missing predecessors were given up on */
 } hl_db_stats;
 
 typedef struct hl_db {
@@ -110,6 +112,7 @@ typedef struct hl_db {
     bool have_prev_hash;
     hl_db_stats stats;
     hl_ratelimit null_key_log; /* warnings about rows with NULL in their key */
+    char last_error[200];      /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
     sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_hwm_get, *st_hwm_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
@@ -260,6 +263,33 @@ hl_status hl_apply_end(hl_db *d);   /* clears it; call before commit */
 
 /* Retries every held changeset (after a schema change). */
 hl_status hl_apply_retry_held(hl_db *d);
+/*
+ * Out-of-order holds that waited since before older_than_ms give up on their
+ * missing predecessors: the gap is recorded in __harmonylite__missing (a
+ * changeset from it that arrives later is still applied), the held ones are
+ * applied. *gaps (may be NULL) is incremented per origin. Inside the apply
+ * transaction.
+ */
+hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps);
+/* Forgets gaps given up on before older_than_ms (a changeset from one is then a duplicate). */
+hl_status hl_db_missing_gc(hl_db *d, uint64_t older_than_ms);
+/* Drops every changeset held for origin node (operator's -drop-held); its
+ * applied sequence moves past them. Inside a write transaction. */
+hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped);
+
+/* Held changesets of one origin (node, epoch), for /schema. */
+typedef struct hl_held_origin {
+    uint64_t node, epoch;
+    uint64_t count;      /* changesets held */
+    uint64_t for_schema; /* of which wait for the local schema */
+    uint64_t first_seq;  /* lowest held sequence */
+    uint64_t applied;    /* the origin's applied sequence */
+    uint64_t since_ms;   /* wall ms when the oldest was held */
+    char reason[256];    /* why the first in line waits */
+} hl_held_origin;
+/* At most 64 origins, by node id; *out is freed with hl_held_list_free. */
+hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n);
+void hl_held_list_free(hl_held_origin *v);
 /* Held changesets: all, those waiting for the local schema, and the oldest one's hold time. */
 hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms);
 

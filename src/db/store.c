@@ -30,6 +30,8 @@ static const char *const internal_ddl =
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "pending(id INTEGER PRIMARY KEY, node INTEGER NOT NULL,"
     " epoch INTEGER NOT NULL, seq INTEGER NOT NULL, flags INTEGER NOT NULL, data BLOB NOT NULL,"
     " schema INTEGER NOT NULL, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
+    "CREATE TABLE IF NOT EXISTS " HL_PREFIX "missing(node INTEGER NOT NULL, epoch INTEGER NOT NULL,"
+    " lo INTEGER NOT NULL, hi INTEGER NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (node, epoch, lo)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "tables(name TEXT PRIMARY KEY, keysig TEXT NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "hwm(tbl TEXT PRIMARY KEY, hwm INTEGER NOT NULL) WITHOUT ROWID;";
 
@@ -43,8 +45,11 @@ void hl_db_global_init(void)
 hl_status hl_db_err(hl_db *d, int rc, const char *what)
 {
     int prc = rc & 0xff;
+    const char *msg = d && d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc);
     hl_log(prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_LOG_WARN : HL_LOG_ERROR, "sqlite error", "op", what, "error",
-           d && d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
+           msg, NULL);
+    if (d)
+        snprintf(d->last_error, sizeof d->last_error, "%s: %s", what, msg);
     if (prc == SQLITE_BUSY || prc == SQLITE_LOCKED)
         return HL_ERR_BUSY;
     if (prc == SQLITE_CONSTRAINT)
@@ -58,6 +63,7 @@ hl_status hl_db_exec(hl_db *d, const char *sql)
     int rc = sqlite3_exec(d->db, sql, NULL, NULL, &msg);
     if (rc != SQLITE_OK) {
         hl_log(HL_LOG_ERROR, "sqlite exec failed", "error", msg ? msg : sqlite3_errstr(rc), NULL);
+        snprintf(d->last_error, sizeof d->last_error, "%s", msg ? msg : sqlite3_errstr(rc));
         sqlite3_free(msg);
         int prc = rc & 0xff;
         return prc == SQLITE_BUSY || prc == SQLITE_LOCKED ? HL_ERR_BUSY : HL_ERR_SQLITE;

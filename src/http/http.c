@@ -133,7 +133,17 @@ out:
 
 /* ---- readiness checks, shared by /readyz and /metrics ---- */
 
-enum { CHECK_DATABASE, CHECK_TRIGGERS, CHECK_NATS, CHECK_STREAMS, CHECK_CAUGHT_UP, CHECK_GAP, CHECK_SCHEMA, NCHECKS };
+enum {
+    CHECK_DATABASE,
+    CHECK_TRIGGERS,
+    CHECK_NATS,
+    CHECK_STREAMS,
+    CHECK_CAUGHT_UP,
+    CHECK_GAP,
+    CHECK_SCHEMA,
+    CHECK_ENGINE,
+    NCHECKS
+};
 
 typedef struct check {
     const char *name;
@@ -144,7 +154,8 @@ typedef struct check {
 /* Fills c[NCHECKS]; returns true when every check passes. */
 static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
 {
-    static const char *const names[NCHECKS] = {"database", "triggers", "nats", "streams", "caught_up", "gap", "schema"};
+    static const char *const names[NCHECKS] = {"database",  "triggers", "nats",   "streams",
+                                               "caught_up", "gap",      "schema", "engine"};
     for (int i = 0; i < NCHECKS; i++) {
         c[i].name = names[i];
         c[i].ok = true;
@@ -199,11 +210,19 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
                  r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
     }
     if (s->paused) {
+        /* Reported, not failing: every other origin keeps applying, and a
+         * hold may come from a node that is gone or a stray message. */
         char r[sizeof s->paused_reason];
         fixed_str(r, sizeof r, s->paused_reason, sizeof s->paused_reason);
-        c[CHECK_SCHEMA].ok = false;
         snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
                  r[0] ? r : "changesets are held until the local schema matches theirs");
+    }
+    if (s->engine_stalled) {
+        char r[sizeof s->engine_reason];
+        fixed_str(r, sizeof r, s->engine_reason, sizeof s->engine_reason);
+        c[CHECK_ENGINE].ok = false;
+        snprintf(c[CHECK_ENGINE].reason, sizeof c[0].reason, "%s",
+                 r[0] ? r : "the engine cannot capture or apply: its transactions keep failing");
     }
 
     bool all = true;
@@ -370,6 +389,16 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
              "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
              s->changesets_held);
     m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(&w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
+             s->held_origins);
+    m_simple(&w, "order_gaps_total", "counter",
+             "Times changesets missing for order_hold_timeout were given up on and the ones held after them applied.",
+             s->order_gaps);
+    m_simple(&w, "changesets_late_total", "counter",
+             "Changesets applied after their position had been given up on (they arrived after order_hold_timeout).",
+             s->changesets_late);
+    m_simple(&w, "engine_failures_total", "counter",
+             "Engine transactions (capture, apply) that failed and were retried.", s->engine_failures);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
 
@@ -439,6 +468,42 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
 
 /* ---- /schema ---- */
 
+/* "held": changesets held per origin, and "held_origins", how many origins
+ * hold any (the list stops at HL_STATE_MAX_HELD). */
+static bool add_held(cJSON *root, const hl_state_snapshot *s)
+{
+    char num[24];
+    snprintf(num, sizeof num, "%" PRIu64, s->held_origins);
+    if (!cJSON_AddRawToObject(root, "held_origins", num))
+        return false;
+    cJSON *arr = cJSON_AddArrayToObject(root, "held");
+    if (!arr)
+        return false;
+    for (int i = 0; i < s->nheld && i < HL_STATE_MAX_HELD; i++) {
+        const hl_state_held *h = &s->held[i];
+        char reason[sizeof h->reason], epoch[17];
+        fixed_str(reason, sizeof reason, h->reason, sizeof h->reason);
+        snprintf(epoch, sizeof epoch, "%016" PRIx64, h->epoch);
+        cJSON *o = cJSON_CreateObject();
+        if (!o)
+            return false;
+        cJSON_AddItemToArray(arr, o);
+        const struct {
+            const char *k;
+            uint64_t v;
+        } nums[] = {{"origin", h->node},         {"changesets", h->count},    {"waiting_for_schema", h->for_schema},
+                    {"first_seq", h->first_seq}, {"applied_seq", h->applied}, {"held_since_ms", h->since_ms}};
+        for (size_t k = 0; k < sizeof nums / sizeof nums[0]; k++) {
+            snprintf(num, sizeof num, "%" PRIu64, nums[k].v);
+            if (!cJSON_AddRawToObject(o, nums[k].k, num))
+                return false;
+        }
+        if (!cJSON_AddStringToObject(o, "epoch", epoch) || !cJSON_AddStringToObject(o, "reason", reason))
+            return false;
+    }
+    return true;
+}
+
 /* Builds the /schema object. Kept separate so more fields can be added to it. */
 static cJSON *schema_object(const hl_state_snapshot *s)
 {
@@ -473,6 +538,8 @@ static cJSON *schema_object(const hl_state_snapshot *s)
     if (!tables)
         goto fail;
     cJSON_AddItemToObject(root, "tables", tables);
+    if (!add_held(root, s))
+        goto fail;
     return root;
 fail:
     cJSON_Delete(root);

@@ -26,6 +26,18 @@ typedef struct hl_state_stream {
     uint64_t start_tail;  /* last sequence when this node started (for "caught up") */
 } hl_state_stream;
 
+/* Changesets held for one origin (node, epoch), for /schema. */
+#define HL_STATE_MAX_HELD 16
+typedef struct hl_state_held {
+    uint64_t node, epoch;
+    uint64_t count;      /* held changesets */
+    uint64_t for_schema; /* of which wait for the local schema */
+    uint64_t first_seq;  /* lowest held sequence */
+    uint64_t applied;    /* the origin's applied sequence */
+    uint64_t since_ms;   /* wall ms when the oldest was held */
+    char reason[200];    /* why the first in line waits */
+} hl_state_held;
+
 typedef struct hl_state_snapshot {
     uint64_t node_id;
     bool embedded;           /* embedded nats-server mode */
@@ -39,8 +51,10 @@ typedef struct hl_state_snapshot {
     bool caught_up;
     bool gap;
     char gap_reason[256];
-    bool paused; /* changesets held waiting for the local schema */
+    bool paused; /* changesets held waiting for the local schema (reported, not failing) */
     char paused_reason[256];
+    bool engine_stalled; /* the engine's transactions kept failing for stall_timeout */
+    char engine_reason[256];
     bool nats_server_running; /* embedded mode only */
     uint64_t nats_server_restarts;
 
@@ -52,6 +66,14 @@ typedef struct hl_state_snapshot {
     uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
     uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
     uint64_t held_now;           /* rows in __harmonylite__pending */
+    uint64_t changesets_late;    /* applied after their position had been given up on */
+    uint64_t order_gaps;         /* times missing predecessors were given up on */
+    uint64_t engine_failures;    /* engine transactions that failed (and were retried) */
+
+    /* held changesets per origin (the first HL_STATE_MAX_HELD by node id) */
+    int nheld;
+    uint64_t held_origins; /* origins with held changesets, also beyond HL_STATE_MAX_HELD */
+    hl_state_held held[HL_STATE_MAX_HELD];
 
     /* replication lag: origin capture wall time -> local apply commit */
     uint64_t lag_buckets[HL_LAG_BUCKETS + 1]; /* cumulative counts are computed when rendering */

@@ -145,9 +145,12 @@ END_TEST
 
 /* ---- /readyz ---- */
 
-static const char *const check_names[] = {"database", "triggers", "nats", "streams", "caught_up", "gap", "schema"};
+static const char *const check_names[] = {"database",  "triggers", "nats",   "streams",
+                                          "caught_up", "gap",      "schema", "engine"};
 
-/* Renders /readyz and checks its shape; returns the parsed body. *failing gets the names of failing checks. */
+/* Renders /readyz and checks its shape; returns the parsed body. With want_code 503, want_failing
+ * names the one failing check and want_reason is part of its reason; with 200, want_failing names a
+ * passing check whose reason must contain want_reason (a note, such as held changesets). */
 static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want_failing, const char *want_reason)
 {
     int code = 0;
@@ -160,7 +163,7 @@ static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want
     ck_assert_int_eq(cJSON_IsTrue(ready), want_code == 200);
     const cJSON *checks = cJSON_GetObjectItem(j, "checks");
     ck_assert(cJSON_IsArray(checks));
-    ck_assert_int_eq(cJSON_GetArraySize(checks), 7);
+    ck_assert_int_eq(cJSON_GetArraySize(checks), 8);
     int i = 0;
     const cJSON *c;
     cJSON_ArrayForEach(c, checks)
@@ -169,9 +172,10 @@ static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want
         const cJSON *ok = cJSON_GetObjectItem(c, "ok");
         ck_assert(cJSON_IsBool(ok));
         const char *reason = jstr(c, "reason");
-        bool should_fail = want_failing && strcmp(want_failing, check_names[i]) == 0;
+        bool named = want_failing && strcmp(want_failing, check_names[i]) == 0;
+        bool should_fail = named && want_code != 200;
         ck_assert_msg(cJSON_IsTrue(ok) == !should_fail, "check %s ok=%d", check_names[i], cJSON_IsTrue(ok));
-        if (should_fail) {
+        if (named) {
             ck_assert_msg(strstr(reason, want_reason) != NULL, "reason \"%s\" lacks \"%s\"", reason, want_reason);
         } else {
             ck_assert_str_eq(reason, "");
@@ -201,7 +205,7 @@ START_TEST(readyz_each_check)
         {"streams", "streams are not ready"},
         {"caught_up", "applied 10 of 250 messages present at start on harmonylite-changes-0"},
         {"gap", "stream x starts at 500"},
-        {"schema", "3 changesets held (see __harmonylite__pending)"},
+        {"engine", "engine transactions failing for 31 s: sqlite error: commit: database or disk is full"},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         hl_state_snapshot s;
@@ -228,8 +232,8 @@ START_TEST(readyz_each_check)
             snprintf(s.gap_reason, sizeof s.gap_reason, "stream x starts at 500");
             break;
         case 6:
-            s.paused = true;
-            snprintf(s.paused_reason, sizeof s.paused_reason, "3 changesets held (see __harmonylite__pending)");
+            s.engine_stalled = true;
+            snprintf(s.engine_reason, sizeof s.engine_reason, "%s", cases[k].reason);
             break;
         }
         cJSON_Delete(readyz(&s, 503, cases[k].name, cases[k].reason));
@@ -264,9 +268,18 @@ START_TEST(readyz_default_reasons)
     s.gap = true;
     cJSON_Delete(readyz(&s, 503, "gap", "missing"));
 
+    /* Held changesets are reported in the schema check's reason without failing it. */
     healthy(&s, 1);
     s.paused = true;
-    cJSON_Delete(readyz(&s, 503, "schema", "held until the local schema"));
+    cJSON_Delete(readyz(&s, 200, "schema", "held until the local schema"));
+    healthy(&s, 1);
+    s.paused = true;
+    snprintf(s.paused_reason, sizeof s.paused_reason, "3 changesets wait for the local schema");
+    cJSON_Delete(readyz(&s, 200, "schema", "3 changesets wait"));
+
+    healthy(&s, 1);
+    s.engine_stalled = true;
+    cJSON_Delete(readyz(&s, 503, "engine", "transactions keep failing"));
 
     /* a reason without a NUL in its array is cut, not overrun */
     healthy(&s, 1);
@@ -421,6 +434,10 @@ START_TEST(metrics_all)
     s.changesets_duplicate = 20;
     s.changesets_held = 21;
     s.held_now = 22;
+    s.held_origins = 23;
+    s.order_gaps = 24;
+    s.changesets_late = 25;
+    s.engine_failures = 26;
     s.messages_malformed = 3;
     s.changesets_malformed = 4;
     s.nats_server_restarts = 2;
@@ -447,6 +464,10 @@ START_TEST(metrics_all)
         {"harmonylite_changesets_duplicate_total", "counter", 20},
         {"harmonylite_changesets_held_total", "counter", 21},
         {"harmonylite_changesets_held", "gauge", 22},
+        {"harmonylite_held_origins", "gauge", 23},
+        {"harmonylite_order_gaps_total", "counter", 24},
+        {"harmonylite_changesets_late_total", "counter", 25},
+        {"harmonylite_engine_failures_total", "counter", 26},
         {"harmonylite_malformed_messages_total", "counter", 7},
         {"harmonylite_nats_connected", "gauge", 1},
         {"harmonylite_nats_server_running", "gauge", 1},
@@ -606,6 +627,36 @@ START_TEST(schema_json)
     tables = cJSON_GetObjectItem(j, "tables");
     ck_assert(cJSON_IsArray(tables));
     ck_assert_int_eq(cJSON_GetArraySize(tables), 0);
+    ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "held")), 0);
+    cJSON_Delete(j);
+
+    /* Held changesets per origin; numbers stay exact, the reason is escaped. */
+    s.held_origins = 20;
+    s.nheld = 2;
+    s.held[0] = (hl_state_held){.node = 4,
+                                .epoch = UINT64_C(0x1f2e3d4c5b6a7988),
+                                .count = 3,
+                                .for_schema = 3,
+                                .first_seq = 12,
+                                .applied = 11,
+                                .since_ms = UINT64_C(1764489600000)};
+    snprintf(s.held[0].reason, sizeof s.held[0].reason, "unknown table \"orders\"");
+    s.held[1] = (hl_state_held){.node = UINT64_C(9007199254740993), .count = 1, .first_seq = 3};
+    b = hl_http_render_schema(&s);
+    ck_assert_ptr_nonnull(strstr(b, "\"origin\":9007199254740993"));
+    j = parse_ok(b);
+    free(b);
+    ck_assert_int_eq(cJSON_GetObjectItem(j, "held_origins")->valueint, 20);
+    const cJSON *held = cJSON_GetObjectItem(j, "held");
+    ck_assert_int_eq(cJSON_GetArraySize(held), 2);
+    const cJSON *h0 = cJSON_GetArrayItem(held, 0);
+    ck_assert_int_eq(cJSON_GetObjectItem(h0, "origin")->valueint, 4);
+    ck_assert_int_eq(cJSON_GetObjectItem(h0, "changesets")->valueint, 3);
+    ck_assert_int_eq(cJSON_GetObjectItem(h0, "waiting_for_schema")->valueint, 3);
+    ck_assert_int_eq(cJSON_GetObjectItem(h0, "first_seq")->valueint, 12);
+    ck_assert_int_eq(cJSON_GetObjectItem(h0, "applied_seq")->valueint, 11);
+    ck_assert_str_eq(jstr(h0, "epoch"), "1f2e3d4c5b6a7988");
+    ck_assert_str_eq(jstr(h0, "reason"), "unknown table \"orders\"");
     cJSON_Delete(j);
 
     /* broken description: still JSON, with an error field */
