@@ -85,6 +85,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
+    uint64_t table_resyncs; /* tables sent in full because VACUUM or a rebuild moved their rowids */
 } hl_db_stats;
 
 typedef struct hl_db {
