@@ -269,6 +269,7 @@ static void publish_state(engine *e)
         s->changesets_duplicate = d->stats.changesets_duplicate;
         s->changesets_malformed = d->stats.changesets_malformed;
         s->changesets_held = d->stats.changesets_held;
+        s->table_resyncs = d->stats.table_resyncs;
         if (hl_mono_ms() - e->last_held_check >= 1000) {
             e->last_held_check = hl_mono_ms();
             uint64_t for_schema = 0, oldest = 0;

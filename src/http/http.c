@@ -370,6 +370,9 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
              "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
              s->changesets_held);
     m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(&w, "table_resyncs_total", "counter",
+             "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
+             s->table_resyncs);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
 

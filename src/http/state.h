@@ -52,6 +52,7 @@ typedef struct hl_state_snapshot {
     uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
     uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
     uint64_t held_now;           /* rows in __harmonylite__pending */
+    uint64_t table_resyncs;      /* tables sent in full after VACUUM or a rebuild moved their rowids */
 
     /* replication lag: origin capture wall time -> local apply commit */
     uint64_t lag_buckets[HL_LAG_BUCKETS + 1]; /* cumulative counts are computed when rendering */
