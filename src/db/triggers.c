@@ -412,6 +412,43 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
     return res;
 }
 
+/*
+ * Gives every row of t at or below its high-water mark that has no version a
+ * version that loses to any write (hlc 0, node 0). Such rows are the content
+ * harmonylite found when it first started (the common starting point, never
+ * sent): with a version each, a VACUUM that moves them leaves evidence (a live
+ * version with no row) and the resync sends a delete for each rowid they
+ * vacated, which the other nodes still hold. Runs once per schema change;
+ * finds nothing to do after the first time.
+ */
+static hl_status clock_seed(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    hl_buf_init(&q, 1u << 20);
+    hl_status res = hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->clock);
+    if (!res)
+        res = hl_buf_addf(&q, "(k0, hlc, node, deleted) SELECT %s, 0, 0, 0 FROM ", t->rowid);
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_addf(&q, " WHERE %s <= (SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1)", t->rowid);
+    if (!res) {
+        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st);
+        }
+        if (rc != SQLITE_DONE)
+            res = hl_db_err(d, rc, "clock seed");
+    }
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return res;
+}
+
 /* schema_version when the rowids of tables without a primary key were last checked (-1: never). */
 static int64_t rowids_checked_at(hl_db *d)
 {
@@ -641,9 +678,9 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
          * starting point): inserts above the current last rowid need no log. */
         if (t->int_key && (st = hwm_init(d, t)))
             goto out;
-        if (t->npk == 0 && !is_new && check_rowids) {
+        if (t->npk == 0 && check_rowids) {
             bool moved = false;
-            if ((st = rowids_moved(d, t, &moved)) || (moved && (st = rowid_resync(d, t))))
+            if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
                 goto out;
         }
         if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||

@@ -855,6 +855,46 @@ START_TEST(vacuum_renumbering_rowids_converges)
 }
 END_TEST
 
+/* Rows that exist when harmonylite first starts are the common starting point
+ * and never sent; VACUUM moving them must still reach the other nodes. */
+START_TEST(vacuum_moving_rows_of_the_starting_point_converges)
+{
+    char pa[300], pb[300];
+    path_of(pa, sizeof pa, "a.db");
+    path_of(pb, sizeof pb, "b.db");
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    const char *init =
+        "INSERT INTO plain(x, y) VALUES ('r1', 1), ('r2', 2), ('r3', 3), ('r4', 4), ('r5', 5), ('r6', 6)";
+    app_exec(appa, schema_sql);
+    app_exec(appb, schema_sql);
+    app_exec(appa, init);
+    app_exec(appb, init);
+    pair p = {.a = engine_open(pa, 1), .b = engine_open(pb, 2), .appa = appa, .appb = appb};
+    snprintf(p.pa, sizeof p.pa, "%s", pa);
+    snprintf(p.pb, sizeof p.pb, "%s", pb);
+    hl_buf_init(&p.raw, 256u << 20);
+    app_exec(appa, "DELETE FROM plain WHERE x = 'r3'");
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    app_exec(appa, "VACUUM");
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    app_exec(appb, "UPDATE plain SET y = 40 WHERE x = 'r4'");
+    capture(p.b);
+    deliver_all(&p, p.b, p.a);
+    char *ra = plain_rows(appa), *rb = plain_rows(appb);
+    ck_assert_str_eq(ra, "r1=1,r2=2,r4=40,r5=5,r6=6");
+    ck_assert_str_eq(rb, ra);
+    free(ra);
+    free(rb);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    pair_close(&p);
+}
+END_TEST
+
 /* The usual rebuild of a table (new table, copy, drop, rename) renumbers
  * rowids too, on one node first and later on the other. */
 START_TEST(rebuilt_rowid_table_converges)
@@ -935,6 +975,7 @@ int main(void)
     tcase_add_test(tc, gap_filled_between_read_and_record_is_captured);
     tcase_add_test(tc, vacuum_renumbering_rowids_converges);
     tcase_add_test(tc, rebuilt_rowid_table_converges);
+    tcase_add_test(tc, vacuum_moving_rows_of_the_starting_point_converges);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
