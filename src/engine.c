@@ -325,6 +325,7 @@ static void publish_state(engine *e)
         s->changesets_held = d->stats.changesets_held;
         s->changesets_late = d->stats.changesets_late;
         s->order_gaps = d->stats.order_gaps;
+        s->table_resyncs = d->stats.table_resyncs;
         if (hl_mono_ms() - e->last_held_check >= 1000) {
             e->last_held_check = hl_mono_ms();
             held_to_state(e);

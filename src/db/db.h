@@ -87,6 +87,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_held;
     uint64_t changesets_late; /* applied after their position had been given up on */
     uint64_t order_gaps;      /* times missing predecessors were given up on */
+    uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
 } hl_db_stats;
 
 typedef struct hl_db {

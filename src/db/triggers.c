@@ -282,6 +282,186 @@ static hl_status hwm_drop(hl_db *d, const char *table)
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "hwm drop");
 }
 
+/*
+ * VACUUM gives the rows of a table without an INTEGER PRIMARY KEY new rowids
+ * (1, 2, 3 ... in rowid order) and fires no trigger; so does the usual table
+ * rebuild (CREATE new_t, INSERT INTO new_t SELECT ..., DROP t, ALTER TABLE
+ * new_t RENAME TO t). For a table keyed by that rowid, the other nodes then
+ * hold the rows under their old numbers and every later update or delete
+ * lands on the wrong row. Both change the schema cookie, so this check runs
+ * whenever schema_version moved. It looks for evidence that rowids moved: the
+ * clock says a row was deleted and a row is there, or says a row exists and
+ * none is, or the high-water mark names a rowid that neither exists nor has a
+ * version (it is the highest rowid this node ever saw; removing it leaves a
+ * tombstone). Rowids with changes not captured yet are no evidence either way.
+ */
+static hl_status rowids_moved(hl_db *d, const hl_table *t, bool *moved)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    hl_buf_init(&q, 1u << 20);
+    hl_status res = hl_buf_adds(&q, "SELECT EXISTS (SELECT 1 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->clock);
+    if (!res)
+        res = hl_buf_adds(&q, " AS c WHERE c.k0 NOT IN (SELECT k0 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->log);
+    if (!res)
+        res = hl_buf_adds(&q, ") AND c.deleted = EXISTS (SELECT 1 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_addf(&q,
+                          " WHERE %s = c.k0)) OR EXISTS (SELECT 1 FROM " HL_PREFIX "hwm AS h WHERE h.tbl = ?1 AND "
+                          "h.hwm > coalesce((SELECT max(%s) FROM ",
+                          t->rowid, t->rowid);
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_adds(&q, "), 0) AND h.hwm NOT IN (SELECT k0 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->clock);
+    if (!res)
+        res = hl_buf_adds(&q, ") AND h.hwm NOT IN (SELECT k0 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->log);
+    if (!res)
+        res = hl_buf_adds(&q, "))");
+    if (res)
+        goto out;
+    int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    if (rc == SQLITE_ROW)
+        *moved = sqlite3_column_int(st, 0) != 0;
+    else
+        res = hl_db_err(d, rc, "rowid check");
+out:
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return res;
+}
+
+/*
+ * Publishes t as it is now as this node's truth: every row is logged (capture
+ * sends it as an upsert with a new version), and so is every rowid the clock
+ * holds a live version for that has no row any more (sent as a delete). The
+ * high-water mark drops to the last rowid, as every row up to it is logged.
+ */
+static hl_status rowid_resync(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    hl_buf_init(&q, 1u << 20);
+    hl_status res = hl_buf_adds(&q, "INSERT INTO ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->log);
+    if (!res)
+        res = hl_buf_addf(&q, "(jd, k0) SELECT " NOW_JD ", %s FROM ", t->rowid);
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = exec_logged(d, hl_buf_str(&q));
+    int64_t rows = sqlite3_changes64(d->db);
+    hl_buf_reset(&q);
+    if (!res)
+        res = hl_buf_adds(&q, "INSERT INTO ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->log);
+    if (!res)
+        res = hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", c.k0 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->clock);
+    if (!res)
+        res = hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_addf(&q, " WHERE %s = c.k0)", t->rowid);
+    if (!res)
+        res = exec_logged(d, hl_buf_str(&q));
+    int64_t gone = sqlite3_changes64(d->db);
+    hl_buf_reset(&q);
+    if (!res)
+        res = hl_buf_addf(&q, "UPDATE " HL_PREFIX "hwm SET hwm = (SELECT coalesce(max(%s), 0) FROM ", t->rowid);
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_adds(&q, ") WHERE tbl = ?1");
+    if (!res) {
+        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st);
+        }
+        if (rc != SQLITE_DONE)
+            res = hl_db_err(d, rc, "hwm resync");
+    }
+    if (!res) {
+        d->stats.table_resyncs++;
+        hl_logf(HL_LOG_WARN,
+                "table \"%s\" has no primary key and its rowids moved without triggers (VACUUM or a rebuild): "
+                "sending all %lld rows and %lld deletes as this node's state",
+                t->name, (long long)rows, (long long)gone);
+    }
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return res;
+}
+
+/*
+ * Gives every row of t at or below its high-water mark that has no version a
+ * version that loses to any write (hlc 0, node 0). Such rows are the content
+ * harmonylite found when it first started (the common starting point, never
+ * sent): with a version each, a VACUUM that moves them leaves evidence (a live
+ * version with no row) and the resync sends a delete for each rowid they
+ * vacated, which the other nodes still hold. Runs once per schema change;
+ * finds nothing to do after the first time.
+ */
+static hl_status clock_seed(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    sqlite3_stmt *st = NULL;
+    hl_buf_init(&q, 1u << 20);
+    hl_status res = hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
+    if (!res)
+        res = hl_buf_add_ident(&q, t->clock);
+    if (!res)
+        res = hl_buf_addf(&q, "(k0, hlc, node, deleted) SELECT %s, 0, 0, 0 FROM ", t->rowid);
+    if (!res)
+        res = hl_buf_add_ident(&q, t->name);
+    if (!res)
+        res = hl_buf_addf(&q, " WHERE %s <= (SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1)", t->rowid);
+    if (!res) {
+        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
+            rc = sqlite3_step(st);
+        }
+        if (rc != SQLITE_DONE)
+            res = hl_db_err(d, rc, "clock seed");
+    }
+    sqlite3_finalize(st);
+    hl_buf_free(&q);
+    return res;
+}
+
+/* schema_version when the rowids of tables without a primary key were last checked (-1: never). */
+static int64_t rowids_checked_at(hl_db *d)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t v = -1;
+    if (sqlite3_prepare_v2(d->db, "SELECT value FROM " HL_PREFIX "meta WHERE key = 'rowids_checked'", -1, &st, NULL) ==
+            SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
 /* Triggers the application defined (on any table), -1 when unknown. */
 static int64_t count_app_triggers(hl_db *d)
 {
@@ -455,6 +635,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
      * existing content is taken as the common starting point, as HarmonyLite
      * does, and not sent. */
     bool backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
+    /* Only a schema change (VACUUM included) can move rowids without a trigger. */
+    bool check_rowids = rowids_checked_at(d) != sv;
 
     for (size_t i = 0; i < d->schema.n; i++) {
         hl_table *t = &d->schema.t[i];
@@ -496,6 +678,11 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
          * starting point): inserts above the current last rowid need no log. */
         if (t->int_key && (st = hwm_init(d, t)))
             goto out;
+        if (t->npk == 0 && check_rowids) {
+            bool moved = false;
+            if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
+                goto out;
+        }
         if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||
             (st = hl_buf_add(&want, t->clock, strlen(t->clock) + 1)))
             goto out;
@@ -567,6 +754,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     d->app_triggers = count_app_triggers(d);
     sqlite3_db_config(d->db, SQLITE_DBCONFIG_ENABLE_TRIGGER, d->app_triggers ? 1 : 0, NULL);
     d->schema_version = hl_db_schema_version(d);
+    if ((st = hl_db_meta_put(d, "rowids_checked", d->schema_version)))
+        goto out;
     *changed = true;
     if (had_schema && memcmp(old_hash, d->schema.hash, 32) != 0) {
         memcpy(d->prev_hash, old_hash, 32);

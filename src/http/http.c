@@ -399,6 +399,9 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
              s->changesets_late);
     m_simple(&w, "engine_failures_total", "counter",
              "Engine transactions (capture, apply) that failed and were retried.", s->engine_failures);
+    m_simple(&w, "table_resyncs_total", "counter",
+             "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
+             s->table_resyncs);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
 

@@ -302,6 +302,63 @@ def test_appends_and_gap_filling_ids_converge(cluster, seed):
         assert len(tags) == len(set(tags)), f"node {n.id} has an append twice"
 
 
+def test_vacuum_of_a_table_without_primary_key_converges(cluster):
+    """A table without a declared primary key replicates by rowid, and VACUUM
+    renumbers its rows (1, 2, 3 ... closing the gaps deletes left) without a
+    trigger. Updates and deletes after it, on the node that vacuumed and on
+    others, must reach the same rows everywhere: no ghost, no duplicate. Then
+    two nodes vacuum at once."""
+    n1, n2, n3 = cluster.nodes
+    cluster.create_tables("CREATE TABLE nokey (name TEXT NOT NULL, v INTEGER)", ["nokey"])
+    expected = {f"k{i:02}": i for i in range(20)}
+    conn = n1.connect()
+    with transaction(conn):
+        conn.executemany("INSERT INTO nokey(name, v) VALUES (?, ?)", expected.items())
+    conn.close()
+    cluster.wait_converged(["nokey"])
+    gaps = [k for i, k in enumerate(sorted(expected)) if i % 3 == 1]
+    n1.executescript("DELETE FROM nokey WHERE name IN (%s)" % ", ".join(f"'{k}'" for k in gaps))
+    for k in gaps:
+        del expected[k]
+    cluster.wait_converged(["nokey"])
+
+    def content(node):
+        return dict(node.query("SELECT name, v FROM nokey"))
+
+    def wait_content(what):
+        for n in cluster.nodes:
+            harness.wait_equal(lambda: content(n), expected, REPL_TIMEOUT, f"nokey after {what} on node {n.id}")
+        cluster.wait_converged(["nokey"])
+
+    n1.executescript("VACUUM")
+    assert n1.scalar("SELECT max(rowid) = count(*) FROM nokey") == 1, "VACUUM did not renumber: test is void"
+    n1.executescript("UPDATE nokey SET v = 1000 WHERE name = 'k18'; DELETE FROM nokey WHERE name = 'k14'")
+    expected["k18"] = 1000
+    del expected["k14"]
+    for n in (n2, n3):
+        wait_row([n], lambda n: n.query("SELECT v FROM nokey WHERE name = 'k18'"), [(1000,)], "the update after VACUUM")
+    n2.executescript("UPDATE nokey SET v = 2000 WHERE name = 'k03'; DELETE FROM nokey WHERE name = 'k00';"
+                     "INSERT INTO nokey(name, v) VALUES ('k20', 20)")
+    n3.executescript("UPDATE nokey SET v = 3000 WHERE name = 'k06'")
+    expected.update({"k03": 2000, "k06": 3000, "k20": 20})
+    del expected["k00"]
+    wait_content("VACUUM on node 1")
+
+    # two nodes vacuum at once, with identical content: both publish it, and it converges
+    n1.executescript("DELETE FROM nokey WHERE name IN ('k02', 'k09')")
+    del expected["k02"], expected["k09"]
+    wait_content("more deletes")
+    n2.executescript("VACUUM")
+    n3.executescript("VACUUM")
+    cluster.wait_converged(["nokey"])
+    n3.executescript("UPDATE nokey SET v = 4000 WHERE name = 'k12'; DELETE FROM nokey WHERE name = 'k15'")
+    n1.executescript("UPDATE nokey SET v = 5000 WHERE name = 'k17'")
+    expected["k12"], expected["k17"] = 4000, 5000
+    del expected["k15"]
+    wait_content("VACUUM on nodes 2 and 3")
+    assert n1.scalar("SELECT count(*) FROM nokey") == len(expected)
+
+
 def test_trusted_schema_off(cluster):
     n1, n2, n3 = cluster.nodes
     cluster.create_tables("CREATE TABLE ts_t (id INTEGER PRIMARY KEY, v TEXT)", ["ts_t"])

@@ -775,6 +775,163 @@ START_TEST(gap_filled_between_read_and_record_is_captured)
 }
 END_TEST
 
+/* Sends every changeset in src's outbox to dst, in order. */
+static void deliver_all(pair *p, hl_db *src, hl_db *dst)
+{
+    uint64_t seq, rows;
+    hl_buf probe;
+    hl_buf_init(&probe, 256u << 20);
+    while (hl_db_outbox_next(src, 0, &seq, &rows, &probe) == HL_OK) {
+        hl_changeset *cs = take(src, &p->raw, &p->flags);
+        ck_assert_int_eq(apply(dst, cs, &p->raw, p->flags), HL_APPLIED);
+        hl_changeset_free(cs);
+        hl_buf_reset(&probe);
+    }
+    hl_buf_free(&probe);
+}
+
+static char *plain_rows(sqlite3 *db)
+{
+    sqlite3_stmt *st;
+    ck_assert_int_eq(
+        sqlite3_prepare_v2(db, "SELECT group_concat(x || '=' || y, ',') FROM (SELECT x, y FROM plain ORDER BY x)", -1,
+                           &st, NULL),
+        SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    char *v = strdup(sqlite3_column_text(st, 0) ? (const char *)sqlite3_column_text(st, 0) : "");
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* Six rows in the rowid-keyed table "plain" on both nodes, then deletes that leave gaps. */
+static void plain_with_gaps(pair *p)
+{
+    app_exec(p->appa,
+             "INSERT INTO plain(x, y) VALUES ('r1', 1), ('r2', 2), ('r3', 3), ('r4', 4), ('r5', 5), ('r6', 6)");
+    capture(p->a);
+    deliver_all(p, p->a, p->b);
+    app_exec(p->appa, "DELETE FROM plain WHERE x IN ('r2', 'r4')");
+    capture(p->a);
+    deliver_all(p, p->a, p->b);
+    char *da = dump(p->pa), *db = dump(p->pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+}
+
+/* VACUUM renumbers the rows of a table without a primary key and fires no
+ * trigger: updates and deletes after it must still reach the same rows on
+ * every node. */
+START_TEST(vacuum_renumbering_rowids_converges)
+{
+    pair p;
+    pair_open(&p);
+    plain_with_gaps(&p);
+    app_exec(p.appa, "VACUUM");
+    ck_assert_int_eq(scalar(p.appa, "SELECT max(rowid) FROM plain"), 4); /* renumbered: 1, 3, 5, 6 -> 1..4 */
+    app_exec(p.appa, "UPDATE plain SET y = 50 WHERE x = 'r5'; DELETE FROM plain WHERE x = 'r6'");
+    capture(p.a);
+    ck_assert_uint_eq(p.a->stats.table_resyncs, 1);
+    deliver_all(&p, p.a, p.b);
+    /* the other node writes after it, by its own rowids */
+    app_exec(p.appb, "UPDATE plain SET y = 30 WHERE x = 'r3'; DELETE FROM plain WHERE x = 'r1';"
+                     "INSERT INTO plain(x, y) VALUES ('r7', 7)");
+    capture(p.b);
+    deliver_all(&p, p.b, p.a);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    char *ra = plain_rows(p.appa), *rb = plain_rows(p.appb);
+    ck_assert_str_eq(ra, "r3=30,r5=50,r7=7");
+    ck_assert_str_eq(rb, ra);
+    free(ra);
+    free(rb);
+    /* nothing moved since: no second resync at the next schema change */
+    app_exec(p.appa, "CREATE TABLE unrelated(z)");
+    capture(p.a);
+    ck_assert_uint_eq(p.a->stats.table_resyncs, 1);
+    pair_close(&p);
+}
+END_TEST
+
+/* Rows that exist when harmonylite first starts are the common starting point
+ * and never sent; VACUUM moving them must still reach the other nodes. */
+START_TEST(vacuum_moving_rows_of_the_starting_point_converges)
+{
+    char pa[300], pb[300];
+    path_of(pa, sizeof pa, "a.db");
+    path_of(pb, sizeof pb, "b.db");
+    sqlite3 *appa = app_open(pa), *appb = app_open(pb);
+    const char *init =
+        "INSERT INTO plain(x, y) VALUES ('r1', 1), ('r2', 2), ('r3', 3), ('r4', 4), ('r5', 5), ('r6', 6)";
+    app_exec(appa, schema_sql);
+    app_exec(appb, schema_sql);
+    app_exec(appa, init);
+    app_exec(appb, init);
+    pair p = {.a = engine_open(pa, 1), .b = engine_open(pb, 2), .appa = appa, .appb = appb};
+    snprintf(p.pa, sizeof p.pa, "%s", pa);
+    snprintf(p.pb, sizeof p.pb, "%s", pb);
+    hl_buf_init(&p.raw, 256u << 20);
+    app_exec(appa, "DELETE FROM plain WHERE x = 'r3'");
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    app_exec(appa, "VACUUM");
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    app_exec(appb, "UPDATE plain SET y = 40 WHERE x = 'r4'");
+    capture(p.b);
+    deliver_all(&p, p.b, p.a);
+    char *ra = plain_rows(appa), *rb = plain_rows(appb);
+    ck_assert_str_eq(ra, "r1=1,r2=2,r4=40,r5=5,r6=6");
+    ck_assert_str_eq(rb, ra);
+    free(ra);
+    free(rb);
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    pair_close(&p);
+}
+END_TEST
+
+/* The usual rebuild of a table (new table, copy, drop, rename) renumbers
+ * rowids too, on one node first and later on the other. */
+START_TEST(rebuilt_rowid_table_converges)
+{
+    static const char *rebuild = "BEGIN; CREATE TABLE new_plain(x, y); INSERT INTO new_plain SELECT x, y FROM plain;"
+                                 "DROP TABLE plain; ALTER TABLE new_plain RENAME TO plain; COMMIT";
+    pair p;
+    pair_open(&p);
+    plain_with_gaps(&p);
+    app_exec(p.appa, rebuild);
+    app_exec(p.appa, "UPDATE plain SET y = 60 WHERE x = 'r6'");
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    app_exec(p.appb, "DELETE FROM plain WHERE x = 'r5'");
+    capture(p.b);
+    deliver_all(&p, p.b, p.a);
+    char *ra = plain_rows(p.appa), *rb = plain_rows(p.appb);
+    ck_assert_str_eq(ra, "r1=1,r3=3,r6=60");
+    ck_assert_str_eq(rb, ra);
+    free(ra);
+    free(rb);
+    /* the migration reaches the other node: its rows are numbered alike by now */
+    app_exec(p.appb, rebuild);
+    app_exec(p.appb, "UPDATE plain SET y = 10 WHERE x = 'r1'");
+    capture(p.b);
+    deliver_all(&p, p.b, p.a);
+    capture(p.a);
+    deliver_all(&p, p.a, p.b);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    ck_assert_ptr_nonnull(strstr(da, "'r1'|10|"));
+    free(da);
+    free(db);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -816,6 +973,9 @@ int main(void)
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
     tcase_add_test(tc, inserts_above_the_high_water_mark_are_not_logged);
     tcase_add_test(tc, gap_filled_between_read_and_record_is_captured);
+    tcase_add_test(tc, vacuum_renumbering_rowids_converges);
+    tcase_add_test(tc, rebuilt_rowid_table_converges);
+    tcase_add_test(tc, vacuum_moving_rows_of_the_starting_point_converges);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
