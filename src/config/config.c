@@ -1246,6 +1246,22 @@ static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
     return HL_OK;
 }
 
+/* NATS credentials the connection could not use as given (it would fail at every start). */
+static hl_status check_credentials(const hl_config *c, char *err, size_t errlen)
+{
+    bool cert = c->nats.cert_file && *c->nats.cert_file, key = c->nats.key_file && *c->nats.key_file;
+    if (cert && !key)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cert_file"), "nats.cert_file",
+                    "needs nats.key_file (the client certificate's private key)");
+    if (key && !cert)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.key_file"), "nats.key_file",
+                    "needs nats.cert_file (the client certificate it belongs to)");
+    if (c->nats.creds_file && *c->nats.creds_file && c->nats.seed_file && *c->nats.seed_file)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.seed_file"), "nats.seed_file",
+                    "cannot be used together with nats.creds_file (set one of them)");
+    return HL_OK;
+}
+
 hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, size_t errlen)
 {
     char shown[160];
@@ -1318,7 +1334,7 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
                     "replication_log.duplicate_window",
                     "must not exceed replication_log.max_age (%" PRId64 ") when it is set, got %d",
                     c->replication_log.max_age_s, c->replication_log.duplicate_window_s);
-    return check_embedded(c, err, errlen);
+    return check_credentials(c, err, errlen) ? HL_ERR_CONFIG : check_embedded(c, err, errlen);
 }
 
 hl_status hl_config_finish(hl_config *c, char *err, size_t errlen)

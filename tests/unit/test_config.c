@@ -364,6 +364,11 @@ START_TEST(test_full_file)
     ck_assert_str_eq(c.logging.level, "warn");
     ck_assert_str_eq(c.http.bind, ""); /* "" disables the listener; it is not reset to the default */
 
+    /* every key is set above, but creds_file and seed_file exclude each other */
+    ck_assert_int_eq(hl_config_finish_host(&c, "whatever", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_ptr_nonnull(strstr(err, "nats.seed_file: cannot be used together with nats.creds_file"));
+    free(c.nats.seed_file);
+    c.nats.seed_file = NULL;
     ck_assert_int_eq(hl_config_finish_host(&c, "whatever", err, sizeof err), HL_OK);
     ck_assert_str_eq(c.logging.level, "debug"); /* verbose wins */
     ck_assert_uint_eq(c.node_id, 7);
@@ -988,6 +993,20 @@ START_TEST(test_unworkable)
     expect_finish_error("db_path: a.db\nnats:\n  cluster_peers:\n    - nats://b:6222\n", NULL, NULL, NULL,
                         "@:4: nats.cluster_peers: needs nats.cluster_addr (routes to the peers are made only from "
                         "a cluster listener)");
+
+    /* NATS credentials that cannot be used as given */
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n  cert_file: /c.pem\n", NULL, NULL, NULL,
+                        "@:4: nats.cert_file: needs nats.key_file (the client certificate's private key)");
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n", "HARMONYLITE_NATS_KEY_FILE=/k.pem", NULL,
+                        NULL,
+                        "env HARMONYLITE_NATS_KEY_FILE: nats.key_file: needs nats.cert_file (the client "
+                        "certificate it belongs to)");
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [nats://a:4222]\n  creds_file: /u.creds\n", NULL,
+                        "nats-seed-file", "/u.seed",
+                        "flag -nats-seed-file: nats.seed_file: cannot be used together with nats.creds_file (set "
+                        "one of them)");
+    expect_workable("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n  cert_file: /c.pem\n  key_file: /k.pem\n"
+                    "  creds_file: /u.creds\n");
 }
 END_TEST
 
