@@ -1334,7 +1334,8 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
                     "replication_log.duplicate_window",
                     "must not exceed replication_log.max_age (%" PRId64 ") when it is set, got %d",
                     c->replication_log.max_age_s, c->replication_log.duplicate_window_s);
-    return check_credentials(c, err, errlen) ? HL_ERR_CONFIG : check_embedded(c, err, errlen);
+    hl_status st = check_credentials(c, err, errlen);
+    return st ? st : check_embedded(c, err, errlen);
 }
 
 hl_status hl_config_finish(hl_config *c, char *err, size_t errlen)
