@@ -277,33 +277,32 @@ def _run_to_exit(argv: list[str], cwd: Path, timeout: float = 30) -> tuple[int, 
         return None, out[-3000:]
 
 
-# Configurations that parse but cannot work, each with the line and key the error must name.
+# Configurations that parse but cannot work: the end of the file (after 4 lines of db_path,
+# node_id, data_dir, polling_interval), and the line and key the error must name. The listeners
+# a mistaken start would use are loopback ports of this test.
 UNWORKABLE = {
-    "replicas-above-embedded-servers": ("replication_log:\n  replicas: 3\n", 6, "replication_log.replicas"),
-    "http-bind-bad-port": ("http:\n  bind: 127.0.0.1:99999\n", 6, "http.bind"),
-    "bind-address-without-port": ("nats:\n  bind_address: 127.0.0.1\n", 6, "nats.bind_address"),
-    "cluster-addr-without-peers": ("nats:\n  cluster_addr: 127.0.0.1:{cluster_port}\n", 6, "nats.cluster_addr"),
+    "replicas-above-embedded-servers": (
+        "replication_log:\n  replicas: 3\nnats:\n  bind_address: 127.0.0.1:{client}\n"
+        "http:\n  bind: 127.0.0.1:{http}\n", 6, "replication_log.replicas"),
+    "http-bind-bad-port": (
+        "nats:\n  bind_address: 127.0.0.1:{client}\nhttp:\n  bind: 127.0.0.1:99999\n", 8, "http.bind"),
+    "bind-address-without-port": (
+        "nats:\n  bind_address: 127.0.0.1\nhttp:\n  bind: 127.0.0.1:{http}\n", 6, "nats.bind_address"),
+    "cluster-addr-without-peers": (
+        "nats:\n  bind_address: 127.0.0.1:{client}\n  cluster_addr: 127.0.0.1:{cluster}\n"
+        "http:\n  bind: 127.0.0.1:{http}\n", 7, "nats.cluster_addr"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(UNWORKABLE))
 def test_unworkable_config_exits_2(tmp_path, hl_bin, case):
     """-check-config and a plain start both refuse it: exit 2, "file:line: key:", nothing touched."""
-    text, line, key = UNWORKABLE[case]
+    tail, line, key = UNWORKABLE[case]
     db = tmp_path / "app.db"
     cfg = tmp_path / "node.yaml"
-    ports = {"client": harness.free_port(), "http": harness.free_port(), "cluster_port": harness.free_port()}
-    # the listeners a mistaken start would use are loopback ports of this test; the case's section starts on
-    # line 5 (its key on line 6, or 7 below a bind_address added to its nats section)
-    base = f"db_path: {db}\nnode_id: 1\ndata_dir: {tmp_path / 'data'}\npolling_interval: 500\n"
-    extra = {"http": f"http:\n  bind: 127.0.0.1:{ports['http']}\n",
-             "nats": f"nats:\n  bind_address: 127.0.0.1:{ports['client']}\n"}
-    section = text.split(":", 1)[0]
-    body = text.format(**ports)
-    if section == "nats" and "bind_address" not in body:
-        body = body.replace("nats:\n", f"nats:\n  bind_address: 127.0.0.1:{ports['client']}\n", 1)
-        line += 1
-    cfg.write_text(base + body + "".join(v for k, v in extra.items() if k != section))
+    ports = {"client": harness.free_port(), "http": harness.free_port(), "cluster": harness.free_port()}
+    cfg.write_text(f"db_path: {db}\nnode_id: 1\ndata_dir: {tmp_path / 'data'}\npolling_interval: 500\n"
+                   + tail.format(**ports))
     want = f"{cfg}:{line}: {key}: "
     for extra_args in (["-check-config"], []):
         rc, out = _run_to_exit([str(hl_bin), "-config", str(cfg)] + extra_args, tmp_path)
