@@ -528,13 +528,21 @@ static hl_status start_nats(engine *e)
     if ((st = hl_nats_connect(&e->n, c, urls, nurls, hl_publisher_ack_handler, &e->q, 4096, &stop_flag)))
         return st;
     /* A JetStream cluster needs a quorum before streams can be created: keep
-     * trying (and logging) until it forms or we are told to stop. */
+     * trying (and logging) until it forms or we are told to stop. An attempt
+     * the server refuses at once (a standalone server asked for 3 replicas)
+     * still takes its 5 s, so its error is logged once per attempt instead of
+     * thousands of times a second. */
     for (int tries = 0;; tries++) {
+        uint64_t t0 = hl_mono_ms();
         st = hl_nats_ensure_streams(e->n, c, 5000, &stop_flag);
         if (st == HL_OK || stopping())
             break;
         if (tries % 6 == 5)
             hl_warnf("JetStream streams not ready yet (%s); still trying", hl_status_str(st));
+        while (!stopping() && hl_mono_ms() - t0 < 5000)
+            usleep(100000);
+        if (stopping())
+            break;
     }
     for (int i = 0; st == HL_OK && i < c->replication_log.shards; i++)
         if (hl_nats_stream_bounds(e->n, e->streams[i], &e->setup_first[i], &e->setup_last[i]) != HL_OK)

@@ -30,7 +30,7 @@ static const char usage[] =
     "  -cluster-peers URLS   comma-separated nats://host:port routes to the other nodes\n"
     "                        (nats.cluster_peers)\n"
     "  -check-config         validate the configuration without touching the database, print\n"
-    "                        the effective settings (secrets redacted) and exit: 0 valid, 1 not\n"
+    "                        the effective settings (secrets redacted) and exit: 0 valid, 2 not\n"
     "  -cleanup              remove every trigger and table harmonylite created in db_path\n"
     "                        and exit; application tables and rows are left untouched\n"
     "  -drop-held ORIGIN     drop every changeset held for origin node ORIGIN (listed under\n"
@@ -49,8 +49,8 @@ static const char usage[] =
     "supervises its own nats-server (embedded mode).\n"
     "\n"
     "Signals: SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP reloads.\n"
-    "Exit status: 0 success, 1 runtime error (or invalid configuration with -check-config),\n"
-    "2 usage or configuration error.\n"
+    "Exit status: 0 success, 1 runtime error, 2 usage or configuration error (also with\n"
+    "-check-config).\n"
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
@@ -220,5 +220,5 @@ int main(int argc, char **argv)
 config_error:
     fprintf(stderr, "harmonylite: %s\n", err);
     hl_config_free(&c);
-    return check ? 1 : 2;
+    return 2;
 }

@@ -4,8 +4,10 @@
  * (hl_config_set), cross-field checks and the effective-config dump.
  *
  * Every error is one line "<where>: <key>: <what was expected>", where <where>
- * is "file:line", "env HARMONYLITE_X" or the caller's origin ("flag -node-id"),
- * and is left out for cross-field checks in hl_config_finish.
+ * is "file:line", "env HARMONYLITE_X" or the caller's origin ("flag -node-id").
+ * Cross-field checks in hl_config_finish name the key that is wrong and where
+ * it was last set (remembered per key in hl_config.origins); a key left at its
+ * default has no <where>.
  */
 #include "config/config.h"
 
@@ -59,6 +61,8 @@ static const char *check_route_url(const char *v);
 static const char *check_subject(const char *v);
 static const char *check_stream(const char *v);
 static const char *check_token(const char *v);
+static const char *check_listen(const char *v);
+static const char *check_http_listen(const char *v);
 
 #define OFF(field) offsetof(hl_config, field)
 #define STR(p, f, d, doc)                                                                                              \
@@ -136,7 +140,8 @@ static const hl_key keys[] = {
 
     LIST("nats.urls", nats.urls, check_nats_url,
          "external NATS servers (nats://, tls://, ws://, wss://); empty: start an embedded nats-server"),
-    STR("nats.bind_address", nats.bind_address, "0.0.0.0:4222", "embedded server's client listener, host:port"),
+    STRC("nats.bind_address", nats.bind_address, "0.0.0.0:4222", check_listen,
+         "embedded server's client listener, host:port"),
     STRC("nats.subject_prefix", nats.subject_prefix, "harmonylite-change-log", check_subject,
          "subject prefix of change messages (the shard number is appended)"),
     STRC("nats.stream_prefix", nats.stream_prefix, "harmonylite-changes", check_stream,
@@ -144,7 +149,8 @@ static const hl_key keys[] = {
     STR("nats.server_config", nats.server_config, NULL, "file included in the generated nats-server config"),
     STR("nats.server_bin", nats.server_bin, "nats-server", "nats-server executable (searched on PATH)"),
     STRC("nats.cluster_name", nats.cluster_name, "harmonylite", check_token, "embedded server's cluster name"),
-    STR("nats.cluster_addr", nats.cluster_addr, NULL, "embedded server's cluster (route) listener, host:port"),
+    STRC("nats.cluster_addr", nats.cluster_addr, NULL, check_listen,
+         "embedded server's cluster (route) listener, host:port"),
     LIST("nats.cluster_peers", nats.cluster_peers, check_route_url,
          "route URLs of the other embedded servers (nats:// or nats-route://)"),
     STR("nats.user_name", nats.user_name, NULL, "user name for NATS authentication"),
@@ -166,7 +172,8 @@ static const hl_key keys[] = {
     {"logging.level", HL_KEY_STRING, OFF(logging.level), 0, 0, "info", "debug|info|warn|error", NULL, false,
      "minimum level logged: debug, info, warn or error"},
 
-    STR("http.bind", http.bind, "0.0.0.0:8080", "listener for /healthz /readyz /metrics /schema; empty: disabled"),
+    STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
+         "listener for /healthz /readyz /metrics /schema; empty: disabled"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -241,6 +248,51 @@ static const char *check_token(const char *v)
         if (*p <= ' ' || *p == 0x7f)
             return "a name without spaces";
     return NULL;
+}
+
+/*
+ * Whether v is a listen address "host:port", "[IPv6 address]:port" or ":port"
+ * (any host) with a decimal port from min_port to 65535. Host names are not
+ * resolved here; an IPv6 address must be in brackets.
+ */
+static bool is_listen_addr(const char *v, long min_port)
+{
+    const char *port;
+    if (v[0] == '[') {
+        const char *rb = strchr(v, ']');
+        if (!rb || rb == v + 1 || rb[1] != ':')
+            return false;
+        port = rb + 2;
+    } else {
+        const char *colon = strrchr(v, ':');
+        if (!colon || memchr(v, ':', (size_t)(colon - v)))
+            return false;
+        port = colon + 1;
+    }
+    for (const unsigned char *p = (const unsigned char *)v; *p; p++)
+        if (*p <= ' ' || *p == 0x7f)
+            return false;
+    size_t pn = strlen(port);
+    if (pn == 0 || pn > 5 || strspn(port, "0123456789") != pn)
+        return false;
+    long x = strtol(port, NULL, 10);
+    return x >= min_port && x <= 65535;
+}
+
+/* A nats-server listener (nats.bind_address, nats.cluster_addr): a real port is needed to reach it. */
+static const char *check_listen(const char *v)
+{
+    if (is_listen_addr(v, 1))
+        return NULL;
+    return "host:port, [IPv6 address]:port or :port with a port from 1 to 65535";
+}
+
+/* http.bind: port 0 picks a free port; "" disables the listener. */
+static const char *check_http_listen(const char *v)
+{
+    if (!*v || is_listen_addr(v, 0))
+        return NULL;
+    return "host:port, [IPv6 address]:port or :port with a port from 0 to 65535 (\"\" disables the listener)";
 }
 
 /*
@@ -687,12 +739,43 @@ static hl_status set_scalar(hl_config *c, const hl_key *k, const char *v, size_t
     return fail(err, errlen, HL_ERR_INTERNAL, where, k->path, "internal error: not a scalar key");
 }
 
+/*
+ * Remembers where k was set (NULL: a default or an unnamed caller) for the
+ * cross-field checks' messages. Best effort: without memory the message only
+ * loses its <where>.
+ */
+static void note_origin(hl_config *c, const hl_key *k, const char *where)
+{
+    size_t i = (size_t)(k - keys);
+    if (!c->origins) {
+        if (!where)
+            return;
+        c->origins = calloc(NKEYS, sizeof *c->origins);
+        if (!c->origins)
+            return;
+    }
+    free(c->origins[i]);
+    c->origins[i] = where ? strdup(where) : NULL;
+}
+
+/* Where k was last set, or NULL. */
+static const char *origin_of(const hl_config *c, const char *path)
+{
+    const hl_key *k = key_find(path, strlen(path));
+    return k && c->origins ? c->origins[k - keys] : NULL;
+}
+
 /* Sets k from text as the environment and flags give it (lists comma-separated). */
 static hl_status set_text(hl_config *c, const hl_key *k, const char *v, const char *where, char *err, size_t errlen)
 {
+    hl_status st;
     if (k->type == HL_KEY_LIST)
-        return set_list_text(c, k, v, where, err, errlen);
-    return set_scalar(c, k, v, strlen(v), where, err, errlen);
+        st = set_list_text(c, k, v, where, err, errlen);
+    else
+        st = set_scalar(c, k, v, strlen(v), where, err, errlen);
+    if (st == HL_OK)
+        note_origin(c, k, where);
+    return st;
 }
 
 /* ---- public: defaults, set, env --------------------------------------- */
@@ -912,27 +995,35 @@ static hl_status load_value(hl_loader *L, const hl_key *k)
     hl_status st = next_event(L);
     if (st)
         return st;
+    snprintf(where, sizeof where, "%s:%zu", L->file, ev_line(L));
     if (k->type == HL_KEY_LIST) {
-        if (L->ev.type == YAML_SEQUENCE_START_EVENT)
-            return load_list(L, k);
-        if (ev_is_null(L)) {
+        if (L->ev.type == YAML_SEQUENCE_START_EVENT) {
+            st = load_list(L, k);
+        } else if (ev_is_null(L)) {
             hl_strlist empty = {NULL, 0};
-            return list_store(L->c, k, &empty);
+            st = list_store(L->c, k, &empty);
+        } else {
+            ev_what(L, got, sizeof got);
+            return lfail(L, HL_ERR_CONFIG, ev_line(L), k->path,
+                         "expected a list of strings (a YAML sequence such as [\"a\", \"b\"]), got %s", got);
         }
-        ev_what(L, got, sizeof got);
-        return lfail(L, HL_ERR_CONFIG, ev_line(L), k->path,
-                     "expected a list of strings (a YAML sequence such as [\"a\", \"b\"]), got %s", got);
+        if (st == HL_OK)
+            note_origin(L->c, k, where);
+        return st;
     }
     if (L->ev.type != YAML_SCALAR_EVENT) {
         expected(k, want, sizeof want);
         ev_what(L, got, sizeof got);
         return lfail(L, HL_ERR_CONFIG, ev_line(L), k->path, "expected %s, got %s", want, got);
     }
-    snprintf(where, sizeof where, "%s:%zu", L->file, ev_line(L));
     if (k->type == HL_KEY_STRING && ev_is_null(L))
-        return set_scalar(L->c, k, "", 0, where, L->err, L->errlen);
-    return set_scalar(L->c, k, (const char *)L->ev.data.scalar.value, L->ev.data.scalar.length, where, L->err,
-                      L->errlen);
+        st = set_scalar(L->c, k, "", 0, where, L->err, L->errlen);
+    else
+        st = set_scalar(L->c, k, (const char *)L->ev.data.scalar.value, L->ev.data.scalar.length, where, L->err,
+                        L->errlen);
+    if (st == HL_OK)
+        note_origin(L->c, k, where);
+    return st;
 }
 
 /*
@@ -1124,6 +1215,57 @@ static hl_status recheck(const hl_key *k, const char *v, char *err, size_t errle
     return st;
 }
 
+/*
+ * Embedded mode (no nats.urls) runs this node's nats-server and one per
+ * cluster peer: a cluster listener needs routes, routes need a listener, and a
+ * stream cannot have more replicas than there are servers. A node started
+ * otherwise would retry creating its streams forever. External mode's server
+ * count is not known here; the engine reports the server's refusal.
+ */
+static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
+{
+    if (c->nats.urls.n > 0)
+        return HL_OK;
+    bool listener = c->nats.cluster_addr && *c->nats.cluster_addr;
+    size_t peers = c->nats.cluster_peers.n;
+    if (listener && peers == 0)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cluster_addr"), "nats.cluster_addr",
+                    "needs nats.cluster_peers (JetStream clustering needs routes to the other servers); leave it "
+                    "unset for a single node");
+    if (!listener && peers > 0)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cluster_peers"), "nats.cluster_peers",
+                    "needs nats.cluster_addr (routes to the peers are made only from a cluster listener)");
+    if ((size_t)c->replication_log.replicas > 1 + peers) {
+        if (peers == 0)
+            return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.replicas"),
+                        "replication_log.replicas",
+                        "must not exceed the number of embedded nats-servers, 1 (this node's; a stream cannot have "
+                        "more replicas than servers: add nats.cluster_addr and nats.cluster_peers), got %d",
+                        c->replication_log.replicas);
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.replicas"), "replication_log.replicas",
+                    "must not exceed the number of embedded nats-servers, %zu (this node's and %zu in "
+                    "nats.cluster_peers; a stream cannot have more replicas than servers), got %d",
+                    1 + peers, peers, c->replication_log.replicas);
+    }
+    return HL_OK;
+}
+
+/* NATS credentials the connection could not use as given (it would fail at every start). */
+static hl_status check_credentials(const hl_config *c, char *err, size_t errlen)
+{
+    bool cert = c->nats.cert_file && *c->nats.cert_file, key = c->nats.key_file && *c->nats.key_file;
+    if (cert && !key)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cert_file"), "nats.cert_file",
+                    "needs nats.key_file (the client certificate's private key)");
+    if (key && !cert)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.key_file"), "nats.key_file",
+                    "needs nats.cert_file (the client certificate it belongs to)");
+    if (c->nats.creds_file && *c->nats.creds_file && c->nats.seed_file && *c->nats.seed_file)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.seed_file"), "nats.seed_file",
+                    "cannot be used together with nats.creds_file (set one of them)");
+    return HL_OK;
+}
+
 hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, size_t errlen)
 {
     char shown[160];
@@ -1187,15 +1329,17 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
     }
 
     if ((int64_t)c->replication_log.chunk_bytes >= (int64_t)c->nats.max_payload - 64)
-        return fail(err, errlen, HL_ERR_CONFIG, NULL, "replication_log.chunk_bytes",
-                    "must be less than nats.max_payload - 64 (%d), got %d", c->nats.max_payload - 64,
-                    c->replication_log.chunk_bytes);
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.chunk_bytes"),
+                    "replication_log.chunk_bytes", "must be less than nats.max_payload - 64 (%d), got %d",
+                    c->nats.max_payload - 64, c->replication_log.chunk_bytes);
 
     if (c->replication_log.max_age_s > 0 && c->replication_log.duplicate_window_s > c->replication_log.max_age_s)
-        return fail(err, errlen, HL_ERR_CONFIG, NULL, "replication_log.duplicate_window",
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.duplicate_window"),
+                    "replication_log.duplicate_window",
                     "must not exceed replication_log.max_age (%" PRId64 ") when it is set, got %d",
                     c->replication_log.max_age_s, c->replication_log.duplicate_window_s);
-    return HL_OK;
+    hl_status st = check_credentials(c, err, errlen);
+    return st ? st : check_embedded(c, err, errlen);
 }
 
 hl_status hl_config_finish(hl_config *c, char *err, size_t errlen)
@@ -1223,6 +1367,11 @@ void hl_config_free(hl_config *c)
     }
     free(c->config_path);
     c->config_path = NULL;
+    if (c->origins)
+        for (size_t i = 0; i < NKEYS; i++)
+            free(c->origins[i]);
+    free(c->origins);
+    c->origins = NULL;
 }
 
 /* ---- dump ------------------------------------------------------------- */

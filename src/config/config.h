@@ -22,6 +22,8 @@ typedef struct hl_strlist {
 
 typedef struct hl_config {
     char *config_path; /* the YAML file read, or NULL */
+    char **origins;    /* per key (table order): where it was last set ("file:line", "env HARMONYLITE_X",
+                          "flag -x"), NULL when never set; for error messages, kept by config.c */
 
     char *db_path;                 /* db_path: the application's SQLite file (required) */
     uint64_t node_id;              /* node_id: >= 1; default: StatefulSet ordinal of the host name + 1 */

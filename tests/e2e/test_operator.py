@@ -255,9 +255,104 @@ def test_check_config(tmp_path, hl_bin):
     bad.write_text(f"db_path: {db}\nnode_id: 4\nreplication_log:\n  shardz: 2\n")
     r = subprocess.run([str(hl_bin), "-config", str(bad), "-check-config"], capture_output=True, text=True,
                        timeout=30)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert f"{bad}:4: replication_log.shardz: unknown key" in r.stderr, r.stderr
     assert not db.exists()
+
+
+def _run_to_exit(argv: list[str], cwd: Path, timeout: float = 30) -> tuple[int, str]:
+    """Runs harmonylite until it exits; (status, stderr+stdout). A process still running after a
+    generous timeout is killed with its nats-server and reported as status None."""
+    import os
+    import subprocess
+
+    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True, preexec_fn=harness._child_setup)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return None, out[-3000:]
+
+
+# Configurations that parse but cannot work: the end of the file (after 4 lines of db_path,
+# node_id, data_dir, polling_interval), and the line and key the error must name. The listeners
+# a mistaken start would use are loopback ports of this test.
+UNWORKABLE = {
+    "replicas-above-embedded-servers": (
+        "replication_log:\n  replicas: 3\nnats:\n  bind_address: 127.0.0.1:{client}\n"
+        "http:\n  bind: 127.0.0.1:{http}\n", 6, "replication_log.replicas"),
+    "http-bind-bad-port": (
+        "nats:\n  bind_address: 127.0.0.1:{client}\nhttp:\n  bind: 127.0.0.1:99999\n", 8, "http.bind"),
+    "bind-address-without-port": (
+        "nats:\n  bind_address: 127.0.0.1\nhttp:\n  bind: 127.0.0.1:{http}\n", 6, "nats.bind_address"),
+    "cluster-addr-without-peers": (
+        "nats:\n  bind_address: 127.0.0.1:{client}\n  cluster_addr: 127.0.0.1:{cluster}\n"
+        "http:\n  bind: 127.0.0.1:{http}\n", 7, "nats.cluster_addr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNWORKABLE))
+def test_unworkable_config_exits_2(tmp_path, hl_bin, case):
+    """-check-config and a plain start both refuse it: exit 2, "file:line: key:", nothing touched."""
+    tail, line, key = UNWORKABLE[case]
+    db = tmp_path / "app.db"
+    cfg = tmp_path / "node.yaml"
+    ports = {"client": harness.free_port(), "http": harness.free_port(), "cluster": harness.free_port()}
+    cfg.write_text(f"db_path: {db}\nnode_id: 1\ndata_dir: {tmp_path / 'data'}\npolling_interval: 500\n"
+                   + tail.format(**ports))
+    want = f"{cfg}:{line}: {key}: "
+    for extra_args in (["-check-config"], []):
+        rc, out = _run_to_exit([str(hl_bin), "-config", str(cfg)] + extra_args, tmp_path)
+        assert rc == 2, f"{extra_args}: exit {rc}, expected 2\n{cfg.read_text()}\n{out}"
+        assert want in out, f"{extra_args}: expected {want!r} in:\n{out}"
+        assert out.count("\n") < 20, out  # one error line, not a retry loop
+        assert not db.exists(), "a configuration error must not touch the database"
+        assert not (tmp_path / "data").exists()
+
+
+def test_unworkable_config_from_flag_names_the_flag(tmp_path, hl_bin):
+    db = tmp_path / "app.db"
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"db_path: {db}\nnode_id: 1\nhttp:\n  bind: 127.0.0.1:{harness.free_port()}\n"
+                   f"nats:\n  bind_address: 127.0.0.1:{harness.free_port()}\n")
+    for extra_args in (["-check-config"], []):
+        rc, out = _run_to_exit([str(hl_bin), "-config", str(cfg), "-replication-log-replicas", "3"] + extra_args,
+                               tmp_path)
+        assert rc == 2, f"{extra_args}: exit {rc}\n{out}"
+        assert "flag -replication-log-replicas: replication_log.replicas: must not exceed" in out, out
+        assert not db.exists()
+
+
+def test_refused_stream_creation_is_logged_a_bounded_number_of_times(tmp_path, hl_bin):
+    """A standalone external nats-server cannot hold a stream with 3 replicas: the node keeps retrying
+    (the server may be reconfigured), stays not ready, and logs the refusal at most once per 5 s
+    retry instead of in a tight loop."""
+    nats = harness.NatsServer(tmp_path / "nats")
+    node = harness.Node(hl_bin, tmp_path / "node", 1, 0, 0, harness.free_port(), [], external_urls=[nats.url],
+                        settings={"replication_log": {"replicas": 3}})
+    try:
+        nats.start()
+        node.start(wait=False)
+        wait_until(lambda: "cannot create stream" in node.log_since_start(), SLOW_TIMEOUT, "the refusal logged")
+        first = node.log_since_start().count("cannot create stream")
+        window = 10.0
+        time.sleep(window)  # observe the log for a while; nothing here is timed, only counted
+        assert node.running, node.log_tail()
+        log = node.log_since_start()
+        n = log.count("cannot create stream") - first
+        assert n <= window / 5 + 2, f"{n} 'cannot create stream' lines in {window:.0f} s:\n{node.log_tail(20)}"
+        assert "replicas > 1 not supported in non-clustered mode" in log
+        lines = [ln for ln in log.splitlines() if ln.strip()]
+        assert len(lines) < 200, f"{len(lines)} log lines in {window:.0f} s:\n{node.log_tail(20)}"
+        code, body, _ = http(node, "/readyz")
+        assert code == 503, body
+        node.stop()
+    finally:
+        node.kill()
+        nats.stop()
 
 
 def test_killed_nats_server_child_is_restarted_and_replication_resumes(cluster):

@@ -366,6 +366,11 @@ START_TEST(test_full_file)
     ck_assert_str_eq(c.logging.level, "warn");
     ck_assert_str_eq(c.http.bind, ""); /* "" disables the listener; it is not reset to the default */
 
+    /* every key is set above, but creds_file and seed_file exclude each other */
+    ck_assert_int_eq(hl_config_finish_host(&c, "whatever", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_ptr_nonnull(strstr(err, "nats.seed_file: cannot be used together with nats.creds_file"));
+    free(c.nats.seed_file);
+    c.nats.seed_file = NULL;
     ck_assert_int_eq(hl_config_finish_host(&c, "whatever", err, sizeof err), HL_OK);
     ck_assert_str_eq(c.logging.level, "debug"); /* verbose wins */
     ck_assert_uint_eq(c.node_id, 7);
@@ -540,7 +545,7 @@ END_TEST
 START_TEST(test_error_duplicates)
 {
     expect_load_error("db_path: a\nnode_id: 1\ndb_path: b\n", "3: db_path: duplicate key (first set on line 1)");
-    expect_load_error("nats:\n  urls: []\n  bind_address: x\n  urls: []\n",
+    expect_load_error("nats:\n  urls: []\n  bind_address: \":4222\"\n  urls: []\n",
                       "4: nats.urls: duplicate key (first set on line 2)");
     expect_load_error("nats:\n  urls: []\nlogging: {}\nnats:\n  seed_file: x\n",
                       "4: nats: duplicate key (first set on line 1)");
@@ -867,6 +872,146 @@ START_TEST(test_finish)
 }
 END_TEST
 
+/* Loads yaml, applies env and one flag (either may be NULL), finishes, and
+ * asserts the error is exactly want; "@" in want stands for "<tmpdir>/node.yaml". */
+static void expect_finish_error(const char *yaml, const char *envvar, const char *flag_key, const char *flag_val,
+                                const char *want)
+{
+    hl_config c;
+    char full[1200], file[512];
+    snprintf(file, sizeof file, "%s/node.yaml", tmpdir);
+    const char *at = strchr(want, '@');
+    if (at)
+        snprintf(full, sizeof full, "%.*s%s%s", (int)(at - want), want, file, at + 1);
+    else
+        snprintf(full, sizeof full, "%s", want);
+    ck_assert_msg(load(&c, yaml) == HL_OK, "%s", err);
+    char *env[] = {(char *)envvar, NULL};
+    ck_assert_msg(hl_config_load_env(&c, env, err, sizeof err) == HL_OK, "%s", err);
+    if (flag_key) {
+        char origin[96];
+        snprintf(origin, sizeof origin, "flag -%s", flag_key);
+        ck_assert_msg(hl_config_set(&c, hl_config_flag_path(flag_key), flag_val, origin, err, sizeof err) == HL_OK,
+                      "%s", err);
+    }
+    ck_assert_int_eq(hl_config_finish_host(&c, "harmonylite-0", err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, full);
+    hl_config_free(&c);
+}
+
+/* Loads yaml and finishes it; asserts both succeed. */
+static void expect_workable(const char *yaml)
+{
+    hl_config c;
+    ck_assert_msg(load(&c, yaml) == HL_OK, "%s", err);
+    ck_assert_msg(hl_config_finish_host(&c, "harmonylite-0", err, sizeof err) == HL_OK, "%s", err);
+    hl_config_free(&c);
+}
+
+/* Configurations that parse but cannot work are refused before anything starts. */
+START_TEST(test_unworkable)
+{
+    static const char *hp1 = "expected host:port, [IPv6 address]:port or :port with a port from 1 to 65535, got ";
+    static const char *hp0 = "expected host:port, [IPv6 address]:port or :port with a port from 0 to 65535 (\"\" "
+                             "disables the listener), got ";
+    static const struct {
+        const char *yaml, *key, *got;
+        int line;
+        bool port0;
+    } bad[] = {
+        {"http:\n  bind: 0.0.0.0:99999\n", "http.bind", "\"0.0.0.0:99999\"", 2, true},
+        {"http:\n  bind: 0.0.0.0:http\n", "http.bind", "\"0.0.0.0:http\"", 2, true},
+        {"http:\n  bind: \"8080\"\n", "http.bind", "\"8080\"", 2, true},
+        {"http:\n  bind: \"0.0.0.0:\"\n", "http.bind", "\"0.0.0.0:\"", 2, true},
+        {"http:\n  bind: ::1:8080\n", "http.bind", "\"::1:8080\"", 2, true},
+        {"http:\n  bind: \"[::1]8080\"\n", "http.bind", "\"[::1]8080\"", 2, true},
+        {"http:\n  bind: \"0.0.0.0:-1\"\n", "http.bind", "\"0.0.0.0:-1\"", 2, true},
+        {"nats:\n  bind_address: 0.0.0.0\n", "nats.bind_address", "\"0.0.0.0\"", 2, false},
+        {"nats:\n  bind_address: \"\"\n", "nats.bind_address", "\"\"", 2, false},
+        {"nats:\n  bind_address: 127.0.0.1:0\n", "nats.bind_address", "\"127.0.0.1:0\"", 2, false},
+        {"nats:\n  bind_address: \"host name:4222\"\n", "nats.bind_address", "\"host name:4222\"", 2, false},
+        {"nats:\n  cluster_addr: 0.0.0.0\n", "nats.cluster_addr", "\"0.0.0.0\"", 2, false},
+        {"nats:\n  cluster_addr: 0.0.0.0:65536\n", "nats.cluster_addr", "\"0.0.0.0:65536\"", 2, false},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char want[512];
+        snprintf(want, sizeof want, "%d: %s: %s%s", bad[i].line, bad[i].key, bad[i].port0 ? hp0 : hp1, bad[i].got);
+        expect_load_error(bad[i].yaml, want);
+    }
+
+    /* the same checks for the environment and flags */
+    hl_config c;
+    char *env[] = {E("HARMONYLITE_HTTP_BIND=:70000"), NULL};
+    hl_config_defaults(&c);
+    ck_assert_int_eq(hl_config_load_env(&c, env, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_ptr_nonnull(strstr(err, "env HARMONYLITE_HTTP_BIND: http.bind: expected host:port"));
+    ck_assert_int_eq(hl_config_set(&c, "nats.cluster_addr", "6222", "flag -cluster-addr", err, sizeof err),
+                     HL_ERR_CONFIG);
+    ck_assert_ptr_nonnull(strstr(err, "flag -cluster-addr: nats.cluster_addr: expected host:port"));
+    hl_config_free(&c);
+
+    /* forms that work */
+    expect_workable("db_path: a.db\nhttp:\n  bind: \"\"\n");
+    expect_workable("db_path: a.db\nhttp:\n  bind: 127.0.0.1:0\n");
+    expect_workable("db_path: a.db\nhttp:\n  bind: \":8080\"\n");
+    expect_workable("db_path: a.db\nhttp:\n  bind: \"[::1]:8080\"\n");
+    expect_workable("db_path: a.db\nhttp:\n  bind: localhost:65535\n");
+    expect_workable("db_path: a.db\nnats:\n  bind_address: \"[::]:4222\"\n");
+    expect_workable("db_path: a.db\nnats:\n  cluster_addr: \"\"\n  cluster_peers: []\n");
+    expect_workable("db_path: a.db\nreplication_log:\n  replicas: 3\nnats:\n  cluster_addr: 0.0.0.0:6222\n"
+                    "  cluster_peers: [nats://b:6222, nats://c:6222]\n");
+    expect_workable("db_path: a.db\nreplication_log:\n  replicas: 2\nnats:\n  cluster_addr: 0.0.0.0:6222\n"
+                    "  cluster_peers: [nats://b:6222]\n");
+    /* external mode: the number of servers is not known here, and the embedded keys are unused */
+    expect_workable("db_path: a.db\nreplication_log:\n  replicas: 5\nnats:\n  urls: [nats://a:4222]\n"
+                    "  cluster_addr: 0.0.0.0:6222\n");
+
+    /* more replicas than embedded servers: named where replicas was set */
+    static const char *r1 = "replication_log.replicas: must not exceed the number of embedded nats-servers, 1 "
+                            "(this node's; a stream cannot have more replicas than servers: add "
+                            "nats.cluster_addr and nats.cluster_peers), got 3";
+    char want[1024];
+    snprintf(want, sizeof want, "@:4: %s", r1);
+    expect_finish_error("db_path: a.db\nnode_id: 1\nreplication_log:\n  replicas: 3\n", NULL, NULL, NULL, want);
+    snprintf(want, sizeof want, "env HARMONYLITE_REPLICATION_LOG_REPLICAS: %s", r1);
+    expect_finish_error("db_path: a.db\n", "HARMONYLITE_REPLICATION_LOG_REPLICAS=3", NULL, NULL, want);
+    snprintf(want, sizeof want, "flag -replication-log-replicas: %s", r1);
+    expect_finish_error("db_path: a.db\nreplication_log:\n  replicas: 2\n", NULL, "replication-log-replicas", "3",
+                        want);
+    expect_finish_error("db_path: a.db\nreplication_log:\n  replicas: 3\nnats:\n  cluster_addr: 0.0.0.0:6222\n"
+                        "  cluster_peers: [nats://b:6222]\n",
+                        NULL, NULL, NULL,
+                        "@:3: replication_log.replicas: must not exceed the number of embedded nats-servers, 2 "
+                        "(this node's and 1 in nats.cluster_peers; a stream cannot have more replicas than "
+                        "servers), got 3");
+
+    /* a cluster listener without routes, routes without a listener */
+    expect_finish_error("db_path: a.db\nnats:\n  cluster_addr: 0.0.0.0:6222\n", NULL, NULL, NULL,
+                        "@:3: nats.cluster_addr: needs nats.cluster_peers (JetStream clustering needs routes to "
+                        "the other servers); leave it unset for a single node");
+    expect_finish_error("db_path: a.db\n", NULL, "cluster-addr", "0.0.0.0:6222",
+                        "flag -cluster-addr: nats.cluster_addr: needs nats.cluster_peers (JetStream clustering "
+                        "needs routes to the other servers); leave it unset for a single node");
+    expect_finish_error("db_path: a.db\nnats:\n  cluster_peers:\n    - nats://b:6222\n", NULL, NULL, NULL,
+                        "@:4: nats.cluster_peers: needs nats.cluster_addr (routes to the peers are made only from "
+                        "a cluster listener)");
+
+    /* NATS credentials that cannot be used as given */
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n  cert_file: /c.pem\n", NULL, NULL, NULL,
+                        "@:4: nats.cert_file: needs nats.key_file (the client certificate's private key)");
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n", "HARMONYLITE_NATS_KEY_FILE=/k.pem", NULL,
+                        NULL,
+                        "env HARMONYLITE_NATS_KEY_FILE: nats.key_file: needs nats.cert_file (the client "
+                        "certificate it belongs to)");
+    expect_finish_error("db_path: a.db\nnats:\n  urls: [nats://a:4222]\n  creds_file: /u.creds\n", NULL,
+                        "nats-seed-file", "/u.seed",
+                        "flag -nats-seed-file: nats.seed_file: cannot be used together with nats.creds_file (set "
+                        "one of them)");
+    expect_workable("db_path: a.db\nnats:\n  urls: [tls://a:4222]\n  cert_file: /c.pem\n  key_file: /k.pem\n"
+                    "  creds_file: /u.creds\n");
+}
+END_TEST
+
 /* ---- dump ------------------------------------------------------------- */
 
 START_TEST(test_dump)
@@ -989,6 +1134,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_precedence);
     tcase_add_test(tc, test_node_id_from_hostname);
     tcase_add_test(tc, test_finish);
+    tcase_add_test(tc, test_unworkable);
     tcase_add_test(tc, test_dump);
     tcase_add_test(tc, test_example_file);
     tcase_add_test(tc, test_docs);
