@@ -269,6 +269,7 @@ static void publish_state(engine *e)
         s->changesets_duplicate = d->stats.changesets_duplicate;
         s->changesets_malformed = d->stats.changesets_malformed;
         s->changesets_held = d->stats.changesets_held;
+        s->clock_ahead = d->stats.clock_ahead;
         if (hl_mono_ms() - e->last_held_check >= 1000) {
             e->last_held_check = hl_mono_ms();
             uint64_t for_schema = 0, oldest = 0;
@@ -579,6 +580,12 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.d->publish = c->publish;
     e.d->compress = c->replication_log.compress;
     e.d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
+    e.d->max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u;
+    if (hl_hlc_ahead(e.d->last_hlc, hl_now_ms(), e.d->max_clock_drift_ms))
+        hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
+                 "are held by the other nodes until the wall clock catches up",
+                 (unsigned long long)(HL_HLC_MS(e.d->last_hlc) - hl_now_ms()));
+    e.retry_held = true; /* changesets held for their clock become due while we were away */
     for (int s = 0; s < shards; s++) {
         if (hl_db_stream_seq_get(e.d, e.streams[s], &e.applied_seq[s]))
             goto out;
@@ -652,6 +659,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         for (int s = 0; s < shards; s++)
             pos_pending |= e.seen_seq[s] != e.applied_seq[s];
         bool flush_positions = pos_pending && hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
+        if (e.d->ahead_due_ms && hl_now_ms() >= e.d->ahead_due_ms)
+            e.retry_held = true; /* a changeset held for its clock is no longer ahead */
         if (external || e.retry_held || items || flush_positions) {
             hl_status st = cycle(&e, items, external, flush_positions);
             if (st) {

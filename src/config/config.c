@@ -107,6 +107,8 @@ static const hl_key keys[] = {
         "milliseconds; accepted for compatibility with HarmonyLite and ignored"),
     I64("tombstone_retention", tombstone_retention_s, 1, INT64_C(3153600000), "604800",
         "seconds to keep delete tombstones"),
+    I64("max_clock_drift", max_clock_drift_s, 1, INT64_C(3153600000), "60",
+        "seconds a remote version may be ahead of the local wall clock; later ones are held until it catches up"),
     INT("shutdown_grace", shutdown_grace_s, 0, 3600, "10", "seconds to flush the outbox on SIGTERM"),
     INT("apply_batch_rows", apply_batch_rows, 1, 10000000, "10000", "rows applied per SQLite transaction"),
     I64("cache_size", cache_size_kib, 0, INT64_C(1073741824), "65536",

@@ -33,6 +33,7 @@ typedef struct hl_config {
     int polling_interval_ms;       /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
     int cleanup_interval_ms;       /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
     int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
+    int64_t max_clock_drift_s;     /* max_clock_drift: seconds a remote version may be ahead (default 60) */
     int shutdown_grace_s;          /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
     int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
     int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */

@@ -85,6 +85,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
+    uint64_t clock_ahead; /* changesets held: a row version too far ahead of the wall clock */
 } hl_db_stats;
 
 typedef struct hl_db {
@@ -103,13 +104,16 @@ typedef struct hl_db {
     bool publish;
     bool compress;
     size_t max_changeset_bytes;
+    uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held */
+    uint64_t ahead_due_ms;       /* wall ms when a changeset held for its clock is due; 0: none */
     int64_t data_version;
     int64_t schema_version;
     hl_schema schema;
     unsigned char prev_hash[32];
     bool have_prev_hash;
     hl_db_stats stats;
-    hl_ratelimit null_key_log; /* warnings about rows with NULL in their key */
+    hl_ratelimit null_key_log;    /* warnings about rows with NULL in their key */
+    hl_ratelimit clock_ahead_log; /* warnings about versions ahead of the wall clock */
     sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_hwm_get, *st_hwm_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;

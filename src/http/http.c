@@ -370,6 +370,9 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
              "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
              s->changesets_held);
     m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(&w, "clock_ahead_total", "counter",
+             "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
+             s->clock_ahead);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
 
