@@ -145,7 +145,8 @@ END_TEST
 
 /* ---- /readyz ---- */
 
-static const char *const check_names[] = {"database", "triggers", "nats", "streams", "caught_up", "gap", "schema"};
+static const char *const check_names[] = {"database",  "triggers", "nats",   "streams",
+                                          "caught_up", "gap",      "schema", "consumers"};
 
 /* Renders /readyz and checks its shape; returns the parsed body. *failing gets the names of failing checks. */
 static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want_failing, const char *want_reason)
@@ -160,7 +161,7 @@ static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want
     ck_assert_int_eq(cJSON_IsTrue(ready), want_code == 200);
     const cJSON *checks = cJSON_GetObjectItem(j, "checks");
     ck_assert(cJSON_IsArray(checks));
-    ck_assert_int_eq(cJSON_GetArraySize(checks), 7);
+    ck_assert_int_eq(cJSON_GetArraySize(checks), 8);
     int i = 0;
     const cJSON *c;
     cJSON_ArrayForEach(c, checks)
@@ -202,6 +203,8 @@ START_TEST(readyz_each_check)
         {"caught_up", "applied 10 of 250 messages present at start on harmonylite-changes-0"},
         {"gap", "stream x starts at 500"},
         {"schema", "3 changesets held (see __harmonylite__pending)"},
+        {"consumers", "no working consumer on stream harmonylite-changes-0 for 12 s; re-creating it after sequence "
+                      "250 (and 1 more stream)"},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         hl_state_snapshot s;
@@ -230,6 +233,10 @@ START_TEST(readyz_each_check)
         case 6:
             s.paused = true;
             snprintf(s.paused_reason, sizeof s.paused_reason, "3 changesets held (see __harmonylite__pending)");
+            break;
+        case 7:
+            s.streams[0].stalled_ms = 12345;
+            s.streams[1].stalled_ms = 1;
             break;
         }
         cJSON_Delete(readyz(&s, 503, cases[k].name, cases[k].reason));
@@ -425,6 +432,9 @@ START_TEST(metrics_all)
     s.changesets_malformed = 4;
     s.nats_server_restarts = 2;
     s.streams[1].tail_seq = 40;
+    s.streams[0].changesets_expired = 2;
+    s.streams[1].changesets_expired = 3;
+    s.streams[1].consumer_restarts = 4;
 
     char *t = hl_http_render_metrics(&s);
     ck_assert_ptr_nonnull(t);
@@ -465,6 +475,12 @@ START_TEST(metrics_all)
     ck_assert(value_of(&e, "harmonylite_stream_applied_sequence", "stream=\"harmonylite-changes-0\"") == 250);
     ck_assert(value_of(&e, "harmonylite_stream_applied_sequence", "stream=\"harmonylite-changes-1\"") == 12);
     ck_assert(value_of(&e, "harmonylite_stream_last_sequence", "stream=\"harmonylite-changes-1\"") == 40);
+    ck_assert_str_eq(type_of(&e, "harmonylite_changesets_expired_total"), "counter");
+    ck_assert(value_of(&e, "harmonylite_changesets_expired_total", NULL) == 5);
+    ck_assert_str_eq(type_of(&e, "harmonylite_stream_consumer_stalled"), "gauge");
+    ck_assert(value_of(&e, "harmonylite_stream_consumer_stalled", "stream=\"harmonylite-changes-0\"") == 0);
+    ck_assert_str_eq(type_of(&e, "harmonylite_stream_consumer_restarts_total"), "counter");
+    ck_assert(value_of(&e, "harmonylite_stream_consumer_restarts_total", "stream=\"harmonylite-changes-1\"") == 4);
     for (size_t i = 0; i < sizeof check_names / sizeof check_names[0]; i++) {
         char l[64];
         snprintf(l, sizeof l, "check=\"%s\"", check_names[i]);
