@@ -38,6 +38,12 @@ def readyz(node) -> dict:
         return json.loads(e.read())
 
 
+def check_ok(node, name: str) -> bool:
+    checks = {c["name"]: c for c in readyz(node).get("checks", [])}
+    assert name in checks, f"node {node.id} /readyz has no check {name!r}: {list(checks)}"
+    return checks[name]["ok"]
+
+
 def metric(node, name: str) -> float:
     with urllib.request.urlopen(node.http_url + "/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -115,7 +121,8 @@ def test_fetchers_recover_while_the_stream_server_restarts(own_cluster, seed):
             time.sleep(rng.uniform(1.0, 4.0))
             assert holder.running, f"node {holder.id} exited on its own\n{holder.log_tail()}"
             holder.kill()
-            time.sleep(rng.uniform(0.0, 1.0))
+            # Back at once, or after the readers' consumers missed heartbeats.
+            time.sleep(rng.choice([rng.uniform(0.0, 1.0), rng.uniform(3.0, 8.0)]))
             holder.start(wait=False)
         holder.wait_started()
         time.sleep(rng.uniform(1.0, 3.0))
@@ -123,6 +130,14 @@ def test_fetchers_recover_while_the_stream_server_restarts(own_cluster, seed):
         stop.set()
         t.join(60)
     assert not errors, errors
+    # While the stream is away, a reader says so: /readyz and the metric.
+    reader = next(n for n in cluster.nodes if n is not holder and n is not writer_node)
+    holder.kill()
+    wait_until(lambda: not check_ok(reader, "consumers"), SLOW_TIMEOUT,
+               f"node {reader.id} reports its stalled consumer in /readyz")
+    wait_until(lambda: metric(reader, "stream_consumer_stalled") == 1, SLOW_TIMEOUT,
+               f"node {reader.id} reports its stalled consumer in /metrics")
+    holder.start()
     # One more row after the loop: it has to arrive too.
     writer_node.execute("INSERT INTO restart_loop VALUES (?, ?, 'after the loop')", (10_000_000, writer_node.id))
     written.add(10_000_000)
