@@ -105,7 +105,7 @@ static void expire(hl_fetcher *f, origin_slot *sl, const char *measured)
         hl_logf(HL_LOG_WARN,
                 "incomplete changeset expired: stream %s origin %" PRIu64 " epoch %016" PRIx64 " sequence %" PRIu64
                 ": %" PRIu32 " of %" PRIu32 " parts received, the first at stream sequence %" PRIu64
-                ", none of the rest for %" PRIu64 " s (%s); dropped%s",
+                ", the rest not received within %" PRIu64 " s (%s); dropped%s",
                 f->stream, sl->origin, r->epoch, r->seq, r->next, r->count, r->first_stream_seq, f->expiry_ms / 1000,
                 measured, dropped ? " (and earlier ones not logged; see harmonylite_changesets_expired_total)" : "");
     hl_reasm_reset(r);
@@ -309,8 +309,7 @@ static void *run(void *arg)
     while (!atomic_load(&f->stop)) {
         if (!sub) {
             if (!hl_nats_connected(f->n) || !(sub = subscribe(f))) {
-                if (subscribed_once)
-                    set_stalled(f, true);
+                set_stalled(f, true);
                 for (int i = 0; i < 10 && !atomic_load(&f->stop); i++)
                     usleep(100000);
                 continue;
