@@ -21,12 +21,15 @@ extern const double hl_lag_bounds[HL_LAG_BUCKETS];
 
 typedef struct hl_state_stream {
     char name[128];
-    uint64_t applied_seq;        /* stream sequence recorded as dealt with */
-    uint64_t tail_seq;           /* last sequence the stream had when last asked */
-    uint64_t start_tail;         /* last sequence when this node started (for "caught up") */
-    uint64_t stalled_ms;         /* how long the stream's consumer has been missing or stuck; 0: healthy */
-    uint64_t consumer_restarts;  /* consumers re-created after the first */
-    uint64_t changesets_expired; /* incomplete changesets dropped (replication_log.incomplete_expiry) */
+    uint64_t applied_seq; /* stream sequence recorded as dealt with */
+    uint64_t tail_seq;    /* last sequence the stream had when last asked */
+    uint64_t start_tail;  /* last sequence when this node started (for "caught up") */
+    /* how long the stream's consumer has been missing or stuck; 0: healthy */
+    uint64_t stalled_ms;
+    /* consumers re-created after the first */
+    uint64_t consumer_restarts;
+    /* incomplete changesets dropped (replication_log.incomplete_expiry) */
+    uint64_t changesets_expired;
 } hl_state_stream;
 
 typedef struct hl_state_snapshot {
