@@ -355,6 +355,9 @@ static void publish_state(engine *e)
         s->streams[i].applied_seq = e->seen_seq[i];
         if (e->fetchers && e->fetchers[i]) {
             malformed += hl_fetcher_malformed(e->fetchers[i]);
+            s->streams[i].stalled_ms = hl_fetcher_stalled_ms(e->fetchers[i]);
+            s->streams[i].consumer_restarts = hl_fetcher_restarts(e->fetchers[i]);
+            s->streams[i].changesets_expired = hl_fetcher_expired(e->fetchers[i]);
             uint64_t rcv = hl_fetcher_received(e->fetchers[i]);
             if (rcv > s->streams[i].tail_seq)
                 s->streams[i].tail_seq = rcv;

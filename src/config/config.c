@@ -137,6 +137,8 @@ static const hl_key keys[] = {
         "268435456", "changesets larger than this are rejected"),
     INT("replication_log.duplicate_window", replication_log.duplicate_window_s, 0, 604800, "120",
         "seconds JetStream remembers message ids to drop duplicates"),
+    I64("replication_log.incomplete_expiry", replication_log.incomplete_expiry_s, 0, INT64_C(31536000), "0",
+        "seconds a partly received changeset waits for its missing parts; 0: twice duplicate_window + 60"),
     BOOL("replication_log.update_existing", replication_log.update_existing, "false",
          "update a stream whose configuration differs from the above"),
 
@@ -1340,8 +1342,29 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
                     "replication_log.duplicate_window",
                     "must not exceed replication_log.max_age (%" PRId64 ") when it is set, got %d",
                     c->replication_log.max_age_s, c->replication_log.duplicate_window_s);
+    if (c->replication_log.incomplete_expiry_s > 0 &&
+        c->replication_log.incomplete_expiry_s <= hl_config_duplicate_window_s(c))
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.incomplete_expiry"),
+                    "replication_log.incomplete_expiry",
+                    "must be longer than the duplicate window (%d seconds), got %" PRId64,
+                    hl_config_duplicate_window_s(c), c->replication_log.incomplete_expiry_s);
     hl_status st = check_credentials(c, err, errlen);
     return st ? st : check_embedded(c, err, errlen);
+}
+
+int hl_config_duplicate_window_s(const hl_config *c)
+{
+    int w = c->replication_log.duplicate_window_s > 0 ? c->replication_log.duplicate_window_s : 120;
+    if (c->replication_log.max_age_s > 0 && w > c->replication_log.max_age_s)
+        w = (int)c->replication_log.max_age_s;
+    return w;
+}
+
+int64_t hl_config_incomplete_expiry_s(const hl_config *c)
+{
+    if (c->replication_log.incomplete_expiry_s > 0)
+        return c->replication_log.incomplete_expiry_s;
+    return 2 * (int64_t)hl_config_duplicate_window_s(c) + 60;
 }
 
 hl_status hl_config_finish(hl_config *c, char *err, size_t errlen)

@@ -52,6 +52,7 @@ typedef struct hl_config {
         int chunk_bytes;             /* replication_log.chunk_bytes: max payload per message (default 524288) */
         int64_t max_changeset_bytes; /* replication_log.max_changeset_bytes: reject larger (default 268435456) */
         int duplicate_window_s;      /* replication_log.duplicate_window: seconds (default 120) */
+        int64_t incomplete_expiry_s; /* replication_log.incomplete_expiry: seconds, 0 derived (default 0) */
         bool update_existing;        /* replication_log.update_existing: update stream config if it differs */
     } replication_log;
 
@@ -127,6 +128,14 @@ void hl_config_free(hl_config *c);
 
 /* Writes every key with its effective value as YAML to f; secrets as "<redacted>". */
 void hl_config_dump(const hl_config *c, FILE *f);
+
+/* The stream's duplicate window in seconds as harmonylite creates streams:
+ * duplicate_window (0 means 120), at most max_age when that is set. */
+int hl_config_duplicate_window_s(const hl_config *c);
+/* Seconds a partly received changeset waits for its missing parts:
+ * incomplete_expiry, or when 0 twice the duplicate window + 60 (always longer
+ * than the window; docs/architecture.md says why). */
+int64_t hl_config_incomplete_expiry_s(const hl_config *c);
 
 /*
  * Key introspection, for main's flag parser, `-check-config`, the docs and the

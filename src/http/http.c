@@ -142,6 +142,7 @@ enum {
     CHECK_GAP,
     CHECK_SCHEMA,
     CHECK_ENGINE,
+    CHECK_CONSUMERS,
     NCHECKS
 };
 
@@ -154,8 +155,8 @@ typedef struct check {
 /* Fills c[NCHECKS]; returns true when every check passes. */
 static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
 {
-    static const char *const names[NCHECKS] = {"database",  "triggers", "nats",   "streams",
-                                               "caught_up", "gap",      "schema", "engine"};
+    static const char *const names[NCHECKS] = {"database", "triggers", "nats",   "streams",  "caught_up",
+                                               "gap",      "schema",   "engine", "consumers"};
     for (int i = 0; i < NCHECKS; i++) {
         c[i].name = names[i];
         c[i].ok = true;
@@ -223,6 +224,25 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
         c[CHECK_ENGINE].ok = false;
         snprintf(c[CHECK_ENGINE].reason, sizeof c[0].reason, "%s",
                  r[0] ? r : "the engine cannot capture or apply: its transactions keep failing");
+    }
+
+    int stalled = -1, nstalled = 0;
+    for (int i = 0; i < nstreams_of(s); i++)
+        if (s->streams[i].stalled_ms) {
+            if (stalled < 0)
+                stalled = i;
+            nstalled++;
+        }
+    if (stalled >= 0) {
+        char name[sizeof s->streams[0].name];
+        fixed_str(name, sizeof name, s->streams[stalled].name, sizeof s->streams[stalled].name);
+        c[CHECK_CONSUMERS].ok = false;
+        int n = snprintf(c[CHECK_CONSUMERS].reason, sizeof c[0].reason,
+                         "no working consumer on stream %s for %" PRIu64 " s; re-creating it after sequence %" PRIu64,
+                         name, s->streams[stalled].stalled_ms / 1000, s->streams[stalled].applied_seq);
+        if (nstalled > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
+            snprintf(c[CHECK_CONSUMERS].reason + n, sizeof c[0].reason - (size_t)n, " (and %d more stream%s)",
+                     nstalled - 1, nstalled > 2 ? "s" : "");
     }
 
     bool all = true;
@@ -407,6 +427,13 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
              s->clock_ahead);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
+    uint64_t expired = 0;
+    for (int i = 0; i < ns; i++)
+        expired += s->streams[i].changesets_expired;
+    m_simple(&w, "changesets_expired_total", "counter",
+             "Partly received changesets dropped because their missing parts did not come within "
+             "replication_log.incomplete_expiry.",
+             expired);
 
     /* lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones */
     m_head(&w, "replication_lag_seconds", "histogram",
@@ -446,6 +473,25 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
         m_begin(&w, "stream_last_sequence");
         m_label(&w, "stream", name);
         m_end_u64(&w, s->streams[i].tail_seq);
+    }
+
+    m_head(&w, "stream_consumer_stalled", "gauge",
+           "1 while the stream's consumer is missing or stuck and being re-created.");
+    for (int i = 0; i < ns; i++) {
+        char name[sizeof s->streams[0].name];
+        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(&w, "stream_consumer_stalled");
+        m_label(&w, "stream", name);
+        m_end_u64(&w, s->streams[i].stalled_ms ? 1 : 0);
+    }
+    m_head(&w, "stream_consumer_restarts_total", "counter",
+           "Consumers of the stream re-created after the first (server restart, stream moved or unavailable).");
+    for (int i = 0; i < ns; i++) {
+        char name[sizeof s->streams[0].name];
+        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(&w, "stream_consumer_restarts_total");
+        m_label(&w, "stream", name);
+        m_end_u64(&w, s->streams[i].consumer_restarts);
     }
 
     /* NATS */

@@ -24,6 +24,12 @@ typedef struct hl_state_stream {
     uint64_t applied_seq; /* stream sequence recorded as dealt with */
     uint64_t tail_seq;    /* last sequence the stream had when last asked */
     uint64_t start_tail;  /* last sequence when this node started (for "caught up") */
+    /* how long the stream's consumer has been missing or stuck; 0: healthy */
+    uint64_t stalled_ms;
+    /* consumers re-created after the first */
+    uint64_t consumer_restarts;
+    /* incomplete changesets dropped (replication_log.incomplete_expiry) */
+    uint64_t changesets_expired;
 } hl_state_stream;
 
 /* Changesets held for one origin (node, epoch), for /schema. */

@@ -1379,6 +1379,11 @@ hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, bool *comp
     *complete = false;
     if (p->count == 0 || p->index >= p->count || p->len > p->total_len)
         return HL_ERR_DECODE;
+    /* A part of the pending changeset received before: its writer re-published
+     * it after the stream's duplicate window had forgotten only some parts. */
+    if (hl_reasm_pending(r) && p->index < r->next && p->epoch == r->epoch && p->seq == r->seq && p->count == r->count &&
+        p->total_len == r->total_len && p->flags == r->flags)
+        return HL_OK;
     if (p->index == 0) {
         hl_reasm_reset(r);
         if (p->total_len > r->buf.limit)

@@ -191,9 +191,12 @@ bool hl_reasm_pending(const hl_reasm *r);
 /*
  * Feeds one part received at stream sequence sseq. Returns HL_OK and sets
  * *complete when the payload is whole (then r->buf holds it and r->flags its
- * flags; call hl_reasm_reset() after use). A part that does not continue the
- * pending changeset (wrong seq/index) drops the pending one: a part 0 starts
- * afresh; any other out-of-place part returns HL_ERR_DECODE and is ignored.
+ * flags; call hl_reasm_reset() after use). A part the pending changeset
+ * already has (same epoch, seq, count, length and flags, a lower index) is a
+ * re-publish and is ignored (HL_OK, not complete). A part that does not
+ * continue the pending changeset (wrong seq/index) drops the pending one: a
+ * part 0 starts afresh; any other out-of-place part returns HL_ERR_DECODE and
+ * is ignored.
  */
 hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, bool *complete);
 void hl_reasm_reset(hl_reasm *r);

@@ -6,13 +6,20 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/hlc.h"
 #include "common/log.h"
 
 #define MAX_ORIGINS 4096 /* reassembly slots; beyond this, hostile traffic is refused */
+/* With nothing received for this long, ask the server where the stream ends:
+ * a consumer that is gone or stuck while messages wait is re-created, and a
+ * reader at the end of the stream may expire incomplete changesets. */
+#define IDLE_CHECK_MS 5000
 
 typedef struct origin_slot {
     uint64_t origin;
     hl_reasm r;
+    int64_t first_ts_ns;     /* stream timestamp of the pending changeset's part 0 */
+    uint64_t first_local_ms; /* monotonic time part 0 was received here */
 } origin_slot;
 
 struct hl_fetcher {
@@ -25,10 +32,14 @@ struct hl_fetcher {
     uint64_t next_seq; /* first stream sequence still wanted */
     pthread_t th;
     atomic_int stop;
-    atomic_uint_fast64_t received, malformed;
+    atomic_uint_fast64_t received, malformed, expired, restarts;
+    atomic_uint_fast64_t stalled_since; /* monotonic ms the consumer was found missing or stuck; 0: healthy */
+    uint64_t expiry_ms;                 /* hl_config_incomplete_expiry_s() in ms */
+    uint64_t last_msg_ms, last_check_ms;
     origin_slot *slots;
     size_t nslots;
     hl_ratelimit refused_log; /* a hostile flood must not flood the log too */
+    hl_ratelimit expired_log;
 };
 
 uint64_t hl_fetcher_received(const hl_fetcher *f)
@@ -41,20 +52,75 @@ uint64_t hl_fetcher_malformed(const hl_fetcher *f)
     return atomic_load(&f->malformed);
 }
 
-static hl_reasm *slot_for(hl_fetcher *f, uint64_t origin)
+uint64_t hl_fetcher_expired(const hl_fetcher *f)
+{
+    return atomic_load(&f->expired);
+}
+
+uint64_t hl_fetcher_restarts(const hl_fetcher *f)
+{
+    return atomic_load(&f->restarts);
+}
+
+uint64_t hl_fetcher_stalled_ms(const hl_fetcher *f)
+{
+    uint64_t since = atomic_load(&f->stalled_since), now = hl_mono_ms();
+    return since && now > since ? now - since : (since ? 1 : 0);
+}
+
+static void set_stalled(hl_fetcher *f, bool stalled)
+{
+    if (!stalled)
+        atomic_store(&f->stalled_since, 0);
+    else if (!atomic_load(&f->stalled_since))
+        atomic_store(&f->stalled_since, hl_mono_ms());
+}
+
+static origin_slot *slot_for(hl_fetcher *f, uint64_t origin)
 {
     for (size_t i = 0; i < f->nslots; i++)
         if (f->slots[i].origin == origin)
-            return &f->slots[i].r;
+            return &f->slots[i];
     if (f->nslots >= MAX_ORIGINS)
         return NULL;
     origin_slot *ns = realloc(f->slots, (f->nslots + 1) * sizeof *ns);
     if (!ns)
         return NULL;
     f->slots = ns;
+    memset(&f->slots[f->nslots], 0, sizeof *ns);
     f->slots[f->nslots].origin = origin;
     hl_reasm_init(&f->slots[f->nslots].r, (size_t)f->c->replication_log.max_changeset_bytes);
-    return &f->slots[f->nslots++].r;
+    return &f->slots[f->nslots++];
+}
+
+/* Drops a partly received changeset whose missing parts can no longer come
+ * (docs/architecture.md, "Incomplete changesets expire"): logged, counted, and
+ * the position recorded by the engine moves past its first part. */
+static void expire(hl_fetcher *f, origin_slot *sl, const char *measured)
+{
+    hl_reasm *r = &sl->r;
+    uint64_t dropped = 0;
+    atomic_fetch_add(&f->expired, 1);
+    if (hl_ratelimit_allow(&f->expired_log, &dropped))
+        hl_logf(HL_LOG_WARN,
+                "incomplete changeset expired: stream %s origin %" PRIu64 " epoch %016" PRIx64 " sequence %" PRIu64
+                ": %" PRIu32 " of %" PRIu32 " parts received, the first at stream sequence %" PRIu64
+                ", the rest not received within %" PRIu64 " s (%s); dropped%s",
+                f->stream, sl->origin, r->epoch, r->seq, r->next, r->count, r->first_stream_seq, f->expiry_ms / 1000,
+                measured, dropped ? " (and earlier ones not logged; see harmonylite_changesets_expired_total)" : "");
+    hl_reasm_reset(r);
+}
+
+/* Expires what a message stored at stream time ts_ns proves complete-able no
+ * more: anything still missing would have been stored before it. */
+static void expire_by_stream_time(hl_fetcher *f, int64_t ts_ns)
+{
+    for (size_t i = 0; i < f->nslots; i++) {
+        origin_slot *sl = &f->slots[i];
+        if (hl_reasm_pending(&sl->r) && ts_ns > sl->first_ts_ns &&
+            (uint64_t)(ts_ns - sl->first_ts_ns) / 1000000u > f->expiry_ms)
+            expire(f, sl, "by the stream's timestamps");
+    }
 }
 
 /* The engine may record sseq as done unless a partly received changeset began earlier. */
@@ -98,7 +164,7 @@ static void refuse(hl_fetcher *f, uint64_t sseq, const char *why)
     push(f, sseq, NULL, NULL, 0, 0);
 }
 
-static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq)
+static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq, int64_t ts_ns)
 {
     hl_part part;
     const void *data = natsMsg_GetData(m);
@@ -112,17 +178,22 @@ static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq)
         push(f, sseq, NULL, NULL, 0, 0); /* our own */
         return;
     }
-    hl_reasm *r = slot_for(f, part.origin);
-    if (!r) {
+    origin_slot *sl = slot_for(f, part.origin);
+    if (!sl) {
         refuse(f, sseq, "too many origins");
         return;
     }
+    hl_reasm *r = &sl->r;
     bool complete = false;
     if (hl_reasm_feed(r, &part, sseq, &complete)) {
         refuse(f, sseq, "part out of order");
         return;
     }
     if (!complete) {
+        if (r->first_stream_seq == sseq) { /* a new part 0 */
+            sl->first_ts_ns = ts_ns;
+            sl->first_local_ms = hl_mono_ms();
+        }
         push(f, sseq, NULL, NULL, 0, 0); /* safe_seq stays before part 0 */
         return;
     }
@@ -173,34 +244,104 @@ static natsSubscription *subscribe(hl_fetcher *f)
     return sub;
 }
 
+/* Forgets a consumer that failed. No unsubscribe: that would wait for a
+ * server that may be gone; an ordered consumer is ephemeral and the server
+ * removes it once nobody reads it. */
+static void drop_sub(natsSubscription **sub)
+{
+    natsSubscription_Destroy(*sub);
+    *sub = NULL;
+}
+
+/*
+ * Nothing received for IDLE_CHECK_MS: ask the server where the stream ends.
+ * Messages we have not received mean the consumer is gone or stuck (its server
+ * restarted, the stream moved or was unavailable, and the library did not
+ * recover it): drop it, so it is re-created from next_seq. Having read
+ * everything means the consumer is healthy, and local time now measures how
+ * long a pending changeset has waited. An unanswered request proves nothing
+ * either way: the consumer counts as stalled and is re-created.
+ */
+static void idle_check(hl_fetcher *f, natsSubscription **sub)
+{
+    uint64_t now = hl_mono_ms();
+    if (now - f->last_msg_ms < IDLE_CHECK_MS || now - f->last_check_ms < IDLE_CHECK_MS)
+        return;
+    f->last_check_ms = now;
+    uint64_t first = 0, last = 0;
+    hl_status st = hl_nats_stream_bounds(f->n, f->stream, &first, &last);
+    if (st) {
+        if (*sub)
+            hl_logf(HL_LOG_WARN, "stream %s: no answer about the stream (%s); re-creating its consumer", f->stream,
+                    hl_status_str(st));
+        set_stalled(f, true);
+        drop_sub(sub);
+        return;
+    }
+    if (last >= f->next_seq) {
+        hl_logf(HL_LOG_WARN,
+                "stream %s: nothing received for %" PRIu64 " s while sequences %" PRIu64 "..%" PRIu64
+                " wait; re-creating the consumer",
+                f->stream, (now - f->last_msg_ms) / 1000, f->next_seq, last);
+        set_stalled(f, true);
+        drop_sub(sub);
+        return;
+    }
+    set_stalled(f, false);
+    bool moved = false;
+    for (size_t i = 0; i < f->nslots; i++) {
+        origin_slot *sl = &f->slots[i];
+        if (hl_reasm_pending(&sl->r) && now - sl->first_local_ms > f->expiry_ms) {
+            expire(f, sl, "by local time, at the end of the stream");
+            moved = true;
+        }
+    }
+    if (moved && f->next_seq > 1)
+        push(f, f->next_seq - 1, NULL, NULL, 0, 0); /* let the engine record the position */
+}
+
 static void *run(void *arg)
 {
     hl_fetcher *f = arg;
     natsSubscription *sub = NULL;
+    bool subscribed_once = false;
+    f->last_msg_ms = f->last_check_ms = hl_mono_ms();
     while (!atomic_load(&f->stop)) {
         if (!sub) {
             if (!hl_nats_connected(f->n) || !(sub = subscribe(f))) {
+                set_stalled(f, true);
                 for (int i = 0; i < 10 && !atomic_load(&f->stop); i++)
                     usleep(100000);
                 continue;
             }
+            if (subscribed_once)
+                atomic_fetch_add(&f->restarts, 1);
+            subscribed_once = true;
+            /* Give the new consumer a full idle period before judging it. */
+            f->last_msg_ms = f->last_check_ms = hl_mono_ms();
         }
         natsMsg *m = NULL;
         natsStatus s = natsSubscription_NextMsg(&m, sub, 500);
-        if (s == NATS_TIMEOUT)
+        if (s == NATS_TIMEOUT) {
+            idle_check(f, &sub);
             continue;
+        }
         if (s != NATS_OK) {
-            hl_logf(HL_LOG_WARN, "stream %s: %s; resubscribing", f->stream, natsStatus_GetText(s));
-            natsSubscription_Destroy(sub);
-            sub = NULL;
+            hl_logf(HL_LOG_WARN, "stream %s: %s; re-creating the consumer from sequence %" PRIu64, f->stream,
+                    natsStatus_GetText(s), f->next_seq);
+            set_stalled(f, true);
+            drop_sub(&sub);
             continue;
         }
         jsMsgMetaData *meta = NULL;
         if (natsMsg_GetMetaData(&meta, m) == NATS_OK) {
             uint64_t sseq = meta->Sequence.Stream;
+            f->last_msg_ms = hl_mono_ms();
+            set_stalled(f, false);
             if (sseq >= f->next_seq) {
                 atomic_store(&f->received, sseq);
-                handle(f, m, sseq);
+                expire_by_stream_time(f, meta->Timestamp);
+                handle(f, m, sseq, meta->Timestamp);
                 f->next_seq = sseq + 1;
             }
             jsMsgMetaData_Destroy(meta);
@@ -228,6 +369,9 @@ hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_
     f->next_seq = start_seq ? start_seq : 1;
     f->refused_log.burst = 10;
     f->refused_log.window_ms = 60000;
+    f->expired_log.burst = 10;
+    f->expired_log.window_ms = 60000;
+    f->expiry_ms = (uint64_t)hl_config_incomplete_expiry_s(c) * 1000u;
     hl_nats_stream_name(c, shard, f->stream, sizeof f->stream);
     hl_nats_subject(c, shard, f->subject, sizeof f->subject);
     if (pthread_create(&f->th, NULL, run, f) != 0) {

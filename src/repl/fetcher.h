@@ -27,5 +27,12 @@ void hl_fetcher_stop(hl_fetcher *f);
 /* Highest stream sequence received, malformed messages seen (thread-safe). */
 uint64_t hl_fetcher_received(const hl_fetcher *f);
 uint64_t hl_fetcher_malformed(const hl_fetcher *f);
+/* Incomplete changesets dropped after replication_log.incomplete_expiry, and
+ * consumers re-created after their first (thread-safe). */
+uint64_t hl_fetcher_expired(const hl_fetcher *f);
+uint64_t hl_fetcher_restarts(const hl_fetcher *f);
+/* Milliseconds the consumer has been missing or stuck (at least 1 when it
+ * is); 0 while it is healthy (thread-safe). */
+uint64_t hl_fetcher_stalled_ms(const hl_fetcher *f);
 
 #endif

@@ -184,7 +184,7 @@ START_TEST(test_key_table)
 {
     size_t n = hl_config_key_count();
     hl_config_key_info a, b;
-    ck_assert_uint_eq(n, 48);
+    ck_assert_uint_eq(n, 49);
     ck_assert(!hl_config_key_at(n, &a));
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));
@@ -846,6 +846,17 @@ START_TEST(test_finish)
                           "set, got 120");
     ck_assert_int_eq(hl_config_set(&c, "replication_log.duplicate_window", "60", NULL, err, sizeof err), HL_OK);
     ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+
+    /* incomplete changesets must outlive the duplicate window (0: derived from it) */
+    ck_assert_int_eq(hl_config_incomplete_expiry_s(&c), 2 * 60 + 60);
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.incomplete_expiry", "60", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_ERR_CONFIG);
+    ck_assert_str_eq(err, "replication_log.incomplete_expiry: must be longer than the duplicate window (60 seconds), "
+                          "got 60");
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.incomplete_expiry", "61", NULL, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_finish(&c, err, sizeof err), HL_OK);
+    ck_assert_int_eq(hl_config_incomplete_expiry_s(&c), 61);
+    ck_assert_int_eq(hl_config_set(&c, "replication_log.incomplete_expiry", "0", NULL, err, sizeof err), HL_OK);
 
     /* values edited directly in the struct are checked too */
     free(c.logging.format);

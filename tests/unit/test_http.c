@@ -145,8 +145,8 @@ END_TEST
 
 /* ---- /readyz ---- */
 
-static const char *const check_names[] = {"database",  "triggers", "nats",   "streams",
-                                          "caught_up", "gap",      "schema", "engine"};
+static const char *const check_names[] = {"database", "triggers", "nats",   "streams",  "caught_up",
+                                          "gap",      "schema",   "engine", "consumers"};
 
 /* Renders /readyz and checks its shape; returns the parsed body. With want_code 503, want_failing
  * names the one failing check and want_reason is part of its reason; with 200, want_failing names a
@@ -163,7 +163,7 @@ static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want
     ck_assert_int_eq(cJSON_IsTrue(ready), want_code == 200);
     const cJSON *checks = cJSON_GetObjectItem(j, "checks");
     ck_assert(cJSON_IsArray(checks));
-    ck_assert_int_eq(cJSON_GetArraySize(checks), 8);
+    ck_assert_int_eq(cJSON_GetArraySize(checks), 9);
     int i = 0;
     const cJSON *c;
     cJSON_ArrayForEach(c, checks)
@@ -206,6 +206,8 @@ START_TEST(readyz_each_check)
         {"caught_up", "applied 10 of 250 messages present at start on harmonylite-changes-0"},
         {"gap", "stream x starts at 500"},
         {"engine", "engine transactions failing for 31 s: sqlite error: commit: database or disk is full"},
+        {"consumers", "no working consumer on stream harmonylite-changes-0 for 12 s; re-creating it after sequence "
+                      "250 (and 1 more stream)"},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         hl_state_snapshot s;
@@ -234,6 +236,10 @@ START_TEST(readyz_each_check)
         case 6:
             s.engine_stalled = true;
             snprintf(s.engine_reason, sizeof s.engine_reason, "%s", cases[k].reason);
+            break;
+        case 7:
+            s.streams[0].stalled_ms = 12345;
+            s.streams[1].stalled_ms = 1;
             break;
         }
         cJSON_Delete(readyz(&s, 503, cases[k].name, cases[k].reason));
@@ -442,6 +448,9 @@ START_TEST(metrics_all)
     s.changesets_malformed = 4;
     s.nats_server_restarts = 2;
     s.streams[1].tail_seq = 40;
+    s.streams[0].changesets_expired = 2;
+    s.streams[1].changesets_expired = 3;
+    s.streams[1].consumer_restarts = 4;
 
     char *t = hl_http_render_metrics(&s);
     ck_assert_ptr_nonnull(t);
@@ -486,6 +495,12 @@ START_TEST(metrics_all)
     ck_assert(value_of(&e, "harmonylite_stream_applied_sequence", "stream=\"harmonylite-changes-0\"") == 250);
     ck_assert(value_of(&e, "harmonylite_stream_applied_sequence", "stream=\"harmonylite-changes-1\"") == 12);
     ck_assert(value_of(&e, "harmonylite_stream_last_sequence", "stream=\"harmonylite-changes-1\"") == 40);
+    ck_assert_str_eq(type_of(&e, "harmonylite_changesets_expired_total"), "counter");
+    ck_assert(value_of(&e, "harmonylite_changesets_expired_total", NULL) == 5);
+    ck_assert_str_eq(type_of(&e, "harmonylite_stream_consumer_stalled"), "gauge");
+    ck_assert(value_of(&e, "harmonylite_stream_consumer_stalled", "stream=\"harmonylite-changes-0\"") == 0);
+    ck_assert_str_eq(type_of(&e, "harmonylite_stream_consumer_restarts_total"), "counter");
+    ck_assert(value_of(&e, "harmonylite_stream_consumer_restarts_total", "stream=\"harmonylite-changes-1\"") == 4);
     for (size_t i = 0; i < sizeof check_names / sizeof check_names[0]; i++) {
         char l[64];
         snprintf(l, sizeof l, "check=\"%s\"", check_names[i]);
