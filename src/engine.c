@@ -4,8 +4,9 @@
  * Threads: the engine (this file; the only one touching SQLite), one fetcher
  * per shard, nats.c's own threads (callbacks only enqueue), the nats-server
  * supervisor in embedded mode, and a signal thread. The engine sleeps in poll()
- * on inotify (the database and its -wal file) and the queue's eventfd, with the
- * polling interval as a fallback timeout.
+ * on inotify (the database and its -wal file) and the queue's eventfd, with
+ * short re-checks after each file event (RECHECK_*) and the polling interval
+ * as a fallback timeout.
  */
 #include "engine.h"
 
