@@ -3,17 +3,20 @@
 #   (a) application insert speed with harmonylite's triggers vs without (ratio)
 #   (b) end-to-end replicated rows/s node 1 -> nodes 2 and 3, next to bare SQLite
 #   (c) commit -> visible lag p50/p99 at a fixed 1,000 txn/s
+#   (d) commit -> visible lag of isolated writes from a long-lived connection,
+#       with the fallback poll and (d') without it
 # Usage: bench/run.sh [--quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh release
 cmake --build build --target bench_trigger bench_engine -j2 >/dev/null
-secs=3; rows=200000; lag_s=10
-if [ "${1:-}" = "--quick" ]; then secs=1; rows=50000; lag_s=3; fi
+secs=3; rows=200000; lag_s=10; isolated=200
+if [ "${1:-}" = "--quick" ]; then secs=1; rows=50000; lag_s=3; isolated=60; fi
 echo "== (a) trigger overhead on application inserts"
 build/bench_trigger "$secs"
 echo "== per node: capture and apply on one core, no NATS"
 build/bench_engine "$rows" 1000
-echo "== (b)(c) 3-node cluster on loopback"
-HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s"
+echo "== (b)(c)(d) 3-node cluster on loopback"
+HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s" \
+    --isolated "$isolated"

@@ -6,8 +6,10 @@
 # Creates examples/run/node-{1,2,3}.db, each with the same `books` table, starts
 # one harmonylite per database (examples/node-N.yaml: embedded nats-server,
 # JetStream replicas 3, logs in examples/run/node-N.log), waits until a write
-# on node 1 reaches nodes 2 and 3, then shows a row inserted on node 1 and an
-# update made on node 2 arriving on the other nodes.
+# on node 1 reaches nodes 2 and 3, then shows a row inserted on node 1, an
+# update made on node 2, and lone inserts from one sqlite3 shell kept open on
+# node 3 (a long-lived connection, like an application's pool) arriving on the
+# other nodes.
 #
 # On a terminal it then keeps the cluster running until Ctrl-C. With
 # --non-interactive (or CI=true, or no terminal) it stops the nodes with
@@ -17,7 +19,7 @@
 #              HL_DEMO_TIMEOUT seconds to wait for startup/replication (default 90).
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 interactive=1
 for arg in "$@"; do
@@ -232,6 +234,30 @@ for n in 1 3; do
     }
     echo "node $n: $(show "$RUN/node-$n.db" "$id")   (arrived $(($(now_ms) - t0)) ms after the update)"
 done
+
+echo
+echo "== INSERTs on node 3 from one long-lived connection, as an application with a connection pool =="
+# One sqlite3 shell kept open for all of them: its commits leave no close event
+# behind, and each one is alone (50-200 ms apart), so no later write helps.
+coproc APP { sql "$RUN/node-3.db"; }
+app_pid=$APP_PID app_in=${APP[1]} app_out=${APP[0]}
+for i in 1 2 3; do
+    sleep "$(printf '0.%03d' $((50 + RANDOM % 151)))"
+    t0=$(now_ms)
+    echo "INSERT INTO books (title, author) VALUES ('Pooled write $i', 'run-cluster.sh'); SELECT last_insert_rowid();" >&"$app_in"
+    read -t "$TIMEOUT" -r id <&"$app_out" || die "the long-lived sqlite3 shell on node 3 did not answer"
+    echo "node 3 (open connection): $(show "$RUN/node-3.db" "$id")"
+    deadline=$((SECONDS + TIMEOUT))
+    for n in 1 2; do
+        wait_rows "$RUN/node-$n.db" "id = $id" 1 || {
+            log_tails
+            die "row $id inserted on node 3's open connection did not reach node $n within ${TIMEOUT}s"
+        }
+        echo "node $n: $(show "$RUN/node-$n.db" "$id")   (arrived $(($(now_ms) - t0)) ms after the insert)"
+    done
+done
+exec {app_in}>&-
+wait "$app_pid" || die "the long-lived sqlite3 shell on node 3 failed"
 
 if [ "$interactive" = 0 ]; then
     echo

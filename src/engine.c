@@ -4,8 +4,9 @@
  * Threads: the engine (this file; the only one touching SQLite), one fetcher
  * per shard, nats.c's own threads (callbacks only enqueue), the nats-server
  * supervisor in embedded mode, and a signal thread. The engine sleeps in poll()
- * on inotify (the database and its -wal file) and the queue's eventfd, with the
- * polling interval as a fallback timeout.
+ * on inotify (the database and its -wal file) and the queue's eventfd, with
+ * short re-checks after each file event (RECHECK_*) and the polling interval
+ * as a fallback timeout.
  */
 #include "engine.h"
 
@@ -37,6 +38,19 @@
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define SEQ_FLUSH_MS 1000
+
+/*
+ * A commit writes its frames to the -wal file (the inotify event) before it
+ * updates the wal-index header in the -shm file through mmap (no event), with
+ * an fsync in between under synchronous = FULL. A wake-up can therefore find
+ * nothing new, and with a long-lived application connection no later event
+ * comes. After every wake-up from the database or its WAL the engine looks
+ * again at 1, 2, 4 ... ms, then every RECHECK_MAX_MS, for RECHECK_WINDOW_MS:
+ * a PRAGMA data_version each, and nothing at all once the files are quiet.
+ */
+#define RECHECK_FIRST_MS 1
+#define RECHECK_MAX_MS 100
+#define RECHECK_WINDOW_MS 5000
 
 typedef struct engine {
     hl_config *c;
@@ -722,6 +736,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.last_gc = hl_mono_ms();
     bool want_capture = true;
     uint64_t last_poll = hl_mono_ms();
+    /* Re-checks after a wake-up from the files (RECHECK_*); recheck_end 0: none. */
+    uint64_t recheck_at = 0, recheck_end = 0, recheck_step = 0;
     while (!stopping()) {
         if (!e.online) {
             int sd = atomic_load(&e.setup_done);
@@ -792,14 +808,32 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
                 if (e.seen_seq[s] != e.applied_seq[s] && timeout > SEQ_FLUSH_MS)
                     timeout = SEQ_FLUSH_MS;
         }
+        if (recheck_end) {
+            uint64_t now = hl_mono_ms();
+            int left = recheck_at > now ? (int)(recheck_at - now) : 0;
+            if (left < timeout)
+                timeout = left;
+        }
         if (hl_queue_has_items(&e.q))
             timeout = 0; /* more queued: only look at the other events */
         int nfd = e.inotify_fd >= 0 ? 2 : 1;
         int pr = poll(pfd, (nfds_t)nfd, timeout);
         if (pr > 0 && (pfd[0].revents & POLLIN))
             hl_queue_drain_wake(&e.q);
-        if (pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN) && db_touched(&e))
+        if (pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN) && db_touched(&e)) {
+            /* Look now, and again on the schedule: this commit (or one whose
+             * event was merged with it) may not be visible yet. */
             want_capture = true;
+            recheck_step = RECHECK_FIRST_MS;
+            recheck_at = hl_mono_ms() + recheck_step;
+            recheck_end = hl_mono_ms() + RECHECK_WINDOW_MS;
+        } else if (recheck_end && hl_mono_ms() >= recheck_at) {
+            want_capture = true;
+            recheck_step = recheck_step * 2 < RECHECK_MAX_MS ? recheck_step * 2 : RECHECK_MAX_MS;
+            recheck_at = hl_mono_ms() + recheck_step;
+            if (recheck_at > recheck_end)
+                recheck_end = 0;
+        }
         if (pr == 0 && c->polling_interval_ms > 0 && hl_mono_ms() - last_poll >= (uint64_t)c->polling_interval_ms) {
             want_capture = true;
             last_poll = hl_mono_ms();
