@@ -838,6 +838,12 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             want_capture = true;
             last_poll = hl_mono_ms();
         }
+        /* Without the poll, the 5 s heartbeat still looks (one PRAGMA): a commit
+         * that became visible after the re-checks ended is late, never lost. */
+        if (pr == 0 && c->polling_interval_ms == 0 && hl_mono_ms() - last_poll >= 5000) {
+            want_capture = true;
+            last_poll = hl_mono_ms();
+        }
     }
 
     /* Graceful stop: no new remote work, capture the last local writes, flush. */
