@@ -398,7 +398,8 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
         if (st)
             goto out;
     }
-    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0)
+    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0 &&
+        !pre.too_big)
         goto out; /* nothing to write */
     if ((st = hl_db_begin(d)))
         goto out;
