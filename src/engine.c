@@ -303,7 +303,8 @@ static void held_to_state(engine *e)
     /* Held only for order: normal for a moment after a publish retry; after
      * order_hold_timeout the predecessors are given up on (hl_apply_expire_held
      * checks each origin's own wait). */
-    if (s->held_now > for_schema && oldest && hl_now_ms() - oldest >= (uint64_t)e->c->order_hold_timeout_s * 1000u)
+    uint64_t older = hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u;
+    if (s->held_now > for_schema && oldest && oldest <= older && hl_apply_held_due(e->d, older))
         e->expire_held = true;
 }
 
@@ -326,6 +327,7 @@ static void publish_state(engine *e)
         s->changesets_late = d->stats.changesets_late;
         s->order_gaps = d->stats.order_gaps;
         s->table_resyncs = d->stats.table_resyncs;
+        s->clock_ahead = d->stats.clock_ahead;
         if (hl_mono_ms() - e->last_held_check >= 1000) {
             e->last_held_check = hl_mono_ms();
             held_to_state(e);
@@ -668,6 +670,12 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.d->publish = c->publish;
     e.d->compress = c->replication_log.compress;
     e.d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
+    e.d->max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u;
+    if (hl_hlc_ahead(e.d->last_hlc, hl_now_ms(), e.d->max_clock_drift_ms))
+        hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
+                 "are held by the other nodes until the wall clock catches up",
+                 (unsigned long long)(HL_HLC_MS(e.d->last_hlc) - hl_now_ms()));
+    e.retry_held = true; /* changesets held for their clock become due while we were away */
     for (int s = 0; s < shards; s++) {
         if (hl_db_stream_seq_get(e.d, e.streams[s], &e.applied_seq[s]))
             goto out;
@@ -741,6 +749,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         for (int s = 0; s < shards; s++)
             pos_pending |= e.seen_seq[s] != e.applied_seq[s];
         bool flush_positions = pos_pending && hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
+        if (e.d->ahead_due_ms && hl_now_ms() >= e.d->ahead_due_ms)
+            e.retry_held = true; /* a changeset held for its clock is no longer ahead */
         if (external || e.retry_held || e.expire_held || items || flush_positions) {
             hl_status st = cycle(&e, items, external, flush_positions);
             if (st) {

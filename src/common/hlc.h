@@ -8,20 +8,31 @@
 #ifndef HL_HLC_H
 #define HL_HLC_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #define HL_HLC_MS(h) ((h) >> 16)
+/* Versions are stored as SQLite INTEGERs: never above 2^63 - 1, so 47 bits of
+ * milliseconds (until the year 6429). Every version arithmetic saturates here. */
+#define HL_HLC_MAX ((uint64_t)INT64_MAX)
+#define HL_HLC_MAX_MS (HL_HLC_MAX >> 16)
 
 /* Wall clock, milliseconds since the Unix epoch. */
 uint64_t hl_now_ms(void);
 /* Monotonic clock, milliseconds (for timeouts). */
 uint64_t hl_mono_ms(void);
 
-/* Returns the version for a local write made at wall time write_ms and stores it in *last. */
+/* Returns the version for a local write made at wall time write_ms and stores
+ * it in *last. Saturates at HL_HLC_MAX instead of wrapping. */
 uint64_t hl_hlc_next(uint64_t *last, uint64_t write_ms);
 
-/* Receive rule: *last = max(*last, remote). */
+/* Receive rule: *last = max(*last, remote), remote capped at HL_HLC_MAX. The
+ * caller checks first that remote is not too far ahead (hl_hlc_ahead). */
 void hl_hlc_observe(uint64_t *last, uint64_t remote);
+
+/* True when version h is more than max_drift_ms ahead of wall time now_ms
+ * (or above HL_HLC_MAX): such a version must not be observed or applied. */
+bool hl_hlc_ahead(uint64_t h, uint64_t now_ms, uint64_t max_drift_ms);
 
 /* Last-writer-wins order of two versions: (hlc, node) compared lexicographically.
  * Returns <0, 0, >0 like strcmp. */

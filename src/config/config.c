@@ -111,6 +111,8 @@ static const hl_key keys[] = {
         "milliseconds; accepted for compatibility with HarmonyLite and ignored"),
     I64("tombstone_retention", tombstone_retention_s, 1, INT64_C(3153600000), "604800",
         "seconds to keep delete tombstones"),
+    I64("max_clock_drift", max_clock_drift_s, 1, INT64_C(3153600000), "60",
+        "seconds a remote version may be ahead of the local wall clock; later ones are held until it catches up"),
     INT("shutdown_grace", shutdown_grace_s, 0, 3600, "10", "seconds to flush the outbox on SIGTERM"),
     INT("order_hold_timeout", order_hold_timeout_s, 1, 86400, "60",
         "seconds a changeset waits for a missing predecessor of its origin before that one is given up on"),

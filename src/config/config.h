@@ -35,6 +35,7 @@ typedef struct hl_config {
     int polling_interval_ms;       /* polling_interval: fallback poll of the db, ms (default 1000; 0 = inotify only) */
     int cleanup_interval_ms;       /* cleanup_interval: accepted for compatibility, ignored (default 5000) */
     int64_t tombstone_retention_s; /* tombstone_retention: seconds to keep delete tombstones (default 7 days) */
+    int64_t max_clock_drift_s;     /* max_clock_drift: seconds a remote version may be ahead (default 60) */
     int shutdown_grace_s;          /* shutdown_grace: seconds to flush the outbox on SIGTERM (default 10) */
     int order_hold_timeout_s;      /* order_hold_timeout: seconds before a missing predecessor is given up on (60) */
     int stall_timeout_s;           /* stall_timeout: seconds of failing engine transactions before not ready (30) */

@@ -16,7 +16,7 @@
 #include "common/log.h"
 #include "db/db.h"
 
-typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED } one_result;
+typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED, ONE_AHEAD } one_result;
 
 hl_status hl_apply_begin(hl_db *d)
 {
@@ -119,6 +119,24 @@ static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t 
     return HL_OK;
 }
 
+/* Stores a row (its encoded key pk and version) in the conflicts table. */
+static hl_status conflict_put(hl_db *d, uint64_t origin, const char *tbl, const hl_buf *pk, uint64_t hlc,
+                              const char *reason)
+{
+    sqlite3_stmt *st = d->st_conflict_put;
+    sqlite3_bind_int64(st, 1, (int64_t)hl_now_ms());
+    sqlite3_bind_int64(st, 2, (int64_t)origin);
+    sqlite3_bind_text(st, 3, tbl, -1, SQLITE_STATIC);
+    sqlite3_bind_blob64(st, 4, pk->data, pk->len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, (int64_t)hlc);
+    sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    d->stats.conflicts++;
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "conflict put");
+}
+
 /* Stores row r of origin's changeset in the conflicts table with the reason;
  * pk is scratch space for the encoded key. */
 static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, const hl_cs_row *r, hl_buf *pk,
@@ -128,20 +146,9 @@ static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, con
     hl_status res = hl_key_encode(r->key, r->nkey, pk);
     if (res)
         return res;
-    sqlite3_stmt *st = d->st_conflict_put;
-    sqlite3_bind_int64(st, 1, (int64_t)hl_now_ms());
-    sqlite3_bind_int64(st, 2, (int64_t)origin);
-    sqlite3_bind_text(st, 3, tbl, -1, SQLITE_STATIC);
-    sqlite3_bind_blob64(st, 4, pk->data, pk->len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, (int64_t)r->hlc);
-    sqlite3_bind_text(st, 6, reason, -1, SQLITE_TRANSIENT);
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-    d->stats.conflicts++;
     hl_logf(HL_LOG_WARN, "conflict: row from node %llu for table \"%s\" not applied: %s", (unsigned long long)origin,
             tbl, reason);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "conflict put");
+    return conflict_put(d, origin, tbl, pk, r->hlc, reason);
 }
 
 /* How the columns of one changeset table map onto the local table. */
@@ -288,11 +295,13 @@ out:
     return st;
 }
 
-/* Runs a write statement; a constraint failure is reported through why (empty when none). */
-static hl_status step_write(hl_db *d, sqlite3_stmt *st, char *why, size_t whylen)
+/* Runs a write statement; a constraint failure is reported through why (empty
+ * when none) and its extended result code through *xrc. */
+static hl_status step_write(hl_db *d, sqlite3_stmt *st, char *why, size_t whylen, int *xrc)
 {
     int rc = sqlite3_step(st);
     why[0] = 0;
+    *xrc = rc;
     if (rc == SQLITE_DONE || rc == SQLITE_ROW) {
         sqlite3_reset(st);
         return HL_OK;
@@ -306,6 +315,240 @@ static hl_status step_write(hl_db *d, sqlite3_stmt *st, char *why, size_t whylen
     hl_status res = hl_db_err(d, rc, "apply row");
     sqlite3_reset(st);
     return res;
+}
+
+/* Writes remote row r (upsert or delete); a constraint failure is reported through why and *xrc. */
+static hl_status write_row(hl_db *d, const hl_cs_row *r, tmap *m, size_t nrc, char *why, size_t whylen, int *xrc)
+{
+    hl_table *t = m->t;
+    hl_status st;
+    if (r->op == HL_OP_DELETE) {
+        for (size_t i = 0; i < r->nkey; i++)
+            hl_bind_value(t->st_row_del, (int)i + 1, &r->key[i]);
+        st = step_write(d, t->st_row_del, why, whylen, xrc);
+        sqlite3_clear_bindings(t->st_row_del);
+    } else if (t->npk) {
+        for (size_t i = 0; i < nrc; i++)
+            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
+        st = step_write(d, t->st_write, why, whylen, xrc);
+        sqlite3_clear_bindings(t->st_write);
+    } else {
+        for (size_t i = 0; i < nrc; i++) {
+            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
+            hl_bind_value(t->st_insert, (int)i + 1, &r->vals[i]);
+        }
+        hl_bind_value(t->st_write, (int)nrc + 1, &r->key[0]);
+        hl_bind_value(t->st_insert, (int)nrc + 1, &r->key[0]);
+        st = step_write(d, t->st_write, why, whylen, xrc);
+        if (!st && !why[0] && sqlite3_changes(d->db) == 0)
+            st = step_write(d, t->st_insert, why, whylen, xrc);
+        sqlite3_clear_bindings(t->st_write);
+        sqlite3_clear_bindings(t->st_insert);
+    }
+    return st;
+}
+
+/* Appends "x.<key column i>" (the rowid for a table keyed by it). */
+static hl_status add_key_col(hl_buf *q, const hl_table *t, size_t i)
+{
+    hl_status st = hl_buf_adds(q, "x.");
+    if (!st)
+        st = t->npk ? hl_buf_add_ident(q, t->cols[t->pk[i]]) : hl_buf_adds(q, t->rowid);
+    return st;
+}
+
+/*
+ * Prepares the query for the local row, other than r's own, that holds r's
+ * values in UNIQUE index idx: its key and version. *out stays NULL when no
+ * row can clash there (a NULL value) or the index cannot be matched column by
+ * column (an expression, or a column r does not carry).
+ */
+static hl_status clash_query(hl_db *d, const tmap *m, size_t nrc, const hl_cs_row *r, const char *idx,
+                             sqlite3_stmt **out)
+{
+    const hl_table *t = m->t;
+    size_t nk = t->npk ? t->npk : 1;
+    sqlite3_stmt *xi = NULL, *q = NULL;
+    const hl_value *vals[64];
+    size_t nv = 0;
+    hl_buf sql;
+    hl_status st = HL_OK;
+    *out = NULL;
+    hl_buf_init(&sql, 1u << 20);
+    int rc = sqlite3_prepare_v2(d->db, "SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key ORDER BY seqno",
+                                -1, &xi, NULL);
+    if (rc != SQLITE_OK) {
+        st = hl_db_err(d, rc, "index columns");
+        goto out;
+    }
+    sqlite3_bind_text(xi, 1, idx, -1, SQLITE_STATIC);
+    st = hl_buf_adds(&sql, "SELECT ");
+    for (size_t i = 0; i < nk && !st; i++) {
+        if (!(st = add_key_col(&sql, t, i)))
+            st = hl_buf_adds(&sql, ", ");
+    }
+    if (!st)
+        st = hl_buf_adds(&sql, "coalesce(c.hlc, 0), coalesce(c.node, 0) FROM ");
+    if (!st)
+        st = hl_buf_add_ident(&sql, t->name);
+    if (!st)
+        st = hl_buf_adds(&sql, " AS x LEFT JOIN ");
+    if (!st)
+        st = hl_buf_add_ident(&sql, t->clock);
+    if (!st)
+        st = hl_buf_adds(&sql, " AS c ON ");
+    for (size_t i = 0; i < nk && !st; i++) {
+        if (!(st = hl_buf_addf(&sql, "%sc.k%zu = ", i ? " AND " : "", i)))
+            st = add_key_col(&sql, t, i);
+    }
+    if (!st)
+        st = hl_buf_adds(&sql, " WHERE ");
+    while (!st && (rc = sqlite3_step(xi)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(xi, 1);
+        const char *coll = (const char *)sqlite3_column_text(xi, 2);
+        int lc = sqlite3_column_int(xi, 0) >= 0 && name ? hl_table_col(t, name) : -1;
+        const hl_value *v = NULL;
+        for (size_t i = 0; lc >= 0 && i < nrc && !v; i++)
+            if (m->col[i] == lc)
+                v = &r->vals[i];
+        if (!v || nv == sizeof vals / sizeof vals[0])
+            goto out; /* cannot match this index */
+        if (v->type == HL_VAL_NULL)
+            goto out; /* NULLs never clash */
+        vals[nv++] = v;
+        if (!(st = hl_buf_adds(&sql, nv > 1 ? " AND x." : "x.")) && !(st = hl_buf_add_ident(&sql, name)) &&
+            !(st = hl_buf_addf(&sql, " = ?%zu COLLATE ", nv)))
+            st = hl_buf_add_ident(&sql, coll ? coll : "BINARY");
+    }
+    if (st)
+        goto out;
+    if (rc != SQLITE_DONE) {
+        st = hl_db_err(d, rc, "index columns");
+        goto out;
+    }
+    if (!nv)
+        goto out;
+    st = hl_buf_adds(&sql, " AND NOT (");
+    for (size_t i = 0; i < nk && !st; i++) {
+        if (i)
+            st = hl_buf_adds(&sql, " AND ");
+        if (!st)
+            st = add_key_col(&sql, t, i);
+        if (!st)
+            st = hl_buf_addf(&sql, " = ?%zu", nv + i + 1);
+    }
+    if (!st)
+        st = hl_buf_adds(&sql, ")");
+    if (st)
+        goto out;
+    rc = sqlite3_prepare_v2(d->db, hl_buf_str(&sql), -1, &q, NULL);
+    if (rc != SQLITE_OK) {
+        st = hl_db_err(d, rc, hl_buf_str(&sql));
+        goto out;
+    }
+    for (size_t i = 0; i < nv; i++)
+        hl_bind_value(q, (int)i + 1, vals[i]);
+    for (size_t i = 0; i < r->nkey; i++)
+        hl_bind_value(q, (int)(nv + i + 1), &r->key[i]);
+    *out = q;
+out:
+    sqlite3_finalize(xi);
+    hl_buf_free(&sql);
+    return st;
+}
+
+/*
+ * Remote row r clashed with other local rows on a UNIQUE index other than the
+ * key. Decided the same way on every node: the row with the greater version
+ * (hlc, node) wins. When r beats every clashing row, they are removed (apply
+ * runs with applying = 1, so the triggers do not capture the removal), each is
+ * recorded in the conflicts table, and *retry asks for r to be written again.
+ * A removed row's clock keeps its version, so an older write of it arriving
+ * later cannot bring it back; a newer one can (and then wins or loses again).
+ */
+static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk,
+                                bool *retry)
+{
+    hl_table *t = m->t;
+    size_t nk = t->npk ? t->npk : 1;
+    sqlite3_stmt *li = NULL;
+    char *idx[64];
+    size_t nidx = 0, found = 0;
+    bool lost = false;
+    hl_status st = HL_OK;
+    *retry = false;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' AND "
+                                "NOT partial ORDER BY name",
+                                -1, &li, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "index list");
+    sqlite3_bind_text(li, 1, t->name, -1, SQLITE_STATIC);
+    while (nidx < sizeof idx / sizeof idx[0] && (rc = sqlite3_step(li)) == SQLITE_ROW)
+        if (!(idx[nidx] = sqlite3_mprintf("%s", (const char *)sqlite3_column_text(li, 0)))) {
+            st = HL_ERR_NOMEM;
+            break;
+        } else
+            nidx++;
+    sqlite3_finalize(li);
+    /* Pass 0 decides, pass 1 removes the losers. */
+    for (int pass = 0; pass < 2 && !st; pass++) {
+        for (size_t x = 0; x < nidx && !st && !lost; x++) {
+            sqlite3_stmt *q = NULL;
+            if ((st = clash_query(d, m, nrc, r, idx[x], &q)) || !q)
+                continue;
+            rc = sqlite3_step(q);
+            if (rc == SQLITE_ROW) {
+                uint64_t hlc = (uint64_t)sqlite3_column_int64(q, (int)nk);
+                uint64_t node = (uint64_t)sqlite3_column_int64(q, (int)nk + 1);
+                if (pass == 0) {
+                    found++;
+                    lost = hl_version_cmp(r->hlc, cs->origin, hlc, node) <= 0;
+                } else {
+                    /* Copy the key out before the row goes away. */
+                    sqlite3_value *kv[HL_CS_MAX_KEY];
+                    size_t nkv = 0;
+                    hl_value key[HL_CS_MAX_KEY];
+                    hl_buf_reset(pk);
+                    for (size_t i = 0; i < nk; i++)
+                        hl_value_from_column(q, (int)i, &key[i]);
+                    st = hl_key_encode(key, nk, pk);
+                    for (size_t i = 0; i < nk && !st; i++, nkv++)
+                        if (!(kv[i] = sqlite3_value_dup(sqlite3_column_value(q, (int)i))))
+                            st = HL_ERR_NOMEM;
+                    sqlite3_finalize(q);
+                    q = NULL;
+                    for (size_t i = 0; i < nkv && !st; i++)
+                        sqlite3_bind_value(t->st_row_del, (int)i + 1, kv[i]);
+                    if (!st && (rc = sqlite3_step(t->st_row_del)) != SQLITE_DONE)
+                        st = hl_db_err(d, rc, "remove clashing row");
+                    sqlite3_reset(t->st_row_del);
+                    sqlite3_clear_bindings(t->st_row_del);
+                    for (size_t i = 0; i < nkv; i++)
+                        sqlite3_value_free(kv[i]);
+                    if (!st) {
+                        char why[512];
+                        snprintf(why, sizeof why,
+                                 "removed: lost a clash on UNIQUE index \"%s\" to the row from node %llu with a later "
+                                 "version",
+                                 idx[x], (unsigned long long)cs->origin);
+                        hl_logf(HL_LOG_WARN, "conflict: row from node %llu in table \"%s\" %s",
+                                (unsigned long long)node, t->name, why);
+                        st = conflict_put(d, node, t->name, pk, hlc, why);
+                    }
+                }
+            } else if (rc != SQLITE_DONE) {
+                st = hl_db_err(d, rc, "clashing row");
+            }
+            sqlite3_finalize(q);
+        }
+        if (lost || !found)
+            break;
+    }
+    for (size_t x = 0; x < nidx; x++)
+        sqlite3_free(idx[x]);
+    *retry = !st && !lost && found > 0;
+    return st;
 }
 
 static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk)
@@ -338,31 +581,20 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
         d->stats.rows_skipped_lww++;
         return HL_OK;
     }
-    if (r->op == HL_OP_DELETE) {
-        for (size_t i = 0; i < r->nkey; i++)
-            hl_bind_value(t->st_row_del, (int)i + 1, &r->key[i]);
-        st = step_write(d, t->st_row_del, why, sizeof why);
-        sqlite3_clear_bindings(t->st_row_del);
-    } else if (t->npk) {
-        for (size_t i = 0; i < nrc; i++)
-            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
-        st = step_write(d, t->st_write, why, sizeof why);
-        sqlite3_clear_bindings(t->st_write);
-    } else {
-        for (size_t i = 0; i < nrc; i++) {
-            hl_bind_value(t->st_write, (int)i + 1, &r->vals[i]);
-            hl_bind_value(t->st_insert, (int)i + 1, &r->vals[i]);
-        }
-        hl_bind_value(t->st_write, (int)nrc + 1, &r->key[0]);
-        hl_bind_value(t->st_insert, (int)nrc + 1, &r->key[0]);
-        st = step_write(d, t->st_write, why, sizeof why);
-        if (!st && !why[0] && sqlite3_changes(d->db) == 0)
-            st = step_write(d, t->st_insert, why, sizeof why);
-        sqlite3_clear_bindings(t->st_write);
-        sqlite3_clear_bindings(t->st_insert);
+    int xrc = 0;
+    for (int attempt = 0;; attempt++) {
+        if ((st = write_row(d, r, m, nrc, why, sizeof why, &xrc)))
+            return st;
+        if (!why[0] || xrc != SQLITE_CONSTRAINT_UNIQUE || attempt > 0)
+            break;
+        /* Different rows, same values in a UNIQUE index: the greater version
+         * wins everywhere, whatever the arrival order. */
+        bool retry = false;
+        if ((st = resolve_unique(d, cs, r, m, nrc, pk, &retry)))
+            return st;
+        if (!retry)
+            break;
     }
-    if (st)
-        return st;
     /* A row that cannot be written keeps its winning version in the clock:
      * every node agrees on the version, and an older one arriving later
      * cannot be applied here either. The row itself is in the conflicts table. */
@@ -426,6 +658,22 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
     hl_buf_init(&pk, 64u << 20);
     if (!maps)
         return HL_ERR_NOMEM;
+    /* A version too far ahead of our wall clock is neither observed nor
+     * applied: the whole changeset waits (in order) until the clock catches up. */
+    uint64_t now = hl_now_ms(), ahead = 0;
+    for (size_t i = 0; i < cs->nrows; i++)
+        if (hl_hlc_ahead(cs->rows[i].hlc, now, d->max_clock_drift_ms) && cs->rows[i].hlc > ahead)
+            ahead = cs->rows[i].hlc;
+    if (ahead) {
+        uint64_t ms = HL_HLC_MS(ahead > HL_HLC_MAX ? HL_HLC_MAX : ahead);
+        uint64_t due = ms - (d->max_clock_drift_ms < ms ? d->max_clock_drift_ms : ms) + 1;
+        if (!d->ahead_due_ms || due < d->ahead_due_ms)
+            d->ahead_due_ms = due;
+        snprintf(why, whylen, "row version %llu is %llu ms ahead of the local clock (max_clock_drift %llu ms)",
+                 (unsigned long long)ahead, (unsigned long long)(ms - now), (unsigned long long)d->max_clock_drift_ms);
+        *res = ONE_AHEAD;
+        goto out;
+    }
     *res = map_tables(d, cs, maps, why, whylen);
     if (*res != ONE_OK) {
         /* Names unknown although the sender claims our exact schema: the
@@ -493,13 +741,15 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
             hl_changeset_free(cs);
             return st;
         }
-        if (r == ONE_SCHEMA) {
+        if (r == ONE_SCHEMA || r == ONE_AHEAD) {
             hl_changeset_free(cs);
-            /* Now first in line, it waits for our schema rather than for a predecessor. */
+            /* Now first in line, it waits for our schema (or our clock) rather than for a predecessor. */
             sqlite3_stmt *u = NULL;
             rc = sqlite3_prepare_v2(d->db,
-                                    "UPDATE " HL_PREFIX "pending SET schema = 1, reason = ? "
-                                    "WHERE node = ? AND epoch = ? AND seq = ?",
+                                    r == ONE_SCHEMA ? "UPDATE " HL_PREFIX "pending SET schema = 1, reason = ? "
+                                                      "WHERE node = ? AND epoch = ? AND seq = ?"
+                                                    : "UPDATE " HL_PREFIX "pending SET reason = ? "
+                                                      "WHERE node = ? AND epoch = ? AND seq = ?",
                                     -1, &u, NULL);
             if (rc == SQLITE_OK) {
                 sqlite3_bind_text(u, 1, why, -1, SQLITE_STATIC);
@@ -616,8 +866,11 @@ static hl_status apply_late(hl_db *d, const hl_changeset *cs, const void *raw, s
         return st;
     switch (r) {
     case ONE_SCHEMA:
+    case ONE_AHEAD:
+        if (r == ONE_AHEAD)
+            d->stats.clock_ahead++;
         *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, true, why);
+        return hold(d, cs, raw, rawlen, flags, r == ONE_SCHEMA, why);
     case ONE_MALFORMED:
         d->stats.changesets_malformed++;
         log_refused(cs, why);
@@ -679,6 +932,16 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
                 (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
         *res = HL_HELD;
         return hold(d, cs, raw, rawlen, flags, true, why);
+    case ONE_AHEAD: {
+        uint64_t dropped = 0;
+        d->stats.clock_ahead++;
+        if (hl_ratelimit_allow(&d->clock_ahead_log, &dropped))
+            hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local clock catches up: %s%s",
+                    (unsigned long long)cs->seq, (unsigned long long)cs->origin, why,
+                    dropped ? " (repeats not logged)" : "");
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, false, why);
+    }
     case ONE_MALFORMED:
         d->stats.changesets_malformed++;
         log_refused(cs, why);
@@ -715,7 +978,7 @@ static hl_status retry_late(hl_db *d)
                                 (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err,
                                 sizeof err) == HL_OK)
             st = apply_one(d, cs, &r, why, sizeof why);
-        if (!st && r != ONE_SCHEMA) {
+        if (!st && r != ONE_SCHEMA && r != ONE_AHEAD) {
             int64_t *nd = realloc(done, (ndone + 1) * sizeof *nd);
             if (!nd) {
                 st = HL_ERR_NOMEM;
@@ -745,6 +1008,7 @@ hl_status hl_apply_retry_held(hl_db *d)
 {
     sqlite3_stmt *q = NULL;
     hl_status st = HL_OK;
+    d->ahead_due_ms = 0; /* set again by any changeset still ahead */
     /* The lowest held changeset of each origin; drain_held applies it when it
      * is next in line. */
     int rc =
@@ -790,16 +1054,30 @@ hl_status hl_apply_retry_held(hl_db *d)
  * to a schema hold, which stays). A missing changeset that arrives later is
  * still applied (apply_late). Runs inside the apply transaction.
  */
+/* Origins whose first held changeset waits for a predecessor that is neither
+ * applied nor held, since before ?1: (node, epoch, applied, first held). */
+static const char expire_sql[] = "SELECT p.node, p.epoch, coalesce(o.seq, 0) AS a, min(p.seq) AS l FROM " HL_PREFIX
+                                 "pending p LEFT JOIN " HL_PREFIX "origins o ON o.node = p.node AND o.epoch = p.epoch "
+                                 "WHERE p.seq > coalesce(o.seq, 0) GROUP BY p.node, p.epoch "
+                                 "HAVING l > a + 1 AND min(p.at_ms) <= ?1";
+
+bool hl_apply_held_due(hl_db *d, uint64_t older_than_ms)
+{
+    sqlite3_stmt *q = NULL;
+    bool due = false;
+    if (sqlite3_prepare_v2(d->db, expire_sql, -1, &q, NULL) == SQLITE_OK) {
+        sqlite3_bind_int64(q, 1, (int64_t)older_than_ms);
+        due = sqlite3_step(q) == SQLITE_ROW;
+    }
+    sqlite3_finalize(q);
+    return due;
+}
+
 hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps)
 {
     sqlite3_stmt *q = NULL;
     hl_status st = HL_OK;
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT p.node, p.epoch, coalesce(o.seq, 0) AS a, min(p.seq) AS l FROM " HL_PREFIX
-                                "pending p LEFT JOIN " HL_PREFIX "origins o ON o.node = p.node AND o.epoch = p.epoch "
-                                "WHERE p.seq > coalesce(o.seq, 0) GROUP BY p.node, p.epoch "
-                                "HAVING l > a + 1 AND min(p.at_ms) <= ?",
-                                -1, &q, NULL);
+    int rc = sqlite3_prepare_v2(d->db, expire_sql, -1, &q, NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "pending scan");
     sqlite3_bind_int64(q, 1, (int64_t)older_than_ms);

@@ -89,6 +89,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_late; /* applied after their position had been given up on */
     uint64_t order_gaps;      /* times missing predecessors were given up on */
     uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
+    uint64_t clock_ahead;     /* changesets held: a row version too far ahead of the wall clock */
 } hl_db_stats;
 
 typedef struct hl_db {
@@ -106,16 +107,19 @@ typedef struct hl_db {
     uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
     bool publish;
     bool compress;
-    size_t max_changeset_bytes; /* largest changeset sent or accepted (its uncompressed payload) */
-    size_t chain_bytes;         /* a capture bigger than this is cut into a chain of changesets */
+    size_t max_changeset_bytes;  /* largest changeset sent or accepted (its uncompressed payload) */
+    size_t chain_bytes;          /* a capture bigger than this is cut into a chain of changesets */
+    uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held */
+    uint64_t ahead_due_ms;       /* wall ms when a changeset held for its clock is due; 0: none */
     int64_t data_version;
     int64_t schema_version;
     hl_schema schema;
     unsigned char prev_hash[32];
     bool have_prev_hash;
     hl_db_stats stats;
-    hl_ratelimit null_key_log; /* warnings about rows with NULL in their key */
-    char last_error[200];      /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
+    hl_ratelimit null_key_log;    /* warnings about rows with NULL in their key */
+    char last_error[200];         /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
+    hl_ratelimit clock_ahead_log; /* warnings about versions ahead of the wall clock */
     sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_hwm_get, *st_hwm_put;
     sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
@@ -287,6 +291,8 @@ hl_status hl_apply_retry_held(hl_db *d);
  * transaction.
  */
 hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps);
+/* True when hl_apply_expire_held(d, older_than_ms) has something to do. */
+bool hl_apply_held_due(hl_db *d, uint64_t older_than_ms);
 /* Forgets gaps given up on before older_than_ms (a changeset from one is then a duplicate). */
 hl_status hl_db_missing_gc(hl_db *d, uint64_t older_than_ms);
 /* Drops every changeset held for origin node (operator's -drop-held); its

@@ -221,6 +221,8 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     d->max_changeset_bytes = 256u << 20; /* replication_log.max_changeset_bytes' default */
     d->path = strdup(path);
     d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
+    d->clock_ahead_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
+    d->max_clock_drift_ms = 60000;
     if (!d->path) {
         st = HL_ERR_NOMEM;
         goto out;
@@ -286,7 +288,13 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         d->next_seq = (uint64_t)maxo + 1;
     if ((st = meta_get_int(d, "last_hlc", &v, &found)))
         goto rollback;
-    d->last_hlc = found ? (uint64_t)v : 0;
+    /* A negative value is a version that overflowed before versions were
+     * bounded: start again from the wall clock (stored clocks that are
+     * negative compare lower than every version, so later writes win). */
+    if (found && v < 0)
+        hl_logf(HL_LOG_WARN, "meta.last_hlc %lld is not a valid version; restarting the clock from the wall clock",
+                (long long)v);
+    d->last_hlc = found && v > 0 ? (uint64_t)v : 0;
     if ((st = hl_db_commit(d)))
         goto out;
 

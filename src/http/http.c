@@ -402,6 +402,9 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_simple(&w, "table_resyncs_total", "counter",
              "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
              s->table_resyncs);
+    m_simple(&w, "clock_ahead_total", "counter",
+             "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
+             s->clock_ahead);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
 

@@ -64,6 +64,7 @@ typedef struct hl_state_snapshot {
     uint64_t outbox_rows; /* publish backlog */
     uint64_t rows_applied, rows_skipped_lww, conflicts;
     uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
+    uint64_t clock_ahead;
     uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
     uint64_t held_now;           /* rows in __harmonylite__pending */
     uint64_t changesets_late;    /* applied after their position had been given up on */

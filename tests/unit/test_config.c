@@ -132,6 +132,7 @@ START_TEST(test_defaults)
     ck_assert_int_eq(c.polling_interval_ms, 1000);
     ck_assert_int_eq(c.cleanup_interval_ms, 5000);
     ck_assert_int_eq(c.tombstone_retention_s, 7 * 24 * 3600);
+    ck_assert_int_eq(c.max_clock_drift_s, 60);
     ck_assert_int_eq(c.shutdown_grace_s, 10);
     ck_assert_int_eq(c.order_hold_timeout_s, 60);
     ck_assert_int_eq(c.stall_timeout_s, 30);
@@ -183,7 +184,7 @@ START_TEST(test_key_table)
 {
     size_t n = hl_config_key_count();
     hl_config_key_info a, b;
-    ck_assert_uint_eq(n, 47);
+    ck_assert_uint_eq(n, 48);
     ck_assert(!hl_config_key_at(n, &a));
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));

@@ -414,10 +414,12 @@ START_TEST(constraint_conflict_is_recorded_and_rest_applies)
 {
     pair p;
     pair_open(&p);
-    app_exec(p.appb, "INSERT INTO uniq VALUES (50, 'x@y')");
-    capture(p.b);
+    /* b's row is the newer one: a's clashing row loses there. */
     app_exec(p.appa, "INSERT INTO uniq VALUES (1, 'x@y'), (2, 'z@y')");
     capture(p.a);
+    usleep(5000);
+    app_exec(p.appb, "INSERT INTO uniq VALUES (50, 'x@y')");
+    capture(p.b);
     hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     ck_assert_uint_eq(p.b->stats.conflicts, 1);
@@ -932,6 +934,144 @@ START_TEST(rebuilt_rowid_table_converges)
 }
 END_TEST
 
+/* Rewrites the row versions of cs (from raw) and re-encodes it into raw. */
+static void set_versions(hl_changeset *cs, uint64_t hlc, hl_buf *raw, uint8_t *flags)
+{
+    for (size_t i = 0; i < cs->nrows; i++)
+        cs->rows[i].hlc = hlc;
+    cs->hlc = hlc;
+    hl_buf_reset(raw);
+    hl_buf_addc(raw, 0);
+    *flags = 0;
+    ck_assert_int_eq(hl_changeset_encode(cs, false, raw), HL_OK);
+}
+
+/* Issue item 2: one row with hlc = 2^63 - 1 must not poison the receiver's clock. */
+START_TEST(far_future_version_is_held_not_observed)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'forged')");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    set_versions(cs, (uint64_t)INT64_MAX, &p.raw, &p.flags);
+    uint64_t before = p.b->last_hlc;
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
+    ck_assert_uint_eq(p.b->stats.clock_ahead, 1);
+    ck_assert_uint_eq(p.b->last_hlc, before);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 1);
+    /* b's own writes keep versions from its wall clock and still win over a's older ones. */
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (2, 'local')");
+    capture(p.b);
+    int64_t v = scalar(p.appb, "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 2");
+    ck_assert_int_gt(v, 0);
+    ck_assert(!hl_hlc_ahead((uint64_t)v, hl_now_ms(), 60000));
+    /* Retrying does not apply it either. */
+    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
+    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
+    ck_assert_uint_eq(p.b->last_hlc, (uint64_t)v);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
+/* A version a little ahead (an honest node with a fast clock) waits and is then applied: nothing lost. */
+START_TEST(version_ahead_is_applied_when_the_clock_catches_up)
+{
+    pair p;
+    pair_open(&p);
+    p.b->max_clock_drift_ms = 100;
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'fast clock')");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    set_versions(cs, (hl_now_ms() + 600) << 16, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
+    ck_assert_uint_gt(p.b->ahead_due_ms, 0);
+    /* a's next changeset waits behind it, in order. */
+    app_exec(p.appa, "UPDATE books SET title = 'fast clock 2' WHERE id = 1");
+    capture(p.a);
+    hl_buf raw2;
+    uint8_t f2;
+    hl_buf_init(&raw2, 256u << 20);
+    hl_changeset *cs2 = take(p.a, &raw2, &f2);
+    set_versions(cs2, (hl_now_ms() + 700) << 16, &raw2, &f2);
+    ck_assert_int_eq(apply(p.b, cs2, &raw2, f2), HL_HELD);
+    for (int i = 0; i < 200 && scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending") > 0; i++) {
+        usleep(50000);
+        if (hl_now_ms() < p.b->ahead_due_ms)
+            continue;
+        ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
+        ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
+        ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
+        ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
+        ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    }
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE title = 'fast clock 2'"), 1);
+    hl_changeset_free(cs);
+    hl_changeset_free(cs2);
+    hl_buf_free(&raw2);
+    pair_close(&p);
+}
+END_TEST
+
+/* Issue item 6: rows with different keys clashing on a UNIQUE column converge in either arrival order. */
+START_TEST(unique_clash_newer_row_wins_everywhere)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "CREATE TABLE origins(id TEXT PRIMARY KEY, user TEXT, provider TEXT, UNIQUE(user, provider));");
+    app_exec(p.appb, "CREATE TABLE origins(id TEXT PRIMARY KEY, user TEXT, provider TEXT, UNIQUE(user, provider));");
+    app_exec(p.appa, "INSERT INTO uniq VALUES (1, 'x@y'); INSERT INTO origins VALUES ('a1', 'u', 'google')");
+    capture(p.a);
+    usleep(5000);
+    app_exec(p.appb, "INSERT INTO uniq VALUES (2, 'x@y'); INSERT INTO origins VALUES ('b1', 'u', 'google')");
+    capture(p.b);
+    hl_buf rawa;
+    uint8_t fa;
+    hl_buf_init(&rawa, 256u << 20);
+    hl_changeset *ca = take(p.a, &rawa, &fa);
+    hl_changeset *cb = take(p.b, &p.raw, &p.flags);
+    /* b's rows are newer: on a they replace a's, on b a's lose. */
+    ck_assert_int_eq(apply(p.a, cb, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_int_eq(apply(p.b, ca, &rawa, fa), HL_APPLIED);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    for (int i = 0; i < 2; i++) {
+        sqlite3 *app = i ? p.appb : p.appa;
+        ck_assert_int_eq(scalar(app, "SELECT count(*) FROM uniq WHERE id = 2"), 1);
+        ck_assert_int_eq(scalar(app, "SELECT count(*) FROM uniq"), 1);
+        ck_assert_int_eq(scalar(app, "SELECT count(*) FROM origins WHERE id = 'b1'"), 1);
+        ck_assert_int_eq(scalar(app, "SELECT count(*) FROM origins"), 1);
+        ck_assert_int_eq(scalar(app, "SELECT count(*) FROM __harmonylite__conflicts WHERE origin = 1"), 2);
+    }
+    /* The removal on a was not captured as a local delete. */
+    ck_assert_uint_eq(capture(p.a), 0);
+    /* An update of the winner still replicates; the loser stays removed. */
+    app_exec(p.appb, "UPDATE uniq SET email = 'new@y' WHERE id = 2");
+    capture(p.b);
+    hl_changeset *cu = take(p.b, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.a, cu, &p.raw, p.flags), HL_APPLIED);
+    da = dump(p.pa);
+    db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    hl_changeset_free(ca);
+    hl_changeset_free(cb);
+    hl_changeset_free(cu);
+    hl_buf_free(&rawa);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -947,6 +1087,18 @@ START_TEST(hlc_rules)
     ck_assert_int_lt(hl_version_cmp(5, 1, 5, 2), 0);
     ck_assert_int_gt(hl_version_cmp(6, 1, 5, 2), 0);
     ck_assert_int_eq(hl_version_cmp(5, 2, 5, 2), 0);
+    /* Versions never exceed 2^63 - 1 (an SQLite INTEGER) and never wrap. */
+    last = HL_HLC_MAX;
+    ck_assert_uint_eq(hl_hlc_next(&last, 1000), HL_HLC_MAX);
+    last = 0;
+    ck_assert_uint_le(hl_hlc_next(&last, UINT64_MAX), HL_HLC_MAX);
+    last = 0;
+    hl_hlc_observe(&last, UINT64_MAX);
+    ck_assert_uint_eq(last, HL_HLC_MAX);
+    ck_assert(hl_hlc_ahead(UINT64_MAX, 1000, 60000));
+    ck_assert(hl_hlc_ahead(HL_HLC_MAX, UINT64_MAX, UINT64_MAX) == false);
+    ck_assert(hl_hlc_ahead((uint64_t)200000 << 16, 100000, 60000));
+    ck_assert(!hl_hlc_ahead((uint64_t)160000 << 16, 100000, 60000));
 }
 END_TEST
 
@@ -961,6 +1113,9 @@ int main(void)
     tcase_add_test(tc, capture_and_apply_round_trip);
     tcase_add_test(tc, last_writer_wins_and_tombstones);
     tcase_add_test(tc, out_of_order_changesets_are_held_then_applied);
+    tcase_add_test(tc, far_future_version_is_held_not_observed);
+    tcase_add_test(tc, version_ahead_is_applied_when_the_clock_catches_up);
+    tcase_add_test(tc, unique_clash_newer_row_wins_everywhere);
     tcase_add_test(tc, schema_mismatch_holds_until_schema_catches_up);
     tcase_add_test(tc, constraint_conflict_is_recorded_and_rest_applies);
     tcase_add_test(tc, null_key_rows_are_refused_not_fatal);
