@@ -325,6 +325,7 @@ static void publish_state(engine *e)
         s->changesets_malformed = d->stats.changesets_malformed;
         s->changesets_held = d->stats.changesets_held;
         s->changesets_late = d->stats.changesets_late;
+        s->chains_applied = d->stats.chains_applied;
         s->order_gaps = d->stats.order_gaps;
         s->table_resyncs = d->stats.table_resyncs;
         s->clock_ahead = d->stats.clock_ahead;

@@ -86,6 +86,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
+    uint64_t chains_applied; /* transactions received as a chain of changesets and applied as one */
     uint64_t changesets_late; /* applied after their position had been given up on */
     uint64_t order_gaps;      /* times missing predecessors were given up on */
     uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
