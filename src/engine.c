@@ -829,6 +829,7 @@ out:
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e.fetchers[s]);
     hl_nats_close(e.n, 2000);
+    hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
     hl_nats_server_stop(e.srv, 10000);
     hl_http_stop(e.http);
     hl_state_destroy(&e.state);
