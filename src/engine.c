@@ -339,6 +339,7 @@ static void publish_state(engine *e)
         s->changesets_malformed = d->stats.changesets_malformed;
         s->changesets_held = d->stats.changesets_held;
         s->changesets_late = d->stats.changesets_late;
+        s->chains_applied = d->stats.chains_applied;
         s->order_gaps = d->stats.order_gaps;
         s->table_resyncs = d->stats.table_resyncs;
         s->clock_ahead = d->stats.clock_ahead;
@@ -417,7 +418,8 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
         if (st)
             goto out;
     }
-    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0)
+    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0 &&
+        !pre.too_big)
         goto out; /* nothing to write */
     if ((st = hl_db_begin(d)))
         goto out;
@@ -870,6 +872,7 @@ out:
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e.fetchers[s]);
     hl_nats_close(e.n, 2000);
+    hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
     hl_nats_server_stop(e.srv, 10000);
     hl_http_stop(e.http);
     hl_state_destroy(&e.state);

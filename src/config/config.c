@@ -134,7 +134,9 @@ static const hl_key keys[] = {
     INT("replication_log.chunk_bytes", replication_log.chunk_bytes, 1024, 67108864, "524288",
         "maximum payload per message; must be less than nats.max_payload - 64"),
     I64("replication_log.max_changeset_bytes", replication_log.max_changeset_bytes, 1024, INT64_C(1099511627776),
-        "268435456", "changesets larger than this are rejected"),
+        "268435456",
+        "largest changeset (uncompressed) sent or accepted; bigger transactions travel as a chain of changesets "
+        "of min(1 MiB, a quarter of this) each, so this only bounds a single row"),
     INT("replication_log.duplicate_window", replication_log.duplicate_window_s, 0, 604800, "120",
         "seconds JetStream remembers message ids to drop duplicates"),
     I64("replication_log.incomplete_expiry", replication_log.incomplete_expiry_s, 0, INT64_C(31536000), "0",

@@ -97,6 +97,19 @@ static hl_status origin_put(hl_db *d, uint64_t node, uint64_t epoch, uint64_t se
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "origin put");
 }
 
+/* Runs one statement with up to five integer parameters; SQLITE_DONE expected. */
+static hl_status exec_ints(hl_db *d, const char *sql, const char *what, int n, const int64_t *v)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db, sql, -1, &st, NULL);
+    for (int i = 0; rc == SQLITE_OK && i < n; i++)
+        rc = sqlite3_bind_int64(st, i + 1, v[i]);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, what);
+}
+
 static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags, bool for_schema,
                       const char *reason)
 {
@@ -708,6 +721,148 @@ static void log_refused(const hl_changeset *cs, const char *why)
             (unsigned long long)cs->origin, (unsigned long long)cs->seq, why);
 }
 
+/* Reads held changeset seq of (node, epoch): its flags and decoded form
+ * (*cs NULL when it does not decode, why says why); *found false when absent. */
+static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq, bool *found, int *flags,
+                             hl_changeset **cs, char *why, size_t whylen)
+{
+    sqlite3_stmt *q = NULL;
+    *found = false;
+    *cs = NULL;
+    int rc = sqlite3_prepare_v2(
+        d->db, "SELECT flags, data FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?", -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending read");
+    sqlite3_bind_int64(q, 1, (int64_t)node);
+    sqlite3_bind_int64(q, 2, (int64_t)epoch);
+    sqlite3_bind_int64(q, 3, (int64_t)seq);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_ROW) {
+        *found = true;
+        *flags = sqlite3_column_int(q, 0);
+        if (hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                (*flags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, cs, why, whylen) != HL_OK)
+            *cs = NULL;
+    }
+    sqlite3_finalize(q);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending read");
+}
+
+typedef enum { CHAIN_INCOMPLETE, CHAIN_HELD, CHAIN_DONE } chain_result;
+
+/*
+ * A transaction too big for one changeset arrives as a chain: consecutive
+ * sequences, HL_PART_FLAG_MORE on all but the last (protocol.md §1.5). Each
+ * member is held in __harmonylite__pending as it arrives (so memory holds one
+ * at a time, and the stream position moves on); when the held changesets
+ * from first on form a whole chain, they are applied here as one, inside a
+ * savepoint: if one of them needs a schema or a clock this node does not
+ * have yet, none is applied and the chain stays held.
+ */
+static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *last,
+                             chain_result *res)
+{
+    sqlite3_stmt *q = NULL;
+    uint64_t end = 0, expect = first;
+    *res = CHAIN_INCOMPLETE;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT seq, flags FROM " HL_PREFIX
+                                "pending WHERE node = ? AND epoch = ? AND seq >= ? ORDER BY seq",
+                                -1, &q, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "pending chain");
+    sqlite3_bind_int64(q, 1, (int64_t)node);
+    sqlite3_bind_int64(q, 2, (int64_t)epoch);
+    sqlite3_bind_int64(q, 3, (int64_t)first);
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if ((uint64_t)sqlite3_column_int64(q, 0) != expect)
+            break;
+        if (!(sqlite3_column_int(q, 1) & HL_PART_FLAG_MORE)) {
+            end = expect;
+            break;
+        }
+        expect++;
+    }
+    sqlite3_finalize(q);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "pending chain");
+    if (!end)
+        return HL_OK; /* its last changeset has not arrived yet */
+
+    hl_db_stats saved = d->stats;
+    hl_status st = hl_db_exec(d, "SAVEPOINT hl_chain");
+    one_result r = ONE_OK;
+    char why[512] = "";
+    uint64_t at = first;
+    for (; !st && r == ONE_OK && at <= end; at++) {
+        bool found;
+        int flags = 0;
+        hl_changeset *cs = NULL;
+        if ((st = pending_get(d, node, epoch, at, &found, &flags, &cs, why, sizeof why)))
+            break;
+        if (!cs)
+            r = ONE_MALFORMED;
+        else
+            st = apply_one(d, cs, &r, why, sizeof why);
+        hl_changeset_free(cs);
+    }
+    if (st || r != ONE_OK) {
+        hl_status rst = hl_db_exec(d, "ROLLBACK TO hl_chain");
+        if (!rst)
+            rst = hl_db_exec(d, "RELEASE hl_chain");
+        d->stats = saved;
+        if (st || rst)
+            return st ? st : rst;
+    } else if ((st = hl_db_exec(d, "RELEASE hl_chain"))) {
+        return st;
+    }
+    at--; /* the member that stopped the chain */
+    if (r == ONE_SCHEMA || r == ONE_AHEAD) {
+        char reason[700];
+        snprintf(reason, sizeof reason, "changeset %llu of the chain %llu..%llu: %s", (unsigned long long)at,
+                 (unsigned long long)first, (unsigned long long)end, why);
+        if (r == ONE_AHEAD)
+            d->stats.clock_ahead++;
+        sqlite3_stmt *u = NULL;
+        rc = sqlite3_prepare_v2(d->db,
+                                "UPDATE " HL_PREFIX "pending SET schema = ?, reason = ? "
+                                "WHERE node = ? AND epoch = ? AND seq = ?",
+                                -1, &u, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_int(u, 1, r == ONE_SCHEMA);
+            sqlite3_bind_text(u, 2, reason, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(u, 3, (int64_t)node);
+            sqlite3_bind_int64(u, 4, (int64_t)epoch);
+            sqlite3_bind_int64(u, 5, (int64_t)first);
+            rc = sqlite3_step(u);
+        }
+        sqlite3_finalize(u);
+        *res = CHAIN_HELD;
+        return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending update");
+    }
+    if (r == ONE_MALFORMED) {
+        d->stats.changesets_malformed++;
+        hl_logf(HL_LOG_ERROR, "malformed chain of changesets %llu..%llu from node %llu refused: changeset %llu: %s",
+                (unsigned long long)first, (unsigned long long)end, (unsigned long long)node, (unsigned long long)at,
+                why);
+    } else {
+        d->stats.changesets_applied += end - first + 1;
+        d->stats.chains_applied++;
+        hl_logf(HL_LOG_INFO, "applied a transaction sent as %llu changesets (%llu..%llu) from node %llu",
+                (unsigned long long)(end - first + 1), (unsigned long long)first, (unsigned long long)end,
+                (unsigned long long)node);
+    }
+    st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq BETWEEN ? AND ?",
+                   "pending delete", 4, (int64_t[]){(int64_t)node, (int64_t)epoch, (int64_t)first, (int64_t)end});
+    if (!st)
+        st = origin_put(d, node, epoch, end);
+    if (!st) {
+        *last = end;
+        *res = CHAIN_DONE;
+    }
+    return st;
+}
+
 /* Applies held changesets of (node, epoch) that are next in line. */
 static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t applied)
 {
@@ -729,10 +884,20 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
             return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending read");
         }
         char err[256] = "";
-        hl_status dst = hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                                            (sqlite3_column_int(q, 0) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes,
-                                            &cs, err, sizeof err);
+        int pflags = sqlite3_column_int(q, 0);
+        hl_status dst = HL_ERR_DECODE;
+        if (!(pflags & HL_PART_FLAG_MORE))
+            dst = hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                      (pflags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err, sizeof err);
         sqlite3_finalize(q);
+        if (pflags & HL_PART_FLAG_MORE) {
+            chain_result cr;
+            if ((st = apply_chain(d, node, epoch, applied + 1, &applied, &cr)))
+                return st;
+            if (cr != CHAIN_DONE)
+                return HL_OK;
+            continue;
+        }
         one_result r = ONE_MALFORMED;
         char why[512] = "";
         if (dst == HL_OK)
@@ -792,18 +957,6 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
 
 /* ---- missing predecessors given up on (see hl_apply_expire_held) ---- */
 
-/* Runs one statement with up to five integer parameters; SQLITE_DONE expected. */
-static hl_status exec_ints(hl_db *d, const char *sql, const char *what, int n, const int64_t *v)
-{
-    sqlite3_stmt *st = NULL;
-    int rc = sqlite3_prepare_v2(d->db, sql, -1, &st, NULL);
-    for (int i = 0; rc == SQLITE_OK && i < n; i++)
-        rc = sqlite3_bind_int64(st, i + 1, v[i]);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, what);
-}
 
 /*
  * When seq of (node, epoch) lies in a range of changesets given up on, takes
@@ -921,7 +1074,18 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
                 (unsigned long long)cs->origin, why);
         *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, false, why);
+        if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
+            return st;
+        /* The end of a chain whose first changeset is held completes it. */
+        return drain_held(d, cs->origin, cs->epoch, applied);
+    }
+    if (flags & HL_PART_FLAG_MORE) {
+        /* The first of a chain: held until the chain's last changeset arrives. */
+        snprintf(why, sizeof why, "first of a transaction sent as a chain of changesets: waits for the chain's end");
+        *res = HL_HELD;
+        if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
+            return st;
+        return drain_held(d, cs->origin, cs->epoch, applied);
     }
     one_result r;
     if ((st = apply_one(d, cs, &r, why, sizeof why)))

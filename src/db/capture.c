@@ -8,6 +8,7 @@
  * as it is now. hl_capture_record then writes, in a write transaction.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -91,8 +92,9 @@ hl_status hl_add_rowid(hl_buf *b, const hl_table *t)
 }
 
 /* Rows above a rowid: "SELECT rowid, cols ... WHERE rowid > ?1", or for
- * keys_only the rowids up to a bound: "SELECT rowid ... AND rowid <= ?2". */
-static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only)
+ * keys_only the rowids up to a bound: "SELECT rowid ... AND rowid <= ?2";
+ * unlogged leaves out the rowids that are in the change log. */
+static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only, bool unlogged)
 {
     hl_status st = hl_buf_adds(q, "SELECT ");
     if (!st)
@@ -118,6 +120,18 @@ static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only)
             st = hl_add_rowid(q, t);
         if (!st)
             st = hl_buf_adds(q, " <= ?2");
+    }
+    if (!st && unlogged) {
+        /* SQLite builds the IN list once, as a temporary index. */
+        st = hl_buf_adds(q, " AND ");
+        if (!st)
+            st = hl_add_rowid(q, t);
+        if (!st)
+            st = hl_buf_adds(q, " NOT IN (SELECT k0 FROM ");
+        if (!st)
+            st = hl_buf_add_ident(q, t->log);
+        if (!st)
+            st = hl_buf_adds(q, " WHERE k0 IS NOT NULL)");
     }
     return st ? st : hl_buf_adds(q, " ORDER BY 1");
 }
@@ -177,11 +191,14 @@ static hl_status prepare_table(hl_db *d, hl_table *t)
     }
     if (!st && t->int_key && !t->st_range) {
         hl_buf_reset(&q);
-        if (!(st = range_sql(&q, t, false)))
+        if (!(st = range_sql(&q, t, false, false)))
             st = prepare(d, &t->st_range, &q);
         hl_buf_reset(&q);
-        if (!st && !(st = range_sql(&q, t, true)))
+        if (!st && !(st = range_sql(&q, t, true, false)))
             st = prepare(d, &t->st_range_keys, &q);
+        hl_buf_reset(&q);
+        if (!st && !(st = range_sql(&q, t, false, true)))
+            st = prepare(d, &t->st_range_unlogged, &q);
         hl_buf_reset(&q);
         if (!st)
             st = hl_buf_adds(&q, "INSERT INTO ");
@@ -296,15 +313,181 @@ static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
     return found;
 }
 
-/* Adds t's table entry to cs once. */
-static hl_status cs_table(hl_changeset *cs, const hl_table *t, uint32_t *tidx)
+/*
+ * Where capture_table puts rows: a chain of changesets, each cut when its
+ * encoded size reaches d->chain_bytes. A transaction of any size becomes a
+ * chain of changesets with consecutive sequences, every one but the last
+ * flagged HL_PART_FLAG_MORE; receivers apply a chain in one transaction when
+ * its last member arrives (docs/protocol.md §1.5). Memory holds one member at
+ * a time when streaming (hl_capture, inside the write transaction: a cut
+ * member is recorded and freed at once), or the members of a batch of at most
+ * HL_SNAPSHOT_BYTES (hl_capture_collect, under a snapshot: it gives up, and
+ * leaves the work to hl_capture, when there is more).
+ */
+#define HL_SNAPSHOT_BYTES (4u << 20)
+
+typedef struct sink {
+    bool stream;         /* record and free members as they are cut */
+    hl_changeset *cs;    /* member being filled */
+    const hl_table *t;   /* table of the last row added, and its index in cs */
+    uint32_t tidx;
+    size_t done_bytes;   /* approximate size of the members already cut */
+    hl_capture_batch *b; /* collect: where cut members go */
+    uint64_t emitted;    /* stream: members recorded */
+} sink;
+
+static hl_status member_new(hl_db *d, sink *k)
 {
-    if (*tidx != UINT32_MAX)
+    hl_changeset *cs = hl_changeset_new();
+    if (!cs)
+        return HL_ERR_NOMEM;
+    cs->origin = d->node_id;
+    cs->epoch = d->epoch;
+    cs->wall_ms = hl_now_ms();
+    memcpy(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN);
+    k->cs = cs;
+    k->t = NULL;
+    return HL_OK;
+}
+
+/* A member must stay under the receivers' limit: only a single row bigger
+ * than max_changeset_bytes can break it, and nothing can carry such a row. */
+static hl_status member_check(hl_db *d, const hl_changeset *cs)
+{
+    if (cs->approx_bytes + 256 <= d->max_changeset_bytes)
         return HL_OK;
-    const char *pkn[HL_CS_MAX_KEY];
-    for (size_t i = 0; i < t->npk; i++)
-        pkn[i] = t->cols[t->pk[i]];
-    return hl_changeset_add_table(cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, tidx);
+    snprintf(d->last_error, sizeof d->last_error,
+             "a row of about %zu bytes is larger than replication_log.max_changeset_bytes (%zu): raise it on every "
+             "node",
+             cs->approx_bytes, d->max_changeset_bytes);
+    hl_logf(HL_LOG_ERROR, "cannot capture: %s", d->last_error);
+    return HL_ERR_TOO_LARGE;
+}
+
+/* Records the versions of a member's rows (inside the write transaction). */
+static hl_status member_clocks(hl_db *d, const hl_changeset *cs)
+{
+    hl_status st = HL_OK;
+    hl_table *tab = NULL;
+    uint32_t tidx = UINT32_MAX;
+    for (size_t i = 0; i < cs->nrows && !st; i++) {
+        const hl_cs_row *r = &cs->rows[i];
+        if (r->table != tidx) {
+            tidx = r->table;
+            if (!(tab = hl_schema_find(&d->schema, cs->tables[tidx].name)))
+                return HL_ERR_INTERNAL; /* same schema as when collected */
+        }
+        st = hl_clock_put(d, tab, r->key, r->nkey, r->hlc, d->node_id, r->op == HL_OP_DELETE);
+    }
+    return st;
+}
+
+static hl_status outbox_put(hl_db *d, uint64_t seq, int flags, uint64_t rows, const hl_buf *payload)
+{
+    sqlite3_stmt *ob = d->st_outbox_put;
+    sqlite3_bind_int64(ob, 1, (int64_t)seq);
+    sqlite3_bind_int(ob, 2, flags);
+    sqlite3_bind_int64(ob, 3, (int64_t)rows);
+    sqlite3_bind_blob64(ob, 4, payload->data, payload->len, SQLITE_STATIC);
+    int rc = sqlite3_step(ob);
+    sqlite3_reset(ob);
+    sqlite3_clear_bindings(ob);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox put");
+}
+
+size_t hl_chain_bytes(size_t max_changeset_bytes)
+{
+    size_t q = max_changeset_bytes / 4;
+    return q < (1u << 20) ? (q ? q : 1) : (1u << 20);
+}
+
+/* Stream: records the current member (versions, outbox) as a member that
+ * more follow, and starts the next. */
+static hl_status member_flush(hl_db *d, sink *k, bool more)
+{
+    hl_changeset *cs = k->cs;
+    hl_status st = member_check(d, cs);
+    if (!st)
+        st = member_clocks(d, cs);
+    if (!st && d->publish) {
+        hl_buf payload;
+        hl_buf_init(&payload, SIZE_MAX - 1);
+        cs->seq = d->next_seq;
+        st = hl_changeset_encode(cs, d->compress, &payload);
+        if (!st)
+            st = outbox_put(d, cs->seq, (d->compress ? HL_PART_FLAG_ZSTD : 0) | (more ? HL_PART_FLAG_MORE : 0),
+                            cs->nrows, &payload);
+        hl_buf_free(&payload);
+        if (!st)
+            d->next_seq++;
+    }
+    if (st)
+        return st;
+    d->stats.rows_captured += cs->nrows;
+    d->stats.changesets_captured++;
+    k->emitted++;
+    hl_changeset_free(cs);
+    k->cs = NULL;
+    return member_new(d, k);
+}
+
+/* Collect: keeps the current member, encoded, in the batch. */
+static hl_status member_keep(hl_db *d, sink *k)
+{
+    hl_capture_batch *b = k->b;
+    hl_status st = member_check(d, k->cs);
+    if (st)
+        return st;
+    hl_capture_member *nm = realloc(b->members, (b->nmembers + 1) * sizeof *nm);
+    if (!nm)
+        return HL_ERR_NOMEM;
+    b->members = nm;
+    hl_capture_member *m = &b->members[b->nmembers];
+    memset(m, 0, sizeof *m);
+    hl_buf_init(&m->payload, SIZE_MAX - 1);
+    m->cs = k->cs;
+    m->cs->seq = d->next_seq + b->nmembers;
+    b->nmembers++;
+    k->cs = NULL;
+    if (d->publish && (st = hl_changeset_encode(m->cs, d->compress, &m->payload)))
+        return st;
+    return member_new(d, k);
+}
+
+/* Adds a row to the chain, cutting the member first when it is full. */
+static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64_t hlc, const hl_value *key,
+                          size_t nk, const hl_value *vals, size_t nvals)
+{
+    hl_status st;
+    size_t target = d->chain_bytes ? d->chain_bytes : hl_chain_bytes(d->max_changeset_bytes);
+    if (k->cs->nrows && k->cs->approx_bytes >= target) {
+        k->done_bytes += k->cs->approx_bytes;
+        if (k->stream)
+            st = member_flush(d, k, true);
+        else if (k->done_bytes >= HL_SNAPSHOT_BYTES)
+            return HL_ERR_TOO_LARGE; /* the caller leaves it to hl_capture */
+        else
+            st = member_keep(d, k);
+        if (st)
+            return st;
+    }
+    if (k->t != t) {
+        uint32_t idx = UINT32_MAX;
+        for (size_t i = 0; i < k->cs->ntables; i++)
+            if (strcmp(k->cs->tables[i].name, t->name) == 0)
+                idx = (uint32_t)i;
+        if (idx == UINT32_MAX) {
+            const char *pkn[HL_CS_MAX_KEY];
+            for (size_t i = 0; i < t->npk; i++)
+                pkn[i] = t->cols[t->pk[i]];
+            if ((st = hl_changeset_add_table(k->cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk,
+                                             &idx)))
+                return st;
+        }
+        k->t = t;
+        k->tidx = idx;
+    }
+    return hl_changeset_add_row(k->cs, k->tidx, op, hlc, key, nk, vals, nvals);
 }
 
 /*
@@ -316,13 +499,12 @@ static hl_status cs_table(hl_changeset *cs, const hl_table *t, uint32_t *tidx)
  * with, so no logged change can depend on coming after it. Writes nothing; tab
  * receives what hl_capture_record needs.
  */
-static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t *rows, hl_capture_tab *tab)
+static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab)
 {
     hl_status st;
     size_t nk = t->npk ? t->npk : 1;
     hl_value key[HL_CS_MAX_KEY];
     hl_value *vals = NULL;
-    uint32_t tidx = UINT32_MAX;
     int64_t *logged = NULL;
     size_t nlogged = 0, caplogged = 0;
     int rc;
@@ -361,9 +543,8 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
                         dropped ? " (repeats not logged)" : "");
             continue;
         }
-        if ((st = cs_table(cs, t, &tidx)))
-            goto out;
-        if (t->int_key && key[0].type == HL_VAL_INT && (st = push_i64(&logged, &nlogged, &caplogged, key[0].u.i)))
+        if (!k->stream && t->int_key && key[0].type == HL_VAL_INT &&
+            (st = push_i64(&logged, &nlogged, &caplogged, key[0].u.i)))
             goto out;
         /* The row as it is now is the last image of every write logged for it. */
         bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
@@ -371,8 +552,8 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
             for (size_t i = 0; i < t->ncols; i++)
                 hl_value_from_column(lr, 3 + (int)nk + (int)i, &vals[i]);
         uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
-        st = hl_changeset_add_row(cs, tidx, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
-                                  exists ? t->ncols : 0);
+        st = sink_row(d, k, t, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
+                      exists ? t->ncols : 0);
         if (st)
             goto out;
         (*rows)++;
@@ -387,22 +568,23 @@ static hl_status capture_table(hl_db *d, hl_table *t, hl_changeset *cs, uint64_t
     tab->top = tab->hwm;
     if (nlogged)
         qsort(logged, nlogged, sizeof *logged, cmp_i64);
-    sqlite3_stmt *rg = t->st_range;
+    /* Streaming (any size), the query itself skips the logged rows, so no
+     * list of them is kept in memory; nor of the rows seen, which only a
+     * capture under a snapshot needs (range_settle). */
+    sqlite3_stmt *rg = k->stream ? t->st_range_unlogged : t->st_range;
     sqlite3_bind_int64(rg, 1, tab->hwm);
     uint64_t now = hl_now_ms();
     while ((rc = sqlite3_step(rg)) == SQLITE_ROW) {
         int64_t rowid = sqlite3_column_int64(rg, 0);
         tab->top = rowid;
-        if ((st = push_i64(&tab->seen, &tab->nseen, &tab->capseen, rowid)))
+        if (!k->stream && (st = push_i64(&tab->seen, &tab->nseen, &tab->capseen, rowid)))
             break;
         if (nlogged && bsearch(&rowid, logged, nlogged, sizeof *logged, cmp_i64))
             continue; /* changed since: captured above, from the log */
-        if ((st = cs_table(cs, t, &tidx)))
-            break;
         key[0] = (hl_value){.type = HL_VAL_INT, .u.i = rowid};
         for (size_t i = 0; i < t->ncols; i++)
             hl_value_from_column(rg, 1 + (int)i, &vals[i]);
-        if ((st = hl_changeset_add_row(cs, tidx, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), key, 1, vals, t->ncols)))
+        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), key, 1, vals, t->ncols)))
             break;
         (*rows)++;
     }
@@ -458,8 +640,11 @@ static hl_status range_settle(hl_db *d, hl_table *t, const hl_capture_tab *tab)
 
 void hl_capture_batch_free(hl_capture_batch *b)
 {
-    hl_changeset_free(b->cs);
-    hl_buf_free(&b->payload);
+    for (size_t i = 0; i < b->nmembers; i++) {
+        hl_changeset_free(b->members[i].cs);
+        hl_buf_free(&b->members[i].payload);
+    }
+    free(b->members);
     for (size_t i = 0; b->tab && i < b->ntables; i++)
         free(b->tab[i].seen);
     free(b->tab);
@@ -469,47 +654,34 @@ void hl_capture_batch_free(hl_capture_batch *b)
 hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
 {
     hl_status st = HL_OK;
+    sink k = {.b = b};
     memset(b, 0, sizeof *b);
-    hl_buf_init(&b->payload, (size_t)d->max_changeset_bytes + 1024);
-    b->cs = hl_changeset_new();
     b->ntables = d->schema.n;
     b->tab = calloc(b->ntables ? b->ntables : 1, sizeof *b->tab);
-    if (!b->cs || !b->tab)
-        return HL_ERR_NOMEM;
-    for (size_t i = 0; i < d->schema.n; i++)
-        if ((st = capture_table(d, &d->schema.t[i], b->cs, &b->rows, &b->tab[i])))
-            return st;
-    if (b->cs->nrows == 0)
+    if (!b->tab || (st = member_new(d, &k)))
+        return st ? st : HL_ERR_NOMEM;
+    for (size_t i = 0; i < d->schema.n && !st; i++)
+        st = capture_table(d, &d->schema.t[i], &k, &b->rows, &b->tab[i]);
+    if (!st && k.cs->nrows)
+        st = member_keep(d, &k);
+    hl_changeset_free(k.cs);
+    if (st == HL_ERR_TOO_LARGE && k.done_bytes >= HL_SNAPSHOT_BYTES) {
+        /* More than a snapshot batch holds: hl_capture streams it. */
+        hl_capture_batch_free(b);
+        b->too_big = true;
         return HL_OK;
-    hl_changeset *cs = b->cs;
-    cs->origin = d->node_id;
-    cs->epoch = d->epoch;
-    cs->seq = d->next_seq;
-    cs->wall_ms = hl_now_ms();
-    memcpy(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN);
-    if (d->publish)
-        st = hl_changeset_encode(cs, d->compress, &b->payload);
+    }
     return st;
 }
 
 hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
 {
     hl_status st = HL_OK;
-    hl_changeset *cs = b->cs;
     if (b->ntables != d->schema.n) /* the caller re-checks schema_version; cannot happen */
         return HL_ERR_INTERNAL;
     /* Versions, then the log positions read, then the outbox. */
-    hl_table *tab = NULL;
-    uint32_t tidx = UINT32_MAX;
-    for (size_t i = 0; cs && i < cs->nrows && !st; i++) {
-        const hl_cs_row *r = &cs->rows[i];
-        if (r->table != tidx) {
-            tidx = r->table;
-            if (!(tab = hl_schema_find(&d->schema, cs->tables[tidx].name)))
-                return HL_ERR_INTERNAL; /* same schema as when collected */
-        }
-        st = hl_clock_put(d, tab, r->key, r->nkey, r->hlc, d->node_id, r->op == HL_OP_DELETE);
-    }
+    for (size_t i = 0; i < b->nmembers && !st; i++)
+        st = member_clocks(d, b->members[i].cs);
     for (size_t i = 0; i < b->ntables && !st; i++) {
         hl_table *t = &d->schema.t[i];
         if (b->tab[i].max_seq > 0) {
@@ -523,39 +695,94 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         if (!st && b->tab[i].ranged && b->tab[i].top > b->tab[i].hwm)
             st = range_settle(d, t, &b->tab[i]);
     }
-    if (st || !cs || cs->nrows == 0)
+    if (st || b->nmembers == 0)
         return st;
     if (d->publish) {
-        sqlite3_stmt *ob = d->st_outbox_put;
-        sqlite3_bind_int64(ob, 1, (int64_t)cs->seq);
-        sqlite3_bind_int(ob, 2, d->compress ? HL_PART_FLAG_ZSTD : 0);
-        sqlite3_bind_int64(ob, 3, (int64_t)cs->nrows);
-        sqlite3_bind_blob64(ob, 4, b->payload.data, b->payload.len, SQLITE_STATIC);
-        int rc = sqlite3_step(ob);
-        sqlite3_reset(ob);
-        sqlite3_clear_bindings(ob);
-        if (rc != SQLITE_DONE)
-            return hl_db_err(d, rc, "outbox put");
-        d->next_seq = cs->seq + 1;
+        for (size_t i = 0; i < b->nmembers && !st; i++) {
+            hl_capture_member *m = &b->members[i];
+            bool more = i + 1 < b->nmembers;
+            st = outbox_put(d, m->cs->seq, (d->compress ? HL_PART_FLAG_ZSTD : 0) | (more ? HL_PART_FLAG_MORE : 0),
+                            m->cs->nrows, &m->payload);
+        }
+        if (st)
+            return st;
+        d->next_seq += b->nmembers;
         if ((st = hl_db_meta_put(d, "next_seq", (int64_t)d->next_seq)))
             return st;
     }
     if ((st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc)))
         return st;
     d->stats.rows_captured += b->rows;
-    d->stats.changesets_captured++;
-    hl_debugf("captured %llu rows as changeset %llu (%zu bytes)", (unsigned long long)b->rows,
-              (unsigned long long)cs->seq, b->payload.len);
+    d->stats.changesets_captured += b->nmembers;
+    hl_debugf("captured %llu rows as %zu changesets from %llu", (unsigned long long)b->rows, b->nmembers,
+              (unsigned long long)b->members[0].cs->seq);
     return HL_OK;
 }
 
+/*
+ * Inside the write transaction, streaming: each member of the chain is
+ * recorded (versions, outbox) as soon as it is cut and then freed, so memory
+ * stays at one member whatever the size of what the application committed.
+ * No other writer can run meanwhile, so the high-water mark moves to the last
+ * rowid read without range_settle.
+ */
 hl_status hl_capture(hl_db *d, uint64_t *rows)
 {
-    hl_capture_batch b;
-    hl_status st = hl_capture_collect(d, &b);
-    if (!st)
-        st = hl_capture_record(d, &b);
-    *rows = st ? 0 : b.rows;
-    hl_capture_batch_free(&b);
-    return st;
+    hl_status st;
+    sink k = {.stream = true};
+    uint64_t n = 0, seq0 = d->next_seq;
+    *rows = 0;
+    if ((st = member_new(d, &k)))
+        return st;
+    for (size_t i = 0; i < d->schema.n && !st; i++) {
+        hl_table *t = &d->schema.t[i];
+        hl_capture_tab tab = {0};
+        st = capture_table(d, t, &k, &n, &tab);
+        if (!st && tab.max_seq > 0) {
+            sqlite3_bind_int64(t->st_log_del, 1, tab.max_seq);
+            int rc = sqlite3_step(t->st_log_del);
+            sqlite3_reset(t->st_log_del);
+            if (rc != SQLITE_DONE)
+                st = hl_db_err(d, rc, "capture log delete");
+        }
+        if (!st && tab.ranged && tab.top > tab.hwm) {
+            sqlite3_stmt *hp = d->st_hwm_put;
+            sqlite3_bind_text(hp, 1, t->name, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(hp, 2, tab.top);
+            int rc = sqlite3_step(hp);
+            sqlite3_reset(hp);
+            if (rc != SQLITE_DONE)
+                st = hl_db_err(d, rc, "hwm put");
+        }
+        free(tab.seen);
+    }
+    if (!st && k.cs->nrows)
+        st = member_flush(d, &k, false);
+    else if (!st && k.emitted && d->publish) {
+        /* The chain ended exactly at a cut: its last member has no successor. */
+        int64_t last = (int64_t)d->next_seq - 1;
+        sqlite3_stmt *u = NULL;
+        int rc = sqlite3_prepare_v2(d->db, "UPDATE " HL_PREFIX "outbox SET flags = flags & ~?2 WHERE seq = ?1", -1,
+                                    &u, NULL);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_int64(u, 1, last);
+            sqlite3_bind_int(u, 2, HL_PART_FLAG_MORE);
+            rc = sqlite3_step(u);
+        }
+        sqlite3_finalize(u);
+        if (rc != SQLITE_DONE)
+            st = hl_db_err(d, rc, "outbox chain end");
+    }
+    hl_changeset_free(k.cs);
+    if (st)
+        return st;
+    if (d->next_seq != seq0 && (st = hl_db_meta_put(d, "next_seq", (int64_t)d->next_seq)))
+        return st;
+    if (n && (st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc)))
+        return st;
+    if (k.emitted > 1)
+        hl_logf(HL_LOG_INFO, "captured a transaction of %llu rows as a chain of %llu changesets",
+                (unsigned long long)n, (unsigned long long)k.emitted);
+    *rows = n;
+    return HL_OK;
 }

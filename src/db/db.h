@@ -45,6 +45,7 @@ typedef struct hl_table {
     sqlite3_stmt *st_log_del;    /* DELETE FROM log WHERE seq <= ? */
     sqlite3_stmt *st_range;      /* capture: SELECT key, cols FROM t WHERE key > ? ORDER BY key */
     sqlite3_stmt *st_range_keys; /* capture: SELECT key FROM t WHERE key > ? AND key <= ? ORDER BY key */
+    sqlite3_stmt *st_range_unlogged; /* capture, streaming: st_range without the keys in the change log */
     sqlite3_stmt *st_log_add;    /* capture: INSERT INTO log (jd, k0) VALUES (now, ?) */
     bool applied;                /* apply wrote rows: raise the high-water mark at hl_apply_end */
     sqlite3_stmt *st_clock_win;  /* apply: UPSERT the clock row if the version wins */
@@ -85,6 +86,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
+    uint64_t chains_applied; /* transactions received as a chain of changesets and applied as one */
     uint64_t changesets_late; /* applied after their position had been given up on */
     uint64_t order_gaps;      /* times missing predecessors were given up on */
     uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
@@ -106,7 +108,8 @@ typedef struct hl_db {
     uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
     bool publish;
     bool compress;
-    size_t max_changeset_bytes;
+    size_t max_changeset_bytes;  /* largest changeset sent or accepted (its uncompressed payload) */
+    size_t chain_bytes;          /* a capture bigger than this is cut into a chain of changesets */
     uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held */
     uint64_t ahead_due_ms;       /* wall ms when a changeset held for its clock is due; 0: none */
     int64_t data_version;
@@ -215,6 +218,11 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed);
  */
 hl_status hl_capture(hl_db *d, uint64_t *rows);
 
+/* The member size of a chain for a given max_changeset_bytes: 1 MiB, or a
+ * quarter of the limit when that is smaller, so any row up to three quarters
+ * of the limit still fits a member. d->chain_bytes 0 means this. */
+size_t hl_chain_bytes(size_t max_changeset_bytes);
+
 /*
  * hl_capture in two steps, so the expensive part need not hold the write lock.
  * hl_capture_collect only reads: inside any transaction it sees a snapshot of
@@ -233,12 +241,20 @@ typedef struct hl_capture_tab {
     size_t nseen, capseen;
 } hl_capture_tab;
 
-typedef struct hl_capture_batch {
+/* One changeset of a capture: a transaction too big for one is a chain of
+ * several (HL_PART_FLAG_MORE on all but the last). */
+typedef struct hl_capture_member {
     hl_changeset *cs;
-    hl_buf payload;      /* encoded changeset (when publishing) */
+    hl_buf payload; /* encoded (when publishing) */
+} hl_capture_member;
+
+typedef struct hl_capture_batch {
+    hl_capture_member *members;
+    size_t nmembers;
     hl_capture_tab *tab; /* per schema table */
     size_t ntables;
     uint64_t rows;
+    bool too_big; /* more than a snapshot batch holds: nothing collected, hl_capture streams it */
 } hl_capture_batch;
 
 hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b);

@@ -218,6 +218,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     if (!d)
         return HL_ERR_NOMEM;
     d->node_id = node_id;
+    d->max_changeset_bytes = 256u << 20; /* replication_log.max_changeset_bytes' default */
     d->path = strdup(path);
     d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
     d->clock_ahead_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};

@@ -411,6 +411,9 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
     m_simple(&w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
              s->held_origins);
+    m_simple(&w, "chains_applied_total", "counter",
+             "Transactions too big for one changeset, received as a chain of changesets and applied as one.",
+             s->chains_applied);
     m_simple(&w, "order_gaps_total", "counter",
              "Times changesets missing for order_hold_timeout were given up on and the ones held after them applied.",
              s->order_gaps);

@@ -73,6 +73,7 @@ typedef struct hl_state_snapshot {
     uint64_t clock_ahead;
     uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
     uint64_t held_now;           /* rows in __harmonylite__pending */
+    uint64_t chains_applied;     /* transactions received as a chain of changesets, applied as one */
     uint64_t changesets_late;    /* applied after their position had been given up on */
     uint64_t order_gaps;         /* times missing predecessors were given up on */
     uint64_t engine_failures;    /* engine transactions that failed (and were retried) */

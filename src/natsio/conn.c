@@ -36,8 +36,19 @@ struct hl_nats {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* signalled by the closed callback */
     bool closed;
-    char *secret; /* the password, only to scrub it from any text we log */
+    char *secret;          /* the password, only to scrub it from any text we log */
+    hl_nats *retired_next; /* closed, kept for callbacks nats.c may still deliver */
 };
+
+/*
+ * nats.c can still call our callbacks after natsConnection_Destroy: its
+ * internal threads (an ordered consumer re-creating itself, the async error
+ * queue) hold their own references to the connection. A closed hl_nats is
+ * therefore kept, with every callback returning at once, until
+ * hl_nats_shutdown() has waited for those threads.
+ */
+static pthread_mutex_t retired_mu = PTHREAD_MUTEX_INITIALIZER;
+static hl_nats *retired;
 
 /* ---- time ---- */
 
@@ -153,6 +164,8 @@ static void on_disconnected(natsConnection *nc, void *closure)
 static void on_reconnected(natsConnection *nc, void *closure)
 {
     hl_nats *n = closure;
+    if (atomic_load(&n->closing))
+        return;
     char url[256] = "", clean[256];
     (void)natsConnection_GetConnectedUrl(nc, url, sizeof url);
     redact(url, n->secret, clean, sizeof clean);
@@ -179,6 +192,8 @@ static void on_error(natsConnection *nc, natsSubscription *sub, natsStatus err, 
     hl_nats *n = closure;
     const char *last = NULL;
     char clean[512];
+    if (atomic_load(&n->closing))
+        return; /* errors of a connection being closed are expected, and n->secret may be gone */
     if (nc)
         (void)natsConnection_GetLastError(nc, &last);
     redact(last && *last ? last : natsStatus_GetText(err), n->secret, clean, sizeof clean);
@@ -790,7 +805,17 @@ void hl_nats_close(hl_nats *n, int timeout_ms)
         wait_closed(n, 5000);
     }
     jsCtx_Destroy(n->js);
+    n->js = NULL;
     natsConnection_Destroy(n->nc);
+    n->nc = NULL;
+    pthread_mutex_lock(&retired_mu);
+    n->retired_next = retired;
+    retired = n;
+    pthread_mutex_unlock(&retired_mu);
+}
+
+static void nats_free(hl_nats *n)
+{
     natsOptions_Destroy(n->opts);
     if (n->secret) {
         OPENSSL_cleanse(n->secret, strlen(n->secret));
@@ -799,4 +824,22 @@ void hl_nats_close(hl_nats *n, int timeout_ms)
     pthread_cond_destroy(&n->cv);
     pthread_mutex_destroy(&n->mu);
     free(n);
+}
+
+void hl_nats_shutdown(int timeout_ms)
+{
+    /* Waits for every thread nats.c started; none of our callbacks runs after. */
+    if (nats_CloseAndWait(timeout_ms > 0 ? timeout_ms : 0) != NATS_OK) {
+        hl_log(HL_LOG_WARN, "nats library threads still running at exit", "component", "nats", NULL);
+        return; /* keep the closed connections: a late callback must find them */
+    }
+    pthread_mutex_lock(&retired_mu);
+    hl_nats *n = retired;
+    retired = NULL;
+    pthread_mutex_unlock(&retired_mu);
+    while (n) {
+        hl_nats *next = n->retired_next;
+        nats_free(n);
+        n = next;
+    }
 }

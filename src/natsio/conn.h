@@ -63,5 +63,9 @@ hl_status hl_nats_nkey_public_from_seed(const char *seed, char *pub, size_t publ
 
 /* Waits for outstanding async publishes (up to timeout_ms), drains and closes. NULL is a no-op. */
 void hl_nats_close(hl_nats *n, int timeout_ms);
+/* At exit, after every hl_nats_close: waits up to timeout_ms for nats.c's own
+ * threads to end (they may call back into closed connections until then),
+ * then frees the closed connections. No nats.c use is possible afterwards. */
+void hl_nats_shutdown(int timeout_ms);
 
 #endif

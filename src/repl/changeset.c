@@ -1279,7 +1279,7 @@ hl_status hl_part_parse(const void *msg, size_t n, hl_part *p)
 
     if (!m || !p || n < HL_PART_HEADER_LEN || memcmp(m, HL_PART_MAGIC, 4) != 0)
         return HL_ERR_DECODE;
-    if (m[4] != HL_CS_FORMAT_VERSION || (m[5] & ~HL_PART_FLAG_ZSTD) != 0 || m[6] != 0 || m[7] != 0)
+    if (m[4] != HL_CS_FORMAT_VERSION || (m[5] & ~HL_PART_FLAGS) != 0 || m[6] != 0 || m[7] != 0)
         return HL_ERR_DECODE;
     p->version = m[4];
     p->flags = m[5];

@@ -131,6 +131,10 @@ hl_status hl_key_decode(const void *p, size_t len, hl_value *out, size_t *n, uns
 #define HL_PART_MAGIC "HLC1"
 #define HL_PART_HEADER_LEN 48
 #define HL_PART_FLAG_ZSTD 0x01
+/* The changeset is continued by its origin's next sequence: a transaction too
+ * big for one changeset travels as a chain, applied as one (protocol.md §1.5). */
+#define HL_PART_FLAG_MORE 0x02
+#define HL_PART_FLAGS (HL_PART_FLAG_ZSTD | HL_PART_FLAG_MORE)
 
 typedef struct hl_part {
     uint8_t version; /* HL_CS_FORMAT_VERSION */

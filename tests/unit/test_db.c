@@ -1072,6 +1072,159 @@ START_TEST(unique_clash_newer_row_wins_everywhere)
 }
 END_TEST
 
+/* Takes every outbox changeset of src: their decoded forms, raw payloads and flags, in order. */
+typedef struct taken {
+    hl_changeset *cs[64];
+    hl_buf raw[64];
+    uint8_t flags[64];
+    size_t n;
+} taken;
+
+static void take_all(hl_db *src, taken *t)
+{
+    uint64_t seq, rows;
+    hl_buf probe;
+    hl_buf_init(&probe, 256u << 20);
+    t->n = 0;
+    while (hl_db_outbox_next(src, 0, &seq, &rows, &probe) == HL_OK) {
+        ck_assert_uint_lt(t->n, 64);
+        hl_buf_init(&t->raw[t->n], 256u << 20);
+        t->cs[t->n] = take(src, &t->raw[t->n], &t->flags[t->n]);
+        t->n++;
+        hl_buf_reset(&probe);
+    }
+    hl_buf_free(&probe);
+}
+
+static void taken_free(taken *t)
+{
+    for (size_t i = 0; i < t->n; i++) {
+        hl_changeset_free(t->cs[i]);
+        hl_buf_free(&t->raw[i]);
+    }
+    t->n = 0;
+}
+
+/* Issue item 3: a transaction bigger than a changeset travels as a chain of
+ * changesets, and a receiver applies it as one, in any arrival order, never
+ * showing part of it. */
+START_TEST(big_transaction_travels_as_a_chain_applied_as_one)
+{
+    static const int orders[][3] = {{0, 1, 2}, {2, 1, 0}, {1, 2, 0}};
+    for (size_t o = 0; o < sizeof orders / sizeof orders[0]; o++) {
+        pair p;
+        pair_open(&p);
+        p.a->chain_bytes = 2000; /* about 40 rows a changeset */
+        app_exec(p.appa, "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) "
+                         "INSERT INTO books(id, title, year) SELECT i, 'title ' || i, 1900 + i FROM n; "
+                         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) "
+                         "INSERT INTO pairs(a, b, v) SELECT i, 'k' || i, randomblob(8) FROM n; COMMIT");
+        ck_assert_uint_eq(capture(p.a), 400);
+        taken t;
+        take_all(p.a, &t);
+        ck_assert_uint_gt(t.n, 3);
+        for (size_t i = 0; i < t.n; i++) {
+            ck_assert_uint_eq(t.cs[i]->seq, t.cs[0]->seq + i);
+            ck_assert_int_eq((t.flags[i] & HL_PART_FLAG_MORE) != 0, i + 1 < t.n); /* all but the last */
+        }
+        /* Deliver the first, middle and last thirds in the given order; nothing shows until all are in. */
+        size_t cut[4] = {0, t.n / 3, 2 * t.n / 3, t.n};
+        for (size_t k = 0; k < 3; k++) {
+            int part = orders[o][k];
+            for (size_t i = cut[part]; i < cut[part + 1]; i++) {
+                hl_apply_result r = apply(p.b, t.cs[i], &t.raw[i], t.flags[i]);
+                ck_assert_int_eq(r, HL_HELD);
+            }
+            if (k < 2)
+                ck_assert_int_eq(
+                    scalar(p.appb, "SELECT count(*) FROM books") + scalar(p.appb, "SELECT count(*) FROM pairs"), 0);
+        }
+        ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 300);
+        ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM pairs"), 100);
+        ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
+        ck_assert_uint_eq(p.b->stats.chains_applied, 1);
+        char *da = dump(p.pa), *db = dump(p.pb);
+        ck_assert_str_eq(da, db);
+        free(da);
+        free(db);
+        /* A replay of the chain is a duplicate; the next changeset applies at once. */
+        ck_assert_int_eq(apply(p.b, t.cs[0], &t.raw[0], t.flags[0]), HL_DUPLICATE);
+        taken_free(&t);
+        app_exec(p.appa, "UPDATE books SET title = 'after' WHERE id = 7");
+        capture(p.a);
+        hl_changeset *c = take(p.a, &p.raw, &p.flags);
+        ck_assert_int_eq(p.flags & HL_PART_FLAG_MORE, 0);
+        ck_assert_int_eq(apply(p.b, c, &p.raw, p.flags), HL_APPLIED);
+        hl_changeset_free(c);
+        ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE title = 'after'"), 1);
+        pair_close(&p);
+        teardown(); /* a fresh pair of databases for the next order */
+        setup();
+    }
+}
+END_TEST
+
+/* A chain one of whose changesets needs a column this node lacks is held as a
+ * whole, then applied as a whole once the schema matches. */
+START_TEST(chain_waits_for_the_schema_as_a_whole)
+{
+    pair p;
+    pair_open(&p);
+    p.a->chain_bytes = 1500;
+    app_exec(p.appa, "ALTER TABLE plain ADD COLUMN z");
+    app_exec(p.appa, "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
+                     "INSERT INTO books(id, title) SELECT i, 'b' || i FROM n; "
+                     "INSERT INTO plain(x, y, z) VALUES ('late', 1, 'needs z'); COMMIT");
+    ck_assert_uint_eq(capture(p.a), 201);
+    taken t;
+    take_all(p.a, &t);
+    ck_assert_uint_gt(t.n, 2);
+    for (size_t i = 0; i < t.n; i++)
+        ck_assert_int_eq(apply(p.b, t.cs[i], &t.raw[i], t.flags[i]), HL_HELD);
+    /* The books members were fine, but nothing of the transaction is applied. */
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 0);
+    uint64_t held, for_schema, oldest;
+    ck_assert_int_eq(hl_db_held_count(p.b, &held, &for_schema, &oldest), HL_OK);
+    ck_assert_uint_eq(held, t.n);
+    ck_assert_uint_eq(for_schema, 1);
+    app_exec(p.appb, "ALTER TABLE plain ADD COLUMN z");
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(p.b, false, &changed), HL_OK);
+    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
+    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
+    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 200);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM plain WHERE z = 'needs z'"), 1);
+    ck_assert_uint_eq(p.b->stats.chains_applied, 1);
+    taken_free(&t);
+    pair_close(&p);
+}
+END_TEST
+
+/* A single row bigger than max_changeset_bytes cannot travel: capture fails
+ * loudly (the engine reports it) instead of publishing what receivers refuse. */
+START_TEST(row_larger_than_any_changeset_fails_capture_loudly)
+{
+    pair p;
+    pair_open(&p);
+    p.a->max_changeset_bytes = 4096;
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'small'), (2, printf('%.8000c', 'x'))");
+    uint64_t rows = 0;
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(p.a, false, &changed), HL_OK);
+    ck_assert_int_eq(hl_capture(p.a, &rows), HL_ERR_TOO_LARGE);
+    hl_db_rollback(p.a);
+    ck_assert_ptr_nonnull(strstr(p.a->last_error, "max_changeset_bytes"));
+    /* Nothing was consumed: with the limit raised, everything is captured. */
+    p.a->max_changeset_bytes = 1u << 20;
+    ck_assert_uint_eq(capture(p.a), 2);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(hlc_rules)
 {
     uint64_t last = 0;
@@ -1131,6 +1284,9 @@ int main(void)
     tcase_add_test(tc, vacuum_renumbering_rowids_converges);
     tcase_add_test(tc, rebuilt_rowid_table_converges);
     tcase_add_test(tc, vacuum_moving_rows_of_the_starting_point_converges);
+    tcase_add_test(tc, big_transaction_travels_as_a_chain_applied_as_one);
+    tcase_add_test(tc, chain_waits_for_the_schema_as_a_whole);
+    tcase_add_test(tc, row_larger_than_any_changeset_fails_capture_loudly);
     tcase_add_test(tc, hlc_rules);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
