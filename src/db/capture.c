@@ -487,8 +487,14 @@ hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
     cs->seq = d->next_seq;
     cs->wall_ms = hl_now_ms();
     memcpy(cs->schema_hash, d->schema.hash, HL_SCHEMA_HASH_LEN);
-    if (d->publish)
+    if (d->publish) {
+        /* Receivers refuse a changeset whose decoded form costs more than
+         * the limit (docs/protocol.md §4): it is too large here already, as
+         * an over-size payload is, rather than published and refused. */
+        if (hl_changeset_mem_cost(cs) > d->max_changeset_bytes)
+            return HL_ERR_TOO_LARGE;
         st = hl_changeset_encode(cs, d->compress, &b->payload);
+    }
     return st;
 }
 

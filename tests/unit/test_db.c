@@ -273,6 +273,42 @@ START_TEST(capture_and_apply_round_trip)
 }
 END_TEST
 
+/* A changeset whose payload fits the limit but whose decoded form does not
+ * would be refused by every receiver: capture refuses it instead, keeping the
+ * rows logged, and captures them once the limit allows. */
+START_TEST(capture_refuses_what_receivers_would_refuse)
+{
+    pair p;
+    pair_open(&p);
+    /* 2000 rows of NULLs: about 20 bytes each as sent, 128 decoded. */
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
+                     "INSERT INTO plain SELECT NULL, NULL FROM n;");
+    p.a->max_changeset_bytes = 64u << 10;
+    uint64_t rows = 0, n = 0;
+    bool changed;
+    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
+    ck_assert_int_eq(hl_triggers_sync(p.a, false, &changed), HL_OK);
+    ck_assert_int_eq(hl_capture(p.a, &rows), HL_ERR_TOO_LARGE);
+    hl_db_rollback(p.a);
+    ck_assert_int_eq(hl_db_outbox_count(p.a, &n), HL_OK);
+    ck_assert_uint_eq(n, 0);
+
+    p.a->max_changeset_bytes = 64u << 20;
+    ck_assert_uint_eq(capture(p.a), 2000);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_uint_eq(cs->nrows, 2000);
+    ck_assert_uint_gt(hl_changeset_mem_cost(cs), 64u << 10);
+    ck_assert_uint_le(p.raw.len, 64u << 10);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(last_writer_wins_and_tombstones)
 {
     pair p;
@@ -817,6 +853,7 @@ int main(void)
     tcase_add_test(tc, inserts_above_the_high_water_mark_are_not_logged);
     tcase_add_test(tc, gap_filled_between_read_and_record_is_captured);
     tcase_add_test(tc, hlc_rules);
+    tcase_add_test(tc, capture_refuses_what_receivers_would_refuse);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
