@@ -9,6 +9,8 @@
  * recursion at all, and never allocates for a count before checking that the
  * remaining input could hold that many items. A payload is hostile input of
  * up to hundreds of MiB; cbor_load() would build a tree many times its size.
+ * Every allocation it makes is charged against max_bytes before it is made
+ * (dec_charge()), so what a changeset costs decoded is bounded too.
  */
 #include "repl/changeset.h"
 
