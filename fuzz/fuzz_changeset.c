@@ -4,8 +4,9 @@
  * Each input is tried as a NATS message (hl_part_parse, then reassembly of
  * that one part and decoding of its payload) and as a bare payload, both plain
  * CBOR and zstd-framed. A successful decode must survive the oracle: its
- * re-encoding decodes again and re-encodes to the same bytes, and every row
- * key encodes. Anything else (crash, leak, sanitizer report, abort) is a bug.
+ * re-encoding decodes again and re-encodes to the same bytes, every row key
+ * encodes, and the decoded form cost what the decoder charged, within the
+ * limit (docs/protocol.md §4). Anything else (crash, leak, sanitizer report, abort) is a bug.
  *
  *   clang -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Isrc \
  *       fuzz/fuzz_changeset.c src/repl/changeset.c src/common/buf.c src/common/status.c \
@@ -30,6 +31,8 @@ static void oracle(const hl_changeset *cs)
 
     hl_buf_init(&a, SIZE_MAX - 1);
     hl_buf_init(&b, SIZE_MAX - 1);
+    if (cs->approx_bytes != hl_changeset_mem_cost(cs) || cs->approx_bytes > FUZZ_MAX_BYTES)
+        abort();
     if (hl_changeset_encode(cs, false, &a) != HL_OK)
         abort();
     if (hl_changeset_decode(a.data, a.len, false, SIZE_MAX, &again, NULL, 0) != HL_OK)

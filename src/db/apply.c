@@ -759,16 +759,14 @@ typedef enum { CHAIN_INCOMPLETE, CHAIN_HELD, CHAIN_DONE } chain_result;
  * savepoint: if one of them needs a schema or a clock this node does not
  * have yet, none is applied and the chain stays held.
  */
-static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *last,
-                             chain_result *res)
+static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *last, chain_result *res)
 {
     sqlite3_stmt *q = NULL;
     uint64_t end = 0, expect = first;
     *res = CHAIN_INCOMPLETE;
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT seq, flags FROM " HL_PREFIX
-                                "pending WHERE node = ? AND epoch = ? AND seq >= ? ORDER BY seq",
-                                -1, &q, NULL);
+    int rc = sqlite3_prepare_v2(
+        d->db, "SELECT seq, flags FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq >= ? ORDER BY seq", -1,
+        &q, NULL);
     if (rc != SQLITE_OK)
         return hl_db_err(d, rc, "pending chain");
     sqlite3_bind_int64(q, 1, (int64_t)node);
@@ -957,7 +955,6 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
 
 /* ---- missing predecessors given up on (see hl_apply_expire_held) ---- */
 
-
 /*
  * When seq of (node, epoch) lies in a range of changesets given up on, takes
  * it out of the range (splitting it) and sets *found: the changeset is late,
@@ -1040,6 +1037,17 @@ static hl_status apply_late(hl_db *d, const hl_changeset *cs, const void *raw, s
     return HL_OK;
 }
 
+/* After holding cs: applies what is now next in line; cs counts as applied
+ * when that included it (it completed a chain). */
+static hl_status drain_then_check(hl_db *d, const hl_changeset *cs, uint64_t applied, hl_apply_result *res)
+{
+    hl_status st = drain_held(d, cs->origin, cs->epoch, applied);
+    uint64_t now = 0;
+    if (!st && !(st = origin_get(d, cs->origin, cs->epoch, &now)) && now >= cs->seq)
+        *res = HL_APPLIED;
+    return st;
+}
+
 hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
                    hl_apply_result *res)
 {
@@ -1077,7 +1085,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
             return st;
         /* The end of a chain whose first changeset is held completes it. */
-        return drain_held(d, cs->origin, cs->epoch, applied);
+        return drain_then_check(d, cs, applied, res);
     }
     if (flags & HL_PART_FLAG_MORE) {
         /* The first of a chain: held until the chain's last changeset arrives. */
@@ -1085,7 +1093,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         *res = HL_HELD;
         if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
             return st;
-        return drain_held(d, cs->origin, cs->epoch, applied);
+        return drain_then_check(d, cs, applied, res);
     }
     one_result r;
     if ((st = apply_one(d, cs, &r, why, sizeof why)))

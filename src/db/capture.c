@@ -327,9 +327,9 @@ static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
 #define HL_SNAPSHOT_BYTES (4u << 20)
 
 typedef struct sink {
-    bool stream;         /* record and free members as they are cut */
-    hl_changeset *cs;    /* member being filled */
-    const hl_table *t;   /* table of the last row added, and its index in cs */
+    bool stream;       /* record and free members as they are cut */
+    hl_changeset *cs;  /* member being filled */
+    const hl_table *t; /* table of the last row added, and its index in cs */
     uint32_t tidx;
     size_t done_bytes;   /* approximate size of the members already cut */
     hl_capture_batch *b; /* collect: where cut members go */
@@ -354,12 +354,16 @@ static hl_status member_new(hl_db *d, sink *k)
  * than max_changeset_bytes can break it, and nothing can carry such a row. */
 static hl_status member_check(hl_db *d, const hl_changeset *cs)
 {
-    if (cs->approx_bytes + 256 <= d->max_changeset_bytes)
+    /* Receivers refuse a changeset whose payload or decoded form costs more
+     * than the limit (docs/protocol.md §4): refuse it here rather than
+     * publish what every receiver drops. */
+    size_t cost = hl_changeset_mem_cost(cs);
+    if (cs->approx_bytes + 256 <= d->max_changeset_bytes && cost <= d->max_changeset_bytes)
         return HL_OK;
     snprintf(d->last_error, sizeof d->last_error,
-             "a row of about %zu bytes is larger than replication_log.max_changeset_bytes (%zu): raise it on every "
-             "node",
-             cs->approx_bytes, d->max_changeset_bytes);
+             "a row of about %zu bytes (%zu once decoded) is larger than replication_log.max_changeset_bytes (%zu): "
+             "raise it on every node",
+             cs->approx_bytes, cost, d->max_changeset_bytes);
     hl_logf(HL_LOG_ERROR, "cannot capture: %s", d->last_error);
     return HL_ERR_TOO_LARGE;
 }
@@ -455,12 +459,14 @@ static hl_status member_keep(hl_db *d, sink *k)
 }
 
 /* Adds a row to the chain, cutting the member first when it is full. */
-static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64_t hlc, const hl_value *key,
-                          size_t nk, const hl_value *vals, size_t nvals)
+static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64_t hlc, const hl_value *key, size_t nk,
+                          const hl_value *vals, size_t nvals)
 {
     hl_status st;
     size_t target = d->chain_bytes ? d->chain_bytes : hl_chain_bytes(d->max_changeset_bytes);
-    if (k->cs->nrows && k->cs->approx_bytes >= target) {
+    /* Cut on the encoded size, or on what the member costs once decoded
+     * (rows of NULLs encode to a byte a value and decode to 24). */
+    if (k->cs->nrows && (k->cs->approx_bytes >= target || k->cs->mem_bytes >= 2 * target)) {
         k->done_bytes += k->cs->approx_bytes;
         if (k->stream)
             st = member_flush(d, k, true);
@@ -480,8 +486,8 @@ static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64
             const char *pkn[HL_CS_MAX_KEY];
             for (size_t i = 0; i < t->npk; i++)
                 pkn[i] = t->cols[t->pk[i]];
-            if ((st = hl_changeset_add_table(k->cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk,
-                                             &idx)))
+            if ((st =
+                     hl_changeset_add_table(k->cs, t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, &idx)))
                 return st;
         }
         k->t = t;
@@ -762,8 +768,8 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
         /* The chain ended exactly at a cut: its last member has no successor. */
         int64_t last = (int64_t)d->next_seq - 1;
         sqlite3_stmt *u = NULL;
-        int rc = sqlite3_prepare_v2(d->db, "UPDATE " HL_PREFIX "outbox SET flags = flags & ~?2 WHERE seq = ?1", -1,
-                                    &u, NULL);
+        int rc = sqlite3_prepare_v2(d->db, "UPDATE " HL_PREFIX "outbox SET flags = flags & ~?2 WHERE seq = ?1", -1, &u,
+                                    NULL);
         if (rc == SQLITE_OK) {
             sqlite3_bind_int64(u, 1, last);
             sqlite3_bind_int(u, 2, HL_PART_FLAG_MORE);
@@ -781,8 +787,8 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
     if (n && (st = hl_db_meta_put(d, "last_hlc", (int64_t)d->last_hlc)))
         return st;
     if (k.emitted > 1)
-        hl_logf(HL_LOG_INFO, "captured a transaction of %llu rows as a chain of %llu changesets",
-                (unsigned long long)n, (unsigned long long)k.emitted);
+        hl_logf(HL_LOG_INFO, "captured a transaction of %llu rows as a chain of %llu changesets", (unsigned long long)n,
+                (unsigned long long)k.emitted);
     *rows = n;
     return HL_OK;
 }

@@ -9,6 +9,8 @@
  * recursion at all, and never allocates for a count before checking that the
  * remaining input could hold that many items. A payload is hostile input of
  * up to hundreds of MiB; cbor_load() would build a tree many times its size.
+ * Every allocation it makes is charged against max_bytes before it is made
+ * (dec_charge()), so what a changeset costs decoded is bounded too.
  */
 #include "repl/changeset.h"
 
@@ -38,6 +40,14 @@
 #define MIN_NAME_BYTES 2
 #define MIN_VALUE_BYTES 1
 
+/* What the allocator takes for a request: glibc's malloc adds an 8-byte
+ * header and rounds up to 16 bytes, 32 at least (other allocators are alike).
+ * The decoder charges this, not the bytes asked for, so that a payload of
+ * tiny allocations (thousands of two-byte names) costs what it is charged. */
+#define ALLOC_HEADER 8
+#define ALLOC_ALIGN 16
+#define ALLOC_MIN 32
+
 /* reset() frees a reassembly buffer bigger than this, so one huge changeset
  * does not pin its memory for the life of the origin. */
 #define REASM_KEEP_BYTES ((size_t)1 << 20)
@@ -58,6 +68,61 @@ static unsigned char *dup_bytes(const void *p, size_t n)
         memcpy(c, p, n);
     c[n] = 0;
     return c;
+}
+
+/* ------------------------------------------------------------------ */
+/* memory cost of the decoded form                                      */
+/* ------------------------------------------------------------------ */
+
+/* Cost of one allocation of n bytes (see ALLOC_HEADER); SIZE_MAX when it
+ * could not be made at all. */
+static size_t alloc_cost(size_t n)
+{
+    if (n > SIZE_MAX - ALLOC_HEADER - ALLOC_ALIGN)
+        return SIZE_MAX;
+    size_t c = (n + ALLOC_HEADER + ALLOC_ALIGN - 1) & ~(size_t)(ALLOC_ALIGN - 1);
+    return c < ALLOC_MIN ? ALLOC_MIN : c;
+}
+
+/* Cost of an array of n items of size bytes (nothing is allocated for n == 0). */
+static size_t array_cost(size_t n, size_t size)
+{
+    if (n == 0)
+        return 0;
+    return n > SIZE_MAX / size ? SIZE_MAX : alloc_cost(n * size);
+}
+
+static size_t cost_add(size_t a, size_t b)
+{
+    return a > SIZE_MAX - b ? SIZE_MAX : a + b;
+}
+
+/* A row's block: nkey + nvals values and strbytes bytes of TEXT/BLOB (see
+ * row_block()). */
+static size_t row_cost(size_t nkey, size_t nvals, size_t strbytes)
+{
+    size_t nv = nkey + nvals;
+    if (nv < nkey || nv > (SIZE_MAX - strbytes) / sizeof(hl_value))
+        return SIZE_MAX;
+    return alloc_cost(nv * sizeof(hl_value) + strbytes);
+}
+
+/* A table's names: the name, the column and key arrays with each name, and
+ * the scratch array table_check() sorts the columns in. */
+static size_t names_cost(char *const *names, size_t n)
+{
+    size_t c = array_cost(n, sizeof(char *));
+    for (size_t i = 0; i < n; i++)
+        c = cost_add(c, alloc_cost(strlen(names[i]) + 1));
+    return c;
+}
+
+static size_t table_cost(const hl_cs_table *t)
+{
+    size_t c = alloc_cost(strlen(t->name) + 1);
+    c = cost_add(c, names_cost(t->cols, t->ncols));
+    c = cost_add(c, array_cost(t->ncols, sizeof(char *))); /* table_check() scratch */
+    return cost_add(c, names_cost(t->pk, t->npk));
 }
 
 static void names_free(char **v, size_t n)
@@ -292,6 +357,7 @@ hl_status hl_changeset_add_table(hl_changeset *cs, const char *name, const char 
         *idx = (uint32_t)cs->ntables;
     cs->ntables++;
     cs->approx_bytes += bytes;
+    cs->mem_bytes = cost_add(cs->mem_bytes, table_cost(&cs->tables[cs->ntables - 1]));
 out:
     if (st)
         table_free(&t);
@@ -374,9 +440,31 @@ hl_status hl_changeset_add_row(hl_changeset *cs, uint32_t table, hl_op op, uint6
         values_copy(r.vals, vals, nvals, &sp);
     cs->rows[cs->nrows++] = r;
     cs->approx_bytes += bytes;
+    cs->mem_bytes = cost_add(cs->mem_bytes, row_cost(nkey, op == HL_OP_UPSERT ? nvals : 0, strbytes));
     if (hlc > cs->hlc)
         cs->hlc = hlc;
     return HL_OK;
+}
+
+size_t hl_changeset_mem_cost(const hl_changeset *cs)
+{
+    size_t c = alloc_cost(sizeof(hl_changeset));
+    c = cost_add(c, array_cost(cs->ntables, sizeof(hl_cs_table)));
+    if (cs->ntables > 1) /* the decoder sorts the table names to find duplicates */
+        c = cost_add(c, array_cost(cs->ntables, sizeof(char *)));
+    for (size_t i = 0; i < cs->ntables; i++)
+        c = cost_add(c, table_cost(&cs->tables[i]));
+    c = cost_add(c, array_cost(cs->nrows, sizeof(hl_cs_row)));
+    for (size_t i = 0; i < cs->nrows; i++) {
+        const hl_cs_row *r = &cs->rows[i];
+        size_t strbytes = 0;
+        for (size_t k = 0; k < r->nkey; k++)
+            strbytes = cost_add(strbytes, value_strbytes(&r->key[k]));
+        for (size_t k = 0; k < r->nvals; k++)
+            strbytes = cost_add(strbytes, value_strbytes(&r->vals[k]));
+        c = cost_add(c, row_cost(r->nkey, r->nvals, strbytes));
+    }
+    return c;
 }
 
 /* ------------------------------------------------------------------ */
@@ -632,6 +720,8 @@ typedef struct dec {
     const unsigned char *start, *p, *end;
     char *err;
     size_t errlen;
+    size_t budget;  /* what the decoded form may cost (hl_changeset_mem_cost()) */
+    size_t charged; /* what its allocations so far cost */
 } dec;
 
 /* Records why decoding failed (with the byte offset) and returns HL_ERR_DECODE. */
@@ -640,6 +730,24 @@ static hl_status dec_fail(dec *d, const char *why)
     if (d->err && d->errlen)
         snprintf(d->err, d->errlen, "%s at byte %zu", why, (size_t)(d->p - d->start));
     return HL_ERR_DECODE;
+}
+
+/*
+ * Charges an allocation of the given cost (alloc_cost() etc.) against the
+ * budget, before it is made. Every allocation that becomes part of the decoded
+ * changeset, and every scratch array, is charged, so the decoded form never
+ * costs more than the budget however well the payload compressed.
+ */
+static hl_status dec_charge(dec *d, size_t cost)
+{
+    if (cost > d->budget - d->charged) {
+        if (d->err && d->errlen)
+            snprintf(d->err, d->errlen, "decoded changeset would need more than the limit of %zu bytes at byte %zu",
+                     d->budget, (size_t)(d->p - d->start));
+        return HL_ERR_TOO_LARGE;
+    }
+    d->charged += cost;
+    return HL_OK;
 }
 
 static size_t dec_left(const dec *d)
@@ -657,6 +765,8 @@ static hl_status dec_head(dec *d, unsigned *major, unsigned *ai, uint64_t *arg)
     size_t extra;
     uint64_t v;
 
+    *major = *ai = 0; /* defined even on failure */
+    *arg = 0;
     if (dec_left(d) < 1)
         return dec_fail(d, "truncated");
     *major = d->p[0] >> 5;
@@ -722,7 +832,11 @@ static hl_status dec_string(dec *d, unsigned want, const unsigned char **s, size
 {
     unsigned major, ai;
     uint64_t len;
-    hl_status st = dec_head(d, &major, &ai, &len);
+    hl_status st;
+
+    *s = NULL; /* defined even on failure */
+    *n = 0;
+    st = dec_head(d, &major, &ai, &len);
     if (st)
         return st;
     if (major != want)
@@ -744,6 +858,9 @@ static hl_status dec_name(dec *d, char **out, const char *what)
         return st;
     if (!name_ok((const char *)s, n))
         return dec_fail(d, "empty, overlong or NUL-containing name");
+    st = dec_charge(d, alloc_cost(n + 1));
+    if (st)
+        return st;
     *out = (char *)dup_bytes(s, n);
     return *out ? HL_OK : HL_ERR_NOMEM;
 }
@@ -864,6 +981,9 @@ static hl_status dec_names(dec *d, uint64_t max, char ***out, size_t *nout, cons
     hl_status st = dec_array(d, &n, max, MIN_NAME_BYTES, what);
     if (st || n == 0)
         return st;
+    st = dec_charge(d, array_cost((size_t)n, sizeof(char *)));
+    if (st)
+        return st;
     *out = calloc((size_t)n, sizeof(char *));
     if (!*out)
         return HL_ERR_NOMEM;
@@ -888,6 +1008,8 @@ static hl_status dec_table(dec *d, hl_cs_table *t)
         st = dec_names(d, HL_CS_MAX_COLS, &t->cols, &t->ncols, "columns are not an array of text strings");
     if (!st)
         st = dec_names(d, HL_CS_MAX_KEY, &t->pk, &t->npk, "primary key is not an array of text strings");
+    if (!st)
+        st = dec_charge(d, array_cost(t->ncols, sizeof(char *))); /* table_check()'s scratch */
     if (st)
         return st;
     st = table_check((const char *const *)t->cols, t->ncols, (const char *const *)t->pk, t->npk, &why);
@@ -945,7 +1067,9 @@ static hl_status dec_row(dec *d, const hl_changeset *cs, hl_cs_row *r)
             return dec_fail(&scan, "delete values are not null");
     }
 
-    st = row_block(r, nkey, nvals, strbytes, &sp);
+    st = dec_charge(d, row_cost(nkey, nvals, strbytes));
+    if (!st)
+        st = row_block(r, nkey, nvals, strbytes, &sp);
     if (!st)
         st = dec_values(d, nkey, r->key, &sp, NULL, "key");
     if (!st && nvals)
@@ -996,6 +1120,9 @@ static hl_status decode_cbor(dec *d, hl_changeset *cs)
     if (st)
         goto out;
     if (n) {
+        st = dec_charge(d, array_cost((size_t)n, sizeof(hl_cs_table)));
+        if (st)
+            goto out;
         cs->tables = calloc((size_t)n, sizeof(hl_cs_table));
         if (!cs->tables) {
             st = HL_ERR_NOMEM;
@@ -1010,6 +1137,9 @@ static hl_status decode_cbor(dec *d, hl_changeset *cs)
             goto out;
     }
     if (n > 1) {
+        st = dec_charge(d, array_cost((size_t)n, sizeof(*names)));
+        if (st)
+            goto out;
         names = malloc((size_t)n * sizeof(*names));
         if (!names) {
             st = HL_ERR_NOMEM;
@@ -1030,6 +1160,9 @@ static hl_status decode_cbor(dec *d, hl_changeset *cs)
     if (st)
         goto out;
     if (n) {
+        st = dec_charge(d, array_cost((size_t)n, sizeof(hl_cs_row)));
+        if (st)
+            goto out;
         cs->rows = calloc((size_t)n, sizeof(hl_cs_row));
         if (!cs->rows) {
             st = HL_ERR_NOMEM;
@@ -1206,6 +1339,7 @@ hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t m
     d.end = d.p + n;
     d.err = err;
     d.errlen = errlen;
+    d.budget = max_bytes;
 
     if (compressed) {
         size_t rawn = 0;
@@ -1220,6 +1354,9 @@ hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t m
         st = HL_ERR_TOO_LARGE;
         goto out;
     }
+    st = dec_charge(&d, alloc_cost(sizeof(hl_changeset)));
+    if (st)
+        goto out;
     cs = hl_changeset_new();
     if (!cs) {
         st = HL_ERR_NOMEM;
@@ -1228,7 +1365,7 @@ hl_status hl_changeset_decode(const void *p, size_t n, bool compressed, size_t m
     st = decode_cbor(&d, cs);
     if (st)
         goto out;
-    cs->approx_bytes = (size_t)(d.end - d.start);
+    cs->approx_bytes = d.charged;
     *out = cs;
     cs = NULL;
 out:

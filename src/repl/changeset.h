@@ -80,7 +80,8 @@ typedef struct hl_changeset {
     size_t ntables, tables_cap;
     hl_cs_row *rows;
     size_t nrows, rows_cap;
-    size_t approx_bytes; /* running estimate of the encoded size */
+    size_t approx_bytes; /* built: running estimate of the encoded size; decoded: hl_changeset_mem_cost() */
+    size_t mem_bytes;    /* built: what its tables and row blocks cost (most of hl_changeset_mem_cost()) */
 } hl_changeset;
 
 /* Allocates an empty changeset (all fields zero). Returns NULL on OOM. */
@@ -102,14 +103,25 @@ hl_status hl_changeset_add_table(hl_changeset *cs, const char *name, const char 
 hl_status hl_changeset_add_row(hl_changeset *cs, uint32_t table, hl_op op, uint64_t hlc, const hl_value *key,
                                size_t nkey, const hl_value *vals, size_t nvals);
 
+/*
+ * What cs costs in memory as hl_changeset_decode() builds it: every
+ * allocation it makes (rounded as an allocator does) and its scratch arrays.
+ * A decoder refuses a changeset costing more than its limit, so a sender must
+ * not publish one that costs more than the receivers' limit. A decoded
+ * changeset's approx_bytes holds this cost.
+ */
+size_t hl_changeset_mem_cost(const hl_changeset *cs);
+
 /* Encodes cs as the CBOR payload (docs/protocol.md §2), zstd-compressed when
  * compress is set (level 1). Appends to out. */
 hl_status hl_changeset_encode(const hl_changeset *cs, bool compress, hl_buf *out);
 
 /*
  * Decodes a payload produced by hl_changeset_encode. compressed says whether it
- * is zstd-framed; max_bytes caps the decompressed size. On success *out is a new
- * changeset the caller frees. Any malformation: HL_ERR_DECODE (or
+ * is zstd-framed; max_bytes caps the decompressed size and, separately, what
+ * the decoded changeset costs in memory (hl_changeset_mem_cost()), which is
+ * checked before each allocation. On success *out is a new changeset the
+ * caller frees. Any malformation: HL_ERR_DECODE (or
  * HL_ERR_TOO_LARGE), *out NULL, and if err is non-NULL a short reason is
  * written there.
  */

@@ -11,6 +11,7 @@
  */
 #include <check.h>
 #include <errno.h>
+#include <malloc.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,6 +26,104 @@
 #endif
 
 #define MiB ((size_t)1 << 20)
+
+/* ------------------------------------------------------------------ */
+/* allocation meter                                                     */
+/* ------------------------------------------------------------------ */
+
+/*
+ * This test is linked with --wrap for malloc, calloc, realloc and free
+ * (CMakeLists.txt), so every allocation the code under test makes passes
+ * through here. While metering, the live bytes (as malloc_usable_size() counts
+ * them) and their peak are tracked, and a request that would take the live
+ * total past meter_cap fails: a decoder that does not bound its memory gets
+ * NULL instead of the machine's memory. Not thread-safe; the codec tests are
+ * single-threaded.
+ */
+void *__real_malloc(size_t n);
+void *__real_calloc(size_t n, size_t size);
+void *__real_realloc(void *p, size_t n);
+void __real_free(void *p);
+
+static bool metering;
+static size_t meter_live, meter_peak, meter_cap;
+
+static void meter_add(void *p)
+{
+    if (!metering || !p)
+        return;
+    meter_live += malloc_usable_size(p);
+    if (meter_live > meter_peak)
+        meter_peak = meter_live;
+}
+
+static void meter_sub(void *p)
+{
+    if (!metering || !p)
+        return;
+    size_t n = malloc_usable_size(p);
+    meter_live = n < meter_live ? meter_live - n : 0;
+}
+
+static bool meter_refuses(size_t n)
+{
+    return metering && (n > meter_cap || meter_live > meter_cap - n);
+}
+
+void *__wrap_malloc(size_t n)
+{
+    if (meter_refuses(n))
+        return NULL;
+    void *p = __real_malloc(n);
+    meter_add(p);
+    return p;
+}
+
+void *__wrap_calloc(size_t n, size_t size)
+{
+    if (size && n > SIZE_MAX / size)
+        return NULL;
+    if (meter_refuses(n * size))
+        return NULL;
+    void *p = __real_calloc(n, size);
+    meter_add(p);
+    return p;
+}
+
+void *__wrap_realloc(void *p, size_t n)
+{
+    size_t old = p ? malloc_usable_size(p) : 0;
+    if (n > old && meter_refuses(n - old))
+        return NULL;
+    meter_sub(p);
+    void *q = __real_realloc(p, n);
+    if (!q && n) {
+        meter_add(p); /* p is still there */
+        return NULL;
+    }
+    meter_add(q);
+    return q;
+}
+
+void __wrap_free(void *p)
+{
+    meter_sub(p);
+    __real_free(p);
+}
+
+static void meter_start(size_t cap)
+{
+    meter_live = meter_peak = 0;
+    meter_cap = cap;
+    metering = true;
+}
+
+/* Stops metering and returns the peak. */
+static size_t meter_stop(void)
+{
+    metering = false;
+    return meter_peak;
+}
 
 /* ------------------------------------------------------------------ */
 /* helpers                                                              */
@@ -245,7 +344,29 @@ static void round_trip(const hl_changeset *cs, bool compress)
     ck_assert_int_eq(hl_changeset_encode(back, compress, &b2), HL_OK);
     ck_assert_uint_eq(b.len, b2.len);
     ck_assert(memcmp(b.data, b2.data, b.len) == 0);
+    /* The decoder charges exactly the cost the builder's changeset reports. */
+    size_t cost = hl_changeset_mem_cost(cs);
+    ck_assert_uint_eq(hl_changeset_mem_cost(back), cost);
+    ck_assert_uint_eq(back->approx_bytes, cost);
     hl_changeset_free(back);
+    back = NULL;
+    if (!compress) {
+        /* What it charges covers what it allocates, and the limit is exact. */
+        size_t max = cost > b.len ? cost : b.len;
+        meter_start(SIZE_MAX);
+        st = hl_changeset_decode(b.data, b.len, false, max, &back, err, sizeof(err));
+        size_t peak = meter_stop();
+        ck_assert_msg(st == HL_OK, "decode at the limit: %s", err);
+        ck_assert_msg(peak <= cost, "decoding allocated %zu bytes, charged %zu", peak, cost);
+        hl_changeset_free(back);
+        back = NULL;
+        if (cost > b.len) {
+            ck_assert_int_eq(hl_changeset_decode(b.data, b.len, false, cost - 1, &back, err, sizeof(err)),
+                             HL_ERR_TOO_LARGE);
+            ck_assert_ptr_null(back);
+            ck_assert_ptr_nonnull(strstr(err, "decoded changeset"));
+        }
+    }
     hl_buf_free(&b);
     hl_buf_free(&b2);
 }
@@ -738,7 +859,15 @@ START_TEST(test_big_blob)
     hl_buf_reset(&b);
     ck_assert_int_eq(hl_changeset_encode(cs, true, &b), HL_OK);
     ck_assert_int_eq(decode_buf(&b, true, plain - 1, &back), HL_ERR_TOO_LARGE);
-    ck_assert_int_eq(decode_buf(&b, true, plain, &back), HL_OK);
+    /* The decoded form (the blob, its NUL and the structures) costs a little
+     * more than the payload: that is the limit that applies next. */
+    size_t cost = hl_changeset_mem_cost(cs);
+    ck_assert_uint_gt(cost, plain);
+    ck_assert_uint_lt(cost, plain + 4096);
+    ck_assert_int_eq(decode_buf(&b, true, cost - 1, &back), HL_ERR_TOO_LARGE);
+    ck_assert_ptr_null(back);
+    ck_assert_int_eq(decode_buf(&b, true, cost, &back), HL_OK);
+    ck_assert_uint_eq(back->approx_bytes, cost);
     hl_changeset_free(back);
     hl_buf_free(&b);
     hl_changeset_free(cs);
@@ -1063,6 +1192,136 @@ START_TEST(test_zstd_bomb)
 }
 END_TEST
 
+/* Appends a CBOR head (major type, argument) in its shortest form. */
+static void put_head(hl_buf *b, unsigned major, uint64_t arg)
+{
+    unsigned char h[9];
+    size_t n = 1;
+    if (arg < 24) {
+        h[0] = (unsigned char)(major << 5 | arg);
+    } else {
+        int bytes = arg <= 0xff ? 1 : arg <= 0xffff ? 2 : arg <= 0xffffffffu ? 4 : 8;
+        h[0] = (unsigned char)(major << 5 | (bytes == 1 ? 24 : bytes == 2 ? 25 : bytes == 4 ? 26 : 27));
+        for (int i = bytes - 1; i >= 0; i--)
+            h[n++] = (unsigned char)(arg >> (8 * i));
+    }
+    ck_assert_int_eq(hl_buf_add(b, h, n), HL_OK);
+}
+
+/* Appends the 32767 distinct two-byte column names of the bomb tables (built
+ * once: the test appends them hundreds of times). */
+static void put_wide_cols(hl_buf *b)
+{
+    static hl_buf cols;
+    if (cols.len == 0) {
+        hl_buf_init(&cols, 1 * MiB);
+        put_head(&cols, 4, HL_CS_MAX_COLS);
+        for (unsigned i = 0; i < HL_CS_MAX_COLS; i++) {
+            unsigned char name[2] = {(unsigned char)(1 + i / 255), (unsigned char)(1 + i % 255)};
+            put_head(&cols, 3, 2);
+            ck_assert_int_eq(hl_buf_add(&cols, name, 2), HL_OK);
+        }
+    }
+    ck_assert_int_eq(hl_buf_add(b, cols.data, cols.len), HL_OK);
+}
+
+static void put_prefix(hl_buf *b)
+{
+    unhex(b, PFX);
+}
+
+/* Compresses b into out as one zstd frame at level 1 (the sender's). */
+static void compress_into(const hl_buf *b, hl_buf *out)
+{
+    size_t cap = ZSTD_compressBound(b->len);
+    unsigned char *c = malloc(cap);
+    ck_assert_ptr_nonnull(c);
+    size_t n = ZSTD_compress(c, cap, b->data, b->len, 1);
+    ck_assert(!ZSTD_isError(n));
+    ck_assert_int_eq(hl_buf_add(out, c, n), HL_OK);
+    free(c);
+}
+
+/*
+ * Decodes a small compressed bomb under a meter and checks that it is refused
+ * as too large while the decoder's allocations stay within what the limit
+ * allows: the decompressed payload (at most max) plus the decoded form (at
+ * most max). Metering starts with the compressed message already in memory.
+ */
+static void expect_bomb_refused(const char *what, const hl_buf *z, size_t max)
+{
+    hl_changeset *cs = NULL;
+    char err[160] = "";
+    meter_start(3 * max);
+    hl_status st = hl_changeset_decode(z->data, z->len, true, max, &cs, err, sizeof(err));
+    size_t peak = meter_stop();
+    ck_assert_msg(st == HL_ERR_TOO_LARGE, "%s (%zu-byte message): got %d (%s), peak %zu bytes", what, z->len, st, err,
+                  peak);
+    ck_assert_ptr_null(cs);
+    ck_assert_msg(peak <= 2 * max + 1 * MiB, "%s: decoding allocated %zu bytes at its peak, limit %zu", what, peak,
+                  max);
+}
+
+START_TEST(test_decode_bomb)
+{
+    size_t max = 64 * MiB;
+    hl_buf b, z;
+
+    /* Rows of 32767 NULLs: one byte each on the wire, a 24-byte hl_value each
+     * decoded. 64 MiB of them compress to tens of KiB and used to decode to
+     * 1.6 GB. */
+    hl_buf_init(&b, max);
+    hl_buf_init(&z, max);
+    put_prefix(&b);
+    put_head(&b, 4, 1); /* one table: ["t", 32767 columns, []] (keyed by rowid) */
+    put_head(&b, 4, 3);
+    unhex(&b, "6174");
+    put_wide_cols(&b);
+    put_head(&b, 4, 0);
+    size_t row_len = 5 + 3 + 3 + HL_CS_MAX_COLS;
+    size_t nrows = (max - b.len - 9) / row_len;
+    static unsigned char nulls[HL_CS_MAX_COLS];
+    memset(nulls, 0xf6, sizeof(nulls));
+    put_head(&b, 4, nrows);
+    for (size_t i = 0; i < nrows; i++) {
+        unhex(&b, "85 00 01 00 81");
+        put_head(&b, 0, 0x100 + i); /* distinct rowids, all 3-byte heads */
+        put_head(&b, 4, HL_CS_MAX_COLS);
+        ck_assert_int_eq(hl_buf_add(&b, nulls, sizeof(nulls)), HL_OK);
+    }
+    ck_assert_uint_le(b.len, max);
+    compress_into(&b, &z);
+    ck_assert_uint_lt(z.len, 256 * 1024);
+    expect_bomb_refused("rows of NULLs", &z, max);
+
+    /* A header of as many 32767-column tables as fit: three bytes per column
+     * name on the wire, a pointer and a small allocation each decoded. */
+    hl_buf_reset(&b);
+    hl_buf_reset(&z);
+    put_prefix(&b);
+    size_t table_len = 1 + 7 + 3 + 3 * HL_CS_MAX_COLS + 1;
+    size_t ntables = (max - b.len - 8) / table_len;
+    put_head(&b, 4, ntables);
+    for (size_t i = 0; i < ntables; i++) {
+        char name[8];
+        snprintf(name, sizeof(name), "t%05zu", i);
+        put_head(&b, 4, 3);
+        put_head(&b, 3, 6);
+        ck_assert_int_eq(hl_buf_add(&b, name, 6), HL_OK);
+        put_wide_cols(&b);
+        put_head(&b, 4, 0);
+    }
+    put_head(&b, 4, 0);
+    ck_assert_uint_le(b.len, max);
+    compress_into(&b, &z);
+    ck_assert_uint_lt(z.len, 256 * 1024);
+    expect_bomb_refused("wide tables", &z, max);
+
+    hl_buf_free(&z);
+    hl_buf_free(&b);
+}
+END_TEST
+
 START_TEST(test_frame_without_size)
 {
     /* Other encoders may omit the content size; such frames decode. */
@@ -1083,10 +1342,16 @@ START_TEST(test_frame_without_size)
     ck_assert_int_eq(decode_buf(&z, true, 1 * MiB, &back), HL_OK);
     ck_assert(cs_equal(cs, back));
     hl_changeset_free(back);
-    /* Exactly at the limit is fine; one byte under is too large. */
-    ck_assert_int_eq(decode_buf(&z, true, plain.len, &back), HL_OK);
+    /* Decompressing exactly to the limit is fine (the decoded form, which
+     * costs more, is then what is too large); one byte more is not. */
+    char err[160];
+    ck_assert_int_eq(hl_changeset_decode(z.data, z.len, true, plain.len, &back, err, sizeof(err)), HL_ERR_TOO_LARGE);
+    ck_assert_msg(strstr(err, "decoded changeset") != NULL, "%s", err);
+    ck_assert_int_eq(hl_changeset_decode(z.data, z.len, true, plain.len - 1, &back, err, sizeof(err)),
+                     HL_ERR_TOO_LARGE);
+    ck_assert_msg(strstr(err, "zstd frame expands past") != NULL, "%s", err);
+    ck_assert_int_eq(decode_buf(&z, true, hl_changeset_mem_cost(cs), &back), HL_OK);
     hl_changeset_free(back);
-    ck_assert_int_eq(decode_buf(&z, true, plain.len - 1, &back), HL_ERR_TOO_LARGE);
     /* Two frames back to back: trailing data. */
     ck_assert_int_eq(hl_buf_add(&z, c, o.pos), HL_OK);
     ck_assert_int_eq(decode_buf(&z, true, 1 * MiB, &back), HL_ERR_DECODE);
@@ -1541,6 +1806,7 @@ static Suite *changeset_suite(void)
     tcase_add_test(tc, test_hostile);
     tcase_add_test(tc, test_half_and_single_floats);
     tcase_add_test(tc, test_zstd_bomb);
+    tcase_add_test(tc, test_decode_bomb);
     tcase_add_test(tc, test_frame_without_size);
     tcase_add_test(tc, test_builder_rejects);
     tcase_add_test(tc, test_key_encode);
