@@ -650,7 +650,9 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     sigaddset(&set, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &set, NULL); /* every thread created from here inherits it */
     sigdelset(&set, SIGPIPE);
-    if (hl_queue_init(&e.q, 64u << 20)) {
+    /* Decoded changesets waiting for the engine, by what they cost in memory:
+     * enough to keep the engine busy, small enough to bound a node's memory. */
+    if (hl_queue_init(&e.q, 24u << 20)) {
         hl_errorf("cannot create the engine queue");
         return 1;
     }

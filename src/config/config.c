@@ -119,7 +119,7 @@ static const hl_key keys[] = {
     INT("stall_timeout", stall_timeout_s, 1, 3600, "30",
         "seconds the engine's transactions may keep failing before /readyz reports the node not ready"),
     INT("apply_batch_rows", apply_batch_rows, 1, 10000000, "10000", "rows applied per SQLite transaction"),
-    I64("cache_size", cache_size_kib, 0, INT64_C(1073741824), "65536",
+    I64("cache_size", cache_size_kib, 0, INT64_C(1073741824), "32768",
         "page cache of harmonylite's database connection, KiB"),
 
     INT("replication_log.shards", replication_log.shards, 1, 1024, "1", "number of JetStream streams (shards)"),

@@ -325,6 +325,39 @@ static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
  * leaves the work to hl_capture, when there is more).
  */
 #define HL_SNAPSHOT_BYTES (4u << 20)
+#define HL_SNAPSHOT_ROWS 50000   /* change-log entries beyond which a snapshot read is not even tried */
+#define HL_STREAM_CACHE_KIB 4096 /* page cache (and sorter) while streaming a big change log */
+
+static hl_status cache_set(hl_db *d, int64_t kib)
+{
+    char sql[64];
+    snprintf(sql, sizeof sql, "PRAGMA cache_size = -%lld", (long long)kib);
+    return hl_db_exec(d, sql);
+}
+
+/* An upper bound on the entries in t's change log: one seek at each end. */
+static hl_status log_span(hl_db *d, hl_table *t, int64_t *n)
+{
+    *n = 0;
+    if ((t->npk ? t->npk : 1) > HL_CS_MAX_KEY)
+        return HL_OK; /* not captured at all (capture_table says why) */
+    if (!t->st_log_span) {
+        hl_buf q;
+        hl_buf_init(&q, 1u << 20);
+        hl_status st = hl_buf_adds(&q, "SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM ");
+        if (!st)
+            st = hl_buf_add_ident(&q, t->log);
+        if (!st)
+            st = prepare(d, &t->st_log_span, &q);
+        hl_buf_free(&q);
+        if (st)
+            return st;
+    }
+    int rc = sqlite3_step(t->st_log_span);
+    *n = rc == SQLITE_ROW ? sqlite3_column_int64(t->st_log_span, 0) : 0;
+    sqlite3_reset(t->st_log_span);
+    return rc == SQLITE_ROW ? HL_OK : hl_db_err(d, rc, "change log span");
+}
 
 typedef struct sink {
     bool stream;       /* record and free members as they are cut */
@@ -666,6 +699,21 @@ hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
     b->tab = calloc(b->ntables ? b->ntables : 1, sizeof *b->tab);
     if (!b->tab || (st = member_new(d, &k)))
         return st ? st : HL_ERR_NOMEM;
+    /* A big backlog in the change logs goes straight to the streaming
+     * capture: reading (and sorting) it here only to give up would do the
+     * work twice, and hold a second sorter's memory. */
+    int64_t logged = 0;
+    for (size_t i = 0; i < d->schema.n && !st && logged <= HL_SNAPSHOT_ROWS; i++) {
+        int64_t n = 0;
+        st = log_span(d, &d->schema.t[i], &n);
+        logged += n;
+    }
+    if (!st && logged > HL_SNAPSHOT_ROWS) {
+        hl_changeset_free(k.cs);
+        hl_capture_batch_free(b);
+        b->too_big = true;
+        return HL_OK;
+    }
     for (size_t i = 0; i < d->schema.n && !st; i++)
         st = capture_table(d, &d->schema.t[i], &k, &b->rows, &b->tab[i]);
     if (!st && k.cs->nrows)
@@ -740,6 +788,19 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
     *rows = 0;
     if ((st = member_new(d, &k)))
         return st;
+    /* Sorting a big change log by key takes as much memory as the page cache
+     * may (SQLite sizes its sorter by cache_size), on top of the cache itself:
+     * for a big backlog both shrink to HL_STREAM_CACHE_KIB meanwhile; the sort
+     * spills to temporary files instead. */
+    int64_t logged = 0;
+    for (size_t i = 0; i < d->schema.n && !st && logged <= HL_SNAPSHOT_ROWS; i++) {
+        int64_t span = 0;
+        st = log_span(d, &d->schema.t[i], &span);
+        logged += span;
+    }
+    bool small_cache = !st && logged > HL_SNAPSHOT_ROWS && d->cache_kib > HL_STREAM_CACHE_KIB;
+    if (small_cache)
+        st = cache_set(d, HL_STREAM_CACHE_KIB);
     for (size_t i = 0; i < d->schema.n && !st; i++) {
         hl_table *t = &d->schema.t[i];
         hl_capture_tab tab = {0};
@@ -780,6 +841,11 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
             st = hl_db_err(d, rc, "outbox chain end");
     }
     hl_changeset_free(k.cs);
+    if (small_cache) {
+        hl_status cst = cache_set(d, d->cache_kib);
+        if (!st)
+            st = cst;
+    }
     if (st)
         return st;
     if (d->next_seq != seq0 && (st = hl_db_meta_put(d, "next_seq", (int64_t)d->next_seq)))

@@ -41,19 +41,20 @@ typedef struct hl_table {
     char *keysig; /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
-    sqlite3_stmt *st_log_read;   /* change log joined to the rows, one entry per key */
-    sqlite3_stmt *st_log_del;    /* DELETE FROM log WHERE seq <= ? */
-    sqlite3_stmt *st_range;      /* capture: SELECT key, cols FROM t WHERE key > ? ORDER BY key */
-    sqlite3_stmt *st_range_keys; /* capture: SELECT key FROM t WHERE key > ? AND key <= ? ORDER BY key */
+    sqlite3_stmt *st_log_read;       /* change log joined to the rows, one entry per key */
+    sqlite3_stmt *st_log_del;        /* DELETE FROM log WHERE seq <= ? */
+    sqlite3_stmt *st_range;          /* capture: SELECT key, cols FROM t WHERE key > ? ORDER BY key */
+    sqlite3_stmt *st_range_keys;     /* capture: SELECT key FROM t WHERE key > ? AND key <= ? ORDER BY key */
     sqlite3_stmt *st_range_unlogged; /* capture, streaming: st_range without the keys in the change log */
-    sqlite3_stmt *st_log_add;    /* capture: INSERT INTO log (jd, k0) VALUES (now, ?) */
-    bool applied;                /* apply wrote rows: raise the high-water mark at hl_apply_end */
-    sqlite3_stmt *st_clock_win;  /* apply: UPSERT the clock row if the version wins */
-    sqlite3_stmt *st_clock_put;  /* capture: UPSERT the clock row */
-    sqlite3_stmt *st_row_del;    /* DELETE FROM t WHERE key */
-    sqlite3_stmt *st_write;      /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
-    sqlite3_stmt *st_insert;     /* apply: INSERT for rowid tables */
-    char *write_sig;             /* remote column list st_write/st_insert were built for */
+    sqlite3_stmt *st_log_span;       /* capture: an upper bound on the change log's entries */
+    sqlite3_stmt *st_log_add;        /* capture: INSERT INTO log (jd, k0) VALUES (now, ?) */
+    bool applied;                    /* apply wrote rows: raise the high-water mark at hl_apply_end */
+    sqlite3_stmt *st_clock_win;      /* apply: UPSERT the clock row if the version wins */
+    sqlite3_stmt *st_clock_put;      /* capture: UPSERT the clock row */
+    sqlite3_stmt *st_row_del;        /* DELETE FROM t WHERE key */
+    sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
+    sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
+    char *write_sig;                 /* remote column list st_write/st_insert were built for */
 } hl_table;
 
 typedef struct hl_schema {
@@ -86,7 +87,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
-    uint64_t chains_applied; /* transactions received as a chain of changesets and applied as one */
+    uint64_t chains_applied;  /* transactions received as a chain of changesets and applied as one */
     uint64_t changesets_late; /* applied after their position had been given up on */
     uint64_t order_gaps;      /* times missing predecessors were given up on */
     uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
@@ -110,6 +111,7 @@ typedef struct hl_db {
     bool compress;
     size_t max_changeset_bytes;  /* largest changeset sent or accepted (its uncompressed payload) */
     size_t chain_bytes;          /* a capture bigger than this is cut into a chain of changesets */
+    int64_t cache_kib;           /* the connection's page cache (cache_size), KiB */
     uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held */
     uint64_t ahead_due_ms;       /* wall ms when a changeset held for its clock is due; 0: none */
     int64_t data_version;

@@ -27,8 +27,9 @@ static void table_finalize(hl_table *t)
     sqlite3_finalize(t->st_range);
     sqlite3_finalize(t->st_range_keys);
     sqlite3_finalize(t->st_range_unlogged);
+    sqlite3_finalize(t->st_log_span);
     sqlite3_finalize(t->st_log_add);
-    t->st_range = t->st_range_keys = t->st_range_unlogged = t->st_log_add = NULL;
+    t->st_range = t->st_range_keys = t->st_range_unlogged = t->st_log_add = t->st_log_span = NULL;
     t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = NULL;
     t->st_clock_win = t->st_clock_put = NULL;
     free(t->write_sig);

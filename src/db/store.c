@@ -240,7 +240,8 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
      * property of the file, so it persists for the application too. */
     if ((st = hl_db_exec(d, "PRAGMA journal_mode = WAL")))
         goto out;
-    snprintf(sql, sizeof sql, "PRAGMA cache_size = -%lld", (long long)(cache_kib > 0 ? cache_kib : 2000));
+    d->cache_kib = cache_kib > 0 ? cache_kib : 2000;
+    snprintf(sql, sizeof sql, "PRAGMA cache_size = -%lld", (long long)d->cache_kib);
     if ((st = hl_db_exec(d, sql)) || (st = hl_db_exec(d, "PRAGMA synchronous = NORMAL")) ||
         (st = hl_db_exec(d, "PRAGMA foreign_keys = OFF")) || (st = hl_db_exec(d, "PRAGMA recursive_triggers = OFF")))
         goto out;

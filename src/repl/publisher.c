@@ -9,13 +9,18 @@
 #include "common/log.h"
 
 #define WINDOW_PARTS 256 /* unacknowledged parts at most */
-#define STALL_MS 10000   /* no ack for this long: take the pending list back and re-publish */
-#define RETRY_MS 500     /* after a failure, wait this long before re-publishing */
+/* Unacknowledged payload bytes at most: nats.c keeps every unacknowledged
+ * message in memory, so this bounds what publishing costs (a chain of big
+ * changesets would otherwise hold WINDOW_PARTS * chunk_bytes). */
+#define WINDOW_BYTES (8u << 20)
+#define STALL_MS 10000 /* no ack for this long: take the pending list back and re-publish */
+#define RETRY_MS 500   /* after a failure, wait this long before re-publishing */
 
 typedef struct inflight {
     uint64_t seq;
     uint64_t rows;
     uint32_t parts_left;
+    size_t bytes; /* its payload */
 } inflight;
 
 struct hl_publisher {
@@ -26,6 +31,7 @@ struct hl_publisher {
     inflight *win;
     size_t nwin, capwin;
     size_t parts_inflight;
+    size_t bytes_inflight;  /* payload of the changesets in win */
     uint64_t last_sent;     /* highest outbox seq handed to nats.c */
     uint64_t last_progress; /* mono ms of the last ack or send */
     uint64_t retry_at;      /* mono ms before which nothing is re-published */
@@ -129,6 +135,7 @@ static void restart(hl_publisher *p, const char *why)
         hl_logf(HL_LOG_WARN, "re-publishing %zu unacknowledged changesets: %s", p->nwin, why);
     p->nwin = 0;
     p->parts_inflight = 0;
+    p->bytes_inflight = 0;
     p->last_sent = 0;
     p->resend = false;
     p->retry_at = hl_mono_ms() + RETRY_MS;
@@ -193,7 +200,7 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
         restart(p, "publish failed");
     if (p->resend || now < p->retry_at)
         return HL_OK;
-    while (p->parts_inflight < WINDOW_PARTS) {
+    while (p->parts_inflight < WINDOW_PARTS && (p->bytes_inflight < WINDOW_BYTES || p->nwin == 0)) {
         uint64_t seq, rows = 0;
         hl_status st = hl_db_outbox_next(d, p->last_sent, &seq, &rows, &p->row);
         if (st == HL_ERR_NOT_FOUND)
@@ -209,7 +216,8 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             p->capwin = ncap;
         }
         uint32_t count = hl_part_count(p->row.len - 1, (size_t)p->c->replication_log.chunk_bytes);
-        p->win[p->nwin++] = (inflight){.seq = seq, .rows = rows, .parts_left = count};
+        p->win[p->nwin++] = (inflight){.seq = seq, .rows = rows, .parts_left = count, .bytes = p->row.len - 1};
+        p->bytes_inflight += p->row.len - 1;
         p->last_sent = seq;
         p->last_progress = now;
         if (send_one(p, d->epoch, seq))
@@ -243,6 +251,7 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
                 break;
             p->published++;
             p->rows_published += f->rows;
+            p->bytes_inflight -= f->bytes < p->bytes_inflight ? f->bytes : p->bytes_inflight;
             *f = p->win[--p->nwin];
         }
     }

@@ -137,7 +137,7 @@ START_TEST(test_defaults)
     ck_assert_int_eq(c.order_hold_timeout_s, 60);
     ck_assert_int_eq(c.stall_timeout_s, 30);
     ck_assert_int_eq(c.apply_batch_rows, 10000);
-    ck_assert_int_eq(c.cache_size_kib, 65536);
+    ck_assert_int_eq(c.cache_size_kib, 32768);
 
     ck_assert_int_eq(c.replication_log.shards, 1);
     ck_assert_int_eq(c.replication_log.max_entries, 1048576);
