@@ -5,14 +5,23 @@
 #   (c) commit -> visible lag p50/p99 at a fixed 1,000 txn/s
 #   (d) commit -> visible lag of isolated writes from a long-lived connection,
 #       with the fallback poll and (d') without it
-# Usage: bench/run.sh [--quick]
+#   (e) with --big only: one 5,000,000-row transaction, integer and text keys:
+#       time until replicated and the peak memory of every process (a few minutes,
+#       a few GB of disk)
+# Usage: bench/run.sh [--quick] [--big]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh release
 cmake --build build --target bench_trigger bench_engine -j2 >/dev/null
-secs=3; rows=200000; lag_s=10; isolated=200
-if [ "${1:-}" = "--quick" ]; then secs=1; rows=50000; lag_s=3; isolated=60; fi
+secs=3; rows=200000; lag_s=10; isolated=200; big=0
+for arg in "$@"; do
+    case $arg in
+    --quick) secs=1; rows=50000; lag_s=3; isolated=60 ;;
+    --big) big=1 ;;
+    *) echo "usage: bench/run.sh [--quick] [--big]" >&2; exit 2 ;;
+    esac
+done
 echo "== (a) trigger overhead on application inserts"
 build/bench_trigger "$secs"
 echo "== per node: capture and apply on one core, no NATS"
@@ -20,3 +29,8 @@ build/bench_engine "$rows" 1000
 echo "== (b)(c)(d) 3-node cluster on loopback"
 HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s" \
     --isolated "$isolated"
+if [ "$big" = 1 ]; then
+    echo "== (e) one 5,000,000-row transaction, integer key then text key"
+    HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/big_txn.py --rows 5000000
+    HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/big_txn.py --rows 5000000 --text-key
+fi
