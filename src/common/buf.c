@@ -11,6 +11,7 @@ void hl_buf_init(hl_buf *b, size_t limit)
     b->len = 0;
     b->cap = 0;
     b->limit = limit;
+    b->err = HL_OK;
 }
 
 void hl_buf_free(hl_buf *b)
@@ -25,15 +26,31 @@ void hl_buf_free(hl_buf *b)
 void hl_buf_reset(hl_buf *b)
 {
     b->len = 0;
+    b->err = HL_OK;
     if (b->data)
         b->data[0] = 0;
+}
+
+hl_status hl_buf_status(const hl_buf *b)
+{
+    return b->err;
+}
+
+/* Records the first error; returns the sticky one. */
+static hl_status fail(hl_buf *b, hl_status st)
+{
+    if (!b->err)
+        b->err = st;
+    return b->err;
 }
 
 /* Makes room for n more bytes plus the trailing NUL. */
 static hl_status grow(hl_buf *b, size_t n)
 {
+    if (b->err)
+        return b->err;
     if (n > b->limit || b->len > b->limit - n)
-        return HL_ERR_TOO_LARGE;
+        return fail(b, HL_ERR_TOO_LARGE);
     size_t need = b->len + n + 1;
     if (need <= b->cap)
         return HL_OK;
@@ -42,7 +59,7 @@ static hl_status grow(hl_buf *b, size_t n)
         ncap = ncap > SIZE_MAX / 2 ? need : ncap * 2;
     unsigned char *p = realloc(b->data, ncap);
     if (!p)
-        return HL_ERR_NOMEM;
+        return fail(b, HL_ERR_NOMEM);
     b->data = p;
     b->cap = ncap;
     return HL_OK;
@@ -73,11 +90,13 @@ hl_status hl_buf_adds(hl_buf *b, const char *s)
 hl_status hl_buf_addf(hl_buf *b, const char *fmt, ...)
 {
     va_list ap;
+    if (b->err)
+        return b->err;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
     if (n < 0)
-        return HL_ERR_INVALID;
+        return fail(b, HL_ERR_INVALID);
     hl_status st = grow(b, (size_t)n);
     if (st)
         return st;
@@ -100,6 +119,7 @@ static hl_status add_quoted(hl_buf *b, const char *s, char q)
     if (!st)
         st = hl_buf_addc(b, (unsigned char)q);
     if (st) {
+        /* Nothing of the quoted text stays; the error does. */
         b->len = old;
         if (b->data)
             b->data[old] = 0;
@@ -129,5 +149,6 @@ unsigned char *hl_buf_steal(hl_buf *b, size_t *len)
         *len = b->len;
     b->data = NULL;
     b->len = b->cap = 0;
+    b->err = HL_OK;
     return p;
 }

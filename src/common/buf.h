@@ -5,6 +5,11 @@
  * would exceed it fails with HL_ERR_TOO_LARGE and leaves the buffer unchanged,
  * so no input can grow memory without bound. The content is always followed by
  * a NUL byte (not counted in len) so text can be used as a C string.
+ *
+ * Errors are sticky, as in SQLite's sqlite3_str: after one append fails, every
+ * later append does nothing and returns the same error, and hl_buf_status()
+ * reports it, so code that builds a text appends without checking each step
+ * and checks once at the end. hl_buf_reset() and hl_buf_init() clear it.
  */
 #ifndef HL_BUF_H
 #define HL_BUF_H
@@ -19,13 +24,16 @@ typedef struct hl_buf {
     size_t len;
     size_t cap;   /* allocated bytes */
     size_t limit; /* maximum len */
+    hl_status err; /* the first failed append since init/reset; HL_OK when none */
 } hl_buf;
 
 void hl_buf_init(hl_buf *b, size_t limit);
 /* Frees the content; the buffer may be reused after hl_buf_init(). NULL is a no-op. */
 void hl_buf_free(hl_buf *b);
-/* Sets len to 0, keeps the allocation. */
+/* Sets len to 0 and clears the error, keeps the allocation. */
 void hl_buf_reset(hl_buf *b);
+/* The first error of an append since init/reset (sticky), or HL_OK. */
+hl_status hl_buf_status(const hl_buf *b);
 hl_status hl_buf_add(hl_buf *b, const void *p, size_t n);
 hl_status hl_buf_addc(hl_buf *b, unsigned char c);
 hl_status hl_buf_adds(hl_buf *b, const char *s);
