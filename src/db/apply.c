@@ -134,9 +134,13 @@ static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t 
 
 /* Stores a row (its encoded key pk and version) in the conflicts table. */
 static hl_status conflict_put(hl_db *d, uint64_t origin, const char *tbl, const hl_buf *pk, uint64_t hlc,
-                              const char *reason)
+                              const char *reason, const hl_buf *row)
 {
     sqlite3_stmt *st = d->st_conflict_put;
+    if (row && row->len)
+        sqlite3_bind_blob64(st, 7, row->data, row->len, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 7);
     sqlite3_bind_int64(st, 1, (int64_t)hl_now_ms());
     sqlite3_bind_int64(st, 2, (int64_t)origin);
     sqlite3_bind_text(st, 3, tbl, -1, SQLITE_STATIC);
@@ -150,18 +154,53 @@ static hl_status conflict_put(hl_db *d, uint64_t origin, const char *tbl, const 
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "conflict put");
 }
 
-/* Stores row r of origin's changeset in the conflicts table with the reason;
- * pk is scratch space for the encoded key. */
-static hl_status record_conflict(hl_db *d, uint64_t origin, const char *tbl, const hl_cs_row *r, hl_buf *pk,
+/*
+ * The row itself, for __harmonylite__conflicts.row, so nothing of a row that
+ * was not applied, or was removed, is lost: a changeset payload
+ * (docs/protocol.md §2, uncompressed) with one table and that one row.
+ */
+static hl_status row_image(const char *tbl, const char *const *cols, size_t ncols, const char *const *pk, size_t npk,
+                           const hl_value *key, size_t nkey, const hl_value *vals, uint64_t origin, uint64_t hlc,
+                           hl_buf *out)
+{
+    hl_changeset *cs = hl_changeset_new();
+    uint32_t ti = 0;
+    hl_status st = cs ? HL_OK : HL_ERR_NOMEM;
+    hl_buf_reset(out);
+    if (!st) {
+        cs->origin = origin;
+        cs->seq = 1;
+        cs->wall_ms = hl_now_ms();
+        st = hl_changeset_add_table(cs, tbl, cols, ncols, pk, npk, &ti);
+    }
+    if (!st)
+        st = hl_changeset_add_row(cs, ti, vals ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nkey, vals, vals ? ncols : 0);
+    if (!st)
+        st = hl_changeset_encode(cs, false, out);
+    hl_changeset_free(cs);
+    return st;
+}
+
+/* Stores row r of origin's changeset cs in the conflicts table with the
+ * reason; pk is scratch space for the encoded key. */
+static hl_status record_conflict(hl_db *d, const hl_changeset *cs, const char *tbl, const hl_cs_row *r, hl_buf *pk,
                                  const char *reason)
 {
     hl_buf_reset(pk);
     hl_status res = hl_key_encode(r->key, r->nkey, pk);
     if (res)
         return res;
-    hl_logf(HL_LOG_WARN, "conflict: row from node %llu for table \"%s\" not applied: %s", (unsigned long long)origin,
-            tbl, reason);
-    return conflict_put(d, origin, tbl, pk, r->hlc, reason);
+    hl_logf(HL_LOG_WARN, "conflict: row from node %llu for table \"%s\" not applied: %s",
+            (unsigned long long)cs->origin, tbl, reason);
+    const hl_cs_table *ct = &cs->tables[r->table];
+    hl_buf row;
+    hl_buf_init(&row, 1u << 30);
+    if (row_image(ct->name, (const char *const *)ct->cols, ct->ncols, (const char *const *)ct->pk, ct->npk, r->key,
+                  r->nkey, r->op == HL_OP_UPSERT ? r->vals : NULL, cs->origin, r->hlc, &row))
+        hl_buf_reset(&row); /* the key and the reason are still recorded */
+    res = conflict_put(d, cs->origin, tbl, pk, r->hlc, reason, &row);
+    hl_buf_free(&row);
+    return res;
 }
 
 /* How the columns of one changeset table map onto the local table. */
@@ -372,7 +411,7 @@ static hl_status add_key_col(hl_buf *q, const hl_table *t, size_t i)
 
 /*
  * Prepares the query for the local row, other than r's own, that holds r's
- * values in UNIQUE index idx: its key and version. *out stays NULL when no
+ * values in UNIQUE index idx: its key, version and columns. *out stays NULL when no
  * row can clash there (a NULL value) or the index cannot be matched column by
  * column (an expression, or a column r does not carry).
  */
@@ -401,7 +440,13 @@ static hl_status clash_query(hl_db *d, const tmap *m, size_t nrc, const hl_cs_ro
             st = hl_buf_adds(&sql, ", ");
     }
     if (!st)
-        st = hl_buf_adds(&sql, "coalesce(c.hlc, 0), coalesce(c.node, 0) FROM ");
+        st = hl_buf_adds(&sql, "coalesce(c.hlc, 0), coalesce(c.node, 0)");
+    for (size_t i = 0; i < t->ncols && !st; i++) {
+        if (!(st = hl_buf_adds(&sql, ", x.")))
+            st = hl_buf_add_ident(&sql, t->cols[i]);
+    }
+    if (!st)
+        st = hl_buf_adds(&sql, " FROM ");
     if (!st)
         st = hl_buf_add_ident(&sql, t->name);
     if (!st)
@@ -526,6 +571,21 @@ static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_ro
                     for (size_t i = 0; i < nk; i++)
                         hl_value_from_column(q, (int)i, &key[i]);
                     st = hl_key_encode(key, nk, pk);
+                    /* ... and the row: it is removed here, and kept in the conflicts table. */
+                    hl_buf image;
+                    hl_buf_init(&image, 1u << 30);
+                    hl_value *vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
+                    const char *pkn[HL_CS_MAX_KEY];
+                    for (size_t i = 0; i < t->npk; i++)
+                        pkn[i] = t->cols[t->pk[i]];
+                    if (!st && !vals)
+                        st = HL_ERR_NOMEM;
+                    for (size_t i = 0; !st && i < t->ncols; i++)
+                        hl_value_from_column(q, (int)(nk + 2 + i), &vals[i]);
+                    if (!st && row_image(t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, key, nk, vals,
+                                         node, hlc, &image))
+                        hl_buf_reset(&image);
+                    free(vals);
                     for (size_t i = 0; i < nk && !st; i++, nkv++)
                         if (!(kv[i] = sqlite3_value_dup(sqlite3_column_value(q, (int)i))))
                             st = HL_ERR_NOMEM;
@@ -547,8 +607,9 @@ static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_ro
                                  idx[x], (unsigned long long)cs->origin);
                         hl_logf(HL_LOG_WARN, "conflict: row from node %llu in table \"%s\" %s",
                                 (unsigned long long)node, t->name, why);
-                        st = conflict_put(d, node, t->name, pk, hlc, why);
+                        st = conflict_put(d, node, t->name, pk, hlc, why, &image);
                     }
+                    hl_buf_free(&image);
                 }
             } else if (rc != SQLITE_DONE) {
                 st = hl_db_err(d, rc, "clashing row");
@@ -573,7 +634,7 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     hl_hlc_observe(&d->last_hlc, r->hlc);
     for (size_t i = 0; i < r->nkey; i++)
         if (r->key[i].type == HL_VAL_NULL)
-            return record_conflict(d, cs->origin, t->name, r, pk, "NULL in the primary key");
+            return record_conflict(d, cs, t->name, r, pk, "NULL in the primary key");
 
     /* Check and record the version in one statement: the clock row is
      * written only when (hlc, origin) beats the stored version. */
@@ -587,7 +648,7 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
     bool newer = rc == SQLITE_DONE && sqlite3_changes(d->db) > 0;
     sqlite3_reset(cw);
     if ((rc & 0xff) == SQLITE_MISMATCH) /* not an integer, for a table keyed by its rowid */
-        return record_conflict(d, cs->origin, t->name, r, pk, "key is not an integer (the table's rowid)");
+        return record_conflict(d, cs, t->name, r, pk, "key is not an integer (the table's rowid)");
     if (rc != SQLITE_DONE)
         return hl_db_err(d, rc, "clock check");
     if (!newer) {
@@ -612,7 +673,7 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
      * every node agrees on the version, and an older one arriving later
      * cannot be applied here either. The row itself is in the conflicts table. */
     if (why[0])
-        return record_conflict(d, cs->origin, t->name, r, pk, why);
+        return record_conflict(d, cs, t->name, r, pk, why);
     t->applied = true;
     d->stats.rows_applied++;
     return HL_OK;

@@ -26,7 +26,7 @@ static const char *const internal_ddl =
     " seq INTEGER NOT NULL, PRIMARY KEY (node, epoch)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "seq(stream TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "conflicts(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL,"
-    " origin INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB, hlc INTEGER, reason TEXT NOT NULL);"
+    " origin INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB, hlc INTEGER, reason TEXT NOT NULL, row BLOB);"
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "pending(id INTEGER PRIMARY KEY, node INTEGER NOT NULL,"
     " epoch INTEGER NOT NULL, seq INTEGER NOT NULL, flags INTEGER NOT NULL, data BLOB NOT NULL,"
     " schema INTEGER NOT NULL, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, UNIQUE (node, epoch, seq));"
@@ -249,6 +249,10 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         goto out;
     if ((st = hl_db_exec(d, internal_ddl)))
         goto rollback;
+    /* Databases from before conflicts kept the row itself get the column. */
+    if (query_int(d, "SELECT count(*) FROM pragma_table_info('" HL_PREFIX "conflicts') WHERE name = 'row'", 1) == 0 &&
+        (st = hl_db_exec(d, "ALTER TABLE " HL_PREFIX "conflicts ADD COLUMN row BLOB")))
+        goto rollback;
     /* A crash between "applying = 1" and commit never commits the flag, but a
      * file copied mid-transaction by a tool could; make sure it is clear. */
     if ((st = hl_db_exec(d, "UPDATE " HL_PREFIX "ctl SET applying = 0 WHERE applying <> 0")))
@@ -310,7 +314,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         (st = prep(d, &d->st_schema_version, "PRAGMA schema_version")) ||
         (st = prep(d, &d->st_conflict_put,
                    "INSERT INTO " HL_PREFIX
-                   "conflicts(at_ms, origin, tbl, pk, hlc, reason) VALUES (?, ?, ?, ?, ?, ?)")) ||
+                   "conflicts(at_ms, origin, tbl, pk, hlc, reason, row) VALUES (?, ?, ?, ?, ?, ?, ?)")) ||
         (st = prep(d, &d->st_origin_get, "SELECT seq FROM " HL_PREFIX "origins WHERE node = ? AND epoch = ?")) ||
         (st = prep(d, &d->st_origin_put,
                    "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) VALUES (?, ?, ?) "

@@ -1085,6 +1085,28 @@ START_TEST(unique_clash_newer_row_wins_everywhere)
         ck_assert_int_eq(scalar(app, "SELECT count(*) FROM origins WHERE id = 'b1'"), 1);
         ck_assert_int_eq(scalar(app, "SELECT count(*) FROM origins"), 1);
         ck_assert_int_eq(scalar(app, "SELECT count(*) FROM __harmonylite__conflicts WHERE origin = 1"), 2);
+        /* The losers are kept whole: the removed local row (on a) and the refused remote one (on b). */
+        sqlite3_stmt *st;
+        ck_assert_int_eq(sqlite3_prepare_v2(app,
+                                            "SELECT row FROM __harmonylite__conflicts WHERE origin = 1 AND "
+                                            "tbl = 'origins'",
+                                            -1, &st, NULL),
+                         SQLITE_OK);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        hl_changeset *lost = NULL;
+        char err[256];
+        ck_assert_int_eq(hl_changeset_decode(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0), false,
+                                             1u << 20, &lost, err, sizeof err),
+                         HL_OK);
+        sqlite3_finalize(st);
+        ck_assert_uint_eq(lost->nrows, 1);
+        ck_assert_str_eq(lost->tables[0].name, "origins");
+        ck_assert_uint_eq(lost->tables[0].ncols, 3);
+        ck_assert_int_eq(lost->rows[0].op, HL_OP_UPSERT);
+        ck_assert_int_eq(lost->rows[0].vals[0].type, HL_VAL_TEXT);
+        ck_assert_str_eq((const char *)lost->rows[0].vals[0].u.b.p, "a1");
+        ck_assert_str_eq((const char *)lost->rows[0].vals[2].u.b.p, "google");
+        hl_changeset_free(lost);
     }
     /* The removal on a was not captured as a local delete. */
     ck_assert_uint_eq(capture(p.a), 0);
