@@ -33,28 +33,13 @@ hl_status hl_apply_begin(hl_db *d)
 static hl_status raise_hwm(hl_db *d, hl_table *t)
 {
     hl_buf q;
-    sqlite3_stmt *st = NULL;
-    hl_status res;
     hl_buf_init(&q, 1u << 20);
-    res = hl_buf_adds(&q, "UPDATE " HL_PREFIX "hwm SET hwm = m FROM (SELECT max(");
-    if (!res)
-        res = hl_add_rowid(&q, t);
-    if (!res)
-        res = hl_buf_adds(&q, ") AS m FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_adds(&q, ") WHERE tbl = ?1 AND m > hwm");
-    if (!res) {
-        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-            rc = sqlite3_step(st);
-        }
-        if (rc != SQLITE_DONE)
-            res = hl_db_err(d, rc, "hwm raise");
-    }
-    sqlite3_finalize(st);
+    hl_buf_adds(&q, "UPDATE " HL_PREFIX "hwm SET hwm = m FROM (SELECT max(");
+    hl_add_rowid(&q, t);
+    hl_buf_adds(&q, ") AS m FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, ") WHERE tbl = ?1 AND m > hwm");
+    hl_status res = hl_db_run(d, &q, t->name, NULL, "hwm raise");
     hl_buf_free(&q);
     return res;
 }

@@ -149,6 +149,14 @@ hl_status hl_db_begin(hl_db *d); /* BEGIN IMMEDIATE, retrying while busy */
 hl_status hl_db_commit(hl_db *d);
 void hl_db_rollback(hl_db *d);
 
+/*
+ * Runs one statement built in sql, after checking the buffer's sticky error,
+ * with ?1 bound to name when name is not NULL. When row is not NULL the
+ * statement must return a row and *row receives its first column; otherwise
+ * it must run to completion. what names it in an error.
+ */
+hl_status hl_db_run(hl_db *d, const hl_buf *sql, const char *name, int64_t *row, const char *what);
+
 /* Logs the SQLite error of d with context and returns HL_ERR_SQLITE (or HL_ERR_BUSY). */
 hl_status hl_db_err(hl_db *d, int rc, const char *what);
 

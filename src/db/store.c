@@ -57,6 +57,25 @@ hl_status hl_db_err(hl_db *d, int rc, const char *what)
     return HL_ERR_SQLITE;
 }
 
+hl_status hl_db_run(hl_db *d, const hl_buf *sql, const char *name, int64_t *row, const char *what)
+{
+    hl_status st = hl_buf_status(sql);
+    if (st)
+        return st; /* never run a statement that was cut short */
+    sqlite3_stmt *s = NULL;
+    int rc = sqlite3_prepare_v2(d->db, hl_buf_str(sql), -1, &s, NULL);
+    if (rc == SQLITE_OK && name)
+        rc = sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(s);
+    if (row && rc == SQLITE_ROW)
+        *row = sqlite3_column_int64(s, 0);
+    else if (rc != SQLITE_DONE || row)
+        st = hl_db_err(d, rc == SQLITE_DONE ? SQLITE_ERROR : rc, what);
+    sqlite3_finalize(s);
+    return st;
+}
+
 hl_status hl_db_exec(hl_db *d, const char *sql)
 {
     char *msg = NULL;

@@ -298,49 +298,26 @@ static hl_status hwm_drop(hl_db *d, const char *table)
 static hl_status rowids_moved(hl_db *d, const hl_table *t, bool *moved)
 {
     hl_buf q;
-    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
     hl_buf_init(&q, 1u << 20);
-    hl_status res = hl_buf_adds(&q, "SELECT EXISTS (SELECT 1 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->clock);
-    if (!res)
-        res = hl_buf_adds(&q, " AS c WHERE c.k0 NOT IN (SELECT k0 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->log);
-    if (!res)
-        res = hl_buf_adds(&q, ") AND c.deleted = EXISTS (SELECT 1 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_addf(&q,
-                          " WHERE %s = c.k0)) OR EXISTS (SELECT 1 FROM " HL_PREFIX "hwm AS h WHERE h.tbl = ?1 AND "
-                          "h.hwm > coalesce((SELECT max(%s) FROM ",
-                          t->rowid, t->rowid);
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_adds(&q, "), 0) AND h.hwm NOT IN (SELECT k0 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->clock);
-    if (!res)
-        res = hl_buf_adds(&q, ") AND h.hwm NOT IN (SELECT k0 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->log);
-    if (!res)
-        res = hl_buf_adds(&q, "))");
-    if (res)
-        goto out;
-    int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
-    if (rc == SQLITE_OK) {
-        sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-    }
-    if (rc == SQLITE_ROW)
-        *moved = sqlite3_column_int(st, 0) != 0;
-    else
-        res = hl_db_err(d, rc, "rowid check");
-out:
-    sqlite3_finalize(st);
+    hl_buf_adds(&q, "SELECT EXISTS (SELECT 1 FROM ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_adds(&q, " AS c WHERE c.k0 NOT IN (SELECT k0 FROM ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, ") AND c.deleted = EXISTS (SELECT 1 FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_addf(&q,
+                " WHERE %s = c.k0)) OR EXISTS (SELECT 1 FROM " HL_PREFIX "hwm AS h WHERE h.tbl = ?1 AND "
+                "h.hwm > coalesce((SELECT max(%s) FROM ",
+                t->rowid, t->rowid);
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, "), 0) AND h.hwm NOT IN (SELECT k0 FROM ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_adds(&q, ") AND h.hwm NOT IN (SELECT k0 FROM ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, "))");
+    hl_status res = hl_db_run(d, &q, t->name, &v, "rowid check");
+    *moved = !res && v != 0;
     hl_buf_free(&q);
     return res;
 }
@@ -354,52 +331,32 @@ out:
 static hl_status rowid_resync(hl_db *d, const hl_table *t)
 {
     hl_buf q;
-    sqlite3_stmt *st = NULL;
     hl_buf_init(&q, 1u << 20);
-    hl_status res = hl_buf_adds(&q, "INSERT INTO ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->log);
-    if (!res)
-        res = hl_buf_addf(&q, "(jd, k0) SELECT " NOW_JD ", %s FROM ", t->rowid);
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, "INSERT INTO ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_addf(&q, "(jd, k0) SELECT " NOW_JD ", %s FROM ", t->rowid);
+    hl_buf_add_ident(&q, t->name);
+    hl_status res = hl_buf_status(&q);
     if (!res)
         res = exec_logged(d, hl_buf_str(&q));
     int64_t rows = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
-    if (!res)
-        res = hl_buf_adds(&q, "INSERT INTO ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->log);
-    if (!res)
-        res = hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", c.k0 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->clock);
-    if (!res)
-        res = hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_addf(&q, " WHERE %s = c.k0)", t->rowid);
-    if (!res)
+    hl_buf_adds(&q, "INSERT INTO ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", c.k0 FROM ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_addf(&q, " WHERE %s = c.k0)", t->rowid);
+    if (!res && !(res = hl_buf_status(&q)))
         res = exec_logged(d, hl_buf_str(&q));
     int64_t gone = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
+    hl_buf_addf(&q, "UPDATE " HL_PREFIX "hwm SET hwm = (SELECT coalesce(max(%s), 0) FROM ", t->rowid);
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, ") WHERE tbl = ?1");
     if (!res)
-        res = hl_buf_addf(&q, "UPDATE " HL_PREFIX "hwm SET hwm = (SELECT coalesce(max(%s), 0) FROM ", t->rowid);
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_adds(&q, ") WHERE tbl = ?1");
-    if (!res) {
-        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-            rc = sqlite3_step(st);
-        }
-        if (rc != SQLITE_DONE)
-            res = hl_db_err(d, rc, "hwm resync");
-    }
+        res = hl_db_run(d, &q, t->name, NULL, "hwm resync");
     if (!res) {
         d->stats.table_resyncs++;
         hl_logf(HL_LOG_WARN,
@@ -407,7 +364,6 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
                 "sending all %lld rows and %lld deletes as this node's state",
                 t->name, (long long)rows, (long long)gone);
     }
-    sqlite3_finalize(st);
     hl_buf_free(&q);
     return res;
 }
@@ -424,27 +380,13 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
 static hl_status clock_seed(hl_db *d, const hl_table *t)
 {
     hl_buf q;
-    sqlite3_stmt *st = NULL;
     hl_buf_init(&q, 1u << 20);
-    hl_status res = hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
-    if (!res)
-        res = hl_buf_add_ident(&q, t->clock);
-    if (!res)
-        res = hl_buf_addf(&q, "(k0, hlc, node, deleted) SELECT %s, 0, 0, 0 FROM ", t->rowid);
-    if (!res)
-        res = hl_buf_add_ident(&q, t->name);
-    if (!res)
-        res = hl_buf_addf(&q, " WHERE %s <= (SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1)", t->rowid);
-    if (!res) {
-        int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
-            rc = sqlite3_step(st);
-        }
-        if (rc != SQLITE_DONE)
-            res = hl_db_err(d, rc, "clock seed");
-    }
-    sqlite3_finalize(st);
+    hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_addf(&q, "(k0, hlc, node, deleted) SELECT %s, 0, 0, 0 FROM ", t->rowid);
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_addf(&q, " WHERE %s <= (SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1)", t->rowid);
+    hl_status res = hl_db_run(d, &q, t->name, NULL, "clock seed");
     hl_buf_free(&q);
     return res;
 }
