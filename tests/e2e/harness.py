@@ -20,6 +20,7 @@ Everything here waits with generous timeouts and never asserts on durations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -818,6 +819,34 @@ class Cluster:
                      for i, d in enumerate(dumps) if i > 0 and d != dumps[0]]
             raise WaitTimeout(f"{str(e).split('; last seen')[0]}\n" + "\n".join(diffs)) from None
         return state["dumps"][0]
+
+
+@contextlib.contextmanager
+def started_cluster(binary: Path, root: Path, size: int = 3, settings: Optional[dict] = None,
+                    schema: str = BOOKS_SCHEMA, timeout: float = REPL_TIMEOUT):
+    """A cluster of its own for a test module: created with `schema` on every node,
+    started, every node's /readyz 200; stopped afterwards, failing on an unclean stop."""
+    import urllib.error
+    import urllib.request
+
+    def ready(n: Node) -> bool:
+        try:
+            with urllib.request.urlopen(n.http_url + "/readyz", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    c = Cluster(binary, root, size=size, settings=settings, cli_node=None)
+    c.init_databases(schema)
+    try:
+        c.start()
+        for n in c.nodes:
+            wait_until(lambda: ready(n), timeout, f"node {n.id} ready")
+        yield c
+    finally:
+        errors = c.stop()
+        c.kill()
+    assert not errors, "\n".join(errors)
 
 
 class NatsServer:

@@ -22,17 +22,9 @@ SETTINGS = {"stall_timeout": 2, "replication_log": {"max_changeset_bytes": 65536
 
 @pytest.fixture(scope="module")
 def trio(hl_bin, tmp_path_factory):
-    c = harness.Cluster(hl_bin, tmp_path_factory.mktemp("big"), size=3, settings=SETTINGS, cli_node=None)
-    c.init_databases(harness.BOOKS_SCHEMA + "CREATE TABLE bulk (k TEXT PRIMARY KEY, n INTEGER, pad TEXT);")
-    try:
-        c.start()
-        for n in c.nodes:
-            wait_until(lambda: http(n, "/readyz")[0] == 200, REPL_TIMEOUT, f"node {n.id} ready")
+    schema = harness.BOOKS_SCHEMA + "CREATE TABLE bulk (k TEXT PRIMARY KEY, n INTEGER, pad TEXT);"
+    with harness.started_cluster(hl_bin, tmp_path_factory.mktemp("big"), settings=SETTINGS, schema=schema) as c:
         yield c
-    finally:
-        errors = c.stop()
-        c.kill()
-    assert not errors, "\n".join(errors)
 
 
 def watch_counts(node, sql: str, stop: threading.Event, seen: set) -> threading.Thread:

@@ -27,17 +27,8 @@ SETTINGS = {"order_hold_timeout": 2, "stall_timeout": 2, "replication_log": {"re
 
 @pytest.fixture(scope="module")
 def pair(hl_bin, tmp_path_factory):
-    c = harness.Cluster(hl_bin, tmp_path_factory.mktemp("held"), size=2, settings=SETTINGS, cli_node=None)
-    c.init_databases(harness.BOOKS_SCHEMA)
-    try:
-        c.start()
-        for n in c.nodes:
-            wait_until(lambda: http(n, "/readyz")[0] == 200, REPL_TIMEOUT, f"node {n.id} ready")
+    with harness.started_cluster(hl_bin, tmp_path_factory.mktemp("held"), size=2, settings=SETTINGS) as c:
         yield c
-    finally:
-        errors = c.stop()
-        c.kill()
-    assert not errors, "\n".join(errors)
 
 
 def schema_hash(node) -> bytes:
