@@ -61,6 +61,10 @@ static hl_status map_status(natsStatus s)
         return HL_ERR_NOT_FOUND;
     case NATS_INVALID_ARG:
         return HL_ERR_INVALID;
+    case NATS_MAX_PAYLOAD: /* over the server's max_payload */
+        return HL_ERR_TOO_LARGE;
+    case NATS_ERR: /* the stream's max message size (a bucket made with a smaller limit) */
+        return strstr(nats_error_text(s), "exceeds maximum") ? HL_ERR_TOO_LARGE : HL_ERR_NATS;
     default:
         return HL_ERR_NATS;
     }
@@ -158,7 +162,13 @@ hl_status hl_kv_open(hl_kv **out, hl_nats *n, const char *bucket, const hl_kv_op
     kv->max_value = HL_KV_DEFAULT_VALUE_BYTES;
 
     natsStatus s;
-    if (!opts) {
+    if (opts && (opts->max_value_bytes < 0 || opts->max_value_bytes > HL_KV_MAX_VALUE_BYTES)) {
+        free(kv);
+        return HL_ERR_INVALID;
+    }
+    if (!opts || opts->bind_only) {
+        if (opts && opts->max_value_bytes)
+            kv->max_value = (size_t)opts->max_value_bytes;
         s = js_KeyValue(&kv->store, hl_nats_js(n), bucket);
         if (s == NATS_NOT_FOUND) {
             free(kv);
@@ -167,7 +177,7 @@ hl_status hl_kv_open(hl_kv **out, hl_nats *n, const char *bucket, const hl_kv_op
     } else {
         if (opts->history < 0 || opts->history > KV_MAX_HISTORY || opts->replicas < 0 ||
             opts->replicas > KV_MAX_REPLICAS || opts->ttl_ms < 0 || opts->ttl_ms > INT64_MAX / 1000000 ||
-            opts->max_value_bytes < 0 || opts->max_value_bytes > HL_KV_MAX_VALUE_BYTES || opts->max_bytes < 0) {
+            opts->max_bytes < 0) {
             free(kv);
             return HL_ERR_INVALID;
         }
@@ -190,7 +200,8 @@ hl_status hl_kv_open(hl_kv **out, hl_nats *n, const char *bucket, const hl_kv_op
         }
     }
     if (s != NATS_OK) {
-        hl_status st = kv_fail(kv, opts ? "cannot create kv bucket" : "cannot bind kv bucket", NULL, s);
+        hl_status st =
+            kv_fail(kv, opts && !opts->bind_only ? "cannot create kv bucket" : "cannot bind kv bucket", NULL, s);
         free(kv);
         return st;
     }

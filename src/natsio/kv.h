@@ -40,13 +40,15 @@ typedef struct hl_kv_opts {
     int64_t max_value_bytes; /* largest value put or accepted (0: HL_KV_DEFAULT_VALUE_BYTES) */
     int64_t max_bytes;       /* bucket size limit (0: unlimited); a full bucket refuses writes */
     bool memory;             /* memory storage instead of file storage */
+    bool bind_only;          /* never create: only max_value_bytes is used */
 } hl_kv_opts;
 
 /*
- * Binds to bucket, creating it with opts when it does not exist. opts NULL:
- * bind only (HL_ERR_NOT_FOUND when missing; values are bounded by
- * HL_KV_DEFAULT_VALUE_BYTES). An existing bucket created with other settings
- * is refused (HL_ERR_CONFIG, logged). HL_ERR_INVALID for a bad name or option.
+ * Binds to bucket, creating it with opts when it does not exist. opts NULL or
+ * opts->bind_only: bind only, HL_ERR_NOT_FOUND when missing (values are then
+ * bounded by opts->max_value_bytes, or HL_KV_DEFAULT_VALUE_BYTES). An existing
+ * bucket created with other settings is refused (HL_ERR_CONFIG, logged), never
+ * changed. HL_ERR_INVALID for a bad name or option.
  */
 hl_status hl_kv_open(hl_kv **out, hl_nats *n, const char *bucket, const hl_kv_opts *opts);
 /* Frees the handle; the bucket stays on the server. NULL is a no-op. */
@@ -67,7 +69,8 @@ bool hl_kv_valid_key(const char *key);
  */
 hl_status hl_kv_get(hl_kv *kv, const char *key, unsigned char **value, size_t *len, uint64_t *revision);
 /* Writes key unconditionally; *revision (may be NULL) gets the new revision.
- * HL_ERR_TOO_LARGE for a value over max_value_bytes (nothing sent). */
+ * HL_ERR_TOO_LARGE for a value over max_value_bytes (nothing sent), or over
+ * the bucket's or the server's limit (refused by the server). */
 hl_status hl_kv_put(hl_kv *kv, const char *key, const void *value, size_t len, uint64_t *revision);
 /* Writes key only if it has no value (never written, deleted or expired);
  * HL_ERR_CONFLICT when it has one. */

@@ -89,12 +89,9 @@ typedef struct env {
     hl_nats *n;
 } env;
 
-static void env_start(env *e)
+/* Starts nats-server on e->port with its store in e->dir (again after a kill). */
+static void env_spawn(env *e)
 {
-    memset(e, 0, sizeof *e);
-    snprintf(e->dir, sizeof e->dir, "/tmp/hl_kv_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(e->dir));
-    e->port = free_port();
     /* max_payload above the 1 MiB default so a value over a reader's bound can be stored */
     char *conf =
         xprintf("listen: \"127.0.0.1:%d\"\nmax_payload: 4194304\njetstream { store_dir: \"%s\" }\n", e->port, e->dir);
@@ -114,6 +111,15 @@ static void env_start(env *e)
     ck_assert_int_gt(e->srv, 0);
     free(conf);
     free(path);
+}
+
+static void env_start(env *e)
+{
+    memset(e, 0, sizeof *e);
+    snprintf(e->dir, sizeof e->dir, "/tmp/hl_kv_XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(e->dir));
+    e->port = free_port();
+    env_spawn(e);
 
     e->url = xprintf("nats://127.0.0.1:%d", e->port);
     e->c.node_id = 1;
@@ -405,9 +411,27 @@ START_TEST(value_limits)
     ck_assert_int_eq(hl_kv_get(writer, "huge", &v, NULL, NULL), HL_OK);
     free(v);
 
+    /* A writer bound with a larger bound than the bucket's is stopped by the server. */
+    hl_kv *loose = NULL;
+    hl_kv_opts bind = {.bind_only = true, .max_value_bytes = 1024};
+    ck_assert_int_eq(hl_kv_open(&loose, e.n, "small", &bind), HL_OK);
+    ck_assert_int_eq(hl_kv_put(loose, "k2", "0123456789abcdefX", 17, NULL), HL_ERR_TOO_LARGE);
+    ck_assert_int_eq(hl_kv_get(loose, "k2", NULL, NULL, NULL), HL_ERR_NOT_FOUND);
+    hl_kv_free(loose);
+    /* bind_only never creates */
+    ck_assert_int_eq(hl_kv_open(&loose, e.n, "nosuch", &bind), HL_ERR_NOT_FOUND);
+
+    /* A reader bound with a larger bound accepts the big value. */
+    bind.max_value_bytes = 2 * 1024 * 1024;
+    ck_assert_int_eq(hl_kv_open(&loose, e.n, "big", &bind), HL_OK);
+    size_t len = 0;
+    ck_assert_int_eq(hl_kv_get(loose, "huge", NULL, &len, NULL), HL_OK);
+    ck_assert_uint_eq(len, big);
+    hl_kv_free(loose);
+
     hl_kv *reader = NULL;
     ck_assert_int_eq(hl_kv_open(&reader, e.n, "big", NULL), HL_OK);
-    size_t len = 5;
+    len = 5;
     v = NULL;
     ck_assert_int_eq(hl_kv_get(reader, "huge", &v, &len, NULL), HL_ERR_TOO_LARGE);
     ck_assert_ptr_null(v);
@@ -565,6 +589,79 @@ START_TEST(server_gone)
 }
 END_TEST
 
+/* The connection closes under a watch: the watch ends, visibly. */
+START_TEST(connection_closed)
+{
+    env e;
+    env_start(&e);
+    hl_kv *kv = open_bucket(&e, "closing", 0);
+    hl_kv_watcher *w = NULL;
+    ck_assert_int_eq(hl_kv_watch(kv, ">", &w), HL_OK);
+    expect_caught_up(w);
+    ck_assert(!fd_readable(hl_kv_watch_fd(w), 0));
+
+    natsConnection_Close(hl_nats_conn(e.n));
+    /* The poller is woken, and the end is reported (and stays reported). */
+    ck_assert(fd_readable(hl_kv_watch_fd(w), WAIT_MS));
+    hl_kv_entry *en = NULL;
+    ck_assert_int_eq(hl_kv_watch_next(w, WAIT_MS, &en), HL_ERR_NATS);
+    ck_assert_ptr_null(en);
+    ck_assert_int_eq(hl_kv_watch_next(w, 0, &en), HL_ERR_NATS);
+    ck_assert(fd_readable(hl_kv_watch_fd(w), 0));
+    /* Calls on a closed connection fail at once with an error. */
+    hl_status st = put_str(kv, "k", "v", NULL);
+    ck_assert_msg(st == HL_ERR_NATS || st == HL_ERR_TIMEOUT, "put: %s", hl_status_str(st));
+
+    hl_kv_watch_free(w);
+    hl_kv_free(kv);
+    env_stop(&e);
+}
+END_TEST
+
+/* The server comes back (same store): the connection reconnects, the bucket
+ * is still there and the watch carries on where it stopped. */
+START_TEST(server_restart)
+{
+    env e;
+    env_start(&e);
+    hl_kv *kv = open_bucket(&e, "durable", 0);
+    uint64_t r1 = 0;
+    ck_assert_int_eq(put_str(kv, "k", "before", &r1), HL_OK);
+    hl_kv_watcher *w = NULL;
+    ck_assert_int_eq(hl_kv_watch(kv, ">", &w), HL_OK);
+    expect_entry(w, HL_KV_PUT, "k", "before", r1);
+    expect_caught_up(w);
+
+    env_kill_server(&e);
+    env_spawn(&e);
+    /* Writes fail until the connection and JetStream are back; retry generously. */
+    uint64_t r2 = 0;
+    hl_status st;
+    int64_t end = now_ms() + 60000;
+    while ((st = put_str(kv, "k", "after", &r2)) != HL_OK && now_ms() < end)
+        sleep_ms(200);
+    ck_assert_msg(st == HL_OK, "put after restart: %s", hl_status_str(st));
+    ck_assert_uint_gt(r2, r1);
+    get_str(kv, "k", "after", r2);
+    /* A retried put may have been stored before its answer was lost: the
+     * watch shows each stored revision once, in order, ending with r2. */
+    uint64_t last = r1;
+    for (;;) {
+        hl_kv_entry *en = next_entry(w);
+        ck_assert_int_eq(en->op, HL_KV_PUT);
+        ck_assert_str_eq(en->key, "k");
+        ck_assert_uint_gt(en->revision, last);
+        last = en->revision;
+        hl_kv_entry_free(en);
+        if (last == r2)
+            break;
+    }
+    hl_kv_watch_free(w);
+    hl_kv_free(kv);
+    env_stop(&e);
+}
+END_TEST
+
 static Suite *kv_suite(void)
 {
     Suite *s = suite_create("kv");
@@ -581,6 +678,8 @@ static Suite *kv_suite(void)
         {"watch_order_and_wakeup", watch_order_and_wakeup, 90},
         {"ttl_expiry", ttl_expiry, 90},
         {"server_gone", server_gone, 120},
+        {"server_restart", server_restart, 150},
+        {"connection_closed", connection_closed, 60},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
