@@ -503,27 +503,30 @@ static witem *watch_item(hl_kv_watcher *w, kvEntry *e)
         log_refused(w, "value over max_value_bytes", key, rev);
         st = HL_ERR_TOO_LARGE;
     }
-    if (st == HL_OK) {
+    if (st == HL_OK || st == HL_ERR_TOO_LARGE) {
         /* Revisions only grow: an entry after a refused one must still be above
-         * the last good one, never above a hostile one. */
+         * the last good one, never above a hostile one. A value over the bound
+         * has a good key and revision: the caller is told which key it was. */
         w->last_rev = rev;
         he->op = op == kvOp_Put ? HL_KV_PUT : HL_KV_DELETE;
         he->revision = rev;
         he->key = strdup(key);
         if (!he->key)
             st = HL_ERR_NOMEM;
-        else if (op == kvOp_Put)
+        else if (st == HL_OK && op == kvOp_Put)
             st = copy_value(kvEntry_Value(e), (size_t)vlen, &he->value);
+        if (he->key)
+            it->bytes += strlen(key);
         if (st == HL_OK) {
             he->len = he->value ? (size_t)vlen : 0;
-            it->bytes += strlen(key) + he->len;
+            it->bytes += he->len;
         }
     }
-    if (st != HL_OK) {
+    if (st != HL_OK && st != HL_ERR_TOO_LARGE) {
         hl_kv_entry_free(he);
         it->entry = NULL;
-        it->status = st;
     }
+    it->status = st;
     return it;
 }
 

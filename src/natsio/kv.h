@@ -4,12 +4,14 @@
  *
  * A bucket is a stream "KV_<bucket>"; a key's revision is the stream sequence
  * of its last write, so revisions only grow. Values coming back from the
- * network are checked against the bucket's max_value_bytes, and keys and
+ * network are checked against the handle's max_value_bytes, and keys and
  * revisions seen by a watch are validated before anyone sees them.
  *
  * Every call but the watch's reads blocks for one JetStream request (the
  * connection's JetStream wait, 5 s by default); none may be made from a nats.c
  * callback. Free every hl_kv_watcher and hl_kv before hl_nats_close().
+ * An hl_kv may be used from several threads at once; an hl_kv_watcher is read
+ * by one thread (hl_kv_watch_fd is safe anywhere).
  */
 #ifndef HL_NATSIO_KV_H
 #define HL_NATSIO_KV_H
@@ -113,10 +115,11 @@ int hl_kv_watch_fd(const hl_kv_watcher *w);
 /*
  * The next entry (*out, caller frees with hl_kv_entry_free), waiting up to
  * timeout_ms (0: do not wait). HL_ERR_TIMEOUT: nothing yet. An entry that
- * fails the checks (bad key, revision not above the previous one, value over
- * max_value_bytes) is logged and returned as its status (HL_ERR_DECODE,
- * HL_ERR_TOO_LARGE) with *out NULL, so the caller knows something was
- * refused; later entries still follow. HL_ERR_NATS once the watch ended (the
+ * fails the checks is logged and returned as its status, so the caller knows
+ * something was refused; later entries still follow: HL_ERR_DECODE (bad key,
+ * revision not above the previous one, unknown operation; *out NULL) or
+ * HL_ERR_TOO_LARGE (value over max_value_bytes; *out names the key and
+ * revision, value NULL, len 0). HL_ERR_NATS once the watch ended (the
  * connection closed): it stays ended, open a new one.
  */
 hl_status hl_kv_watch_next(hl_kv_watcher *w, int timeout_ms, hl_kv_entry **out);

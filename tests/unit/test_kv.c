@@ -442,7 +442,13 @@ START_TEST(value_limits)
     ck_assert_int_eq(hl_kv_watch(reader, ">", &w), HL_OK);
     hl_kv_entry *en = NULL;
     ck_assert_int_eq(hl_kv_watch_next(w, WAIT_MS, &en), HL_ERR_TOO_LARGE);
-    ck_assert_ptr_null(en);
+    ck_assert_ptr_nonnull(en); /* which key was refused */
+    ck_assert_int_eq(en->op, HL_KV_PUT);
+    ck_assert_str_eq(en->key, "huge");
+    ck_assert_uint_eq(en->revision, 1);
+    ck_assert_ptr_null(en->value);
+    ck_assert_uint_eq(en->len, 0);
+    hl_kv_entry_free(en);
     expect_entry(w, HL_KV_PUT, "fine", "ok", 0); /* later entries still follow */
     expect_caught_up(w);
     hl_kv_watch_free(w);
@@ -501,6 +507,22 @@ START_TEST(watch_order_and_wakeup)
     hl_kv_entry_free(d);
     expect_entry(w, HL_KV_PUT, "node.3.deep", "z", r3);
     ck_assert_int_eq(hl_kv_watch_next(w, 0, &en), HL_ERR_TIMEOUT);
+
+    /* A hostile writer publishing straight into the bucket's subjects: keys
+     * NATS carries but we do not accept are refused, and said so. */
+    char longkey[HL_KV_MAX_KEY + 16] = "$KV.watched.node.";
+    size_t l = strlen(longkey);
+    memset(longkey + l, 'k', sizeof longkey - l - 1);
+    longkey[sizeof longkey - 1] = 0;
+    const char *hostile[] = {"$KV.watched.node.caf\xc3\xa9", "$KV.watched.node.a:b", longkey};
+    for (size_t i = 0; i < sizeof hostile / sizeof hostile[0]; i++)
+        ck_assert_int_eq(js_Publish(NULL, hl_nats_js(e.n), hostile[i], "evil", 4, NULL, NULL), NATS_OK);
+    ck_assert_int_eq(put_str(kv, "node.6", "after", NULL), HL_OK);
+    for (size_t i = 0; i < sizeof hostile / sizeof hostile[0]; i++) {
+        ck_assert_int_eq(hl_kv_watch_next(w, WAIT_MS, &en), HL_ERR_DECODE);
+        ck_assert_ptr_null(en);
+    }
+    expect_entry(w, HL_KV_PUT, "node.6", "after", 0);
 
     /* a second watch on one key sees its delete marker as its current state */
     hl_kv_watcher *w1 = NULL;
