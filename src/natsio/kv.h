@@ -7,8 +7,8 @@
  * network are checked against the handle's max_value_bytes, and keys and
  * revisions seen by a watch are validated before anyone sees them.
  *
- * Every call but the watch's reads blocks for one JetStream request (the
- * connection's JetStream wait, 5 s by default); none may be made from a nats.c
+ * Every call but the watch's reads blocks for one to three JetStream requests
+ * (each up to the connection's JetStream wait, 5 s); none may be made from a nats.c
  * callback. Free every hl_kv_watcher and hl_kv before hl_nats_close().
  * An hl_kv may be used from several threads at once; an hl_kv_watcher is read
  * by one thread (hl_kv_watch_fd is safe anywhere).
