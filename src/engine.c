@@ -4,9 +4,8 @@
  * Threads: the engine (this file; the only one touching SQLite), one fetcher
  * per shard, nats.c's own threads (callbacks only enqueue), the nats-server
  * supervisor in embedded mode, and a signal thread. The engine sleeps in poll()
- * on inotify (the database and its -wal file) and the queue's eventfd, with
- * short re-checks after each file event (RECHECK_*) and the polling interval
- * as a fallback timeout.
+ * on the database watcher (src/db/watch.c: inotify, short re-checks after
+ * each file event, the polling interval as a fallback) and the queue's eventfd.
  */
 #include "engine.h"
 
@@ -20,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cjson/cJSON.h>
-#include <sys/inotify.h>
 #include <unistd.h>
 
 #include "common/hlc.h"
@@ -39,19 +37,6 @@
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define SEQ_FLUSH_MS 1000
 
-/*
- * A commit writes its frames to the -wal file (the inotify event) before it
- * updates the wal-index header in the -shm file through mmap (no event), with
- * an fsync in between under synchronous = FULL. A wake-up can therefore find
- * nothing new, and with a long-lived application connection no later event
- * comes. After every wake-up from the database or its WAL the engine looks
- * again at 1, 2, 4 ... ms, then every RECHECK_MAX_MS, for RECHECK_WINDOW_MS:
- * a PRAGMA data_version each, and nothing at all once the files are quiet.
- */
-#define RECHECK_FIRST_MS 1
-#define RECHECK_MAX_MS 100
-#define RECHECK_WINDOW_MS 5000
-
 typedef struct engine {
     hl_config *c;
     hl_db *d;
@@ -63,8 +48,7 @@ typedef struct engine {
     char **streams;
     uint64_t *applied_seq; /* per shard: recorded in the database */
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
-    int inotify_fd;
-    char *db_base, *wal_base;
+    hl_watch *watch;
     uint64_t last_seq_flush, last_gc, last_held_check;
     bool retry_held;
     bool expire_held;    /* an out-of-order hold waited order_hold_timeout: give up on its predecessors */
@@ -187,57 +171,6 @@ static void *signal_thread(void *arg)
 static bool stopping(void)
 {
     return atomic_load(&stop_signals) > 0;
-}
-
-static hl_status watch_db(engine *e)
-{
-    char *p1 = strdup(e->c->db_path), *p2 = strdup(e->c->db_path);
-    hl_status st = HL_OK;
-    if (!p1 || !p2) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
-    const char *dir = dirname(p1);
-    const char *base = basename(p2);
-    e->db_base = strdup(base);
-    size_t wl = strlen(base) + 5;
-    e->wal_base = malloc(wl);
-    if (!e->db_base || !e->wal_base) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
-    snprintf(e->wal_base, wl, "%s-wal", base);
-    e->inotify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (e->inotify_fd < 0 ||
-        inotify_add_watch(e->inotify_fd, dir, IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE) < 0) {
-        hl_logf(HL_LOG_WARN, "inotify unavailable (%s): relying on polling_interval", strerror(errno));
-        if (e->inotify_fd >= 0)
-            close(e->inotify_fd);
-        e->inotify_fd = -1;
-    }
-out:
-    free(p1);
-    free(p2);
-    return st;
-}
-
-/* Drains inotify events; true when one concerns the database or its WAL. */
-static bool db_touched(engine *e)
-{
-    char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
-    bool hit = false;
-    for (;;) {
-        ssize_t n = read(e->inotify_fd, buf, sizeof buf);
-        if (n <= 0)
-            break;
-        for (char *p = buf; p < buf + n;) {
-            struct inotify_event *ev = (struct inotify_event *)p;
-            if (ev->len && (strcmp(ev->name, e->db_base) == 0 || strcmp(ev->name, e->wal_base) == 0))
-                hit = true;
-            p += sizeof *ev + ev->len;
-        }
-    }
-    return hit;
 }
 
 /* Describes the replicated tables for /schema. */
@@ -637,7 +570,7 @@ static void flush_outbox(engine *e)
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
-    engine e = {.c = c, .inotify_fd = -1, .fail_log = {.burst = 5, .window_ms = 60000}};
+    engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}};
     int rc = 1;
     static sigset_t set; /* read by the signal thread for the life of the process */
     pthread_t sig_th;
@@ -725,7 +658,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         schema_to_state(&e);
         publish_state(&e);
     }
-    if (watch_db(&e))
+    if (hl_watch_open(&e.watch, c->db_path, c->polling_interval_ms))
         goto out;
     if (hl_publisher_new(&e.pub, c, &e.q))
         goto out;
@@ -739,9 +672,6 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
 
     e.last_gc = hl_mono_ms();
     bool want_capture = true;
-    uint64_t last_poll = hl_mono_ms();
-    /* Re-checks after a wake-up from the files (RECHECK_*); recheck_end 0: none. */
-    uint64_t recheck_at = 0, recheck_end = 0, recheck_step = 0;
     while (!stopping()) {
         if (!e.online) {
             int sd = atomic_load(&e.setup_done);
@@ -801,9 +731,13 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             }
         }
 
-        struct pollfd pfd[2] = {{.fd = e.q.wake_fd, .events = POLLIN}, {.fd = e.inotify_fd, .events = POLLIN}};
+        int wfd = hl_watch_fd(e.watch);
+        struct pollfd pfd[2] = {{.fd = e.q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
         /* Wake at least every 5 s so the /healthz heartbeat stays fresh. */
-        int timeout = c->polling_interval_ms > 0 && c->polling_interval_ms < 5000 ? c->polling_interval_ms : 5000;
+        int timeout = 5000;
+        int wt = hl_watch_timeout(e.watch, hl_mono_ms());
+        if (wt < timeout)
+            timeout = wt;
         int pt = hl_publisher_next_timeout(e.pub);
         if (pt >= 0 && pt < timeout)
             timeout = pt;
@@ -812,42 +746,14 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
                 if (e.seen_seq[s] != e.applied_seq[s] && timeout > SEQ_FLUSH_MS)
                     timeout = SEQ_FLUSH_MS;
         }
-        if (recheck_end) {
-            uint64_t now = hl_mono_ms();
-            int left = recheck_at > now ? (int)(recheck_at - now) : 0;
-            if (left < timeout)
-                timeout = left;
-        }
         if (hl_queue_has_items(&e.q))
             timeout = 0; /* more queued: only look at the other events */
-        int nfd = e.inotify_fd >= 0 ? 2 : 1;
+        int nfd = wfd >= 0 ? 2 : 1;
         int pr = poll(pfd, (nfds_t)nfd, timeout);
         if (pr > 0 && (pfd[0].revents & POLLIN))
             hl_queue_drain_wake(&e.q);
-        if (pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN) && db_touched(&e)) {
-            /* Look now, and again on the schedule: this commit (or one whose
-             * event was merged with it) may not be visible yet. */
+        if (hl_watch_after_poll(e.watch, pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN), pr == 0, hl_mono_ms()))
             want_capture = true;
-            recheck_step = RECHECK_FIRST_MS;
-            recheck_at = hl_mono_ms() + recheck_step;
-            recheck_end = hl_mono_ms() + RECHECK_WINDOW_MS;
-        } else if (recheck_end && hl_mono_ms() >= recheck_at) {
-            want_capture = true;
-            recheck_step = recheck_step * 2 < RECHECK_MAX_MS ? recheck_step * 2 : RECHECK_MAX_MS;
-            recheck_at = hl_mono_ms() + recheck_step;
-            if (recheck_at > recheck_end)
-                recheck_end = 0;
-        }
-        if (pr == 0 && c->polling_interval_ms > 0 && hl_mono_ms() - last_poll >= (uint64_t)c->polling_interval_ms) {
-            want_capture = true;
-            last_poll = hl_mono_ms();
-        }
-        /* Without the poll, the 5 s heartbeat still looks (one PRAGMA): a commit
-         * that became visible after the re-checks ended is late, never lost. */
-        if (pr == 0 && c->polling_interval_ms == 0 && hl_mono_ms() - last_poll >= 5000) {
-            want_capture = true;
-            last_poll = hl_mono_ms();
-        }
     }
 
     /* Graceful stop: no new remote work, capture the last local writes, flush. */
@@ -881,8 +787,7 @@ out:
     free(e.snap.schema_json);
     hl_publisher_free(e.pub);
     hl_db_close(e.d);
-    if (e.inotify_fd >= 0)
-        close(e.inotify_fd);
+    hl_watch_free(e.watch);
     if (e.streams)
         for (int s = 0; s < shards; s++)
             free(e.streams[s]);
@@ -892,8 +797,6 @@ out:
     free(e.fetchers);
     free(e.setup_first);
     free(e.setup_last);
-    free(e.db_base);
-    free(e.wal_base);
     signal_queue = NULL;
     hl_queue_destroy(&e.q);
     if (rc == 0)

@@ -129,6 +129,25 @@ typedef struct hl_db {
     sqlite3_stmt *st_outbox_next, *st_outbox_del, *st_data_version, *st_schema_version;
 } hl_db;
 
+/* ---- watch.c: when to look for the application's new commits ---- */
+
+/*
+ * Watches db_path and its -wal file with inotify, and says when the engine
+ * should look (PRAGMA data_version, hl_db_changed_externally): at a write to
+ * them, on a short schedule after it (a commit becomes visible after its WAL
+ * write, which is the event), and every polling_interval_ms (0: every 5 s) as
+ * a fallback. Without inotify only the fallback is left.
+ */
+typedef struct hl_watch hl_watch;
+hl_status hl_watch_open(hl_watch **out, const char *db_path, int polling_interval_ms);
+void hl_watch_free(hl_watch *w);    /* NULL is a no-op */
+int hl_watch_fd(const hl_watch *w); /* to poll() for POLLIN; -1 without inotify */
+/* Milliseconds until the watcher wants another look (0: now). */
+int hl_watch_timeout(const hl_watch *w, uint64_t now);
+/* After poll(): readable says the fd had POLLIN, timed_out that poll()
+ * returned 0. True when the engine should look now. */
+bool hl_watch_after_poll(hl_watch *w, bool readable, bool timed_out, uint64_t now);
+
 /* ---- store.c ---- */
 
 /* Process-wide SQLite settings; call once at start, before any connection is opened. */
