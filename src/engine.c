@@ -18,7 +18,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <cjson/cJSON.h>
 #include <unistd.h>
 
 #include "common/hlc.h"
@@ -177,27 +176,8 @@ static bool stopping(void)
 static void schema_to_state(engine *e)
 {
     hl_db *d = e->d;
-    cJSON *arr = cJSON_CreateArray();
-    for (size_t i = 0; arr && i < d->schema.n; i++) {
-        hl_table *t = &d->schema.t[i];
-        cJSON *o = cJSON_CreateObject(), *cols = cJSON_CreateArray();
-        cJSON_AddStringToObject(o, "name", t->name);
-        cJSON_AddStringToObject(o, "key", t->npk ? "primary_key" : "rowid");
-        cJSON_AddBoolToObject(o, "without_rowid", t->without_rowid);
-        for (size_t c = 0; c < t->ncols; c++) {
-            cJSON *col = cJSON_CreateObject();
-            cJSON_AddStringToObject(col, "name", t->cols[c]);
-            cJSON_AddStringToObject(col, "type", t->decl[c]);
-            cJSON_AddBoolToObject(col, "notnull", t->notnull[c]);
-            cJSON_AddNumberToObject(col, "pk", t->pkpos[c]);
-            cJSON_AddItemToArray(cols, col);
-        }
-        cJSON_AddItemToObject(o, "columns", cols);
-        cJSON_AddItemToArray(arr, o);
-    }
     free(e->snap.schema_json);
-    e->snap.schema_json = arr ? cJSON_PrintUnformatted(arr) : NULL;
-    cJSON_Delete(arr);
+    e->snap.schema_json = hl_schema_json(&d->schema);
     hl_hex(d->schema.hash, 32, e->snap.schema_hash);
     if (d->have_prev_hash)
         hl_hex(d->prev_hash, 32, e->snap.prev_schema_hash);

@@ -218,6 +218,9 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out);
 void hl_schema_free(hl_schema *s);
 /* Finds a table by name, case-insensitively as SQLite does. */
 hl_table *hl_schema_find(hl_schema *s, const char *name);
+/* The replicated tables as JSON for /schema (docs/operations.md), malloc'd;
+ * NULL when out of memory. */
+char *hl_schema_json(const hl_schema *s);
 /* Index of column name in t, or -1 (case-insensitive). */
 int hl_table_col(const hl_table *t, const char *name);
 

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <cjson/cJSON.h>
 
 #include "common/log.h"
 #include "common/sha256.h"
@@ -365,4 +366,29 @@ out:
     hl_schema_free(&s);
     hl_buf_free(&virt);
     return res;
+}
+
+char *hl_schema_json(const hl_schema *s)
+{
+    cJSON *arr = cJSON_CreateArray();
+    for (size_t i = 0; arr && i < s->n; i++) {
+        const hl_table *t = &s->t[i];
+        cJSON *o = cJSON_CreateObject(), *cols = cJSON_CreateArray();
+        cJSON_AddStringToObject(o, "name", t->name);
+        cJSON_AddStringToObject(o, "key", t->npk ? "primary_key" : "rowid");
+        cJSON_AddBoolToObject(o, "without_rowid", t->without_rowid);
+        for (size_t c = 0; c < t->ncols; c++) {
+            cJSON *col = cJSON_CreateObject();
+            cJSON_AddStringToObject(col, "name", t->cols[c]);
+            cJSON_AddStringToObject(col, "type", t->decl[c]);
+            cJSON_AddBoolToObject(col, "notnull", t->notnull[c]);
+            cJSON_AddNumberToObject(col, "pk", t->pkpos[c]);
+            cJSON_AddItemToArray(cols, col);
+        }
+        cJSON_AddItemToObject(o, "columns", cols);
+        cJSON_AddItemToArray(arr, o);
+    }
+    char *json = arr ? cJSON_PrintUnformatted(arr) : NULL;
+    cJSON_Delete(arr);
+    return json;
 }
