@@ -32,6 +32,7 @@
 #include "repl/fetcher.h"
 #include "repl/publisher.h"
 #include "repl/queue.h"
+#include "signals.h"
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define SEQ_FLUSH_MS 1000
@@ -68,109 +69,6 @@ typedef struct engine {
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
     hl_ratelimit fail_log;
 } engine;
-
-static atomic_int stop_signals;
-static volatile int stop_flag; /* polled by blocking NATS setup loops */
-static hl_queue *signal_queue;
-static hl_config_loader signal_reload;
-static const hl_config *signal_current; /* the running configuration (read-only) */
-
-/* Logs every line of the effective configuration that differs between a and b. */
-static void log_restart_needed(const hl_config *a, const hl_config *b)
-{
-    char *ta = NULL, *tb = NULL;
-    size_t la = 0, lb = 0;
-    FILE *fa = open_memstream(&ta, &la), *fb = open_memstream(&tb, &lb);
-    if (fa && fb) {
-        hl_config_dump(a, fa);
-        hl_config_dump(b, fb);
-    }
-    if (fa)
-        fclose(fa);
-    if (fb)
-        fclose(fb);
-    if (ta && tb) {
-        /* Compare line by line; the dump lists keys in one fixed order. */
-        char *sa = ta, *sb = tb;
-        while (*sa && *sb) {
-            size_t na = strcspn(sa, "\n"), nb = strcspn(sb, "\n");
-            bool logging = strstr(sb, "verbose:") == sb + strspn(sb, " ") ||
-                           strstr(sb, "format:") == sb + strspn(sb, " ") ||
-                           strstr(sb, "level:") == sb + strspn(sb, " ");
-            if ((na != nb || memcmp(sa, sb, na) != 0) && sb[0] != '#' && !logging)
-                hl_logf(HL_LOG_WARN, "SIGHUP: changed setting needs a restart to take effect: %.*s", (int)nb, sb);
-            sa += na + (sa[na] ? 1 : 0);
-            sb += nb + (sb[nb] ? 1 : 0);
-        }
-    }
-    free(ta);
-    free(tb);
-}
-
-static const char *level_name(int l)
-{
-    static const char *const n[] = {"debug", "info", "warn", "error"};
-    return l >= 0 && l < 4 ? n[l] : "info";
-}
-
-/* SIGHUP: re-read the configuration; the log level and format change at run
- * time, other keys need a restart and are reported as such. */
-static void reload_config(void)
-{
-    hl_config nc;
-    char err[1024] = "";
-    if (!signal_reload) {
-        hl_infof("SIGHUP: no configuration source to reload");
-        return;
-    }
-    hl_config_defaults(&nc);
-    if (signal_reload(&nc, err, sizeof err)) {
-        hl_errorf("SIGHUP: configuration not reloaded: %s", err);
-        hl_config_free(&nc);
-        return;
-    }
-    int level = nc.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(nc.logging.level);
-    if (level < 0)
-        level = HL_LOG_INFO;
-    int old = hl_log_get_level();
-    bool json = strcmp(nc.logging.format, "json") == 0;
-    hl_log_setup((hl_log_level)level, json, nc.node_id);
-    if (old != level)
-        hl_log(HL_LOG_INFO, "SIGHUP: log level changed", "from", level_name(old), "to", level_name(level), NULL);
-    else
-        hl_log(HL_LOG_INFO, "SIGHUP: configuration re-read; log level unchanged", "level", level_name(level), NULL);
-    if (signal_current)
-        log_restart_needed(signal_current, &nc);
-    hl_config_free(&nc);
-}
-
-static void *signal_thread(void *arg)
-{
-    sigset_t *set = arg;
-    for (;;) {
-        int sig = 0;
-        if (sigwait(set, &sig) != 0)
-            continue;
-        if (sig == SIGHUP) {
-            reload_config();
-            continue;
-        }
-        if (atomic_fetch_add(&stop_signals, 1) > 0) {
-            hl_warnf("second stop signal: exiting at once");
-            _exit(1);
-        }
-        hl_logf(HL_LOG_INFO, "received %s: stopping gracefully", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-        stop_flag = 1;
-        if (signal_queue)
-            hl_queue_wake(signal_queue);
-    }
-    return NULL;
-}
-
-static bool stopping(void)
-{
-    return atomic_load(&stop_signals) > 0;
-}
 
 /* Describes the replicated tables for /schema. */
 static void schema_to_state(engine *e)
@@ -459,7 +357,7 @@ static hl_status start_nats(engine *e)
         urls = local;
         nurls = 1;
     }
-    if ((st = hl_nats_connect(&e->n, c, urls, nurls, hl_publisher_ack_handler, &e->q, 4096, &stop_flag)))
+    if ((st = hl_nats_connect(&e->n, c, urls, nurls, hl_publisher_ack_handler, &e->q, 4096, hl_signals_stop_flag())))
         return st;
     /* A JetStream cluster needs a quorum before streams can be created: keep
      * trying (and logging) until it forms or we are told to stop. An attempt
@@ -468,14 +366,14 @@ static hl_status start_nats(engine *e)
      * thousands of times a second. */
     for (int tries = 0;; tries++) {
         uint64_t t0 = hl_mono_ms();
-        st = hl_nats_ensure_streams(e->n, c, 5000, &stop_flag);
-        if (st == HL_OK || stopping())
+        st = hl_nats_ensure_streams(e->n, c, 5000, hl_signals_stop_flag());
+        if (st == HL_OK || hl_signals_stopping())
             break;
         if (tries % 6 == 5)
             hl_warnf("JetStream streams not ready yet (%s); still trying", hl_status_str(st));
-        while (!stopping() && hl_mono_ms() - t0 < 5000)
+        while (!hl_signals_stopping() && hl_mono_ms() - t0 < 5000)
             usleep(100000);
-        if (stopping())
+        if (hl_signals_stopping())
             break;
     }
     for (int i = 0; st == HL_OK && i < c->replication_log.shards; i++)
@@ -488,7 +386,7 @@ static void *setup_thread(void *arg)
 {
     engine *e = arg;
     hl_status st = start_nats(e);
-    if (st && !stopping())
+    if (st && !hl_signals_stopping())
         hl_errorf("cannot reach NATS: %s", hl_status_str(st));
     atomic_store(&e->setup_done, st == HL_OK ? 1 : -1);
     hl_queue_wake(&e->q);
@@ -552,33 +450,21 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
     engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}};
     int rc = 1;
-    static sigset_t set; /* read by the signal thread for the life of the process */
-    pthread_t sig_th;
     int shards = c->replication_log.shards;
 
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    sigaddset(&set, SIGPIPE);
-    pthread_sigmask(SIG_BLOCK, &set, NULL); /* every thread created from here inherits it */
-    sigdelset(&set, SIGPIPE);
+    hl_signals_block();
     /* Decoded changesets waiting for the engine, by what they cost in memory:
      * enough to keep the engine busy, small enough to bound a node's memory. */
     if (hl_queue_init(&e.q, 24u << 20)) {
         hl_errorf("cannot create the engine queue");
         return 1;
     }
-    signal_queue = &e.q;
-    signal_reload = reload;
-    signal_current = c;
     hl_state_init(&e.state);
     e.snap.node_id = c->node_id;
     e.snap.embedded = c->nats.urls.n == 0;
     e.snap.nstreams = shards < HL_STATE_MAX_SHARDS ? shards : HL_STATE_MAX_SHARDS;
     publish_state(&e);
-    pthread_create(&sig_th, NULL, signal_thread, &set);
-    pthread_detach(sig_th);
+    hl_signals_start(&e.q, reload, c);
 
     e.streams = calloc((size_t)shards, sizeof *e.streams);
     e.applied_seq = calloc((size_t)shards, sizeof *e.applied_seq);
@@ -652,7 +538,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
 
     e.last_gc = hl_mono_ms();
     bool want_capture = true;
-    while (!stopping()) {
+    while (!hl_signals_stopping()) {
         if (!e.online) {
             int sd = atomic_load(&e.setup_done);
             if (sd < 0)
@@ -737,7 +623,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     }
 
     /* Graceful stop: no new remote work, capture the last local writes, flush. */
-    stop_flag = 1;
+    hl_signals_request_stop();
     if (e.setup_started) {
         pthread_join(e.setup_th, NULL);
         e.setup_started = false;
@@ -753,7 +639,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     flush_outbox(&e);
     rc = 0;
 out:
-    stop_flag = 1;
+    hl_signals_request_stop();
     if (e.setup_started)
         pthread_join(e.setup_th, NULL);
     if (e.fetchers)
@@ -777,7 +663,7 @@ out:
     free(e.fetchers);
     free(e.setup_first);
     free(e.setup_last);
-    signal_queue = NULL;
+    hl_signals_forget_queue();
     hl_queue_destroy(&e.q);
     if (rc == 0)
         hl_infof("stopped");

@@ -24,6 +24,7 @@
 #include <yaml.h>
 
 #include "common/buf.h"
+#include "common/log.h"
 
 #define HL_CONFIG_MAX_FILE (1024 * 1024) /* bytes of YAML read at most */
 #define HL_CONFIG_MAX_STR 4096           /* bytes in one string value */
@@ -1590,4 +1591,36 @@ const char *hl_config_flag_path(const char *flag)
             return p;
     }
     return NULL;
+}
+
+/* Logs every setting of b, other than logging, that differs from the running a. */
+void hl_config_log_restart_needed(const hl_config *a, const hl_config *b)
+{
+    char *ta = NULL, *tb = NULL;
+    size_t la = 0, lb = 0;
+    FILE *fa = open_memstream(&ta, &la), *fb = open_memstream(&tb, &lb);
+    if (fa && fb) {
+        hl_config_dump(a, fa);
+        hl_config_dump(b, fb);
+    }
+    if (fa)
+        fclose(fa);
+    if (fb)
+        fclose(fb);
+    if (ta && tb) {
+        /* Compare line by line; the dump lists keys in one fixed order. */
+        char *sa = ta, *sb = tb;
+        while (*sa && *sb) {
+            size_t na = strcspn(sa, "\n"), nb = strcspn(sb, "\n");
+            bool logging = strstr(sb, "verbose:") == sb + strspn(sb, " ") ||
+                           strstr(sb, "format:") == sb + strspn(sb, " ") ||
+                           strstr(sb, "level:") == sb + strspn(sb, " ");
+            if ((na != nb || memcmp(sa, sb, na) != 0) && sb[0] != '#' && !logging)
+                hl_logf(HL_LOG_WARN, "SIGHUP: changed setting needs a restart to take effect: %.*s", (int)nb, sb);
+            sa += na + (sa[na] ? 1 : 0);
+            sb += nb + (sb[nb] ? 1 : 0);
+        }
+    }
+    free(ta);
+    free(tb);
 }

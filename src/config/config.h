@@ -182,4 +182,8 @@ uint64_t hl_config_node_id_from_hostname(const char *hostname);
  */
 hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, size_t errlen);
 
+/* SIGHUP: logs (warn) every setting of next, other than logging, that differs
+ * from the running configuration: those take effect only after a restart. */
+void hl_config_log_restart_needed(const hl_config *running, const hl_config *next);
+
 #endif
