@@ -22,6 +22,7 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
+#include "common/timers.h"
 #include "common/sha256.h"
 #include "db/db.h"
 #include "http/http.h"
@@ -49,7 +50,9 @@ typedef struct engine {
     uint64_t *applied_seq; /* per shard: recorded in the database */
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
     hl_watch *watch;
-    uint64_t last_seq_flush, last_gc, last_held_check;
+    hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC */
+    int t_held;       /* its held-changesets timer */
+    bool flush_due;   /* the position-flush timer fired: record positions with the next write */
     bool retry_held;
     bool expire_held;    /* an out-of-order hold waited order_hold_timeout: give up on its predecessors */
     bool recapture;      /* the last cycle that captured failed: capture again without a new wake-up */
@@ -133,6 +136,34 @@ static void held_to_state(engine *e)
         e->expire_held = true;
 }
 
+/* ---- timers (hl_timers) ---- */
+
+static void held_tick(void *arg)
+{
+    engine *e = arg;
+    if (e->d)
+        held_to_state(e);
+}
+
+/* Stream positions that only moved are recorded with the next write, at the
+ * latest a second later (a lost position only re-reads skipped messages). */
+static void flush_tick(void *arg)
+{
+    ((engine *)arg)->flush_due = true;
+}
+
+static void gc_tick(void *arg)
+{
+    engine *e = arg;
+    uint64_t n = 0, older = hl_now_ms() - (uint64_t)e->c->tombstone_retention_s * 1000u;
+    if (hl_db_begin(e->d))
+        return;
+    if (!hl_db_gc_tombstones(e->d, older, &n) && !hl_db_missing_gc(e->d, older) && !hl_db_commit(e->d))
+        hl_debugf("collected %" PRIu64 " tombstones", n);
+    else
+        hl_db_rollback(e->d);
+}
+
 /* Copies counters and readiness inputs into the snapshot and publishes it. */
 static void publish_state(engine *e)
 {
@@ -154,10 +185,6 @@ static void publish_state(engine *e)
         s->order_gaps = d->stats.order_gaps;
         s->table_resyncs = d->stats.table_resyncs;
         s->clock_ahead = d->stats.clock_ahead;
-        if (hl_mono_ms() - e->last_held_check >= 1000) {
-            e->last_held_check = hl_mono_ms();
-            held_to_state(e);
-        }
     }
     s->engine_failures = e->failures;
     s->engine_stalled = e->fail_since && hl_mono_ms() - e->fail_since >= (uint64_t)e->c->stall_timeout_s * 1000u;
@@ -278,7 +305,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     e->retry_held = false;
     if (e->expire_held) {
         e->expire_held = false;
-        e->last_held_check = 0; /* show the result at once */
+        hl_timers_due_now(&e->timers, e->t_held); /* show the result at once */
     }
     for (int s = 0; s < e->c->replication_log.shards; s++)
         e->applied_seq[s] = e->seen_seq[s];
@@ -288,7 +315,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
             hl_state_observe_lag(&e->snap, now > it->cs->wall_ms ? (double)(now - it->cs->wall_ms) / 1000.0 : 0.0);
     if (changed)
         schema_to_state(e);
-    e->last_seq_flush = hl_mono_ms();
+    e->flush_due = false;
     if (rows)
         hl_debugf("captured %" PRIu64 " rows", rows);
     goto out;
@@ -536,7 +563,10 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         goto out;
     e.setup_started = true;
 
-    e.last_gc = hl_mono_ms();
+    uint64_t now0 = hl_mono_ms();
+    e.t_held = hl_timers_add(&e.timers, "held changesets", 1000, held_tick, &e, now0);
+    hl_timers_add(&e.timers, "position flush", SEQ_FLUSH_MS, flush_tick, &e, now0);
+    hl_timers_add(&e.timers, "tombstone gc", TOMBSTONE_GC_MS, gc_tick, &e, now0);
     bool want_capture = true;
     while (!hl_signals_stopping()) {
         if (!e.online) {
@@ -566,7 +596,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         bool pos_pending = false;
         for (int s = 0; s < shards; s++)
             pos_pending |= e.seen_seq[s] != e.applied_seq[s];
-        bool flush_positions = pos_pending && hl_mono_ms() - e.last_seq_flush >= SEQ_FLUSH_MS;
+        bool flush_positions = pos_pending && e.flush_due;
         if (e.d->ahead_due_ms && hl_now_ms() >= e.d->ahead_due_ms)
             e.retry_held = true; /* a changeset held for its clock is no longer ahead */
         if (external || e.retry_held || e.expire_held || items || flush_positions) {
@@ -586,16 +616,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         hl_publisher_pump(e.pub, e.d);
         publish_state(&e);
 
-        if (hl_mono_ms() - e.last_gc > TOMBSTONE_GC_MS) {
-            uint64_t n = 0, older = hl_now_ms() - (uint64_t)c->tombstone_retention_s * 1000u;
-            e.last_gc = hl_mono_ms();
-            if (!hl_db_begin(e.d)) {
-                if (!hl_db_gc_tombstones(e.d, older, &n) && !hl_db_missing_gc(e.d, older) && !hl_db_commit(e.d))
-                    hl_debugf("collected %" PRIu64 " tombstones", n);
-                else
-                    hl_db_rollback(e.d);
-            }
-        }
+        hl_timers_run(&e.timers, hl_mono_ms());
 
         int wfd = hl_watch_fd(e.watch);
         struct pollfd pfd[2] = {{.fd = e.q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
@@ -607,11 +628,9 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         int pt = hl_publisher_next_timeout(e.pub);
         if (pt >= 0 && pt < timeout)
             timeout = pt;
-        if (e.seen_seq && shards > 0) {
-            for (int s = 0; s < shards; s++)
-                if (e.seen_seq[s] != e.applied_seq[s] && timeout > SEQ_FLUSH_MS)
-                    timeout = SEQ_FLUSH_MS;
-        }
+        int tt = hl_timers_timeout(&e.timers, hl_mono_ms());
+        if (tt < timeout)
+            timeout = tt;
         if (hl_queue_has_items(&e.q))
             timeout = 0; /* more queued: only look at the other events */
         int nfd = wfd >= 0 ? 2 : 1;
