@@ -473,6 +473,197 @@ static void flush_outbox(engine *e)
         hl_warnf("stopping with %" PRIu64 " changesets not yet published; they are kept and sent after restart", left);
 }
 
+/* Shard names and positions, the HTTP listener. */
+static hl_status open_streams(engine *e)
+{
+    hl_config *c = e->c;
+    int shards = c->replication_log.shards;
+    e->streams = calloc((size_t)shards, sizeof *e->streams);
+    e->applied_seq = calloc((size_t)shards, sizeof *e->applied_seq);
+    e->seen_seq = calloc((size_t)shards, sizeof *e->seen_seq);
+    e->fetchers = calloc((size_t)shards, sizeof *e->fetchers);
+    e->setup_first = calloc((size_t)shards, sizeof *e->setup_first);
+    e->setup_last = calloc((size_t)shards, sizeof *e->setup_last);
+    if (!e->streams || !e->applied_seq || !e->seen_seq || !e->fetchers || !e->setup_first || !e->setup_last)
+        return HL_ERR_NOMEM;
+    for (int s = 0; s < shards; s++) {
+        e->streams[s] = malloc(256);
+        if (!e->streams[s])
+            return HL_ERR_NOMEM;
+        hl_nats_stream_name(c, s, e->streams[s], 256);
+        if (s < HL_STATE_MAX_SHARDS)
+            snprintf(e->snap.streams[s].name, sizeof e->snap.streams[s].name, "%s", e->streams[s]);
+    }
+    if (c->http.bind && c->http.bind[0] && hl_http_start(&e->http, c->http.bind, &e->state))
+        return HL_ERR_IO;
+    return HL_OK;
+}
+
+/* The database: open it, read the recorded positions, install the triggers
+ * and capture what the application wrote while we were away. */
+static hl_status open_database(engine *e)
+{
+    hl_config *c = e->c;
+    hl_status st;
+    if ((st = hl_db_open(&e->d, c->db_path, c->node_id, c->cache_size_kib)))
+        return st;
+    e->snap.db_open = true;
+    e->d->publish = c->publish;
+    e->d->compress = c->replication_log.compress;
+    e->d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
+    e->d->max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u;
+    if (hl_hlc_ahead(e->d->last_hlc, hl_now_ms(), e->d->max_clock_drift_ms))
+        hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
+                 "are held by the other nodes until the wall clock catches up",
+                 (unsigned long long)(HL_HLC_MS(e->d->last_hlc) - hl_now_ms()));
+    e->retry_held = true; /* changesets held for their clock become due while we were away */
+    for (int s = 0; s < c->replication_log.shards; s++) {
+        if ((st = hl_db_stream_seq_get(e->d, e->streams[s], &e->applied_seq[s])))
+            return st;
+        e->seen_seq[s] = e->applied_seq[s];
+    }
+    bool changed;
+    uint64_t rows = 0;
+    st = hl_db_begin(e->d);
+    if (!st)
+        st = hl_triggers_sync(e->d, true, &changed);
+    if (!st)
+        st = hl_capture(e->d, &rows);
+    if (!st)
+        st = hl_db_commit(e->d);
+    else
+        hl_db_rollback(e->d);
+    if (st) {
+        hl_errorf("cannot install triggers: %s", hl_status_str(st));
+        return st;
+    }
+    char hex[65];
+    hl_hex(e->d->schema.hash, 32, hex);
+    hl_logf(HL_LOG_INFO, "watching %zu tables in %s (schema hash %s); %" PRIu64 " pending changes captured",
+            e->d->schema.n, c->db_path, hex, rows);
+    schema_to_state(e);
+    publish_state(e);
+    return hl_watch_open(&e->watch, c->db_path, c->polling_interval_ms);
+}
+
+/* One turn's work: acknowledgements, then one engine cycle when anything
+ * asks for it (a local commit, remote changesets, held ones due, positions). */
+static void turn(engine *e, bool *want_capture)
+{
+    hl_ack *acks = NULL;
+    size_t na = hl_queue_take_acks(&e->q, &acks);
+    if (na)
+        hl_publisher_handle_acks(e->pub, e->d, acks, na);
+    free(acks);
+
+    hl_inbound *items = hl_queue_pop(&e->q, (size_t)e->c->apply_batch_rows);
+    bool external = (*want_capture && hl_db_changed_externally(e->d)) || e->recapture;
+    *want_capture = false;
+    if (items && only_positions(items)) {
+        /* Only positions: remember them, record them with the next write. */
+        for (hl_inbound *it = items; it; it = it->next)
+            if (it->safe_seq > e->seen_seq[it->shard])
+                e->seen_seq[it->shard] = it->safe_seq;
+        hl_inbound_free(items);
+        items = NULL;
+    }
+    bool pos_pending = false;
+    for (int s = 0; s < e->c->replication_log.shards; s++)
+        pos_pending |= e->seen_seq[s] != e->applied_seq[s];
+    bool flush_positions = pos_pending && e->flush_due;
+    if (e->d->ahead_due_ms && hl_now_ms() >= e->d->ahead_due_ms)
+        e->retry_held = true; /* a changeset held for its clock is no longer ahead */
+    if (external || e->retry_held || e->expire_held || items || flush_positions) {
+        hl_status st = cycle(e, items, external, flush_positions);
+        if (st) {
+            hl_queue_unpop(&e->q, items);
+            items = NULL;
+            cycle_failed(e, st, external);
+            *want_capture = true;
+        } else {
+            cycle_succeeded(e);
+        }
+        hl_inbound_free(items);
+    }
+}
+
+/* Sleeps in poll() until the queue, the database watcher or a timer wants
+ * the engine, at most 5 s so the /healthz heartbeat stays fresh. */
+static void wait_events(engine *e, bool *want_capture)
+{
+    int wfd = hl_watch_fd(e->watch);
+    struct pollfd pfd[2] = {{.fd = e->q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
+    uint64_t now = hl_mono_ms();
+    int timeout = 5000;
+    int wt = hl_watch_timeout(e->watch, now), pt = hl_publisher_next_timeout(e->pub);
+    int tt = hl_timers_timeout(&e->timers, now);
+    if (wt < timeout)
+        timeout = wt;
+    if (pt >= 0 && pt < timeout)
+        timeout = pt;
+    if (tt < timeout)
+        timeout = tt;
+    if (hl_queue_has_items(&e->q))
+        timeout = 0; /* more queued: only look at the other events */
+    int nfd = wfd >= 0 ? 2 : 1;
+    int pr = poll(pfd, (nfds_t)nfd, timeout);
+    if (pr > 0 && (pfd[0].revents & POLLIN))
+        hl_queue_drain_wake(&e->q);
+    if (hl_watch_after_poll(e->watch, pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN), pr == 0, hl_mono_ms()))
+        *want_capture = true;
+}
+
+/* Graceful stop: no new remote work, capture the last local writes, flush. */
+static void graceful_stop(engine *e)
+{
+    hl_signals_request_stop();
+    if (e->setup_started) {
+        pthread_join(e->setup_th, NULL);
+        e->setup_started = false;
+    }
+    hl_queue_close(&e->q);
+    for (int s = 0; s < e->c->replication_log.shards; s++) {
+        hl_fetcher_stop(e->fetchers[s]);
+        e->fetchers[s] = NULL;
+    }
+    hl_inbound_free(hl_queue_pop(&e->q, SIZE_MAX));
+    if (cycle(e, NULL, true, true))
+        hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
+    flush_outbox(e);
+}
+
+/* Releases everything, in the order the threads that use it stop. */
+static void teardown(engine *e)
+{
+    int shards = e->c->replication_log.shards;
+    hl_signals_request_stop();
+    if (e->setup_started)
+        pthread_join(e->setup_th, NULL);
+    if (e->fetchers)
+        for (int s = 0; s < shards; s++)
+            hl_fetcher_stop(e->fetchers[s]);
+    hl_nats_close(e->n, 2000);
+    hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
+    hl_nats_server_stop(e->srv, 10000);
+    hl_http_stop(e->http);
+    hl_state_destroy(&e->state);
+    free(e->snap.schema_json);
+    hl_publisher_free(e->pub);
+    hl_db_close(e->d);
+    hl_watch_free(e->watch);
+    if (e->streams)
+        for (int s = 0; s < shards; s++)
+            free(e->streams[s]);
+    free(e->streams);
+    free(e->applied_seq);
+    free(e->seen_seq);
+    free(e->fetchers);
+    free(e->setup_first);
+    free(e->setup_last);
+    hl_signals_forget_queue();
+    hl_queue_destroy(&e->q);
+}
+
 int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
     engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}};
@@ -492,73 +683,9 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.snap.nstreams = shards < HL_STATE_MAX_SHARDS ? shards : HL_STATE_MAX_SHARDS;
     publish_state(&e);
     hl_signals_start(&e.q, reload, c);
-
-    e.streams = calloc((size_t)shards, sizeof *e.streams);
-    e.applied_seq = calloc((size_t)shards, sizeof *e.applied_seq);
-    e.seen_seq = calloc((size_t)shards, sizeof *e.seen_seq);
-    e.fetchers = calloc((size_t)shards, sizeof *e.fetchers);
-    if (!e.streams || !e.applied_seq || !e.seen_seq || !e.fetchers)
+    if (open_streams(&e) || open_database(&e) || hl_publisher_new(&e.pub, c, &e.q))
         goto out;
-    for (int s = 0; s < shards; s++) {
-        e.streams[s] = malloc(256);
-        if (!e.streams[s])
-            goto out;
-        hl_nats_stream_name(c, s, e.streams[s], 256);
-        if (s < HL_STATE_MAX_SHARDS)
-            snprintf(e.snap.streams[s].name, sizeof e.snap.streams[s].name, "%s", e.streams[s]);
-    }
-    if (c->http.bind && c->http.bind[0] && hl_http_start(&e.http, c->http.bind, &e.state))
-        goto out;
-
-    if (hl_db_open(&e.d, c->db_path, c->node_id, c->cache_size_kib))
-        goto out;
-    e.snap.db_open = true;
-    e.d->publish = c->publish;
-    e.d->compress = c->replication_log.compress;
-    e.d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
-    e.d->max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u;
-    if (hl_hlc_ahead(e.d->last_hlc, hl_now_ms(), e.d->max_clock_drift_ms))
-        hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
-                 "are held by the other nodes until the wall clock catches up",
-                 (unsigned long long)(HL_HLC_MS(e.d->last_hlc) - hl_now_ms()));
-    e.retry_held = true; /* changesets held for their clock become due while we were away */
-    for (int s = 0; s < shards; s++) {
-        if (hl_db_stream_seq_get(e.d, e.streams[s], &e.applied_seq[s]))
-            goto out;
-        e.seen_seq[s] = e.applied_seq[s];
-    }
-    /* Install triggers and capture what the application wrote while we were away. */
-    {
-        bool changed;
-        uint64_t rows = 0;
-        hl_status st = hl_db_begin(e.d);
-        if (!st)
-            st = hl_triggers_sync(e.d, true, &changed);
-        if (!st)
-            st = hl_capture(e.d, &rows);
-        if (!st)
-            st = hl_db_commit(e.d);
-        else
-            hl_db_rollback(e.d);
-        if (st) {
-            hl_errorf("cannot install triggers: %s", hl_status_str(st));
-            goto out;
-        }
-        char hex[65];
-        hl_hex(e.d->schema.hash, 32, hex);
-        hl_logf(HL_LOG_INFO, "watching %zu tables in %s (schema hash %s); %" PRIu64 " pending changes captured",
-                e.d->schema.n, c->db_path, hex, rows);
-        schema_to_state(&e);
-        publish_state(&e);
-    }
-    if (hl_watch_open(&e.watch, c->db_path, c->polling_interval_ms))
-        goto out;
-    if (hl_publisher_new(&e.pub, c, &e.q))
-        goto out;
-    e.setup_first = calloc((size_t)shards, sizeof *e.setup_first);
-    e.setup_last = calloc((size_t)shards, sizeof *e.setup_last);
-    if (!e.setup_first || !e.setup_last)
-        goto out;
+    /* NATS comes up in its own thread; the engine captures meanwhile. */
     if (pthread_create(&e.setup_th, NULL, setup_thread, &e) != 0)
         goto out;
     e.setup_started = true;
@@ -571,119 +698,21 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     while (!hl_signals_stopping()) {
         if (!e.online) {
             int sd = atomic_load(&e.setup_done);
-            if (sd < 0)
-                goto out;
-            if (sd > 0 && go_online(&e))
+            if (sd < 0 || (sd > 0 && go_online(&e)))
                 goto out;
         }
-        hl_ack *acks = NULL;
-        size_t na = hl_queue_take_acks(&e.q, &acks);
-        if (na)
-            hl_publisher_handle_acks(e.pub, e.d, acks, na);
-        free(acks);
-
-        hl_inbound *items = hl_queue_pop(&e.q, (size_t)c->apply_batch_rows);
-        bool external = (want_capture && hl_db_changed_externally(e.d)) || e.recapture;
-        want_capture = false;
-        if (items && only_positions(items)) {
-            /* Only positions: remember them, record them with the next write. */
-            for (hl_inbound *it = items; it; it = it->next)
-                if (it->safe_seq > e.seen_seq[it->shard])
-                    e.seen_seq[it->shard] = it->safe_seq;
-            hl_inbound_free(items);
-            items = NULL;
-        }
-        bool pos_pending = false;
-        for (int s = 0; s < shards; s++)
-            pos_pending |= e.seen_seq[s] != e.applied_seq[s];
-        bool flush_positions = pos_pending && e.flush_due;
-        if (e.d->ahead_due_ms && hl_now_ms() >= e.d->ahead_due_ms)
-            e.retry_held = true; /* a changeset held for its clock is no longer ahead */
-        if (external || e.retry_held || e.expire_held || items || flush_positions) {
-            hl_status st = cycle(&e, items, external, flush_positions);
-            if (st) {
-                hl_queue_unpop(&e.q, items);
-                items = NULL;
-                cycle_failed(&e, st, external);
-                want_capture = true;
-            } else {
-                cycle_succeeded(&e);
-            }
-            hl_inbound_free(items);
-        }
-        /* Publishing and the heartbeat run every iteration, also under a
+        turn(&e, &want_capture);
+        /* Publishing and the heartbeat run every turn, also under a
          * sustained inbound load. */
         hl_publisher_pump(e.pub, e.d);
         publish_state(&e);
-
         hl_timers_run(&e.timers, hl_mono_ms());
-
-        int wfd = hl_watch_fd(e.watch);
-        struct pollfd pfd[2] = {{.fd = e.q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
-        /* Wake at least every 5 s so the /healthz heartbeat stays fresh. */
-        int timeout = 5000;
-        int wt = hl_watch_timeout(e.watch, hl_mono_ms());
-        if (wt < timeout)
-            timeout = wt;
-        int pt = hl_publisher_next_timeout(e.pub);
-        if (pt >= 0 && pt < timeout)
-            timeout = pt;
-        int tt = hl_timers_timeout(&e.timers, hl_mono_ms());
-        if (tt < timeout)
-            timeout = tt;
-        if (hl_queue_has_items(&e.q))
-            timeout = 0; /* more queued: only look at the other events */
-        int nfd = wfd >= 0 ? 2 : 1;
-        int pr = poll(pfd, (nfds_t)nfd, timeout);
-        if (pr > 0 && (pfd[0].revents & POLLIN))
-            hl_queue_drain_wake(&e.q);
-        if (hl_watch_after_poll(e.watch, pr > 0 && nfd == 2 && (pfd[1].revents & POLLIN), pr == 0, hl_mono_ms()))
-            want_capture = true;
+        wait_events(&e, &want_capture);
     }
-
-    /* Graceful stop: no new remote work, capture the last local writes, flush. */
-    hl_signals_request_stop();
-    if (e.setup_started) {
-        pthread_join(e.setup_th, NULL);
-        e.setup_started = false;
-    }
-    hl_queue_close(&e.q);
-    for (int s = 0; s < shards; s++) {
-        hl_fetcher_stop(e.fetchers[s]);
-        e.fetchers[s] = NULL;
-    }
-    hl_inbound_free(hl_queue_pop(&e.q, SIZE_MAX));
-    if (cycle(&e, NULL, true, true))
-        hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
-    flush_outbox(&e);
+    graceful_stop(&e);
     rc = 0;
 out:
-    hl_signals_request_stop();
-    if (e.setup_started)
-        pthread_join(e.setup_th, NULL);
-    if (e.fetchers)
-        for (int s = 0; s < shards; s++)
-            hl_fetcher_stop(e.fetchers[s]);
-    hl_nats_close(e.n, 2000);
-    hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
-    hl_nats_server_stop(e.srv, 10000);
-    hl_http_stop(e.http);
-    hl_state_destroy(&e.state);
-    free(e.snap.schema_json);
-    hl_publisher_free(e.pub);
-    hl_db_close(e.d);
-    hl_watch_free(e.watch);
-    if (e.streams)
-        for (int s = 0; s < shards; s++)
-            free(e.streams[s]);
-    free(e.streams);
-    free(e.applied_seq);
-    free(e.seen_seq);
-    free(e.fetchers);
-    free(e.setup_first);
-    free(e.setup_last);
-    hl_signals_forget_queue();
-    hl_queue_destroy(&e.q);
+    teardown(&e);
     if (rc == 0)
         hl_infof("stopped");
     return rc;
