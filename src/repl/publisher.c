@@ -8,11 +8,8 @@
 #include "common/hlc.h"
 #include "common/log.h"
 
-#define WINDOW_PARTS 256 /* unacknowledged parts at most */
-/* Unacknowledged payload bytes at most: nats.c keeps every unacknowledged
- * message in memory, so this bounds what publishing costs (a chain of big
- * changesets would otherwise hold WINDOW_PARTS * chunk_bytes). */
-#define WINDOW_BYTES (8u << 20)
+#define WINDOW_PARTS HL_PUBLISH_WINDOW_PARTS
+#define WINDOW_BYTES HL_PUBLISH_WINDOW_BYTES
 #define STALL_MS 10000 /* no ack for this long: take the pending list back and re-publish */
 #define RETRY_MS 500   /* after a failure, wait this long before re-publishing */
 
