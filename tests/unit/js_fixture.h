@@ -157,13 +157,21 @@ static inline void fx_stop(fx *f)
 }
 
 /* Kills the server (sig) and waits, generously, until its supervisor has
- * restarted it, the connection is back and JetStream answers again. */
-static inline void fx_restart_server(fx *f, int sig)
+ * restarted it, the connection is back and JetStream answers again. With
+ * while_stopped, the server is first stopped (SIGSTOP) and while_stopped(arg)
+ * runs while it reads nothing; sig then arrives as it resumes. */
+static inline void fx_restart_server(fx *f, int sig, void (*while_stopped)(void *), void *arg)
 {
     int pid = hl_nats_server_pid(f->srv);
     uint64_t restarts = hl_nats_server_restarts(f->srv);
     ck_assert_int_gt(pid, 0);
+    if (while_stopped) {
+        ck_assert_int_eq(kill(pid, SIGSTOP), 0);
+        while_stopped(arg);
+    }
     ck_assert_int_eq(kill(pid, sig), 0);
+    if (while_stopped)
+        ck_assert_int_eq(kill(pid, SIGCONT), 0);
     int64_t end = fx_now_ms() + 60000;
     while (hl_nats_server_restarts(f->srv) == restarts || !hl_nats_server_running(f->srv)) {
         ck_assert_msg(fx_now_ms() < end, "nats-server was not restarted");

@@ -484,7 +484,7 @@ START_TEST(consumer_recreated_after_server_restart)
         expect_cs(&t, PEER, PEER_EPOCH, seq, 2, true, s);
     }
     for (int round = 0; round < 2; round++) {
-        fx_restart_server(&t.f, SIGTERM);
+        fx_restart_server(&t.f, SIGTERM, NULL, NULL);
         /* What is published after the restart arrives, once each and in order. */
         for (int i = 0; i < 3; i++) {
             s = publish_cs(&t, PEER, PEER_EPOCH, ++seq, 2, true, 1 << 20);
