@@ -433,6 +433,47 @@ START_TEST(server_restart_mid_publish)
 }
 END_TEST
 
+START_TEST(server_killed_while_publishing)
+{
+    pfx t;
+    fx_init(&t.f, NODE);
+    t.f.c.replication_log.chunk_bytes = 100;
+    pfx_start(&t);
+    /* Changesets of 15..22 parts, so that kills land between parts of one. */
+    enum { N = 1000, KILLS = 2 };
+    want_cs *want = calloc(N, sizeof *want);
+    ck_assert_ptr_nonnull(want);
+    ck_assert_int_eq(hl_db_begin(t.d), HL_OK);
+    for (size_t i = 0; i < N; i++) {
+        size_t len = 1500 + i % 700;
+        want[i] = (want_cs){.seq = i + 1, .flags = 0, .len = len, .parts = hl_part_count(len, 100)};
+        outbox_put(t.d, i + 1, 0, 1, len);
+    }
+    ck_assert_int_eq(hl_db_commit(t.d), HL_OK);
+    /* kill -9 while the publisher keeps pumping: parts die in the socket, in
+     * nats.c's buffers and between the server's store and its ack. The
+     * engine loop goes on through the disconnection and the restart. */
+    int kills = 0;
+    int64_t end = fx_now_ms() + 240000;
+    while (outbox_count(t.d)) {
+        ck_assert_msg(fx_now_ms() < end, "outbox not published: %" PRIu64 " rows left", outbox_count(t.d));
+        step(&t);
+        int pid = hl_nats_server_pid(t.f.srv);
+        if (kills < KILLS && hl_publisher_published(t.p) >= (uint64_t)(kills + 1) * N / (KILLS + 2) && pid > 0 &&
+            hl_nats_connected(t.f.n)) {
+            ck_assert_int_eq(kill(pid, SIGKILL), 0);
+            kills++;
+        }
+        fx_sleep_ms(1);
+    }
+    ck_assert_int_eq(kills, KILLS);
+    ck_assert_uint_eq(hl_publisher_published(t.p), N);
+    check_stream(&t, want, N, 100, false);
+    free(want);
+    pfx_stop(&t);
+}
+END_TEST
+
 START_TEST(shard_for_node_spreads)
 {
     int count[4] = {0};
@@ -465,6 +506,7 @@ static Suite *publisher_suite(void)
         {"window_holds_at_bytes_bound", window_holds_at_bytes_bound, 180},
         {"lost_acks_republish_deduplicated", lost_acks_republish_deduplicated, 180},
         {"server_restart_mid_publish", server_restart_mid_publish, 300},
+        {"server_killed_while_publishing", server_killed_while_publishing, 300},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
