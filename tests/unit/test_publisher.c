@@ -271,6 +271,59 @@ START_TEST(partial_acks_keep_the_row)
 }
 END_TEST
 
+START_TEST(repeated_ack_counts_once)
+{
+    pfx t;
+    fx_init(&t.f, NODE);
+    t.f.c.replication_log.chunk_bytes = 100;
+    pfx_start(&t);
+    outbox_put(t.d, 1, 0, 1, 250); /* 3 parts */
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    hl_ack *acks = NULL;
+    ck_assert_uint_eq(hl_queue_take_acks(&t.f.q, &acks), 3);
+    /* Part 0 acknowledged three times (an ack of a copy abandoned by a
+     * restart can reach the queue after the restart dropped the queued ones,
+     * and the re-published copy is acknowledged too): parts 1 and 2 are still
+     * unconfirmed, so the row must stay. */
+    hl_ack rep[3] = {acks[0], acks[0], acks[0]};
+    ck_assert_uint_eq(rep[0].part, 0);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, rep, 3), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 1);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 0);
+    /* An ack naming a part the changeset does not have counts for nothing. */
+    hl_ack bogus = {.seq = 1, .part = 3, .ok = true};
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, &bogus, 1), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 1);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, acks + 1, 2), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 0);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 1);
+    free(acks);
+
+    /* The same with more parts than fit one 64-bit word: every ack but the
+     * last part's, each twice, leaves the row; the last one deletes it. */
+    outbox_put(t.d, 2, 0, 1, 9950); /* 100 parts */
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    size_t na = hl_queue_take_acks(&t.f.q, &acks);
+    ck_assert_uint_eq(na, 100);
+    size_t last = 0;
+    for (size_t i = 0; i < na; i++)
+        if (acks[i].part == 99)
+            last = i;
+    for (int round = 0; round < 2; round++)
+        for (size_t i = 0; i < na; i++)
+            if (i != last)
+                ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, &acks[i], 1), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 1);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, &acks[last], 1), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 0);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 2);
+    free(acks);
+    pfx_stop(&t);
+}
+END_TEST
+
 /* How many of want[] one pump hands over with no ack handled: whole
  * changesets while both window bounds are below their limit. */
 static size_t window_fill(const want_cs *want, size_t n, size_t *parts)
@@ -502,6 +555,7 @@ static Suite *publisher_suite(void)
         {"shard_for_node_spreads", shard_for_node_spreads, 10},
         {"parts_ids_and_acks", parts_ids_and_acks, 120},
         {"partial_acks_keep_the_row", partial_acks_keep_the_row, 120},
+        {"repeated_ack_counts_once", repeated_ack_counts_once, 120},
         {"window_holds_at_parts_bound", window_holds_at_parts_bound, 180},
         {"window_holds_at_bytes_bound", window_holds_at_bytes_bound, 180},
         {"lost_acks_republish_deduplicated", lost_acks_republish_deduplicated, 180},
