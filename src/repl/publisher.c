@@ -253,6 +253,7 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
 {
     hl_status st = HL_OK;
     bool began = false;
+    uint64_t done = 0, done_rows = 0;
     for (size_t i = 0; i < n; i++) {
         inflight *f = find(p, acks[i].seq);
         if (!f)
@@ -269,13 +270,13 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
         if (f->parts_left && --f->parts_left == 0) {
             if (!began) {
                 if ((st = hl_db_begin(d)))
-                    return st;
+                    break;
                 began = true;
             }
             if ((st = hl_db_outbox_delete(d, f->seq)))
                 break;
-            p->published++;
-            p->rows_published += f->rows;
+            done++;
+            done_rows += f->rows;
             p->bytes_inflight -= f->bytes < p->bytes_inflight ? f->bytes : p->bytes_inflight;
             free(f->acked);
             *f = p->win[--p->nwin];
@@ -287,7 +288,16 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
         else
             st = hl_db_commit(d);
     }
-    return st;
+    if (st) {
+        /* The rows whose delete was rolled back are no longer in flight and
+         * would stay in the outbox for good: publish again from the oldest
+         * row (the stream drops the copies). */
+        p->resend = true;
+        return st;
+    }
+    p->published += done;
+    p->rows_published += done_rows;
+    return HL_OK;
 }
 
 int hl_publisher_next_timeout(const hl_publisher *p)

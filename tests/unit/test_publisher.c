@@ -324,6 +324,43 @@ START_TEST(repeated_ack_counts_once)
 }
 END_TEST
 
+START_TEST(failed_delete_is_published_again)
+{
+    pfx t;
+    fx_init(&t.f, NODE);
+    pfx_start(&t);
+    outbox_put(t.d, 1, 0, 1, 10);
+    outbox_put(t.d, 2, 0, 1, 10);
+    /* The transaction deleting acknowledged rows fails at its commit (here a
+     * deferred foreign-key violation; in life a full disk or an I/O error). */
+    ck_assert_int_eq(hl_db_exec(t.d,
+                                "PRAGMA foreign_keys = ON;"
+                                "CREATE TABLE parent(id INTEGER PRIMARY KEY);"
+                                "CREATE TABLE blocker(x INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);"
+                                "CREATE TRIGGER block AFTER DELETE ON __harmonylite__outbox WHEN old.seq = 2 "
+                                "BEGIN INSERT INTO blocker VALUES (42); END;"),
+                     HL_OK);
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    hl_ack *acks = NULL;
+    size_t na = hl_queue_take_acks(&t.f.q, &acks);
+    ck_assert_uint_eq(na, 2);
+    ck_assert_int_ne(hl_publisher_handle_acks(t.p, t.d, acks, na), HL_OK);
+    free(acks);
+    ck_assert_uint_eq(outbox_count(t.d), 2);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 0);
+    /* Once the database accepts it again, the rows still in the outbox are
+     * published again (the stream drops the copies) and deleted: none is
+     * left behind. */
+    ck_assert_int_eq(hl_db_exec(t.d, "DROP TRIGGER block"), HL_OK);
+    publish_all(&t, 60000);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 2);
+    want_cs want[] = {{.seq = 1, .flags = 0, .len = 10, .parts = 1}, {.seq = 2, .flags = 0, .len = 10, .parts = 1}};
+    check_stream(&t, want, 2, (size_t)t.f.c.replication_log.chunk_bytes, true);
+    pfx_stop(&t);
+}
+END_TEST
+
 /* How many of want[] one pump hands over with no ack handled: whole
  * changesets while both window bounds are below their limit. */
 static size_t window_fill(const want_cs *want, size_t n, size_t *parts)
@@ -556,6 +593,7 @@ static Suite *publisher_suite(void)
         {"parts_ids_and_acks", parts_ids_and_acks, 120},
         {"partial_acks_keep_the_row", partial_acks_keep_the_row, 120},
         {"repeated_ack_counts_once", repeated_ack_counts_once, 120},
+        {"failed_delete_is_published_again", failed_delete_is_published_again, 120},
         {"window_holds_at_parts_bound", window_holds_at_parts_bound, 180},
         {"window_holds_at_bytes_bound", window_holds_at_bytes_bound, 180},
         {"lost_acks_republish_deduplicated", lost_acks_republish_deduplicated, 180},
