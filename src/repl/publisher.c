@@ -259,14 +259,14 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
         if (!f)
             continue; /* from before a restart(): the re-published copy will be acked */
         p->last_progress = hl_mono_ms();
-        if (acks[i].ok && !ack_part(f, acks[i].part))
-            continue; /* this part was counted already */
         if (p->parts_inflight)
             p->parts_inflight--;
         if (!acks[i].ok) {
             p->resend = true;
             continue;
         }
+        if (!ack_part(f, acks[i].part))
+            continue; /* this part was counted already */
         if (f->parts_left && --f->parts_left == 0) {
             if (!began) {
                 if ((st = hl_db_begin(d)))
