@@ -8,19 +8,22 @@
 #include "common/hlc.h"
 #include "common/log.h"
 
-#define WINDOW_PARTS 256 /* unacknowledged parts at most */
-/* Unacknowledged payload bytes at most: nats.c keeps every unacknowledged
- * message in memory, so this bounds what publishing costs (a chain of big
- * changesets would otherwise hold WINDOW_PARTS * chunk_bytes). */
-#define WINDOW_BYTES (8u << 20)
+#define WINDOW_PARTS HL_PUBLISH_WINDOW_PARTS
+#define WINDOW_BYTES HL_PUBLISH_WINDOW_BYTES
 #define STALL_MS 10000 /* no ack for this long: take the pending list back and re-publish */
 #define RETRY_MS 500   /* after a failure, wait this long before re-publishing */
 
 typedef struct inflight {
     uint64_t seq;
     uint64_t rows;
-    uint32_t parts_left;
+    uint32_t count, parts_left;
     size_t bytes; /* its payload */
+    /* Parts acknowledged, one bit each: in acked1 up to 64 parts, else in
+     * acked. An ack counts once per part: after a restart() an ack of an
+     * abandoned copy can still reach the queue, and the re-published copy of
+     * the same part is acknowledged too. */
+    uint64_t acked1;
+    uint64_t *acked;
 } inflight;
 
 struct hl_publisher {
@@ -69,6 +72,8 @@ void hl_publisher_free(hl_publisher *p)
 {
     if (!p)
         return;
+    for (size_t i = 0; i < p->nwin; i++)
+        free(p->win[i].acked);
     free(p->win);
     hl_buf_free(&p->row);
     hl_buf_free(&p->msg);
@@ -111,6 +116,18 @@ void hl_publisher_ack_handler(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr
     natsMsg_Destroy(msg);
 }
 
+/* Records part as acknowledged; false when it already was or f has no such part. */
+static bool ack_part(inflight *f, uint32_t part)
+{
+    if (part >= f->count)
+        return false;
+    uint64_t *w = f->acked ? &f->acked[part / 64] : &f->acked1, bit = UINT64_C(1) << (part % 64);
+    if (*w & bit)
+        return false;
+    *w |= bit;
+    return true;
+}
+
 static inflight *find(hl_publisher *p, uint64_t seq)
 {
     for (size_t i = 0; i < p->nwin; i++)
@@ -133,6 +150,8 @@ static void restart(hl_publisher *p, const char *why)
     free(stale);
     if (p->nwin)
         hl_logf(HL_LOG_WARN, "re-publishing %zu unacknowledged changesets: %s", p->nwin, why);
+    for (size_t i = 0; i < p->nwin; i++)
+        free(p->win[i].acked);
     p->nwin = 0;
     p->parts_inflight = 0;
     p->bytes_inflight = 0;
@@ -216,7 +235,11 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             p->capwin = ncap;
         }
         uint32_t count = hl_part_count(p->row.len - 1, (size_t)p->c->replication_log.chunk_bytes);
-        p->win[p->nwin++] = (inflight){.seq = seq, .rows = rows, .parts_left = count, .bytes = p->row.len - 1};
+        uint64_t *acked = NULL;
+        if (count > 64 && !(acked = calloc(((size_t)count + 63) / 64, sizeof *acked)))
+            return HL_ERR_NOMEM;
+        p->win[p->nwin++] = (inflight){
+            .seq = seq, .rows = rows, .count = count, .parts_left = count, .bytes = p->row.len - 1, .acked = acked};
         p->bytes_inflight += p->row.len - 1;
         p->last_sent = seq;
         p->last_progress = now;
@@ -230,6 +253,7 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
 {
     hl_status st = HL_OK;
     bool began = false;
+    uint64_t done = 0, done_rows = 0;
     for (size_t i = 0; i < n; i++) {
         inflight *f = find(p, acks[i].seq);
         if (!f)
@@ -241,17 +265,20 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
             p->resend = true;
             continue;
         }
+        if (!ack_part(f, acks[i].part))
+            continue; /* this part was counted already */
         if (f->parts_left && --f->parts_left == 0) {
             if (!began) {
                 if ((st = hl_db_begin(d)))
-                    return st;
+                    break;
                 began = true;
             }
             if ((st = hl_db_outbox_delete(d, f->seq)))
                 break;
-            p->published++;
-            p->rows_published += f->rows;
+            done++;
+            done_rows += f->rows;
             p->bytes_inflight -= f->bytes < p->bytes_inflight ? f->bytes : p->bytes_inflight;
+            free(f->acked);
             *f = p->win[--p->nwin];
         }
     }
@@ -261,7 +288,16 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
         else
             st = hl_db_commit(d);
     }
-    return st;
+    if (st) {
+        /* The rows whose delete was rolled back are no longer in flight and
+         * would stay in the outbox for good: publish again from the oldest
+         * row (the stream drops the copies). */
+        p->resend = true;
+        return st;
+    }
+    p->published += done;
+    p->rows_published += done_rows;
+    return HL_OK;
 }
 
 int hl_publisher_next_timeout(const hl_publisher *p)

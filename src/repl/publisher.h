@@ -19,6 +19,16 @@
 #include "natsio/conn.h"
 #include "repl/queue.h"
 
+/* The window of unacknowledged publishes, in parts and in payload bytes. A
+ * changeset is handed over whole while both are below their bound, so the
+ * bytes may exceed theirs by one changeset (and one bigger than the bound is
+ * published alone). nats.c keeps every unacknowledged message in memory, so
+ * the byte bound is what publishing costs (a chain of big changesets would
+ * otherwise hold HL_PUBLISH_WINDOW_PARTS * chunk_bytes). In the header for
+ * the tests. */
+#define HL_PUBLISH_WINDOW_PARTS 256
+#define HL_PUBLISH_WINDOW_BYTES (8u << 20)
+
 typedef struct hl_publisher hl_publisher;
 
 /* Creates the publisher for this node's shard subject. */
