@@ -10,8 +10,8 @@
 # Ends with a summary whose last line is "N passed, M failed" over all suites.
 #
 # Environment:
-#   HL_E2E_TIMEOUT   seconds one e2e run may take before it is killed (default 300)
-#   HL_CTEST_TIMEOUT seconds one ctest run may take (default 240)
+#   HL_E2E_TIMEOUT   seconds one e2e run may take before it is killed (default 1500)
+#   HL_CTEST_TIMEOUT seconds one ctest run may take (default 900)
 #   HL_TEST_PHASES   phases to run, default "release asan fuzz"
 #   HL_FUZZ_SECONDS  seconds each fuzz harness runs (default 20)
 #   PYTEST_ADDOPTS   extra pytest options (e.g. "-k replicates -x")
@@ -126,7 +126,7 @@ phase() {
 
     note "ctest ($mode)"
     t0=$SECONDS
-    env "${envs[@]}" timeout -k 15 "${HL_CTEST_TIMEOUT:-240}" \
+    env "${envs[@]}" timeout -k 15 "${HL_CTEST_TIMEOUT:-900}" \
         ctest --test-dir "$dir" --output-on-failure --output-junit "$results/ctest-$mode.xml"
     rc=$?
     run_suite "ctest $mode" "$rc" "$results/ctest-$mode.xml" $((SECONDS - t0)) yes
@@ -134,7 +134,7 @@ phase() {
     note "e2e ($mode) against $dir/harmonylite"
     t0=$SECONDS
     env "${envs[@]}" HARMONYLITE_BIN="$ROOT/$dir/harmonylite" \
-        timeout -k 15 "${HL_E2E_TIMEOUT:-300}" \
+        timeout -k 15 "${HL_E2E_TIMEOUT:-1500}" \
         python3 -m pytest tests/e2e -q -rfEs -p no:cacheprovider --tb=short -o faulthandler_timeout=300 \
         --basetemp="$results/e2e-$mode" --junitxml="$results/e2e-$mode.xml"
     rc=$?
