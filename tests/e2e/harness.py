@@ -1004,7 +1004,8 @@ def stream_messages(url: str, stream: str = STREAM, last: int = 500) -> list[tup
         info = await js.stream_info(stream)
         first, last_seq = info.state.first_seq, info.state.last_seq
         out = []
-        for seq in range(max(first, last_seq - last + 1), last_seq + 1):
+        # An empty stream reports first = last = 0; sequence 0 is not a message (the server answers "bad request").
+        for seq in range(max(first, last_seq - last + 1, 1), last_seq + 1):
             try:
                 m = await js.get_msg(stream, seq)
             except NotFoundError:
