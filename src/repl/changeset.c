@@ -1470,6 +1470,41 @@ void hl_part_msg_id(const hl_part *p, char *buf, size_t len)
     snprintf(buf, len, "%" PRIu64 "-%016" PRIx64 "-%" PRIu64 "-%" PRIu32, p->origin, p->epoch, p->seq, p->index);
 }
 
+/* Reads one unsigned number in base (10 or 16) up to the next '-' or the end;
+ * exactly 16 digits for the epoch. */
+static bool id_field(const char **s, int base, uint64_t max, uint64_t *out)
+{
+    const char *p = *s;
+    uint64_t v = 0;
+    size_t n = 0;
+    for (; *p && *p != '-'; p++, n++) {
+        int d = *p >= '0' && *p <= '9' ? *p - '0' : base == 16 && *p >= 'a' && *p <= 'f' ? *p - 'a' + 10 : -1;
+        if (d < 0 || v > (max - (uint64_t)d) / (uint64_t)base)
+            return false;
+        v = v * (uint64_t)base + (uint64_t)d;
+    }
+    if (n == 0 || (base == 16 && n != 16))
+        return false;
+    *out = v;
+    *s = *p ? p + 1 : p;
+    return true;
+}
+
+hl_status hl_part_msg_id_parse(const char *id, hl_part *p)
+{
+    uint64_t origin, epoch, seq, index;
+    const char *s = id;
+    if (!id || !p || !id_field(&s, 10, UINT64_MAX, &origin) || s[-1] != '-' || !id_field(&s, 16, UINT64_MAX, &epoch) ||
+        s[-1] != '-' || !id_field(&s, 10, UINT64_MAX, &seq) || s[-1] != '-' || !id_field(&s, 10, UINT32_MAX, &index) ||
+        *s || s[-1] == '-')
+        return HL_ERR_DECODE;
+    p->origin = origin;
+    p->epoch = epoch;
+    p->seq = seq;
+    p->index = (uint32_t)index;
+    return HL_OK;
+}
+
 /* ------------------------------------------------------------------ */
 /* reassembly                                                           */
 /* ------------------------------------------------------------------ */

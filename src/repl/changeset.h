@@ -185,6 +185,10 @@ hl_status hl_part_slice(hl_part *p, const void *payload, size_t total_len, size_
 /* Writes the part's Nats-Msg-Id, "<origin>-<epoch as 16 lowercase hex>-<seq>-<index>"
  * (docs/protocol.md §1.3), NUL-terminated and truncated to len bytes. */
 void hl_part_msg_id(const hl_part *p, char *buf, size_t len);
+/* The reverse of hl_part_msg_id: sets p's origin, epoch, seq and index from a
+ * Nats-Msg-Id; HL_ERR_DECODE when id is not one (anything else in it, a
+ * number out of range). */
+hl_status hl_part_msg_id_parse(const char *id, hl_part *p);
 
 /*
  * Reassembles the parts of one origin's changesets, in order. Parts of other

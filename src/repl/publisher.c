@@ -102,16 +102,12 @@ void hl_publisher_ack_handler(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr
     const char *id = NULL;
     hl_ack a = {0};
     /* Runs on a nats.c thread: only parse and enqueue. */
-    if (natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) == NATS_OK && id) {
-        unsigned long long origin, seq;
-        char epoch[17];
-        unsigned part;
-        if (sscanf(id, "%llu-%16[0-9a-f]-%llu-%u", &origin, epoch, &seq, &part) == 4) {
-            a.seq = seq;
-            a.part = part;
-            a.ok = pa != NULL && pae == NULL;
-            hl_queue_push_ack(q, a);
-        }
+    hl_part part;
+    if (natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) == NATS_OK && id && hl_part_msg_id_parse(id, &part) == HL_OK) {
+        a.seq = part.seq;
+        a.part = part.index;
+        a.ok = pa != NULL && pae == NULL;
+        hl_queue_push_ack(q, a);
     }
     natsMsg_Destroy(msg);
 }
@@ -169,26 +165,24 @@ static hl_status send_one(hl_publisher *p, uint64_t epoch, uint64_t seq)
     size_t total = p->row.len - 1;
     size_t chunk = (size_t)p->c->replication_log.chunk_bytes;
     uint32_t count = hl_part_count(total, chunk);
-    hl_part hp = {.version = HL_CS_FORMAT_VERSION,
-                  .flags = flags,
-                  .origin = p->c->node_id,
-                  .seq = seq,
-                  .count = count,
-                  .epoch = epoch,
-                  .total_len = total};
     for (uint32_t i = 0; i < count; i++) {
-        size_t off = (size_t)i * chunk;
-        size_t len = total - off < chunk ? total - off : chunk;
         char id[128];
         natsMsg *m = NULL;
-        hp.index = i;
-        hl_buf_reset(&p->msg);
+        /* The slicing the protocol tests check (docs/protocol.md §1.2). */
+        hl_part hp;
+        hl_status st = hl_part_slice(&hp, payload, total, chunk, i);
+        if (st)
+            return st;
+        hp.flags = flags;
+        hp.origin = p->c->node_id;
+        hp.epoch = epoch;
+        hp.seq = seq;
         unsigned char hdr[HL_PART_HEADER_LEN];
         hl_part_header_write(&hp, hdr);
-        hl_status st = hl_buf_add(&p->msg, hdr, sizeof hdr);
-        if (!st)
-            st = hl_buf_add(&p->msg, payload + off, len);
-        if (st)
+        hl_buf_reset(&p->msg);
+        hl_buf_add(&p->msg, hdr, sizeof hdr);
+        hl_buf_add(&p->msg, hp.data, hp.len);
+        if ((st = hl_buf_status(&p->msg)))
             return st;
         hl_part_msg_id(&hp, id, sizeof id);
         natsStatus ns = natsMsg_Create(&m, p->subject, NULL, (const char *)p->msg.data, (int)p->msg.len);

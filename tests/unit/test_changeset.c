@@ -1562,6 +1562,26 @@ START_TEST(test_part_parse)
     hl_part big = {.origin = UINT64_MAX, .epoch = UINT64_MAX, .seq = UINT64_MAX, .index = UINT32_MAX};
     hl_part_msg_id(&big, id, sizeof(id));
     ck_assert_str_eq(id, "18446744073709551615-ffffffffffffffff-18446744073709551615-4294967295");
+    /* The writer's format reads back exactly; anything else is refused. */
+    hl_part back = {0};
+    ck_assert_int_eq(hl_part_msg_id_parse(id, &back), HL_OK);
+    ck_assert(back.origin == UINT64_MAX && back.epoch == UINT64_MAX && back.seq == UINT64_MAX &&
+              back.index == UINT32_MAX);
+    ck_assert_int_eq(hl_part_msg_id_parse("7-00000000deadbeef-42-1", &back), HL_OK);
+    ck_assert(back.origin == 7 && back.epoch == 0xdeadbeef && back.seq == 42 && back.index == 1);
+    static const char *const bad_ids[] = {"",
+                                          "7-00000000deadbeef-42",
+                                          "7-00000000deadbeef-42-1-",
+                                          "7-00000000deadbeef-42-1-2",
+                                          "7-deadbeef-42-1",
+                                          "7-00000000DEADBEEF-42-1",
+                                          "x-00000000deadbeef-42-1",
+                                          "7-00000000deadbeef--1",
+                                          "7-00000000deadbeef-42-4294967296",
+                                          "18446744073709551616-00000000deadbeef-42-1",
+                                          "7-00000000deadbeef-42-1 "};
+    for (size_t i = 0; i < sizeof(bad_ids) / sizeof(bad_ids[0]); i++)
+        ck_assert_msg(hl_part_msg_id_parse(bad_ids[i], &back) == HL_ERR_DECODE, "accepted \"%s\"", bad_ids[i]);
 
     /* Each header check: byte offset, new value. */
     static const struct {
