@@ -22,8 +22,8 @@
 typedef struct hl_buf {
     unsigned char *data; /* owned; NULL until the first append */
     size_t len;
-    size_t cap;   /* allocated bytes */
-    size_t limit; /* maximum len */
+    size_t cap;    /* allocated bytes */
+    size_t limit;  /* maximum len */
     hl_status err; /* the first failed append since init/reset; HL_OK when none */
 } hl_buf;
 

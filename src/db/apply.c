@@ -768,8 +768,9 @@ static void log_refused(const hl_changeset *cs, const char *why)
 }
 
 /* Reads held changeset seq of (node, epoch): its flags and decoded form
- * (*cs NULL when it does not decode, why says why); *found false when absent. */
-static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq, bool *found, int *flags,
+ * (*cs NULL when it does not decode, why says why, or when its flags have a
+ * bit of skip: not decoded); *found false when absent. */
+static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq, int skip, bool *found, int *flags,
                              hl_changeset **cs, char *why, size_t whylen)
 {
     sqlite3_stmt *q = NULL;
@@ -786,7 +787,8 @@ static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t s
     if (rc == SQLITE_ROW) {
         *found = true;
         *flags = sqlite3_column_int(q, 0);
-        if (hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+        if (!(*flags & skip) &&
+            hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
                                 (*flags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, cs, why, whylen) != HL_OK)
             *cs = NULL;
     }
@@ -842,7 +844,7 @@ static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t f
         bool found;
         int flags = 0;
         hl_changeset *cs = NULL;
-        if ((st = pending_get(d, node, epoch, at, &found, &flags, &cs, why, sizeof why)))
+        if ((st = pending_get(d, node, epoch, at, 0, &found, &flags, &cs, why, sizeof why)))
             break;
         if (!cs)
             r = ONE_MALFORMED;
@@ -912,28 +914,15 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
 {
     hl_status st = HL_OK;
     for (;;) {
-        sqlite3_stmt *q = NULL;
         hl_changeset *cs = NULL;
-        int rc = sqlite3_prepare_v2(
-            d->db, "SELECT flags, data FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?", -1, &q,
-            NULL);
-        if (rc != SQLITE_OK)
-            return hl_db_err(d, rc, "pending read");
-        sqlite3_bind_int64(q, 1, (int64_t)node);
-        sqlite3_bind_int64(q, 2, (int64_t)epoch);
-        sqlite3_bind_int64(q, 3, (int64_t)(applied + 1));
-        rc = sqlite3_step(q);
-        if (rc != SQLITE_ROW) {
-            sqlite3_finalize(q);
-            return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending read");
-        }
+        bool found = false;
+        int pflags = 0, rc;
         char err[256] = "";
-        int pflags = sqlite3_column_int(q, 0);
-        hl_status dst = HL_ERR_DECODE;
-        if (!(pflags & HL_PART_FLAG_MORE))
-            dst = hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                                      (pflags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err, sizeof err);
-        sqlite3_finalize(q);
+        /* The first of a chain is decoded by apply_chain, with the others. */
+        if ((st = pending_get(d, node, epoch, applied + 1, HL_PART_FLAG_MORE, &found, &pflags, &cs, err, sizeof err)))
+            return st;
+        if (!found)
+            return HL_OK;
         if (pflags & HL_PART_FLAG_MORE) {
             chain_result cr;
             if ((st = apply_chain(d, node, epoch, applied + 1, &applied, &cr)))
@@ -944,7 +933,7 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
         }
         one_result r = ONE_MALFORMED;
         char why[512] = "";
-        if (dst == HL_OK)
+        if (cs)
             st = apply_one(d, cs, &r, why, sizeof why);
         if (st) {
             hl_changeset_free(cs);

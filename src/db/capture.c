@@ -637,6 +637,43 @@ out:
     return st;
 }
 
+/* Raises t's high-water mark to top. */
+static hl_status hwm_put(hl_db *d, const hl_table *t, int64_t top)
+{
+    sqlite3_stmt *hp = d->st_hwm_put;
+    sqlite3_bind_text(hp, 1, t->name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(hp, 2, top);
+    int rc = sqlite3_step(hp);
+    sqlite3_reset(hp);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "hwm put");
+}
+
+/* Deletes t's change-log entries up to max_seq, the last one a capture read. */
+static hl_status log_delete(hl_db *d, hl_table *t, int64_t max_seq)
+{
+    if (max_seq <= 0)
+        return HL_OK;
+    sqlite3_bind_int64(t->st_log_del, 1, max_seq);
+    int rc = sqlite3_step(t->st_log_del);
+    sqlite3_reset(t->st_log_del);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "capture log delete");
+}
+
+/* Whether the change logs hold more than HL_SNAPSHOT_ROWS entries (a bound
+ * from each log's ends; stops counting once past it). */
+static hl_status logs_big(hl_db *d, bool *big)
+{
+    hl_status st = HL_OK;
+    int64_t logged = 0;
+    for (size_t i = 0; i < d->schema.n && !st && logged <= HL_SNAPSHOT_ROWS; i++) {
+        int64_t n = 0;
+        st = log_span(d, &d->schema.t[i], &n);
+        logged += n;
+    }
+    *big = !st && logged > HL_SNAPSHOT_ROWS;
+    return st;
+}
+
 /*
  * Rows inserted above the high-water mark after the snapshot a batch was read
  * under, with rowids at or below what the batch read (an explicit id filling
@@ -669,12 +706,7 @@ static hl_status range_settle(hl_db *d, hl_table *t, const hl_capture_tab *tab)
     sqlite3_reset(rk);
     if (st)
         return st;
-    sqlite3_stmt *hp = d->st_hwm_put;
-    sqlite3_bind_text(hp, 1, t->name, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(hp, 2, tab->top);
-    rc = sqlite3_step(hp);
-    sqlite3_reset(hp);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "hwm put");
+    return hwm_put(d, t, tab->top);
 }
 
 void hl_capture_batch_free(hl_capture_batch *b)
@@ -702,13 +734,9 @@ hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
     /* A big backlog in the change logs goes straight to the streaming
      * capture: reading (and sorting) it here only to give up would do the
      * work twice, and hold a second sorter's memory. */
-    int64_t logged = 0;
-    for (size_t i = 0; i < d->schema.n && !st && logged <= HL_SNAPSHOT_ROWS; i++) {
-        int64_t n = 0;
-        st = log_span(d, &d->schema.t[i], &n);
-        logged += n;
-    }
-    if (!st && logged > HL_SNAPSHOT_ROWS) {
+    bool big = false;
+    st = logs_big(d, &big);
+    if (big) {
         hl_changeset_free(k.cs);
         hl_capture_batch_free(b);
         b->too_big = true;
@@ -738,13 +766,7 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         st = member_clocks(d, b->members[i].cs);
     for (size_t i = 0; i < b->ntables && !st; i++) {
         hl_table *t = &d->schema.t[i];
-        if (b->tab[i].max_seq > 0) {
-            sqlite3_bind_int64(t->st_log_del, 1, b->tab[i].max_seq);
-            int rc = sqlite3_step(t->st_log_del);
-            sqlite3_reset(t->st_log_del);
-            if (rc != SQLITE_DONE)
-                st = hl_db_err(d, rc, "capture log delete");
-        }
+        st = log_delete(d, t, b->tab[i].max_seq);
         /* After the deletion: entries range_settle adds are for the next capture. */
         if (!st && b->tab[i].ranged && b->tab[i].top > b->tab[i].hwm)
             st = range_settle(d, t, &b->tab[i]);
@@ -792,35 +814,19 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
      * may (SQLite sizes its sorter by cache_size), on top of the cache itself:
      * for a big backlog both shrink to HL_STREAM_CACHE_KIB meanwhile; the sort
      * spills to temporary files instead. */
-    int64_t logged = 0;
-    for (size_t i = 0; i < d->schema.n && !st && logged <= HL_SNAPSHOT_ROWS; i++) {
-        int64_t span = 0;
-        st = log_span(d, &d->schema.t[i], &span);
-        logged += span;
-    }
-    bool small_cache = !st && logged > HL_SNAPSHOT_ROWS && d->cache_kib > HL_STREAM_CACHE_KIB;
+    bool big = false;
+    st = logs_big(d, &big);
+    bool small_cache = big && d->cache_kib > HL_STREAM_CACHE_KIB;
     if (small_cache)
         st = cache_set(d, HL_STREAM_CACHE_KIB);
     for (size_t i = 0; i < d->schema.n && !st; i++) {
         hl_table *t = &d->schema.t[i];
         hl_capture_tab tab = {0};
         st = capture_table(d, t, &k, &n, &tab);
-        if (!st && tab.max_seq > 0) {
-            sqlite3_bind_int64(t->st_log_del, 1, tab.max_seq);
-            int rc = sqlite3_step(t->st_log_del);
-            sqlite3_reset(t->st_log_del);
-            if (rc != SQLITE_DONE)
-                st = hl_db_err(d, rc, "capture log delete");
-        }
-        if (!st && tab.ranged && tab.top > tab.hwm) {
-            sqlite3_stmt *hp = d->st_hwm_put;
-            sqlite3_bind_text(hp, 1, t->name, -1, SQLITE_STATIC);
-            sqlite3_bind_int64(hp, 2, tab.top);
-            int rc = sqlite3_step(hp);
-            sqlite3_reset(hp);
-            if (rc != SQLITE_DONE)
-                st = hl_db_err(d, rc, "hwm put");
-        }
+        if (!st)
+            st = log_delete(d, t, tab.max_seq);
+        if (!st && tab.ranged && tab.top > tab.hwm)
+            st = hwm_put(d, t, tab.top);
         free(tab.seen);
     }
     if (!st && k.cs->nrows)
