@@ -48,10 +48,6 @@
 #define ALLOC_ALIGN 16
 #define ALLOC_MIN 32
 
-/* reset() frees a reassembly buffer bigger than this, so one huge changeset
- * does not pin its memory for the life of the origin. */
-#define REASM_KEEP_BYTES ((size_t)1 << 20)
-
 /* ------------------------------------------------------------------ */
 /* ownership helpers                                                    */
 /* ------------------------------------------------------------------ */
@@ -1512,82 +1508,172 @@ hl_status hl_part_msg_id_parse(const char *id, hl_part *p)
 void hl_reasm_init(hl_reasm *r, size_t max_bytes)
 {
     memset(r, 0, sizeof(*r));
-    hl_buf_init(&r->buf, max_bytes);
+    r->max_bytes = max_bytes;
+}
+
+static void entry_free(hl_reasm_entry *e)
+{
+    free(e->data);
+    free(e->have_bits);
 }
 
 void hl_reasm_free(hl_reasm *r)
 {
     if (!r)
         return;
-    hl_buf_free(&r->buf);
-    hl_reasm_init(r, r->buf.limit);
+    for (size_t i = 0; i < r->npending; i++)
+        entry_free(&r->pending[i]);
+    free(r->pending);
+    hl_reasm_init(r, r->max_bytes);
 }
 
 bool hl_reasm_pending(const hl_reasm *r)
 {
-    return r->count != 0 && r->next < r->count;
+    return r->npending != 0;
 }
 
-void hl_reasm_reset(hl_reasm *r)
+/*
+ * Where part p's bytes go, from its own header: every part but the last is
+ * exactly chunk bytes long (protocol §1.2). A last part of count >= 2 tells
+ * the chunk by what is left: (total - len) / (count - 1), which must divide
+ * exactly and leave it between 1 and chunk bytes. False when no cut of
+ * total_len into count parts gives this part.
+ */
+static bool part_geometry(const hl_part *p, uint64_t *chunk, uint64_t *off)
 {
-    size_t limit = r->buf.limit;
-
-    if (r->buf.cap > REASM_KEEP_BYTES) {
-        hl_buf_free(&r->buf);
-        hl_buf_init(&r->buf, limit);
-    } else {
-        hl_buf_reset(&r->buf);
+    if (p->count == 1) {
+        *chunk = p->total_len ? p->total_len : 1;
+        *off = 0;
+        return p->len == p->total_len;
     }
-    r->epoch = r->seq = r->total_len = r->first_stream_seq = 0;
-    r->next = r->count = 0;
-    r->flags = 0;
+    if (p->len == 0)
+        return false;
+    if (p->index + 1 < p->count) {
+        *chunk = p->len;
+        *off = (uint64_t)p->index * p->len;
+        return hl_part_count((size_t)p->total_len, (size_t)p->len) == p->count;
+    }
+    uint64_t rest = p->total_len - p->len; /* len <= total_len: hl_part_parse checked */
+    if (rest % (p->count - 1) != 0)
+        return false;
+    *chunk = rest / (p->count - 1);
+    *off = rest;
+    return p->len <= *chunk;
 }
 
-hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, bool *complete)
+static bool recently_done(const hl_reasm *r, const hl_part *p)
 {
+    for (size_t i = 0; i < r->ndone; i++)
+        if (r->done[i].epoch == p->epoch && r->done[i].seq == p->seq)
+            return true;
+    return false;
+}
+
+static hl_reasm_entry *find_entry(hl_reasm *r, const hl_part *p)
+{
+    for (size_t i = 0; i < r->npending; i++)
+        if (r->pending[i].epoch == p->epoch && r->pending[i].seq == p->seq)
+            return &r->pending[i];
+    return NULL;
+}
+
+static hl_status new_entry(hl_reasm *r, const hl_part *p, uint64_t chunk, uint64_t sseq, hl_reasm_entry **out)
+{
+    if (r->npending >= HL_REASM_MAX_PENDING)
+        return HL_ERR_BUSY;
+    if (r->npending == 0 || (r->npending & (r->npending - 1)) == 0) {
+        /* grow at powers of two: 1, 2, 4, ... HL_REASM_MAX_PENDING */
+        size_t cap = r->npending ? r->npending * 2 : 1;
+        hl_reasm_entry *np = realloc(r->pending, cap * sizeof *np);
+        if (!np)
+            return HL_ERR_NOMEM;
+        r->pending = np;
+    }
+    hl_reasm_entry *e = &r->pending[r->npending];
+    memset(e, 0, sizeof *e);
+    /* Large buffers come from mmap and cost memory only as parts fill them. */
+    e->data = malloc(p->total_len ? (size_t)p->total_len : 1);
+    e->have_bits = calloc(((size_t)p->count + 7) / 8, 1);
+    if (!e->data || !e->have_bits) {
+        entry_free(e);
+        return HL_ERR_NOMEM;
+    }
+    e->epoch = p->epoch;
+    e->seq = p->seq;
+    e->count = p->count;
+    e->flags = p->flags;
+    e->total_len = p->total_len;
+    e->chunk = chunk;
+    e->first_stream_seq = sseq;
+    r->npending++;
+    *out = e;
+    return HL_OK;
+}
+
+hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, hl_reasm_entry **out)
+{
+    uint64_t chunk, off;
     hl_status st;
-    uint64_t after;
 
-    *complete = false;
-    if (p->count == 0 || p->index >= p->count || p->len > p->total_len)
+    *out = NULL;
+    if (p->count == 0 || p->index >= p->count || p->len > p->total_len || (!p->data && p->len))
         return HL_ERR_DECODE;
-    /* A part of the pending changeset received before: its writer re-published
-     * it after the stream's duplicate window had forgotten only some parts. */
-    if (hl_reasm_pending(r) && p->index < r->next && p->epoch == r->epoch && p->seq == r->seq && p->count == r->count &&
-        p->total_len == r->total_len && p->flags == r->flags)
+    if (p->total_len > r->max_bytes)
+        return HL_ERR_TOO_LARGE;
+    if (!part_geometry(p, &chunk, &off))
+        return HL_ERR_DECODE;
+    if (recently_done(r, p))
         return HL_OK;
-    if (p->index == 0) {
-        hl_reasm_reset(r);
-        if (p->total_len > r->buf.limit)
-            return HL_ERR_TOO_LARGE;
-        r->epoch = p->epoch;
-        r->seq = p->seq;
-        r->count = p->count;
-        r->flags = p->flags;
-        r->total_len = p->total_len;
-        r->first_stream_seq = sseq;
-    } else if (!hl_reasm_pending(r) || p->epoch != r->epoch || p->seq != r->seq || p->index != r->next ||
-               p->count != r->count || p->total_len != r->total_len || p->flags != r->flags) {
-        hl_reasm_reset(r);
-        return HL_ERR_DECODE;
-    }
-    /* The parts' lengths must add up to total_len exactly, and every part
-     * still to come needs at least one byte. */
-    if (p->len > r->total_len - r->buf.len) {
-        hl_reasm_reset(r);
-        return HL_ERR_DECODE;
-    }
-    after = r->total_len - r->buf.len - p->len;
-    if (p->index + 1 == p->count ? after != 0 : after < (uint64_t)(p->count - p->index - 1)) {
-        hl_reasm_reset(r);
-        return HL_ERR_DECODE;
-    }
-    st = hl_buf_add(&r->buf, p->data, p->len);
-    if (st) {
-        hl_reasm_reset(r);
+    hl_reasm_entry *e = find_entry(r, p);
+    if (e) {
+        if (e->count != p->count || e->total_len != p->total_len || e->flags != p->flags || e->chunk != chunk)
+            return HL_ERR_DECODE;
+    } else if ((st = new_entry(r, p, chunk, sseq, &e)) != HL_OK) {
         return st;
     }
-    r->next++;
-    *complete = r->next == r->count;
+    if (e->have_bits[p->index / 8] & (1u << (p->index % 8)))
+        return HL_OK; /* received before */
+    e->have_bits[p->index / 8] |= (unsigned char)(1u << (p->index % 8));
+    if (p->len)
+        memcpy(e->data + off, p->data, p->len);
+    e->have++;
+    e->bytes += p->len;
+    r->held += p->len;
+    if (sseq < e->first_stream_seq)
+        e->first_stream_seq = sseq;
+    *out = e;
     return HL_OK;
+}
+
+static void remove_entry(hl_reasm *r, hl_reasm_entry *e)
+{
+    size_t i = (size_t)(e - r->pending);
+    r->held -= e->bytes;
+    memmove(&r->pending[i], &r->pending[i + 1], (r->npending - i - 1) * sizeof *e);
+    r->npending--;
+}
+
+unsigned char *hl_reasm_take(hl_reasm *r, hl_reasm_entry *e, size_t *len, uint8_t *flags)
+{
+    unsigned char *data = e->data;
+    *len = (size_t)e->total_len;
+    *flags = e->flags;
+    free(e->have_bits);
+    remove_entry(r, e);
+    return data;
+}
+
+void hl_reasm_mark_done(hl_reasm *r, uint64_t epoch, uint64_t seq)
+{
+    r->done[r->done_next].epoch = epoch;
+    r->done[r->done_next].seq = seq;
+    r->done_next = (r->done_next + 1) % HL_REASM_DONE_RING;
+    if (r->ndone < HL_REASM_DONE_RING)
+        r->ndone++;
+}
+
+void hl_reasm_drop(hl_reasm *r, hl_reasm_entry *e)
+{
+    entry_free(e);
+    remove_entry(r, e);
 }

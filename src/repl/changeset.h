@@ -191,34 +191,73 @@ void hl_part_msg_id(const hl_part *p, char *buf, size_t len);
 hl_status hl_part_msg_id_parse(const char *id, hl_part *p);
 
 /*
- * Reassembles the parts of one origin's changesets, in order. Parts of other
- * origins may interleave in the stream; keep one hl_reasm per origin.
+ * Reassembles the parts of one origin's changesets (docs/protocol.md §1.4).
+ * Parts of other origins interleave in the stream; keep one hl_reasm per
+ * origin. Parts of one changeset may arrive in any order, and parts of several
+ * changesets of the origin may be pending at once: a writer whose server died
+ * mid-publish re-publishes the parts the dead connection lost after others
+ * that its client library had buffered were already stored. A part's place in
+ * the payload follows from its own header (every part but the last is exactly
+ * chunk bytes long), so no configuration value is needed.
  */
-typedef struct hl_reasm {
+#define HL_REASM_MAX_PENDING 16 /* incomplete changesets per origin */
+#define HL_REASM_DONE_RING 64   /* completed changesets remembered per origin */
+
+typedef struct hl_reasm_entry {
     uint64_t epoch, seq;
-    uint32_t next, count;
-    uint8_t flags;
-    uint64_t total_len;
-    uint64_t first_stream_seq; /* stream sequence of part 0 */
-    hl_buf buf;
+    uint32_t count, have;      /* parts announced, parts received */
+    uint8_t flags;             /* HL_PART_FLAG_* of the parts */
+    uint64_t total_len, chunk; /* payload length; length of every part but the last */
+    uint64_t bytes;            /* payload bytes received so far */
+    uint64_t first_stream_seq; /* lowest stream sequence of a part received */
+    int64_t stamp_ns;          /* for the caller: stream time of the first part received */
+    uint64_t stamp_ms;         /* for the caller: local time it was received */
+    unsigned char *data;       /* total_len bytes (at least 1 allocated) */
+    unsigned char *have_bits;  /* one bit per part */
+} hl_reasm_entry;
+
+typedef struct hl_reasm {
+    size_t max_bytes;        /* largest payload accepted */
+    hl_reasm_entry *pending; /* npending incomplete changesets, oldest first */
+    size_t npending;
+    uint64_t held;           /* sum of pending[].bytes */
+    struct {
+        uint64_t epoch, seq;
+    } done[HL_REASM_DONE_RING]; /* recently delivered, to ignore their re-published parts */
+    size_t ndone, done_next;
 } hl_reasm;
 
 void hl_reasm_init(hl_reasm *r, size_t max_bytes);
+/* Frees every pending changeset; r may be NULL. r can be used again after
+ * hl_reasm_init(). */
 void hl_reasm_free(hl_reasm *r);
 /* True while a changeset is partly received. */
 bool hl_reasm_pending(const hl_reasm *r);
 
 /*
- * Feeds one part received at stream sequence sseq. Returns HL_OK and sets
- * *complete when the payload is whole (then r->buf holds it and r->flags its
- * flags; call hl_reasm_reset() after use). A part the pending changeset
- * already has (same epoch, seq, count, length and flags, a lower index) is a
- * re-publish and is ignored (HL_OK, not complete). A part that does not
- * continue the pending changeset (wrong seq/index) drops the pending one: a
- * part 0 starts afresh; any other out-of-place part returns HL_ERR_DECODE and
- * is ignored.
+ * Feeds one part received at stream sequence sseq. On HL_OK, *out is the
+ * changeset the part belongs to (complete when have == count: take it with
+ * hl_reasm_take()), or NULL when the part was ignored: the changeset already
+ * has it, or completed recently (a writer re-publishing after the duplicate
+ * window forgot only some parts). Errors, after which the part is ignored and
+ * every pending changeset kept:
+ *   HL_ERR_TOO_LARGE  total length over max_bytes (nothing is buffered);
+ *   HL_ERR_DECODE     the part's geometry is impossible, or it disagrees with
+ *                     the changeset's other parts (count, total length,
+ *                     flags, part length);
+ *   HL_ERR_BUSY       HL_REASM_MAX_PENDING changesets are pending: drop one
+ *                     (hl_reasm_drop) and feed again.
  */
-hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, bool *complete);
-void hl_reasm_reset(hl_reasm *r);
+hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, hl_reasm_entry **out);
+/* Removes complete changeset e (from hl_reasm_feed) and returns its payload,
+ * malloc'd, for the caller to free; sets *len and *flags. */
+unsigned char *hl_reasm_take(hl_reasm *r, hl_reasm_entry *e, size_t *len, uint8_t *flags);
+/* Records that changeset (epoch, seq) was delivered whole, so parts of it
+ * received again soon after are ignored (the last HL_REASM_DONE_RING are
+ * remembered). Only a changeset that decoded is marked: a copy of one that
+ * did not is refused again. */
+void hl_reasm_mark_done(hl_reasm *r, uint64_t epoch, uint64_t seq);
+/* Drops pending changeset e unfinished. */
+void hl_reasm_drop(hl_reasm *r, hl_reasm_entry *e);
 
 #endif

@@ -10,6 +10,10 @@
 #include "common/log.h"
 
 #define MAX_ORIGINS 4096 /* reassembly slots; beyond this, hostile traffic is refused */
+/* Incomplete changesets held at once, all origins together; beyond this the
+ * oldest is expired early. Normal traffic has a handful at most (a writer's
+ * publish window holds 8 MiB of parts); this bounds what forged parts cost. */
+#define MAX_PENDING 1024
 /* With nothing received for this long, ask the server where the stream ends:
  * a consumer that is gone or stuck while messages wait is re-created, and a
  * reader at the end of the stream may expire incomplete changesets. */
@@ -17,9 +21,7 @@
 
 typedef struct origin_slot {
     uint64_t origin;
-    hl_reasm r;
-    int64_t first_ts_ns;     /* stream timestamp of the pending changeset's part 0 */
-    uint64_t first_local_ms; /* monotonic time part 0 was received here */
+    hl_reasm r; /* each pending entry's stamps: stream time and local time of its first part here */
 } origin_slot;
 
 struct hl_fetcher {
@@ -38,6 +40,7 @@ struct hl_fetcher {
     uint64_t last_msg_ms, last_check_ms;
     origin_slot *slots;
     size_t nslots;
+    uint64_t held_budget; /* payload bytes of incomplete changesets held, all origins */
     hl_ratelimit refused_log; /* a hostile flood must not flood the log too */
     hl_ratelimit expired_log;
 };
@@ -96,30 +99,33 @@ static origin_slot *slot_for(hl_fetcher *f, uint64_t origin)
 /* Drops a partly received changeset whose missing parts can no longer come
  * (docs/architecture.md, "Incomplete changesets expire"): logged, counted, and
  * the position recorded by the engine moves past its first part. */
-static void expire(hl_fetcher *f, origin_slot *sl, const char *measured)
+static void expire(hl_fetcher *f, origin_slot *sl, hl_reasm_entry *e, const char *measured)
 {
-    hl_reasm *r = &sl->r;
     uint64_t dropped = 0;
     atomic_fetch_add(&f->expired, 1);
     if (hl_ratelimit_allow(&f->expired_log, &dropped))
         hl_logf(HL_LOG_WARN,
                 "incomplete changeset expired: stream %s origin %" PRIu64 " epoch %016" PRIx64 " sequence %" PRIu64
                 ": %" PRIu32 " of %" PRIu32 " parts received, the first at stream sequence %" PRIu64
-                ", the rest not received within %" PRIu64 " s (%s); dropped%s",
-                f->stream, sl->origin, r->epoch, r->seq, r->next, r->count, r->first_stream_seq, f->expiry_ms / 1000,
-                measured, dropped ? " (and earlier ones not logged; see harmonylite_changesets_expired_total)" : "");
-    hl_reasm_reset(r);
+                ", the rest not received %s; dropped%s",
+                f->stream, sl->origin, e->epoch, e->seq, e->have, e->count, e->first_stream_seq, measured,
+                dropped ? " (and earlier ones not logged; see harmonylite_changesets_expired_total)" : "");
+    hl_reasm_drop(&sl->r, e);
 }
 
 /* Expires what a message stored at stream time ts_ns proves complete-able no
  * more: anything still missing would have been stored before it. */
 static void expire_by_stream_time(hl_fetcher *f, int64_t ts_ns)
 {
+    char why[96];
+    snprintf(why, sizeof why, "within %" PRIu64 " s (by the stream's timestamps)", f->expiry_ms / 1000);
     for (size_t i = 0; i < f->nslots; i++) {
-        origin_slot *sl = &f->slots[i];
-        if (hl_reasm_pending(&sl->r) && ts_ns > sl->first_ts_ns &&
-            (uint64_t)(ts_ns - sl->first_ts_ns) / 1000000u > f->expiry_ms)
-            expire(f, sl, "by the stream's timestamps");
+        hl_reasm *r = &f->slots[i].r;
+        for (size_t j = r->npending; j-- > 0;) {
+            hl_reasm_entry *e = &r->pending[j];
+            if (ts_ns > e->stamp_ns && (uint64_t)(ts_ns - e->stamp_ns) / 1000000u > f->expiry_ms)
+                expire(f, &f->slots[i], e, why);
+        }
     }
 }
 
@@ -127,10 +133,39 @@ static void expire_by_stream_time(hl_fetcher *f, int64_t ts_ns)
 static uint64_t safe_seq(hl_fetcher *f, uint64_t sseq)
 {
     uint64_t safe = sseq;
-    for (size_t i = 0; i < f->nslots; i++)
-        if (hl_reasm_pending(&f->slots[i].r) && f->slots[i].r.first_stream_seq - 1 < safe)
-            safe = f->slots[i].r.first_stream_seq - 1;
+    for (size_t i = 0; i < f->nslots; i++) {
+        const hl_reasm *r = &f->slots[i].r;
+        for (size_t j = 0; j < r->npending; j++)
+            if (r->pending[j].first_stream_seq - 1 < safe)
+                safe = r->pending[j].first_stream_seq - 1;
+    }
     return safe;
+}
+
+/* Keeps what incomplete changesets hold within bounds (bytes and count, all
+ * origins together) by expiring the oldest: only forged parts or a writer
+ * gone for good leave that many unfinished. */
+static void enforce_bounds(hl_fetcher *f)
+{
+    for (;;) {
+        uint64_t held = 0;
+        size_t n = 0;
+        origin_slot *oldest_sl = NULL;
+        hl_reasm_entry *oldest = NULL;
+        for (size_t i = 0; i < f->nslots; i++) {
+            hl_reasm *r = &f->slots[i].r;
+            held += r->held;
+            n += r->npending;
+            for (size_t j = 0; j < r->npending; j++)
+                if (!oldest || r->pending[j].first_stream_seq < oldest->first_stream_seq) {
+                    oldest = &r->pending[j];
+                    oldest_sl = &f->slots[i];
+                }
+        }
+        if (!oldest || (held <= f->held_budget && n <= MAX_PENDING))
+            return;
+        expire(f, oldest_sl, oldest, "before incomplete changesets outgrew their memory bound");
+    }
 }
 
 static void push(hl_fetcher *f, uint64_t sseq, hl_changeset *cs, unsigned char *raw, size_t rawlen, uint8_t flags)
@@ -184,23 +219,30 @@ static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq, int64_t ts_ns)
         return;
     }
     hl_reasm *r = &sl->r;
-    bool complete = false;
-    if (hl_reasm_feed(r, &part, sseq, &complete)) {
-        refuse(f, sseq, "part out of order");
+    hl_reasm_entry *e = NULL;
+    st = hl_reasm_feed(r, &part, sseq, &e);
+    if (st == HL_ERR_BUSY) {
+        expire(f, sl, &r->pending[0], "before too many later ones of the same origin were pending");
+        st = hl_reasm_feed(r, &part, sseq, &e);
+    }
+    if (st) {
+        refuse(f, sseq, st == HL_ERR_TOO_LARGE ? "changeset over replication_log.max_changeset_bytes"
+                        : st == HL_ERR_NOMEM   ? "out of memory reassembling a changeset"
+                                               : "part inconsistent with its changeset's other parts");
         return;
     }
-    if (!complete) {
-        if (r->first_stream_seq == sseq) { /* a new part 0 */
-            sl->first_ts_ns = ts_ns;
-            sl->first_local_ms = hl_mono_ms();
+    if (!e || e->have < e->count) {
+        if (e && e->have == 1) { /* the first part received of this changeset */
+            e->stamp_ns = ts_ns;
+            e->stamp_ms = hl_mono_ms();
         }
-        push(f, sseq, NULL, NULL, 0, 0); /* safe_seq stays before part 0 */
+        enforce_bounds(f);
+        push(f, sseq, NULL, NULL, 0, 0); /* safe_seq stays before its first part */
         return;
     }
     size_t rawlen = 0;
-    uint8_t flags = r->flags;
-    unsigned char *raw = hl_buf_steal(&r->buf, &rawlen);
-    hl_reasm_reset(r);
+    uint8_t flags = 0;
+    unsigned char *raw = hl_reasm_take(r, e, &rawlen, &flags);
     hl_changeset *cs = NULL;
     char err[256] = "";
     st = hl_changeset_decode(raw, rawlen, (flags & HL_PART_FLAG_ZSTD) != 0,
@@ -216,6 +258,7 @@ static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq, int64_t ts_ns)
         refuse(f, sseq, "payload disagrees with its header");
         return;
     }
+    hl_reasm_mark_done(r, part.epoch, part.seq);
     push(f, sseq, cs, raw, rawlen, flags);
 }
 
@@ -289,12 +332,15 @@ static void idle_check(hl_fetcher *f, natsSubscription **sub)
     }
     set_stalled(f, false);
     bool moved = false;
+    char why[96];
+    snprintf(why, sizeof why, "within %" PRIu64 " s (by local time, at the end of the stream)", f->expiry_ms / 1000);
     for (size_t i = 0; i < f->nslots; i++) {
-        origin_slot *sl = &f->slots[i];
-        if (hl_reasm_pending(&sl->r) && now - sl->first_local_ms > f->expiry_ms) {
-            expire(f, sl, "by local time, at the end of the stream");
-            moved = true;
-        }
+        hl_reasm *r = &f->slots[i].r;
+        for (size_t j = r->npending; j-- > 0;)
+            if (now - r->pending[j].stamp_ms > f->expiry_ms) {
+                expire(f, &f->slots[i], &r->pending[j], why);
+                moved = true;
+            }
     }
     if (moved && f->next_seq > 1)
         push(f, f->next_seq - 1, NULL, NULL, 0, 0); /* let the engine record the position */
@@ -372,6 +418,11 @@ hl_status hl_fetcher_start(hl_fetcher **out, const hl_config *c, hl_nats *n, hl_
     f->expired_log.burst = 10;
     f->expired_log.window_ms = 60000;
     f->expiry_ms = (uint64_t)hl_config_incomplete_expiry_s(c) * 1000u;
+    /* Room for one changeset of the largest size being completed while
+     * others wait, and never less than a few publish windows. */
+    f->held_budget = 2 * (uint64_t)c->replication_log.max_changeset_bytes;
+    if (f->held_budget < ((uint64_t)32 << 20))
+        f->held_budget = (uint64_t)32 << 20;
     hl_nats_stream_name(c, shard, f->stream, sizeof f->stream);
     hl_nats_subject(c, shard, f->subject, sizeof f->subject);
     if (pthread_create(&f->th, NULL, run, f) != 0) {

@@ -653,16 +653,25 @@ static void check_part_vector(const vector *v, const char *name, const hl_change
 
         /* The document's message parses and reassembles. */
         hl_part q;
-        bool complete = false;
+        hl_reasm_entry *e = NULL;
         ck_assert_int_eq(hl_part_parse(want.data, want.len, &q), HL_OK);
-        ck_assert_int_eq(hl_reasm_feed(&r, &q, 100 + i, &complete), HL_OK);
-        ck_assert(complete == (i + 1 == count));
+        ck_assert_int_eq(hl_reasm_feed(&r, &q, 100 + i, &e), HL_OK);
+        ck_assert_ptr_nonnull(e);
+        ck_assert((e->have == e->count) == (i + 1 == count));
+        ck_assert_uint_eq(e->first_stream_seq, 100);
+        if (i + 1 == count) {
+            size_t len = 0;
+            uint8_t flags = 0xff;
+            unsigned char *got = hl_reasm_take(&r, e, &len, &flags);
+            ck_assert_uint_eq(len, payload->len);
+            ck_assert(memcmp(got, payload->data, payload->len) == 0);
+            ck_assert_uint_eq(flags, 0);
+            free(got);
+        }
         hl_buf_free(&msg);
         hl_buf_free(&want);
     }
-    ck_assert_uint_eq(r.buf.len, payload->len);
-    ck_assert(memcmp(r.buf.data, payload->data, payload->len) == 0);
-    ck_assert_uint_eq(r.first_stream_seq, 100);
+    ck_assert(!hl_reasm_pending(&r));
     hl_reasm_free(&r);
 }
 
@@ -1504,13 +1513,33 @@ static size_t make_parts(const unsigned char *payload, size_t n, size_t chunk, u
     return count;
 }
 
-static hl_status feed(hl_reasm *r, const hl_buf *msg, uint64_t sseq, bool *complete)
+static hl_status feed(hl_reasm *r, const hl_buf *msg, uint64_t sseq, hl_reasm_entry **e)
 {
     hl_part p;
     hl_status st = hl_part_parse(msg->data, msg->len, &p);
     if (st)
         return st;
-    return hl_reasm_feed(r, &p, sseq, complete);
+    return hl_reasm_feed(r, &p, sseq, e);
+}
+
+/* Feeds msg, which must be accepted; true when it completed its changeset,
+ * whose payload must then equal want (len bytes) and whose first part was
+ * received at stream sequence first. */
+static bool feed_ok(hl_reasm *r, const hl_buf *msg, uint64_t sseq, const unsigned char *want, size_t len,
+                    uint64_t first)
+{
+    hl_reasm_entry *e = NULL;
+    ck_assert_int_eq(feed(r, msg, sseq, &e), HL_OK);
+    if (!e || e->have < e->count)
+        return false;
+    ck_assert_uint_eq(e->first_stream_seq, first);
+    size_t got_len = 0;
+    uint8_t flags = 0;
+    unsigned char *got = hl_reasm_take(r, e, &got_len, &flags);
+    ck_assert_uint_eq(got_len, len);
+    ck_assert(len == 0 || memcmp(got, want, len) == 0);
+    free(got);
+    return true;
 }
 
 static void free_msgs(hl_buf *msgs, size_t n)
@@ -1616,7 +1645,7 @@ START_TEST(test_reasm)
     unsigned char a[100], b[100];
     hl_buf ma[8], mb[8];
     hl_reasm r;
-    bool done;
+    hl_reasm_entry *e;
 
     for (int i = 0; i < 100; i++) {
         a[i] = (unsigned char)i;
@@ -1631,107 +1660,176 @@ START_TEST(test_reasm)
     /* In order. */
     ck_assert(!hl_reasm_pending(&r));
     for (size_t i = 0; i < na; i++) {
-        ck_assert_int_eq(feed(&r, &ma[i], 10 + i, &done), HL_OK);
-        ck_assert(done == (i + 1 == na));
-        ck_assert(hl_reasm_pending(&r) == !done);
+        ck_assert(feed_ok(&r, &ma[i], 10 + i, a, 100, 10) == (i + 1 == na));
+        ck_assert(hl_reasm_pending(&r) == (i + 1 < na));
     }
-    ck_assert_uint_eq(r.buf.len, 100);
-    ck_assert(memcmp(r.buf.data, a, 100) == 0);
-    ck_assert_uint_eq(r.first_stream_seq, 10);
-    ck_assert_uint_eq(r.seq, 1);
-    ck_assert_uint_eq(r.flags, 0);
-    hl_reasm_reset(&r);
+    ck_assert_uint_eq(r.held, 0);
+    hl_reasm_mark_done(&r, 0xabc, 1);
 
-    /* A new part 0 while a changeset is pending restarts; the old one is gone. */
-    ck_assert_int_eq(feed(&r, &ma[0], 20, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[1], 21, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &mb[0], 22, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[2], 23, &done), HL_ERR_DECODE); /* old changeset's part */
-    ck_assert(!hl_reasm_pending(&r));                             /* and it dropped b too */
-    ck_assert_int_eq(feed(&r, &mb[0], 24, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &mb[1], 25, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &mb[2], 26, &done), HL_OK);
-    ck_assert(done);
-    ck_assert_uint_eq(r.buf.len, 90);
-    ck_assert(memcmp(r.buf.data, b, 90) == 0);
-    ck_assert_uint_eq(r.first_stream_seq, 24);
-    ck_assert_uint_eq(r.flags, HL_PART_FLAG_ZSTD);
-    hl_reasm_reset(&r);
-
-    /* Wrong index: a skipped part drops the pending changeset. */
-    ck_assert_int_eq(feed(&r, &ma[0], 30, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[2], 31, &done), HL_ERR_DECODE);
+    /* Parts of a changeset completed a moment ago (re-published after the
+     * duplicate window forgot only some) are ignored. */
+    ck_assert_int_eq(feed(&r, &ma[2], 15, &e), HL_OK);
+    ck_assert_ptr_null(e);
     ck_assert(!hl_reasm_pending(&r));
-    ck_assert_int_eq(feed(&r, &ma[3], 32, &done), HL_ERR_DECODE);
-    /* Parts received again (a writer re-publishing after the duplicate window
-     * forgot only some of them) are ignored; the changeset still completes,
-     * starting where it first started. */
-    ck_assert_int_eq(feed(&r, &ma[0], 33, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[1], 34, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[1], 35, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[0], 36, &done), HL_OK);
-    ck_assert(hl_reasm_pending(&r) && !done);
-    ck_assert_uint_eq(r.first_stream_seq, 33);
-    ck_assert_int_eq(feed(&r, &ma[2], 37, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &ma[3], 38, &done), HL_OK);
-    ck_assert(done);
-    ck_assert_uint_eq(r.buf.len, 100);
-    ck_assert(memcmp(r.buf.data, a, 100) == 0);
-    hl_reasm_reset(&r);
-    /* A later part with nothing pending is refused. */
-    ck_assert_int_eq(feed(&r, &mb[1], 36, &done), HL_ERR_DECODE);
 
-    /* Parts that disagree with part 0 about total length or count. */
-    ck_assert_int_eq(feed(&r, &ma[0], 40, &done), HL_OK);
+    /* Any order, and two changesets of the origin pending at once: what a
+     * writer's client stores after its server died mid-publish, lost parts
+     * re-published after later ones its library had buffered. */
+    hl_reasm_free(&r);
+    hl_reasm_init(&r, 1000);
+    ck_assert(!feed_ok(&r, &ma[3], 20, a, 100, 20));
+    ck_assert(!feed_ok(&r, &mb[1], 21, b, 90, 21));
+    ck_assert(!feed_ok(&r, &ma[1], 22, a, 100, 20));
+    ck_assert(!feed_ok(&r, &mb[0], 23, b, 90, 21));
+    ck_assert_uint_eq(r.npending, 2);
+    ck_assert_uint_eq(r.held, 10 + 30 + 30 + 30);
+    ck_assert(!feed_ok(&r, &ma[0], 24, a, 100, 20));
+    ck_assert(!feed_ok(&r, &ma[0], 25, a, 100, 20)); /* a copy: ignored */
+    ck_assert(feed_ok(&r, &mb[2], 26, b, 90, 21));
+    ck_assert(feed_ok(&r, &ma[2], 27, a, 100, 20));
+    ck_assert(!hl_reasm_pending(&r));
+    ck_assert_uint_eq(r.held, 0);
+
+    /* Parts that disagree with the changeset's others are refused, and the
+     * changeset survives them. */
+    hl_reasm_free(&r);
+    hl_reasm_init(&r, 1000);
+    ck_assert(!feed_ok(&r, &ma[0], 40, a, 100, 40));
     hl_buf forged;
     hl_buf_init(&forged, 1 * MiB);
     ck_assert_int_eq(hl_buf_add(&forged, ma[1].data, ma[1].len), HL_OK);
-    forged.data[47] = 99; /* total 99 */
-    ck_assert_int_eq(feed(&r, &forged, 41, &done), HL_ERR_DECODE);
-    ck_assert(!hl_reasm_pending(&r));
-    ck_assert_int_eq(feed(&r, &ma[0], 42, &done), HL_OK);
+    forged.data[47] = 99; /* total 99: also 4 parts of 30, but another total */
+    ck_assert_int_eq(feed(&r, &forged, 41, &e), HL_ERR_DECODE);
     forged.data[47] = 100;
-    forged.data[39] = 5; /* count 5 */
-    ck_assert_int_eq(feed(&r, &forged, 43, &done), HL_ERR_DECODE);
-    ck_assert(!hl_reasm_pending(&r));
-    /* A last part that does not complete total_len. */
-    ck_assert_int_eq(feed(&r, &ma[0], 44, &done), HL_OK);
+    forged.data[39] = 5; /* count 5: 30-byte parts cannot make 5 of 100 */
+    ck_assert_int_eq(feed(&r, &forged, 42, &e), HL_ERR_DECODE);
+    forged.data[39] = 4;
+    forged.data[5] = HL_PART_FLAG_ZSTD; /* other flags */
+    ck_assert_int_eq(feed(&r, &forged, 43, &e), HL_ERR_DECODE);
+    /* A last part whose length leaves no whole chunks for the others. */
     hl_buf_reset(&forged);
-    ck_assert_int_eq(hl_buf_add(&forged, ma[1].data, ma[1].len), HL_OK);
-    forged.data[39] = 2; /* pretend part 1 of 2: 60 bytes of 100 */
-    hl_part fp;
-    ck_assert_int_eq(hl_part_parse(forged.data, forged.len, &fp), HL_OK);
-    r.count = 2; /* as if part 0 had said 2 */
-    ck_assert_int_eq(hl_reasm_feed(&r, &fp, 45, &done), HL_ERR_DECODE);
-    ck_assert(!done);
+    ck_assert_int_eq(hl_buf_add(&forged, ma[3].data, ma[3].len - 1), HL_OK); /* 9 of the last 10 bytes */
+    ck_assert_int_eq(feed(&r, &forged, 44, &e), HL_ERR_DECODE);
+    /* A last part whose length gives another chunk than the changeset's. */
+    hl_buf_reset(&forged);
+    ck_assert_int_eq(hl_buf_add(&forged, ma[3].data, ma[3].len), HL_OK);
+    forged.data[47] = 94; /* 94 - 10 = 84 = 3 x 28: chunk 28 */
+    ck_assert_int_eq(feed(&r, &forged, 45, &e), HL_ERR_DECODE);
+    ck_assert_uint_eq(r.npending, 1);
+    ck_assert(!feed_ok(&r, &ma[1], 46, a, 100, 40));
+    ck_assert(!feed_ok(&r, &ma[2], 47, a, 100, 40));
+    ck_assert(feed_ok(&r, &ma[3], 48, a, 100, 40));
+    /* A non-last part whose count does not match its length's cut. */
+    hl_buf_reset(&forged);
+    ck_assert_int_eq(hl_buf_add(&forged, mb[0].data, mb[0].len), HL_OK);
+    forged.data[39] = 2; /* 90 bytes in 30-byte parts are 3, not 2 */
+    ck_assert_int_eq(feed(&r, &forged, 49, &e), HL_ERR_DECODE);
+    ck_assert(!hl_reasm_pending(&r));
     hl_buf_free(&forged);
 
-    /* Over the cap: announced, or reached. */
+    /* Over the cap: refused before anything is buffered. */
     hl_reasm_free(&r);
     hl_reasm_init(&r, 99);
-    ck_assert_int_eq(feed(&r, &ma[0], 50, &done), HL_ERR_TOO_LARGE);
+    ck_assert_int_eq(feed(&r, &ma[2], 50, &e), HL_ERR_TOO_LARGE);
     ck_assert(!hl_reasm_pending(&r));
-    ck_assert_int_eq(feed(&r, &mb[0], 51, &done), HL_OK); /* 90 bytes fit */
-    ck_assert_int_eq(feed(&r, &mb[1], 52, &done), HL_OK);
-    ck_assert_int_eq(feed(&r, &mb[2], 53, &done), HL_OK);
-    ck_assert(done);
+    ck_assert(!feed_ok(&r, &mb[0], 51, b, 90, 51)); /* 90 bytes fit */
+    ck_assert(!feed_ok(&r, &mb[1], 52, b, 90, 51));
+    ck_assert(feed_ok(&r, &mb[2], 53, b, 90, 51));
     hl_reasm_free(&r);
 
-    /* A single-part changeset completes at once. */
-    hl_buf one[1];
+    /* At most HL_REASM_MAX_PENDING incomplete changesets per origin: the
+     * caller drops one (the fetcher expires the oldest) and feeds again. */
+    hl_reasm_init(&r, 1000);
+    static hl_buf many[HL_REASM_MAX_PENDING + 1][8];
+    for (int i = 0; i <= HL_REASM_MAX_PENDING; i++)
+        make_parts(a, 100, 30, 100 + (uint64_t)i, 0, many[i], 8);
+    for (int i = 0; i < HL_REASM_MAX_PENDING; i++)
+        ck_assert(!feed_ok(&r, &many[i][1], 60 + (uint64_t)i, a, 100, 60 + (uint64_t)i));
+    ck_assert_int_eq(feed(&r, &many[HL_REASM_MAX_PENDING][0], 90, &e), HL_ERR_BUSY);
+    ck_assert_uint_eq(r.pending[0].seq, 100);
+    hl_reasm_drop(&r, &r.pending[0]);
+    ck_assert_uint_eq(r.pending[0].seq, 101);
+    ck_assert(!feed_ok(&r, &many[HL_REASM_MAX_PENDING][0], 91, a, 100, 91));
+    ck_assert_uint_eq(r.npending, HL_REASM_MAX_PENDING);
+    for (int i = 0; i <= HL_REASM_MAX_PENDING; i++)
+        free_msgs(many[i], 4);
+    hl_reasm_free(&r);
+    ck_assert(!hl_reasm_pending(&r));
+
+    /* A single-part changeset completes at once; so does an empty payload. */
+    hl_buf one[1], empty[1];
     hl_reasm_init(&r, 1000);
     make_parts(a, 10, 30, 3, 0, one, 1);
-    ck_assert_int_eq(feed(&r, &one[0], 60, &done), HL_OK);
-    ck_assert(done);
-    ck_assert_uint_eq(r.first_stream_seq, 60);
-    /* Feeding after completion without reset: part 0 starts afresh. */
-    ck_assert_int_eq(feed(&r, &ma[0], 61, &done), HL_OK);
-    ck_assert(!done);
+    ck_assert(feed_ok(&r, &one[0], 60, a, 10, 60));
+    make_parts(a, 0, 30, 4, 0, empty, 1);
+    ck_assert(feed_ok(&r, &empty[0], 61, a, 0, 61));
+    ck_assert(!hl_reasm_pending(&r));
     hl_reasm_free(&r);
     hl_reasm_free(NULL);
     free_msgs(one, 1);
+    free_msgs(empty, 1);
     free_msgs(ma, na);
     free_msgs(mb, nb);
+}
+END_TEST
+
+/* Several changesets cut into parts, every part stored twice, all shuffled:
+ * each completes exactly once, byte-exact, when its last missing part
+ * arrives; the memory held returns to zero. */
+START_TEST(test_reasm_any_order)
+{
+    enum { NCS = 5, MAXP = 12, CHUNK = 17 };
+    static unsigned char payload[NCS][MAXP * CHUNK];
+    static hl_buf msgs[NCS][MAXP];
+    static size_t order[2 * NCS * MAXP];
+
+    rng_state = 7;
+    for (int round = 0; round < 200; round++) {
+        size_t len[NCS], nparts[NCS], n = 0;
+        bool done[NCS] = {false};
+        hl_reasm r;
+
+        for (size_t c = 0; c < NCS; c++) {
+            len[c] = rndn(MAXP * CHUNK);
+            for (size_t i = 0; i < len[c]; i++)
+                payload[c][i] = (unsigned char)rndn(256);
+            nparts[c] = make_parts(payload[c], len[c], CHUNK, 500 + c, 0, msgs[c], MAXP);
+            for (size_t i = 0; i < nparts[c]; i++) {
+                order[n++] = c * MAXP + i;
+                order[n++] = c * MAXP + i;
+            }
+        }
+        for (size_t i = n; i > 1; i--) {
+            size_t j = rndn(i), t = order[i - 1];
+            order[i - 1] = order[j];
+            order[j] = t;
+        }
+        hl_reasm_init(&r, 4096);
+        for (size_t k = 0; k < n; k++) {
+            size_t c = order[k] / MAXP, i = order[k] % MAXP;
+            hl_reasm_entry *e = NULL;
+            ck_assert_int_eq(feed(&r, &msgs[c][i], 1000 + k, &e), HL_OK);
+            if (e && e->have == e->count) {
+                ck_assert_msg(!done[c], "changeset %zu completed twice", c);
+                ck_assert_uint_eq(e->seq, 500 + c);
+                hl_reasm_mark_done(&r, e->epoch, e->seq); /* as the fetcher does once it decoded */
+                size_t got_len = 0;
+                uint8_t flags = 0;
+                unsigned char *got = hl_reasm_take(&r, e, &got_len, &flags);
+                ck_assert_uint_eq(got_len, len[c]);
+                ck_assert(got_len == 0 || memcmp(got, payload[c], got_len) == 0);
+                free(got);
+                done[c] = true;
+            }
+        }
+        for (size_t c = 0; c < NCS; c++) {
+            ck_assert_msg(done[c], "round %d: changeset %zu never completed", round, c);
+            free_msgs(msgs[c], nparts[c]);
+        }
+        ck_assert(!hl_reasm_pending(&r));
+        ck_assert_uint_eq(r.held, 0);
+        hl_reasm_free(&r);
+    }
 }
 END_TEST
 
@@ -1744,7 +1842,7 @@ START_TEST(test_parts_end_to_end)
         bool compress = i & 1;
         hl_buf payload, msgs[4096];
         hl_reasm r;
-        bool done = false;
+        hl_reasm_entry *e = NULL;
 
         hl_buf_init(&payload, 16 * MiB);
         ck_assert_int_eq(hl_changeset_encode(cs, compress, &payload), HL_OK);
@@ -1752,9 +1850,15 @@ START_TEST(test_parts_end_to_end)
         size_t n = make_parts(payload.data, payload.len, chunk, cs->seq, compress ? HL_PART_FLAG_ZSTD : 0, msgs, 4096);
         hl_reasm_init(&r, 16 * MiB);
         for (size_t j = 0; j < n; j++)
-            ck_assert_int_eq(feed(&r, &msgs[j], 1000 + j, &done), HL_OK);
-        ck_assert(done);
-        ck_assert_int_eq(decode_buf(&r.buf, (r.flags & HL_PART_FLAG_ZSTD) != 0, 16 * MiB, &back), HL_OK);
+            ck_assert_int_eq(feed(&r, &msgs[j], 1000 + j, &e), HL_OK);
+        ck_assert(e && e->have == e->count);
+        hl_buf whole;
+        uint8_t flags = 0;
+        hl_buf_init(&whole, 16 * MiB);
+        whole.data = hl_reasm_take(&r, e, &whole.len, &flags);
+        whole.cap = whole.len;
+        ck_assert_int_eq(decode_buf(&whole, (flags & HL_PART_FLAG_ZSTD) != 0, 16 * MiB, &back), HL_OK);
+        free(whole.data);
         ck_assert(cs_equal(cs, back));
         hl_reasm_free(&r);
         free_msgs(msgs, n);
@@ -1834,6 +1938,7 @@ static Suite *changeset_suite(void)
     tcase_add_test(tc, test_part_count_and_slice);
     tcase_add_test(tc, test_part_parse);
     tcase_add_test(tc, test_reasm);
+    tcase_add_test(tc, test_reasm_any_order);
     tcase_add_test(tc, test_parts_end_to_end);
     tcase_add_test(tc, test_corpus);
     suite_add_tcase(s, tc);

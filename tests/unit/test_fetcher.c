@@ -306,11 +306,32 @@ START_TEST(refuses_malformed_parts)
     free(msg);
     free(p);
 
-    /* A part 1 with no part 0 before it. */
+    /* A part that disagrees with the other parts of its changeset (another
+     * total length) is refused; the changeset it claims to belong to is not
+     * harmed and completes. */
     p = encode_cs(PEER, PEER_EPOCH, 2, 30, false, &len);
-    s = publish_part(&t, PEER, PEER_EPOCH, 2, 0, p, len, 100, 1);
-    expect_skip(&t, s);
+    uint32_t count = hl_part_count(len, 100);
+    ck_assert_uint_ge(count, 3);
+    uint64_t s0 = publish_part(&t, PEER, PEER_EPOCH, 2, 0, p, len, 100, 0);
+    expect_skip(&t, s0 - 1);
+    ck_assert_int_eq(hl_part_slice(&hp, p, len - 1, 100, 1), HL_OK);
+    hp.origin = PEER;
+    hp.epoch = PEER_EPOCH;
+    hp.seq = 2;
+    msg = malloc(HL_PART_HEADER_LEN + hp.len);
+    ck_assert_ptr_nonnull(msg);
+    hl_part_header_write(&hp, msg);
+    memcpy(msg + HL_PART_HEADER_LEN, hp.data, hp.len);
+    publish_raw(&t, msg, HL_PART_HEADER_LEN + hp.len, NULL);
+    free(msg);
+    expect_skip(&t, s0 - 1);
     ck_assert_uint_eq(hl_fetcher_malformed(t.fe), ++malformed);
+    for (uint32_t i = 1; i < count; i++) {
+        s = publish_part(&t, PEER, PEER_EPOCH, 2, 0, p, len, 100, i);
+        if (i + 1 < count)
+            expect_skip(&t, s0 - 1);
+    }
+    expect_cs(&t, PEER, PEER_EPOCH, 2, 30, false, s);
     free(p);
 
     /* None of it stops what is well-formed. */
@@ -396,6 +417,49 @@ START_TEST(safe_position_holds_before_incomplete)
 }
 END_TEST
 
+/* A writer whose server died mid-publish leaves its parts stored out of
+ * order (the lost ones re-published after later ones buffered by its client
+ * library), sometimes two changesets' parts mixed: each changeset is still
+ * delivered whole, once, and the position never passes a first part held. */
+START_TEST(parts_in_any_order)
+{
+    ffx t = {0};
+    fx_init(&t.f, NODE);
+    fx_start(&t.f, NULL);
+    ffx_start(&t, 1);
+    size_t alen = 0, blen = 0;
+    unsigned char *a = encode_cs(PEER, PEER_EPOCH, 1, 30, false, &alen);
+    unsigned char *b = encode_cs(PEER, PEER_EPOCH, 2, 30, true, &blen);
+    uint32_t acount = hl_part_count(alen, 200), bcount = hl_part_count(blen, 100);
+    ck_assert_uint_ge(acount, 3);
+    ck_assert_uint_ge(bcount, 2);
+
+    /* a's last part first, then b's parts in reverse, then the rest of a
+     * from part 0 up. */
+    uint64_t first = publish_part(&t, PEER, PEER_EPOCH, 1, 0, a, alen, 200, acount - 1);
+    expect_skip(&t, first - 1);
+    uint64_t s = 0;
+    for (uint32_t i = bcount; i-- > 0;) {
+        s = publish_part(&t, PEER, PEER_EPOCH, 2, HL_PART_FLAG_ZSTD, b, blen, 100, i);
+        if (i)
+            expect_skip(&t, first - 1);
+    }
+    /* b is whole: delivered, but the position stays before a's first part. */
+    expect_cs(&t, PEER, PEER_EPOCH, 2, 30, true, first - 1);
+    for (uint32_t i = 0; i + 1 < acount; i++) {
+        s = publish_part(&t, PEER, PEER_EPOCH, 1, 0, a, alen, 200, i);
+        if (i + 2 < acount)
+            expect_skip(&t, first - 1);
+    }
+    expect_cs(&t, PEER, PEER_EPOCH, 1, 30, false, s);
+    ck_assert_uint_eq(hl_fetcher_malformed(t.fe), 0);
+    ck_assert_uint_eq(hl_fetcher_expired(t.fe), 0);
+    free(a);
+    free(b);
+    ffx_stop(&t);
+}
+END_TEST
+
 START_TEST(expiry_by_stream_time)
 {
     ffx t = {0};
@@ -437,11 +501,32 @@ START_TEST(expiry_by_stream_time)
         fx_sleep_ms(200);
     }
     ck_assert_uint_eq(hl_fetcher_expired(t.fe), 1);
-    /* Its missing part arriving after all is refused and counted, not applied
-     * half-way. */
+    /* Its missing part arriving after all is held again, never applied
+     * half-way; when its writer re-publishes the whole changeset (a restart
+     * after the duplicate window), it completes and is applied. */
     uint64_t s = publish_part(&t, PEER, PEER_EPOCH, 1, 0, a, alen, 200, 1);
-    expect_skip(&t, s);
-    ck_assert_uint_eq(hl_fetcher_malformed(t.fe), 1);
+    expect_skip(&t, s - 1);
+    hl_part hp;
+    ck_assert_int_eq(hl_part_slice(&hp, a, alen, 200, 0), HL_OK);
+    hp.origin = PEER;
+    hp.epoch = PEER_EPOCH;
+    hp.seq = 1;
+    unsigned char *msg = malloc(HL_PART_HEADER_LEN + hp.len);
+    ck_assert_ptr_nonnull(msg);
+    hl_part_header_write(&hp, msg);
+    memcpy(msg + HL_PART_HEADER_LEN, hp.data, hp.len);
+    uint64_t last = publish_raw(&t, msg, HL_PART_HEADER_LEN + hp.len, NULL); /* ids of the first publish are spent */
+    free(msg);
+    if (hl_part_count(alen, 200) > 2) {
+        expect_skip(&t, s - 1);
+        for (uint32_t i = 2; i < hl_part_count(alen, 200); i++) {
+            last = publish_part(&t, PEER, PEER_EPOCH, 1, 0, a, alen, 200, i);
+            if (i + 1 < hl_part_count(alen, 200))
+                expect_skip(&t, s - 1);
+        }
+    }
+    expect_cs(&t, PEER, PEER_EPOCH, 1, 30, false, last);
+    ck_assert_uint_eq(hl_fetcher_malformed(t.fe), 0);
     free(a);
     ffx_stop(&t);
 }
@@ -558,6 +643,7 @@ static Suite *fetcher_suite(void)
         {"skips_own_changesets", skips_own_changesets, 120},
         {"refuses_malformed_parts", refuses_malformed_parts, 120},
         {"safe_position_holds_before_incomplete", safe_position_holds_before_incomplete, 120},
+        {"parts_in_any_order", parts_in_any_order, 120},
         {"expiry_by_stream_time", expiry_by_stream_time, 180},
         {"expiry_by_local_time_at_end", expiry_by_local_time_at_end, 180},
         {"consumer_recreated_after_server_restart", consumer_recreated_after_server_restart, 240},
