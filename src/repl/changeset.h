@@ -220,7 +220,7 @@ typedef struct hl_reasm {
     size_t max_bytes;        /* largest payload accepted */
     hl_reasm_entry *pending; /* npending incomplete changesets, oldest first */
     size_t npending;
-    uint64_t held;           /* sum of pending[].bytes */
+    uint64_t held; /* sum of pending[].bytes */
     struct {
         uint64_t epoch, seq;
     } done[HL_REASM_DONE_RING]; /* recently delivered, to ignore their re-published parts */

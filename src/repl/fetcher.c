@@ -40,7 +40,7 @@ struct hl_fetcher {
     uint64_t last_msg_ms, last_check_ms;
     origin_slot *slots;
     size_t nslots;
-    uint64_t held_budget; /* payload bytes of incomplete changesets held, all origins */
+    uint64_t held_budget;     /* payload bytes of incomplete changesets held, all origins */
     hl_ratelimit refused_log; /* a hostile flood must not flood the log too */
     hl_ratelimit expired_log;
 };
@@ -226,9 +226,10 @@ static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq, int64_t ts_ns)
         st = hl_reasm_feed(r, &part, sseq, &e);
     }
     if (st) {
-        refuse(f, sseq, st == HL_ERR_TOO_LARGE ? "changeset over replication_log.max_changeset_bytes"
-                        : st == HL_ERR_NOMEM   ? "out of memory reassembling a changeset"
-                                               : "part inconsistent with its changeset's other parts");
+        refuse(f, sseq,
+               st == HL_ERR_TOO_LARGE ? "changeset over replication_log.max_changeset_bytes"
+               : st == HL_ERR_NOMEM   ? "out of memory reassembling a changeset"
+                                      : "part inconsistent with its changeset's other parts");
         return;
     }
     if (!e || e->have < e->count) {
