@@ -2,7 +2,9 @@
  * fuzz_changeset.c - libFuzzer harness for the changeset wire format.
  *
  * Each input is tried as a NATS message (hl_part_parse, then reassembly of
- * that one part and decoding of its payload) and as a bare payload, both plain
+ * that one part and decoding of its payload), as a run of length-prefixed
+ * messages fed to one reassembly (parts in any order, several changesets,
+ * its books checked after every part), and as a bare payload, both plain
  * CBOR and zstd-framed. A successful decode must survive the oracle: its
  * re-encoding decodes again and re-encodes to the same bytes, every row key
  * encodes, and the decoded form cost what the decoder charged, within the
@@ -68,18 +70,63 @@ static void try_decode(const void *p, size_t n, bool compressed)
     hl_changeset_free(cs);
 }
 
+/* Feeds one part; a changeset it completes is decoded. Checks the
+ * reassembly's books: what it says it holds is what its changesets hold. */
+static void feed(hl_reasm *r, const hl_part *p, uint64_t sseq)
+{
+    hl_reasm_entry *e = NULL;
+    hl_status st = hl_reasm_feed(r, p, sseq, &e);
+    if (st == HL_ERR_BUSY) {
+        hl_reasm_drop(r, &r->pending[0]);
+        st = hl_reasm_feed(r, p, sseq, &e);
+    }
+    if (st != HL_OK && st != HL_ERR_DECODE && st != HL_ERR_TOO_LARGE && st != HL_ERR_NOMEM)
+        abort();
+    uint64_t held = 0;
+    for (size_t i = 0; i < r->npending; i++) {
+        const hl_reasm_entry *x = &r->pending[i];
+        if (x->have > x->count || x->bytes > x->total_len || x->total_len > FUZZ_MAX_BYTES)
+            abort();
+        held += x->bytes;
+    }
+    if (held != r->held || r->npending > HL_REASM_MAX_PENDING)
+        abort();
+    if (st == HL_OK && e && e->have == e->count) {
+        if (e->bytes != e->total_len)
+            abort();
+        size_t len = 0;
+        uint8_t flags = 0;
+        uint64_t epoch = e->epoch, seq = e->seq;
+        unsigned char *whole = hl_reasm_take(r, e, &len, &flags);
+        try_decode(whole, len, (flags & HL_PART_FLAG_ZSTD) != 0);
+        hl_reasm_mark_done(r, epoch, seq);
+        free(whole);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     hl_part p;
+    hl_reasm r;
 
-    if (hl_part_parse(data, size, &p) == HL_OK) {
-        hl_reasm r;
-        bool complete = false;
-        hl_reasm_init(&r, FUZZ_MAX_BYTES);
-        if (hl_reasm_feed(&r, &p, 1, &complete) == HL_OK && complete)
-            try_decode(r.buf.data, r.buf.len, (r.flags & HL_PART_FLAG_ZSTD) != 0);
-        hl_reasm_free(&r);
+    /* The input as one message. */
+    hl_reasm_init(&r, FUZZ_MAX_BYTES);
+    if (hl_part_parse(data, size, &p) == HL_OK)
+        feed(&r, &p, 1);
+    hl_reasm_free(&r);
+    /* The input as a run of messages of one origin, each preceded by a
+     * two-byte length: parts in any order, of several changesets. */
+    hl_reasm_init(&r, FUZZ_MAX_BYTES);
+    for (size_t at = 0, sseq = 1; at + 2 <= size; sseq++) {
+        size_t n = (size_t)data[at] << 8 | data[at + 1];
+        at += 2;
+        if (n > size - at)
+            n = size - at;
+        if (hl_part_parse(data + at, n, &p) == HL_OK)
+            feed(&r, &p, sseq);
+        at += n;
     }
+    hl_reasm_free(&r);
     try_decode(data, size, false);
     try_decode(data, size, true);
     return 0;
