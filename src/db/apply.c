@@ -14,7 +14,7 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED, ONE_AHEAD } one_result;
 
@@ -721,15 +721,16 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
      * applied: the whole changeset waits (in order) until the clock catches up. */
     uint64_t now = hl_now_ms(), ahead = 0;
     for (size_t i = 0; i < cs->nrows; i++)
-        if (hl_hlc_ahead(cs->rows[i].hlc, now, d->max_clock_drift_ms) && cs->rows[i].hlc > ahead)
+        if (hl_hlc_ahead(cs->rows[i].hlc, now, d->opt.max_clock_drift_ms) && cs->rows[i].hlc > ahead)
             ahead = cs->rows[i].hlc;
     if (ahead) {
         uint64_t ms = HL_HLC_MS(ahead > HL_HLC_MAX ? HL_HLC_MAX : ahead);
-        uint64_t due = ms - (d->max_clock_drift_ms < ms ? d->max_clock_drift_ms : ms) + 1;
+        uint64_t due = ms - (d->opt.max_clock_drift_ms < ms ? d->opt.max_clock_drift_ms : ms) + 1;
         if (!d->ahead_due_ms || due < d->ahead_due_ms)
             d->ahead_due_ms = due;
         snprintf(why, whylen, "row version %llu is %llu ms ahead of the local clock (max_clock_drift %llu ms)",
-                 (unsigned long long)ahead, (unsigned long long)(ms - now), (unsigned long long)d->max_clock_drift_ms);
+                 (unsigned long long)ahead, (unsigned long long)(ms - now),
+                 (unsigned long long)d->opt.max_clock_drift_ms);
         *res = ONE_AHEAD;
         goto out;
     }
@@ -787,9 +788,9 @@ static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t s
     if (rc == SQLITE_ROW) {
         *found = true;
         *flags = sqlite3_column_int(q, 0);
-        if (!(*flags & skip) &&
-            hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                                (*flags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, cs, why, whylen) != HL_OK)
+        if (!(*flags & skip) && hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                                    (*flags & HL_PART_FLAG_ZSTD) != 0, d->opt.max_changeset_bytes, cs,
+                                                    why, whylen) != HL_OK)
             *cs = NULL;
     }
     sqlite3_finalize(q);
@@ -1182,8 +1183,8 @@ static hl_status retry_late(hl_db *d)
         char err[256] = "", why[512] = "";
         one_result r = ONE_MALFORMED;
         if (hl_changeset_decode(sqlite3_column_blob(q, 2), (size_t)sqlite3_column_bytes(q, 2),
-                                (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err,
-                                sizeof err) == HL_OK)
+                                (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->opt.max_changeset_bytes, &cs,
+                                err, sizeof err) == HL_OK)
             st = apply_one(d, cs, &r, why, sizeof why);
         if (!st && r != ONE_SCHEMA && r != ONE_AHEAD) {
             int64_t *nd = realloc(done, (ndone + 1) * sizeof *nd);
@@ -1342,19 +1343,26 @@ hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped)
     if (node > INT64_MAX)
         return HL_ERR_INVALID;
     int64_t n = (int64_t)node;
+    hl_status st = hl_db_begin(d);
+    if (st)
+        return st;
     /* Each epoch's applied sequence moves past everything dropped, so the
      * origin's next changesets apply instead of waiting for these. */
-    hl_status st =
-        exec_ints(d,
-                  "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) SELECT node, epoch, max(seq) FROM " HL_PREFIX
-                  "pending WHERE node = ?1 GROUP BY epoch ON CONFLICT(node, epoch) DO UPDATE SET "
-                  "seq = max(seq, excluded.seq)",
-                  "drop held", 1, &n);
-    if (!st)
-        st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ?", "drop held", 1, &n);
-    if (!st)
-        *dropped = (uint64_t)sqlite3_changes(d->db);
-    return st;
+    if ((st =
+             exec_ints(d,
+                       "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) SELECT node, epoch, max(seq) FROM " HL_PREFIX
+                       "pending WHERE node = ?1 GROUP BY epoch ON CONFLICT(node, epoch) DO UPDATE SET "
+                       "seq = max(seq, excluded.seq)",
+                       "drop held", 1, &n)) ||
+        (st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ?", "drop held", 1, &n))) {
+        hl_db_rollback(d);
+        return st;
+    }
+    uint64_t changes = (uint64_t)sqlite3_changes(d->db);
+    if ((st = hl_db_commit(d)))
+        return st;
+    *dropped = changes;
+    return HL_OK;
 }
 
 void hl_held_list_free(hl_held_origin *v)

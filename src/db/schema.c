@@ -13,7 +13,7 @@
 
 #include "common/log.h"
 #include "common/sha256.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 /* Finalizes t's cached statements. */
 static void table_finalize(hl_table *t)

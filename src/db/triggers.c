@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 #define GUARD "(SELECT applying FROM \"" HL_PREFIX "ctl\") = 0"
 /* The raw Julian day: the cheapest clock SQLite offers inside a trigger;
