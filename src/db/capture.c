@@ -372,38 +372,23 @@ static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64
     return hl_changeset_add_row(k->cs, k->tidx, op, hlc, key, nk, vals, nvals);
 }
 
-/*
- * Reads t's changes into cs: one entry per row with its current image and a
- * new version. First the change log, in log order; then, for a rowid-keyed
- * table, the rows above its high-water mark that were inserted without a log
- * entry (and not changed since, or they would be in the log), in rowid order
- * after the logged ones: such a row still holds the values it was inserted
- * with, so no logged change can depend on coming after it. Writes nothing; tab
- * receives what hl_capture_record needs.
- */
-static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab)
+/* The rowids of a rowid-keyed table's logged rows, under a snapshot: the
+ * range read skips them (they were captured from the log). */
+typedef struct rowids {
+    int64_t *v;
+    size_t n, cap;
+} rowids;
+
+/* Reads t's change log: one entry per row, in log order, with its current
+ * image (none: deleted) and a version from its last write time. */
+static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab, hl_value *vals,
+                             rowids *logged)
 {
-    hl_status st;
     size_t nk = t->npk ? t->npk : 1;
     hl_value key[HL_CS_MAX_KEY];
-    hl_value *vals = NULL;
-    int64_t *logged = NULL;
-    size_t nlogged = 0, caplogged = 0;
-    int rc;
-
-    tab->max_seq = 0;
-    if (nk > HL_CS_MAX_KEY) {
-        hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
-                HL_CS_MAX_KEY);
-        return HL_OK;
-    }
-    if ((st = prepare_table(d, t)))
-        return st;
-    vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
-    if (!vals)
-        return HL_ERR_NOMEM;
-
+    hl_status st = HL_OK;
     sqlite3_stmt *lr = t->st_log_read;
+    int rc;
     while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
         /* Julian day -> Unix milliseconds */
         double jd = sqlite3_column_double(lr, 0);
@@ -426,30 +411,36 @@ static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
             continue;
         }
         if (!k->stream && t->int_key && key[0].type == HL_VAL_INT &&
-            (st = push_i64(&logged, &nlogged, &caplogged, key[0].u.i)))
-            goto out;
+            (st = push_i64(&logged->v, &logged->n, &logged->cap, key[0].u.i)))
+            break;
         /* The row as it is now is the last image of every write logged for it. */
         bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
         if (exists)
             for (size_t i = 0; i < t->ncols; i++)
                 hl_value_from_column(lr, 3 + (int)nk + (int)i, &vals[i]);
         uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
-        st = sink_row(d, k, t, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
-                      exists ? t->ncols : 0);
-        if (st)
-            goto out;
+        if ((st = sink_row(d, k, t, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
+                           exists ? t->ncols : 0)))
+            break;
         (*rows)++;
     }
-    if (rc != SQLITE_DONE) {
+    if (!st && rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture log read");
-        goto out;
-    }
-    if (!t->int_key || !hwm_get(d, t, &tab->hwm))
-        goto out;
+    sqlite3_reset(lr);
+    return st;
+}
+
+/* Reads the rows of a rowid-keyed table above its high-water mark that are
+ * not in logged, in rowid order; tab records the mark and the rowids read. */
+static hl_status capture_range(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab, hl_value *vals,
+                               rowids *logged)
+{
+    hl_status st = HL_OK;
+    int rc;
     tab->ranged = true;
     tab->top = tab->hwm;
-    if (nlogged)
-        qsort(logged, nlogged, sizeof *logged, cmp_i64);
+    if (logged->n)
+        qsort(logged->v, logged->n, sizeof *logged->v, cmp_i64);
     /* Streaming (any size), the query itself skips the logged rows, so no
      * list of them is kept in memory; nor of the rows seen, which only a
      * capture under a snapshot needs (range_settle). */
@@ -461,22 +452,51 @@ static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
         tab->top = rowid;
         if (!k->stream && (st = push_i64(&tab->seen, &tab->nseen, &tab->capseen, rowid)))
             break;
-        if (nlogged && bsearch(&rowid, logged, nlogged, sizeof *logged, cmp_i64))
+        if (logged->n && bsearch(&rowid, logged->v, logged->n, sizeof *logged->v, cmp_i64))
             continue; /* changed since: captured above, from the log */
-        key[0] = (hl_value){.type = HL_VAL_INT, .u.i = rowid};
+        hl_value key = {.type = HL_VAL_INT, .u.i = rowid};
         for (size_t i = 0; i < t->ncols; i++)
             hl_value_from_column(rg, 1 + (int)i, &vals[i]);
-        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), key, 1, vals, t->ncols)))
+        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), &key, 1, vals, t->ncols)))
             break;
         (*rows)++;
     }
     if (!st && rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture range read");
     sqlite3_reset(rg);
-out:
-    sqlite3_reset(lr);
+    return st;
+}
+
+/*
+ * Reads t's changes into cs: one entry per row with its current image and a
+ * new version. First the change log, in log order; then, for a rowid-keyed
+ * table, the rows above its high-water mark that were inserted without a log
+ * entry (and not changed since, or they would be in the log), in rowid order
+ * after the logged ones: such a row still holds the values it was inserted
+ * with, so no logged change can depend on coming after it. Writes nothing; tab
+ * receives what hl_capture_record needs.
+ */
+static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab)
+{
+    hl_status st;
+    size_t nk = t->npk ? t->npk : 1;
+    rowids logged = {0};
+    tab->max_seq = 0;
+    if (nk > HL_CS_MAX_KEY) {
+        hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
+                HL_CS_MAX_KEY);
+        return HL_OK;
+    }
+    if ((st = prepare_table(d, t)))
+        return st;
+    hl_value *vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
+    if (!vals)
+        return HL_ERR_NOMEM;
+    st = capture_log(d, t, k, rows, tab, vals, &logged);
+    if (!st && t->int_key && hwm_get(d, t, &tab->hwm))
+        st = capture_range(d, t, k, rows, tab, vals, &logged);
     free(vals);
-    free(logged);
+    free(logged.v);
     return st;
 }
 
@@ -554,6 +574,8 @@ static hl_status range_settle(hl_db *d, hl_table *t, const hl_capture_tab *tab)
 
 void hl_capture_batch_free(hl_capture_batch *b)
 {
+    if (!b)
+        return;
     for (size_t i = 0; i < b->nmembers; i++) {
         hl_changeset_free(b->members[i].cs);
         hl_buf_free(&b->members[i].payload);

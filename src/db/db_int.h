@@ -70,7 +70,7 @@ typedef struct hl_checkpointer hl_checkpointer;
 hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path);
 void hl_checkpointer_kick(hl_checkpointer *c); /* returns at once; the thread checkpoints */
 uint64_t hl_checkpointer_runs(hl_checkpointer *c);
-void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection */
+void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection; NULL is a no-op */
 
 /* The outbox's cached statements (outbox.c). */
 typedef struct hl_outbox {
@@ -130,7 +130,7 @@ hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *delete
 /* ---- outbox.c ---- */
 
 hl_status hl_outbox_prepare(hl_db *d);
-void hl_outbox_finalize(hl_outbox *o);
+void hl_outbox_finalize(hl_outbox *o); /* NULL is a no-op */
 /* Clears HL_PART_FLAG_MORE on the changeset seq: a chain that ended exactly at a cut. */
 hl_status hl_outbox_chain_end(hl_db *d, uint64_t seq);
 
@@ -155,7 +155,7 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
 
 /* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
 hl_status hl_schema_scan(hl_db *d, hl_schema *out);
-void hl_schema_free(hl_schema *s);
+void hl_schema_free(hl_schema *s); /* NULL is a no-op */
 /* Finds a table by name, case-insensitively as SQLite does. */
 hl_table *hl_schema_find(hl_schema *s, const char *name);
 /* The replicated tables as JSON for /schema (docs/operations.md), malloc'd;
@@ -231,7 +231,7 @@ typedef struct hl_capture_batch {
 
 hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b);
 hl_status hl_capture_record(hl_db *d, hl_capture_batch *b);
-void hl_capture_batch_free(hl_capture_batch *b);
+void hl_capture_batch_free(hl_capture_batch *b); /* NULL is a no-op */
 
 /* ---- apply.c ---- */
 

@@ -549,111 +549,96 @@ static hl_status migrate_legacy_clock(hl_db *d)
     return st;
 }
 
-hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
+/* What one hl_triggers_sync works with. */
+typedef struct sync_ctx {
+    hl_buf trig, tabs; /* our triggers and tables now: (name, sql) pairs */
+    hl_buf ddl, tsql;  /* scratch */
+    hl_buf want;       /* the names of the objects the schema needs, NUL separated */
+    bool backfill;     /* new tables' existing rows are captured */
+    bool check_rowids; /* the schema changed: rowids may have moved without a trigger */
+} sync_ctx;
+
+/* A table whose key changed since its change log was made: the log's rows
+ * cannot be captured, its versions are of keys that no longer exist. */
+static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
+{
+    char *sig = stored_keysig(d, t->name);
+    hl_status st = HL_OK;
+    if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&c->tabs, t->log)) {
+        int64_t n = count_rows(d, t->log);
+        if (n > 0)
+            hl_logf(HL_LOG_WARN,
+                    "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
+                    "cannot be replicated",
+                    t->name, (long long)n);
+        if (!(st = drop_object(d, "TABLE", t->log)) && !(st = drop_object(d, "TABLE", t->clock)))
+            st = hwm_drop(d, t->name);
+    }
+    free(sig);
+    return st;
+}
+
+/* t's four triggers, re-created when their SQL differs from what is installed. */
+static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 {
     hl_status st = HL_OK;
-    hl_buf trig, tabs, ddl, tsql, want;
-    *changed = false;
-    int64_t sv = hl_db_schema_version(d);
-    if (!force && sv == d->schema_version)
-        return HL_OK;
-
-    hl_buf_init(&trig, 256u << 20);
-    hl_buf_init(&tabs, 256u << 20);
-    hl_buf_init(&ddl, 16u << 20);
-    hl_buf_init(&tsql, 16u << 20);
-    hl_buf_init(&want, 256u << 20); /* desired object names, NUL separated */
-
-    unsigned char old_hash[32];
-    bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
-    memcpy(old_hash, d->schema.hash, 32);
-    if ((st = hl_schema_scan(d, &d->schema)))
-        goto out;
-    if ((st = existing(d, "trigger", &trig)) || (st = existing(d, "table", &tabs)))
-        goto out;
-    /* Tables that appear while we run (or while we were stopped, on a database
-     * we already manage) may already hold rows the application wrote before
-     * the triggers existed: those are captured too. On the very first run the
-     * existing content is taken as the common starting point, as HarmonyLite
-     * does, and not sent. */
-    bool backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
-    /* Only a schema change (VACUUM included) can move rowids without a trigger. */
-    bool check_rowids = rowids_checked_at(d) != sv;
-
-    for (size_t i = 0; i < d->schema.n; i++) {
-        hl_table *t = &d->schema.t[i];
-        char *sig = stored_keysig(d, t->name);
-        if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&tabs, t->log)) {
-            int64_t n = count_rows(d, t->log);
-            if (n > 0)
-                hl_logf(HL_LOG_WARN,
-                        "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
-                        "cannot be replicated",
-                        t->name, (long long)n);
-            st = drop_object(d, "TABLE", t->log);
+    for (int w = 0; w < 4 && !st; w++) {
+        hl_buf name;
+        hl_buf_init(&name, 1u << 20);
+        hl_buf_reset(&c->tsql);
+        hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
+        if (!(st = hl_buf_status(&name)) && !(st = trigger_sql(t, w, &c->tsql))) {
+            const char *have = pair_find(&c->trig, hl_buf_str(&name));
+            if (have && strcmp(have, hl_buf_str(&c->tsql)) != 0)
+                st = drop_object(d, "TRIGGER", hl_buf_str(&name));
+            if (!st && (!have || strcmp(have, hl_buf_str(&c->tsql)) != 0))
+                st = exec_logged(d, hl_buf_str(&c->tsql));
             if (!st)
-                st = drop_object(d, "TABLE", t->clock); /* versions of keys that no longer exist */
-            if (!st)
-                st = hwm_drop(d, t->name);
+                st = hl_buf_add(&c->want, name.data, name.len + 1);
         }
-        free(sig);
-        if (st)
-            goto out;
-        hl_buf_reset(&ddl);
-        if ((st = log_ddl(t, &ddl)))
-            goto out;
-        bool is_new = false;
-        {
-            char *known = stored_keysig(d, t->name);
-            is_new = known == NULL;
-            free(known);
-        }
-        if ((st = exec_logged(d, hl_buf_str(&ddl))))
-            goto out;
-        hl_buf_reset(&ddl);
-        if ((st = clock_ddl(t, &ddl)) || (st = exec_logged(d, hl_buf_str(&ddl))) ||
-            (st = put_keysig(d, t->name, t->keysig)))
-            goto out;
-        if (is_new && backfill && (st = backfill_table(d, t)))
-            goto out;
-        /* Everything up to here is logged (or, on the first run, the common
-         * starting point): inserts above the current last rowid need no log. */
-        if (t->int_key && (st = hwm_init(d, t)))
-            goto out;
-        if (t->npk == 0 && check_rowids) {
-            bool moved = false;
-            if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
-                goto out;
-        }
-        if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||
-            (st = hl_buf_add(&want, t->clock, strlen(t->clock) + 1)))
-            goto out;
-        for (int w = 0; w < 4; w++) {
-            hl_buf name;
-            hl_buf_init(&name, 1u << 20);
-            hl_buf_reset(&tsql);
-            st = hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
-            if (!st)
-                st = trigger_sql(t, w, &tsql);
-            const char *have = st ? NULL : pair_find(&trig, hl_buf_str(&name));
-            if (!st && (!have || strcmp(have, hl_buf_str(&tsql)) != 0)) {
-                if (have)
-                    st = drop_object(d, "TRIGGER", hl_buf_str(&name));
-                if (!st)
-                    st = exec_logged(d, hl_buf_str(&tsql));
-            }
-            if (!st)
-                st = hl_buf_add(&want, name.data, name.len + 1);
-            hl_buf_free(&name);
-            if (st)
-                goto out;
-        }
+        hl_buf_free(&name);
     }
-    if (pair_find(&tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d)))
-        goto out;
-    /* Drop our triggers, change logs and clocks whose table is gone or renamed. */
+    return st;
+}
+
+/* Brings one replicated table's change log, clock, high-water mark and triggers in line. */
+static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
+{
+    hl_status st = key_changed(d, t, c);
+    if (st)
+        return st;
+    char *known = stored_keysig(d, t->name);
+    bool is_new = known == NULL;
+    free(known);
+    hl_buf_reset(&c->ddl);
+    if ((st = log_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))))
+        return st;
+    hl_buf_reset(&c->ddl);
+    if ((st = clock_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))) ||
+        (st = put_keysig(d, t->name, t->keysig)))
+        return st;
+    if (is_new && c->backfill && (st = backfill_table(d, t)))
+        return st;
+    /* Everything up to here is logged (or, on the first run, the common
+     * starting point): inserts above the current last rowid need no log. */
+    if (t->int_key && (st = hwm_init(d, t)))
+        return st;
+    if (t->npk == 0 && c->check_rowids) {
+        bool moved = false;
+        if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
+            return st;
+    }
+    hl_buf_add(&c->want, t->log, strlen(t->log) + 1);
+    if ((st = hl_buf_add(&c->want, t->clock, strlen(t->clock) + 1)))
+        return st;
+    return table_triggers(d, t, c);
+}
+
+/* Drops our triggers, change logs and clocks whose table is gone or renamed. */
+static hl_status drop_stale(hl_db *d, sync_ctx *c)
+{
     for (int pass = 0; pass < 2; pass++) {
-        hl_buf *have = pass == 0 ? &trig : &tabs;
+        hl_buf *have = pass == 0 ? &c->trig : &c->tabs;
         for (size_t off = 0; off < have->len;) {
             const char *n = (const char *)have->data + off;
             const char *s = n + strlen(n) + 1;
@@ -664,8 +649,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             if (pass == 1 && !is_log && !is_clock)
                 continue; /* only change logs and clocks; not our internal tables */
             bool found = false;
-            for (size_t off2 = 0; off2 < want.len && !found;) {
-                const char *w = (const char *)want.data + off2;
+            for (size_t off2 = 0; off2 < c->want.len && !found;) {
+                const char *w = (const char *)c->want.data + off2;
                 found = strcmp(w, n) == 0;
                 off2 += strlen(w) + 1;
             }
@@ -679,15 +664,49 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                             "discarded",
                             n, (long long)cnt);
             }
-            if ((st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n)))
-                goto out;
+            hl_status st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n);
+            if (st)
+                return st;
         }
     }
-    st = exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
-                        "(SELECT name FROM pragma_table_list WHERE schema = 'main');"
-                        "DELETE FROM " HL_PREFIX "hwm WHERE tbl NOT IN "
-                        "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
-    if (st)
+    return exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
+                          "(SELECT name FROM pragma_table_list WHERE schema = 'main');"
+                          "DELETE FROM " HL_PREFIX "hwm WHERE tbl NOT IN "
+                          "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
+}
+
+hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
+{
+    hl_status st = HL_OK;
+    sync_ctx c;
+    *changed = false;
+    int64_t sv = hl_db_schema_version(d);
+    if (!force && sv == d->schema_version)
+        return HL_OK;
+
+    hl_buf_init(&c.trig, 256u << 20);
+    hl_buf_init(&c.tabs, 256u << 20);
+    hl_buf_init(&c.ddl, 16u << 20);
+    hl_buf_init(&c.tsql, 16u << 20);
+    hl_buf_init(&c.want, 256u << 20);
+
+    unsigned char old_hash[32];
+    bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
+    memcpy(old_hash, d->schema.hash, 32);
+    if ((st = hl_schema_scan(d, &d->schema)) || (st = existing(d, "trigger", &c.trig)) ||
+        (st = existing(d, "table", &c.tabs)))
+        goto out;
+    /* Tables that appear while we run (or while we were stopped, on a database
+     * we already manage) may already hold rows the application wrote before
+     * the triggers existed: those are captured too. On the very first run the
+     * existing content is taken as the common starting point, as HarmonyLite
+     * does, and not sent. */
+    c.backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
+    /* Only a schema change (VACUUM included) can move rowids without a trigger. */
+    c.check_rowids = rowids_checked_at(d) != sv;
+    for (size_t i = 0; i < d->schema.n && !st; i++)
+        st = table_sync(d, &d->schema.t[i], &c);
+    if (st || (pair_find(&c.tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d))) || (st = drop_stale(d, &c)))
         goto out;
     /* Our own triggers skip the engine's writes through the applying flag,
      * but SQLite still runs each one's program per applied row. With no
@@ -704,10 +723,10 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
         d->have_prev_hash = true;
     }
 out:
-    hl_buf_free(&trig);
-    hl_buf_free(&tabs);
-    hl_buf_free(&ddl);
-    hl_buf_free(&tsql);
-    hl_buf_free(&want);
+    hl_buf_free(&c.trig);
+    hl_buf_free(&c.tabs);
+    hl_buf_free(&c.ddl);
+    hl_buf_free(&c.tsql);
+    hl_buf_free(&c.want);
     return st;
 }

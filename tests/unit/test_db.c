@@ -1308,6 +1308,104 @@ START_TEST(hlc_rules)
 }
 END_TEST
 
+/* hl_db_step keeps the caller's stream positions with what committed: an
+ * item's position is recorded in the transaction that applied it, and a
+ * position-only item or one noted by the caller is recorded too. */
+START_TEST(step_records_positions_with_what_it_applied)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    char s0[] = "s0", s1[] = "s1";
+    char *names[] = {s0, s1};
+    uint64_t applied[2] = {0, 0}, seen[2] = {0, 0};
+    hl_positions pos = {.n = 2, .streams = names, .applied = applied, .seen = seen};
+    hl_inbound skip = {.shard = 1, .safe_seq = 7};
+    hl_inbound it = {
+        .next = &skip, .shard = 0, .safe_seq = 5, .cs = cs, .raw = p.raw.data, .rawlen = p.raw.len, .flags = p.flags};
+    hl_step s = {0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert(it.applied);
+    ck_assert_uint_eq(applied[0], 5);
+    ck_assert_uint_eq(applied[1], 7);
+    ck_assert_uint_eq(seen[0], 5);
+    ck_assert_uint_eq(seen[1], 7);
+    uint64_t v = 0;
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 5);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s1", &v), HL_OK);
+    ck_assert_uint_eq(v, 7);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
+
+    /* Nothing to do writes nothing, not even a position noted by the caller ... */
+    seen[1] = 9;
+    s = (hl_step){0};
+    ck_assert_int_eq(hl_db_step(p.b, NULL, &pos, &s), HL_OK);
+    ck_assert(!s.committed);
+    ck_assert_uint_eq(applied[1], 7);
+    ck_assert_uint_eq(seen[1], 9);
+    /* ... until it is asked to record positions. */
+    s = (hl_step){.flush_positions = true};
+    ck_assert_int_eq(hl_db_step(p.b, NULL, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert_uint_eq(applied[1], 9);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s1", &v), HL_OK);
+    ck_assert_uint_eq(v, 9);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
+/* A step that fails after capture began loses nothing: the transaction rolls
+ * back, the caller's positions return to what is recorded, the remote
+ * changeset is not applied, and the local change stays logged for the next
+ * step. */
+START_TEST(failed_step_loses_nothing)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'remote')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    /* b's own row is too big for b's limit: capture inside the write transaction fails. */
+    set_max_changeset_bytes(p.b, 4096);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (2, printf('%.8000c', 'x'))");
+    char s0[] = "s0";
+    char *names[] = {s0};
+    uint64_t applied[1] = {3}, seen[1] = {3};
+    hl_positions pos = {.n = 1, .streams = names, .applied = applied, .seen = seen};
+    hl_inbound it = {.shard = 0, .safe_seq = 4, .cs = cs, .raw = p.raw.data, .rawlen = p.raw.len, .flags = p.flags};
+    hl_step s = {0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_ERR_TOO_LARGE);
+    ck_assert(!s.committed);
+    ck_assert(!it.applied);
+    ck_assert_uint_eq(seen[0], 3);
+    ck_assert_uint_eq(applied[0], 3);
+    uint64_t v = 0;
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id = 1"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__outbox"), 0);
+    /* With the limit raised the same step goes through: both rows are there. */
+    set_max_changeset_bytes(p.b, 1u << 20);
+    s = (hl_step){0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert(it.applied);
+    ck_assert_uint_eq(s.rows_captured, 1);
+    ck_assert_uint_eq(applied[0], 4);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 4);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 2);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__outbox"), 1);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("db");
@@ -1342,6 +1440,8 @@ int main(void)
     tcase_add_test(tc, row_larger_than_any_changeset_fails_capture_loudly);
     tcase_add_test(tc, hlc_rules);
     tcase_add_test(tc, capture_never_sends_what_receivers_would_refuse);
+    tcase_add_test(tc, step_records_positions_with_what_it_applied);
+    tcase_add_test(tc, failed_step_loses_nothing);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
