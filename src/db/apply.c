@@ -150,17 +150,16 @@ static hl_status row_image(const char *tbl, const char *const *cols, size_t ncol
 {
     hl_changeset *cs = hl_changeset_new();
     uint32_t ti = 0;
-    hl_status st = cs ? HL_OK : HL_ERR_NOMEM;
+    hl_status st;
     hl_buf_reset(out);
-    if (!st) {
-        cs->origin = origin;
-        cs->seq = 1;
-        cs->wall_ms = hl_now_ms();
-        st = hl_changeset_add_table(cs, tbl, cols, ncols, pk, npk, &ti);
-    }
-    if (!st)
-        st = hl_changeset_add_row(cs, ti, vals ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nkey, vals, vals ? ncols : 0);
-    if (!st)
+    if (!cs)
+        return HL_ERR_NOMEM;
+    cs->origin = origin;
+    cs->seq = 1;
+    cs->wall_ms = hl_now_ms();
+    if (!(st = hl_changeset_add_table(cs, tbl, cols, ncols, pk, npk, &ti)) &&
+        !(st =
+              hl_changeset_add_row(cs, ti, vals ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nkey, vals, vals ? ncols : 0)))
         st = hl_changeset_encode(cs, false, out);
     hl_changeset_free(cs);
     return st;
@@ -1352,18 +1351,15 @@ hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps)
                 "node %lld: changesets %lld to %lld never arrived; gave up waiting and applied the ones held after "
                 "them (any of them that arrives later is still applied)",
                 (long long)e->node, (long long)e->a + 1, (long long)e->l - 1);
-        st = exec_ints(d,
-                       "INSERT OR REPLACE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
-                       "missing put", 5, (int64_t[]){e->node, e->epoch, e->a + 1, e->l - 1, (int64_t)hl_now_ms()});
-        if (!st)
-            st = origin_put(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
-        if (!st)
-            st = drain_held(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
-        if (!st) {
-            d->stats.order_gaps++;
-            if (gaps)
-                (*gaps)++;
-        }
+        if ((st = exec_ints(
+                 d, "INSERT OR REPLACE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
+                 "missing put", 5, (int64_t[]){e->node, e->epoch, e->a + 1, e->l - 1, (int64_t)hl_now_ms()})) ||
+            (st = origin_put(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1)) ||
+            (st = drain_held(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1)))
+            break;
+        d->stats.order_gaps++;
+        if (gaps)
+            (*gaps)++;
     }
     free(v);
     return st;

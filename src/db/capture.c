@@ -287,22 +287,20 @@ size_t hl_chain_bytes(size_t max_changeset_bytes)
 static hl_status member_flush(hl_db *d, sink *k, bool more)
 {
     hl_changeset *cs = k->cs;
-    hl_status st = member_check(d, cs);
-    if (!st)
-        st = member_clocks(d, cs);
-    if (!st && d->opt.publish) {
+    hl_status st;
+    if ((st = member_check(d, cs)) || (st = member_clocks(d, cs)))
+        return st;
+    if (d->opt.publish) {
         hl_buf payload;
         hl_buf_init(&payload, SIZE_MAX - 1);
         cs->seq = d->next_seq;
-        st = hl_changeset_encode(cs, d->opt.compress, &payload);
-        if (!st)
+        if (!(st = hl_changeset_encode(cs, d->opt.compress, &payload)))
             st = hl_db_outbox_put(d, cs->seq, member_flags(d, more), cs->nrows, payload.data, payload.len);
         hl_buf_free(&payload);
-        if (!st)
-            d->next_seq++;
+        if (st)
+            return st;
+        d->next_seq++;
     }
-    if (st)
-        return st;
     d->stats.rows_captured += cs->nrows;
     d->stats.changesets_captured++;
     k->emitted++;
@@ -686,10 +684,8 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
     for (size_t i = 0; i < d->schema.n && !st; i++) {
         hl_table *t = &d->schema.t[i];
         hl_capture_tab tab = {0};
-        st = capture_table(d, t, &k, &n, &tab);
-        if (!st)
-            st = log_delete(d, t, tab.max_seq);
-        if (!st && tab.ranged && tab.top > tab.hwm)
+        if (!(st = capture_table(d, t, &k, &n, &tab)) && !(st = log_delete(d, t, tab.max_seq)) && tab.ranged &&
+            tab.top > tab.hwm)
             st = hwm_put(d, t, tab.top);
         free(tab.seen);
     }
