@@ -1122,6 +1122,46 @@ static hl_status drain_then_check(hl_db *d, const hl_changeset *cs, uint64_t app
     return st;
 }
 
+/* hl_apply for the changeset next in line of its origin. */
+static hl_status apply_next(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                            hl_apply_result *res)
+{
+    one_result r;
+    char why[512] = "";
+    hl_status st = apply_one(d, cs, &r, why, sizeof why);
+    if (st)
+        return st;
+    switch (r) {
+    case ONE_SCHEMA:
+        hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
+                (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, true, why);
+    case ONE_AHEAD: {
+        uint64_t dropped = 0;
+        d->stats.clock_ahead++;
+        if (hl_ratelimit_allow(&d->clock_ahead_log, &dropped))
+            hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local clock catches up: %s%s",
+                    (unsigned long long)cs->seq, (unsigned long long)cs->origin, why,
+                    dropped ? " (repeats not logged)" : "");
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, false, why);
+    }
+    case ONE_MALFORMED:
+        d->stats.changesets_malformed++;
+        log_refused(cs, why);
+        *res = HL_MALFORMED;
+        break;
+    case ONE_OK:
+        d->stats.changesets_applied++;
+        *res = HL_APPLIED;
+        break;
+    }
+    if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
+        return st;
+    return drain_held(d, cs->origin, cs->epoch, cs->seq);
+}
+
 hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
                    hl_apply_result *res)
 {
@@ -1169,38 +1209,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
             return st;
         return drain_then_check(d, cs, applied, res);
     }
-    one_result r;
-    if ((st = apply_one(d, cs, &r, why, sizeof why)))
-        return st;
-    switch (r) {
-    case ONE_SCHEMA:
-        hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
-                (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, true, why);
-    case ONE_AHEAD: {
-        uint64_t dropped = 0;
-        d->stats.clock_ahead++;
-        if (hl_ratelimit_allow(&d->clock_ahead_log, &dropped))
-            hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local clock catches up: %s%s",
-                    (unsigned long long)cs->seq, (unsigned long long)cs->origin, why,
-                    dropped ? " (repeats not logged)" : "");
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, false, why);
-    }
-    case ONE_MALFORMED:
-        d->stats.changesets_malformed++;
-        log_refused(cs, why);
-        *res = HL_MALFORMED;
-        break;
-    case ONE_OK:
-        d->stats.changesets_applied++;
-        *res = HL_APPLIED;
-        break;
-    }
-    if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
-        return st;
-    return drain_held(d, cs->origin, cs->epoch, cs->seq);
+    return apply_next(d, cs, raw, rawlen, flags, res);
 }
 
 /* Retries held late arrivals (below their origin's applied sequence). */
