@@ -259,6 +259,7 @@ hl_status hl_apply_retry_held(hl_db *d);
 hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps);
 /* Forgets gaps given up on before older_than_ms (a changeset from one is then a duplicate). */
 hl_status hl_db_missing_gc(hl_db *d, uint64_t older_than_ms);
+
 /* ---- schema access for the module's tests ---- */
 
 /* The replicated table called name (case-insensitive), or NULL. */
