@@ -78,13 +78,13 @@ static double insert(const char *path, long from, long n, int batch)
 static hl_db *open_node(const char *path, uint64_t node)
 {
     hl_db *d;
-    bool changed;
     check(hl_db_open(&d, path, node, 65536) == HL_OK, "hl_db_open");
-    d->publish = true;
-    d->compress = true;
-    d->max_changeset_bytes = 256u << 20;
-    check(hl_db_begin(d) == HL_OK && hl_triggers_sync(d, true, &changed) == HL_OK && hl_db_commit(d) == HL_OK,
-          "triggers");
+    hl_db_options o = *hl_db_get_options(d);
+    o.publish = true;
+    o.compress = true;
+    o.max_changeset_bytes = 256u << 20;
+    hl_db_configure(d, &o);
+    check(hl_db_install(d, false, NULL) == HL_OK, "triggers");
     return d;
 }
 
@@ -113,52 +113,35 @@ int main(int argc, char **argv)
     hl_db *a = open_node(pa, 1), *b = open_node(pb, 2);
     double t_ins = insert(pa, 1, rows, batch);
 
-    /* capture as the engine does: read and encode under a snapshot, then
-     * record clocks, outbox and log deletion in a write transaction (the part
-     * that holds the application's write lock) */
+    /* capture as the engine does (one hl_db_step): read and encode under a
+     * snapshot, then record clocks, outbox and log deletion in a write
+     * transaction (the part that holds the application's write lock); more
+     * than a snapshot batch holds is captured as a chain, streaming inside
+     * the write transaction (all of it holds the lock) */
     double t_read = 0, t_rec = 0, t_apply = 0;
-    hl_buf raw;
-    hl_buf_init(&raw, 512u << 20);
-    hl_capture_batch cb;
-    double t0 = now();
-    check(hl_db_exec(a, "BEGIN") == HL_OK && hl_capture_collect(a, &cb) == HL_OK && hl_db_exec(a, "ROLLBACK") == HL_OK,
-          "capture read");
-    t_read = now() - t0;
-    t0 = now();
-    long captured = 0;
-    bool streamed = cb.too_big;
-    if (streamed) {
-        /* More than a snapshot read holds: the engine captures it as a chain,
-         * streaming inside the write transaction (all of it holds the lock). */
-        uint64_t n = 0;
-        check(hl_db_begin(a) == HL_OK && hl_capture(a, &n) == HL_OK && hl_db_commit(a) == HL_OK, "capture (streamed)");
-        captured = (long)n;
-    } else {
-        check(hl_db_begin(a) == HL_OK && hl_capture_record(a, &cb) == HL_OK && hl_db_commit(a) == HL_OK,
-              "capture record");
-        captured = (long)cb.rows;
-    }
-    t_rec = now() - t0;
-    hl_capture_batch_free(&cb);
+    hl_step cap = {.capture = true};
+    check(hl_db_step(a, NULL, NULL, &cap) == HL_OK, "capture");
+    t_read = (double)cap.read_us / 1e6;
+    t_rec = (double)cap.lock_us / 1e6;
+    long captured = (long)cap.rows_captured;
+    bool streamed = cap.streamed;
 
-    /* apply every outbox changeset to b, one transaction each */
-    uint64_t seq = 0, nrows;
-    while (hl_db_outbox_next(a, seq, &seq, &nrows, &raw) == HL_OK) {
+    /* apply every outbox changeset to b, one engine step each */
+    hl_outbox_entry e;
+    hl_outbox_entry_init(&e, 512u << 20);
+    while (hl_db_outbox_next(a, e.seq, &e) == HL_OK) {
         hl_changeset *cs = NULL;
         char err[256];
-        check(hl_changeset_decode(raw.data + 1, raw.len - 1, (raw.data[0] & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
+        check(hl_changeset_decode(e.payload.data, e.payload.len, (e.flags & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
                                   err, sizeof err) == HL_OK,
               "decode");
         hl_apply_result r;
-        t0 = now();
-        check(hl_db_begin(b) == HL_OK && hl_apply_begin(b) == HL_OK &&
-                  hl_apply(b, cs, raw.data + 1, raw.len - 1, raw.data[0], &r) == HL_OK && hl_apply_end(b) == HL_OK &&
-                  hl_db_commit(b) == HL_OK,
-              "apply");
+        double t0 = now();
+        check(hl_db_apply_one(b, cs, e.payload.data, e.payload.len, e.flags, &r) == HL_OK, "apply");
         t_apply += now() - t0;
         hl_changeset_free(cs);
     }
-    check(b->stats.rows_applied == (uint64_t)rows, "all rows applied");
+    check(hl_db_counters(b)->rows_applied == (uint64_t)rows, "all rows applied");
     printf("%-34s %12s\n", "step (one core, no NATS)", "rows/s");
     printf("%-34s %12.0f\n", "bare SQLite insert", rows / bare);
     printf("%-34s %12.0f\n", "insert with triggers", rows / t_ins);
@@ -169,7 +152,7 @@ int main(int argc, char **argv)
         printf("%-34s %12.0f\n", "  record (holds the write lock)", captured / t_rec);
     }
     printf("%-34s %12.0f\n", "apply (decode excluded)", rows / t_apply);
-    hl_buf_free(&raw);
+    hl_outbox_entry_free(&e);
     hl_db_close(a);
     hl_db_close(b);
     rm_db(pa);

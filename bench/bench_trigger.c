@@ -95,8 +95,7 @@ static void fresh(const char *path, bool triggers)
     sqlite3_close(db);
     if (triggers) {
         hl_db *d;
-        bool changed;
-        if (hl_db_open(&d, path, 1, 2000) || hl_db_begin(d) || hl_triggers_sync(d, true, &changed) || hl_db_commit(d)) {
+        if (hl_db_open(&d, path, 1, 2000) || hl_db_install(d, false, NULL)) {
             fprintf(stderr, "bench_trigger: cannot install triggers\n");
             exit(1);
         }

@@ -49,6 +49,7 @@ typedef struct engine {
     char **streams;
     uint64_t *applied_seq; /* per shard: recorded in the database */
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
+    hl_positions pos;      /* the two above and the stream names, for hl_db_step */
     hl_watch *watch;
     hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC */
     int t_held;       /* its held-changesets timer */
@@ -77,11 +78,12 @@ typedef struct engine {
 static void schema_to_state(engine *e)
 {
     hl_db *d = e->d;
+    const unsigned char *prev = hl_db_prev_schema_hash(d);
     free(e->snap.schema_json);
-    e->snap.schema_json = hl_schema_json(&d->schema);
-    hl_hex(d->schema.hash, 32, e->snap.schema_hash);
-    if (d->have_prev_hash)
-        hl_hex(d->prev_hash, 32, e->snap.prev_schema_hash);
+    e->snap.schema_json = hl_db_schema_json(d);
+    hl_hex(hl_db_schema_hash(d), 32, e->snap.schema_hash);
+    if (prev)
+        hl_hex(prev, 32, e->snap.prev_schema_hash);
     e->snap.triggers_installed = true;
 }
 
@@ -156,12 +158,8 @@ static void gc_tick(void *arg)
 {
     engine *e = arg;
     uint64_t n = 0, older = hl_now_ms() - (uint64_t)e->c->tombstone_retention_s * 1000u;
-    if (hl_db_begin(e->d))
-        return;
-    if (!hl_db_gc_tombstones(e->d, older, &n) && !hl_db_missing_gc(e->d, older) && !hl_db_commit(e->d))
+    if (hl_db_gc(e->d, older, &n) == HL_OK)
         hl_debugf("collected %" PRIu64 " tombstones", n);
-    else
-        hl_db_rollback(e->d);
 }
 
 /* Copies counters and readiness inputs into the snapshot and publishes it. */
@@ -171,20 +169,21 @@ static void publish_state(engine *e)
     hl_db *d = e->d;
     s->engine_beat_ms = hl_mono_ms();
     if (d) {
-        s->rows_captured = d->stats.rows_captured;
-        s->changesets_captured = d->stats.changesets_captured;
-        s->rows_applied = d->stats.rows_applied;
-        s->rows_skipped_lww = d->stats.rows_skipped_lww;
-        s->conflicts = d->stats.conflicts;
-        s->changesets_applied = d->stats.changesets_applied;
-        s->changesets_duplicate = d->stats.changesets_duplicate;
-        s->changesets_malformed = d->stats.changesets_malformed;
-        s->changesets_held = d->stats.changesets_held;
-        s->changesets_late = d->stats.changesets_late;
-        s->chains_applied = d->stats.chains_applied;
-        s->order_gaps = d->stats.order_gaps;
-        s->table_resyncs = d->stats.table_resyncs;
-        s->clock_ahead = d->stats.clock_ahead;
+        const hl_db_stats *st = hl_db_counters(d);
+        s->rows_captured = st->rows_captured;
+        s->changesets_captured = st->changesets_captured;
+        s->rows_applied = st->rows_applied;
+        s->rows_skipped_lww = st->rows_skipped_lww;
+        s->conflicts = st->conflicts;
+        s->changesets_applied = st->changesets_applied;
+        s->changesets_duplicate = st->changesets_duplicate;
+        s->changesets_malformed = st->changesets_malformed;
+        s->changesets_held = st->changesets_held;
+        s->changesets_late = st->changesets_late;
+        s->chains_applied = st->chains_applied;
+        s->order_gaps = st->order_gaps;
+        s->table_resyncs = st->table_resyncs;
+        s->clock_ahead = st->clock_ahead;
     }
     s->engine_failures = e->failures;
     s->engine_stalled = e->fail_since && hl_mono_ms() - e->fail_since >= (uint64_t)e->c->stall_timeout_s * 1000u;
@@ -227,106 +226,36 @@ static void publish_state(engine *e)
 }
 
 /*
- * One engine cycle. When local is set, what the application logged is read
- * and encoded first, under a WAL snapshot and without the write lock, so the
- * application keeps writing meanwhile (hl_capture_collect). Then one write
- * transaction: the schema check, the recording of that batch, the capture of
- * whatever was logged since the snapshot (usually little), and only then
- * (capture before apply) the remote changesets in items and the stream
- * positions. The write lock is held for the short part only, which matters
- * because an application that finds the database locked sleeps for
- * milliseconds in SQLite's default busy handler. On failure nothing is lost:
- * the transaction rolls back and the items go back to the queue.
+ * One engine cycle: hl_db_step captures (when local is set), applies items
+ * after it and records the positions, in the order db/step.c keeps; this
+ * keeps the engine's own bookkeeping (held-changeset flags, the timer that
+ * shows their result, /readyz's lag and schema). On failure nothing is lost:
+ * the transaction rolled back and the caller puts the items back.
  */
 static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_positions)
 {
-    hl_db *d = e->d;
-    hl_capture_batch pre = {0};
-    hl_status st;
-    bool changed = false, schema_moved = false;
-    uint64_t rows = 0;
-    int64_t pre_version = d->schema_version;
-    if (local) {
-        if ((st = hl_db_exec(d, "BEGIN")))
-            return st;
-        schema_moved = hl_db_schema_version(d) != d->schema_version;
-        if (!schema_moved)
-            st = hl_capture_collect(d, &pre);
-        hl_db_exec(d, "ROLLBACK"); /* a read transaction: nothing to keep */
-        if (st)
-            goto out;
-    }
-    if (!items && !e->retry_held && !e->expire_held && !flush_positions && !schema_moved && pre.rows == 0 &&
-        !pre.too_big)
-        goto out; /* nothing to write */
-    if ((st = hl_db_begin(d)))
-        goto out;
-    if ((st = hl_triggers_sync(d, false, &changed)))
-        goto fail;
-    if (changed) {
-        char hex[65];
-        hl_hex(d->schema.hash, 32, hex);
-        hl_logf(HL_LOG_INFO, "schema changed: %zu replicated tables, schema hash %s", d->schema.n, hex);
-        e->retry_held = true;
-    }
-    if (d->schema_version != pre_version)
-        hl_capture_batch_free(&pre); /* read under another schema: its rows are still logged, captured below */
-    if (pre.rows && (st = hl_capture_record(d, &pre)))
-        goto fail;
-    if ((st = hl_capture(d, &rows)))
-        goto fail;
-    rows += pre.rows;
-    if (items || e->retry_held || e->expire_held) {
-        if ((st = hl_apply_begin(d)))
-            goto fail;
-        if (e->retry_held && (st = hl_apply_retry_held(d)))
-            goto fail;
-        if (e->expire_held &&
-            (st = hl_apply_expire_held(d, hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u, NULL)))
-            goto fail;
-        for (hl_inbound *it = items; it; it = it->next) {
-            if (it->cs) {
-                hl_apply_result r;
-                if ((st = hl_apply(d, it->cs, it->raw, it->rawlen, it->flags, &r)))
-                    goto fail;
-                it->applied = r == HL_APPLIED;
-            }
-            if (it->safe_seq > e->seen_seq[it->shard])
-                e->seen_seq[it->shard] = it->safe_seq;
-        }
-        if ((st = hl_apply_end(d)))
-            goto fail;
-    }
-    for (int s = 0; s < e->c->replication_log.shards; s++)
-        if (e->seen_seq[s] != e->applied_seq[s] && (st = hl_db_stream_seq_put(d, e->streams[s], e->seen_seq[s])))
-            goto fail;
-    if ((st = hl_db_commit(d)))
-        goto undo;
-    e->retry_held = false;
+    hl_step s = {
+        .capture = local,
+        .retry_held = e->retry_held,
+        .expire_before_ms = e->expire_held ? hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u : 0,
+        .flush_positions = flush_positions,
+    };
+    hl_status st = hl_db_step(e->d, items, &e->pos, &s);
+    e->retry_held = s.retry_held;
+    if (st || !s.committed)
+        return st;
     if (e->expire_held) {
         e->expire_held = false;
         hl_timers_due_now(&e->timers, e->t_held); /* show the result at once */
     }
-    for (int s = 0; s < e->c->replication_log.shards; s++)
-        e->applied_seq[s] = e->seen_seq[s];
     uint64_t now = hl_now_ms();
     for (hl_inbound *it = items; it; it = it->next)
         if (it->applied)
             hl_state_observe_lag(&e->snap, now > it->cs->wall_ms ? (double)(now - it->cs->wall_ms) / 1000.0 : 0.0);
-    if (changed)
+    if (s.schema_changed)
         schema_to_state(e);
     e->flush_due = false;
-    if (rows)
-        hl_debugf("captured %" PRIu64 " rows", rows);
-    goto out;
-fail:
-    hl_db_rollback(d);
-undo:
-    for (int s = 0; s < e->c->replication_log.shards; s++)
-        e->seen_seq[s] = e->applied_seq[s];
-out:
-    hl_capture_batch_free(&pre);
-    return st;
+    return HL_OK;
 }
 
 /*
@@ -340,8 +269,8 @@ static void cycle_failed(engine *e, hl_status st, bool captured)
     e->failures++;
     if (!e->fail_since)
         e->fail_since = hl_mono_ms();
-    snprintf(e->fail_reason, sizeof e->fail_reason, "%s%s%s", hl_status_str(st), e->d->last_error[0] ? ": " : "",
-             e->d->last_error);
+    const char *why = hl_db_last_error(e->d);
+    snprintf(e->fail_reason, sizeof e->fail_reason, "%s%s%s", hl_status_str(st), why[0] ? ": " : "", why);
     if (captured)
         e->recapture = true; /* the change logs still hold it; no new wake-up may come */
     if (hl_ratelimit_allow(&e->fail_log, &dropped))
@@ -357,7 +286,7 @@ static void cycle_succeeded(engine *e)
         e->fail_since = 0;
     }
     e->recapture = false;
-    e->d->last_error[0] = 0;
+    hl_db_clear_error(e->d);
 }
 
 /* Items that carry nothing to apply only move the stream position; it is
@@ -445,7 +374,7 @@ static hl_status go_online(engine *e)
         hl_publisher_attach(e->pub, e->n);
     if (c->replicate)
         for (int s = 0; s < c->replication_log.shards; s++)
-            if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, e->d->epoch))
+            if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, hl_db_epoch(e->d)))
                 return HL_ERR_IO;
     e->online = true;
     hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
@@ -486,6 +415,7 @@ static hl_status open_streams(engine *e)
     e->setup_last = calloc((size_t)shards, sizeof *e->setup_last);
     if (!e->streams || !e->applied_seq || !e->seen_seq || !e->fetchers || !e->setup_first || !e->setup_last)
         return HL_ERR_NOMEM;
+    e->pos = (hl_positions){.n = shards, .streams = e->streams, .applied = e->applied_seq, .seen = e->seen_seq};
     for (int s = 0; s < shards; s++) {
         e->streams[s] = malloc(256);
         if (!e->streams[s])
@@ -508,39 +438,33 @@ static hl_status open_database(engine *e)
     if ((st = hl_db_open(&e->d, c->db_path, c->node_id, c->cache_size_kib)))
         return st;
     e->snap.db_open = true;
-    e->d->publish = c->publish;
-    e->d->compress = c->replication_log.compress;
-    e->d->max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes;
-    e->d->max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u;
-    if (hl_hlc_ahead(e->d->last_hlc, hl_now_ms(), e->d->max_clock_drift_ms))
+    hl_db_options o = {
+        .publish = c->publish,
+        .compress = c->replication_log.compress,
+        .max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes,
+        .max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u,
+    };
+    hl_db_configure(e->d, &o);
+    uint64_t last_hlc = hl_db_last_hlc(e->d);
+    if (hl_hlc_ahead(last_hlc, hl_now_ms(), o.max_clock_drift_ms))
         hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
                  "are held by the other nodes until the wall clock catches up",
-                 (unsigned long long)(HL_HLC_MS(e->d->last_hlc) - hl_now_ms()));
+                 (unsigned long long)(HL_HLC_MS(last_hlc) - hl_now_ms()));
     e->retry_held = true; /* changesets held for their clock become due while we were away */
     for (int s = 0; s < c->replication_log.shards; s++) {
         if ((st = hl_db_stream_seq_get(e->d, e->streams[s], &e->applied_seq[s])))
             return st;
         e->seen_seq[s] = e->applied_seq[s];
     }
-    bool changed;
     uint64_t rows = 0;
-    st = hl_db_begin(e->d);
-    if (!st)
-        st = hl_triggers_sync(e->d, true, &changed);
-    if (!st)
-        st = hl_capture(e->d, &rows);
-    if (!st)
-        st = hl_db_commit(e->d);
-    else
-        hl_db_rollback(e->d);
-    if (st) {
+    if ((st = hl_db_install(e->d, true, &rows))) {
         hl_errorf("cannot install triggers: %s", hl_status_str(st));
         return st;
     }
     char hex[65];
-    hl_hex(e->d->schema.hash, 32, hex);
+    hl_hex(hl_db_schema_hash(e->d), 32, hex);
     hl_logf(HL_LOG_INFO, "watching %zu tables in %s (schema hash %s); %" PRIu64 " pending changes captured",
-            e->d->schema.n, c->db_path, hex, rows);
+            hl_db_table_count(e->d), c->db_path, hex, rows);
     schema_to_state(e);
     publish_state(e);
     return hl_watch_open(&e->watch, c->db_path, c->polling_interval_ms);
@@ -571,7 +495,8 @@ static void turn(engine *e, bool *want_capture)
     for (int s = 0; s < e->c->replication_log.shards; s++)
         pos_pending |= e->seen_seq[s] != e->applied_seq[s];
     bool flush_positions = pos_pending && e->flush_due;
-    if (e->d->ahead_due_ms && hl_now_ms() >= e->d->ahead_due_ms)
+    uint64_t ahead_due = hl_db_ahead_due_ms(e->d);
+    if (ahead_due && hl_now_ms() >= ahead_due)
         e->retry_held = true; /* a changeset held for its clock is no longer ahead */
     if (external || e->retry_held || e->expire_held || items || flush_positions) {
         hl_status st = cycle(e, items, external, flush_positions);

@@ -86,13 +86,8 @@ static int run_drop_held(const hl_config *c, uint64_t origin)
     hl_db *d = NULL;
     uint64_t dropped = 0;
     hl_status st = hl_db_open(&d, c->db_path, c->node_id, 0);
-    if (!st && !(st = hl_db_begin(d))) {
+    if (!st)
         st = hl_db_drop_held(d, origin, &dropped);
-        if (!st)
-            st = hl_db_commit(d);
-        else
-            hl_db_rollback(d);
-    }
     hl_db_close(d);
     if (st) {
         fprintf(stderr, "harmonylite: -drop-held %llu: %s\n", (unsigned long long)origin, hl_status_str(st));

@@ -14,7 +14,7 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 typedef enum { ONE_OK, ONE_SCHEMA, ONE_MALFORMED, ONE_AHEAD } one_result;
 
@@ -150,17 +150,16 @@ static hl_status row_image(const char *tbl, const char *const *cols, size_t ncol
 {
     hl_changeset *cs = hl_changeset_new();
     uint32_t ti = 0;
-    hl_status st = cs ? HL_OK : HL_ERR_NOMEM;
+    hl_status st;
     hl_buf_reset(out);
-    if (!st) {
-        cs->origin = origin;
-        cs->seq = 1;
-        cs->wall_ms = hl_now_ms();
-        st = hl_changeset_add_table(cs, tbl, cols, ncols, pk, npk, &ti);
-    }
-    if (!st)
-        st = hl_changeset_add_row(cs, ti, vals ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nkey, vals, vals ? ncols : 0);
-    if (!st)
+    if (!cs)
+        return HL_ERR_NOMEM;
+    cs->origin = origin;
+    cs->seq = 1;
+    cs->wall_ms = hl_now_ms();
+    if (!(st = hl_changeset_add_table(cs, tbl, cols, ncols, pk, npk, &ti)) &&
+        !(st =
+              hl_changeset_add_row(cs, ti, vals ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nkey, vals, vals ? ncols : 0)))
         st = hl_changeset_encode(cs, false, out);
     hl_changeset_free(cs);
     return st;
@@ -194,17 +193,100 @@ typedef struct tmap {
     int *col; /* remote column i -> local column index */
 } tmap;
 
+/* Appends the UPSERT of a keyed table's row from the remote columns m. UPSERT,
+ * not REPLACE: REPLACE deletes the old row first, which fires ON DELETE
+ * actions on child rows and removes rows that clash on other unique
+ * constraints behind the application's back. */
+static hl_status upsert_sql(hl_buf *q, const tmap *m, size_t nrc)
+{
+    const hl_table *t = m->t;
+    hl_buf_adds(q, "INSERT INTO ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, "(");
+    for (size_t i = 0; i < nrc; i++) {
+        if (i)
+            hl_buf_adds(q, ", ");
+        hl_buf_add_ident(q, t->cols[m->col[i]]);
+    }
+    hl_buf_adds(q, ") VALUES (");
+    for (size_t i = 0; i < nrc; i++)
+        hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
+    hl_buf_adds(q, ") ON CONFLICT (");
+    for (size_t i = 0; i < t->npk; i++) {
+        if (i)
+            hl_buf_adds(q, ", ");
+        hl_buf_add_ident(q, t->cols[t->pk[i]]);
+    }
+    hl_buf_adds(q, ") DO ");
+    bool any = false;
+    for (size_t i = 0; i < nrc; i++) {
+        if (t->pkpos[m->col[i]] > 0)
+            continue;
+        hl_buf_adds(q, any ? ", " : "UPDATE SET ");
+        hl_buf_add_ident(q, t->cols[m->col[i]]);
+        hl_buf_adds(q, " = excluded.");
+        hl_buf_add_ident(q, t->cols[m->col[i]]);
+        any = true;
+    }
+    if (!any)
+        hl_buf_adds(q, "NOTHING");
+    return hl_buf_status(q);
+}
+
+/* Rowid tables have no conflict target: an UPDATE by rowid (?nrc+1) ... */
+static hl_status rowid_update_sql(hl_buf *q, const tmap *m, size_t nrc)
+{
+    const hl_table *t = m->t;
+    hl_buf_adds(q, "UPDATE ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, " SET ");
+    for (size_t i = 0; i < nrc; i++) {
+        if (i)
+            hl_buf_adds(q, ", ");
+        hl_buf_add_ident(q, t->cols[m->col[i]]);
+        hl_buf_addf(q, " = ?%zu", i + 1);
+    }
+    if (nrc == 0)
+        hl_buf_addf(q, "%s = %s", t->rowid, t->rowid);
+    return hl_buf_addf(q, " WHERE %s = ?%zu", t->rowid, nrc + 1);
+}
+
+/* ... and the INSERT for when no row changed. */
+static hl_status rowid_insert_sql(hl_buf *q, const tmap *m, size_t nrc)
+{
+    const hl_table *t = m->t;
+    hl_buf_adds(q, "INSERT INTO ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_addf(q, "(%s", t->rowid);
+    for (size_t i = 0; i < nrc; i++) {
+        hl_buf_adds(q, ", ");
+        hl_buf_add_ident(q, t->cols[m->col[i]]);
+    }
+    hl_buf_addf(q, ") VALUES (?%zu", nrc + 1);
+    for (size_t i = 0; i < nrc; i++)
+        hl_buf_addf(q, ", ?%zu", i + 1);
+    return hl_buf_adds(q, ")");
+}
+
+/* Prepares the statement built in q into *st and empties q. */
+static hl_status prepare_built(hl_db *d, hl_buf *q, sqlite3_stmt **st)
+{
+    hl_status res = hl_stmt_prepare(d, st, q);
+    hl_buf_reset(q);
+    return res;
+}
+
 /* Builds (or reuses) t->st_write / t->st_insert for the remote column mapping m. */
 static hl_status prepare_write(hl_db *d, tmap *m, size_t nrc)
 {
     hl_table *t = m->t;
     hl_buf sig, q;
-    hl_status st = HL_OK;
+    hl_status st;
     hl_buf_init(&sig, 1u << 20);
     hl_buf_init(&q, 64u << 20);
-    for (size_t i = 0; i < nrc && !st; i++)
-        st = hl_buf_addf(&sig, "%d,", m->col[i]);
-    if (st)
+    for (size_t i = 0; i < nrc; i++)
+        hl_buf_addf(&sig, "%d,", m->col[i]);
+    if ((st = hl_buf_status(&sig)))
         goto out;
     if (t->write_sig && strcmp(t->write_sig, hl_buf_str(&sig)) == 0 && t->st_write && t->st_row_del)
         goto out;
@@ -213,116 +295,22 @@ static hl_status prepare_write(hl_db *d, tmap *m, size_t nrc)
     t->st_write = t->st_insert = NULL;
     free(t->write_sig);
     t->write_sig = NULL;
-
     if (t->npk) {
-        /* UPSERT, not REPLACE: REPLACE deletes the old row first, which fires
-         * ON DELETE actions on child rows and removes rows that clash on other
-         * unique constraints behind the application's back. */
-        st = hl_buf_adds(&q, "INSERT INTO ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, "(");
-        for (size_t i = 0; i < nrc && !st; i++) {
-            if (i)
-                st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
-        }
-        if (!st)
-            st = hl_buf_adds(&q, ") VALUES (");
-        for (size_t i = 0; i < nrc && !st; i++)
-            st = hl_buf_addf(&q, "%s?%zu", i ? ", " : "", i + 1);
-        if (!st)
-            st = hl_buf_adds(&q, ") ON CONFLICT (");
-        for (size_t i = 0; i < t->npk && !st; i++) {
-            if (i)
-                st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[t->pk[i]]);
-        }
-        if (!st)
-            st = hl_buf_adds(&q, ") DO ");
-        bool any = false;
-        for (size_t i = 0; i < nrc && !st; i++) {
-            if (t->pkpos[m->col[i]] > 0)
-                continue;
-            st = hl_buf_adds(&q, any ? ", " : "UPDATE SET ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
-            if (!st)
-                st = hl_buf_adds(&q, " = excluded.");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
-            any = true;
-        }
-        if (!st && !any)
-            st = hl_buf_adds(&q, "NOTHING");
+        upsert_sql(&q, m, nrc);
+        st = prepare_built(d, &q, &t->st_write);
     } else {
-        /* Rowid tables have no conflict target: update, and insert when no row changed. */
-        st = hl_buf_adds(&q, "UPDATE ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " SET ");
-        for (size_t i = 0; i < nrc && !st; i++) {
-            if (i)
-                st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
-            if (!st)
-                st = hl_buf_addf(&q, " = ?%zu", i + 1);
+        rowid_update_sql(&q, m, nrc);
+        if (!(st = prepare_built(d, &q, &t->st_write))) {
+            rowid_insert_sql(&q, m, nrc);
+            st = prepare_built(d, &q, &t->st_insert);
         }
-        if (!st && nrc == 0)
-            st = hl_buf_addf(&q, "%s = %s", t->rowid, t->rowid);
-        if (!st)
-            st = hl_buf_addf(&q, " WHERE %s = ?%zu", t->rowid, nrc + 1);
-        if (!st) {
-            int rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, &t->st_write, NULL);
-            if (rc != SQLITE_OK)
-                st = hl_db_err(d, rc, hl_buf_str(&q));
-        }
-        hl_buf_reset(&q);
-        if (!st)
-            st = hl_buf_adds(&q, "INSERT INTO ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_addf(&q, "(%s", t->rowid);
-        for (size_t i = 0; i < nrc && !st; i++) {
-            st = hl_buf_adds(&q, ", ");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[m->col[i]]);
-        }
-        if (!st)
-            st = hl_buf_addf(&q, ") VALUES (?%zu", nrc + 1);
-        for (size_t i = 0; i < nrc && !st; i++)
-            st = hl_buf_addf(&q, ", ?%zu", i + 1);
-        if (!st)
-            st = hl_buf_adds(&q, ")");
     }
-    if (st)
-        goto out;
-    sqlite3_stmt **target = t->npk ? &t->st_write : &t->st_insert;
-    int rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, target, NULL);
-    if (rc != SQLITE_OK) {
-        st = hl_db_err(d, rc, hl_buf_str(&q));
-        goto out;
-    }
-    if (!t->st_row_del) {
-        hl_buf_reset(&q);
-        st = hl_buf_adds(&q, "DELETE FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " WHERE ");
-        if (!st)
-            st = hl_add_key_where(&q, t, 1);
-        if (!st) {
-            rc = sqlite3_prepare_v3(d->db, hl_buf_str(&q), -1, SQLITE_PREPARE_PERSISTENT, &t->st_row_del, NULL);
-            if (rc != SQLITE_OK)
-                st = hl_db_err(d, rc, hl_buf_str(&q));
-        }
+    if (!st && !t->st_row_del) {
+        hl_buf_adds(&q, "DELETE FROM ");
+        hl_buf_add_ident(&q, t->name);
+        hl_buf_adds(&q, " WHERE ");
+        hl_add_key_where(&q, t, 1);
+        st = prepare_built(d, &q, &t->st_row_del);
     }
     if (!st)
         t->write_sig = (char *)hl_buf_steal(&sig, NULL);
@@ -388,10 +376,82 @@ static hl_status write_row(hl_db *d, const hl_cs_row *r, tmap *m, size_t nrc, ch
 /* Appends "x.<key column i>" (the rowid for a table keyed by it). */
 static hl_status add_key_col(hl_buf *q, const hl_table *t, size_t i)
 {
-    hl_status st = hl_buf_adds(q, "x.");
-    if (!st)
-        st = t->npk ? hl_buf_add_ident(q, t->cols[t->pk[i]]) : hl_buf_adds(q, t->rowid);
-    return st;
+    hl_buf_adds(q, "x.");
+    return t->npk ? hl_buf_add_ident(q, t->cols[t->pk[i]]) : hl_buf_adds(q, t->rowid);
+}
+
+/* "SELECT <key>, <version>, <columns> FROM t AS x LEFT JOIN <clock> AS c ON
+ * <key> WHERE ": the start of a clash query. */
+static hl_status clash_select_sql(hl_buf *q, const hl_table *t)
+{
+    size_t nk = t->npk ? t->npk : 1;
+    hl_buf_adds(q, "SELECT ");
+    for (size_t i = 0; i < nk; i++) {
+        add_key_col(q, t, i);
+        hl_buf_adds(q, ", ");
+    }
+    hl_buf_adds(q, "coalesce(c.hlc, 0), coalesce(c.node, 0)");
+    for (size_t i = 0; i < t->ncols; i++) {
+        hl_buf_adds(q, ", x.");
+        hl_buf_add_ident(q, t->cols[i]);
+    }
+    hl_buf_adds(q, " FROM ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, " AS x LEFT JOIN ");
+    hl_buf_add_ident(q, t->clock);
+    hl_buf_adds(q, " AS c ON ");
+    for (size_t i = 0; i < nk; i++) {
+        hl_buf_addf(q, "%sc.k%zu = ", i ? " AND " : "", i);
+        add_key_col(q, t, i);
+    }
+    return hl_buf_adds(q, " WHERE ");
+}
+
+#define CLASH_MAX_COLS 64 /* index columns a clash query matches; a wider index is not matched */
+
+/*
+ * Appends "x.<col> = ?n COLLATE <coll> AND ..." for the columns of UNIQUE
+ * index idx, with r's value of each in vals. *nv stays 0 when no row can clash
+ * there (a NULL value) or the index cannot be matched column by column (an
+ * expression, or a column r does not carry).
+ */
+static hl_status clash_index_sql(hl_db *d, hl_buf *q, const tmap *m, size_t nrc, const hl_cs_row *r, const char *idx,
+                                 const hl_value **vals, size_t *nv)
+{
+    sqlite3_stmt *xi = NULL;
+    size_t n = 0;
+    bool usable = true;
+    *nv = 0;
+    int rc = sqlite3_prepare_v2(d->db, "SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key ORDER BY seqno",
+                                -1, &xi, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "index columns");
+    sqlite3_bind_text(xi, 1, idx, -1, SQLITE_STATIC);
+    while (usable && (rc = sqlite3_step(xi)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(xi, 1);
+        const char *coll = (const char *)sqlite3_column_text(xi, 2);
+        int lc = sqlite3_column_int(xi, 0) >= 0 && name ? hl_table_col(m->t, name) : -1;
+        const hl_value *v = NULL;
+        for (size_t i = 0; lc >= 0 && i < nrc && !v; i++)
+            if (m->col[i] == lc)
+                v = &r->vals[i];
+        /* Not matchable, or NULL, which never clashes. */
+        if (!v || n == CLASH_MAX_COLS || v->type == HL_VAL_NULL) {
+            usable = false;
+            break;
+        }
+        vals[n++] = v;
+        hl_buf_adds(q, n > 1 ? " AND x." : "x.");
+        hl_buf_add_ident(q, name);
+        hl_buf_addf(q, " = ?%zu COLLATE ", n);
+        hl_buf_add_ident(q, coll ? coll : "BINARY");
+    }
+    sqlite3_finalize(xi);
+    if (usable && rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "index columns");
+    if (usable)
+        *nv = n;
+    return hl_buf_status(q);
 }
 
 /*
@@ -405,86 +465,26 @@ static hl_status clash_query(hl_db *d, const tmap *m, size_t nrc, const hl_cs_ro
 {
     const hl_table *t = m->t;
     size_t nk = t->npk ? t->npk : 1;
-    sqlite3_stmt *xi = NULL, *q = NULL;
-    const hl_value *vals[64];
+    const hl_value *vals[CLASH_MAX_COLS];
     size_t nv = 0;
+    sqlite3_stmt *q = NULL;
     hl_buf sql;
-    hl_status st = HL_OK;
     *out = NULL;
     hl_buf_init(&sql, 1u << 20);
-    int rc = sqlite3_prepare_v2(d->db, "SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key ORDER BY seqno",
-                                -1, &xi, NULL);
-    if (rc != SQLITE_OK) {
-        st = hl_db_err(d, rc, "index columns");
+    clash_select_sql(&sql, t);
+    hl_status st = clash_index_sql(d, &sql, m, nrc, r, idx, vals, &nv);
+    if (st || !nv)
         goto out;
-    }
-    sqlite3_bind_text(xi, 1, idx, -1, SQLITE_STATIC);
-    st = hl_buf_adds(&sql, "SELECT ");
-    for (size_t i = 0; i < nk && !st; i++) {
-        if (!(st = add_key_col(&sql, t, i)))
-            st = hl_buf_adds(&sql, ", ");
-    }
-    if (!st)
-        st = hl_buf_adds(&sql, "coalesce(c.hlc, 0), coalesce(c.node, 0)");
-    for (size_t i = 0; i < t->ncols && !st; i++) {
-        if (!(st = hl_buf_adds(&sql, ", x.")))
-            st = hl_buf_add_ident(&sql, t->cols[i]);
-    }
-    if (!st)
-        st = hl_buf_adds(&sql, " FROM ");
-    if (!st)
-        st = hl_buf_add_ident(&sql, t->name);
-    if (!st)
-        st = hl_buf_adds(&sql, " AS x LEFT JOIN ");
-    if (!st)
-        st = hl_buf_add_ident(&sql, t->clock);
-    if (!st)
-        st = hl_buf_adds(&sql, " AS c ON ");
-    for (size_t i = 0; i < nk && !st; i++) {
-        if (!(st = hl_buf_addf(&sql, "%sc.k%zu = ", i ? " AND " : "", i)))
-            st = add_key_col(&sql, t, i);
-    }
-    if (!st)
-        st = hl_buf_adds(&sql, " WHERE ");
-    while (!st && (rc = sqlite3_step(xi)) == SQLITE_ROW) {
-        const char *name = (const char *)sqlite3_column_text(xi, 1);
-        const char *coll = (const char *)sqlite3_column_text(xi, 2);
-        int lc = sqlite3_column_int(xi, 0) >= 0 && name ? hl_table_col(t, name) : -1;
-        const hl_value *v = NULL;
-        for (size_t i = 0; lc >= 0 && i < nrc && !v; i++)
-            if (m->col[i] == lc)
-                v = &r->vals[i];
-        if (!v || nv == sizeof vals / sizeof vals[0])
-            goto out; /* cannot match this index */
-        if (v->type == HL_VAL_NULL)
-            goto out; /* NULLs never clash */
-        vals[nv++] = v;
-        if (!(st = hl_buf_adds(&sql, nv > 1 ? " AND x." : "x.")) && !(st = hl_buf_add_ident(&sql, name)) &&
-            !(st = hl_buf_addf(&sql, " = ?%zu COLLATE ", nv)))
-            st = hl_buf_add_ident(&sql, coll ? coll : "BINARY");
-    }
-    if (st)
-        goto out;
-    if (rc != SQLITE_DONE) {
-        st = hl_db_err(d, rc, "index columns");
-        goto out;
-    }
-    if (!nv)
-        goto out;
-    st = hl_buf_adds(&sql, " AND NOT (");
-    for (size_t i = 0; i < nk && !st; i++) {
+    hl_buf_adds(&sql, " AND NOT (");
+    for (size_t i = 0; i < nk; i++) {
         if (i)
-            st = hl_buf_adds(&sql, " AND ");
-        if (!st)
-            st = add_key_col(&sql, t, i);
-        if (!st)
-            st = hl_buf_addf(&sql, " = ?%zu", nv + i + 1);
+            hl_buf_adds(&sql, " AND ");
+        add_key_col(&sql, t, i);
+        hl_buf_addf(&sql, " = ?%zu", nv + i + 1);
     }
-    if (!st)
-        st = hl_buf_adds(&sql, ")");
-    if (st)
+    if ((st = hl_buf_adds(&sql, ")")))
         goto out;
-    rc = sqlite3_prepare_v2(d->db, hl_buf_str(&sql), -1, &q, NULL);
+    int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&sql), -1, &q, NULL);
     if (rc != SQLITE_OK) {
         st = hl_db_err(d, rc, hl_buf_str(&sql));
         goto out;
@@ -495,8 +495,89 @@ static hl_status clash_query(hl_db *d, const tmap *m, size_t nrc, const hl_cs_ro
         hl_bind_value(q, (int)(nv + i + 1), &r->key[i]);
     *out = q;
 out:
-    sqlite3_finalize(xi);
     hl_buf_free(&sql);
+    return st;
+}
+
+/* The names of t's UNIQUE indexes other than the key and not partial (at most
+ * max of them), sqlite3_malloc'd; *n receives how many. */
+static hl_status unique_indexes(hl_db *d, const hl_table *t, char **idx, size_t max, size_t *n)
+{
+    sqlite3_stmt *li = NULL;
+    hl_status st = HL_OK;
+    *n = 0;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' AND "
+                                "NOT partial ORDER BY name",
+                                -1, &li, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "index list");
+    sqlite3_bind_text(li, 1, t->name, -1, SQLITE_STATIC);
+    while (*n < max && (rc = sqlite3_step(li)) == SQLITE_ROW) {
+        if (!(idx[*n] = sqlite3_mprintf("%s", (const char *)sqlite3_column_text(li, 0)))) {
+            st = HL_ERR_NOMEM;
+            break;
+        }
+        (*n)++;
+    }
+    sqlite3_finalize(li);
+    return st;
+}
+
+/*
+ * Removes the local row q points at (a row of t that lost a clash on UNIQUE
+ * index idx to origin's row) and records it, with its version (hlc, node), in
+ * the conflicts table. Finalizes q. pk is scratch space for the encoded key.
+ */
+static hl_status remove_clashing(hl_db *d, hl_table *t, sqlite3_stmt *q, const char *idx, uint64_t origin, uint64_t hlc,
+                                 uint64_t node, hl_buf *pk)
+{
+    size_t nk = t->npk ? t->npk : 1;
+    sqlite3_value *kv[HL_CS_MAX_KEY];
+    size_t nkv = 0;
+    hl_value key[HL_CS_MAX_KEY];
+    /* Copy the key out before the row goes away ... */
+    hl_buf_reset(pk);
+    for (size_t i = 0; i < nk; i++)
+        hl_value_from_column(q, (int)i, &key[i]);
+    hl_status st = hl_key_encode(key, nk, pk);
+    /* ... and the row: it is removed here, and kept in the conflicts table. */
+    hl_buf image;
+    hl_buf_init(&image, 1u << 30);
+    hl_value *vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
+    const char *pkn[HL_CS_MAX_KEY];
+    for (size_t i = 0; i < t->npk; i++)
+        pkn[i] = t->cols[t->pk[i]];
+    if (!st && !vals)
+        st = HL_ERR_NOMEM;
+    for (size_t i = 0; !st && i < t->ncols; i++)
+        hl_value_from_column(q, (int)(nk + 2 + i), &vals[i]);
+    if (!st &&
+        row_image(t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, key, nk, vals, node, hlc, &image))
+        hl_buf_reset(&image);
+    free(vals);
+    for (size_t i = 0; i < nk && !st; i++, nkv++)
+        if (!(kv[i] = sqlite3_value_dup(sqlite3_column_value(q, (int)i))))
+            st = HL_ERR_NOMEM;
+    sqlite3_finalize(q);
+    for (size_t i = 0; i < nkv && !st; i++)
+        sqlite3_bind_value(t->st_row_del, (int)i + 1, kv[i]);
+    int rc;
+    if (!st && (rc = sqlite3_step(t->st_row_del)) != SQLITE_DONE)
+        st = hl_db_err(d, rc, "remove clashing row");
+    sqlite3_reset(t->st_row_del);
+    sqlite3_clear_bindings(t->st_row_del);
+    for (size_t i = 0; i < nkv; i++)
+        sqlite3_value_free(kv[i]);
+    if (!st) {
+        char why[512];
+        snprintf(why, sizeof why,
+                 "removed: lost a clash on UNIQUE index \"%s\" to the row from node %llu with a later version", idx,
+                 (unsigned long long)origin);
+        hl_logf(HL_LOG_WARN, "conflict: row from node %llu in table \"%s\" %s", (unsigned long long)node, t->name, why);
+        st = conflict_put(d, node, t->name, pk, hlc, why, &image);
+    }
+    hl_buf_free(&image);
     return st;
 }
 
@@ -514,33 +595,18 @@ static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_ro
 {
     hl_table *t = m->t;
     size_t nk = t->npk ? t->npk : 1;
-    sqlite3_stmt *li = NULL;
     char *idx[64];
     size_t nidx = 0, found = 0;
     bool lost = false;
-    hl_status st = HL_OK;
     *retry = false;
-    int rc = sqlite3_prepare_v2(d->db,
-                                "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' AND "
-                                "NOT partial ORDER BY name",
-                                -1, &li, NULL);
-    if (rc != SQLITE_OK)
-        return hl_db_err(d, rc, "index list");
-    sqlite3_bind_text(li, 1, t->name, -1, SQLITE_STATIC);
-    while (nidx < sizeof idx / sizeof idx[0] && (rc = sqlite3_step(li)) == SQLITE_ROW)
-        if (!(idx[nidx] = sqlite3_mprintf("%s", (const char *)sqlite3_column_text(li, 0)))) {
-            st = HL_ERR_NOMEM;
-            break;
-        } else
-            nidx++;
-    sqlite3_finalize(li);
+    hl_status st = unique_indexes(d, t, idx, sizeof idx / sizeof idx[0], &nidx);
     /* Pass 0 decides, pass 1 removes the losers. */
     for (int pass = 0; pass < 2 && !st; pass++) {
         for (size_t x = 0; x < nidx && !st && !lost; x++) {
             sqlite3_stmt *q = NULL;
             if ((st = clash_query(d, m, nrc, r, idx[x], &q)) || !q)
                 continue;
-            rc = sqlite3_step(q);
+            int rc = sqlite3_step(q);
             if (rc == SQLITE_ROW) {
                 uint64_t hlc = (uint64_t)sqlite3_column_int64(q, (int)nk);
                 uint64_t node = (uint64_t)sqlite3_column_int64(q, (int)nk + 1);
@@ -548,53 +614,8 @@ static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_ro
                     found++;
                     lost = hl_version_cmp(r->hlc, cs->origin, hlc, node) <= 0;
                 } else {
-                    /* Copy the key out before the row goes away. */
-                    sqlite3_value *kv[HL_CS_MAX_KEY];
-                    size_t nkv = 0;
-                    hl_value key[HL_CS_MAX_KEY];
-                    hl_buf_reset(pk);
-                    for (size_t i = 0; i < nk; i++)
-                        hl_value_from_column(q, (int)i, &key[i]);
-                    st = hl_key_encode(key, nk, pk);
-                    /* ... and the row: it is removed here, and kept in the conflicts table. */
-                    hl_buf image;
-                    hl_buf_init(&image, 1u << 30);
-                    hl_value *vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
-                    const char *pkn[HL_CS_MAX_KEY];
-                    for (size_t i = 0; i < t->npk; i++)
-                        pkn[i] = t->cols[t->pk[i]];
-                    if (!st && !vals)
-                        st = HL_ERR_NOMEM;
-                    for (size_t i = 0; !st && i < t->ncols; i++)
-                        hl_value_from_column(q, (int)(nk + 2 + i), &vals[i]);
-                    if (!st && row_image(t->name, (const char *const *)t->cols, t->ncols, pkn, t->npk, key, nk, vals,
-                                         node, hlc, &image))
-                        hl_buf_reset(&image);
-                    free(vals);
-                    for (size_t i = 0; i < nk && !st; i++, nkv++)
-                        if (!(kv[i] = sqlite3_value_dup(sqlite3_column_value(q, (int)i))))
-                            st = HL_ERR_NOMEM;
-                    sqlite3_finalize(q);
-                    q = NULL;
-                    for (size_t i = 0; i < nkv && !st; i++)
-                        sqlite3_bind_value(t->st_row_del, (int)i + 1, kv[i]);
-                    if (!st && (rc = sqlite3_step(t->st_row_del)) != SQLITE_DONE)
-                        st = hl_db_err(d, rc, "remove clashing row");
-                    sqlite3_reset(t->st_row_del);
-                    sqlite3_clear_bindings(t->st_row_del);
-                    for (size_t i = 0; i < nkv; i++)
-                        sqlite3_value_free(kv[i]);
-                    if (!st) {
-                        char why[512];
-                        snprintf(why, sizeof why,
-                                 "removed: lost a clash on UNIQUE index \"%s\" to the row from node %llu with a later "
-                                 "version",
-                                 idx[x], (unsigned long long)cs->origin);
-                        hl_logf(HL_LOG_WARN, "conflict: row from node %llu in table \"%s\" %s",
-                                (unsigned long long)node, t->name, why);
-                        st = conflict_put(d, node, t->name, pk, hlc, why, &image);
-                    }
-                    hl_buf_free(&image);
+                    st = remove_clashing(d, t, q, idx[x], cs->origin, hlc, node, pk);
+                    q = NULL; /* finalized */
                 }
             } else if (rc != SQLITE_DONE) {
                 st = hl_db_err(d, rc, "clashing row");
@@ -721,15 +742,16 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
      * applied: the whole changeset waits (in order) until the clock catches up. */
     uint64_t now = hl_now_ms(), ahead = 0;
     for (size_t i = 0; i < cs->nrows; i++)
-        if (hl_hlc_ahead(cs->rows[i].hlc, now, d->max_clock_drift_ms) && cs->rows[i].hlc > ahead)
+        if (hl_hlc_ahead(cs->rows[i].hlc, now, d->opt.max_clock_drift_ms) && cs->rows[i].hlc > ahead)
             ahead = cs->rows[i].hlc;
     if (ahead) {
         uint64_t ms = HL_HLC_MS(ahead > HL_HLC_MAX ? HL_HLC_MAX : ahead);
-        uint64_t due = ms - (d->max_clock_drift_ms < ms ? d->max_clock_drift_ms : ms) + 1;
+        uint64_t due = ms - (d->opt.max_clock_drift_ms < ms ? d->opt.max_clock_drift_ms : ms) + 1;
         if (!d->ahead_due_ms || due < d->ahead_due_ms)
             d->ahead_due_ms = due;
         snprintf(why, whylen, "row version %llu is %llu ms ahead of the local clock (max_clock_drift %llu ms)",
-                 (unsigned long long)ahead, (unsigned long long)(ms - now), (unsigned long long)d->max_clock_drift_ms);
+                 (unsigned long long)ahead, (unsigned long long)(ms - now),
+                 (unsigned long long)d->opt.max_clock_drift_ms);
         *res = ONE_AHEAD;
         goto out;
     }
@@ -787,9 +809,9 @@ static hl_status pending_get(hl_db *d, uint64_t node, uint64_t epoch, uint64_t s
     if (rc == SQLITE_ROW) {
         *found = true;
         *flags = sqlite3_column_int(q, 0);
-        if (!(*flags & skip) &&
-            hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
-                                (*flags & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, cs, why, whylen) != HL_OK)
+        if (!(*flags & skip) && hl_changeset_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                                    (*flags & HL_PART_FLAG_ZSTD) != 0, d->opt.max_changeset_bytes, cs,
+                                                    why, whylen) != HL_OK)
             *cs = NULL;
     }
     sqlite3_finalize(q);
@@ -807,11 +829,35 @@ typedef enum { CHAIN_INCOMPLETE, CHAIN_HELD, CHAIN_DONE } chain_result;
  * savepoint: if one of them needs a schema or a clock this node does not
  * have yet, none is applied and the chain stays held.
  */
-static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *last, chain_result *res)
+/* Records why held changeset seq of (node, epoch) waits; for_schema is 1 or 0
+ * for whether it waits for the local schema, -1 to leave that as it is. */
+static hl_status pending_reason(hl_db *d, uint64_t node, uint64_t epoch, uint64_t seq, int for_schema,
+                                const char *reason)
+{
+    sqlite3_stmt *u = NULL;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "UPDATE " HL_PREFIX "pending SET schema = iif(?1 < 0, schema, ?1), reason = ?2 "
+                                "WHERE node = ?3 AND epoch = ?4 AND seq = ?5",
+                                -1, &u, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int(u, 1, for_schema);
+        sqlite3_bind_text(u, 2, reason, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(u, 3, (int64_t)node);
+        sqlite3_bind_int64(u, 4, (int64_t)epoch);
+        sqlite3_bind_int64(u, 5, (int64_t)seq);
+        rc = sqlite3_step(u);
+    }
+    sqlite3_finalize(u);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending update");
+}
+
+/* The last member of the chain held from first on for (node, epoch): *end
+ * receives its sequence, or 0 when the chain is not complete yet. */
+static hl_status chain_end(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *end)
 {
     sqlite3_stmt *q = NULL;
-    uint64_t end = 0, expect = first;
-    *res = CHAIN_INCOMPLETE;
+    uint64_t expect = first;
+    *end = 0;
     int rc = sqlite3_prepare_v2(
         d->db, "SELECT seq, flags FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq >= ? ORDER BY seq", -1,
         &q, NULL);
@@ -824,67 +870,74 @@ static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t f
         if ((uint64_t)sqlite3_column_int64(q, 0) != expect)
             break;
         if (!(sqlite3_column_int(q, 1) & HL_PART_FLAG_MORE)) {
-            end = expect;
+            *end = expect;
             break;
         }
         expect++;
     }
     sqlite3_finalize(q);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        return hl_db_err(d, rc, "pending chain");
-    if (!end)
-        return HL_OK; /* its last changeset has not arrived yet */
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending chain");
+}
 
+/* Applies the held members first..end of a chain inside a savepoint: all of
+ * them, or (*r not ONE_OK, *at the member that stopped it, why says why)
+ * none, with the counters as they were. */
+static hl_status chain_apply(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t end, one_result *r,
+                             uint64_t *at, char *why, size_t whylen)
+{
     hl_db_stats saved = d->stats;
     hl_status st = hl_db_exec(d, "SAVEPOINT hl_chain");
-    one_result r = ONE_OK;
-    char why[512] = "";
-    uint64_t at = first;
-    for (; !st && r == ONE_OK && at <= end; at++) {
+    *r = ONE_OK;
+    for (*at = first; !st && *r == ONE_OK && *at <= end; (*at)++) {
         bool found;
         int flags = 0;
         hl_changeset *cs = NULL;
-        if ((st = pending_get(d, node, epoch, at, 0, &found, &flags, &cs, why, sizeof why)))
+        if ((st = pending_get(d, node, epoch, *at, 0, &found, &flags, &cs, why, whylen)))
             break;
         if (!cs)
-            r = ONE_MALFORMED;
+            *r = ONE_MALFORMED;
         else
-            st = apply_one(d, cs, &r, why, sizeof why);
+            st = apply_one(d, cs, r, why, whylen);
         hl_changeset_free(cs);
     }
-    if (st || r != ONE_OK) {
-        hl_status rst = hl_db_exec(d, "ROLLBACK TO hl_chain");
-        if (!rst)
-            rst = hl_db_exec(d, "RELEASE hl_chain");
-        d->stats = saved;
-        if (st || rst)
-            return st ? st : rst;
-    } else if ((st = hl_db_exec(d, "RELEASE hl_chain"))) {
+    (*at)--; /* the member that stopped the chain */
+    if (!st && *r == ONE_OK)
+        return hl_db_exec(d, "RELEASE hl_chain");
+    hl_status rst = hl_db_exec(d, "ROLLBACK TO hl_chain");
+    if (!rst)
+        rst = hl_db_exec(d, "RELEASE hl_chain");
+    d->stats = saved;
+    return st ? st : rst;
+}
+
+/*
+ * A transaction too big for one changeset arrives as a chain: consecutive
+ * sequences, HL_PART_FLAG_MORE on all but the last (protocol.md §1.5). Each
+ * member is held in __harmonylite__pending as it arrives (so memory holds one
+ * at a time, and the stream position moves on); when the held changesets
+ * from first on form a whole chain, they are applied here as one, inside a
+ * savepoint: if one of them needs a schema or a clock this node does not
+ * have yet, none is applied and the chain stays held.
+ */
+static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t first, uint64_t *last, chain_result *res)
+{
+    uint64_t end = 0, at = first;
+    one_result r = ONE_OK;
+    char why[512] = "";
+    *res = CHAIN_INCOMPLETE;
+    hl_status st = chain_end(d, node, epoch, first, &end);
+    if (st || !end)
+        return st; /* or its last changeset has not arrived yet */
+    if ((st = chain_apply(d, node, epoch, first, end, &r, &at, why, sizeof why)))
         return st;
-    }
-    at--; /* the member that stopped the chain */
     if (r == ONE_SCHEMA || r == ONE_AHEAD) {
         char reason[700];
         snprintf(reason, sizeof reason, "changeset %llu of the chain %llu..%llu: %s", (unsigned long long)at,
                  (unsigned long long)first, (unsigned long long)end, why);
         if (r == ONE_AHEAD)
             d->stats.clock_ahead++;
-        sqlite3_stmt *u = NULL;
-        rc = sqlite3_prepare_v2(d->db,
-                                "UPDATE " HL_PREFIX "pending SET schema = ?, reason = ? "
-                                "WHERE node = ? AND epoch = ? AND seq = ?",
-                                -1, &u, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_int(u, 1, r == ONE_SCHEMA);
-            sqlite3_bind_text(u, 2, reason, -1, SQLITE_STATIC);
-            sqlite3_bind_int64(u, 3, (int64_t)node);
-            sqlite3_bind_int64(u, 4, (int64_t)epoch);
-            sqlite3_bind_int64(u, 5, (int64_t)first);
-            rc = sqlite3_step(u);
-        }
-        sqlite3_finalize(u);
         *res = CHAIN_HELD;
-        return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending update");
+        return pending_reason(d, node, epoch, first, r == ONE_SCHEMA, reason);
     }
     if (r == ONE_MALFORMED) {
         d->stats.changesets_malformed++;
@@ -898,26 +951,61 @@ static hl_status apply_chain(hl_db *d, uint64_t node, uint64_t epoch, uint64_t f
                 (unsigned long long)(end - first + 1), (unsigned long long)first, (unsigned long long)end,
                 (unsigned long long)node);
     }
-    st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq BETWEEN ? AND ?",
-                   "pending delete", 4, (int64_t[]){(int64_t)node, (int64_t)epoch, (int64_t)first, (int64_t)end});
-    if (!st)
-        st = origin_put(d, node, epoch, end);
-    if (!st) {
-        *last = end;
-        *res = CHAIN_DONE;
+    if ((st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq BETWEEN ? AND ?",
+                        "pending delete", 4,
+                        (int64_t[]){(int64_t)node, (int64_t)epoch, (int64_t)first, (int64_t)end})) ||
+        (st = origin_put(d, node, epoch, end)))
+        return st;
+    *last = end;
+    *res = CHAIN_DONE;
+    return HL_OK;
+}
+
+/* Applies held changeset cs, seq applied + 1 of (node, epoch), now next in
+ * line (NULL: it does not decode). *waits: it needs the local schema or
+ * clock, and stays held; otherwise it is applied (or refused as malformed),
+ * taken out of pending and the origin's sequence moves on. */
+static hl_status drain_one(hl_db *d, uint64_t node, uint64_t epoch, uint64_t applied, const hl_changeset *cs,
+                           bool *waits)
+{
+    one_result r = ONE_MALFORMED;
+    char why[512] = "";
+    hl_status st;
+    *waits = false;
+    if (cs && (st = apply_one(d, cs, &r, why, sizeof why)))
+        return st;
+    if (r == ONE_SCHEMA || r == ONE_AHEAD) {
+        /* Now first in line, it waits for our schema (or our clock) rather than for a predecessor. */
+        *waits = true;
+        return pending_reason(d, node, epoch, applied + 1, r == ONE_SCHEMA ? 1 : -1, why);
     }
-    return st;
+    if (r == ONE_MALFORMED) {
+        d->stats.changesets_malformed++;
+        if (cs)
+            log_refused(cs, why);
+    } else {
+        d->stats.changesets_applied++;
+    }
+    applied++;
+    /* Exactly this one: held late arrivals below it (see apply_late) stay. */
+    if ((st = origin_put(d, node, epoch, applied)) ||
+        (st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?",
+                        "pending delete", 3, (int64_t[]){(int64_t)node, (int64_t)epoch, (int64_t)applied})))
+        return st;
+    hl_logf(HL_LOG_INFO, "held changeset %llu from node %llu applied", (unsigned long long)applied,
+            (unsigned long long)node);
+    return HL_OK;
 }
 
 /* Applies held changesets of (node, epoch) that are next in line. */
 static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t applied)
 {
-    hl_status st = HL_OK;
     for (;;) {
         hl_changeset *cs = NULL;
-        bool found = false;
-        int pflags = 0, rc;
+        bool found = false, waits = false;
+        int pflags = 0;
         char err[256] = "";
+        hl_status st;
         /* The first of a chain is decoded by apply_chain, with the others. */
         if ((st = pending_get(d, node, epoch, applied + 1, HL_PART_FLAG_MORE, &found, &pflags, &cs, err, sizeof err)))
             return st;
@@ -931,60 +1019,11 @@ static hl_status drain_held(hl_db *d, uint64_t node, uint64_t epoch, uint64_t ap
                 return HL_OK;
             continue;
         }
-        one_result r = ONE_MALFORMED;
-        char why[512] = "";
-        if (cs)
-            st = apply_one(d, cs, &r, why, sizeof why);
-        if (st) {
-            hl_changeset_free(cs);
-            return st;
-        }
-        if (r == ONE_SCHEMA || r == ONE_AHEAD) {
-            hl_changeset_free(cs);
-            /* Now first in line, it waits for our schema (or our clock) rather than for a predecessor. */
-            sqlite3_stmt *u = NULL;
-            rc = sqlite3_prepare_v2(d->db,
-                                    r == ONE_SCHEMA ? "UPDATE " HL_PREFIX "pending SET schema = 1, reason = ? "
-                                                      "WHERE node = ? AND epoch = ? AND seq = ?"
-                                                    : "UPDATE " HL_PREFIX "pending SET reason = ? "
-                                                      "WHERE node = ? AND epoch = ? AND seq = ?",
-                                    -1, &u, NULL);
-            if (rc == SQLITE_OK) {
-                sqlite3_bind_text(u, 1, why, -1, SQLITE_STATIC);
-                sqlite3_bind_int64(u, 2, (int64_t)node);
-                sqlite3_bind_int64(u, 3, (int64_t)epoch);
-                sqlite3_bind_int64(u, 4, (int64_t)(applied + 1));
-                rc = sqlite3_step(u);
-            }
-            sqlite3_finalize(u);
-            return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "pending update");
-        }
-        if (r == ONE_MALFORMED) {
-            d->stats.changesets_malformed++;
-            if (cs)
-                log_refused(cs, why);
-        } else {
-            d->stats.changesets_applied++;
-        }
+        st = drain_one(d, node, epoch, applied, cs, &waits);
         hl_changeset_free(cs);
-        applied++;
-        if ((st = origin_put(d, node, epoch, applied)))
+        if (st || waits)
             return st;
-        sqlite3_stmt *del = NULL;
-        /* Exactly this one: held late arrivals below it (see apply_late) stay. */
-        rc = sqlite3_prepare_v2(d->db, "DELETE FROM " HL_PREFIX "pending WHERE node = ? AND epoch = ? AND seq = ?", -1,
-                                &del, NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_int64(del, 1, (int64_t)node);
-            sqlite3_bind_int64(del, 2, (int64_t)epoch);
-            sqlite3_bind_int64(del, 3, (int64_t)applied);
-            rc = sqlite3_step(del);
-        }
-        sqlite3_finalize(del);
-        if (rc != SQLITE_DONE)
-            return hl_db_err(d, rc, "pending delete");
-        hl_logf(HL_LOG_INFO, "held changeset %llu from node %llu applied", (unsigned long long)applied,
-                (unsigned long long)node);
+        applied++;
     }
 }
 
@@ -1083,6 +1122,46 @@ static hl_status drain_then_check(hl_db *d, const hl_changeset *cs, uint64_t app
     return st;
 }
 
+/* hl_apply for the changeset next in line of its origin. */
+static hl_status apply_next(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                            hl_apply_result *res)
+{
+    one_result r;
+    char why[512] = "";
+    hl_status st = apply_one(d, cs, &r, why, sizeof why);
+    if (st)
+        return st;
+    switch (r) {
+    case ONE_SCHEMA:
+        hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
+                (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, true, why);
+    case ONE_AHEAD: {
+        uint64_t dropped = 0;
+        d->stats.clock_ahead++;
+        if (hl_ratelimit_allow(&d->clock_ahead_log, &dropped))
+            hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local clock catches up: %s%s",
+                    (unsigned long long)cs->seq, (unsigned long long)cs->origin, why,
+                    dropped ? " (repeats not logged)" : "");
+        *res = HL_HELD;
+        return hold(d, cs, raw, rawlen, flags, false, why);
+    }
+    case ONE_MALFORMED:
+        d->stats.changesets_malformed++;
+        log_refused(cs, why);
+        *res = HL_MALFORMED;
+        break;
+    case ONE_OK:
+        d->stats.changesets_applied++;
+        *res = HL_APPLIED;
+        break;
+    }
+    if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
+        return st;
+    return drain_held(d, cs->origin, cs->epoch, cs->seq);
+}
+
 hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
                    hl_apply_result *res)
 {
@@ -1130,38 +1209,7 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
             return st;
         return drain_then_check(d, cs, applied, res);
     }
-    one_result r;
-    if ((st = apply_one(d, cs, &r, why, sizeof why)))
-        return st;
-    switch (r) {
-    case ONE_SCHEMA:
-        hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
-                (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, true, why);
-    case ONE_AHEAD: {
-        uint64_t dropped = 0;
-        d->stats.clock_ahead++;
-        if (hl_ratelimit_allow(&d->clock_ahead_log, &dropped))
-            hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local clock catches up: %s%s",
-                    (unsigned long long)cs->seq, (unsigned long long)cs->origin, why,
-                    dropped ? " (repeats not logged)" : "");
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, false, why);
-    }
-    case ONE_MALFORMED:
-        d->stats.changesets_malformed++;
-        log_refused(cs, why);
-        *res = HL_MALFORMED;
-        break;
-    case ONE_OK:
-        d->stats.changesets_applied++;
-        *res = HL_APPLIED;
-        break;
-    }
-    if ((st = origin_put(d, cs->origin, cs->epoch, cs->seq)))
-        return st;
-    return drain_held(d, cs->origin, cs->epoch, cs->seq);
+    return apply_next(d, cs, raw, rawlen, flags, res);
 }
 
 /* Retries held late arrivals (below their origin's applied sequence). */
@@ -1182,8 +1230,8 @@ static hl_status retry_late(hl_db *d)
         char err[256] = "", why[512] = "";
         one_result r = ONE_MALFORMED;
         if (hl_changeset_decode(sqlite3_column_blob(q, 2), (size_t)sqlite3_column_bytes(q, 2),
-                                (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->max_changeset_bytes, &cs, err,
-                                sizeof err) == HL_OK)
+                                (sqlite3_column_int(q, 1) & HL_PART_FLAG_ZSTD) != 0, d->opt.max_changeset_bytes, &cs,
+                                err, sizeof err) == HL_OK)
             st = apply_one(d, cs, &r, why, sizeof why);
         if (!st && r != ONE_SCHEMA && r != ONE_AHEAD) {
             int64_t *nd = realloc(done, (ndone + 1) * sizeof *nd);
@@ -1312,18 +1360,15 @@ hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps)
                 "node %lld: changesets %lld to %lld never arrived; gave up waiting and applied the ones held after "
                 "them (any of them that arrives later is still applied)",
                 (long long)e->node, (long long)e->a + 1, (long long)e->l - 1);
-        st = exec_ints(d,
-                       "INSERT OR REPLACE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
-                       "missing put", 5, (int64_t[]){e->node, e->epoch, e->a + 1, e->l - 1, (int64_t)hl_now_ms()});
-        if (!st)
-            st = origin_put(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
-        if (!st)
-            st = drain_held(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1);
-        if (!st) {
-            d->stats.order_gaps++;
-            if (gaps)
-                (*gaps)++;
-        }
+        if ((st = exec_ints(
+                 d, "INSERT OR REPLACE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?, ?, ?, ?, ?)",
+                 "missing put", 5, (int64_t[]){e->node, e->epoch, e->a + 1, e->l - 1, (int64_t)hl_now_ms()})) ||
+            (st = origin_put(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1)) ||
+            (st = drain_held(d, (uint64_t)e->node, (uint64_t)e->epoch, (uint64_t)e->l - 1)))
+            break;
+        d->stats.order_gaps++;
+        if (gaps)
+            (*gaps)++;
     }
     free(v);
     return st;
@@ -1342,19 +1387,26 @@ hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped)
     if (node > INT64_MAX)
         return HL_ERR_INVALID;
     int64_t n = (int64_t)node;
+    hl_status st = hl_db_begin(d);
+    if (st)
+        return st;
     /* Each epoch's applied sequence moves past everything dropped, so the
      * origin's next changesets apply instead of waiting for these. */
-    hl_status st =
-        exec_ints(d,
-                  "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) SELECT node, epoch, max(seq) FROM " HL_PREFIX
-                  "pending WHERE node = ?1 GROUP BY epoch ON CONFLICT(node, epoch) DO UPDATE SET "
-                  "seq = max(seq, excluded.seq)",
-                  "drop held", 1, &n);
-    if (!st)
-        st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ?", "drop held", 1, &n);
-    if (!st)
-        *dropped = (uint64_t)sqlite3_changes(d->db);
-    return st;
+    if ((st =
+             exec_ints(d,
+                       "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) SELECT node, epoch, max(seq) FROM " HL_PREFIX
+                       "pending WHERE node = ?1 GROUP BY epoch ON CONFLICT(node, epoch) DO UPDATE SET "
+                       "seq = max(seq, excluded.seq)",
+                       "drop held", 1, &n)) ||
+        (st = exec_ints(d, "DELETE FROM " HL_PREFIX "pending WHERE node = ?", "drop held", 1, &n))) {
+        hl_db_rollback(d);
+        return st;
+    }
+    uint64_t changes = (uint64_t)sqlite3_changes(d->db);
+    if ((st = hl_db_commit(d)))
+        return st;
+    *dropped = changes;
+    return HL_OK;
 }
 
 void hl_held_list_free(hl_held_origin *v)

@@ -14,270 +14,123 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
-#include "db/db.h"
-
-/* Reads a column as an hl_value pointing into SQLite's memory (valid until the next step). */
-void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v)
-{
-    switch (sqlite3_column_type(st, col)) {
-    case SQLITE_INTEGER:
-        v->type = HL_VAL_INT;
-        v->u.i = sqlite3_column_int64(st, col);
-        break;
-    case SQLITE_FLOAT:
-        v->type = HL_VAL_REAL;
-        v->u.r = sqlite3_column_double(st, col);
-        break;
-    case SQLITE_TEXT:
-        v->type = HL_VAL_TEXT;
-        v->u.b.p = (unsigned char *)sqlite3_column_text(st, col);
-        v->u.b.n = (size_t)sqlite3_column_bytes(st, col);
-        break;
-    case SQLITE_BLOB:
-        v->type = HL_VAL_BLOB;
-        v->u.b.p = (unsigned char *)sqlite3_column_blob(st, col);
-        v->u.b.n = (size_t)sqlite3_column_bytes(st, col);
-        break;
-    default:
-        v->type = HL_VAL_NULL;
-        break;
-    }
-}
-
-/* Binds v as parameter idx. Text and blobs are bound without a copy. */
-int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v)
-{
-    switch (v->type) {
-    case HL_VAL_INT:
-        return sqlite3_bind_int64(st, idx, v->u.i);
-    case HL_VAL_REAL:
-        return sqlite3_bind_double(st, idx, v->u.r);
-    case HL_VAL_TEXT:
-        return sqlite3_bind_text64(st, idx, (const char *)v->u.b.p, v->u.b.n, SQLITE_STATIC, SQLITE_UTF8);
-    case HL_VAL_BLOB:
-        return sqlite3_bind_blob64(st, idx, v->u.b.p, v->u.b.n, SQLITE_STATIC);
-    default:
-        return sqlite3_bind_null(st, idx);
-    }
-}
-
-static hl_status prepare(hl_db *d, sqlite3_stmt **st, const hl_buf *sql)
-{
-    if (*st)
-        return HL_OK;
-    int rc = sqlite3_prepare_v3(d->db, hl_buf_str(sql), -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
-    return rc == SQLITE_OK ? HL_OK : hl_db_err(d, rc, hl_buf_str(sql));
-}
-
-/* Appends "k = ? AND ..." for t's key (rowid or key columns). */
-hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param)
-{
-    hl_status st = HL_OK;
-    if (t->npk == 0)
-        return hl_buf_addf(b, "%s = ?%d", t->rowid, first_param);
-    for (size_t i = 0; i < t->npk && !st; i++) {
-        if (i)
-            st = hl_buf_adds(b, " AND ");
-        if (!st)
-            st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
-        if (!st)
-            st = hl_buf_addf(b, " = ?%d", first_param + (int)i);
-    }
-    return st;
-}
-
-hl_status hl_add_rowid(hl_buf *b, const hl_table *t)
-{
-    return t->npk ? hl_buf_add_ident(b, t->cols[t->pk[0]]) : hl_buf_adds(b, t->rowid);
-}
+#include "db/db_int.h"
 
 /* Rows above a rowid: "SELECT rowid, cols ... WHERE rowid > ?1", or for
  * keys_only the rowids up to a bound: "SELECT rowid ... AND rowid <= ?2";
  * unlogged leaves out the rowids that are in the change log. */
 static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only, bool unlogged)
 {
-    hl_status st = hl_buf_adds(q, "SELECT ");
-    if (!st)
-        st = hl_add_rowid(q, t);
-    for (size_t i = 0; !keys_only && i < t->ncols && !st; i++) {
-        st = hl_buf_adds(q, ", ");
-        if (!st)
-            st = hl_buf_add_ident(q, t->cols[i]);
+    hl_buf_adds(q, "SELECT ");
+    hl_add_rowid(q, t);
+    for (size_t i = 0; !keys_only && i < t->ncols; i++) {
+        hl_buf_adds(q, ", ");
+        hl_buf_add_ident(q, t->cols[i]);
     }
-    if (!st)
-        st = hl_buf_adds(q, " FROM ");
-    if (!st)
-        st = hl_buf_add_ident(q, t->name);
-    if (!st)
-        st = hl_buf_adds(q, " WHERE ");
-    if (!st)
-        st = hl_add_rowid(q, t);
-    if (!st)
-        st = hl_buf_adds(q, " > ?1");
-    if (!st && keys_only) {
-        st = hl_buf_adds(q, " AND ");
-        if (!st)
-            st = hl_add_rowid(q, t);
-        if (!st)
-            st = hl_buf_adds(q, " <= ?2");
+    hl_buf_adds(q, " FROM ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, " WHERE ");
+    hl_add_rowid(q, t);
+    hl_buf_adds(q, " > ?1");
+    if (keys_only) {
+        hl_buf_adds(q, " AND ");
+        hl_add_rowid(q, t);
+        hl_buf_adds(q, " <= ?2");
     }
-    if (!st && unlogged) {
+    if (unlogged) {
         /* SQLite builds the IN list once, as a temporary index. */
-        st = hl_buf_adds(q, " AND ");
-        if (!st)
-            st = hl_add_rowid(q, t);
-        if (!st)
-            st = hl_buf_adds(q, " NOT IN (SELECT k0 FROM ");
-        if (!st)
-            st = hl_buf_add_ident(q, t->log);
-        if (!st)
-            st = hl_buf_adds(q, " WHERE k0 IS NOT NULL)");
+        hl_buf_adds(q, " AND ");
+        hl_add_rowid(q, t);
+        hl_buf_adds(q, " NOT IN (SELECT k0 FROM ");
+        hl_buf_add_ident(q, t->log);
+        hl_buf_adds(q, " WHERE k0 IS NOT NULL)");
     }
-    return st ? st : hl_buf_adds(q, " ORDER BY 1");
+    return hl_buf_adds(q, " ORDER BY 1");
 }
 
+/* Appends the key of t's row in the table aliased r: its rowid or key column i. */
+static void add_row_key(hl_buf *q, const hl_table *t, size_t i)
+{
+    if (t->npk)
+        hl_buf_add_ident(q, t->cols[t->pk[i]]);
+    else
+        hl_buf_adds(q, t->rowid);
+}
+
+/* The change log read: one entry per logged row, its last write time and log
+ * position, joined to the row as it is now (no row: it was deleted). */
+static hl_status log_read_sql(hl_buf *q, const hl_table *t)
+{
+    size_t nk = t->npk ? t->npk : 1;
+    hl_buf_adds(q, "SELECT g.jd, g.seq");
+    for (size_t i = 0; i < nk; i++)
+        hl_buf_addf(q, ", g.k%zu", i);
+    hl_buf_adds(q, ", r.");
+    add_row_key(q, t, 0);
+    hl_buf_adds(q, " IS NOT NULL");
+    for (size_t i = 0; i < t->ncols; i++) {
+        hl_buf_adds(q, ", r.");
+        hl_buf_add_ident(q, t->cols[i]);
+    }
+    hl_buf_adds(q, " FROM (SELECT max(jd) AS jd, max(seq) AS seq");
+    for (size_t i = 0; i < nk; i++)
+        hl_buf_addf(q, ", k%zu", i);
+    hl_buf_adds(q, " FROM ");
+    hl_buf_add_ident(q, t->log);
+    hl_buf_adds(q, " GROUP BY ");
+    for (size_t i = 0; i < nk; i++)
+        hl_buf_addf(q, "%sk%zu", i ? ", " : "", i);
+    hl_buf_adds(q, ") AS g LEFT JOIN ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, " AS r ON ");
+    for (size_t i = 0; i < nk; i++) {
+        hl_buf_adds(q, i ? " AND r." : "r.");
+        add_row_key(q, t, i);
+        hl_buf_addf(q, " = g.k%zu", i);
+    }
+    return hl_buf_adds(q, " ORDER BY g.seq");
+}
+
+/* Prepares the statement built in q into *st (the buffer's sticky error
+ * says whether building it failed) and empties q for the next one. */
+static hl_status prepare_built(hl_db *d, hl_buf *q, sqlite3_stmt **st)
+{
+    hl_status res = hl_stmt_prepare(d, st, q);
+    hl_buf_reset(q);
+    return res;
+}
+
+/* Prepares the statements capture uses on t that are not prepared yet. */
 static hl_status prepare_table(hl_db *d, hl_table *t)
 {
     hl_buf q;
     hl_status st = HL_OK;
-    size_t nk = t->npk ? t->npk : 1;
     hl_buf_init(&q, 64u << 20);
     if (!t->st_log_read) {
-        /* One entry per logged row: the last write time and log position,
-         * joined to the row as it is now (no row: it was deleted). */
-        st = hl_buf_adds(&q, "SELECT g.jd, g.seq");
-        for (size_t i = 0; i < nk && !st; i++)
-            st = hl_buf_addf(&q, ", g.k%zu", i);
-        if (!st)
-            st = hl_buf_adds(&q, ", r.");
-        if (!st)
-            st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[0]]) : hl_buf_adds(&q, t->rowid);
-        if (!st)
-            st = hl_buf_adds(&q, " IS NOT NULL");
-        for (size_t i = 0; i < t->ncols && !st; i++) {
-            st = hl_buf_adds(&q, ", r.");
-            if (!st)
-                st = hl_buf_add_ident(&q, t->cols[i]);
-        }
-        if (!st)
-            st = hl_buf_adds(&q, " FROM (SELECT max(jd) AS jd, max(seq) AS seq");
-        for (size_t i = 0; i < nk && !st; i++)
-            st = hl_buf_addf(&q, ", k%zu", i);
-        if (!st)
-            st = hl_buf_adds(&q, " FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->log);
-        if (!st)
-            st = hl_buf_adds(&q, " GROUP BY ");
-        for (size_t i = 0; i < nk && !st; i++)
-            st = hl_buf_addf(&q, "%sk%zu", i ? ", " : "", i);
-        if (!st)
-            st = hl_buf_adds(&q, ") AS g LEFT JOIN ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->name);
-        if (!st)
-            st = hl_buf_adds(&q, " AS r ON ");
-        for (size_t i = 0; i < nk && !st; i++) {
-            st = hl_buf_adds(&q, i ? " AND r." : "r.");
-            if (!st)
-                st = t->npk ? hl_buf_add_ident(&q, t->cols[t->pk[i]]) : hl_buf_adds(&q, t->rowid);
-            if (!st)
-                st = hl_buf_addf(&q, " = g.k%zu", i);
-        }
-        if (!st)
-            st = hl_buf_adds(&q, " ORDER BY g.seq");
-        if (!st)
-            st = prepare(d, &t->st_log_read, &q);
+        log_read_sql(&q, t);
+        st = prepare_built(d, &q, &t->st_log_read);
     }
     if (!st && t->int_key && !t->st_range) {
-        hl_buf_reset(&q);
-        if (!(st = range_sql(&q, t, false, false)))
-            st = prepare(d, &t->st_range, &q);
-        hl_buf_reset(&q);
-        if (!st && !(st = range_sql(&q, t, true, false)))
-            st = prepare(d, &t->st_range_keys, &q);
-        hl_buf_reset(&q);
-        if (!st && !(st = range_sql(&q, t, false, true)))
-            st = prepare(d, &t->st_range_unlogged, &q);
-        hl_buf_reset(&q);
-        if (!st)
-            st = hl_buf_adds(&q, "INSERT INTO ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->log);
-        if (!st)
-            st = hl_buf_adds(&q, "(jd, k0) VALUES (julianday('now'), ?1)");
-        if (!st)
-            st = prepare(d, &t->st_log_add, &q);
+        range_sql(&q, t, false, false);
+        if (!(st = prepare_built(d, &q, &t->st_range)))
+            range_sql(&q, t, true, false);
+        if (!st && !(st = prepare_built(d, &q, &t->st_range_keys)))
+            range_sql(&q, t, false, true);
+        if (!st && !(st = prepare_built(d, &q, &t->st_range_unlogged))) {
+            hl_buf_adds(&q, "INSERT INTO ");
+            hl_buf_add_ident(&q, t->log);
+            hl_buf_adds(&q, "(jd, k0) VALUES (julianday('now'), ?1)");
+            st = prepare_built(d, &q, &t->st_log_add);
+        }
     }
     if (!st && !t->st_log_del) {
-        hl_buf_reset(&q);
-        st = hl_buf_adds(&q, "DELETE FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->log);
-        if (!st)
-            st = hl_buf_adds(&q, " WHERE seq <= ?1");
-        if (!st)
-            st = prepare(d, &t->st_log_del, &q);
+        hl_buf_adds(&q, "DELETE FROM ");
+        hl_buf_add_ident(&q, t->log);
+        hl_buf_adds(&q, " WHERE seq <= ?1");
+        st = prepare_built(d, &q, &t->st_log_del);
     }
     hl_buf_free(&q);
     return st;
-}
-
-/* Appends the clock UPSERT for t; win adds the last-writer-wins condition. */
-static hl_status clock_sql(const hl_table *t, bool win, hl_buf *q)
-{
-    size_t nk = t->npk ? t->npk : 1;
-    hl_status st = hl_buf_adds(q, "INSERT INTO ");
-    if (!st)
-        st = hl_buf_add_ident(q, t->clock);
-    if (!st)
-        st = hl_buf_adds(q, "(");
-    for (size_t i = 0; i < nk && !st; i++)
-        st = hl_buf_addf(q, "k%zu, ", i);
-    if (!st)
-        st = hl_buf_adds(q, "hlc, node, deleted) VALUES (");
-    for (size_t i = 0; i < nk + 3 && !st; i++)
-        st = hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
-    if (!st)
-        st = hl_buf_adds(q, ") ON CONFLICT(");
-    for (size_t i = 0; i < nk && !st; i++)
-        st = hl_buf_addf(q, "%sk%zu", i ? ", " : "", i);
-    if (!st)
-        st = hl_buf_adds(q, ") DO UPDATE SET hlc = excluded.hlc, node = excluded.node, deleted = excluded.deleted");
-    if (!st && win)
-        st = hl_buf_adds(q, " WHERE excluded.hlc > hlc OR (excluded.hlc = hlc AND excluded.node > node)");
-    return st;
-}
-
-hl_status hl_clock_prepare(hl_db *d, hl_table *t)
-{
-    hl_buf q;
-    hl_status st = HL_OK;
-    hl_buf_init(&q, 64u << 20);
-    if (!t->st_clock_win && !(st = clock_sql(t, true, &q)))
-        st = prepare(d, &t->st_clock_win, &q);
-    hl_buf_reset(&q);
-    if (!st && !t->st_clock_put && !(st = clock_sql(t, false, &q)))
-        st = prepare(d, &t->st_clock_put, &q);
-    hl_buf_free(&q);
-    return st;
-}
-
-hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, uint64_t hlc, uint64_t node,
-                       bool deleted)
-{
-    hl_status res = hl_clock_prepare(d, t);
-    if (res)
-        return res;
-    sqlite3_stmt *st = t->st_clock_put;
-    for (size_t i = 0; i < nkey; i++)
-        hl_bind_value(st, (int)i + 1, &key[i]);
-    sqlite3_bind_int64(st, (int)nkey + 1, (int64_t)hlc);
-    sqlite3_bind_int64(st, (int)nkey + 2, (int64_t)node);
-    sqlite3_bind_int(st, (int)nkey + 3, deleted ? 1 : 0);
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
 }
 
 static int cmp_i64(const void *a, const void *b)
@@ -315,7 +168,7 @@ static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
 
 /*
  * Where capture_table puts rows: a chain of changesets, each cut when its
- * encoded size reaches d->chain_bytes. A transaction of any size becomes a
+ * encoded size reaches d->opt.chain_bytes. A transaction of any size becomes a
  * chain of changesets with consecutive sequences, every one but the last
  * flagged HL_PART_FLAG_MORE; receivers apply a chain in one transaction when
  * its last member arrives (docs/protocol.md §1.5). Memory holds one member at
@@ -344,11 +197,9 @@ static hl_status log_span(hl_db *d, hl_table *t, int64_t *n)
     if (!t->st_log_span) {
         hl_buf q;
         hl_buf_init(&q, 1u << 20);
-        hl_status st = hl_buf_adds(&q, "SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->log);
-        if (!st)
-            st = prepare(d, &t->st_log_span, &q);
+        hl_buf_adds(&q, "SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM ");
+        hl_buf_add_ident(&q, t->log);
+        hl_status st = hl_stmt_prepare(d, &t->st_log_span, &q);
         hl_buf_free(&q);
         if (st)
             return st;
@@ -391,12 +242,12 @@ static hl_status member_check(hl_db *d, const hl_changeset *cs)
      * than the limit (docs/protocol.md §4): refuse it here rather than
      * publish what every receiver drops. */
     size_t cost = hl_changeset_mem_cost(cs);
-    if (cs->approx_bytes + 256 <= d->max_changeset_bytes && cost <= d->max_changeset_bytes)
+    if (cs->approx_bytes + 256 <= d->opt.max_changeset_bytes && cost <= d->opt.max_changeset_bytes)
         return HL_OK;
     snprintf(d->last_error, sizeof d->last_error,
              "a row of about %zu bytes (%zu once decoded) is larger than replication_log.max_changeset_bytes (%zu): "
              "raise it on every node",
-             cs->approx_bytes, cost, d->max_changeset_bytes);
+             cs->approx_bytes, cost, d->opt.max_changeset_bytes);
     hl_logf(HL_LOG_ERROR, "cannot capture: %s", d->last_error);
     return HL_ERR_TOO_LARGE;
 }
@@ -419,17 +270,10 @@ static hl_status member_clocks(hl_db *d, const hl_changeset *cs)
     return st;
 }
 
-static hl_status outbox_put(hl_db *d, uint64_t seq, int flags, uint64_t rows, const hl_buf *payload)
+/* The flags of a chain member's outbox row. */
+static uint8_t member_flags(const hl_db *d, bool more)
 {
-    sqlite3_stmt *ob = d->st_outbox_put;
-    sqlite3_bind_int64(ob, 1, (int64_t)seq);
-    sqlite3_bind_int(ob, 2, flags);
-    sqlite3_bind_int64(ob, 3, (int64_t)rows);
-    sqlite3_bind_blob64(ob, 4, payload->data, payload->len, SQLITE_STATIC);
-    int rc = sqlite3_step(ob);
-    sqlite3_reset(ob);
-    sqlite3_clear_bindings(ob);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox put");
+    return (uint8_t)((d->opt.compress ? HL_PART_FLAG_ZSTD : 0) | (more ? HL_PART_FLAG_MORE : 0));
 }
 
 size_t hl_chain_bytes(size_t max_changeset_bytes)
@@ -443,23 +287,20 @@ size_t hl_chain_bytes(size_t max_changeset_bytes)
 static hl_status member_flush(hl_db *d, sink *k, bool more)
 {
     hl_changeset *cs = k->cs;
-    hl_status st = member_check(d, cs);
-    if (!st)
-        st = member_clocks(d, cs);
-    if (!st && d->publish) {
+    hl_status st;
+    if ((st = member_check(d, cs)) || (st = member_clocks(d, cs)))
+        return st;
+    if (d->opt.publish) {
         hl_buf payload;
         hl_buf_init(&payload, SIZE_MAX - 1);
         cs->seq = d->next_seq;
-        st = hl_changeset_encode(cs, d->compress, &payload);
-        if (!st)
-            st = outbox_put(d, cs->seq, (d->compress ? HL_PART_FLAG_ZSTD : 0) | (more ? HL_PART_FLAG_MORE : 0),
-                            cs->nrows, &payload);
+        if (!(st = hl_changeset_encode(cs, d->opt.compress, &payload)))
+            st = hl_db_outbox_put(d, cs->seq, member_flags(d, more), cs->nrows, payload.data, payload.len);
         hl_buf_free(&payload);
-        if (!st)
-            d->next_seq++;
+        if (st)
+            return st;
+        d->next_seq++;
     }
-    if (st)
-        return st;
     d->stats.rows_captured += cs->nrows;
     d->stats.changesets_captured++;
     k->emitted++;
@@ -486,7 +327,7 @@ static hl_status member_keep(hl_db *d, sink *k)
     m->cs->seq = d->next_seq + b->nmembers;
     b->nmembers++;
     k->cs = NULL;
-    if (d->publish && (st = hl_changeset_encode(m->cs, d->compress, &m->payload)))
+    if (d->opt.publish && (st = hl_changeset_encode(m->cs, d->opt.compress, &m->payload)))
         return st;
     return member_new(d, k);
 }
@@ -496,7 +337,7 @@ static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64
                           const hl_value *vals, size_t nvals)
 {
     hl_status st;
-    size_t target = d->chain_bytes ? d->chain_bytes : hl_chain_bytes(d->max_changeset_bytes);
+    size_t target = d->opt.chain_bytes ? d->opt.chain_bytes : hl_chain_bytes(d->opt.max_changeset_bytes);
     /* Cut on the encoded size, or on what the member costs once decoded
      * (rows of NULLs encode to a byte a value and decode to 24). */
     if (k->cs->nrows && (k->cs->approx_bytes >= target || k->cs->mem_bytes >= 2 * target)) {
@@ -529,38 +370,23 @@ static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64
     return hl_changeset_add_row(k->cs, k->tidx, op, hlc, key, nk, vals, nvals);
 }
 
-/*
- * Reads t's changes into cs: one entry per row with its current image and a
- * new version. First the change log, in log order; then, for a rowid-keyed
- * table, the rows above its high-water mark that were inserted without a log
- * entry (and not changed since, or they would be in the log), in rowid order
- * after the logged ones: such a row still holds the values it was inserted
- * with, so no logged change can depend on coming after it. Writes nothing; tab
- * receives what hl_capture_record needs.
- */
-static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab)
+/* The rowids of a rowid-keyed table's logged rows, under a snapshot: the
+ * range read skips them (they were captured from the log). */
+typedef struct rowids {
+    int64_t *v;
+    size_t n, cap;
+} rowids;
+
+/* Reads t's change log: one entry per row, in log order, with its current
+ * image (none: deleted) and a version from its last write time. */
+static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab, hl_value *vals,
+                             rowids *logged)
 {
-    hl_status st;
     size_t nk = t->npk ? t->npk : 1;
     hl_value key[HL_CS_MAX_KEY];
-    hl_value *vals = NULL;
-    int64_t *logged = NULL;
-    size_t nlogged = 0, caplogged = 0;
-    int rc;
-
-    tab->max_seq = 0;
-    if (nk > HL_CS_MAX_KEY) {
-        hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
-                HL_CS_MAX_KEY);
-        return HL_OK;
-    }
-    if ((st = prepare_table(d, t)))
-        return st;
-    vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
-    if (!vals)
-        return HL_ERR_NOMEM;
-
+    hl_status st = HL_OK;
     sqlite3_stmt *lr = t->st_log_read;
+    int rc;
     while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
         /* Julian day -> Unix milliseconds */
         double jd = sqlite3_column_double(lr, 0);
@@ -583,30 +409,36 @@ static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
             continue;
         }
         if (!k->stream && t->int_key && key[0].type == HL_VAL_INT &&
-            (st = push_i64(&logged, &nlogged, &caplogged, key[0].u.i)))
-            goto out;
+            (st = push_i64(&logged->v, &logged->n, &logged->cap, key[0].u.i)))
+            break;
         /* The row as it is now is the last image of every write logged for it. */
         bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
         if (exists)
             for (size_t i = 0; i < t->ncols; i++)
                 hl_value_from_column(lr, 3 + (int)nk + (int)i, &vals[i]);
         uint64_t hlc = hl_hlc_next(&d->last_hlc, ms);
-        st = sink_row(d, k, t, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
-                      exists ? t->ncols : 0);
-        if (st)
-            goto out;
+        if ((st = sink_row(d, k, t, exists ? HL_OP_UPSERT : HL_OP_DELETE, hlc, key, nk, exists ? vals : NULL,
+                           exists ? t->ncols : 0)))
+            break;
         (*rows)++;
     }
-    if (rc != SQLITE_DONE) {
+    if (!st && rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture log read");
-        goto out;
-    }
-    if (!t->int_key || !hwm_get(d, t, &tab->hwm))
-        goto out;
+    sqlite3_reset(lr);
+    return st;
+}
+
+/* Reads the rows of a rowid-keyed table above its high-water mark that are
+ * not in logged, in rowid order; tab records the mark and the rowids read. */
+static hl_status capture_range(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab, hl_value *vals,
+                               rowids *logged)
+{
+    hl_status st = HL_OK;
+    int rc;
     tab->ranged = true;
     tab->top = tab->hwm;
-    if (nlogged)
-        qsort(logged, nlogged, sizeof *logged, cmp_i64);
+    if (logged->n)
+        qsort(logged->v, logged->n, sizeof *logged->v, cmp_i64);
     /* Streaming (any size), the query itself skips the logged rows, so no
      * list of them is kept in memory; nor of the rows seen, which only a
      * capture under a snapshot needs (range_settle). */
@@ -618,22 +450,51 @@ static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
         tab->top = rowid;
         if (!k->stream && (st = push_i64(&tab->seen, &tab->nseen, &tab->capseen, rowid)))
             break;
-        if (nlogged && bsearch(&rowid, logged, nlogged, sizeof *logged, cmp_i64))
+        if (logged->n && bsearch(&rowid, logged->v, logged->n, sizeof *logged->v, cmp_i64))
             continue; /* changed since: captured above, from the log */
-        key[0] = (hl_value){.type = HL_VAL_INT, .u.i = rowid};
+        hl_value key = {.type = HL_VAL_INT, .u.i = rowid};
         for (size_t i = 0; i < t->ncols; i++)
             hl_value_from_column(rg, 1 + (int)i, &vals[i]);
-        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), key, 1, vals, t->ncols)))
+        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), &key, 1, vals, t->ncols)))
             break;
         (*rows)++;
     }
     if (!st && rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture range read");
     sqlite3_reset(rg);
-out:
-    sqlite3_reset(lr);
+    return st;
+}
+
+/*
+ * Reads t's changes into cs: one entry per row with its current image and a
+ * new version. First the change log, in log order; then, for a rowid-keyed
+ * table, the rows above its high-water mark that were inserted without a log
+ * entry (and not changed since, or they would be in the log), in rowid order
+ * after the logged ones: such a row still holds the values it was inserted
+ * with, so no logged change can depend on coming after it. Writes nothing; tab
+ * receives what hl_capture_record needs.
+ */
+static hl_status capture_table(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab)
+{
+    hl_status st;
+    size_t nk = t->npk ? t->npk : 1;
+    rowids logged = {0};
+    tab->max_seq = 0;
+    if (nk > HL_CS_MAX_KEY) {
+        hl_logf(HL_LOG_ERROR, "table \"%s\": primary key has more than %d columns; not replicated", t->name,
+                HL_CS_MAX_KEY);
+        return HL_OK;
+    }
+    if ((st = prepare_table(d, t)))
+        return st;
+    hl_value *vals = calloc(t->ncols ? t->ncols : 1, sizeof *vals);
+    if (!vals)
+        return HL_ERR_NOMEM;
+    st = capture_log(d, t, k, rows, tab, vals, &logged);
+    if (!st && t->int_key && hwm_get(d, t, &tab->hwm))
+        st = capture_range(d, t, k, rows, tab, vals, &logged);
     free(vals);
-    free(logged);
+    free(logged.v);
     return st;
 }
 
@@ -711,6 +572,8 @@ static hl_status range_settle(hl_db *d, hl_table *t, const hl_capture_tab *tab)
 
 void hl_capture_batch_free(hl_capture_batch *b)
 {
+    if (!b)
+        return;
     for (size_t i = 0; i < b->nmembers; i++) {
         hl_changeset_free(b->members[i].cs);
         hl_buf_free(&b->members[i].payload);
@@ -773,12 +636,11 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
     }
     if (st || b->nmembers == 0)
         return st;
-    if (d->publish) {
+    if (d->opt.publish) {
         for (size_t i = 0; i < b->nmembers && !st; i++) {
             hl_capture_member *m = &b->members[i];
             bool more = i + 1 < b->nmembers;
-            st = outbox_put(d, m->cs->seq, (d->compress ? HL_PART_FLAG_ZSTD : 0) | (more ? HL_PART_FLAG_MORE : 0),
-                            m->cs->nrows, &m->payload);
+            st = hl_db_outbox_put(d, m->cs->seq, member_flags(d, more), m->cs->nrows, m->payload.data, m->payload.len);
         }
         if (st)
             return st;
@@ -822,29 +684,16 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
     for (size_t i = 0; i < d->schema.n && !st; i++) {
         hl_table *t = &d->schema.t[i];
         hl_capture_tab tab = {0};
-        st = capture_table(d, t, &k, &n, &tab);
-        if (!st)
-            st = log_delete(d, t, tab.max_seq);
-        if (!st && tab.ranged && tab.top > tab.hwm)
+        if (!(st = capture_table(d, t, &k, &n, &tab)) && !(st = log_delete(d, t, tab.max_seq)) && tab.ranged &&
+            tab.top > tab.hwm)
             st = hwm_put(d, t, tab.top);
         free(tab.seen);
     }
     if (!st && k.cs->nrows)
         st = member_flush(d, &k, false);
-    else if (!st && k.emitted && d->publish) {
+    else if (!st && k.emitted && d->opt.publish) {
         /* The chain ended exactly at a cut: its last member has no successor. */
-        int64_t last = (int64_t)d->next_seq - 1;
-        sqlite3_stmt *u = NULL;
-        int rc = sqlite3_prepare_v2(d->db, "UPDATE " HL_PREFIX "outbox SET flags = flags & ~?2 WHERE seq = ?1", -1, &u,
-                                    NULL);
-        if (rc == SQLITE_OK) {
-            sqlite3_bind_int64(u, 1, last);
-            sqlite3_bind_int(u, 2, HL_PART_FLAG_MORE);
-            rc = sqlite3_step(u);
-        }
-        sqlite3_finalize(u);
-        if (rc != SQLITE_DONE)
-            st = hl_db_err(d, rc, "outbox chain end");
+        st = hl_outbox_chain_end(d, d->next_seq - 1);
     }
     hl_changeset_free(k.cs);
     if (small_cache) {

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 struct hl_checkpointer {
     sqlite3 *db;

@@ -1,13 +1,16 @@
 /*
- * db.h - everything harmonylite does to the SQLite database.
+ * db.h - everything harmonylite does to the SQLite database: the public API.
  *
  * One hl_db owns the engine's single writer connection. Only the engine thread
- * touches it. The pieces, in the order a change flows through them:
- *   schema.c   - which tables replicate, their columns and keys, the schema hash
- *   triggers.c - the per-table change logs and the AFTER triggers that fill them
- *   capture.c  - change logs -> coalesced changeset -> clock rows + outbox
- *   apply.c    - remote changeset -> last-writer-wins per row -> table rows
- *   store.c    - harmonylite's own tables (meta, clock, outbox, origins, ...)
+ * touches it. It is opaque: the files of src/db/ share its definition and
+ * their internal functions through db_int.h (as SQLite's btree.c does with
+ * btreeInt.h); everybody else uses what is declared here.
+ *
+ * The engine's work is one call, hl_db_step: it captures the application's
+ * commits, applies remote changesets after them (capture before apply, so
+ * every local write has its version before a remote row is compared with
+ * it) and records the stream positions, in one write transaction, and keeps
+ * the caller's positions in line with what committed.
  */
 #ifndef HL_DB_H
 #define HL_DB_H
@@ -20,61 +23,11 @@
 #include "common/log.h"
 #include "common/status.h"
 #include "repl/changeset.h"
+#include "repl/queue.h"
 
 #define HL_PREFIX "__harmonylite__"
 
-/* One replicated table as it is in the local schema now. */
-typedef struct hl_table {
-    char *name;
-    char **cols; /* replicated (non-generated) columns in table order */
-    size_t ncols;
-    char **decl; /* normalised declared types, parallel to cols */
-    bool *notnull;
-    int *pkpos;  /* 1-based primary-key position per column, 0 if not in the key */
-    size_t *pk;  /* indexes into cols, in key order */
-    size_t npk;  /* 0: keyed by rowid */
-    char *rowid; /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
-    bool without_rowid;
-    bool int_key; /* keyed by the rowid or its INTEGER PRIMARY KEY alias: always an integer */
-    char *log;    /* name of its change-log table */
-    char *clock;  /* name of its clock table: the winning version of each row */
-    char *keysig; /* key layout signature stored in __harmonylite__tables */
-
-    /* cached statements, prepared lazily, finalized when the schema changes */
-    sqlite3_stmt *st_log_read;       /* change log joined to the rows, one entry per key */
-    sqlite3_stmt *st_log_del;        /* DELETE FROM log WHERE seq <= ? */
-    sqlite3_stmt *st_range;          /* capture: SELECT key, cols FROM t WHERE key > ? ORDER BY key */
-    sqlite3_stmt *st_range_keys;     /* capture: SELECT key FROM t WHERE key > ? AND key <= ? ORDER BY key */
-    sqlite3_stmt *st_range_unlogged; /* capture, streaming: st_range without the keys in the change log */
-    sqlite3_stmt *st_log_span;       /* capture: an upper bound on the change log's entries */
-    sqlite3_stmt *st_log_add;        /* capture: INSERT INTO log (jd, k0) VALUES (now, ?) */
-    bool applied;                    /* apply wrote rows: raise the high-water mark at hl_apply_end */
-    sqlite3_stmt *st_clock_win;      /* apply: UPSERT the clock row if the version wins */
-    sqlite3_stmt *st_clock_put;      /* capture: UPSERT the clock row */
-    sqlite3_stmt *st_row_del;        /* DELETE FROM t WHERE key */
-    sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
-    sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
-    char *write_sig;                 /* remote column list st_write/st_insert were built for */
-} hl_table;
-
-typedef struct hl_schema {
-    hl_table *t;
-    size_t n;
-    unsigned char hash[32];
-} hl_schema;
-
-/* ---- checkpoint.c: WAL checkpoints in a thread of their own ---- */
-
-/* The engine asks for a checkpoint after a commit that left this many WAL
- * frames or more (1 MiB at 4 KiB pages): well before the application's own
- * automatic checkpoint (1000 frames) would run inside its COMMIT. */
-#define HL_CHECKPOINT_FRAMES 256
-
-typedef struct hl_checkpointer hl_checkpointer;
-hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path);
-void hl_checkpointer_kick(hl_checkpointer *c); /* returns at once; the thread checkpoints */
-uint64_t hl_checkpointer_runs(hl_checkpointer *c);
-void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection */
+typedef struct hl_db hl_db;
 
 /* Counters the engine exports as metrics. Only the engine thread writes them. */
 typedef struct hl_db_stats {
@@ -94,40 +47,177 @@ typedef struct hl_db_stats {
     uint64_t clock_ahead;     /* changesets held: a row version too far ahead of the wall clock */
 } hl_db_stats;
 
-typedef struct hl_db {
-    sqlite3 *db;
-    char *path;
-    uint64_t node_id;
-    uint64_t epoch;    /* random id of this database's harmonylite incarnation */
-    uint64_t next_seq; /* next outbox changeset sequence */
-    uint64_t last_hlc;
-    uint64_t apply_start_hlc; /* last_hlc when hl_apply_begin ran */
-    hl_checkpointer *ckpt;    /* NULL: the engine connection checkpoints itself (SQLite's default) */
-    int wal_frames;           /* WAL size after this connection's last commit */
-    int64_t app_triggers;     /* triggers the application defined; 0: triggers off for this connection */
-    uint64_t txn_next_seq;    /* next_seq when the transaction began, restored on rollback */
-    uint64_t busy_since;      /* monotonic ms when the current wait for the write lock began */
-    bool publish;
-    bool compress;
-    size_t max_changeset_bytes;  /* largest changeset sent or accepted (its uncompressed payload) */
-    size_t chain_bytes;          /* a capture bigger than this is cut into a chain of changesets */
-    int64_t cache_kib;           /* the connection's page cache (cache_size), KiB */
-    uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held */
-    uint64_t ahead_due_ms;       /* wall ms when a changeset held for its clock is due; 0: none */
-    int64_t data_version;
-    int64_t schema_version;
-    hl_schema schema;
-    unsigned char prev_hash[32];
-    bool have_prev_hash;
-    hl_db_stats stats;
-    hl_ratelimit null_key_log;    /* warnings about rows with NULL in their key */
-    char last_error[200];         /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
-    hl_ratelimit clock_ahead_log; /* warnings about versions ahead of the wall clock */
-    sqlite3_stmt *st_outbox_put, *st_meta_put, *st_conflict_put;
-    sqlite3_stmt *st_hwm_get, *st_hwm_put;
-    sqlite3_stmt *st_origin_get, *st_origin_put, *st_seq_put, *st_pending_put;
-    sqlite3_stmt *st_outbox_next, *st_outbox_del, *st_data_version, *st_schema_version;
-} hl_db;
+/* Settings from the configuration (hl_db_configure); hl_db_open starts with
+ * the defaults noted. */
+typedef struct hl_db_options {
+    bool publish;                /* write captured changesets to the outbox (false) */
+    bool compress;               /* zstd-compress them (false) */
+    size_t max_changeset_bytes;  /* largest changeset sent or accepted, uncompressed (256 MiB) */
+    size_t chain_bytes;          /* member size of a chain; 0: hl_chain_bytes(max_changeset_bytes) (0) */
+    uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held (60 s) */
+} hl_db_options;
+
+/* ---- store.c: the connection ---- */
+
+/* Process-wide SQLite settings; call once at start, before any connection is opened. */
+void hl_db_global_init(void);
+
+/*
+ * Opens path as the engine connection: WAL journal mode, busy timeout,
+ * cache_size (KiB), creates harmonylite's tables if missing, loads or creates
+ * the epoch, sequences and clock. After a successful call the caller owns *out
+ * and frees it with hl_db_close.
+ */
+hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib);
+void hl_db_close(hl_db *d); /* NULL is a no-op */
+void hl_db_configure(hl_db *d, const hl_db_options *o);
+const hl_db_options *hl_db_get_options(const hl_db *d);
+
+/*
+ * Installs the change logs and triggers for the current schema (re-read in
+ * full) and, when capture is set, captures what the application committed
+ * while no engine ran; *rows (may be NULL) receives the rows captured. One
+ * write transaction.
+ */
+hl_status hl_db_install(hl_db *d, bool capture, uint64_t *rows);
+
+/* What the engine and /metrics read. */
+const hl_db_stats *hl_db_counters(const hl_db *d);
+uint64_t hl_db_epoch(const hl_db *d);    /* random id of this database's harmonylite incarnation */
+uint64_t hl_db_last_hlc(const hl_db *d); /* the last version this node gave or saw */
+/* Wall ms when a changeset held because its versions are ahead of the wall
+ * clock is due (0: none); a step with retry_held applies it then. */
+uint64_t hl_db_ahead_due_ms(const hl_db *d);
+/* The last SQLite error (or capture refusal) logged, for /readyz; "" when none. */
+const char *hl_db_last_error(const hl_db *d);
+void hl_db_clear_error(hl_db *d);
+/* The replicated tables: how many, the schema hash (32 bytes), the hash
+ * before the last change (NULL when the schema has not changed since start),
+ * and as JSON for /schema (docs/operations.md; malloc'd, NULL when out of memory). */
+size_t hl_db_table_count(const hl_db *d);
+const unsigned char *hl_db_schema_hash(const hl_db *d);
+const unsigned char *hl_db_prev_schema_hash(const hl_db *d);
+char *hl_db_schema_json(const hl_db *d);
+/* The engine connection itself, for tests that look at its settings. */
+sqlite3 *hl_db_handle(hl_db *d);
+
+/* BEGIN IMMEDIATE (retrying while busy), COMMIT, ROLLBACK: for a short write
+ * transaction outside hl_db_step (the publisher deleting acknowledged
+ * changesets from the outbox). */
+hl_status hl_db_begin(hl_db *d);
+hl_status hl_db_commit(hl_db *d);
+void hl_db_rollback(hl_db *d);
+/* Runs SQL text on the engine connection (no result rows). */
+hl_status hl_db_exec(hl_db *d, const char *sql);
+
+/* True when another connection committed since the last call (PRAGMA data_version). */
+bool hl_db_changed_externally(hl_db *d);
+
+/* Applied stream sequence for stream (0 if none). */
+hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq);
+
+/* Removes every trigger and table harmonylite created. Application data untouched. */
+hl_status hl_db_cleanup(const char *path);
+
+/* In one write transaction: deletes tombstones whose hlc is older than
+ * older_than_ms (*deleted receives how many) and forgets gaps given up on
+ * before it (a changeset from one is then a duplicate). */
+hl_status hl_db_gc(hl_db *d, uint64_t older_than_ms, uint64_t *deleted);
+
+/* ---- step.c: the engine's transaction ---- */
+
+typedef enum hl_apply_result {
+    HL_APPLIED = 0, /* applied (some rows may have lost to LWW or been recorded as conflicts) */
+    HL_DUPLICATE,   /* seq already applied for this origin */
+    HL_HELD,        /* stored in __harmonylite__pending: out of order, or schema mismatch */
+    HL_MALFORMED,   /* names things unknown although the schema hash matches: refused */
+} hl_apply_result;
+
+/* Stream positions the engine keeps, one per shard stream. */
+typedef struct hl_positions {
+    int n;
+    char *const *streams; /* names, the keys of __harmonylite__seq */
+    uint64_t *applied;    /* recorded in the database */
+    uint64_t *seen;       /* every message up to here dealt with; maybe not recorded yet */
+} hl_positions;
+
+/* What one hl_db_step is asked to do, and what it did. */
+typedef struct hl_step {
+    bool capture;              /* in: the application may have committed: capture it */
+    bool retry_held;           /* in/out: retry every held changeset; set when the schema changed, cleared once done */
+    uint64_t expire_before_ms; /* in: nonzero: out-of-order holds waiting since before this give up on their
+                                  missing predecessors (hl_apply_expire_held) */
+    bool flush_positions;      /* in: record positions that only moved (seen != applied) */
+    bool committed;            /* out: a write transaction committed */
+    bool schema_changed;       /* out: the schema was re-read */
+    uint64_t rows_captured;    /* out */
+    bool streamed;             /* out: too much for a snapshot batch: captured inside the write transaction */
+    uint64_t read_us, lock_us; /* out: time reading under a snapshot (no lock), and holding the write lock */
+} hl_step;
+
+/*
+ * One engine step. With s->capture, what the application logged is read and
+ * encoded first under a WAL snapshot, without the write lock. Then one write
+ * transaction: the schema check, the recording of that batch, the capture of
+ * whatever was logged since the snapshot, and only then (capture before
+ * apply) held changesets when asked, the remote changesets in items (each
+ * one's applied is set) and the stream positions: pos->seen moves to every
+ * item's safe_seq, and what differs from pos->applied is recorded. After a
+ * commit pos->applied equals pos->seen. On failure the transaction rolls
+ * back, nothing is lost (the change logs still hold what was captured; the
+ * caller puts items back) and pos->seen returns to pos->applied. Nothing to
+ * do writes nothing (s->committed stays false). pos may be NULL: items then
+ * move no position.
+ */
+hl_status hl_db_step(hl_db *d, hl_inbound *items, hl_positions *pos, hl_step *s);
+
+/* hl_db_step for one remote changeset and nothing else (no positions), with
+ * its result: for tests, benchmarks and tools. raw/rawlen/flags are its
+ * encoded payload and part flags, stored if it must be held. */
+hl_status hl_db_apply_one(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                          hl_apply_result *res);
+
+/* ---- outbox.c: encoded changesets not yet acknowledged by JetStream ---- */
+
+typedef struct hl_outbox_entry {
+    uint64_t seq;   /* the changeset's sequence */
+    uint64_t rows;  /* rows in it */
+    uint8_t flags;  /* HL_PART_FLAG_ZSTD, HL_PART_FLAG_MORE (docs/protocol.md §1) */
+    hl_buf payload; /* the encoded changeset */
+} hl_outbox_entry;
+
+/* An empty entry whose payload can hold up to max_payload bytes. */
+void hl_outbox_entry_init(hl_outbox_entry *e, size_t max_payload);
+void hl_outbox_entry_free(hl_outbox_entry *e); /* NULL is a no-op */
+/* The entry with the lowest seq > after; HL_ERR_NOT_FOUND when none. */
+hl_status hl_db_outbox_next(hl_db *d, uint64_t after, hl_outbox_entry *e);
+hl_status hl_db_outbox_put(hl_db *d, uint64_t seq, uint8_t flags, uint64_t rows, const void *payload, size_t len);
+hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq);
+hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
+
+/* ---- apply.c: held changesets ---- */
+
+/* True when a step with expire_before_ms = older_than_ms has holds to give up on. */
+bool hl_apply_held_due(hl_db *d, uint64_t older_than_ms);
+/* Drops every changeset held for origin node (operator's -drop-held); its
+ * applied sequence moves past them. One write transaction. */
+hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped);
+
+/* Held changesets of one origin (node, epoch), for /schema. */
+typedef struct hl_held_origin {
+    uint64_t node, epoch;
+    uint64_t count;      /* changesets held */
+    uint64_t for_schema; /* of which wait for the local schema */
+    uint64_t first_seq;  /* lowest held sequence */
+    uint64_t applied;    /* the origin's applied sequence */
+    uint64_t since_ms;   /* wall ms when the oldest was held */
+    char reason[256];    /* why the first in line waits */
+} hl_held_origin;
+/* At most 64 origins, by node id; *out is freed with hl_held_list_free. */
+hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n);
+void hl_held_list_free(hl_held_origin *v); /* NULL is a no-op */
+/* Held changesets: all, those waiting for the local schema, and the oldest one's hold time. */
+hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms);
 
 /* ---- watch.c: when to look for the application's new commits ---- */
 
@@ -147,205 +237,5 @@ int hl_watch_timeout(const hl_watch *w, uint64_t now);
 /* After poll(): readable says the fd had POLLIN, timed_out that poll()
  * returned 0. True when the engine should look now. */
 bool hl_watch_after_poll(hl_watch *w, bool readable, bool timed_out, uint64_t now);
-
-/* ---- store.c ---- */
-
-/* Process-wide SQLite settings; call once at start, before any connection is opened. */
-void hl_db_global_init(void);
-
-/*
- * Opens path as the engine connection: WAL journal mode, busy timeout,
- * cache_size (KiB), creates harmonylite's tables if missing, loads or creates
- * the epoch, sequences and clock. After a successful call the caller owns *out
- * and frees it with hl_db_close.
- */
-hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib);
-void hl_db_close(hl_db *d);
-
-hl_status hl_db_exec(hl_db *d, const char *sql);
-hl_status hl_db_meta_put(hl_db *d, const char *key, int64_t v);
-hl_status hl_db_begin(hl_db *d); /* BEGIN IMMEDIATE, retrying while busy */
-hl_status hl_db_commit(hl_db *d);
-void hl_db_rollback(hl_db *d);
-
-/*
- * Runs one statement built in sql, after checking the buffer's sticky error,
- * with ?1 bound to name when name is not NULL. When row is not NULL the
- * statement must return a row and *row receives its first column; otherwise
- * it must run to completion. what names it in an error.
- */
-hl_status hl_db_run(hl_db *d, const hl_buf *sql, const char *name, int64_t *row, const char *what);
-
-/* Logs the SQLite error of d with context and returns HL_ERR_SQLITE (or HL_ERR_BUSY). */
-hl_status hl_db_err(hl_db *d, int rc, const char *what);
-
-/* True when another connection committed since the last call (PRAGMA data_version). */
-bool hl_db_changed_externally(hl_db *d);
-/* PRAGMA schema_version of the database now (-1 on error). */
-int64_t hl_db_schema_version(hl_db *d);
-
-/* Applied stream sequence for stream (0 if none). */
-hl_status hl_db_stream_seq_get(hl_db *d, const char *stream, uint64_t *seq);
-hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq);
-
-/* Outbox: rows with seq > after, in order; returns HL_ERR_NOT_FOUND when none. */
-hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *rows, hl_buf *payload);
-hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq);
-hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
-
-/* Removes every trigger and table harmonylite created. Application data untouched. */
-hl_status hl_db_cleanup(const char *path);
-
-/* Deletes tombstones whose hlc is older than older_than_ms. */
-hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *deleted);
-
-/* Helpers shared by capture and apply. */
-void hl_value_from_column(sqlite3_stmt *st, int col, hl_value *v); /* points into SQLite memory */
-int hl_bind_value(sqlite3_stmt *st, int idx, const hl_value *v);   /* binds without copying */
-hl_status hl_add_key_where(hl_buf *b, const hl_table *t, int first_param);
-/* The rowid of a rowid-keyed table (int_key): its INTEGER PRIMARY KEY column or rowid alias. */
-hl_status hl_add_rowid(hl_buf *b, const hl_table *t);
-/* Prepares t's clock statements (st_clock_win, st_clock_put) if needed. */
-hl_status hl_clock_prepare(hl_db *d, hl_table *t);
-/* Records (hlc, node, deleted) as the version of t's row with this key. */
-hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, uint64_t hlc, uint64_t node,
-                       bool deleted);
-
-/* ---- schema.c ---- */
-
-/* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
-hl_status hl_schema_scan(hl_db *d, hl_schema *out);
-void hl_schema_free(hl_schema *s);
-/* Finds a table by name, case-insensitively as SQLite does. */
-hl_table *hl_schema_find(hl_schema *s, const char *name);
-/* The replicated tables as JSON for /schema (docs/operations.md), malloc'd;
- * NULL when out of memory. */
-char *hl_schema_json(const hl_schema *s);
-/* Index of column name in t, or -1 (case-insensitive). */
-int hl_table_col(const hl_table *t, const char *name);
-
-/* ---- triggers.c ---- */
-
-/* SQL text of the change-log table and the triggers for t (exposed for unit tests). */
-hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl, hl_buf *triggers);
-
-/*
- * Brings the database in line with the current schema: re-scans it when
- * schema_version moved (or force), creates change logs and triggers for new or
- * changed tables, drops those of dropped tables. Pending change-log rows of a
- * table whose key layout changed or that was dropped cannot be captured and
- * are discarded with a warning. Must run inside a write transaction.
- * *changed is set when the schema was re-read.
- */
-hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed);
-
-/* ---- capture.c ---- */
-
-/*
- * Captures every committed local change: coalesces the change logs (one entry
- * per row, the current row image or a delete), gives each a new hlc, records
- * the clocks, writes the encoded changeset to the outbox (when publishing) and
- * empties the logs. Must run inside a write transaction. *rows receives the
- * number of rows captured.
- */
-hl_status hl_capture(hl_db *d, uint64_t *rows);
-
-/* The member size of a chain for a given max_changeset_bytes: 1 MiB, or a
- * quarter of the limit when that is smaller, so any row up to three quarters
- * of the limit still fits a member. d->chain_bytes 0 means this. */
-size_t hl_chain_bytes(size_t max_changeset_bytes);
-
-/*
- * hl_capture in two steps, so the expensive part need not hold the write lock.
- * hl_capture_collect only reads: inside any transaction it sees a snapshot of
- * committed application transactions, and builds (and encodes) the changeset
- * of every change logged up to then. hl_capture_record, in a write
- * transaction on the same schema, records the clocks, deletes exactly the log
- * rows that were read and writes the outbox. Changes logged in between have
- * later log positions and are captured by the next cycle with later versions.
- */
-typedef struct hl_capture_tab {
-    int64_t max_seq; /* last log position read */
-    bool ranged;     /* rows above the high-water mark were read (rowid-keyed tables) */
-    int64_t hwm;     /* the high-water mark then */
-    int64_t top;     /* the highest rowid read above it (hwm when none) */
-    int64_t *seen;   /* every rowid above it in the snapshot, ascending */
-    size_t nseen, capseen;
-} hl_capture_tab;
-
-/* One changeset of a capture: a transaction too big for one is a chain of
- * several (HL_PART_FLAG_MORE on all but the last). */
-typedef struct hl_capture_member {
-    hl_changeset *cs;
-    hl_buf payload; /* encoded (when publishing) */
-} hl_capture_member;
-
-typedef struct hl_capture_batch {
-    hl_capture_member *members;
-    size_t nmembers;
-    hl_capture_tab *tab; /* per schema table */
-    size_t ntables;
-    uint64_t rows;
-    bool too_big; /* more than a snapshot batch holds: nothing collected, hl_capture streams it */
-} hl_capture_batch;
-
-hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b);
-hl_status hl_capture_record(hl_db *d, hl_capture_batch *b);
-void hl_capture_batch_free(hl_capture_batch *b);
-
-/* ---- apply.c ---- */
-
-typedef enum hl_apply_result {
-    HL_APPLIED = 0, /* applied (some rows may have lost to LWW or been recorded as conflicts) */
-    HL_DUPLICATE,   /* seq already applied for this origin */
-    HL_HELD,        /* stored in __harmonylite__pending: out of order, or schema mismatch */
-    HL_MALFORMED,   /* names things unknown although the schema hash matches: refused */
-} hl_apply_result;
-
-/*
- * Applies one remote changeset (inside a write transaction with applying = 1,
- * which the caller sets with hl_apply_begin). Checks and advances the origin
- * sequence, so a changeset is applied exactly once. raw/rawlen/flags are the
- * encoded payload, stored when the changeset must be held. After an applied
- * changeset, held successors of the same origin are applied too.
- */
-hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
-                   hl_apply_result *res);
-hl_status hl_apply_begin(hl_db *d); /* sets __harmonylite__ctl.applying = 1 */
-hl_status hl_apply_end(hl_db *d);   /* clears it; call before commit */
-
-/* Retries every held changeset (after a schema change). */
-hl_status hl_apply_retry_held(hl_db *d);
-/*
- * Out-of-order holds that waited since before older_than_ms give up on their
- * missing predecessors: the gap is recorded in __harmonylite__missing (a
- * changeset from it that arrives later is still applied), the held ones are
- * applied. *gaps (may be NULL) is incremented per origin. Inside the apply
- * transaction.
- */
-hl_status hl_apply_expire_held(hl_db *d, uint64_t older_than_ms, uint64_t *gaps);
-/* True when hl_apply_expire_held(d, older_than_ms) has something to do. */
-bool hl_apply_held_due(hl_db *d, uint64_t older_than_ms);
-/* Forgets gaps given up on before older_than_ms (a changeset from one is then a duplicate). */
-hl_status hl_db_missing_gc(hl_db *d, uint64_t older_than_ms);
-/* Drops every changeset held for origin node (operator's -drop-held); its
- * applied sequence moves past them. Inside a write transaction. */
-hl_status hl_db_drop_held(hl_db *d, uint64_t node, uint64_t *dropped);
-
-/* Held changesets of one origin (node, epoch), for /schema. */
-typedef struct hl_held_origin {
-    uint64_t node, epoch;
-    uint64_t count;      /* changesets held */
-    uint64_t for_schema; /* of which wait for the local schema */
-    uint64_t first_seq;  /* lowest held sequence */
-    uint64_t applied;    /* the origin's applied sequence */
-    uint64_t since_ms;   /* wall ms when the oldest was held */
-    char reason[256];    /* why the first in line waits */
-} hl_held_origin;
-/* At most 64 origins, by node id; *out is freed with hl_held_list_free. */
-hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n);
-void hl_held_list_free(hl_held_origin *v);
-/* Held changesets: all, those waiting for the local schema, and the oldest one's hold time. */
-hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms);
 
 #endif

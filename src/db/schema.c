@@ -13,7 +13,7 @@
 
 #include "common/log.h"
 #include "common/sha256.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 /* Finalizes t's cached statements. */
 static void table_finalize(hl_table *t)
@@ -59,6 +59,8 @@ static void table_free(hl_table *t)
 
 void hl_schema_free(hl_schema *s)
 {
+    if (!s)
+        return;
     for (size_t i = 0; i < s->n; i++)
         table_free(&s->t[i]);
     free(s->t);
@@ -109,6 +111,57 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* Room for one more column in t's parallel column arrays. */
+static hl_status columns_grow(hl_table *t, size_t *cap)
+{
+    if (t->ncols < *cap)
+        return HL_OK;
+    size_t nc = *cap ? *cap * 2 : 8;
+    char **c = realloc(t->cols, nc * sizeof *c);
+    if (c)
+        t->cols = c;
+    char **dl = realloc(t->decl, nc * sizeof *dl);
+    if (dl)
+        t->decl = dl;
+    bool *nn = realloc(t->notnull, nc * sizeof *nn);
+    if (nn)
+        t->notnull = nn;
+    int *pp = realloc(t->pkpos, nc * sizeof *pp);
+    if (pp)
+        t->pkpos = pp;
+    if (!c || !dl || !nn || !pp)
+        return HL_ERR_NOMEM;
+    *cap = nc;
+    return HL_OK;
+}
+
+/* t's key from the columns' key positions: the key columns in key order, or
+ * for a table keyed by its rowid an alias of it no column shadows
+ * (HL_ERR_SCHEMA when every alias is shadowed: not replicated). */
+static hl_status set_key(hl_table *t)
+{
+    for (size_t i = 0; i < t->ncols; i++)
+        if (t->pkpos[i] > 0)
+            t->npk++;
+    if (t->npk) {
+        if (!(t->pk = calloc(t->npk, sizeof *t->pk)))
+            return HL_ERR_NOMEM;
+        for (size_t i = 0; i < t->ncols; i++)
+            if (t->pkpos[i] > 0 && (size_t)t->pkpos[i] <= t->npk)
+                t->pk[t->pkpos[i] - 1] = i;
+        return HL_OK;
+    }
+    static const char *const aliases[] = {"rowid", "_rowid_", "oid"};
+    for (int a = 0; a < 3 && !t->rowid; a++)
+        if (hl_table_col(t, aliases[a]) < 0)
+            t->rowid = strdup(aliases[a]);
+    if (t->rowid)
+        return HL_OK;
+    hl_log(HL_LOG_WARN, "table has no primary key and columns shadow rowid, _rowid_ and oid; not replicated", "table",
+           t->name, NULL);
+    return HL_ERR_SCHEMA;
+}
+
 static hl_status load_columns(hl_db *d, hl_table *t)
 {
     sqlite3_stmt *st = NULL;
@@ -122,25 +175,8 @@ static hl_status load_columns(hl_db *d, hl_table *t)
         return hl_db_err(d, rc, "table_xinfo");
     sqlite3_bind_text(st, 1, t->name, -1, SQLITE_STATIC);
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (t->ncols == cap) {
-            cap = cap ? cap * 2 : 8;
-            char **c = realloc(t->cols, cap * sizeof *c);
-            if (c)
-                t->cols = c;
-            char **dl = realloc(t->decl, cap * sizeof *dl);
-            if (dl)
-                t->decl = dl;
-            bool *nn = realloc(t->notnull, cap * sizeof *nn);
-            if (nn)
-                t->notnull = nn;
-            int *pp = realloc(t->pkpos, cap * sizeof *pp);
-            if (pp)
-                t->pkpos = pp;
-            if (!c || !dl || !nn || !pp) {
-                res = HL_ERR_NOMEM;
-                goto out;
-            }
-        }
+        if ((res = columns_grow(t, &cap)))
+            break;
         size_t i = t->ncols;
         t->cols[i] = strdup((const char *)sqlite3_column_text(st, 0));
         t->decl[i] =
@@ -150,41 +186,13 @@ static hl_status load_columns(hl_db *d, hl_table *t)
         t->ncols++;
         if (!t->cols[i] || !t->decl[i]) {
             res = HL_ERR_NOMEM;
-            goto out;
+            break;
         }
     }
-    if (rc != SQLITE_DONE) {
+    if (!res && rc != SQLITE_DONE)
         res = hl_db_err(d, rc, "table_xinfo");
-        goto out;
-    }
-    for (size_t i = 0; i < t->ncols; i++)
-        if (t->pkpos[i] > 0)
-            t->npk++;
-    if (t->npk) {
-        t->pk = calloc(t->npk, sizeof *t->pk);
-        if (!t->pk) {
-            res = HL_ERR_NOMEM;
-            goto out;
-        }
-        for (size_t i = 0; i < t->ncols; i++)
-            if (t->pkpos[i] > 0 && (size_t)t->pkpos[i] <= t->npk)
-                t->pk[t->pkpos[i] - 1] = i;
-    } else {
-        /* Keyed by rowid: pick an alias no column shadows. */
-        static const char *const aliases[] = {"rowid", "_rowid_", "oid"};
-        for (int a = 0; a < 3 && !t->rowid; a++)
-            if (hl_table_col(t, aliases[a]) < 0)
-                t->rowid = strdup(aliases[a]);
-        if (!t->rowid) {
-            hl_log(HL_LOG_WARN, "table has no primary key and columns shadow rowid, _rowid_ and oid; not replicated",
-                   "table", t->name, NULL);
-            res = HL_ERR_SCHEMA;
-            goto out;
-        }
-    }
-out:
     sqlite3_finalize(st);
-    return res;
+    return res ? res : set_key(t);
 }
 
 /* Key layout signature: the key column names joined by \x1f, or "\x1erowid". */
@@ -251,6 +259,82 @@ out:
     hl_sha256_final(&h, s->hash);
 }
 
+/* Whether name is a shadow table of one of the virtual tables in virt (NUL
+ * separated names): shadow tables of a module this process did not load show
+ * as plain tables, named "<virtual table>_...". */
+static bool is_shadow(const hl_buf *virt, const char *name)
+{
+    for (size_t off = 0; off < virt->len;) {
+        const char *v = (const char *)virt->data + off;
+        size_t vl = strlen(v);
+        if (sqlite3_strnicmp(name, v, (int)vl) == 0 && name[vl] == '_')
+            return true;
+        off += vl + 1;
+    }
+    return false;
+}
+
+/* Appends table name to s with its columns and key; a table that cannot be
+ * replicated (load_columns says why) is left out. */
+static hl_status table_add(hl_db *d, hl_schema *s, size_t *cap, const char *name)
+{
+    if (s->n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 16;
+        hl_table *nt = realloc(s->t, nc * sizeof *nt);
+        if (!nt)
+            return HL_ERR_NOMEM;
+        s->t = nt;
+        *cap = nc;
+    }
+    hl_table *t = &s->t[s->n];
+    memset(t, 0, sizeof *t);
+    if (!(t->name = strdup(name)))
+        return HL_ERR_NOMEM;
+    s->n++;
+    hl_buf lb;
+    hl_buf_init(&lb, 1u << 20);
+    hl_buf_addf(&lb, HL_PREFIX "%s_change_log", name);
+    t->log = (char *)hl_buf_steal(&lb, NULL);
+    hl_buf_init(&lb, 1u << 20);
+    hl_buf_addf(&lb, HL_PREFIX "%s_clock", name);
+    t->clock = (char *)hl_buf_steal(&lb, NULL);
+    hl_status res = load_columns(d, t);
+    if (res == HL_ERR_SCHEMA) {
+        table_free(t);
+        s->n--;
+        return HL_OK;
+    }
+    if (res)
+        return res;
+    t->keysig = key_signature(t);
+    return t->log && t->clock && t->keysig ? HL_OK : HL_ERR_NOMEM;
+}
+
+/* Whether t is WITHOUT ROWID, and whether it is keyed by an integer: its rowid
+ * or an INTEGER PRIMARY KEY that is the rowid's alias (not in WITHOUT ROWID
+ * tables, not when declared DESC: then SQLite gives it an index of its own). */
+static void key_kind(hl_db *d, hl_table *t)
+{
+    sqlite3_stmt *w = NULL;
+    /* pragma table_list has no without-rowid column in 3.40; ask sqlite_schema. */
+    if (sqlite3_prepare_v2(d->db, "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", -1, &w,
+                           NULL) == SQLITE_OK) {
+        sqlite3_bind_text(w, 1, t->name, -1, SQLITE_STATIC);
+        if (sqlite3_step(w) == SQLITE_ROW)
+            t->without_rowid = sqlite3_column_int(w, 0) != 0;
+    }
+    sqlite3_finalize(w);
+    w = NULL;
+    t->int_key = t->npk == 0;
+    if (t->npk == 1 && !t->without_rowid && strcmp(t->decl[t->pk[0]], "INTEGER") == 0 &&
+        sqlite3_prepare_v2(d->db, "SELECT count(*) FROM pragma_index_list(?) WHERE origin = 'pk'", -1, &w, NULL) ==
+            SQLITE_OK) {
+        sqlite3_bind_text(w, 1, t->name, -1, SQLITE_STATIC);
+        t->int_key = sqlite3_step(w) == SQLITE_ROW && sqlite3_column_int(w, 0) == 0;
+        sqlite3_finalize(w);
+    }
+}
+
 hl_status hl_schema_scan(hl_db *d, hl_schema *out)
 {
     sqlite3_stmt *st = NULL;
@@ -268,10 +352,11 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
         res = hl_db_err(d, rc, "table_list");
         goto out;
     }
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    while (!res && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(st, 0);
         const char *type = (const char *)sqlite3_column_text(st, 1);
-        if (strncmp(name, "sqlite_", 7) == 0 || strncmp(name, HL_PREFIX, strlen(HL_PREFIX)) == 0)
+        if (strncmp(name, "sqlite_", 7) == 0 || strncmp(name, HL_PREFIX, strlen(HL_PREFIX)) == 0 ||
+            strcmp(type, "shadow") == 0)
             continue;
         if (strcmp(type, "virtual") == 0) {
             hl_log(HL_LOG_INFO, "virtual table skipped: virtual tables and their shadow tables are not replicated",
@@ -279,84 +364,17 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
             hl_buf_add(&virt, name, strlen(name) + 1);
             continue;
         }
-        if (strcmp(type, "shadow") == 0)
-            continue;
-        /* Shadow tables of a module this process did not load show as plain tables. */
-        bool shadow = false;
-        for (size_t off = 0; off < virt.len && !shadow;) {
-            const char *v = (const char *)virt.data + off;
-            size_t vl = strlen(v);
-            if (sqlite3_strnicmp(name, v, (int)vl) == 0 && name[vl] == '_')
-                shadow = true;
-            off += vl + 1;
-        }
-        if (shadow)
-            continue;
-        if (s.n == cap) {
-            cap = cap ? cap * 2 : 16;
-            hl_table *nt = realloc(s.t, cap * sizeof *nt);
-            if (!nt) {
-                res = HL_ERR_NOMEM;
-                goto out;
-            }
-            s.t = nt;
-        }
-        hl_table *t = &s.t[s.n];
-        memset(t, 0, sizeof *t);
-        t->name = strdup(name);
-        if (!t->name) {
-            res = HL_ERR_NOMEM;
-            goto out;
-        }
-        s.n++;
-        hl_buf lb;
-        hl_buf_init(&lb, 1u << 20);
-        hl_buf_addf(&lb, HL_PREFIX "%s_change_log", name);
-        t->log = (char *)hl_buf_steal(&lb, NULL);
-        hl_buf_init(&lb, 1u << 20);
-        hl_buf_addf(&lb, HL_PREFIX "%s_clock", name);
-        t->clock = (char *)hl_buf_steal(&lb, NULL);
-        res = load_columns(d, t);
-        if (res == HL_ERR_SCHEMA) {
-            table_free(t);
-            s.n--;
-            res = HL_OK;
-            continue;
-        }
-        if (res)
-            goto out;
-        t->keysig = key_signature(t);
-        if (!t->log || !t->clock || !t->keysig) {
-            res = HL_ERR_NOMEM;
-            goto out;
-        }
+        if (!is_shadow(&virt, name))
+            res = table_add(d, &s, &cap, name);
     }
+    if (res)
+        goto out;
     if (rc != SQLITE_DONE) {
         res = hl_db_err(d, rc, "table_list");
         goto out;
     }
-    /* pragma table_list has no without-rowid column in 3.40; ask sqlite_schema. */
-    for (size_t i = 0; i < s.n; i++) {
-        sqlite3_stmt *w = NULL;
-        if (sqlite3_prepare_v2(d->db, "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", -1, &w,
-                               NULL) == SQLITE_OK) {
-            sqlite3_bind_text(w, 1, s.t[i].name, -1, SQLITE_STATIC);
-            if (sqlite3_step(w) == SQLITE_ROW)
-                s.t[i].without_rowid = sqlite3_column_int(w, 0) != 0;
-        }
-        sqlite3_finalize(w);
-        /* An INTEGER PRIMARY KEY is the rowid, except in WITHOUT ROWID tables
-         * and when declared DESC; then SQLite gives it an index of its own. */
-        hl_table *t = &s.t[i];
-        t->int_key = t->npk == 0;
-        if (t->npk == 1 && !t->without_rowid && strcmp(t->decl[t->pk[0]], "INTEGER") == 0 &&
-            sqlite3_prepare_v2(d->db, "SELECT count(*) FROM pragma_index_list(?) WHERE origin = 'pk'", -1, &w, NULL) ==
-                SQLITE_OK) {
-            sqlite3_bind_text(w, 1, t->name, -1, SQLITE_STATIC);
-            t->int_key = sqlite3_step(w) == SQLITE_ROW && sqlite3_column_int(w, 0) == 0;
-            sqlite3_finalize(w);
-        }
-    }
+    for (size_t i = 0; i < s.n; i++)
+        key_kind(d, &s.t[i]);
     schema_hash(&s);
     hl_schema_free(out);
     *out = s;

@@ -14,7 +14,7 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 static const char *const internal_ddl =
     "CREATE TABLE IF NOT EXISTS " HL_PREFIX "ctl(id INTEGER PRIMARY KEY CHECK (id = 1), applying INTEGER NOT NULL);"
@@ -228,44 +228,85 @@ static int busy_wait(void *arg, int tries)
     return 1;
 }
 
-hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib)
+/* The connection and its settings: WAL, cache, synchronous, no foreign keys
+ * or recursive triggers (apply writes rows as they were written elsewhere). */
+static hl_status open_connection(hl_db *d, const char *path, int64_t cache_kib)
 {
-    hl_status st = HL_OK;
-    hl_db *d = calloc(1, sizeof *d);
     char sql[128];
-    *out = NULL;
-    if (!d)
-        return HL_ERR_NOMEM;
-    d->node_id = node_id;
-    d->max_changeset_bytes = 256u << 20; /* replication_log.max_changeset_bytes' default */
-    d->path = strdup(path);
-    d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
-    d->clock_ahead_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
-    d->max_clock_drift_ms = 60000;
-    if (!d->path) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
+    hl_status st;
     int rc = sqlite3_open_v2(path, &d->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc != SQLITE_OK) {
         hl_log(HL_LOG_ERROR, "cannot open database", "path", path, "error",
                d->db ? sqlite3_errmsg(d->db) : sqlite3_errstr(rc), NULL);
-        st = HL_ERR_SQLITE;
-        goto out;
+        return HL_ERR_SQLITE;
     }
     sqlite3_busy_handler(d->db, busy_wait, d);
     sqlite3_extended_result_codes(d->db, 1);
     /* WAL lets the application read while we write and vice versa. It is a
      * property of the file, so it persists for the application too. */
     if ((st = hl_db_exec(d, "PRAGMA journal_mode = WAL")))
-        goto out;
+        return st;
     d->cache_kib = cache_kib > 0 ? cache_kib : 2000;
     snprintf(sql, sizeof sql, "PRAGMA cache_size = -%lld", (long long)d->cache_kib);
     if ((st = hl_db_exec(d, sql)) || (st = hl_db_exec(d, "PRAGMA synchronous = NORMAL")) ||
-        (st = hl_db_exec(d, "PRAGMA foreign_keys = OFF")) || (st = hl_db_exec(d, "PRAGMA recursive_triggers = OFF")))
-        goto out;
-    if ((st = hl_db_begin(d)))
-        goto out;
+        (st = hl_db_exec(d, "PRAGMA foreign_keys = OFF")))
+        return st;
+    return hl_db_exec(d, "PRAGMA recursive_triggers = OFF");
+}
+
+/* The epoch (a new one for a new database or one copied from another node),
+ * the next changeset sequence and the last version, from meta. */
+static hl_status load_meta(hl_db *d, uint64_t node_id)
+{
+    int64_t v;
+    bool found;
+    uint64_t stored_node = 0;
+    hl_status st;
+    if ((st = meta_get_int(d, "node_id", &v, &found)))
+        return st;
+    if (found)
+        stored_node = (uint64_t)v;
+    if ((st = meta_get_int(d, "epoch", &v, &found)))
+        return st;
+    if (found && stored_node == node_id) {
+        d->epoch = (uint64_t)v;
+    } else {
+        /* New database, or one copied from another node: start a new origin
+         * incarnation so its changesets can never be mistaken for old ones. */
+        if (found)
+            hl_logf(HL_LOG_WARN, "database was last used by node %llu; starting a new origin epoch as node %llu",
+                    (unsigned long long)stored_node, (unsigned long long)node_id);
+        d->epoch = random_epoch();
+        if ((st = hl_db_meta_put(d, "epoch", (int64_t)d->epoch)) ||
+            (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) || (st = hl_db_meta_put(d, "next_seq", 1)))
+            return st;
+    }
+    if ((st = meta_get_int(d, "next_seq", &v, &found)))
+        return st;
+    d->next_seq = found && v > 0 ? (uint64_t)v : 1;
+    /* Outbox rows may be ahead of next_seq only if meta was lost; never reuse a sequence. */
+    int64_t maxo = query_int(d, "SELECT max(seq) FROM " HL_PREFIX "outbox", 0);
+    if (maxo >= (int64_t)d->next_seq)
+        d->next_seq = (uint64_t)maxo + 1;
+    if ((st = meta_get_int(d, "last_hlc", &v, &found)))
+        return st;
+    /* A negative value is a version that overflowed before versions were
+     * bounded: start again from the wall clock (stored clocks that are
+     * negative compare lower than every version, so later writes win). */
+    if (found && v < 0)
+        hl_logf(HL_LOG_WARN, "meta.last_hlc %lld is not a valid version; restarting the clock from the wall clock",
+                (long long)v);
+    d->last_hlc = found && v > 0 ? (uint64_t)v : 0;
+    return HL_OK;
+}
+
+/* harmonylite's tables, created or brought up to date, and meta read: one
+ * write transaction. */
+static hl_status init_tables(hl_db *d, uint64_t node_id)
+{
+    hl_status st = hl_db_begin(d);
+    if (st)
+        return st;
     if ((st = hl_db_exec(d, internal_ddl)))
         goto rollback;
     /* Databases from before conflicts kept the row itself get the column. */
@@ -278,57 +319,22 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
         goto rollback;
     if ((st = prep(d, &d->st_meta_put,
                    "INSERT INTO " HL_PREFIX "meta(key, value) VALUES (?, ?) "
-                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value")))
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value")) ||
+        (st = load_meta(d, node_id)))
         goto rollback;
+    return hl_db_commit(d);
+rollback:
+    hl_db_rollback(d);
+    return st;
+}
 
-    int64_t v;
-    bool found;
-    uint64_t stored_node = 0;
-    if ((st = meta_get_int(d, "node_id", &v, &found)))
-        goto rollback;
-    if (found)
-        stored_node = (uint64_t)v;
-    if ((st = meta_get_int(d, "epoch", &v, &found)))
-        goto rollback;
-    if (found && stored_node == node_id) {
-        d->epoch = (uint64_t)v;
-    } else {
-        /* New database, or one copied from another node: start a new origin
-         * incarnation so its changesets can never be mistaken for old ones. */
-        if (found)
-            hl_logf(HL_LOG_WARN, "database was last used by node %llu; starting a new origin epoch as node %llu",
-                    (unsigned long long)stored_node, (unsigned long long)node_id);
-        d->epoch = random_epoch();
-        if ((st = hl_db_meta_put(d, "epoch", (int64_t)d->epoch)) ||
-            (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) || (st = hl_db_meta_put(d, "next_seq", 1)))
-            goto rollback;
-    }
-    if ((st = meta_get_int(d, "next_seq", &v, &found)))
-        goto rollback;
-    d->next_seq = found && v > 0 ? (uint64_t)v : 1;
-    /* Outbox rows may be ahead of next_seq only if meta was lost; never reuse a sequence. */
-    int64_t maxo = query_int(d, "SELECT max(seq) FROM " HL_PREFIX "outbox", 0);
-    if (maxo >= (int64_t)d->next_seq)
-        d->next_seq = (uint64_t)maxo + 1;
-    if ((st = meta_get_int(d, "last_hlc", &v, &found)))
-        goto rollback;
-    /* A negative value is a version that overflowed before versions were
-     * bounded: start again from the wall clock (stored clocks that are
-     * negative compare lower than every version, so later writes win). */
-    if (found && v < 0)
-        hl_logf(HL_LOG_WARN, "meta.last_hlc %lld is not a valid version; restarting the clock from the wall clock",
-                (long long)v);
-    d->last_hlc = found && v > 0 ? (uint64_t)v : 0;
-    if ((st = hl_db_commit(d)))
-        goto out;
-
-    if ((st = prep(d, &d->st_outbox_put,
-                   "INSERT INTO " HL_PREFIX "outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)")) ||
+/* The statements kept prepared for the life of the connection. */
+static hl_status prepare_statements(hl_db *d)
+{
+    hl_status st;
+    if ((st = hl_outbox_prepare(d)) ||
         (st = prep(d, &d->st_hwm_get, "SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?")) ||
         (st = prep(d, &d->st_hwm_put, "UPDATE " HL_PREFIX "hwm SET hwm = ?2 WHERE tbl = ?1 AND hwm < ?2")) ||
-        (st = prep(d, &d->st_outbox_next,
-                   "SELECT seq, flags, data, rows FROM " HL_PREFIX "outbox WHERE seq > ? ORDER BY seq LIMIT 1")) ||
-        (st = prep(d, &d->st_outbox_del, "DELETE FROM " HL_PREFIX "outbox WHERE seq = ?")) ||
         (st = prep(d, &d->st_data_version, "PRAGMA data_version")) ||
         (st = prep(d, &d->st_schema_version, "PRAGMA schema_version")) ||
         (st = prep(d, &d->st_conflict_put,
@@ -340,11 +346,31 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
                    "ON CONFLICT(node, epoch) DO UPDATE SET seq = excluded.seq")) ||
         (st = prep(d, &d->st_seq_put,
                    "INSERT INTO " HL_PREFIX "seq(stream, seq) VALUES (?, ?) "
-                   "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq")) ||
-        (st = prep(d, &d->st_pending_put,
-                   "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, schema, at_ms, reason) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")))
-        goto out;
+                   "ON CONFLICT(stream) DO UPDATE SET seq = excluded.seq")))
+        return st;
+    return prep(d, &d->st_pending_put,
+                "INSERT OR IGNORE INTO " HL_PREFIX "pending(node, epoch, seq, flags, data, schema, at_ms, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
+}
+
+hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib)
+{
+    hl_status st;
+    hl_db *d = calloc(1, sizeof *d);
+    *out = NULL;
+    if (!d)
+        return HL_ERR_NOMEM;
+    d->node_id = node_id;
+    d->opt.max_changeset_bytes = 256u << 20; /* replication_log.max_changeset_bytes' default */
+    d->opt.max_clock_drift_ms = 60000;
+    d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
+    d->clock_ahead_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
+    if (!(d->path = strdup(path))) {
+        st = HL_ERR_NOMEM;
+        goto fail;
+    }
+    if ((st = open_connection(d, path, cache_kib)) || (st = init_tables(d, node_id)) || (st = prepare_statements(d)))
+        goto fail;
     /* WAL mode is set: checkpoints can move to their own thread. Without it
      * the connection keeps SQLite's automatic checkpoint. */
     if (hl_checkpointer_start(&d->ckpt, path) == HL_OK)
@@ -354,9 +380,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     hl_db_changed_externally(d);
     *out = d;
     return HL_OK;
-rollback:
-    hl_db_rollback(d);
-out:
+fail:
     hl_db_close(d);
     return st;
 }
@@ -367,7 +391,7 @@ void hl_db_close(hl_db *d)
         return;
     hl_checkpointer_stop(d->ckpt);
     hl_schema_free(&d->schema);
-    sqlite3_finalize(d->st_outbox_put);
+    hl_outbox_finalize(&d->outbox);
     sqlite3_finalize(d->st_hwm_get);
     sqlite3_finalize(d->st_hwm_put);
     sqlite3_finalize(d->st_meta_put);
@@ -376,14 +400,100 @@ void hl_db_close(hl_db *d)
     sqlite3_finalize(d->st_origin_put);
     sqlite3_finalize(d->st_seq_put);
     sqlite3_finalize(d->st_pending_put);
-    sqlite3_finalize(d->st_outbox_next);
-    sqlite3_finalize(d->st_outbox_del);
     sqlite3_finalize(d->st_data_version);
     sqlite3_finalize(d->st_schema_version);
     if (d->db)
         sqlite3_close_v2(d->db);
     free(d->path);
     free(d);
+}
+
+void hl_db_configure(hl_db *d, const hl_db_options *o)
+{
+    d->opt = *o;
+}
+
+const hl_db_options *hl_db_get_options(const hl_db *d)
+{
+    return &d->opt;
+}
+
+hl_status hl_db_install(hl_db *d, bool capture, uint64_t *rows)
+{
+    bool changed;
+    uint64_t n = 0;
+    hl_status st = hl_db_begin(d);
+    if (st)
+        return st;
+    if (!(st = hl_triggers_sync(d, true, &changed)) && capture)
+        st = hl_capture(d, &n);
+    if (st) {
+        hl_db_rollback(d);
+        return st;
+    }
+    if (rows)
+        *rows = n;
+    return hl_db_commit(d);
+}
+
+const hl_db_stats *hl_db_counters(const hl_db *d)
+{
+    return &d->stats;
+}
+
+uint64_t hl_db_epoch(const hl_db *d)
+{
+    return d->epoch;
+}
+
+uint64_t hl_db_last_hlc(const hl_db *d)
+{
+    return d->last_hlc;
+}
+
+uint64_t hl_db_ahead_due_ms(const hl_db *d)
+{
+    return d->ahead_due_ms;
+}
+
+const char *hl_db_last_error(const hl_db *d)
+{
+    return d->last_error;
+}
+
+void hl_db_clear_error(hl_db *d)
+{
+    d->last_error[0] = 0;
+}
+
+size_t hl_db_table_count(const hl_db *d)
+{
+    return d->schema.n;
+}
+
+const unsigned char *hl_db_schema_hash(const hl_db *d)
+{
+    return d->schema.hash;
+}
+
+const unsigned char *hl_db_prev_schema_hash(const hl_db *d)
+{
+    return d->have_prev_hash ? d->prev_hash : NULL;
+}
+
+char *hl_db_schema_json(const hl_db *d)
+{
+    return hl_schema_json(&d->schema);
+}
+
+sqlite3 *hl_db_handle(hl_db *d)
+{
+    return d->db;
+}
+
+hl_table *hl_db_table(hl_db *d, const char *name)
+{
+    return hl_schema_find(&d->schema, name);
 }
 
 bool hl_db_changed_externally(hl_db *d)
@@ -424,45 +534,6 @@ hl_status hl_db_stream_seq_put(hl_db *d, const char *stream, uint64_t seq)
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "stream seq put");
 }
 
-hl_status hl_db_outbox_next(hl_db *d, uint64_t after, uint64_t *seq, uint64_t *rows, hl_buf *payload)
-{
-    sqlite3_stmt *st = d->st_outbox_next;
-    hl_status res = HL_ERR_NOT_FOUND;
-    sqlite3_bind_int64(st, 1, (int64_t)after);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-        *seq = (uint64_t)sqlite3_column_int64(st, 0);
-        *rows = (uint64_t)sqlite3_column_int64(st, 3);
-        hl_buf_reset(payload);
-        /* First byte of the buffer carries the flags; the payload follows. */
-        res = hl_buf_addc(payload, (unsigned char)sqlite3_column_int(st, 1));
-        if (!res)
-            res = hl_buf_add(payload, sqlite3_column_blob(st, 2), (size_t)sqlite3_column_bytes(st, 2));
-    } else if (rc != SQLITE_DONE) {
-        res = hl_db_err(d, rc, "outbox read");
-    }
-    sqlite3_reset(st);
-    return res;
-}
-
-hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq)
-{
-    sqlite3_stmt *st = d->st_outbox_del;
-    sqlite3_bind_int64(st, 1, (int64_t)seq);
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox delete");
-}
-
-hl_status hl_db_outbox_count(hl_db *d, uint64_t *count)
-{
-    int64_t v = query_int(d, "SELECT count(*) FROM " HL_PREFIX "outbox", -1);
-    if (v < 0)
-        return HL_ERR_SQLITE;
-    *count = (uint64_t)v;
-    return HL_OK;
-}
-
 hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms)
 {
     sqlite3_stmt *st = NULL;
@@ -492,8 +563,9 @@ hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *delete
     for (size_t i = 0; i < d->schema.n && !res; i++) {
         sqlite3_stmt *st = NULL;
         hl_buf_reset(&q);
-        if ((res = hl_buf_adds(&q, "DELETE FROM ")) || (res = hl_buf_add_ident(&q, d->schema.t[i].clock)) ||
-            (res = hl_buf_adds(&q, " WHERE deleted = 1 AND hlc < ?")))
+        hl_buf_adds(&q, "DELETE FROM ");
+        hl_buf_add_ident(&q, d->schema.t[i].clock);
+        if ((res = hl_buf_adds(&q, " WHERE deleted = 1 AND hlc < ?")))
             break;
         int rc = sqlite3_prepare_v2(d->db, hl_buf_str(&q), -1, &st, NULL);
         if (rc == SQLITE_OK) {
@@ -508,6 +580,18 @@ hl_status hl_db_gc_tombstones(hl_db *d, uint64_t older_than_ms, uint64_t *delete
     }
     hl_buf_free(&q);
     return res;
+}
+
+hl_status hl_db_gc(hl_db *d, uint64_t older_than_ms, uint64_t *deleted)
+{
+    hl_status st = hl_db_begin(d);
+    if (st)
+        return st;
+    if ((st = hl_db_gc_tombstones(d, older_than_ms, deleted)) || (st = hl_db_missing_gc(d, older_than_ms))) {
+        hl_db_rollback(d);
+        return st;
+    }
+    return hl_db_commit(d);
 }
 
 hl_status hl_db_cleanup(const char *path)
@@ -540,11 +624,9 @@ hl_status hl_db_cleanup(const char *path)
         const char *type = (const char *)sqlite3_column_text(st, 0);
         const char *name = (const char *)sqlite3_column_text(st, 1);
         bool trig = strcmp(type, "trigger") == 0;
-        res = hl_buf_adds(&sql, trig ? "DROP TRIGGER IF EXISTS " : "DROP TABLE IF EXISTS ");
-        if (!res)
-            res = hl_buf_add_ident(&sql, name);
-        if (!res)
-            res = hl_buf_addc(&sql, ';');
+        hl_buf_adds(&sql, trig ? "DROP TRIGGER IF EXISTS " : "DROP TABLE IF EXISTS ");
+        hl_buf_add_ident(&sql, name);
+        res = hl_buf_addc(&sql, ';');
         trig ? ntrig++ : ntab++;
     }
     if (res)

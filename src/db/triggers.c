@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "common/log.h"
-#include "db/db.h"
+#include "db/db_int.h"
 
 #define GUARD "(SELECT applying FROM \"" HL_PREFIX "ctl\") = 0"
 /* The raw Julian day: the cheapest clock SQLite offers inside a trigger;
@@ -24,24 +24,22 @@ static const char *const trig_suffix[4] = {"_ai", "_au", "_ak", "_ad"};
 /* Appends "NEW.k0, NEW.k1" style key references (which = "NEW" or "OLD"). */
 static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
 {
-    hl_status st = HL_OK;
     if (t->npk == 0)
         return hl_buf_addf(b, "%s.%s", which, t->rowid);
-    for (size_t i = 0; i < t->npk && !st; i++) {
-        st = hl_buf_addf(b, "%s%s.", i ? ", " : "", which);
-        if (!st)
-            st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
+    for (size_t i = 0; i < t->npk; i++) {
+        hl_buf_addf(b, "%s%s.", i ? ", " : "", which);
+        hl_buf_add_ident(b, t->cols[t->pk[i]]);
     }
-    return st;
+    return hl_buf_status(b);
 }
 
 static hl_status add_log_cols(hl_buf *b, const hl_table *t)
 {
-    hl_status st = hl_buf_adds(b, "jd");
     size_t n = t->npk ? t->npk : 1;
-    for (size_t i = 0; i < n && !st; i++)
-        st = hl_buf_addf(b, ", k%zu", i);
-    return st;
+    hl_buf_adds(b, "jd");
+    for (size_t i = 0; i < n; i++)
+        hl_buf_addf(b, ", k%zu", i);
+    return hl_buf_status(b);
 }
 
 static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
@@ -58,98 +56,83 @@ static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
 /* Appends s as an SQL string literal. */
 static hl_status add_literal(hl_buf *b, const char *s)
 {
-    hl_status st = hl_buf_addc(b, '\'');
-    for (; *s && !st; s++)
-        st = *s == '\'' ? hl_buf_adds(b, "''") : hl_buf_addc(b, *s);
-    return st ? st : hl_buf_addc(b, '\'');
+    hl_buf_addc(b, '\'');
+    for (; *s; s++)
+        if (*s == '\'')
+            hl_buf_adds(b, "''");
+        else
+            hl_buf_addc(b, (unsigned char)*s);
+    return hl_buf_addc(b, '\'');
+}
+
+/* The WHEN condition of a trigger after the guard. */
+static void trigger_when(hl_buf *b, const hl_table *t, int which)
+{
+    if (which == 0 && t->int_key) {
+        /* Rows inserted above the table's high-water mark are found by
+         * capture through the rowid, without a log entry: an append then
+         * writes one B-tree page, not two. */
+        hl_buf_adds(b, " AND ");
+        add_keys(b, t, "NEW");
+        hl_buf_adds(b, " <= coalesce((SELECT hwm FROM \"" HL_PREFIX "hwm\" WHERE tbl = ");
+        add_literal(b, t->name);
+        hl_buf_adds(b, "), 9223372036854775807)");
+    }
+    if (which == 2) {
+        /* The key changed: the row under the old key is gone. */
+        hl_buf_adds(b, " AND (");
+        size_t n = t->npk ? t->npk : 1;
+        for (size_t i = 0; i < n; i++) {
+            const char *col = t->npk ? t->cols[t->pk[i]] : t->rowid;
+            hl_buf_adds(b, i ? " OR OLD." : "OLD.");
+            t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
+            hl_buf_adds(b, " IS NOT NEW.");
+            t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
+        }
+        hl_buf_adds(b, ")");
+    }
 }
 
 /* One trigger's CREATE text (without a trailing ';'). */
 static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
 {
     static const char *const event[4] = {"INSERT", "UPDATE", "UPDATE", "DELETE"};
-    hl_status st = hl_buf_adds(b, "CREATE TRIGGER ");
-    if (!st)
-        st = add_trigger_name(b, t, which);
-    if (!st)
-        st = hl_buf_addf(b, " AFTER %s", event[which]);
-    if (!st && which == 2 && t->npk) {
-        st = hl_buf_adds(b, " OF ");
-        for (size_t i = 0; i < t->npk && !st; i++) {
+    hl_buf_adds(b, "CREATE TRIGGER ");
+    hl_status st = add_trigger_name(b, t, which);
+    if (st)
+        return st; /* the name alone was too long */
+    hl_buf_addf(b, " AFTER %s", event[which]);
+    if (which == 2 && t->npk) {
+        hl_buf_adds(b, " OF ");
+        for (size_t i = 0; i < t->npk; i++) {
             if (i)
-                st = hl_buf_adds(b, ", ");
-            if (!st)
-                st = hl_buf_add_ident(b, t->cols[t->pk[i]]);
+                hl_buf_adds(b, ", ");
+            hl_buf_add_ident(b, t->cols[t->pk[i]]);
         }
     }
-    if (!st)
-        st = hl_buf_adds(b, " ON ");
-    if (!st)
-        st = hl_buf_add_ident(b, t->name);
-    if (!st)
-        st = hl_buf_adds(b, " WHEN " GUARD);
-    if (!st && which == 0 && t->int_key) {
-        /* Rows inserted above the table's high-water mark are found by
-         * capture through the rowid, without a log entry: an append then
-         * writes one B-tree page, not two. */
-        st = hl_buf_adds(b, " AND ");
-        if (!st)
-            st = add_keys(b, t, "NEW");
-        if (!st)
-            st = hl_buf_adds(b, " <= coalesce((SELECT hwm FROM \"" HL_PREFIX "hwm\" WHERE tbl = ");
-        if (!st)
-            st = add_literal(b, t->name);
-        if (!st)
-            st = hl_buf_adds(b, "), 9223372036854775807)");
-    }
-    if (!st && which == 2) {
-        /* The key changed: the row under the old key is gone. */
-        st = hl_buf_adds(b, " AND (");
-        size_t n = t->npk ? t->npk : 1;
-        for (size_t i = 0; i < n && !st; i++) {
-            const char *col = t->npk ? t->cols[t->pk[i]] : t->rowid;
-            st = hl_buf_adds(b, i ? " OR OLD." : "OLD.");
-            if (!st)
-                st = t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
-            if (!st)
-                st = hl_buf_adds(b, " IS NOT NEW.");
-            if (!st)
-                st = t->npk ? hl_buf_add_ident(b, col) : hl_buf_adds(b, col);
-        }
-        if (!st)
-            st = hl_buf_adds(b, ")");
-    }
-    if (!st)
-        st = hl_buf_adds(b, " BEGIN INSERT INTO ");
-    if (!st)
-        st = hl_buf_add_ident(b, t->log);
-    if (!st)
-        st = hl_buf_adds(b, "(");
-    if (!st)
-        st = add_log_cols(b, t);
-    if (!st)
-        st = hl_buf_adds(b, ") VALUES (" NOW_JD ", ");
-    if (!st)
-        st = add_keys(b, t, which >= 2 ? "OLD" : "NEW");
-    if (!st)
-        st = hl_buf_adds(b, "); END");
-    return st;
+    hl_buf_adds(b, " ON ");
+    hl_buf_add_ident(b, t->name);
+    hl_buf_adds(b, " WHEN " GUARD);
+    trigger_when(b, t, which);
+    hl_buf_adds(b, " BEGIN INSERT INTO ");
+    hl_buf_add_ident(b, t->log);
+    hl_buf_adds(b, "(");
+    add_log_cols(b, t);
+    hl_buf_adds(b, ") VALUES (" NOW_JD ", ");
+    add_keys(b, t, which >= 2 ? "OLD" : "NEW");
+    return hl_buf_adds(b, "); END");
 }
 
 static hl_status log_ddl(const hl_table *t, hl_buf *b)
 {
     /* Key columns have no declared type, so no affinity converts the values. */
-    hl_status st = hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
-    if (!st)
-        st = hl_buf_add_ident(b, t->log);
-    if (!st)
-        st = hl_buf_adds(b, "(seq INTEGER PRIMARY KEY, jd REAL NOT NULL");
     size_t n = t->npk ? t->npk : 1;
-    for (size_t i = 0; i < n && !st; i++)
-        st = hl_buf_addf(b, ", k%zu", i);
-    if (!st)
-        st = hl_buf_adds(b, ")");
-    return st;
+    hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
+    hl_buf_add_ident(b, t->log);
+    hl_buf_adds(b, "(seq INTEGER PRIMARY KEY, jd REAL NOT NULL");
+    for (size_t i = 0; i < n; i++)
+        hl_buf_addf(b, ", k%zu", i);
+    return hl_buf_adds(b, ")");
 }
 
 /* The clock: the winning version of every row of t, keyed like the change log.
@@ -159,32 +142,26 @@ static hl_status log_ddl(const hl_table *t, hl_buf *b)
 static hl_status clock_ddl(const hl_table *t, hl_buf *b)
 {
     size_t n = t->npk ? t->npk : 1;
-    hl_status st = hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
-    if (!st)
-        st = hl_buf_add_ident(b, t->clock);
-    if (!st && t->int_key)
+    hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
+    hl_buf_add_ident(b, t->clock);
+    if (t->int_key)
         return hl_buf_adds(b, "(k0 INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, node INTEGER NOT NULL,"
                               " deleted INTEGER NOT NULL)");
-    if (!st)
-        st = hl_buf_adds(b, "(");
-    for (size_t i = 0; i < n && !st; i++)
-        st = hl_buf_addf(b, "k%zu, ", i);
-    if (!st)
-        st = hl_buf_adds(b, "hlc INTEGER NOT NULL, node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (");
-    for (size_t i = 0; i < n && !st; i++)
-        st = hl_buf_addf(b, "%sk%zu", i ? ", " : "", i);
-    if (!st)
-        st = hl_buf_adds(b, ")) WITHOUT ROWID");
-    return st;
+    hl_buf_adds(b, "(");
+    for (size_t i = 0; i < n; i++)
+        hl_buf_addf(b, "k%zu, ", i);
+    hl_buf_adds(b, "hlc INTEGER NOT NULL, node INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (");
+    for (size_t i = 0; i < n; i++)
+        hl_buf_addf(b, "%sk%zu", i ? ", " : "", i);
+    return hl_buf_adds(b, ")) WITHOUT ROWID");
 }
 
 hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl_out, hl_buf *triggers)
 {
     hl_status st = log_ddl(t, log_ddl_out);
     for (int w = 0; w < 4 && !st; w++) {
-        st = trigger_sql(t, w, triggers);
-        if (!st)
-            st = hl_buf_adds(triggers, ";\n");
+        trigger_sql(t, w, triggers);
+        st = hl_buf_adds(triggers, ";\n");
     }
     return st;
 }
@@ -201,33 +178,32 @@ static hl_status exec_logged(hl_db *d, const char *sql)
     return (rc & 0xff) == SQLITE_BUSY ? HL_ERR_BUSY : HL_ERR_SQLITE;
 }
 
+/* Executes the statement built in q, unless building it failed. */
+static hl_status exec_built(hl_db *d, const hl_buf *q)
+{
+    hl_status st = hl_buf_status(q);
+    return st ? st : exec_logged(d, hl_buf_str(q));
+}
+
 /* Logs every existing row of t as changed, so capture sends it. */
 static hl_status backfill_table(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 64u << 20);
-    hl_status st = hl_buf_adds(&q, "INSERT INTO ");
-    if (!st)
-        st = hl_buf_add_ident(&q, t->log);
-    if (!st)
-        st = hl_buf_adds(&q, "(");
-    if (!st)
-        st = add_log_cols(&q, t);
-    if (!st)
-        st = hl_buf_adds(&q, ") SELECT " NOW_JD);
-    for (size_t i = 0; i < t->npk && !st; i++) {
-        st = hl_buf_adds(&q, ", ");
-        if (!st)
-            st = hl_buf_add_ident(&q, t->cols[t->pk[i]]);
+    hl_buf_adds(&q, "INSERT INTO ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, "(");
+    add_log_cols(&q, t);
+    hl_buf_adds(&q, ") SELECT " NOW_JD);
+    for (size_t i = 0; i < t->npk; i++) {
+        hl_buf_adds(&q, ", ");
+        hl_buf_add_ident(&q, t->cols[t->pk[i]]);
     }
-    if (!st && t->npk == 0)
-        st = hl_buf_addf(&q, ", %s", t->rowid);
-    if (!st)
-        st = hl_buf_adds(&q, " FROM ");
-    if (!st)
-        st = hl_buf_add_ident(&q, t->name);
-    if (!st)
-        st = exec_logged(d, hl_buf_str(&q));
+    if (t->npk == 0)
+        hl_buf_addf(&q, ", %s", t->rowid);
+    hl_buf_adds(&q, " FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_status st = exec_built(d, &q);
     if (!st && sqlite3_changes(d->db) > 0)
         hl_logf(HL_LOG_INFO, "new table \"%s\": %d existing rows will be replicated", t->name, sqlite3_changes(d->db));
     hl_buf_free(&q);
@@ -253,19 +229,13 @@ static hl_status hwm_init(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 1u << 20);
-    hl_status st = hl_buf_adds(&q, "INSERT OR IGNORE INTO " HL_PREFIX "hwm(tbl, hwm) SELECT ");
-    if (!st)
-        st = add_literal(&q, t->name);
-    if (!st)
-        st = hl_buf_adds(&q, ", coalesce(max(");
-    if (!st)
-        st = hl_add_rowid(&q, t);
-    if (!st)
-        st = hl_buf_adds(&q, "), 0) FROM ");
-    if (!st)
-        st = hl_buf_add_ident(&q, t->name);
-    if (!st)
-        st = exec_logged(d, hl_buf_str(&q));
+    hl_buf_adds(&q, "INSERT OR IGNORE INTO " HL_PREFIX "hwm(tbl, hwm) SELECT ");
+    add_literal(&q, t->name);
+    hl_buf_adds(&q, ", coalesce(max(");
+    hl_add_rowid(&q, t);
+    hl_buf_adds(&q, "), 0) FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_status st = exec_built(d, &q);
     hl_buf_free(&q);
     return st;
 }
@@ -336,9 +306,7 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
     hl_buf_add_ident(&q, t->log);
     hl_buf_addf(&q, "(jd, k0) SELECT " NOW_JD ", %s FROM ", t->rowid);
     hl_buf_add_ident(&q, t->name);
-    hl_status res = hl_buf_status(&q);
-    if (!res)
-        res = exec_logged(d, hl_buf_str(&q));
+    hl_status res = exec_built(d, &q);
     int64_t rows = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
     hl_buf_adds(&q, "INSERT INTO ");
@@ -348,8 +316,8 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
     hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
     hl_buf_add_ident(&q, t->name);
     hl_buf_addf(&q, " WHERE %s = c.k0)", t->rowid);
-    if (!res && !(res = hl_buf_status(&q)))
-        res = exec_logged(d, hl_buf_str(&q));
+    if (!res)
+        res = exec_built(d, &q);
     int64_t gone = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
     hl_buf_addf(&q, "UPDATE " HL_PREFIX "hwm SET hwm = (SELECT coalesce(max(%s), 0) FROM ", t->rowid);
@@ -423,11 +391,9 @@ static hl_status drop_object(hl_db *d, const char *kind, const char *name)
 {
     hl_buf q;
     hl_buf_init(&q, 1u << 20);
-    hl_status st = hl_buf_addf(&q, "DROP %s IF EXISTS ", kind);
-    if (!st)
-        st = hl_buf_add_ident(&q, name);
-    if (!st)
-        st = exec_logged(d, hl_buf_str(&q));
+    hl_buf_addf(&q, "DROP %s IF EXISTS ", kind);
+    hl_buf_add_ident(&q, name);
+    hl_status st = exec_built(d, &q);
     hl_buf_free(&q);
     return st;
 }
@@ -447,9 +413,8 @@ static hl_status existing(hl_db *d, const char *type, hl_buf *out)
     while (!res && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *n = (const char *)sqlite3_column_text(st, 0);
         const char *s = (const char *)sqlite3_column_text(st, 1);
-        res = hl_buf_add(out, n, strlen(n) + 1);
-        if (!res)
-            res = hl_buf_add(out, s, strlen(s) + 1);
+        hl_buf_add(out, n, strlen(n) + 1);
+        res = hl_buf_add(out, s, strlen(s) + 1);
     }
     if (!res && rc != SQLITE_DONE)
         res = hl_db_err(d, rc, "sqlite_schema");
@@ -549,111 +514,96 @@ static hl_status migrate_legacy_clock(hl_db *d)
     return st;
 }
 
-hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
+/* What one hl_triggers_sync works with. */
+typedef struct sync_ctx {
+    hl_buf trig, tabs; /* our triggers and tables now: (name, sql) pairs */
+    hl_buf ddl, tsql;  /* scratch */
+    hl_buf want;       /* the names of the objects the schema needs, NUL separated */
+    bool backfill;     /* new tables' existing rows are captured */
+    bool check_rowids; /* the schema changed: rowids may have moved without a trigger */
+} sync_ctx;
+
+/* A table whose key changed since its change log was made: the log's rows
+ * cannot be captured, its versions are of keys that no longer exist. */
+static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
+{
+    char *sig = stored_keysig(d, t->name);
+    hl_status st = HL_OK;
+    if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&c->tabs, t->log)) {
+        int64_t n = count_rows(d, t->log);
+        if (n > 0)
+            hl_logf(HL_LOG_WARN,
+                    "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
+                    "cannot be replicated",
+                    t->name, (long long)n);
+        if (!(st = drop_object(d, "TABLE", t->log)) && !(st = drop_object(d, "TABLE", t->clock)))
+            st = hwm_drop(d, t->name);
+    }
+    free(sig);
+    return st;
+}
+
+/* t's four triggers, re-created when their SQL differs from what is installed. */
+static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 {
     hl_status st = HL_OK;
-    hl_buf trig, tabs, ddl, tsql, want;
-    *changed = false;
-    int64_t sv = hl_db_schema_version(d);
-    if (!force && sv == d->schema_version)
-        return HL_OK;
-
-    hl_buf_init(&trig, 256u << 20);
-    hl_buf_init(&tabs, 256u << 20);
-    hl_buf_init(&ddl, 16u << 20);
-    hl_buf_init(&tsql, 16u << 20);
-    hl_buf_init(&want, 256u << 20); /* desired object names, NUL separated */
-
-    unsigned char old_hash[32];
-    bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
-    memcpy(old_hash, d->schema.hash, 32);
-    if ((st = hl_schema_scan(d, &d->schema)))
-        goto out;
-    if ((st = existing(d, "trigger", &trig)) || (st = existing(d, "table", &tabs)))
-        goto out;
-    /* Tables that appear while we run (or while we were stopped, on a database
-     * we already manage) may already hold rows the application wrote before
-     * the triggers existed: those are captured too. On the very first run the
-     * existing content is taken as the common starting point, as HarmonyLite
-     * does, and not sent. */
-    bool backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
-    /* Only a schema change (VACUUM included) can move rowids without a trigger. */
-    bool check_rowids = rowids_checked_at(d) != sv;
-
-    for (size_t i = 0; i < d->schema.n; i++) {
-        hl_table *t = &d->schema.t[i];
-        char *sig = stored_keysig(d, t->name);
-        if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&tabs, t->log)) {
-            int64_t n = count_rows(d, t->log);
-            if (n > 0)
-                hl_logf(HL_LOG_WARN,
-                        "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
-                        "cannot be replicated",
-                        t->name, (long long)n);
-            st = drop_object(d, "TABLE", t->log);
+    for (int w = 0; w < 4 && !st; w++) {
+        hl_buf name;
+        hl_buf_init(&name, 1u << 20);
+        hl_buf_reset(&c->tsql);
+        hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
+        if (!(st = hl_buf_status(&name)) && !(st = trigger_sql(t, w, &c->tsql))) {
+            const char *have = pair_find(&c->trig, hl_buf_str(&name));
+            if (have && strcmp(have, hl_buf_str(&c->tsql)) != 0)
+                st = drop_object(d, "TRIGGER", hl_buf_str(&name));
+            if (!st && (!have || strcmp(have, hl_buf_str(&c->tsql)) != 0))
+                st = exec_logged(d, hl_buf_str(&c->tsql));
             if (!st)
-                st = drop_object(d, "TABLE", t->clock); /* versions of keys that no longer exist */
-            if (!st)
-                st = hwm_drop(d, t->name);
+                st = hl_buf_add(&c->want, name.data, name.len + 1);
         }
-        free(sig);
-        if (st)
-            goto out;
-        hl_buf_reset(&ddl);
-        if ((st = log_ddl(t, &ddl)))
-            goto out;
-        bool is_new = false;
-        {
-            char *known = stored_keysig(d, t->name);
-            is_new = known == NULL;
-            free(known);
-        }
-        if ((st = exec_logged(d, hl_buf_str(&ddl))))
-            goto out;
-        hl_buf_reset(&ddl);
-        if ((st = clock_ddl(t, &ddl)) || (st = exec_logged(d, hl_buf_str(&ddl))) ||
-            (st = put_keysig(d, t->name, t->keysig)))
-            goto out;
-        if (is_new && backfill && (st = backfill_table(d, t)))
-            goto out;
-        /* Everything up to here is logged (or, on the first run, the common
-         * starting point): inserts above the current last rowid need no log. */
-        if (t->int_key && (st = hwm_init(d, t)))
-            goto out;
-        if (t->npk == 0 && check_rowids) {
-            bool moved = false;
-            if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
-                goto out;
-        }
-        if ((st = hl_buf_add(&want, t->log, strlen(t->log) + 1)) ||
-            (st = hl_buf_add(&want, t->clock, strlen(t->clock) + 1)))
-            goto out;
-        for (int w = 0; w < 4; w++) {
-            hl_buf name;
-            hl_buf_init(&name, 1u << 20);
-            hl_buf_reset(&tsql);
-            st = hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
-            if (!st)
-                st = trigger_sql(t, w, &tsql);
-            const char *have = st ? NULL : pair_find(&trig, hl_buf_str(&name));
-            if (!st && (!have || strcmp(have, hl_buf_str(&tsql)) != 0)) {
-                if (have)
-                    st = drop_object(d, "TRIGGER", hl_buf_str(&name));
-                if (!st)
-                    st = exec_logged(d, hl_buf_str(&tsql));
-            }
-            if (!st)
-                st = hl_buf_add(&want, name.data, name.len + 1);
-            hl_buf_free(&name);
-            if (st)
-                goto out;
-        }
+        hl_buf_free(&name);
     }
-    if (pair_find(&tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d)))
-        goto out;
-    /* Drop our triggers, change logs and clocks whose table is gone or renamed. */
+    return st;
+}
+
+/* Brings one replicated table's change log, clock, high-water mark and triggers in line. */
+static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
+{
+    hl_status st = key_changed(d, t, c);
+    if (st)
+        return st;
+    char *known = stored_keysig(d, t->name);
+    bool is_new = known == NULL;
+    free(known);
+    hl_buf_reset(&c->ddl);
+    if ((st = log_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))))
+        return st;
+    hl_buf_reset(&c->ddl);
+    if ((st = clock_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))) ||
+        (st = put_keysig(d, t->name, t->keysig)))
+        return st;
+    if (is_new && c->backfill && (st = backfill_table(d, t)))
+        return st;
+    /* Everything up to here is logged (or, on the first run, the common
+     * starting point): inserts above the current last rowid need no log. */
+    if (t->int_key && (st = hwm_init(d, t)))
+        return st;
+    if (t->npk == 0 && c->check_rowids) {
+        bool moved = false;
+        if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
+            return st;
+    }
+    hl_buf_add(&c->want, t->log, strlen(t->log) + 1);
+    if ((st = hl_buf_add(&c->want, t->clock, strlen(t->clock) + 1)))
+        return st;
+    return table_triggers(d, t, c);
+}
+
+/* Drops our triggers, change logs and clocks whose table is gone or renamed. */
+static hl_status drop_stale(hl_db *d, sync_ctx *c)
+{
     for (int pass = 0; pass < 2; pass++) {
-        hl_buf *have = pass == 0 ? &trig : &tabs;
+        hl_buf *have = pass == 0 ? &c->trig : &c->tabs;
         for (size_t off = 0; off < have->len;) {
             const char *n = (const char *)have->data + off;
             const char *s = n + strlen(n) + 1;
@@ -664,8 +614,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
             if (pass == 1 && !is_log && !is_clock)
                 continue; /* only change logs and clocks; not our internal tables */
             bool found = false;
-            for (size_t off2 = 0; off2 < want.len && !found;) {
-                const char *w = (const char *)want.data + off2;
+            for (size_t off2 = 0; off2 < c->want.len && !found;) {
+                const char *w = (const char *)c->want.data + off2;
                 found = strcmp(w, n) == 0;
                 off2 += strlen(w) + 1;
             }
@@ -679,15 +629,49 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
                             "discarded",
                             n, (long long)cnt);
             }
-            if ((st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n)))
-                goto out;
+            hl_status st = drop_object(d, pass == 0 ? "TRIGGER" : "TABLE", n);
+            if (st)
+                return st;
         }
     }
-    st = exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
-                        "(SELECT name FROM pragma_table_list WHERE schema = 'main');"
-                        "DELETE FROM " HL_PREFIX "hwm WHERE tbl NOT IN "
-                        "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
-    if (st)
+    return exec_logged(d, "DELETE FROM " HL_PREFIX "tables WHERE name NOT IN "
+                          "(SELECT name FROM pragma_table_list WHERE schema = 'main');"
+                          "DELETE FROM " HL_PREFIX "hwm WHERE tbl NOT IN "
+                          "(SELECT name FROM pragma_table_list WHERE schema = 'main')");
+}
+
+hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
+{
+    hl_status st = HL_OK;
+    sync_ctx c;
+    *changed = false;
+    int64_t sv = hl_db_schema_version(d);
+    if (!force && sv == d->schema_version)
+        return HL_OK;
+
+    hl_buf_init(&c.trig, 256u << 20);
+    hl_buf_init(&c.tabs, 256u << 20);
+    hl_buf_init(&c.ddl, 16u << 20);
+    hl_buf_init(&c.tsql, 16u << 20);
+    hl_buf_init(&c.want, 256u << 20);
+
+    unsigned char old_hash[32];
+    bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
+    memcpy(old_hash, d->schema.hash, 32);
+    if ((st = hl_schema_scan(d, &d->schema)) || (st = existing(d, "trigger", &c.trig)) ||
+        (st = existing(d, "table", &c.tabs)))
+        goto out;
+    /* Tables that appear while we run (or while we were stopped, on a database
+     * we already manage) may already hold rows the application wrote before
+     * the triggers existed: those are captured too. On the very first run the
+     * existing content is taken as the common starting point, as HarmonyLite
+     * does, and not sent. */
+    c.backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
+    /* Only a schema change (VACUUM included) can move rowids without a trigger. */
+    c.check_rowids = rowids_checked_at(d) != sv;
+    for (size_t i = 0; i < d->schema.n && !st; i++)
+        st = table_sync(d, &d->schema.t[i], &c);
+    if (st || (pair_find(&c.tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d))) || (st = drop_stale(d, &c)))
         goto out;
     /* Our own triggers skip the engine's writes through the applying flag,
      * but SQLite still runs each one's program per applied row. With no
@@ -704,10 +688,10 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
         d->have_prev_hash = true;
     }
 out:
-    hl_buf_free(&trig);
-    hl_buf_free(&tabs);
-    hl_buf_free(&ddl);
-    hl_buf_free(&tsql);
-    hl_buf_free(&want);
+    hl_buf_free(&c.trig);
+    hl_buf_free(&c.tabs);
+    hl_buf_free(&c.ddl);
+    hl_buf_free(&c.tsql);
+    hl_buf_free(&c.want);
     return st;
 }

@@ -40,7 +40,8 @@ struct hl_publisher {
     uint64_t retry_at;      /* mono ms before which nothing is re-published */
     bool resend;
     uint64_t published, rows_published;
-    hl_buf row, msg;
+    hl_outbox_entry row;
+    hl_buf msg;
 };
 
 int hl_shard_for_node(uint64_t node_id, int shards)
@@ -61,7 +62,7 @@ hl_status hl_publisher_new(hl_publisher **out, const hl_config *c, hl_queue *q)
     p->c = c;
     p->q = q;
     hl_nats_subject(c, hl_shard_for_node(c->node_id, c->replication_log.shards), p->subject, sizeof p->subject);
-    hl_buf_init(&p->row, (size_t)c->replication_log.max_changeset_bytes + 16);
+    hl_outbox_entry_init(&p->row, (size_t)c->replication_log.max_changeset_bytes + 16);
     hl_buf_init(&p->msg, (size_t)c->replication_log.chunk_bytes + HL_PART_HEADER_LEN);
     p->last_progress = hl_mono_ms();
     *out = p;
@@ -75,7 +76,7 @@ void hl_publisher_free(hl_publisher *p)
     for (size_t i = 0; i < p->nwin; i++)
         free(p->win[i].acked);
     free(p->win);
-    hl_buf_free(&p->row);
+    hl_outbox_entry_free(&p->row);
     hl_buf_free(&p->msg);
     free(p);
 }
@@ -159,10 +160,9 @@ static void restart(hl_publisher *p, const char *why)
 
 static hl_status send_one(hl_publisher *p, uint64_t epoch, uint64_t seq)
 {
-    /* hl_db_outbox_next puts the flags byte first. */
-    uint8_t flags = p->row.data[0];
-    const unsigned char *payload = p->row.data + 1;
-    size_t total = p->row.len - 1;
+    uint8_t flags = p->row.flags;
+    const unsigned char *payload = p->row.payload.data;
+    size_t total = p->row.payload.len;
     size_t chunk = (size_t)p->c->replication_log.chunk_bytes;
     uint32_t count = hl_part_count(total, chunk);
     for (uint32_t i = 0; i < count; i++) {
@@ -214,8 +214,7 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
     if (p->resend || now < p->retry_at)
         return HL_OK;
     while (p->parts_inflight < WINDOW_PARTS && (p->bytes_inflight < WINDOW_BYTES || p->nwin == 0)) {
-        uint64_t seq, rows = 0;
-        hl_status st = hl_db_outbox_next(d, p->last_sent, &seq, &rows, &p->row);
+        hl_status st = hl_db_outbox_next(d, p->last_sent, &p->row);
         if (st == HL_ERR_NOT_FOUND)
             return HL_OK;
         if (st)
@@ -228,16 +227,18 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             p->win = nw;
             p->capwin = ncap;
         }
-        uint32_t count = hl_part_count(p->row.len - 1, (size_t)p->c->replication_log.chunk_bytes);
+        uint64_t seq = p->row.seq;
+        size_t len = p->row.payload.len;
+        uint32_t count = hl_part_count(len, (size_t)p->c->replication_log.chunk_bytes);
         uint64_t *acked = NULL;
         if (count > 64 && !(acked = calloc(((size_t)count + 63) / 64, sizeof *acked)))
             return HL_ERR_NOMEM;
         p->win[p->nwin++] = (inflight){
-            .seq = seq, .rows = rows, .count = count, .parts_left = count, .bytes = p->row.len - 1, .acked = acked};
-        p->bytes_inflight += p->row.len - 1;
+            .seq = seq, .rows = p->row.rows, .count = count, .parts_left = count, .bytes = len, .acked = acked};
+        p->bytes_inflight += len;
         p->last_sent = seq;
         p->last_progress = now;
-        if (send_one(p, d->epoch, seq))
+        if (send_one(p, hl_db_epoch(d), seq))
             return HL_OK;
     }
     return HL_OK;

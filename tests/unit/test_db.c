@@ -10,7 +10,9 @@
 
 #include "common/hlc.h"
 #include "common/log.h"
-#include "db/db.h"
+/* The module's white-box test: besides db.h's API it checks internals
+ * (trigger SQL, the two halves of a capture with writes in between). */
+#include "db/db_int.h"
 
 static char dir[256];
 
@@ -63,58 +65,87 @@ static hl_db *engine_open(const char *path, uint64_t node)
 {
     hl_db *d = NULL;
     ck_assert_int_eq(hl_db_open(&d, path, node, 2000), HL_OK);
-    d->publish = true;
-    d->compress = node % 2 == 0;
-    d->max_changeset_bytes = 64u << 20;
-    bool changed;
-    ck_assert_int_eq(hl_db_begin(d), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(d, true, &changed), HL_OK);
-    ck_assert_int_eq(hl_db_commit(d), HL_OK);
+    hl_db_options o = {.publish = true, .compress = node % 2 == 0, .max_changeset_bytes = 64u << 20};
+    o.max_clock_drift_ms = hl_db_get_options(d)->max_clock_drift_ms;
+    hl_db_configure(d, &o);
+    ck_assert_int_eq(hl_db_install(d, false, NULL), HL_OK);
     return d;
 }
 
+static void set_max_changeset_bytes(hl_db *d, size_t n)
+{
+    hl_db_options o = *hl_db_get_options(d);
+    o.max_changeset_bytes = n;
+    hl_db_configure(d, &o);
+}
+
+static void set_chain_bytes(hl_db *d, size_t n)
+{
+    hl_db_options o = *hl_db_get_options(d);
+    o.chain_bytes = n;
+    hl_db_configure(d, &o);
+}
+
+static void set_max_clock_drift_ms(hl_db *d, uint64_t ms)
+{
+    hl_db_options o = *hl_db_get_options(d);
+    o.max_clock_drift_ms = ms;
+    hl_db_configure(d, &o);
+}
+
+/* An engine step that only captures; returns the rows captured. */
 static uint64_t capture(hl_db *d)
 {
-    uint64_t rows = 0;
-    bool changed;
-    ck_assert_int_eq(hl_db_begin(d), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(d, false, &changed), HL_OK);
-    ck_assert_int_eq(hl_capture(d, &rows), HL_OK);
-    ck_assert_int_eq(hl_db_commit(d), HL_OK);
-    return rows;
+    hl_step s = {.capture = true};
+    ck_assert_int_eq(hl_db_step(d, NULL, NULL, &s), HL_OK);
+    return s.rows_captured;
+}
+
+/* An engine step that retries the held changesets (after capturing). */
+static void retry_held(hl_db *d)
+{
+    hl_step s = {.retry_held = true};
+    ck_assert_int_eq(hl_db_step(d, NULL, NULL, &s), HL_OK);
+    ck_assert(s.committed);
+}
+
+/* True when src's outbox has a changeset. */
+static bool outbox_has(hl_db *src)
+{
+    hl_outbox_entry e;
+    hl_outbox_entry_init(&e, 256u << 20);
+    bool has = hl_db_outbox_next(src, 0, &e) == HL_OK;
+    hl_outbox_entry_free(&e);
+    return has;
 }
 
 /* Takes the oldest outbox changeset of src (and deletes it). */
+/* Takes the oldest outbox changeset of src (and deletes it): raw receives its payload, flags its flags. */
 static hl_changeset *take(hl_db *src, hl_buf *raw, uint8_t *flags)
 {
-    uint64_t seq;
+    hl_outbox_entry e;
+    hl_outbox_entry_init(&e, 256u << 20);
+    ck_assert_int_eq(hl_db_outbox_next(src, 0, &e), HL_OK);
+    ck_assert_uint_gt(e.rows, 0);
+    *flags = e.flags;
     hl_buf_reset(raw);
-    uint64_t rows;
-    ck_assert_int_eq(hl_db_outbox_next(src, 0, &seq, &rows, raw), HL_OK);
-    ck_assert_uint_gt(rows, 0);
-    *flags = raw->data[0];
+    ck_assert_int_eq(hl_buf_add(raw, e.payload.data, e.payload.len), HL_OK);
+    hl_outbox_entry_free(&e);
     hl_changeset *cs = NULL;
     char err[256];
-    ck_assert_int_eq(hl_changeset_decode(raw->data + 1, raw->len - 1, (*flags & HL_PART_FLAG_ZSTD) != 0, 64u << 20, &cs,
-                                         err, sizeof err),
-                     HL_OK);
-    ck_assert_uint_eq(cs->seq, seq);
-    ck_assert_int_eq(hl_db_outbox_delete(src, seq), HL_OK);
+    ck_assert_int_eq(
+        hl_changeset_decode(raw->data, raw->len, (*flags & HL_PART_FLAG_ZSTD) != 0, 64u << 20, &cs, err, sizeof err),
+        HL_OK);
+    ck_assert_uint_eq(cs->seq, e.seq);
+    ck_assert_int_eq(hl_db_outbox_delete(src, e.seq), HL_OK);
     return cs;
 }
 
+/* An engine step that applies cs (after capturing); returns its result. */
 static hl_apply_result apply(hl_db *dst, hl_changeset *cs, hl_buf *raw, uint8_t flags)
 {
     hl_apply_result r;
-    bool changed;
-    ck_assert_int_eq(hl_db_begin(dst), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(dst, false, &changed), HL_OK);
-    uint64_t rows;
-    ck_assert_int_eq(hl_capture(dst, &rows), HL_OK);
-    ck_assert_int_eq(hl_apply_begin(dst), HL_OK);
-    ck_assert_int_eq(hl_apply(dst, cs, raw->data + 1, raw->len - 1, flags, &r), HL_OK);
-    ck_assert_int_eq(hl_apply_end(dst), HL_OK);
-    ck_assert_int_eq(hl_db_commit(dst), HL_OK);
+    ck_assert_int_eq(hl_db_apply_one(dst, cs, raw->data, raw->len, flags, &r), HL_OK);
     return r;
 }
 
@@ -220,17 +251,17 @@ START_TEST(schema_skips_virtual_and_internal)
 {
     pair p;
     pair_open(&p);
-    ck_assert_uint_eq(p.a->schema.n, 5);
-    ck_assert_ptr_null(hl_schema_find(&p.a->schema, "docs"));
-    ck_assert_ptr_null(hl_schema_find(&p.a->schema, "docs_data"));
-    ck_assert_ptr_nonnull(hl_schema_find(&p.a->schema, "BOOKS"));
-    hl_table *pl = hl_schema_find(&p.a->schema, "plain");
+    ck_assert_uint_eq(hl_db_table_count(p.a), 5);
+    ck_assert_ptr_null(hl_db_table(p.a, "docs"));
+    ck_assert_ptr_null(hl_db_table(p.a, "docs_data"));
+    ck_assert_ptr_nonnull(hl_db_table(p.a, "BOOKS"));
+    hl_table *pl = hl_db_table(p.a, "plain");
     ck_assert_uint_eq(pl->npk, 0);
     ck_assert_str_eq(pl->rowid, "rowid");
-    hl_table *pr = hl_schema_find(&p.a->schema, "pairs");
+    hl_table *pr = hl_db_table(p.a, "pairs");
     ck_assert(pr->without_rowid);
     ck_assert_uint_eq(pr->npk, 2);
-    ck_assert_mem_eq(p.a->schema.hash, p.b->schema.hash, 32);
+    ck_assert_mem_eq(hl_db_schema_hash(p.a), hl_db_schema_hash(p.b), 32);
     pair_close(&p);
 }
 END_TEST
@@ -283,8 +314,8 @@ START_TEST(capture_never_sends_what_receivers_would_refuse)
     /* 2000 rows of NULLs: about 20 bytes each as sent, 128 decoded; 256 KB decoded in all. */
     app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
                      "INSERT INTO plain SELECT NULL, NULL FROM n;");
-    p.a->max_changeset_bytes = 64u << 10;
-    p.b->max_changeset_bytes = 64u << 10;
+    set_max_changeset_bytes(p.a, 64u << 10);
+    set_max_changeset_bytes(p.b, 64u << 10);
     ck_assert_uint_eq(capture(p.a), 2000);
     /* A chain of changesets, each within the limit once decoded too; the receiver applies it as one. */
     size_t members = 0;
@@ -298,7 +329,7 @@ START_TEST(capture_never_sends_what_receivers_would_refuse)
         members++;
     }
     ck_assert_uint_gt(members, 4);
-    ck_assert_uint_eq(p.b->stats.chains_applied, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->chains_applied, 1);
     char *da = dump(p.pa), *db = dump(p.pb);
     ck_assert_str_eq(da, db);
     free(da);
@@ -325,7 +356,7 @@ START_TEST(last_writer_wins_and_tombstones)
     app_exec(p.appb, "INSERT INTO books(id, title) VALUES (1, 'from b')");
     capture(p.b);
     ck_assert_int_eq(apply(p.b, older, &raw_older, flags_older), HL_APPLIED);
-    ck_assert_uint_eq(p.b->stats.rows_skipped_lww, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->rows_skipped_lww, 1);
     char *db = dump(p.pb);
     ck_assert_ptr_nonnull(strstr(db, "'from b'"));
     free(db);
@@ -405,16 +436,9 @@ START_TEST(schema_mismatch_holds_until_schema_catches_up)
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
     /* The application on b runs the same DDL; the held changeset applies. */
     app_exec(p.appb, "ALTER TABLE books ADD COLUMN isbn TEXT");
-    bool changed;
-    uint64_t rows;
-    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(p.b, false, &changed), HL_OK);
-    ck_assert(changed);
-    ck_assert_int_eq(hl_capture(p.b, &rows), HL_OK);
-    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
-    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    hl_step step = {.retry_held = true};
+    ck_assert_int_eq(hl_db_step(p.b, NULL, NULL, &step), HL_OK);
+    ck_assert(step.schema_changed);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(p.appb, "SELECT isbn FROM books WHERE id = 3", -1, &st, NULL), SQLITE_OK);
     ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
@@ -432,12 +456,12 @@ START_TEST(schema_mismatch_holds_until_schema_catches_up)
     bad->origin = 9;
     bad->epoch = 9;
     bad->seq = 1;
-    memcpy(bad->schema_hash, p.b->schema.hash, 32);
+    memcpy(bad->schema_hash, hl_db_schema_hash(p.b), 32);
     hl_buf_reset(&p.raw);
     hl_buf_addc(&p.raw, 0);
     ck_assert_int_eq(hl_changeset_encode(bad, false, &p.raw), HL_OK);
     ck_assert_int_eq(apply(p.b, bad, &p.raw, 0), HL_MALFORMED);
-    ck_assert_uint_eq(p.b->stats.changesets_malformed, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->changesets_malformed, 1);
     hl_changeset_free(bad);
 
     pair_close(&p);
@@ -456,8 +480,8 @@ START_TEST(constraint_conflict_is_recorded_and_rest_applies)
     capture(p.b);
     hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
-    ck_assert_uint_eq(p.b->stats.conflicts, 1);
-    ck_assert_uint_eq(p.b->stats.rows_applied, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->rows_applied, 1);
     sqlite3_stmt *st;
     ck_assert_int_eq(sqlite3_prepare_v2(p.appb, "SELECT count(*) FROM __harmonylite__conflicts", -1, &st, NULL),
                      SQLITE_OK);
@@ -498,7 +522,7 @@ START_TEST(null_key_rows_are_refused_not_fatal)
     cs->rows[0].key[0].type = HL_VAL_NULL;
     cs->seq++;
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
-    ck_assert_uint_eq(p.b->stats.conflicts, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 1);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NULL%'"), 1);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM nk"), 1);
     hl_changeset_free(cs);
@@ -516,10 +540,10 @@ START_TEST(rowid_clocks_and_their_exceptions)
     app_exec(p.appb, ddl);
     capture(p.a);
     capture(p.b);
-    ck_assert(hl_schema_find(&p.a->schema, "books")->int_key);
-    ck_assert(hl_schema_find(&p.a->schema, "plain")->int_key);
-    ck_assert(!hl_schema_find(&p.a->schema, "descd")->int_key);
-    ck_assert(!hl_schema_find(&p.a->schema, "pairs")->int_key);
+    ck_assert(hl_db_table(p.a, "books")->int_key);
+    ck_assert(hl_db_table(p.a, "plain")->int_key);
+    ck_assert(!hl_db_table(p.a, "descd")->int_key);
+    ck_assert(!hl_db_table(p.a, "pairs")->int_key);
     app_exec(p.appa, "INSERT INTO descd VALUES ('abc', 1); INSERT INTO books(id, title) VALUES (5, 'five')");
     ck_assert_uint_eq(capture(p.a), 2);
     hl_changeset *cs = take(p.a, &p.raw, &p.flags);
@@ -535,7 +559,7 @@ START_TEST(rowid_clocks_and_their_exceptions)
         }
     cs->seq++;
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
-    ck_assert_uint_eq(p.b->stats.conflicts, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 1);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
     hl_changeset_free(cs);
     pair_close(&p);
@@ -545,7 +569,7 @@ END_TEST
 static int engine_triggers_enabled(hl_db *d)
 {
     int on = -1;
-    ck_assert_int_eq(sqlite3_db_config(d->db, SQLITE_DBCONFIG_ENABLE_TRIGGER, -1, &on), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_db_config(hl_db_handle(d), SQLITE_DBCONFIG_ENABLE_TRIGGER, -1, &on), SQLITE_OK);
     return on;
 }
 
@@ -618,7 +642,7 @@ START_TEST(legacy_clock_table_is_migrated)
     ck_assert_int_eq(scalar(app, "SELECT count(*) FROM sqlite_schema WHERE name = '__harmonylite__clock'"), 0);
     ck_assert_int_eq(scalar(app, "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 1"), (int64_t)future);
     ck_assert_int_eq(scalar(app, "SELECT deleted FROM __harmonylite__pairs_clock WHERE k0 = 7 AND k1 = 'x'"), 1);
-    ck_assert_uint_ge(d->last_hlc, future + 2); /* new local versions come after every migrated one */
+    ck_assert_uint_ge(hl_db_last_hlc(d), future + 2); /* new local versions come after every migrated one */
     hl_db_close(d);
     sqlite3_close(app);
     hl_buf_free(&k1);
@@ -814,16 +838,11 @@ END_TEST
 /* Sends every changeset in src's outbox to dst, in order. */
 static void deliver_all(pair *p, hl_db *src, hl_db *dst)
 {
-    uint64_t seq, rows;
-    hl_buf probe;
-    hl_buf_init(&probe, 256u << 20);
-    while (hl_db_outbox_next(src, 0, &seq, &rows, &probe) == HL_OK) {
+    while (outbox_has(src)) {
         hl_changeset *cs = take(src, &p->raw, &p->flags);
         ck_assert_int_eq(apply(dst, cs, &p->raw, p->flags), HL_APPLIED);
         hl_changeset_free(cs);
-        hl_buf_reset(&probe);
     }
-    hl_buf_free(&probe);
 }
 
 static char *plain_rows(sqlite3 *db)
@@ -867,7 +886,7 @@ START_TEST(vacuum_renumbering_rowids_converges)
     ck_assert_int_eq(scalar(p.appa, "SELECT max(rowid) FROM plain"), 4); /* renumbered: 1, 3, 5, 6 -> 1..4 */
     app_exec(p.appa, "UPDATE plain SET y = 50 WHERE x = 'r5'; DELETE FROM plain WHERE x = 'r6'");
     capture(p.a);
-    ck_assert_uint_eq(p.a->stats.table_resyncs, 1);
+    ck_assert_uint_eq(hl_db_counters(p.a)->table_resyncs, 1);
     deliver_all(&p, p.a, p.b);
     /* the other node writes after it, by its own rowids */
     app_exec(p.appb, "UPDATE plain SET y = 30 WHERE x = 'r3'; DELETE FROM plain WHERE x = 'r1';"
@@ -886,7 +905,7 @@ START_TEST(vacuum_renumbering_rowids_converges)
     /* nothing moved since: no second resync at the next schema change */
     app_exec(p.appa, "CREATE TABLE unrelated(z)");
     capture(p.a);
-    ck_assert_uint_eq(p.a->stats.table_resyncs, 1);
+    ck_assert_uint_eq(hl_db_counters(p.a)->table_resyncs, 1);
     pair_close(&p);
 }
 END_TEST
@@ -975,7 +994,6 @@ static void set_versions(hl_changeset *cs, uint64_t hlc, hl_buf *raw, uint8_t *f
         cs->rows[i].hlc = hlc;
     cs->hlc = hlc;
     hl_buf_reset(raw);
-    hl_buf_addc(raw, 0);
     *flags = 0;
     ck_assert_int_eq(hl_changeset_encode(cs, false, raw), HL_OK);
 }
@@ -989,10 +1007,10 @@ START_TEST(far_future_version_is_held_not_observed)
     capture(p.a);
     hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     set_versions(cs, (uint64_t)INT64_MAX, &p.raw, &p.flags);
-    uint64_t before = p.b->last_hlc;
+    uint64_t before = hl_db_last_hlc(p.b);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
-    ck_assert_uint_eq(p.b->stats.clock_ahead, 1);
-    ck_assert_uint_eq(p.b->last_hlc, before);
+    ck_assert_uint_eq(hl_db_counters(p.b)->clock_ahead, 1);
+    ck_assert_uint_eq(hl_db_last_hlc(p.b), before);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 0);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 1);
     /* b's own writes keep versions from its wall clock and still win over a's older ones. */
@@ -1002,13 +1020,9 @@ START_TEST(far_future_version_is_held_not_observed)
     ck_assert_int_gt(v, 0);
     ck_assert(!hl_hlc_ahead((uint64_t)v, hl_now_ms(), 60000));
     /* Retrying does not apply it either. */
-    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
-    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    retry_held(p.b);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
-    ck_assert_uint_eq(p.b->last_hlc, (uint64_t)v);
+    ck_assert_uint_eq(hl_db_last_hlc(p.b), (uint64_t)v);
     hl_changeset_free(cs);
     pair_close(&p);
 }
@@ -1019,13 +1033,13 @@ START_TEST(version_ahead_is_applied_when_the_clock_catches_up)
 {
     pair p;
     pair_open(&p);
-    p.b->max_clock_drift_ms = 100;
+    set_max_clock_drift_ms(p.b, 100);
     app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'fast clock')");
     capture(p.a);
     hl_changeset *cs = take(p.a, &p.raw, &p.flags);
     set_versions(cs, (hl_now_ms() + 600) << 16, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_HELD);
-    ck_assert_uint_gt(p.b->ahead_due_ms, 0);
+    ck_assert_uint_gt(hl_db_ahead_due_ms(p.b), 0);
     /* a's next changeset waits behind it, in order. */
     app_exec(p.appa, "UPDATE books SET title = 'fast clock 2' WHERE id = 1");
     capture(p.a);
@@ -1037,13 +1051,9 @@ START_TEST(version_ahead_is_applied_when_the_clock_catches_up)
     ck_assert_int_eq(apply(p.b, cs2, &raw2, f2), HL_HELD);
     for (int i = 0; i < 200 && scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending") > 0; i++) {
         usleep(50000);
-        if (hl_now_ms() < p.b->ahead_due_ms)
+        if (hl_now_ms() < hl_db_ahead_due_ms(p.b))
             continue;
-        ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
-        ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
-        ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
-        ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
-        ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+        retry_held(p.b);
     }
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE title = 'fast clock 2'"), 1);
@@ -1138,18 +1148,13 @@ typedef struct taken {
 
 static void take_all(hl_db *src, taken *t)
 {
-    uint64_t seq, rows;
-    hl_buf probe;
-    hl_buf_init(&probe, 256u << 20);
     t->n = 0;
-    while (hl_db_outbox_next(src, 0, &seq, &rows, &probe) == HL_OK) {
+    while (outbox_has(src)) {
         ck_assert_uint_lt(t->n, 64);
         hl_buf_init(&t->raw[t->n], 256u << 20);
         t->cs[t->n] = take(src, &t->raw[t->n], &t->flags[t->n]);
         t->n++;
-        hl_buf_reset(&probe);
     }
-    hl_buf_free(&probe);
 }
 
 static void taken_free(taken *t)
@@ -1170,7 +1175,7 @@ START_TEST(big_transaction_travels_as_a_chain_applied_as_one)
     for (size_t o = 0; o < sizeof orders / sizeof orders[0]; o++) {
         pair p;
         pair_open(&p);
-        p.a->chain_bytes = 2000; /* about 40 rows a changeset */
+        set_chain_bytes(p.a, 2000); /* about 40 rows a changeset */
         app_exec(p.appa, "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) "
                          "INSERT INTO books(id, title, year) SELECT i, 'title ' || i, 1900 + i FROM n; "
                          "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) "
@@ -1200,7 +1205,7 @@ START_TEST(big_transaction_travels_as_a_chain_applied_as_one)
         ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 300);
         ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM pairs"), 100);
         ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
-        ck_assert_uint_eq(p.b->stats.chains_applied, 1);
+        ck_assert_uint_eq(hl_db_counters(p.b)->chains_applied, 1);
         char *da = dump(p.pa), *db = dump(p.pb);
         ck_assert_str_eq(da, db);
         free(da);
@@ -1228,7 +1233,7 @@ START_TEST(chain_waits_for_the_schema_as_a_whole)
 {
     pair p;
     pair_open(&p);
-    p.a->chain_bytes = 1500;
+    set_chain_bytes(p.a, 1500);
     app_exec(p.appa, "ALTER TABLE plain ADD COLUMN z");
     app_exec(p.appa, "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
                      "INSERT INTO books(id, title) SELECT i, 'b' || i FROM n; "
@@ -1246,16 +1251,10 @@ START_TEST(chain_waits_for_the_schema_as_a_whole)
     ck_assert_uint_eq(held, t.n);
     ck_assert_uint_eq(for_schema, 1);
     app_exec(p.appb, "ALTER TABLE plain ADD COLUMN z");
-    bool changed;
-    ck_assert_int_eq(hl_db_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(p.b, false, &changed), HL_OK);
-    ck_assert_int_eq(hl_apply_begin(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_retry_held(p.b), HL_OK);
-    ck_assert_int_eq(hl_apply_end(p.b), HL_OK);
-    ck_assert_int_eq(hl_db_commit(p.b), HL_OK);
+    retry_held(p.b);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 200);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM plain WHERE z = 'needs z'"), 1);
-    ck_assert_uint_eq(p.b->stats.chains_applied, 1);
+    ck_assert_uint_eq(hl_db_counters(p.b)->chains_applied, 1);
     taken_free(&t);
     pair_close(&p);
 }
@@ -1267,17 +1266,13 @@ START_TEST(row_larger_than_any_changeset_fails_capture_loudly)
 {
     pair p;
     pair_open(&p);
-    p.a->max_changeset_bytes = 4096;
+    set_max_changeset_bytes(p.a, 4096);
     app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'small'), (2, printf('%.8000c', 'x'))");
-    uint64_t rows = 0;
-    bool changed;
-    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
-    ck_assert_int_eq(hl_triggers_sync(p.a, false, &changed), HL_OK);
-    ck_assert_int_eq(hl_capture(p.a, &rows), HL_ERR_TOO_LARGE);
-    hl_db_rollback(p.a);
-    ck_assert_ptr_nonnull(strstr(p.a->last_error, "max_changeset_bytes"));
+    hl_step step = {.capture = true};
+    ck_assert_int_eq(hl_db_step(p.a, NULL, NULL, &step), HL_ERR_TOO_LARGE);
+    ck_assert_ptr_nonnull(strstr(hl_db_last_error(p.a), "max_changeset_bytes"));
     /* Nothing was consumed: with the limit raised, everything is captured. */
-    p.a->max_changeset_bytes = 1u << 20;
+    set_max_changeset_bytes(p.a, 1u << 20);
     ck_assert_uint_eq(capture(p.a), 2);
     pair_close(&p);
 }
@@ -1310,6 +1305,104 @@ START_TEST(hlc_rules)
     ck_assert(hl_hlc_ahead(HL_HLC_MAX, UINT64_MAX, UINT64_MAX) == false);
     ck_assert(hl_hlc_ahead((uint64_t)200000 << 16, 100000, 60000));
     ck_assert(!hl_hlc_ahead((uint64_t)160000 << 16, 100000, 60000));
+}
+END_TEST
+
+/* hl_db_step keeps the caller's stream positions with what committed: an
+ * item's position is recorded in the transaction that applied it, and a
+ * position-only item or one noted by the caller is recorded too. */
+START_TEST(step_records_positions_with_what_it_applied)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'one')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    char s0[] = "s0", s1[] = "s1";
+    char *names[] = {s0, s1};
+    uint64_t applied[2] = {0, 0}, seen[2] = {0, 0};
+    hl_positions pos = {.n = 2, .streams = names, .applied = applied, .seen = seen};
+    hl_inbound skip = {.shard = 1, .safe_seq = 7};
+    hl_inbound it = {
+        .next = &skip, .shard = 0, .safe_seq = 5, .cs = cs, .raw = p.raw.data, .rawlen = p.raw.len, .flags = p.flags};
+    hl_step s = {0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert(it.applied);
+    ck_assert_uint_eq(applied[0], 5);
+    ck_assert_uint_eq(applied[1], 7);
+    ck_assert_uint_eq(seen[0], 5);
+    ck_assert_uint_eq(seen[1], 7);
+    uint64_t v = 0;
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 5);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s1", &v), HL_OK);
+    ck_assert_uint_eq(v, 7);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 1);
+
+    /* Nothing to do writes nothing, not even a position noted by the caller ... */
+    seen[1] = 9;
+    s = (hl_step){0};
+    ck_assert_int_eq(hl_db_step(p.b, NULL, &pos, &s), HL_OK);
+    ck_assert(!s.committed);
+    ck_assert_uint_eq(applied[1], 7);
+    ck_assert_uint_eq(seen[1], 9);
+    /* ... until it is asked to record positions. */
+    s = (hl_step){.flush_positions = true};
+    ck_assert_int_eq(hl_db_step(p.b, NULL, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert_uint_eq(applied[1], 9);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s1", &v), HL_OK);
+    ck_assert_uint_eq(v, 9);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
+/* A step that fails after capture began loses nothing: the transaction rolls
+ * back, the caller's positions return to what is recorded, the remote
+ * changeset is not applied, and the local change stays logged for the next
+ * step. */
+START_TEST(failed_step_loses_nothing)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'remote')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    /* b's own row is too big for b's limit: capture inside the write transaction fails. */
+    set_max_changeset_bytes(p.b, 4096);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (2, printf('%.8000c', 'x'))");
+    char s0[] = "s0";
+    char *names[] = {s0};
+    uint64_t applied[1] = {3}, seen[1] = {3};
+    hl_positions pos = {.n = 1, .streams = names, .applied = applied, .seen = seen};
+    hl_inbound it = {.shard = 0, .safe_seq = 4, .cs = cs, .raw = p.raw.data, .rawlen = p.raw.len, .flags = p.flags};
+    hl_step s = {0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_ERR_TOO_LARGE);
+    ck_assert(!s.committed);
+    ck_assert(!it.applied);
+    ck_assert_uint_eq(seen[0], 3);
+    ck_assert_uint_eq(applied[0], 3);
+    uint64_t v = 0;
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id = 1"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__outbox"), 0);
+    /* With the limit raised the same step goes through: both rows are there. */
+    set_max_changeset_bytes(p.b, 1u << 20);
+    s = (hl_step){0};
+    ck_assert_int_eq(hl_db_step(p.b, &it, &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    ck_assert(it.applied);
+    ck_assert_uint_eq(s.rows_captured, 1);
+    ck_assert_uint_eq(applied[0], 4);
+    ck_assert_int_eq(hl_db_stream_seq_get(p.b, "s0", &v), HL_OK);
+    ck_assert_uint_eq(v, 4);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 2);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__outbox"), 1);
+    hl_changeset_free(cs);
+    pair_close(&p);
 }
 END_TEST
 
@@ -1347,6 +1440,8 @@ int main(void)
     tcase_add_test(tc, row_larger_than_any_changeset_fails_capture_loudly);
     tcase_add_test(tc, hlc_rules);
     tcase_add_test(tc, capture_never_sends_what_receivers_would_refuse);
+    tcase_add_test(tc, step_records_positions_with_what_it_applied);
+    tcase_add_test(tc, failed_step_loses_nothing);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -55,17 +55,7 @@ static void outbox_put(hl_db *d, uint64_t seq, int flags, uint64_t rows, size_t 
     ck_assert_ptr_nonnull(data);
     for (size_t i = 0; i < len; i++)
         data[i] = byte_of(seq, i);
-    sqlite3_stmt *st = NULL;
-    ck_assert_int_eq(sqlite3_prepare_v2(d->db,
-                                        "INSERT INTO __harmonylite__outbox(seq, flags, rows, data) VALUES (?, ?, ?, ?)",
-                                        -1, &st, NULL),
-                     SQLITE_OK);
-    sqlite3_bind_int64(st, 1, (sqlite3_int64)seq);
-    sqlite3_bind_int(st, 2, flags);
-    sqlite3_bind_int64(st, 3, (sqlite3_int64)rows);
-    sqlite3_bind_blob(st, 4, data, (int)len, SQLITE_TRANSIENT);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_DONE);
-    sqlite3_finalize(st);
+    ck_assert_int_eq(hl_db_outbox_put(d, seq, (uint8_t)flags, rows, data, len), HL_OK);
     free(data);
 }
 
@@ -177,7 +167,7 @@ static size_t check_stream(pfx *t, const want_cs *want, size_t n, size_t chunk, 
         next[k]++;
         ck_assert_uint_eq(hp.version, HL_CS_FORMAT_VERSION);
         ck_assert_uint_eq(hp.origin, NODE);
-        ck_assert_uint_eq(hp.epoch, t->d->epoch);
+        ck_assert_uint_eq(hp.epoch, hl_db_epoch(t->d));
         ck_assert_uint_eq(hp.flags, (unsigned)want[k].flags);
         ck_assert_uint_eq(hp.count, want[k].parts);
         ck_assert_uint_eq(hp.total_len, want[k].len);
@@ -206,7 +196,8 @@ static size_t check_stream(pfx *t, const want_cs *want, size_t n, size_t chunk, 
         const char *id = NULL;
         ck_assert_int_eq(natsMsgHeader_Get(m, "Nats-Msg-Id", &id), NATS_OK);
         char want_id[HL_PART_MSG_ID_LEN];
-        snprintf(want_id, sizeof want_id, "%d-%016" PRIx64 "-%" PRIu64 "-%u", NODE, t->d->epoch, hp.seq, hp.index);
+        snprintf(want_id, sizeof want_id, "%d-%016" PRIx64 "-%" PRIu64 "-%u", NODE, hl_db_epoch(t->d), hp.seq,
+                 hp.index);
         ck_assert_str_eq(id, want_id);
         natsMsg_Destroy(m);
     }
