@@ -428,6 +428,11 @@ hl_status hl_peer_set_from_config(const hl_config *c, hl_peer_set *out)
         if (v && *v && !is_dns_entry(v))
             st = hl_peer_set_add_route(out, v);
     }
+    for (size_t i = 0; !st && i < c->nats.leaf_servers.n; i++) {
+        const char *v = c->nats.leaf_servers.v[i];
+        if (v && *v)
+            st = hl_peer_set_add_leaf(out, v);
+    }
     return st;
 }
 
@@ -501,6 +506,13 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
         st = hl_buf_adds(out, "jetstream {\n  store_dir: ");
     if (!st)
         st = add_conf_str(out, hl_buf_str(&dir));
+    /* "always" fsyncs every write before it is acknowledged (nats-server
+     * 2.10+; 2.9 refuses the key, which start reports with its output). */
+    if (!st && c->nats.sync_interval && *c->nats.sync_interval) {
+        st = hl_buf_adds(out, "\n  sync_interval: ");
+        if (!st)
+            st = add_conf_str(out, c->nats.sync_interval);
+    }
     if (!st)
         st = hl_buf_adds(out, "\n}\n");
 
