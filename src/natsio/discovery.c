@@ -599,9 +599,8 @@ static bool lookup_round(hl_discovery *d)
         } else if (!es->failing) {
             snprintf(nbuf, sizeof nbuf, "%zu", es->good.routes.n);
             hl_log(HL_LOG_WARN,
-                   es->errors || es->pending
-                       ? "discovery: DNS lookup failed; keeping the last known peers"
-                       : "discovery: DNS answer holds no other peer; keeping the last known peers",
+                   es->answers == 0 ? "discovery: DNS lookup failed; keeping the last known peers"
+                                    : "discovery: DNS answer holds no other peer; keeping the last known peers",
                    "component", "discovery", "entry", es->e.name, "kept", nbuf, NULL);
             es->failing = true;
         }
