@@ -450,9 +450,10 @@ static void drive(hl_discovery *d, ares_channel ch, const int *pending, int64_t 
         int n = 0;
         for (int i = 0; i < ARES_GETSOCK_MAXNUM; i++) {
             short ev = 0;
-            if (ARES_GETSOCK_READABLE(bits, i))
+            /* c-ares' ARES_GETSOCK_WRITABLE shifts a signed 1 into bit 31. */
+            if (((unsigned)bits >> i) & 1u)
                 ev |= POLLIN;
-            if (ARES_GETSOCK_WRITABLE(bits, i))
+            if (((unsigned)bits >> (i + ARES_GETSOCK_MAXNUM)) & 1u)
                 ev |= POLLOUT;
             if (!ev)
                 continue;
