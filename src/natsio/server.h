@@ -74,7 +74,7 @@ uint64_t hl_nats_server_restarts(const hl_nats_server *s);
  * Makes peers the running child's peer set: re-renders the config, checks it
  * with `nats-server -t` and, when it differs from the running one, replaces
  * the file atomically (mode 0600) and sends the child SIGHUP, nats-server's
- * config reload: routes and leaf remotes change without a restart, JetStream
+ * config reload: routes change without a restart (leaf remotes need 2.10+), JetStream
  * stays up and no client is dropped. A config nats-server refuses leaves the
  * running file and peer set untouched. Called by discovery's thread; one
  * caller at a time (apply and reload are not reentrant against each other).

@@ -140,6 +140,7 @@ static void cfg_free(hl_config *c)
     free(c->data_dir);
     list_free(&c->nats.urls);
     list_free(&c->nats.cluster_peers);
+    list_free(&c->nats.leaf_servers);
     char **strs[] = {&c->nats.bind_address,  &c->nats.subject_prefix, &c->nats.stream_prefix, &c->nats.server_config,
                      &c->nats.server_bin,    &c->nats.cluster_name,   &c->nats.cluster_addr,  &c->nats.user_name,
                      &c->nats.user_password, &c->nats.seed_file,      &c->nats.creds_file,    &c->nats.ca_file,
@@ -875,6 +876,56 @@ static void stop_plain_server(pid_t pid)
     waitpid(pid, &st, 0);
 }
 
+/* nats.leaf_servers: the embedded server connects to a hub as a leaf node;
+ * messages published on the hub reach a subscriber on the leaf. */
+START_TEST(embedded_leaf)
+{
+    char *dir = make_tmpdir();
+    int hub_port = free_port(), leaf_port = free_port();
+    char *conf = xprintf("listen: \"127.0.0.1:%d\"\nleafnodes { listen: \"127.0.0.1:%d\" }\n", hub_port, leaf_port);
+    pid_t hub = start_plain_server(dir, conf, hub_port);
+    char *data = xprintf("%s/leaf", dir);
+    hl_config c;
+    cfg_init(&c, data, 1, free_port());
+    char *remote = xprintf("nats-leaf://127.0.0.1:%d", leaf_port);
+    list_add(&c.nats.leaf_servers, remote);
+    hl_nats_server *s = NULL;
+    ck_assert_int_eq(hl_nats_server_start(&s, &c, 10000), HL_OK);
+    hl_nats *n = connect_to(&c, hl_nats_server_client_url(s), NULL);
+
+    natsConnection *hc = NULL;
+    char *hub_url = xprintf("nats://127.0.0.1:%d", hub_port);
+    ck_assert_int_eq(natsConnection_ConnectTo(&hc, hub_url), NATS_OK);
+    natsSubscription *sub = NULL;
+    ck_assert_int_eq(natsConnection_SubscribeSync(&sub, hl_nats_conn(n), "leaf.check"), NATS_OK);
+    ck_assert_int_eq(natsConnection_Flush(hl_nats_conn(n)), NATS_OK);
+    bool ok = false;
+    int64_t end = now_ms() + 20000; /* the leaf connection and its interest take a moment */
+    while (!ok && now_ms() < end) {
+        natsMsg *m = NULL;
+        ck_assert_int_eq(natsConnection_PublishString(hc, "leaf.check", "x"), NATS_OK);
+        if (natsSubscription_NextMsg(&m, sub, 200) == NATS_OK) {
+            ok = true;
+            natsMsg_Destroy(m);
+        }
+    }
+    ck_assert_msg(ok, "no message crossed the leaf connection");
+    natsSubscription_Destroy(sub);
+    natsConnection_Destroy(hc);
+
+    hl_nats_close(n, 1000);
+    hl_nats_server_stop(s, 10000);
+    stop_plain_server(hub);
+    cfg_free(&c);
+    free(hub_url);
+    free(remote);
+    free(data);
+    free(conf);
+    rm_rf(dir);
+    free(dir);
+}
+END_TEST
+
 START_TEST(external_user_password)
 {
     static const char pw[] = "s3cr3t-Pa55word";
@@ -1216,6 +1267,7 @@ static Suite *natsio_suite(void)
         {"embedded_restart", embedded_restart, 40},
         {"embedded_cluster", embedded_cluster, 60},
         {"embedded_reload_routes", embedded_reload_routes, 30},
+        {"embedded_leaf", embedded_leaf, 40},
         {"embedded_stop_lame_duck", embedded_stop_lame_duck, 30},
         {"embedded_start_failures", embedded_start_failures, 30},
         {"external_user_password", external_user_password, 30},
