@@ -3,8 +3,8 @@
  *
  * harmonylite writes a nats-server config into <data_dir>/nats/nats-server.conf
  * (JetStream on, store dir <data_dir>/nats/jetstream, client listener
- * nats.bind_address, cluster listener and routes from nats.cluster_addr /
- * nats.cluster_peers, `include` of nats.server_config when set), starts
+ * nats.bind_address, cluster listener nats.cluster_addr, routes and leaf
+ * remotes from a peer set (below), `include` of nats.server_config when set), starts
  * nats.server_bin, re-emits every line the child prints through hl_log, and
  * restarts it with exponential backoff (250 ms .. 30 s) when it dies.
  */

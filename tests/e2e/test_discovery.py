@@ -84,6 +84,14 @@ def ready(n: Node) -> bool:
         return False
 
 
+def healthy(n: Node) -> bool:
+    try:
+        with urllib.request.urlopen(n.http_url + "/healthz", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def make_node(hl_bin, root, i: int, port: int, dns: harness.DnsServer, nats_bin: str, min_peers: int,
               extra: dict | None = None) -> Node:
     nats = {
@@ -196,6 +204,7 @@ def test_a_records_and_min_peers(hl_bin, tmp_path, nats_bin):
         wait_until(lambda: "discovery: waiting for peers" in nodes[0].log_since_start(), REPL_TIMEOUT,
                    "waiting for peers logged")
         assert not ready(nodes[0])
+        assert healthy(nodes[0]), "waiting for peers must not fail liveness"
         assert "nats-server started" not in nodes[0].log_since_start()
         dns.set_records([f"host-record=nodes.hl.test,{ip(i)}" for i in (1, 2, 3)])
         for n in nodes[1:]:
