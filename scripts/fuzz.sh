@@ -16,6 +16,7 @@ cc=${FUZZ_CC:-clang}
 common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Isrc)
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
+libs_discovery=$(pkg-config --cflags --libs libcares)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -43,7 +44,10 @@ build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/
     src/common/hlc.c $libs_config
 
 fail=0
-for name in changeset config; do
+build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/common/buf.c \
+    src/common/status.c src/common/log.c src/common/hlc.c $libs_discovery
+
+for name in changeset config discovery; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

@@ -18,6 +18,8 @@ APT_PACKAGES=(
     check openssl
     clang libclang-rt-dev
     nats-server
+    dnsmasq-base
+    golang-go
     python3 python3-pip
 )
 # pip name -> import name, in the same order.

@@ -28,6 +28,7 @@
 #include "http/http.h"
 #include "http/state.h"
 #include "natsio/conn.h"
+#include "natsio/discovery.h"
 #include "natsio/server.h"
 #include "repl/changeset.h"
 #include "repl/fetcher.h"
@@ -43,6 +44,7 @@ typedef struct engine {
     hl_db *d;
     hl_queue q;
     hl_nats_server *srv;
+    hl_discovery *disc; /* NULL without DNS entries in nats.cluster_peers */
     hl_nats *n;
     hl_publisher *pub;
     hl_fetcher **fetchers;
@@ -307,8 +309,17 @@ static hl_status start_nats(engine *e)
     const char *local[1];
     hl_status st;
     if (nurls == 0) {
-        if ((st = hl_nats_server_start(&e->srv, c, 30000)))
+        /* Peers from DNS (discovery.h): waits for nats.cluster_min_peers. */
+        hl_peer_set peers;
+        hl_peer_set_init(&peers);
+        if ((st = hl_discovery_start(&e->disc, c, hl_signals_stop_flag())) ||
+            (st = hl_discovery_peers(e->disc, c, &peers)) ||
+            (st = hl_nats_server_start_peers(&e->srv, c, &peers, 30000))) {
+            hl_peer_set_free(&peers);
             return st;
+        }
+        hl_peer_set_free(&peers);
+        hl_discovery_attach(e->disc, e->srv);
         local[0] = hl_nats_server_client_url(e->srv);
         urls = local;
         nurls = 1;
@@ -569,6 +580,8 @@ static void teardown(engine *e)
             hl_fetcher_stop(e->fetchers[s]);
     hl_nats_close(e->n, 2000);
     hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
+    /* Before the server: discovery reloads it. */
+    hl_discovery_stop(e->disc);
     hl_nats_server_stop(e->srv, 10000);
     hl_http_stop(e->http);
     hl_state_destroy(&e->state);

@@ -11,6 +11,7 @@
  */
 #include "config/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -64,6 +65,9 @@ static const char *check_stream(const char *v);
 static const char *check_token(const char *v);
 static const char *check_listen(const char *v);
 static const char *check_http_listen(const char *v);
+static const char *check_leaf_url(const char *v);
+static const char *check_resolver(const char *v);
+static const char *check_sync_interval(const char *v);
 
 #define OFF(field) offsetof(hl_config, field)
 #define STR(p, f, d, doc)                                                                                              \
@@ -172,6 +176,17 @@ static const hl_key keys[] = {
         "attempts to connect to external servers at start; -1: forever"),
     INT("nats.reconnect_wait_seconds", nats.reconnect_wait_seconds, 0, 3600, "2", "seconds between reconnect attempts"),
     INT("nats.max_payload", nats.max_payload, 1024, 67108864, "1048576", "embedded server's max_payload, bytes"),
+    LIST("nats.leaf_servers", nats.leaf_servers, check_leaf_url,
+         "embedded server connects as a leaf node to these URLs (nats-leaf://, nats://, tls://, ws://, wss://)"),
+    INT("nats.discovery_interval", nats.discovery_interval_s, 1, 86400, "30",
+        "seconds between DNS lookups of the dns:// and dns+srv:// entries of nats.cluster_peers"),
+    STRC("nats.discovery_resolver", nats.discovery_resolver, NULL, check_resolver,
+         "DNS server(s) for discovery, ip[:port] separated by ','; empty: the system's (resolv.conf)"),
+    INT("nats.cluster_min_peers", nats.cluster_min_peers, 1, 1024, "1",
+        "other embedded servers that must be known (from DNS) before this one starts and the node is ready"),
+    STRC("nats.sync_interval", nats.sync_interval, NULL, check_sync_interval,
+         "JetStream fsync interval of the embedded server: always, or a duration like 10s; empty: the server's "
+         "default (2m); needs nats-server 2.10 or newer"),
 
     BOOL("logging.verbose", logging.verbose, "false", "log at debug level (overrides logging.level)"),
     {"logging.format", HL_KEY_STRING, OFF(logging.format), 0, 0, "console", "console|json", NULL, false,
@@ -192,6 +207,7 @@ static const struct {
 } flag_aliases[] = {
     {"cluster-addr", "nats.cluster_addr"},
     {"cluster-peers", "nats.cluster_peers"},
+    {"leaf-servers", "nats.leaf_servers"},
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -214,12 +230,139 @@ static const char *check_nats_url(const char *v)
     return "a URL starting with nats://, tls://, ws:// or wss://";
 }
 
-/* A route URL of nats.cluster_peers. */
+/* A DNS host name: labels of letters, digits and '-' (not at either end),
+ * 1..63 characters each, 1..253 in all, one trailing dot allowed. With
+ * underscores = n, the first n labels are "_<letters, digits, '-'>" (SRV). */
+static bool is_dns_name(const char *v, size_t n, int underscores)
+{
+    if (n > 0 && v[n - 1] == '.')
+        n--;
+    if (n == 0 || n > 253)
+        return false;
+    size_t start = 0;
+    for (int label = 0; start <= n; label++) {
+        size_t end = start;
+        while (end < n && v[end] != '.')
+            end++;
+        size_t len = end - start;
+        if (len == 0 || len > 63)
+            return false;
+        size_t i = start;
+        if (label < underscores) {
+            if (v[i] != '_' || len < 2)
+                return false;
+            i++;
+        } else if (v[start] == '-' || v[end - 1] == '-') {
+            return false;
+        }
+        for (; i < end; i++)
+            if (!isalnum((unsigned char)v[i]) && v[i] != '-')
+                return false;
+        if (label < underscores && end == n)
+            return false; /* "_cluster._tcp" needs a name after it */
+        start = end + 1;
+    }
+    return true;
+}
+
+/* A route URL of nats.cluster_peers, or a DNS entry discovery looks up. */
 static const char *check_route_url(const char *v)
 {
     if (has_prefix_ci(v, "nats://") || has_prefix_ci(v, "nats-route://"))
         return NULL;
-    return "a URL starting with nats:// or nats-route://";
+    if (has_prefix_ci(v, "dns+srv://")) {
+        if (is_dns_name(v + 10, strlen(v + 10), 2))
+            return NULL;
+        return "dns+srv://_<port-name>._tcp.<service> (an SRV name: two '_' labels, then a host name)";
+    }
+    if (has_prefix_ci(v, "dns://")) {
+        const char *colon = strrchr(v + 6, ':');
+        char *end = NULL;
+        long port = colon ? strtol(colon + 1, &end, 10) : 0;
+        if (colon && is_dns_name(v + 6, (size_t)(colon - v - 6), 0) && isdigit((unsigned char)colon[1]) && !*end &&
+            port >= 1 && port <= 65535)
+            return NULL;
+        return "dns://<host name>:<port> (port 1..65535)";
+    }
+    return "a URL starting with nats:// or nats-route://, or a DNS entry dns+srv://_<port-name>._tcp.<service> or "
+           "dns://<name>:<port>";
+}
+
+/* A leaf node remote URL of nats.leaf_servers. */
+static const char *check_leaf_url(const char *v)
+{
+    if (has_prefix_ci(v, "nats-leaf://") || has_prefix_ci(v, "nats://") || has_prefix_ci(v, "tls://") ||
+        has_prefix_ci(v, "ws://") || has_prefix_ci(v, "wss://"))
+        return NULL;
+    return "a URL starting with nats-leaf://, nats://, tls://, ws:// or wss://";
+}
+
+/* nats.discovery_resolver: "ip[:port]" or "[v6]:port", separated by ','
+ * (c-ares' server list). Only addresses: the resolver cannot be looked up. */
+static const char *check_resolver(const char *v)
+{
+    static const char *want = "DNS server addresses, ip[:port] or [ipv6]:port, separated by ','";
+    const char *p = v;
+    if (!*v)
+        return NULL;
+    while (*p) {
+        const char *e = strchr(p, ',');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        char item[80], host[64];
+        unsigned char addr[16];
+        if (n == 0 || n >= sizeof item)
+            return want;
+        memcpy(item, p, n);
+        item[n] = 0;
+        const char *port = NULL;
+        if (item[0] == '[') {
+            char *rb = strchr(item, ']');
+            if (!rb || (rb[1] && rb[1] != ':') || (size_t)(rb - item - 1) >= sizeof host)
+                return want;
+            memcpy(host, item + 1, (size_t)(rb - item - 1));
+            host[rb - item - 1] = 0;
+            port = rb[1] ? rb + 2 : NULL;
+            if (inet_pton(AF_INET6, host, addr) != 1)
+                return want;
+        } else {
+            char *colon = strchr(item, ':');
+            if (colon && strchr(colon + 1, ':')) { /* bare IPv6 */
+                if (inet_pton(AF_INET6, item, addr) != 1)
+                    return want;
+            } else {
+                if (colon) {
+                    *colon = 0;
+                    port = colon + 1;
+                }
+                if (inet_pton(AF_INET, item, addr) != 1)
+                    return want;
+            }
+        }
+        if (port) {
+            char *end = NULL;
+            long pn = strtol(port, &end, 10);
+            if (!isdigit((unsigned char)*port) || *end || pn < 1 || pn > 65535)
+                return want;
+        }
+        p += n;
+        if (*p == ',')
+            p++;
+    }
+    return NULL;
+}
+
+/* nats.sync_interval: "always" or a duration nats-server parses (Go's
+ * time.ParseDuration), kept to <digits><ms|s|m|h>. */
+static const char *check_sync_interval(const char *v)
+{
+    if (strcmp(v, "always") == 0)
+        return NULL;
+    const char *p = v;
+    while (isdigit((unsigned char)*p))
+        p++;
+    if (p == v || (strcmp(p, "ms") && strcmp(p, "s") && strcmp(p, "m") && strcmp(p, "h")) || strtol(v, NULL, 10) <= 0)
+        return "always, or a positive duration: digits followed by ms, s, m or h (e.g. 10s)";
+    return NULL;
 }
 
 /* A NATS subject prefix: dot-separated tokens, no spaces or wildcards. */
@@ -1235,6 +1378,10 @@ static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
         return HL_OK;
     bool listener = c->nats.cluster_addr && *c->nats.cluster_addr;
     size_t peers = c->nats.cluster_peers.n;
+    bool dns = false; /* how many servers a DNS entry stands for is known only at runtime */
+    for (size_t i = 0; i < peers; i++)
+        dns = dns || has_prefix_ci(c->nats.cluster_peers.v[i], "dns://") ||
+              has_prefix_ci(c->nats.cluster_peers.v[i], "dns+srv://");
     if (listener && peers == 0)
         return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cluster_addr"), "nats.cluster_addr",
                     "needs nats.cluster_peers (JetStream clustering needs routes to the other servers); leave it "
@@ -1242,7 +1389,7 @@ static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
     if (!listener && peers > 0)
         return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.cluster_peers"), "nats.cluster_peers",
                     "needs nats.cluster_addr (routes to the peers are made only from a cluster listener)");
-    if ((size_t)c->replication_log.replicas > 1 + peers) {
+    if (!dns && (size_t)c->replication_log.replicas > 1 + peers) {
         if (peers == 0)
             return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "replication_log.replicas"),
                         "replication_log.replicas",

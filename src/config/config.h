@@ -76,6 +76,11 @@ typedef struct hl_config {
         int connect_retries;        /* nats.connect_retries (default 5; -1 forever) */
         int reconnect_wait_seconds; /* nats.reconnect_wait_seconds (default 2) */
         int max_payload;            /* nats.max_payload: embedded server max_payload bytes (default 1048576) */
+        hl_strlist leaf_servers;    /* nats.leaf_servers / -leaf-servers: leaf remotes of the embedded server */
+        int discovery_interval_s;   /* nats.discovery_interval: seconds between DNS lookups (default 30) */
+        char *discovery_resolver;   /* nats.discovery_resolver: DNS server(s) "ip[:port],..." (default: system) */
+        int cluster_min_peers;      /* nats.cluster_min_peers: peers known before nats-server starts (default 1) */
+        char *sync_interval;        /* nats.sync_interval: JetStream fsync, "always" or a duration */
     } nats;
 
     struct {

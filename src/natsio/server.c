@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -50,6 +51,7 @@ struct hl_nats_server {
     char client_url[300];
 
     pthread_mutex_t mu;
+    hl_peer_set peers; /* what the config file was last rendered from; guarded by mu */
     pthread_cond_t cv; /* CLOCK_MONOTONIC; signalled on every state change */
     pid_t pid;         /* child pid while it is alive (not yet waited for); 0 otherwise */
     bool stopping;
@@ -254,7 +256,198 @@ out:
     return st;
 }
 
+/* Appends "<key>\"<absolute path>\"\n" when path is set (nats-server resolves
+ * relative paths against its own working directory, not ours at load time). */
+static hl_status add_conf_path(hl_buf *b, const char *key, const char *path)
+{
+    if (!path || !*path)
+        return HL_OK;
+    hl_buf abs;
+    hl_buf_init(&abs, PATH_MAX * 4);
+    hl_status st = abs_path(path, &abs);
+    if (!st)
+        st = hl_buf_adds(b, key);
+    if (!st)
+        st = add_conf_str(b, hl_buf_str(&abs));
+    if (!st)
+        st = hl_buf_addc(b, '\n');
+    hl_buf_free(&abs);
+    return st;
+}
+
+/* ---- peer set ---- */
+
+void hl_peer_set_init(hl_peer_set *p)
+{
+    memset(p, 0, sizeof *p);
+}
+
+static void strlist_clear(hl_strlist *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+void hl_peer_set_free(hl_peer_set *p)
+{
+    if (!p)
+        return;
+    strlist_clear(&p->routes);
+    strlist_clear(&p->leafs);
+}
+
+/* Index of the first element >= key (binary search); *found when equal. */
+static size_t strlist_lower(const hl_strlist *l, const char *key, bool *found)
+{
+    size_t lo = 0, hi = l->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (strcmp(l->v[mid], key) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *found = lo < l->n && strcmp(l->v[lo], key) == 0;
+    return lo;
+}
+
+static hl_status strlist_insert(hl_strlist *l, const char *s)
+{
+    bool found;
+    size_t at = strlist_lower(l, s, &found);
+    if (found)
+        return HL_OK;
+    char **v = realloc(l->v, (l->n + 1) * sizeof *v);
+    if (!v)
+        return HL_ERR_NOMEM;
+    l->v = v;
+    char *d = dup_str(s);
+    if (!d)
+        return HL_ERR_NOMEM;
+    memmove(v + at + 1, v + at, (l->n - at) * sizeof *v);
+    v[at] = d;
+    l->n++;
+    return HL_OK;
+}
+
+hl_status hl_peer_set_add_route(hl_peer_set *p, const char *url)
+{
+    if (!url || !*url)
+        return HL_ERR_INVALID;
+    if (strstr(url, "://"))
+        return strlist_insert(&p->routes, url);
+    /* Bare host:port; nats-server needs a URL. */
+    hl_buf b;
+    hl_buf_init(&b, 4096);
+    hl_status st = hl_buf_addf(&b, "nats://%s", url);
+    if (!st)
+        st = strlist_insert(&p->routes, hl_buf_str(&b));
+    hl_buf_free(&b);
+    return st;
+}
+
+hl_status hl_peer_set_add_leaf(hl_peer_set *p, const char *url)
+{
+    if (!url || !*url)
+        return HL_ERR_INVALID;
+    return strlist_insert(&p->leafs, url);
+}
+
+hl_status hl_peer_set_copy(hl_peer_set *dst, const hl_peer_set *src)
+{
+    hl_peer_set t;
+    hl_status st = HL_OK;
+    hl_peer_set_init(&t);
+    for (size_t i = 0; !st && i < src->routes.n; i++)
+        st = strlist_insert(&t.routes, src->routes.v[i]);
+    for (size_t i = 0; !st && i < src->leafs.n; i++)
+        st = strlist_insert(&t.leafs, src->leafs.v[i]);
+    if (st) {
+        hl_peer_set_free(&t);
+        return st;
+    }
+    hl_peer_set_free(dst);
+    *dst = t;
+    return HL_OK;
+}
+
+static bool strlist_equal(const hl_strlist *a, const hl_strlist *b)
+{
+    if (a->n != b->n)
+        return false;
+    for (size_t i = 0; i < a->n; i++)
+        if (strcmp(a->v[i], b->v[i]) != 0)
+            return false;
+    return true;
+}
+
+bool hl_peer_set_equal(const hl_peer_set *a, const hl_peer_set *b)
+{
+    return strlist_equal(&a->routes, &b->routes) && strlist_equal(&a->leafs, &b->leafs);
+}
+
+/* Elements of a missing from b go into out (a merge of two sorted lists). */
+static hl_status strlist_minus(const hl_strlist *a, const hl_strlist *b, hl_strlist *out)
+{
+    hl_status st = HL_OK;
+    size_t j = 0;
+    for (size_t i = 0; !st && i < a->n; i++) {
+        while (j < b->n && strcmp(b->v[j], a->v[i]) < 0)
+            j++;
+        if (j == b->n || strcmp(b->v[j], a->v[i]) != 0)
+            st = strlist_insert(out, a->v[i]);
+    }
+    return st;
+}
+
+hl_status hl_peer_set_diff(const hl_peer_set *from, const hl_peer_set *to, hl_peer_set *added, hl_peer_set *removed)
+{
+    hl_status st = strlist_minus(&to->routes, &from->routes, &added->routes);
+    if (!st)
+        st = strlist_minus(&to->leafs, &from->leafs, &added->leafs);
+    if (!st)
+        st = strlist_minus(&from->routes, &to->routes, &removed->routes);
+    if (!st)
+        st = strlist_minus(&from->leafs, &to->leafs, &removed->leafs);
+    return st;
+}
+
+static bool is_dns_entry(const char *v)
+{
+    return strncasecmp(v, "dns://", 6) == 0 || strncasecmp(v, "dns+srv://", 10) == 0;
+}
+
+hl_status hl_peer_set_from_config(const hl_config *c, hl_peer_set *out)
+{
+    hl_status st = HL_OK;
+    for (size_t i = 0; !st && i < c->nats.cluster_peers.n; i++) {
+        const char *v = c->nats.cluster_peers.v[i];
+        if (v && *v && !is_dns_entry(v))
+            st = hl_peer_set_add_route(out, v);
+    }
+    for (size_t i = 0; !st && i < c->nats.leaf_servers.n; i++) {
+        const char *v = c->nats.leaf_servers.v[i];
+        if (v && *v)
+            st = hl_peer_set_add_leaf(out, v);
+    }
+    return st;
+}
+
 hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
+{
+    hl_peer_set p;
+    hl_peer_set_init(&p);
+    hl_status st = hl_peer_set_from_config(c, &p);
+    if (!st)
+        st = hl_nats_server_render(c, &p, out);
+    hl_peer_set_free(&p);
+    return st;
+}
+
+hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl_buf *out)
 {
     hl_buf dir;
     hl_buf_init(&dir, PATH_MAX * 4);
@@ -276,10 +469,7 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
     }
     /* nats-server 2.9.10 exits with "JetStream cluster requires configured
      * routes or solicited leafnode for the system account" otherwise. */
-    size_t npeers = 0;
-    for (size_t i = 0; i < c->nats.cluster_peers.n; i++)
-        npeers += c->nats.cluster_peers.v[i] && *c->nats.cluster_peers.v[i];
-    if (c->nats.cluster_addr && *c->nats.cluster_addr && npeers == 0) {
+    if (c->nats.cluster_addr && *c->nats.cluster_addr && peers->routes.n == 0) {
         hl_log(HL_LOG_ERROR,
                "nats.cluster_addr needs nats.cluster_peers (JetStream clustering requires routes); "
                "leave cluster_addr unset for a single node",
@@ -316,6 +506,13 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
         st = hl_buf_adds(out, "jetstream {\n  store_dir: ");
     if (!st)
         st = add_conf_str(out, hl_buf_str(&dir));
+    /* "always" fsyncs every write before it is acknowledged (nats-server
+     * 2.10+; 2.9 refuses the key, which start reports with its output). */
+    if (!st && c->nats.sync_interval && *c->nats.sync_interval) {
+        st = hl_buf_adds(out, "\n  sync_interval: ");
+        if (!st)
+            st = add_conf_str(out, c->nats.sync_interval);
+    }
     if (!st)
         st = hl_buf_adds(out, "\n}\n");
 
@@ -330,27 +527,44 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
             st = add_conf_str(out, c->nats.cluster_addr);
         if (!st)
             st = hl_buf_adds(out, "\n  routes: [\n");
-        for (size_t i = 0; !st && i < c->nats.cluster_peers.n; i++) {
-            const char *peer = c->nats.cluster_peers.v[i];
-            if (!peer || !*peer)
-                continue;
+        for (size_t i = 0; !st && i < peers->routes.n; i++) {
             st = hl_buf_adds(out, "    ");
-            if (!st && !strstr(peer, "://")) {
-                /* Bare host:port; nats-server needs a URL. */
-                hl_buf url;
-                hl_buf_init(&url, 4096);
-                st = hl_buf_addf(&url, "nats://%s", peer);
-                if (!st)
-                    st = add_conf_str(out, hl_buf_str(&url));
-                hl_buf_free(&url);
-            } else if (!st) {
-                st = add_conf_str(out, peer);
-            }
+            if (!st)
+                st = add_conf_str(out, peers->routes.v[i]);
             if (!st)
                 st = hl_buf_addc(out, '\n');
         }
         if (!st)
             st = hl_buf_adds(out, "  ]\n}\n");
+    }
+
+    /* Leaf remotes connect with the credentials and TLS files the client uses. */
+    if (!st && peers->leafs.n > 0) {
+        st = hl_buf_adds(out, "leafnodes {\n  remotes: [\n    {\n      urls: [\n");
+        for (size_t i = 0; !st && i < peers->leafs.n; i++) {
+            st = hl_buf_adds(out, "        ");
+            if (!st)
+                st = add_conf_str(out, peers->leafs.v[i]);
+            if (!st)
+                st = hl_buf_addc(out, '\n');
+        }
+        if (!st)
+            st = hl_buf_adds(out, "      ]\n");
+        if (!st)
+            st = add_conf_path(out, "      credentials: ", c->nats.creds_file);
+        bool tls = (c->nats.ca_file && *c->nats.ca_file) || (c->nats.cert_file && *c->nats.cert_file);
+        if (!st && tls)
+            st = hl_buf_adds(out, "      tls {\n");
+        if (!st && tls)
+            st = add_conf_path(out, "        ca_file: ", c->nats.ca_file);
+        if (!st && tls)
+            st = add_conf_path(out, "        cert_file: ", c->nats.cert_file);
+        if (!st && tls)
+            st = add_conf_path(out, "        key_file: ", c->nats.key_file);
+        if (!st && tls)
+            st = hl_buf_adds(out, "      }\n");
+        if (!st)
+            st = hl_buf_adds(out, "    }\n  ]\n}\n");
     }
 
     if (!st && c->nats.server_config && *c->nats.server_config)
@@ -915,10 +1129,24 @@ static void server_free(hl_nats_server *s)
     free(s->conf_path);
     free(s->bin_path);
     free(s->probe_host);
+    hl_peer_set_free(&s->peers);
     free(s);
 }
 
 hl_status hl_nats_server_start(hl_nats_server **out, const hl_config *c, int timeout_ms)
+{
+    hl_peer_set p;
+    hl_peer_set_init(&p);
+    hl_status st = hl_peer_set_from_config(c, &p);
+    if (!st)
+        st = hl_nats_server_start_peers(out, c, &p, timeout_ms);
+    else
+        *out = NULL;
+    hl_peer_set_free(&p);
+    return st;
+}
+
+hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, const hl_peer_set *peers, int timeout_ms)
 {
     hl_status st = HL_OK;
     hl_buf conf, dir;
@@ -943,8 +1171,12 @@ hl_status hl_nats_server_start(hl_nats_server **out, const hl_config *c, int tim
     atomic_init(&s->running, false);
     atomic_init(&s->restarts, 0);
     s->cfg = c;
+    hl_peer_set_init(&s->peers);
+    st = hl_peer_set_copy(&s->peers, peers);
+    if (st)
+        goto out;
 
-    st = hl_nats_server_render_config(c, &conf);
+    st = hl_nats_server_render(c, &s->peers, &conf);
     if (st)
         goto out;
     const char *bind = c->nats.bind_address ? c->nats.bind_address : "0.0.0.0:4222";
@@ -1084,13 +1316,36 @@ static hl_status read_small_file(const char *path, hl_buf *out, size_t limit)
 
 hl_status hl_nats_server_reload(hl_nats_server *s)
 {
+    hl_peer_set p;
+    hl_peer_set_init(&p);
+    hl_status st = hl_peer_set_from_config(s->cfg, &p);
+    if (!st)
+        st = hl_nats_server_apply_peers(s, &p);
+    hl_peer_set_free(&p);
+    return st;
+}
+
+hl_status hl_nats_server_peers(hl_nats_server *s, hl_peer_set *out)
+{
+    pthread_mutex_lock(&s->mu);
+    hl_status st = hl_peer_set_copy(out, &s->peers);
+    pthread_mutex_unlock(&s->mu);
+    return st;
+}
+
+hl_status hl_nats_server_apply_peers(hl_nats_server *s, const hl_peer_set *peers)
+{
     hl_buf conf, cur, next_path;
     hl_status st;
+    hl_peer_set copy;
+    hl_peer_set_init(&copy);
     hl_buf_init(&conf, 1 << 20);
     hl_buf_init(&cur, 1 << 20);
     hl_buf_init(&next_path, PATH_MAX * 4);
 
-    st = hl_nats_server_render_config(s->cfg, &conf);
+    st = hl_peer_set_copy(&copy, peers);
+    if (!st)
+        st = hl_nats_server_render(s->cfg, &copy, &conf);
     if (st)
         goto out;
     if (read_small_file(s->conf_path, &cur, 1 << 20) == HL_OK && cur.len == conf.len &&
@@ -1112,11 +1367,16 @@ hl_status hl_nats_server_reload(hl_nats_server *s)
         goto out;
     }
     pthread_mutex_lock(&s->mu);
+    /* A child restarted in between reads the new file itself. */
     if (s->pid > 0)
         kill(s->pid, SIGHUP);
+    hl_peer_set t = s->peers;
+    s->peers = copy;
+    copy = t;
     pthread_mutex_unlock(&s->mu);
     hl_log(HL_LOG_INFO, "nats-server config changed, reloading", "component", "nats-server", NULL);
 out:
+    hl_peer_set_free(&copy);
     hl_buf_free(&conf);
     hl_buf_free(&cur);
     hl_buf_free(&next_path);

@@ -87,6 +87,33 @@ def harmonylite_binary() -> Path:
     return Path(env).resolve() if env else REPO_ROOT / "build" / "harmonylite"
 
 
+# --------------------------------------------------------------------------- nats-server versions
+
+def nats_server_bin() -> str:
+    """The nats-server embedded nodes run: $HL_NATS_SERVER, else Debian's on PATH (2.9.10)."""
+    return os.environ.get("HL_NATS_SERVER") or "nats-server"
+
+
+_current_nats: Optional[tuple[Optional[str], str]] = None
+
+
+def current_nats_server() -> tuple[Optional[str], str]:
+    """(path, "") of a current nats-server release built by scripts/install-go-tools.sh
+    (cached outside the repository; the first call may take minutes), or (None, why)
+    when it cannot be had (no go and no module proxy)."""
+    global _current_nats
+    if _current_nats is None:
+        r = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "install-go-tools.sh"), "nats-server"],
+                           capture_output=True, text=True)
+        path = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else ""
+        if path and os.access(path, os.X_OK):
+            _current_nats = (path, "")
+        else:
+            _current_nats = (None, f"scripts/install-go-tools.sh nats-server failed ({r.returncode}): "
+                                   f"{r.stderr.strip()[-600:]}")
+    return _current_nats
+
+
 # --------------------------------------------------------------------------- ports
 
 _ports_lock = threading.Lock()
@@ -496,6 +523,7 @@ class Node:
             "polling_interval": 500,
             "replication_log": {"shards": 1, "max_entries": 1000000, "replicas": 3, "compress": True},
             "nats": {
+                "server_bin": nats_server_bin(),
                 "bind_address": f"127.0.0.1:{client_port}",
                 "cluster_addr": f"127.0.0.1:{cluster_port}",
                 "cluster_peers": self.peer_urls,
@@ -847,6 +875,46 @@ def started_cluster(binary: Path, root: Path, size: int = 3, settings: Optional[
         errors = c.stop()
         c.kill()
     assert not errors, "\n".join(errors)
+
+
+class DnsServer:
+    """dnsmasq on 127.0.0.1 answering only from `records` (dnsmasq config lines such as
+    "srv-host=_cluster._tcp.hl.test,n1.hl.test,6222" and "host-record=n1.hl.test,127.0.0.11").
+    set_records() restarts it on the same port; stop() leaves the port unanswered."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()  # TCP checked free; UDP is checked by dnsmasq binding it
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_records(self, records: Iterable[str], timeout: float = 30) -> None:
+        self.stop()
+        conf = self.root / "dnsmasq.conf"
+        conf.write_text(f"port={self.port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\n"
+                        "no-negcache\nlocal-ttl=0\n" + "".join(r + "\n" for r in records))
+        with open(self.root / "dnsmasq.log", "ab") as log:
+            self.proc = subprocess.Popen(["dnsmasq", "-k", "--user=root", "--pid-file=", f"--conf-file={conf}",
+                                          "--log-facility=-"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True, preexec_fn=_child_setup)
+
+        def up() -> bool:
+            assert self.proc.poll() is None, ("dnsmasq exited: "
+                                              + (self.root / "dnsmasq.log").read_text(errors="replace")[-800:])
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(up, timeout, "dnsmasq listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
 
 
 class NatsServer:

@@ -184,7 +184,7 @@ START_TEST(test_key_table)
 {
     size_t n = hl_config_key_count();
     hl_config_key_info a, b;
-    ck_assert_uint_eq(n, 49);
+    ck_assert_uint_eq(n, 54);
     ck_assert(!hl_config_key_at(n, &a));
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));
@@ -482,8 +482,8 @@ START_TEST(test_error_types)
                       "4: nats.urls: expected a URL starting with nats://, tls://, ws:// or wss://, got "
                       "\"http://bad:4222\"");
     expect_load_error("nats:\n  cluster_peers: [nats://a:6222, tls://b:6222]\n",
-                      "2: nats.cluster_peers: expected a URL starting with nats:// or nats-route://, got "
-                      "\"tls://b:6222\"");
+                      "2: nats.cluster_peers: expected a URL starting with nats:// or nats-route://, or a DNS "
+                      "entry dns+srv://_<port-name>._tcp.<service> or dns://<name>:<port>, got \"tls://b:6222\"");
     expect_load_error("nats:\n  urls: ['']\n", "2: nats.urls: expected a non-empty string in the list");
     expect_load_error("nats:\n  subject_prefix: \"a b\"\n",
                       "2: nats.subject_prefix: expected a NATS subject (tokens separated by '.', no spaces, '*' or "
@@ -681,7 +681,8 @@ START_TEST(test_env_errors)
          "\"http://b\""},
         {"HARMONYLITE_NATS_CLUSTER_PEERS=a:6222",
          "env HARMONYLITE_NATS_CLUSTER_PEERS: nats.cluster_peers: expected a URL starting with nats:// or "
-         "nats-route://, got \"a:6222\""},
+         "nats-route://, or a DNS entry dns+srv://_<port-name>._tcp.<service> or dns://<name>:<port>, got "
+         "\"a:6222\""},
         {"HARMONYLITE_LOGGING_LEVEL=trace",
          "env HARMONYLITE_LOGGING_LEVEL: logging.level: expected one of debug, info, warn, error, got \"trace\""},
     };
@@ -1124,6 +1125,83 @@ START_TEST(test_docs)
 }
 END_TEST
 
+/* Discovery keys (docs/nats.md): DNS entries, resolver, leaf servers, sync_interval. */
+START_TEST(test_discovery_keys)
+{
+    hl_config c;
+    ck_assert_int_eq(load(&c, "nats:\n  cluster_addr: 0.0.0.0:6222\n"
+                              "  cluster_peers: [dns+srv://_cluster._tcp.hl.ns.svc.cluster.local, "
+                              "'dns://hl-headless:6222', nats://10.0.0.1:6222]\n"
+                              "  discovery_interval: 5\n  discovery_resolver: '127.0.0.1:5353,[::1]:53'\n"
+                              "  cluster_min_peers: 2\n  leaf_servers: [nats-leaf://hub:7422]\n"
+                              "  sync_interval: always\n"),
+                     HL_OK);
+    ck_assert_uint_eq(c.nats.cluster_peers.n, 3);
+    ck_assert_int_eq(c.nats.discovery_interval_s, 5);
+    ck_assert_str_eq(c.nats.discovery_resolver, "127.0.0.1:5353,[::1]:53");
+    ck_assert_int_eq(c.nats.cluster_min_peers, 2);
+    ck_assert_uint_eq(c.nats.leaf_servers.n, 1);
+    ck_assert_str_eq(c.nats.sync_interval, "always");
+    hl_config_free(&c);
+    ck_assert_int_eq(load(&c, "db_path: a.db\n"), HL_OK);
+    ck_assert_int_eq(c.nats.discovery_interval_s, 30);
+    ck_assert_int_eq(c.nats.cluster_min_peers, 1);
+    ck_assert_ptr_null(c.nats.sync_interval);
+    hl_config_free(&c);
+    ck_assert_str_eq(hl_config_flag_path("-leaf-servers"), "nats.leaf_servers");
+
+    const char *bad_srv[] = {"dns+srv://",
+                             "dns+srv://_cluster._tcp",
+                             "dns+srv://cluster._tcp.hl",
+                             "dns+srv://_cluster.tcp.hl",
+                             "dns+srv://_cluster._tcp.h\\\"l",
+                             "dns+srv://_c._tcp.-hl",
+                             "dns+srv://_c._tcp.a..b"};
+    for (size_t i = 0; i < sizeof bad_srv / sizeof bad_srv[0]; i++) {
+        char yaml[256];
+        snprintf(yaml, sizeof yaml, "nats:\n  cluster_peers: [\"%s\"]\n", bad_srv[i]);
+        ck_assert_msg(load(&c, yaml) == HL_ERR_CONFIG, "%s accepted", bad_srv[i]);
+        hl_config_free(&c);
+    }
+    expect_load_error("nats:\n  cluster_peers: ['dns+srv://_cluster._tcp']\n",
+                      "2: nats.cluster_peers: expected dns+srv://_<port-name>._tcp.<service> (an SRV name: two '_' "
+                      "labels, then a host name), got \"dns+srv://_cluster._tcp\"");
+    expect_load_error("nats:\n  cluster_peers: ['dns://hl:0']\n",
+                      "2: nats.cluster_peers: expected dns://<host name>:<port> (port 1..65535), got \"dns://hl:0\"");
+    const char *bad_a[] = {"dns://hl",       "dns://hl:",   "dns://:6222",   "dns://h l:6222",
+                           "dns://hl:65536", "dns://hl:+1", "dns://a_b:6222"};
+    for (size_t i = 0; i < sizeof bad_a / sizeof bad_a[0]; i++) {
+        char yaml[256];
+        snprintf(yaml, sizeof yaml, "nats:\n  cluster_peers: [\"%s\"]\n", bad_a[i]);
+        ck_assert_msg(load(&c, yaml) == HL_ERR_CONFIG, "%s accepted", bad_a[i]);
+        hl_config_free(&c);
+    }
+    expect_load_error("nats:\n  discovery_resolver: dns.example:53\n",
+                      "2: nats.discovery_resolver: expected DNS server addresses, ip[:port] or [ipv6]:port, "
+                      "separated by ',', got \"dns.example:53\"");
+    expect_load_error("nats:\n  discovery_resolver: '127.0.0.1:0'\n",
+                      "2: nats.discovery_resolver: expected DNS server addresses, ip[:port] or [ipv6]:port, "
+                      "separated by ',', got \"127.0.0.1:0\"");
+    expect_load_error("nats:\n  discovery_interval: 0\n",
+                      "2: nats.discovery_interval: expected an integer from 1 to 86400, got \"0\"");
+    expect_load_error("nats:\n  cluster_min_peers: 0\n",
+                      "2: nats.cluster_min_peers: expected an integer from 1 to 1024, got \"0\"");
+    expect_load_error("nats:\n  leaf_servers: [http://hub:7422]\n",
+                      "2: nats.leaf_servers: expected a URL starting with nats-leaf://, nats://, tls://, ws:// or "
+                      "wss://, got \"http://hub:7422\"");
+    expect_load_error("nats:\n  sync_interval: sometimes\n",
+                      "2: nats.sync_interval: expected always, or a positive duration: digits followed by ms, s, m "
+                      "or h (e.g. 10s), got \"sometimes\"");
+    expect_load_error("nats:\n  sync_interval: 0s\n",
+                      "2: nats.sync_interval: expected always, or a positive duration: digits followed by ms, s, m "
+                      "or h (e.g. 10s), got \"0s\"");
+
+    /* With DNS entries the number of servers is known only at runtime. */
+    expect_workable("db_path: a.db\nreplication_log:\n  replicas: 3\nnats:\n  cluster_addr: 0.0.0.0:6222\n"
+                    "  cluster_peers: [dns+srv://_cluster._tcp.hl]\n");
+}
+END_TEST
+
 static Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
@@ -1150,6 +1228,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_dump);
     tcase_add_test(tc, test_example_file);
     tcase_add_test(tc, test_docs);
+    tcase_add_test(tc, test_discovery_keys);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -140,6 +140,7 @@ static void cfg_free(hl_config *c)
     free(c->data_dir);
     list_free(&c->nats.urls);
     list_free(&c->nats.cluster_peers);
+    list_free(&c->nats.leaf_servers);
     char **strs[] = {&c->nats.bind_address,  &c->nats.subject_prefix, &c->nats.stream_prefix, &c->nats.server_config,
                      &c->nats.server_bin,    &c->nats.cluster_name,   &c->nats.cluster_addr,  &c->nats.user_name,
                      &c->nats.user_password, &c->nats.seed_file,      &c->nats.creds_file,    &c->nats.ca_file,
@@ -723,6 +724,17 @@ START_TEST(embedded_reload_routes)
     fprintf(stderr, "route added by reload in %lld ms\n", (long long)(now_ms() - t0));
     ck_assert_int_eq(hl_nats_server_pid(s[0]), pid);
     ck_assert_int_eq(hl_nats_server_restarts(s[0]), 0);
+    hl_peer_set now;
+    hl_peer_set_init(&now);
+    ck_assert_int_eq(hl_nats_server_peers(s[0], &now), HL_OK);
+    ck_assert_uint_eq(now.routes.n, 2);
+    hl_peer_set_free(&now);
+    /* The rendered file stays private: it may carry credentials paths. */
+    struct stat sb;
+    char *conf = xprintf("%s/node1/nats/nats-server.conf", dir);
+    ck_assert_int_eq(stat(conf, &sb), 0);
+    ck_assert_int_eq(sb.st_mode & 0777, 0600);
+    free(conf);
 
     /* A peer nats-server cannot parse is refused before the running config is touched. */
     list_add(&c[0].nats.cluster_peers, "nats://[bad");
@@ -863,6 +875,56 @@ static void stop_plain_server(pid_t pid)
     kill(pid, SIGTERM);
     waitpid(pid, &st, 0);
 }
+
+/* nats.leaf_servers: the embedded server connects to a hub as a leaf node;
+ * messages published on the hub reach a subscriber on the leaf. */
+START_TEST(embedded_leaf)
+{
+    char *dir = make_tmpdir();
+    int hub_port = free_port(), leaf_port = free_port();
+    char *conf = xprintf("listen: \"127.0.0.1:%d\"\nleafnodes { listen: \"127.0.0.1:%d\" }\n", hub_port, leaf_port);
+    pid_t hub = start_plain_server(dir, conf, hub_port);
+    char *data = xprintf("%s/leaf", dir);
+    hl_config c;
+    cfg_init(&c, data, 1, free_port());
+    char *remote = xprintf("nats-leaf://127.0.0.1:%d", leaf_port);
+    list_add(&c.nats.leaf_servers, remote);
+    hl_nats_server *s = NULL;
+    ck_assert_int_eq(hl_nats_server_start(&s, &c, 10000), HL_OK);
+    hl_nats *n = connect_to(&c, hl_nats_server_client_url(s), NULL);
+
+    natsConnection *hc = NULL;
+    char *hub_url = xprintf("nats://127.0.0.1:%d", hub_port);
+    ck_assert_int_eq(natsConnection_ConnectTo(&hc, hub_url), NATS_OK);
+    natsSubscription *sub = NULL;
+    ck_assert_int_eq(natsConnection_SubscribeSync(&sub, hl_nats_conn(n), "leaf.check"), NATS_OK);
+    ck_assert_int_eq(natsConnection_Flush(hl_nats_conn(n)), NATS_OK);
+    bool ok = false;
+    int64_t end = now_ms() + 20000; /* the leaf connection and its interest take a moment */
+    while (!ok && now_ms() < end) {
+        natsMsg *m = NULL;
+        ck_assert_int_eq(natsConnection_PublishString(hc, "leaf.check", "x"), NATS_OK);
+        if (natsSubscription_NextMsg(&m, sub, 200) == NATS_OK) {
+            ok = true;
+            natsMsg_Destroy(m);
+        }
+    }
+    ck_assert_msg(ok, "no message crossed the leaf connection");
+    natsSubscription_Destroy(sub);
+    natsConnection_Destroy(hc);
+
+    hl_nats_close(n, 1000);
+    hl_nats_server_stop(s, 10000);
+    stop_plain_server(hub);
+    cfg_free(&c);
+    free(hub_url);
+    free(remote);
+    free(data);
+    free(conf);
+    rm_rf(dir);
+    free(dir);
+}
+END_TEST
 
 START_TEST(external_user_password)
 {
@@ -1068,6 +1130,126 @@ START_TEST(external_tls)
 }
 END_TEST
 
+/* ---- peer set ---- */
+
+static bool rendered_routes(const char *t, const char *want)
+{
+    const char *r = strstr(t, "  routes: [\n");
+    return r && strncmp(r + 12, want, strlen(want)) == 0 && strncmp(r + 12 + strlen(want), "  ]\n", 4) == 0;
+}
+
+START_TEST(render_peer_set)
+{
+    char *dir = make_tmpdir();
+    char *data = xprintf("%s/node1", dir);
+    hl_config c;
+    cfg_init(&c, data, 1, 4222);
+    c.nats.cluster_addr = xstrdup("127.0.0.1:6222");
+    /* Discovery answers in any order, with repeats; the set is sorted and unique. */
+    hl_peer_set p, q;
+    hl_peer_set_init(&p);
+    hl_peer_set_init(&q);
+    ck_assert_int_eq(hl_peer_set_add_route(&p, "nats://n3.hl.test:6222"), HL_OK);
+    ck_assert_int_eq(hl_peer_set_add_route(&p, "nats://n1.hl.test:6222"), HL_OK);
+    ck_assert_int_eq(hl_peer_set_add_route(&p, "n2.hl.test:6222"), HL_OK); /* gets a scheme */
+    ck_assert_int_eq(hl_peer_set_add_route(&p, "nats://n1.hl.test:6222"), HL_OK);
+    ck_assert_int_eq(hl_peer_set_add_route(&p, ""), HL_ERR_INVALID);
+    ck_assert_uint_eq(p.routes.n, 3);
+    ck_assert_int_eq(hl_peer_set_add_route(&q, "nats://n2.hl.test:6222"), HL_OK);
+    ck_assert_int_eq(hl_peer_set_add_route(&q, "nats://n1.hl.test:6222"), HL_OK);
+    ck_assert_int_eq(hl_peer_set_add_route(&q, "nats://n3.hl.test:6222"), HL_OK);
+    ck_assert(hl_peer_set_equal(&p, &q));
+
+    hl_buf b, b2;
+    hl_buf_init(&b, 1 << 20);
+    hl_buf_init(&b2, 1 << 20);
+    ck_assert_int_eq(hl_nats_server_render(&c, &p, &b), HL_OK);
+    ck_assert_int_eq(hl_nats_server_render(&c, &q, &b2), HL_OK);
+    ck_assert_str_eq(hl_buf_str(&b), hl_buf_str(&b2));
+    ck_assert_msg(rendered_routes(hl_buf_str(&b), "    \"nats://n1.hl.test:6222\"\n    \"nats://n2.hl.test:6222\"\n"
+                                                  "    \"nats://n3.hl.test:6222\"\n"),
+                  "%s", hl_buf_str(&b));
+    /* The config's own cluster_peers are not used: the set is what renders. */
+    ck_assert_ptr_null(strstr(hl_buf_str(&b), "leafnodes"));
+
+    /* Leaf remotes render with the client's credentials and TLS files. */
+    ck_assert_int_eq(hl_peer_set_add_leaf(&p, "nats-leaf://hub.example:7422"), HL_OK);
+    c.nats.creds_file = xstrdup("/etc/hl/user.creds");
+    c.nats.ca_file = xstrdup("/etc/hl/ca.pem");
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_nats_server_render(&c, &p, &b), HL_OK);
+    ck_assert_msg(strstr(hl_buf_str(&b), "leafnodes {\n  remotes: [\n    {\n      urls: [\n"
+                                         "        \"nats-leaf://hub.example:7422\"\n      ]\n"
+                                         "      credentials: \"/etc/hl/user.creds\"\n"
+                                         "      tls {\n        ca_file: \"/etc/hl/ca.pem\"\n      }\n    }\n  ]\n}\n"),
+                  "%s", hl_buf_str(&b));
+
+    /* A cluster listener with an empty set is refused (nats-server 2.9 would exit). */
+    hl_peer_set e;
+    hl_peer_set_init(&e);
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_nats_server_render(&c, &e, &b), HL_ERR_CONFIG);
+
+    /* dns:// entries of nats.cluster_peers are discovery's, not routes. */
+    list_add(&c.nats.cluster_peers, "dns+srv://_cluster._tcp.hl.test");
+    list_add(&c.nats.cluster_peers, "dns://nodes.hl.test:6222");
+    list_add(&c.nats.cluster_peers, "nats://10.0.0.9:6222");
+    ck_assert_int_eq(hl_peer_set_from_config(&c, &e), HL_OK);
+    ck_assert_uint_eq(e.routes.n, 1);
+    ck_assert_str_eq(e.routes.v[0], "nats://10.0.0.9:6222");
+
+    hl_peer_set_free(&e);
+    hl_peer_set_free(&p);
+    hl_peer_set_free(&q);
+    hl_buf_free(&b);
+    hl_buf_free(&b2);
+    cfg_free(&c);
+    rm_rf(dir);
+    free(data);
+    free(dir);
+}
+END_TEST
+
+START_TEST(peer_set_diff)
+{
+    hl_peer_set from, to, added, removed, copy;
+    hl_peer_set_init(&from);
+    hl_peer_set_init(&to);
+    hl_peer_set_init(&added);
+    hl_peer_set_init(&removed);
+    hl_peer_set_init(&copy);
+    const char *a[] = {"nats://a:1", "nats://b:1", "nats://c:1"};
+    const char *b[] = {"nats://d:1", "nats://b:1", "nats://a:1"};
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(hl_peer_set_add_route(&from, a[i]), HL_OK);
+        ck_assert_int_eq(hl_peer_set_add_route(&to, b[i]), HL_OK);
+    }
+    ck_assert_int_eq(hl_peer_set_add_leaf(&from, "nats-leaf://hub:7422"), HL_OK);
+    ck_assert(!hl_peer_set_equal(&from, &to));
+    ck_assert_int_eq(hl_peer_set_diff(&from, &to, &added, &removed), HL_OK);
+    ck_assert_uint_eq(added.routes.n, 1);
+    ck_assert_str_eq(added.routes.v[0], "nats://d:1");
+    ck_assert_uint_eq(removed.routes.n, 1);
+    ck_assert_str_eq(removed.routes.v[0], "nats://c:1");
+    ck_assert_uint_eq(added.leafs.n, 0);
+    ck_assert_uint_eq(removed.leafs.n, 1);
+
+    /* A copy compares equal and diffs to nothing. */
+    ck_assert_int_eq(hl_peer_set_copy(&copy, &to), HL_OK);
+    ck_assert(hl_peer_set_equal(&copy, &to));
+    hl_peer_set_free(&added);
+    hl_peer_set_free(&removed);
+    ck_assert_int_eq(hl_peer_set_diff(&copy, &to, &added, &removed), HL_OK);
+    ck_assert_uint_eq(added.routes.n + removed.routes.n + added.leafs.n + removed.leafs.n, 0);
+
+    hl_peer_set_free(&from);
+    hl_peer_set_free(&to);
+    hl_peer_set_free(&added);
+    hl_peer_set_free(&removed);
+    hl_peer_set_free(&copy);
+}
+END_TEST
+
 static Suite *natsio_suite(void)
 {
     Suite *s = suite_create("natsio");
@@ -1078,11 +1260,14 @@ static Suite *natsio_suite(void)
     } cases[] = {
         {"render_standalone", render_standalone, 10},
         {"render_cluster_include", render_cluster_include, 10},
+        {"render_peer_set", render_peer_set, 10},
+        {"peer_set_diff", peer_set_diff, 5},
         {"nkey_public_key", nkey_public_key, 5},
         {"embedded_publish", embedded_publish, 30},
         {"embedded_restart", embedded_restart, 40},
         {"embedded_cluster", embedded_cluster, 60},
         {"embedded_reload_routes", embedded_reload_routes, 30},
+        {"embedded_leaf", embedded_leaf, 40},
         {"embedded_stop_lame_duck", embedded_stop_lame_duck, 30},
         {"embedded_start_failures", embedded_start_failures, 30},
         {"external_user_password", external_user_password, 30},
