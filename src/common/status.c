@@ -37,6 +37,8 @@ const char *hl_status_str(hl_status st)
         return "gap in replication log";
     case HL_ERR_INTERNAL:
         return "internal error";
+    case HL_ERR_CONFLICT:
+        return "key exists or revision changed";
     }
     return "unknown status";
 }

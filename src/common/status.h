@@ -25,6 +25,7 @@ typedef enum hl_status {
     HL_ERR_CONSTRAINT = 14, /* a row violated a constraint */
     HL_ERR_GAP = 15,        /* missing changesets (stream truncated past our position) */
     HL_ERR_INTERNAL = 16,   /* a "cannot happen" branch was taken */
+    HL_ERR_CONFLICT = 17,   /* KV: the key exists (create) or its revision moved on (update) */
 } hl_status;
 
 /* Returns a static, human readable string for st. Never NULL. */
