@@ -23,8 +23,8 @@ APT_PACKAGES=(
     python3 python3-pip
 )
 # pip name -> import name, in the same order.
-PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client)
-PIP_MODULES=(pytest nats cbor2 prometheus_client)
+PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client pyyaml kubernetes-validate==1.37.0)
+PIP_MODULES=(pytest nats cbor2 prometheus_client yaml kubernetes_validate)
 
 log_file=$(mktemp "${TMPDIR:-/tmp}/install-deps.XXXXXX")
 trap 'rm -f "$log_file"' EXIT

@@ -2,7 +2,7 @@
 # install-go-tools.sh - builds Go tools the tests need, caches them outside the
 # repository, and prints each one's path (one line per tool, in order).
 #
-#   scripts/install-go-tools.sh nats-server [...]
+#   scripts/install-go-tools.sh nats-server|helm|kustomize [...]
 #
 # Tools and their pinned versions are in the table below. A tool already built
 # is only printed. Cache: ${XDG_CACHE_HOME:-$HOME/.cache}/harmonylite/go-tools.
@@ -22,6 +22,8 @@ GO_TOOLCHAIN=1.25.14
 tool_module() {
     case "$1" in
     nats-server) echo "github.com/nats-io/nats-server/v2@v2.12.15" ;;
+    helm) echo "helm.sh/helm/v3/cmd/helm@v3.19.0" ;;
+    kustomize) echo "sigs.k8s.io/kustomize/kustomize/v5@v5.7.1" ;;
     *) return 1 ;;
     esac
 }
@@ -85,7 +87,7 @@ find_go() {
     echo "$root/bin/go"
 }
 
-[ "$#" -gt 0 ] || die "usage: $0 tool... (known: nats-server)"
+[ "$#" -gt 0 ] || die "usage: $0 tool... (known: nats-server helm kustomize)"
 for tool in "$@"; do
     tool_module "$tool" >/dev/null || die "unknown tool: $tool"
 done

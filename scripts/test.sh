@@ -4,6 +4,7 @@
 #   1. scripts/install-deps.sh
 #   2. release build (build/):       ctest, then the e2e suite (tests/e2e) against build/harmonylite
 #      then the cluster/replication e2e tests with a current nats-server (nats-current)
+#      then the Helm chart and kustomize overlays (deploy: tests/deploy)
 #   3. ASan+UBSan build (build-asan/): ctest, then the e2e suite against build-asan/harmonylite
 #   4. fuzz: every libFuzzer harness in fuzz/ briefly over its seed corpus (scripts/fuzz.sh)
 #
@@ -13,7 +14,7 @@
 # Environment:
 #   HL_E2E_TIMEOUT   seconds one e2e run may take before it is killed (default 1500)
 #   HL_CTEST_TIMEOUT seconds one ctest run may take (default 900)
-#   HL_TEST_PHASES   phases to run, default "release nats-current asan fuzz"
+#   HL_TEST_PHASES   phases to run, default "release nats-current deploy asan fuzz"
 #   HL_FUZZ_SECONDS  seconds each fuzz harness runs (default 20)
 #   PYTEST_ADDOPTS   extra pytest options (e.g. "-k replicates -x")
 set -uo pipefail
@@ -162,23 +163,45 @@ nats_current_phase() {
     run_suite "e2e nats-current" "$rc" "$results/e2e-nats-current.xml" $((SECONDS - t0)) no
 }
 
+# The Helm chart and the kustomize overlays (tests/deploy): helm lint, render,
+# offline validation against the Kubernetes API schemas, and the rendered
+# configuration checked by build/harmonylite. helm and kustomize come from
+# scripts/install-go-tools.sh.
+deploy_phase() {
+    local t0 rc helm kustomize
+    note "deploy: Helm chart and kustomize overlays"
+    t0=$SECONDS
+    if ! helm=$(bash scripts/install-go-tools.sh helm) || ! kustomize=$(bash scripts/install-go-tools.sh kustomize); then
+        add_row "deploy" 0 1 0 $((SECONDS - t0)) "install-go-tools.sh helm kustomize failed"
+        return
+    fi
+    HL_HELM="$helm" HL_KUSTOMIZE="$kustomize" HARMONYLITE_BIN="$ROOT/build/harmonylite" \
+        timeout -k 15 600 python3 -m pytest tests/deploy -q -rfEs -p no:cacheprovider --tb=short \
+        --junitxml="$results/deploy.xml"
+    rc=$?
+    run_suite "deploy" "$rc" "$results/deploy.xml" $((SECONDS - t0)) no
+}
+
 fuzz_phase() {
     local t0 rc
     note "fuzz"
     t0=$SECONDS
     timeout -k 15 300 scripts/fuzz.sh "${HL_FUZZ_SECONDS:-20}"
     rc=$?
+    local n
+    n=$(ls fuzz/fuzz_*.c | wc -l)
     if [ "$rc" -eq 0 ]; then
-        add_row "fuzz" 3 0 0 $((SECONDS - t0)) "3 harnesses, no crash"
+        add_row "fuzz" "$n" 0 0 $((SECONDS - t0)) "$n harnesses, no crash"
     else
         add_row "fuzz" 0 1 0 $((SECONDS - t0)) "fuzz.sh exited $rc"
     fi
 }
 
-for p in ${HL_TEST_PHASES:-release nats-current asan fuzz}; do
+for p in ${HL_TEST_PHASES:-release nats-current deploy asan fuzz}; do
     case "$p" in
     release) phase release build ;;
     nats-current) nats_current_phase ;;
+    deploy) deploy_phase ;;
     asan) phase asan build-asan ;;
     fuzz) fuzz_phase ;;
     *) add_row "phase $p" 0 1 0 0 "unknown phase" ;;

@@ -182,7 +182,7 @@ static const hl_key keys[] = {
         "seconds between DNS lookups of the dns:// and dns+srv:// entries of nats.cluster_peers"),
     STRC("nats.discovery_resolver", nats.discovery_resolver, NULL, check_resolver,
          "DNS server(s) for discovery, ip[:port] separated by ','; empty: the system's (resolv.conf)"),
-    INT("nats.cluster_min_peers", nats.cluster_min_peers, 1, 1024, "1",
+    INT("nats.cluster_min_peers", nats.cluster_min_peers, 0, 1024, "1",
         "other embedded servers that must be known (from DNS) before this one starts and the node is ready"),
     STRC("nats.sync_interval", nats.sync_interval, NULL, check_sync_interval,
          "JetStream fsync interval of the embedded server: always, or a duration like 10s; empty: the server's "

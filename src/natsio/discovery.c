@@ -727,7 +727,7 @@ hl_status hl_discovery_start(hl_discovery **out, const hl_config *c, const volat
     hl_peer_set_init(&d->current);
     d->cfg = c;
     d->interval_ms = (c->nats.discovery_interval_s > 0 ? c->nats.discovery_interval_s : 30) * 1000;
-    d->min_peers = c->nats.cluster_min_peers > 0 ? c->nats.cluster_min_peers : 1;
+    d->min_peers = c->nats.cluster_min_peers > 0 ? c->nats.cluster_min_peers : 0;
     if (!d->entries) {
         discovery_free(d);
         return HL_ERR_NOMEM;

@@ -1184,8 +1184,8 @@ START_TEST(test_discovery_keys)
                       "separated by ',', got \"127.0.0.1:0\"");
     expect_load_error("nats:\n  discovery_interval: 0\n",
                       "2: nats.discovery_interval: expected an integer from 1 to 86400, got \"0\"");
-    expect_load_error("nats:\n  cluster_min_peers: 0\n",
-                      "2: nats.cluster_min_peers: expected an integer from 1 to 1024, got \"0\"");
+    expect_load_error("nats:\n  cluster_min_peers: -1\n",
+                      "2: nats.cluster_min_peers: expected an integer from 0 to 1024, got \"-1\"");
     expect_load_error("nats:\n  leaf_servers: [http://hub:7422]\n",
                       "2: nats.leaf_servers: expected a URL starting with nats-leaf://, nats://, tls://, ws:// or "
                       "wss://, got \"http://hub:7422\"");
