@@ -151,8 +151,8 @@ static const hl_key keys[] = {
 
     LIST("nats.urls", nats.urls, check_nats_url,
          "external NATS servers (nats://, tls://, ws://, wss://); empty: start an embedded nats-server"),
-    STRC("nats.bind_address", nats.bind_address, "0.0.0.0:4222", check_listen,
-         "embedded server's client listener, host:port"),
+    STRC("nats.bind_address", nats.bind_address, "127.0.0.1:4222", check_listen,
+         "embedded server's client listener, host:port (its own harmonylite is the only client it needs)"),
     STRC("nats.subject_prefix", nats.subject_prefix, "harmonylite-change-log", check_subject,
          "subject prefix of change messages (the shard number is appended)"),
     STRC("nats.stream_prefix", nats.stream_prefix, "harmonylite-changes", check_stream,
@@ -187,6 +187,23 @@ static const hl_key keys[] = {
     STRC("nats.sync_interval", nats.sync_interval, NULL, check_sync_interval,
          "JetStream fsync interval of the embedded server: always, or a duration like 10s; empty: the server's "
          "default (2m); needs nats-server 2.10 or newer"),
+    /* Who may use the embedded server (docs/security.md). harmonylite's own
+     * login (user_name/user_password or seed_file) becomes the server's only
+     * full user; these add a read-only user and authenticate the routes. */
+    STR("nats.reader_user", nats.reader_user, NULL,
+        "embedded server: a read-only user that may read the change streams but never publish"),
+    {"nats.reader_password", HL_KEY_STRING, OFF(nats.reader_password), 0, 0, NULL, NULL, NULL, true,
+     "password of nats.reader_user, plain or a bcrypt hash ($2a$...) (never logged or dumped)"},
+    STRC("nats.cluster_user", nats.cluster_user, "harmonylite", check_token,
+         "embedded server: user name the routes between servers authenticate with"),
+    {"nats.cluster_password", HL_KEY_STRING, OFF(nats.cluster_password), 0, 0, NULL, NULL, NULL, true,
+     "embedded server: shared secret every route must present; without it (or route TLS) any server that "
+     "reaches the cluster port can join (never logged or dumped)"},
+    STR("nats.server_cert_file", nats.server_cert_file, NULL,
+        "embedded server's certificate (PEM) for TLS on routes; reloaded when the file changes"),
+    STR("nats.server_key_file", nats.server_key_file, NULL, "private key of nats.server_cert_file (PEM)"),
+    STR("nats.server_ca_file", nats.server_ca_file, NULL,
+        "CA (PEM) route peers' certificates must be signed by; set, routes without such a certificate are refused"),
 
     BOOL("logging.verbose", logging.verbose, "false", "log at debug level (overrides logging.level)"),
     {"logging.format", HL_KEY_STRING, OFF(logging.format), 0, 0, "console", "console|json", NULL, false,
@@ -1417,6 +1434,33 @@ static hl_status check_credentials(const hl_config *c, char *err, size_t errlen)
     if (c->nats.creds_file && *c->nats.creds_file && c->nats.seed_file && *c->nats.seed_file)
         return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.seed_file"), "nats.seed_file",
                     "cannot be used together with nats.creds_file (set one of them)");
+    bool user = c->nats.user_name && *c->nats.user_name, pass = c->nats.user_password && *c->nats.user_password;
+    if (user != pass)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, user ? "nats.user_name" : "nats.user_password"),
+                    user ? "nats.user_name" : "nats.user_password",
+                    user ? "needs nats.user_password" : "needs nats.user_name");
+    bool ruser = c->nats.reader_user && *c->nats.reader_user,
+         rpass = c->nats.reader_password && *c->nats.reader_password;
+    if (ruser != rpass)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, ruser ? "nats.reader_user" : "nats.reader_password"),
+                    ruser ? "nats.reader_user" : "nats.reader_password",
+                    ruser ? "needs nats.reader_password" : "needs nats.reader_user");
+    if (ruser && !user && !(c->nats.seed_file && *c->nats.seed_file))
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.reader_user"), "nats.reader_user",
+                    "needs harmonylite's own login, nats.user_name and nats.user_password or nats.seed_file (with "
+                    "any user configured the server refuses anonymous clients, harmonylite among them)");
+    if (ruser && user && strcmp(c->nats.reader_user, c->nats.user_name) == 0)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.reader_user"), "nats.reader_user",
+                    "must differ from nats.user_name");
+    bool scert = c->nats.server_cert_file && *c->nats.server_cert_file,
+         skey = c->nats.server_key_file && *c->nats.server_key_file;
+    if (scert != skey)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, scert ? "nats.server_cert_file" : "nats.server_key_file"),
+                    scert ? "nats.server_cert_file" : "nats.server_key_file",
+                    scert ? "needs nats.server_key_file" : "needs nats.server_cert_file");
+    if (c->nats.server_ca_file && *c->nats.server_ca_file && !scert)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.server_ca_file"), "nats.server_ca_file",
+                    "needs nats.server_cert_file and nats.server_key_file (routes verify each other only over TLS)");
     return HL_OK;
 }
 
@@ -1616,6 +1660,31 @@ static void put_yaml_str(FILE *f, const char *s)
     fputc('"', f);
 }
 
+/* put_yaml_str, with the password of a URL's userinfo ("scheme://user:pass@")
+ * replaced: nats.urls and route URLs may carry credentials. */
+static void put_yaml_value(FILE *f, const char *v)
+{
+    const char *scheme = v ? strstr(v, "://") : NULL;
+    const char *at = NULL; /* the authority's last '@': a password may hold '@' */
+    for (const char *p = scheme ? scheme + 3 : ""; *p && *p != '/' && *p != '?' && *p != '#'; p++)
+        if (*p == '@')
+            at = p;
+    const char *colon = at ? memchr(scheme + 3, ':', (size_t)(at - scheme - 3)) : NULL;
+    if (!colon) {
+        put_yaml_str(f, v);
+        return;
+    }
+    size_t n = strlen(v) + 16;
+    char *red = malloc(n);
+    if (!red) {
+        put_yaml_str(f, "<redacted>");
+        return;
+    }
+    snprintf(red, n, "%.*s<redacted>%s", (int)(colon + 1 - v), v, at);
+    put_yaml_str(f, red);
+    free(red);
+}
+
 void hl_config_dump(const hl_config *c, FILE *f)
 {
     const char *prev_section = NULL;
@@ -1647,7 +1716,7 @@ void hl_config_dump(const hl_config *c, FILE *f)
             if (k->secret && v && *v)
                 put_yaml_str(f, "<redacted>");
             else
-                put_yaml_str(f, v);
+                put_yaml_value(f, v);
             break;
         }
         case HL_KEY_BOOL:
@@ -1671,7 +1740,7 @@ void hl_config_dump(const hl_config *c, FILE *f)
                 if (k->secret)
                     put_yaml_str(f, "<redacted>");
                 else
-                    put_yaml_str(f, l->v[j]);
+                    put_yaml_value(f, l->v[j]);
             }
             fputc(']', f);
             break;

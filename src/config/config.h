@@ -58,7 +58,7 @@ typedef struct hl_config {
 
     struct {
         hl_strlist urls;            /* nats.urls: external servers; empty = embedded mode */
-        char *bind_address;         /* nats.bind_address: embedded client listener (default "0.0.0.0:4222") */
+        char *bind_address;         /* nats.bind_address: embedded client listener (default "127.0.0.1:4222") */
         char *subject_prefix;       /* nats.subject_prefix (default "harmonylite-change-log") */
         char *stream_prefix;        /* nats.stream_prefix (default "harmonylite-changes") */
         char *server_config;        /* nats.server_config: include this file in the generated nats-server config */
@@ -81,6 +81,13 @@ typedef struct hl_config {
         char *discovery_resolver;   /* nats.discovery_resolver: DNS server(s) "ip[:port],..." (default: system) */
         int cluster_min_peers;      /* nats.cluster_min_peers: peers known before nats-server starts (default 1) */
         char *sync_interval;        /* nats.sync_interval: JetStream fsync, "always" or a duration */
+        char *reader_user;          /* nats.reader_user: embedded server's read-only user */
+        char *reader_password;      /* nats.reader_password: plain or bcrypt (secret) */
+        char *cluster_user;         /* nats.cluster_user: user routes authenticate with */
+        char *cluster_password;     /* nats.cluster_password: route shared secret (secret) */
+        char *server_cert_file;     /* nats.server_cert_file: embedded server's certificate (routes, leafs) */
+        char *server_key_file;      /* nats.server_key_file */
+        char *server_ca_file;       /* nats.server_ca_file: CA verifying route peers' certificates */
     } nats;
 
     struct {

@@ -298,7 +298,7 @@ out:
 /* Reads the first user seed ("SU" + 56 base32 characters) from a seed file,
  * either a bare `nk -gen user` file or a .creds-style file, and derives its
  * public key: nats.c needs both (natsOptions_SetNKeyFromSeed). */
-static hl_status nkey_public_from_file(const char *path, char *pub, size_t publen)
+hl_status hl_nats_nkey_public_from_file(const char *path, char *pub, size_t publen)
 {
     char buf[16384];
     size_t len = 0;
@@ -402,7 +402,7 @@ static hl_status set_options(hl_nats *n, const hl_config *c, const char *const *
     }
     if (c->nats.seed_file && *c->nats.seed_file) {
         char pub[64];
-        hl_status st = nkey_public_from_file(c->nats.seed_file, pub, sizeof pub);
+        hl_status st = hl_nats_nkey_public_from_file(c->nats.seed_file, pub, sizeof pub);
         if (st)
             return st;
         what = "nats.seed_file";

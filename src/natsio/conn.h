@@ -60,6 +60,8 @@ hl_status hl_nats_stream_bounds(hl_nats *n, const char *stream, uint64_t *first,
  * Returns HL_ERR_INVALID for anything that is not a valid user seed.
  */
 hl_status hl_nats_nkey_public_from_seed(const char *seed, char *pub, size_t publen);
+/* The same from the first user seed in a seed or .creds file (logged on failure). */
+hl_status hl_nats_nkey_public_from_file(const char *path, char *pub, size_t publen);
 
 /* Waits for outstanding async publishes (up to timeout_ms), drains and closes. NULL is a no-op. */
 void hl_nats_close(hl_nats *n, int timeout_ms);

@@ -11,6 +11,7 @@
  */
 #include "natsio/server.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -31,7 +32,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "common/log.h"
+#include "natsio/conn.h"
 
 #define CONF_NAME "nats-server.conf"
 #define BACKOFF_MIN_MS 250
@@ -40,6 +44,7 @@
 #define TAIL_LINES 16
 #define TAIL_LINE_LEN 400
 #define LINE_MAX_LEN 4096
+#define CERT_CHECK_MS 5000 /* how often the route TLS files are looked at */
 
 struct hl_nats_server {
     const hl_config *cfg;
@@ -62,6 +67,8 @@ struct hl_nats_server {
 
     pthread_t supervisor;
     bool supervisor_started;
+    pthread_t certwatch; /* re-reads route TLS files when they change (cert_watch_main) */
+    bool certwatch_started;
 
     atomic_bool running;
     atomic_uint_fast64_t restarts;
@@ -436,6 +443,166 @@ hl_status hl_peer_set_from_config(const hl_config *c, hl_peer_set *out)
     return st;
 }
 
+static bool set(const char *v)
+{
+    return v && *v;
+}
+
+/*
+ * What a read-only user may do: read stream and consumer state, make its own
+ * consumers and take their messages, and nothing that writes a stream. It
+ * may never publish on the change subjects (no allow entry matches them).
+ */
+static const char *const reader_publish[] = {
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.LIST",
+    "$JS.API.STREAM.INFO.*",
+    "$JS.API.STREAM.MSG.GET.*",
+    "$JS.API.DIRECT.GET.>",
+    "$JS.API.CONSUMER.CREATE.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.>",
+    "$JS.API.CONSUMER.INFO.>",
+    "$JS.API.CONSUMER.NAMES.>",
+    "$JS.API.CONSUMER.LIST.>",
+    "$JS.API.CONSUMER.DELETE.>",
+    "$JS.API.CONSUMER.MSG.NEXT.>",
+    "$JS.ACK.>",
+    "$JS.FC.>",
+};
+
+static hl_status add_user(hl_buf *b, const char *kind, const char *name, const char *password)
+{
+    hl_status st = hl_buf_addf(b, "    { %s: ", kind);
+    if (!st)
+        st = add_conf_str(b, name);
+    if (!st && password) {
+        st = hl_buf_adds(b, ", password: ");
+        if (!st)
+            st = add_conf_str(b, password);
+    }
+    return st;
+}
+
+/*
+ * authorization { users: [...] } from harmonylite's own login, the server's
+ * only full user (every node's harmonylite talks only to its own server;
+ * the servers talk to each other over routes), and the optional read-only
+ * user. Without a login nothing is rendered: the server then takes anonymous
+ * clients, which is why its client port listens on loopback by default.
+ */
+static hl_status add_authorization(hl_buf *out, const hl_config *c)
+{
+    bool user = set(c->nats.user_name) && set(c->nats.user_password), nkey = set(c->nats.seed_file);
+    char pub[128];
+    hl_status st = HL_OK;
+
+    if (!user && !nkey)
+        return HL_OK;
+    if (nkey && hl_nats_nkey_public_from_file(c->nats.seed_file, pub, sizeof pub))
+        return HL_ERR_CONFIG;
+    st = hl_buf_adds(out, "authorization {\n  users: [\n");
+    if (!st && user)
+        st = add_user(out, "user", c->nats.user_name, c->nats.user_password);
+    if (!st && user)
+        st = hl_buf_adds(out, " }\n");
+    if (!st && nkey)
+        st = add_user(out, "nkey", pub, NULL);
+    if (!st && nkey)
+        st = hl_buf_adds(out, " }\n");
+    if (!st && set(c->nats.reader_user)) {
+        char sub[300];
+        snprintf(sub, sizeof sub, "%s.*", c->nats.subject_prefix ? c->nats.subject_prefix : "harmonylite-change-log");
+        st = add_user(out, "user", c->nats.reader_user, c->nats.reader_password);
+        if (!st)
+            st = hl_buf_adds(out, ",\n      permissions: {\n        publish: { allow: [");
+        for (size_t i = 0; !st && i < sizeof reader_publish / sizeof reader_publish[0]; i++) {
+            st = i ? hl_buf_adds(out, ", ") : HL_OK;
+            if (!st)
+                st = add_conf_str(out, reader_publish[i]);
+        }
+        if (!st)
+            st = hl_buf_adds(out, "] }\n        subscribe: { allow: [\"_INBOX.>\", ");
+        if (!st)
+            st = add_conf_str(out, sub);
+        if (!st)
+            st = hl_buf_adds(out, "] }\n      }\n    }\n");
+    }
+    if (!st)
+        st = hl_buf_adds(out, "  ]\n}\n");
+    OPENSSL_cleanse(pub, sizeof pub);
+    return st;
+}
+
+/* Appends a percent-encoded URL userinfo component (RFC 3986 unreserved kept). */
+static hl_status add_userinfo(hl_buf *b, const char *s)
+{
+    hl_status st = HL_OK;
+    for (const unsigned char *p = (const unsigned char *)s; !st && *p; p++) {
+        if (isalnum(*p) || *p == '-' || *p == '.' || *p == '_' || *p == '~')
+            st = hl_buf_addc(b, (char)*p);
+        else
+            st = hl_buf_addf(b, "%%%02X", *p);
+    }
+    return st;
+}
+
+/* A route URL; with nats.cluster_password, "scheme://user:password@rest"
+ * (a URL that names its own user is left as written). */
+static hl_status add_route(hl_buf *out, const hl_config *c, const char *url)
+{
+    const char *rest = strstr(url, "://");
+    if (!set(c->nats.cluster_password) || !rest || strchr(rest + 3, '@'))
+        return add_conf_str(out, url);
+    hl_buf u;
+    hl_buf_init(&u, 8192);
+    hl_buf_add(&u, url, (size_t)(rest + 3 - url));
+    add_userinfo(&u, set(c->nats.cluster_user) ? c->nats.cluster_user : "harmonylite");
+    hl_buf_addc(&u, ':');
+    add_userinfo(&u, c->nats.cluster_password);
+    hl_buf_addc(&u, '@');
+    hl_buf_adds(&u, rest + 3);
+    hl_status st = hl_buf_status(&u);
+    if (!st)
+        st = add_conf_str(out, hl_buf_str(&u));
+    OPENSSL_cleanse(u.data, u.cap);
+    hl_buf_free(&u);
+    return st;
+}
+
+/* The cluster block's authorization and TLS (docs/security.md). */
+static hl_status add_route_security(hl_buf *out, const hl_config *c)
+{
+    hl_status st = HL_OK;
+    if (set(c->nats.cluster_password)) {
+        st = hl_buf_adds(out, "  authorization {\n    user: ");
+        if (!st)
+            st = add_conf_str(out, set(c->nats.cluster_user) ? c->nats.cluster_user : "harmonylite");
+        if (!st)
+            st = hl_buf_adds(out, "\n    password: ");
+        if (!st)
+            st = add_conf_str(out, c->nats.cluster_password);
+        if (!st)
+            st = hl_buf_adds(out, "\n    timeout: 2\n  }\n");
+    }
+    if (!st && set(c->nats.server_cert_file)) {
+        st = hl_buf_adds(out, "  tls {\n");
+        if (!st)
+            st = add_conf_path(out, "    cert_file: ", c->nats.server_cert_file);
+        if (!st)
+            st = add_conf_path(out, "    key_file: ", c->nats.server_key_file);
+        if (!st && set(c->nats.server_ca_file)) {
+            st = add_conf_path(out, "    ca_file: ", c->nats.server_ca_file);
+            /* Both ends of a route present a certificate the CA signed. */
+            if (!st)
+                st = hl_buf_adds(out, "    verify: true\n");
+        }
+        if (!st)
+            st = hl_buf_adds(out, "    timeout: 5\n  }\n");
+    }
+    return st;
+}
+
 hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
 {
     hl_peer_set p;
@@ -452,7 +619,7 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
     hl_buf dir;
     hl_buf_init(&dir, PATH_MAX * 4);
     char host[256], port[8];
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "0.0.0.0:4222";
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
     hl_status st = HL_OK;
 
     if (split_hostport(bind, host, sizeof host, port, sizeof port)) {
@@ -530,12 +697,16 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
         for (size_t i = 0; !st && i < peers->routes.n; i++) {
             st = hl_buf_adds(out, "    ");
             if (!st)
-                st = add_conf_str(out, peers->routes.v[i]);
+                st = add_route(out, c, peers->routes.v[i]);
             if (!st)
                 st = hl_buf_addc(out, '\n');
         }
         if (!st)
-            st = hl_buf_adds(out, "  ]\n}\n");
+            st = hl_buf_adds(out, "  ]\n");
+        if (!st)
+            st = add_route_security(out, c);
+        if (!st)
+            st = hl_buf_adds(out, "}\n");
     }
 
     /* Leaf remotes connect with the credentials and TLS files the client uses. */
@@ -566,6 +737,9 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
         if (!st)
             st = hl_buf_adds(out, "    }\n  ]\n}\n");
     }
+
+    if (!st)
+        st = add_authorization(out, c);
 
     if (!st && c->nats.server_config && *c->nats.server_config)
         st = add_include(out, hl_buf_str(&dir), c->nats.server_config);
@@ -1061,6 +1235,56 @@ static void *supervisor_main(void *arg)
     return NULL;
 }
 
+/* ---- TLS files ---- */
+
+/* What identifies a file's content cheaply: a renewal by cert-manager (a new
+ * file swapped in through a symlink) changes inode and mtime. */
+static void file_stamp(const char *path, char *out, size_t len)
+{
+    struct stat st;
+    if (!path || !*path || stat(path, &st) != 0)
+        snprintf(out, len, "-");
+    else
+        snprintf(out, len, "%llu:%lld.%09ld:%lld", (unsigned long long)st.st_ino, (long long)st.st_mtim.tv_sec,
+                 st.st_mtim.tv_nsec, (long long)st.st_size);
+}
+
+static void tls_stamp(const hl_config *c, char *out, size_t len)
+{
+    char a[96], b[96], d[96];
+    file_stamp(c->nats.server_cert_file, a, sizeof a);
+    file_stamp(c->nats.server_key_file, b, sizeof b);
+    file_stamp(c->nats.server_ca_file, d, sizeof d);
+    snprintf(out, len, "%s|%s|%s", a, b, d);
+}
+
+/* Renewed certificates take effect without a restart: when the files change
+ * the child re-reads its configuration (SIGHUP), which loads them again. */
+static void *cert_watch_main(void *arg)
+{
+    hl_nats_server *s = arg;
+    char seen[320], now_stamp[320];
+    tls_stamp(s->cfg, seen, sizeof seen);
+    pthread_mutex_lock(&s->mu);
+    while (!s->stopping) {
+        cv_wait_until(s, now_ms() + CERT_CHECK_MS);
+        if (s->stopping)
+            break;
+        pthread_mutex_unlock(&s->mu);
+        tls_stamp(s->cfg, now_stamp, sizeof now_stamp);
+        bool changed = strcmp(seen, now_stamp) != 0;
+        pthread_mutex_lock(&s->mu);
+        if (changed) {
+            memcpy(seen, now_stamp, sizeof seen);
+            if (s->pid > 0)
+                kill(s->pid, SIGHUP);
+            hl_log(HL_LOG_INFO, "route TLS files changed, nats-server reloads them", "component", "nats-server", NULL);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
 /* ---- readiness ---- */
 
 typedef enum probe_result { PROBE_NO, PROBE_OURS, PROBE_FOREIGN } probe_result;
@@ -1146,6 +1370,28 @@ hl_status hl_nats_server_start(hl_nats_server **out, const hl_config *c, int tim
     return st;
 }
 
+static bool is_loopback_host(const char *h)
+{
+    return strcmp(h, "localhost") == 0 || strncmp(h, "127.", 4) == 0 || strcmp(h, "::1") == 0;
+}
+
+/* Says once, at start, what anyone who reaches this server can do. */
+static void warn_open_ports(const hl_config *c, const char *client_host)
+{
+    bool login = (set(c->nats.user_name) && set(c->nats.user_password)) || set(c->nats.seed_file);
+    if (!login && !is_loopback_host(client_host))
+        hl_log(HL_LOG_WARN,
+               "the embedded nats-server's client port is not on loopback and takes anonymous clients: anyone who "
+               "reaches it can publish changesets; set nats.user_name and nats.user_password (docs/security.md)",
+               "component", "nats-server", "bind_address", c->nats.bind_address, NULL);
+    if (set(c->nats.cluster_addr) && !set(c->nats.cluster_password) && !set(c->nats.server_ca_file))
+        hl_log(HL_LOG_WARN,
+               "the embedded nats-server's cluster port is open: any server that reaches it can join the cluster "
+               "and inject changesets; set nats.cluster_password or route TLS with nats.server_ca_file "
+               "(docs/security.md)",
+               "component", "nats-server", "cluster_addr", c->nats.cluster_addr, NULL);
+}
+
 hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, const hl_peer_set *peers, int timeout_ms)
 {
     hl_status st = HL_OK;
@@ -1179,7 +1425,7 @@ hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, c
     st = hl_nats_server_render(c, &s->peers, &conf);
     if (st)
         goto out;
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "0.0.0.0:4222";
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
     split_hostport(bind, host, sizeof host, s->probe_port, sizeof s->probe_port); /* checked by render */
     s->probe_host = dup_str(is_wildcard_host(host) ? "127.0.0.1" : host);
     if (!s->probe_host) {
@@ -1222,12 +1468,15 @@ hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, c
     st = validate_config(s->bin_path, s->conf_path);
     if (st)
         goto out;
+    warn_open_ports(c, host);
 
     if (pthread_create(&s->supervisor, NULL, supervisor_main, s) != 0) {
         st = HL_ERR_INTERNAL;
         goto out;
     }
     s->supervisor_started = true;
+    if (set(c->nats.server_cert_file) && pthread_create(&s->certwatch, NULL, cert_watch_main, s) == 0)
+        s->certwatch_started = true;
 
     /* Ready = our child answers on the client port. A child that exits while
      * starting fails the start at once: its output says why (port in use, bad
@@ -1417,6 +1666,9 @@ static void halt(hl_nats_server *s, int timeout_ms)
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->supervisor, NULL);
     s->supervisor_started = false;
+    if (s->certwatch_started)
+        pthread_join(s->certwatch, NULL);
+    s->certwatch_started = false;
 }
 
 void hl_nats_server_stop(hl_nats_server *s, int timeout_ms)

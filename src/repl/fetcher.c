@@ -395,10 +395,12 @@ static void *run(void *arg)
         }
         natsMsg_Destroy(m);
     }
-    if (sub) {
-        natsSubscription_Unsubscribe(sub);
-        natsSubscription_Destroy(sub);
-    }
+    /* Destroy only: unsubscribing an ordered consumer that nats.c is
+     * re-creating after a server restart reads freed memory in nats.c 3.4.1
+     * (it deletes the consumer by a name its own thread frees; see
+     * src/natsio/kv.c). The server drops the ephemeral consumer itself. */
+    if (sub)
+        drop_sub(&sub);
     return NULL;
 }
 

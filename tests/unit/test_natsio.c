@@ -141,11 +141,13 @@ static void cfg_free(hl_config *c)
     list_free(&c->nats.urls);
     list_free(&c->nats.cluster_peers);
     list_free(&c->nats.leaf_servers);
-    char **strs[] = {&c->nats.bind_address,  &c->nats.subject_prefix, &c->nats.stream_prefix, &c->nats.server_config,
-                     &c->nats.server_bin,    &c->nats.cluster_name,   &c->nats.cluster_addr,  &c->nats.user_name,
-                     &c->nats.user_password, &c->nats.seed_file,      &c->nats.creds_file,    &c->nats.ca_file,
-                     &c->nats.cert_file,     &c->nats.key_file,       &c->logging.format,     &c->logging.level,
-                     &c->http.bind};
+    char **strs[] = {&c->nats.bind_address,    &c->nats.subject_prefix, &c->nats.stream_prefix,
+                     &c->nats.server_config,   &c->nats.server_bin,     &c->nats.cluster_name,
+                     &c->nats.cluster_addr,    &c->nats.user_name,      &c->nats.user_password,
+                     &c->nats.seed_file,       &c->nats.creds_file,     &c->nats.ca_file,
+                     &c->nats.cert_file,       &c->nats.key_file,       &c->logging.format,
+                     &c->logging.level,        &c->http.bind,           &c->nats.reader_user,
+                     &c->nats.reader_password, &c->nats.cluster_user,   &c->nats.cluster_password};
     for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) {
         free(*strs[i]);
         *strs[i] = NULL;
@@ -359,6 +361,68 @@ START_TEST(render_standalone)
 
     free(path);
     free(want);
+    hl_buf_free(&b);
+    cfg_free(&c);
+    rm_rf(dir);
+    free(data);
+    free(dir);
+}
+END_TEST
+
+/* harmonylite's login becomes the server's full user, the reader gets
+ * read-only permissions, the routes authenticate; nats-server accepts it. */
+START_TEST(render_authorization)
+{
+    char *dir = make_tmpdir();
+    char *data = xprintf("%s/node1", dir);
+    hl_config c;
+    cfg_init(&c, data, 1, 4222);
+    c.nats.cluster_addr = xstrdup("127.0.0.1:6222");
+    list_add(&c.nats.cluster_peers, "nats://127.0.0.1:6223");
+    list_add(&c.nats.cluster_peers, "nats://other:pw@127.0.0.1:6224"); /* names its own user: kept */
+    hl_buf b;
+    hl_buf_init(&b, 1 << 20);
+
+    /* No login: no authorization block (anonymous clients, loopback port). */
+    ck_assert_int_eq(hl_nats_server_render_config(&c, &b), HL_OK);
+    ck_assert_ptr_null(strstr(hl_buf_str(&b), "authorization"));
+
+    c.nats.user_name = xstrdup("no\"de");
+    c.nats.user_password = xstrdup("p@ss w\"rd");
+    c.nats.reader_user = xstrdup("reader");
+    c.nats.reader_password = xstrdup("$2a$11$PWIFAL8RsWyGI3jVZtO9Nu8.6jOxzxfZo7c/W0eLk017hjgUKWGhy");
+    c.nats.cluster_user = xstrdup("route");
+    c.nats.cluster_password = xstrdup("s3cr:et/+");
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_nats_server_render_config(&c, &b), HL_OK);
+    const char *t = hl_buf_str(&b);
+    ck_assert_msg(strstr(t, "authorization {\n  users: [\n    { user: \"no\\\"de\", password: \"p@ss w\\\"rd\" }\n"),
+                  "%s", t);
+    const char *reader = strstr(t, "    { user: \"reader\", password: \"$2a$11$");
+    ck_assert_msg(reader, "%s", t);
+    /* The reader may subscribe to the change subjects and never publish on them. */
+    ck_assert_ptr_nonnull(strstr(reader, "subscribe: { allow: [\"_INBOX.>\", \"harmonylite-change-log.*\"] }"));
+    const char *pub = strstr(reader, "publish: { allow: [");
+    ck_assert_ptr_nonnull(pub);
+    const char *pub_end = strchr(pub, ']');
+    ck_assert(memmem(pub, (size_t)(pub_end - pub), "harmonylite-change-log", 22) == NULL);
+    ck_assert(memmem(pub, (size_t)(pub_end - pub), "\">\"", 3) == NULL);
+    /* Routes carry the shared secret, percent-encoded; the listener asks for it. */
+    ck_assert_msg(strstr(t, "    \"nats://route:s3cr%3Aet%2F%2B@127.0.0.1:6223\"\n"), "%s", t);
+    ck_assert_ptr_nonnull(strstr(t, "    \"nats://other:pw@127.0.0.1:6224\"\n"));
+    ck_assert_msg(
+        strstr(t, "  authorization {\n    user: \"route\"\n    password: \"s3cr:et/+\"\n    timeout: 2\n  }\n"), "%s",
+        t);
+
+    char *natsdir = xprintf("%s/nats", data);
+    ck_assert_int_eq(mkdir(data, 0700), 0);
+    ck_assert_int_eq(mkdir(natsdir, 0700), 0);
+    char *path = xprintf("%s/nats-server.conf", natsdir);
+    write_file(path, t);
+    ck_assert_int_eq(nats_server_check(path), 0);
+
+    free(path);
+    free(natsdir);
     hl_buf_free(&b);
     cfg_free(&c);
     rm_rf(dir);
@@ -1259,6 +1323,7 @@ static Suite *natsio_suite(void)
         int timeout;
     } cases[] = {
         {"render_standalone", render_standalone, 10},
+        {"render_authorization", render_authorization, 10},
         {"render_cluster_include", render_cluster_include, 10},
         {"render_peer_set", render_peer_set, 10},
         {"peer_set_diff", peer_set_diff, 5},
