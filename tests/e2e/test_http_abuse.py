@@ -28,11 +28,13 @@ SLOW_PER_CLIENT = 10  # under the default per-client limit (16)
 TOKEN = "e2e-token-0123456789abcdef"
 
 
-def _node(hl_bin, root, settings: dict) -> harness.Node:
-    base = {"replication_log": {"replicas": 1}, "nats": {"cluster_addr": "", "cluster_peers": []}}
-    harness._deep_update(base, settings)
+def _node(hl_bin, root, http_settings: dict) -> harness.Node:
+    """A single node with the embedded server, not clustered."""
+    settings = {"replication_log": {"replicas": 1}, "nats": {"cluster_addr": "", "cluster_peers": []}}
+    if http_settings:
+        settings["http"] = http_settings
     node = harness.Node(hl_bin, root, 1, harness.free_port(), harness.free_port(), harness.free_port(), [],
-                        settings=base)
+                        settings=settings)
     node.executescript(harness.BOOKS_SCHEMA)
     return node
 
@@ -44,7 +46,7 @@ def guarded(hl_bin, tmp_path_factory):
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    node = _node(hl_bin, root / "node", {"http": {"request_timeout": 60, "auth_token_file": str(token_file)}})
+    node = _node(hl_bin, root / "node", {"request_timeout": 60, "auth_token_file": str(token_file)})
     try:
         node.start()
         wait_until(lambda: get(node, "/healthz")[0] == 200, harness.REPL_TIMEOUT, "healthz")
