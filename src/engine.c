@@ -435,7 +435,12 @@ static hl_status open_streams(engine *e)
         if (s < HL_STATE_MAX_SHARDS)
             snprintf(e->snap.streams[s].name, sizeof e->snap.streams[s].name, "%s", e->streams[s]);
     }
-    if (c->http.bind && c->http.bind[0] && hl_http_start(&e->http, c->http.bind, &e->state))
+    hl_http_opts ho = {.bind = c->http.bind,
+                       .max_connections = c->http.max_connections,
+                       .max_connections_per_client = c->http.max_connections_per_client,
+                       .request_timeout_s = c->http.request_timeout_s,
+                       .auth_token_file = c->http.auth_token_file};
+    if (c->http.bind && c->http.bind[0] && hl_http_start_opts(&e->http, &ho, &e->state))
         return HL_ERR_IO;
     return HL_OK;
 }

@@ -213,6 +213,14 @@ static const hl_key keys[] = {
 
     STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
          "listener for /healthz /readyz /metrics /schema; empty: disabled"),
+    STR("http.auth_token_file", http.auth_token_file, NULL,
+        "file holding the bearer token /metrics and /schema require; empty: none (the probes never need one)"),
+    INT("http.request_timeout", http.request_timeout_s, 1, 3600, "10",
+        "seconds a client has to send a request and read the answer, from when it connected or its previous "
+        "request ended; bytes trickled in do not extend it"),
+    INT("http.max_connections", http.max_connections, 1, 1000000, "1024", "HTTP connections open at once"),
+    INT("http.max_connections_per_client", http.max_connections_per_client, 1, 1000000, "16",
+        "HTTP connections open at once from one client address"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))

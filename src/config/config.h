@@ -99,6 +99,10 @@ typedef struct hl_config {
     struct {
         char
             *bind; /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
+        char *auth_token_file;          /* http.auth_token_file: bearer token for /metrics and /schema */
+        int request_timeout_s;          /* http.request_timeout: hard per-request deadline, seconds (default 10) */
+        int max_connections;            /* http.max_connections: open at once (default 1024) */
+        int max_connections_per_client; /* http.max_connections_per_client: per client address (default 16) */
     } http;
 } hl_config;
 

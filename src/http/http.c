@@ -11,22 +11,37 @@
  * larger than HL_HTTP_MAX_BODY is refused with 413 before it is read, and a
  * chunked body is counted and discarded, the connection dropped once it passes
  * the limit.
+ *
+ * Abuse: MHD polls with epoll, so open connections cost no time while idle;
+ * their number is bounded for the listener and per client address, and each
+ * has a hard deadline (request_timeout from its start or from the end of its
+ * previous request) that a reaper thread enforces by shutting the socket down:
+ * MHD's own timeout only counts idle time, so a client trickling a byte now
+ * and then would keep its connection forever. /metrics and /schema can ask
+ * for a bearer token; the probes never do.
  */
 #include "http/http.h"
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/buf.h"
@@ -37,8 +52,12 @@
 #define HL_VERSION "unknown"
 #endif
 
-#define HL_HTTP_MAX_CONNECTIONS 64u
-#define HL_HTTP_TIMEOUT_S 10u
+#define HL_HTTP_DEFAULT_MAX_CONNECTIONS 1024
+#define HL_HTTP_DEFAULT_PER_CLIENT 16
+#define HL_HTTP_DEFAULT_TIMEOUT_S 10
+#define HL_HTTP_REAP_TICK_MS 200u         /* how often deadlines are checked */
+#define HL_HTTP_FD_RESERVE 256u           /* descriptors left to the database, NATS and the logs */
+#define HL_HTTP_MAX_TOKEN 4096u           /* bytes of the bearer token file */
 #define HL_HTTP_CONN_MEMORY (16u * 1024u) /* request line + headers per connection */
 #define HL_HTTP_MAX_BODY 1024u            /* bytes of request body read and thrown away */
 #define HL_HTTP_HEARTBEAT_MS 10000u       /* /healthz fails when the engine loop is older */
@@ -47,16 +66,36 @@
 #define CT_JSON "application/json"
 #define CT_METRICS "text/plain; version=0.0.4; charset=utf-8"
 
+/* One open connection, for its deadline. Linked while MHD has it open
+ * (NOTIFY_CONNECTION STARTED to CLOSED); guarded by hl_http.mu. */
+typedef struct hl_http_conn {
+    struct hl_http_conn *prev, *next;
+    int fd;
+    uint64_t deadline_ms; /* monotonic */
+    bool cut;             /* shut down by the reaper; MHD closes it */
+} hl_http_conn;
+
 struct hl_http {
     struct MHD_Daemon *d;
     hl_state *state;
     int port;
     char bind[256];
+    uint64_t timeout_ms;
+    bool have_token;
+    unsigned char token_sha256[32]; /* the token itself is never kept */
     /* MHD's last message while starting, to explain a failure; guarded by mu
-     * because MHD logs from its own thread once started. */
+     * because MHD logs from its own thread once started. mu also guards the
+     * connection list and the reaper's state. */
     pthread_mutex_t mu;
     int starting;
     char start_err[256];
+    hl_http_conn *conns;
+    pthread_cond_t reaper_cv;
+    pthread_t reaper;
+    bool reaper_started;
+    bool stopping;
+    uint64_t cut_total;
+    hl_ratelimit cut_log;
 };
 
 /* Per request: bytes of body seen (and discarded). Freed in on_completed. */
@@ -673,6 +712,47 @@ static bool has_body(struct MHD_Connection *conn, uint64_t *len)
     return v > 0;
 }
 
+static bool sha256(const void *p, size_t n, unsigned char out[32])
+{
+    unsigned int len = 0;
+    return EVP_Digest(p, n, out, &len, EVP_sha256(), NULL) && len == 32;
+}
+
+/*
+ * Whether the request carries "Authorization: Bearer <token>" with the
+ * configured token. The hashes are compared in constant time, so neither the
+ * token nor its length can be learnt from how long a refusal takes.
+ */
+static bool authorized(const hl_http *h, struct MHD_Connection *conn)
+{
+    const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (!v || strncasecmp(v, "Bearer ", 7) != 0)
+        return false;
+    v += 7;
+    while (*v == ' ')
+        v++;
+    size_t n = strlen(v);
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    unsigned char got[32];
+    return n > 0 && sha256(v, n, got) && CRYPTO_memcmp(got, h->token_sha256, sizeof got) == 0;
+}
+
+static enum MHD_Result reply_unauthorized(struct MHD_Connection *conn)
+{
+    static const char body[] = "{\"error\":\"this path needs the bearer token of http.auth_token_file\"}\n";
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(sizeof body - 1, (void *)(uintptr_t)body, MHD_RESPMEM_PERSISTENT);
+    if (!r)
+        return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, CT_JSON);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"harmonylite\"");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_UNAUTHORIZED, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result route(hl_http *h, struct MHD_Connection *conn, const char *url)
 {
     hl_state_snapshot s;
@@ -683,6 +763,9 @@ static enum MHD_Result route(hl_http *h, struct MHD_Connection *conn, const char
     if (strcmp(url, "/healthz") != 0 && strcmp(url, "/readyz") != 0 && strcmp(url, "/metrics") != 0 &&
         strcmp(url, "/schema") != 0)
         return reply_error(conn, MHD_HTTP_NOT_FOUND, "not found", false);
+
+    if (h->have_token && (strcmp(url, "/metrics") == 0 || strcmp(url, "/schema") == 0) && !authorized(h, conn))
+        return reply_unauthorized(conn);
 
     hl_state_get(h->state, &s);
     if (strcmp(url, "/healthz") == 0) {
@@ -731,13 +814,106 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return route(h, conn, url);
 }
 
+/* A request ended: the connection's next request gets a full request_timeout. */
 static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls, enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
-    (void)conn;
+    hl_http *h = cls;
     (void)toe;
     free(*req_cls);
     *req_cls = NULL;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    hl_http_conn *c = ci ? ci->socket_context : NULL;
+    if (c) {
+        pthread_mutex_lock(&h->mu);
+        c->deadline_ms = hl_mono_ms() + h->timeout_ms;
+        pthread_mutex_unlock(&h->mu);
+    }
+}
+
+/* Tracks each connection from its start to its close, for the reaper. */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    hl_http *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        hl_http_conn *c = calloc(1, sizeof *c);
+        if (!c || !ci) {
+            /* A connection without a deadline is not kept. */
+            free(c);
+            if (ci)
+                shutdown(ci->connect_fd, SHUT_RDWR);
+            *socket_context = NULL;
+            return;
+        }
+        c->fd = ci->connect_fd;
+        pthread_mutex_lock(&h->mu);
+        c->deadline_ms = hl_mono_ms() + h->timeout_ms;
+        c->next = h->conns;
+        if (h->conns)
+            h->conns->prev = c;
+        h->conns = c;
+        pthread_mutex_unlock(&h->mu);
+        *socket_context = c;
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED) {
+        /* MHD calls this before it closes the socket, so the reaper never
+         * shuts down a descriptor that was reused for something else. */
+        hl_http_conn *c = *socket_context;
+        if (!c)
+            return;
+        pthread_mutex_lock(&h->mu);
+        if (c->prev)
+            c->prev->next = c->next;
+        else
+            h->conns = c->next;
+        if (c->next)
+            c->next->prev = c->prev;
+        pthread_mutex_unlock(&h->mu);
+        free(c);
+        *socket_context = NULL;
+    }
+}
+
+/*
+ * Shuts down every connection past its deadline, whatever it is doing: MHD
+ * then sees the socket end and closes it. Runs until hl_http_stop.
+ */
+static void *reaper_main(void *arg)
+{
+    hl_http *h = arg;
+    pthread_mutex_lock(&h->mu);
+    while (!h->stopping) {
+        uint64_t now = hl_mono_ms(), cut = 0;
+        for (hl_http_conn *c = h->conns; c; c = c->next)
+            if (!c->cut && now >= c->deadline_ms) {
+                shutdown(c->fd, SHUT_RDWR);
+                c->cut = true;
+                cut++;
+            }
+        h->cut_total += cut;
+        uint64_t total = h->cut_total, suppressed = 0;
+        bool log = cut && hl_ratelimit_allow(&h->cut_log, &suppressed);
+        pthread_mutex_unlock(&h->mu);
+        if (log) {
+            char n[24], t[24];
+            snprintf(n, sizeof n, "%" PRIu64, cut);
+            snprintf(t, sizeof t, "%" PRIu64, total);
+            hl_log(HL_LOG_WARN, "http: connections closed at their deadline (http.request_timeout)", "component",
+                   "http", "closed", n, "closed_total", t, NULL);
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += (long)HL_HTTP_REAP_TICK_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&h->mu);
+        if (!h->stopping)
+            pthread_cond_timedwait(&h->reaper_cv, &h->mu, &ts);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
 }
 
 __attribute__((format(printf, 2, 0))) static void on_mhd_log(void *cls, const char *fmt, va_list ap)
@@ -885,7 +1061,87 @@ static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint1
     return HL_OK;
 }
 
+/*
+ * Reads the bearer token from path into h->token_sha256. The file holds the
+ * token alone (surrounding white space ignored): 1..HL_HTTP_MAX_TOKEN visible
+ * ASCII characters. Errors name the file, never its contents.
+ */
+static hl_status load_token(hl_http *h, const char *path)
+{
+    char buf[HL_HTTP_MAX_TOKEN + 2];
+    const char *why = NULL;
+    size_t n = 0;
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        hl_log(HL_LOG_ERROR, "http: cannot read http.auth_token_file", "path", path, "error", strerror(errno), NULL);
+        return HL_ERR_CONFIG;
+    }
+    struct stat sb;
+    if (fstat(fileno(f), &sb) == 0 && (sb.st_mode & (S_IRWXG | S_IRWXO)))
+        hl_log(HL_LOG_WARN, "http: http.auth_token_file can be read by other users (chmod 600 it)", "path", path, NULL);
+    n = fread(buf, 1, sizeof buf, f);
+    if (ferror(f))
+        why = "read error";
+    fclose(f);
+    size_t start = 0;
+    while (start < n && (buf[start] == ' ' || buf[start] == '\t' || buf[start] == '\r' || buf[start] == '\n'))
+        start++;
+    while (n > start && (buf[n - 1] == ' ' || buf[n - 1] == '\t' || buf[n - 1] == '\r' || buf[n - 1] == '\n'))
+        n--;
+    if (!why && n - start > HL_HTTP_MAX_TOKEN)
+        why = "token longer than 4096 bytes";
+    if (!why && n == start)
+        why = "the file is empty";
+    for (size_t i = start; !why && i < n; i++)
+        if ((unsigned char)buf[i] < 0x21 || (unsigned char)buf[i] > 0x7e)
+            why = "the token must be one word of visible ASCII characters";
+    if (!why && !sha256(buf + start, n - start, h->token_sha256))
+        why = "cannot hash the token (OpenSSL)";
+    h->have_token = !why;
+    OPENSSL_cleanse(buf, sizeof buf);
+    if (why) {
+        hl_log(HL_LOG_ERROR, "http: bad http.auth_token_file", "path", path, "error", why, NULL);
+        return HL_ERR_CONFIG;
+    }
+    return HL_OK;
+}
+
+/*
+ * The descriptors max_conn connections need, on top of the rest of the
+ * process: raises the soft RLIMIT_NOFILE up to the hard one when it is lower,
+ * and returns how many connections fit.
+ */
+static unsigned int fit_fd_limit(unsigned int max_conn)
+{
+    struct rlimit rl;
+    rlim_t want = (rlim_t)max_conn + HL_HTTP_FD_RESERVE;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= want)
+        return max_conn;
+    struct rlimit nr = rl;
+    nr.rlim_cur = (rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want) ? want : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nr) == 0)
+        rl.rlim_cur = nr.rlim_cur;
+    if (rl.rlim_cur >= want)
+        return max_conn;
+    unsigned int fit = rl.rlim_cur > 2 * HL_HTTP_FD_RESERVE ? (unsigned int)(rl.rlim_cur - HL_HTTP_FD_RESERVE)
+                                                            : (unsigned int)(rl.rlim_cur / 2);
+    if (fit == 0)
+        fit = 1;
+    char have[24], used[24];
+    snprintf(have, sizeof have, "%llu", (unsigned long long)rl.rlim_cur);
+    snprintf(used, sizeof used, "%u", fit);
+    hl_log(HL_LOG_WARN, "http: open-file limit too low for http.max_connections; fewer are accepted", "nofile", have,
+           "max_connections", used, NULL);
+    return fit;
+}
+
 hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
+{
+    hl_http_opts o = {.bind = bind};
+    return hl_http_start_opts(out, &o, state);
+}
+
+hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *state)
 {
     struct sockaddr_storage ss;
     bool dual = false;
@@ -893,19 +1149,32 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
     char err[256] = "";
     hl_status st = HL_OK;
     hl_http *h = NULL;
+    const char *bind = o ? o->bind : NULL;
 
     *out = NULL;
-    if (!bind || !state) {
+    if (!bind || !state || o->max_connections < 0 || o->max_connections_per_client < 0 || o->request_timeout_s < 0) {
         st = HL_ERR_INVALID;
         goto out;
     }
+    unsigned int max_conn = o->max_connections ? (unsigned int)o->max_connections : HL_HTTP_DEFAULT_MAX_CONNECTIONS;
+    unsigned int per_client =
+        o->max_connections_per_client ? (unsigned int)o->max_connections_per_client : HL_HTTP_DEFAULT_PER_CLIENT;
+    unsigned int timeout_s = o->request_timeout_s ? (unsigned int)o->request_timeout_s : HL_HTTP_DEFAULT_TIMEOUT_S;
     h = calloc(1, sizeof *h);
     if (!h) {
         st = HL_ERR_NOMEM;
         goto out;
     }
     pthread_mutex_init(&h->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->reaper_cv, &ca);
+    pthread_condattr_destroy(&ca);
     h->state = state;
+    h->timeout_ms = (uint64_t)timeout_s * 1000u;
+    h->cut_log.burst = 5;
+    h->cut_log.window_ms = 60000;
     snprintf(h->bind, sizeof h->bind, "%s", bind);
 
     st = parse_bind(bind, &ss, &port, &dual, err, sizeof err);
@@ -913,7 +1182,11 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
         hl_log(HL_LOG_ERROR, "http: invalid listen address", "bind", bind, "error", err, NULL);
         goto out;
     }
+    if (o->auth_token_file && o->auth_token_file[0] && (st = load_token(h, o->auth_token_file)) != HL_OK)
+        goto out;
+    max_conn = fit_fd_limit(max_conn);
 
+    /* AUTO picks epoll on Linux: no FD_SETSIZE limit, and idle connections cost nothing. */
     unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)
         flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
@@ -923,9 +1196,10 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
     h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h,
                             /* must come first so start-up messages reach it */
                             MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                            MHD_OPTION_CONNECTION_LIMIT, HL_HTTP_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
-                            HL_HTTP_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HL_HTTP_CONN_MEMORY,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_client,
+                            MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+                            (size_t)HL_HTTP_CONN_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
     pthread_mutex_lock(&h->mu);
     h->starting = 0;
     snprintf(err, sizeof err, "%s", h->start_err);
@@ -936,19 +1210,27 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
         st = HL_ERR_IO;
         goto out;
     }
+    if (pthread_create(&h->reaper, NULL, reaper_main, h) != 0) {
+        hl_log(HL_LOG_ERROR, "http: cannot start the deadline thread", "bind", bind, NULL);
+        st = HL_ERR_IO;
+        goto out;
+    }
+    h->reaper_started = true;
 
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     h->port = info ? (int)info->port : 0;
-    char portstr[8];
+    char portstr[8], conns[16], perc[16], tmo[16];
     snprintf(portstr, sizeof portstr, "%d", h->port);
-    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, NULL);
+    snprintf(conns, sizeof conns, "%u", max_conn);
+    snprintf(perc, sizeof perc, "%u", per_client);
+    snprintf(tmo, sizeof tmo, "%u", timeout_s);
+    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, "max_connections", conns,
+           "max_connections_per_client", perc, "request_timeout_s", tmo, "metrics_auth",
+           h->have_token ? "bearer token" : "none", NULL);
     *out = h;
     h = NULL;
 out:
-    if (h) {
-        pthread_mutex_destroy(&h->mu);
-        free(h);
-    }
+    hl_http_stop(h);
     return st;
 }
 
@@ -961,8 +1243,17 @@ void hl_http_stop(hl_http *h)
 {
     if (!h)
         return;
+    if (h->reaper_started) {
+        pthread_mutex_lock(&h->mu);
+        h->stopping = true;
+        pthread_cond_signal(&h->reaper_cv);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->reaper, NULL);
+    }
     if (h->d)
-        MHD_stop_daemon(h->d);
+        MHD_stop_daemon(h->d); /* closes every connection: the list empties */
     pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->reaper_cv);
+    OPENSSL_cleanse(h->token_sha256, sizeof h->token_sha256);
     free(h);
 }

@@ -1051,6 +1051,161 @@ START_TEST(server_bind_forms)
 }
 END_TEST
 
+/* Writes text to a new temporary file (mode 0600) and returns its path (static storage). */
+static const char *token_file(const char *text)
+{
+    static char path[64];
+    snprintf(path, sizeof path, "/tmp/hl_http_token_XXXXXX");
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    return path;
+}
+
+/* One request with an Authorization header (auth NULL: none). */
+static void request_auth(int port, const char *method, const char *path, const char *auth, resp *r)
+{
+    char req[512];
+    int fd = connect_to(port);
+    int n = snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: localhost\r\n%s%s%sConnection: close\r\n\r\n", method,
+                     path, auth ? "Authorization: " : "", auth ? auth : "", auth ? "\r\n" : "");
+    ck_assert_uint_eq(send_some(fd, req, (size_t)n), (size_t)n);
+    read_resp(fd, r);
+    close(fd);
+}
+
+START_TEST(server_auth_token)
+{
+    hl_state s;
+    hl_state_snapshot snap;
+    char empty[] = "[]";
+    hl_http *h = NULL;
+    resp r;
+    hl_state_init(&s);
+    healthy(&snap, hl_mono_ms());
+    snap.schema_json = empty;
+    hl_state_publish(&s, &snap);
+
+    const char *path = token_file("  s3cret-T0ken_value~\n");
+    hl_http_opts o = {.bind = "127.0.0.1:0", .auth_token_file = path};
+    ck_assert_int_eq(hl_http_start_opts(&h, &o, &s), HL_OK);
+    unlink(path); /* read once, at start */
+    int port = hl_http_port(h);
+
+    /* the probes never need the token */
+    request_auth(port, "GET", "/healthz", NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    hl_buf_free(&r.raw);
+    request_auth(port, "GET", "/readyz", "Bearer wrong", &r);
+    ck_assert_int_eq(r.status, 200);
+    hl_buf_free(&r.raw);
+
+    static const char *const paths[] = {"/metrics", "/schema"};
+    static const char *const refused[] = {NULL,
+                                          "Bearer wrong",
+                                          "Bearer s3cret-T0ken_value",
+                                          "Bearer s3cret-T0ken_value~x",
+                                          "Bearer ",
+                                          "Basic czNjcmV0LVQwa2VuX3ZhbHVlfg==",
+                                          "s3cret-T0ken_value~"};
+    for (size_t p = 0; p < 2; p++) {
+        for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+            request_auth(port, "GET", paths[p], refused[i], &r);
+            ck_assert_msg(r.status == 401, "%s with \"%s\": %d", paths[p], refused[i] ? refused[i] : "(none)",
+                          r.status);
+            ck_assert_str_eq(header(&r, "WWW-Authenticate"), "Bearer realm=\"harmonylite\"");
+            ck_assert_ptr_null(strstr(r.body, "s3cret"));
+            hl_buf_free(&r.raw);
+        }
+        request_auth(port, "HEAD", paths[p], NULL, &r);
+        ck_assert_int_eq(r.status, 401);
+        hl_buf_free(&r.raw);
+        request_auth(port, "GET", paths[p], "Bearer s3cret-T0ken_value~", &r);
+        ck_assert_int_eq(r.status, 200);
+        hl_buf_free(&r.raw);
+        request_auth(port, "GET", paths[p], "bearer   s3cret-T0ken_value~ ", &r);
+        ck_assert_int_eq(r.status, 200);
+        hl_buf_free(&r.raw);
+    }
+    request_auth(port, "GET", "/nope", NULL, &r);
+    ck_assert_int_eq(r.status, 404);
+    hl_buf_free(&r.raw);
+    hl_http_stop(h);
+
+    /* a token file that cannot be used stops the start */
+    h = NULL;
+    o.auth_token_file = "/nonexistent/token";
+    ck_assert_int_eq(hl_http_start_opts(&h, &o, &s), HL_ERR_CONFIG);
+    ck_assert_ptr_null(h);
+    static const char *const bad[] = {"", " \n", "two words\n", "tab\tinside", "caf\xc3\xa9"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        o.auth_token_file = token_file(bad[i]);
+        ck_assert_msg(hl_http_start_opts(&h, &o, &s) == HL_ERR_CONFIG, "accepted token file \"%s\"", bad[i]);
+        ck_assert_ptr_null(h);
+        unlink(o.auth_token_file);
+    }
+    char *longtok = malloc(5000);
+    ck_assert_ptr_nonnull(longtok);
+    memset(longtok, 'a', 4999);
+    longtok[4999] = 0;
+    o.auth_token_file = token_file(longtok);
+    ck_assert_int_eq(hl_http_start_opts(&h, &o, &s), HL_ERR_CONFIG);
+    unlink(o.auth_token_file);
+    longtok[4096] = 0; /* the longest accepted */
+    o.auth_token_file = token_file(longtok);
+    ck_assert_int_eq(hl_http_start_opts(&h, &o, &s), HL_OK);
+    unlink(o.auth_token_file);
+    hl_http_stop(h);
+    free(longtok);
+
+    hl_http_opts neg = {.bind = "127.0.0.1:0", .request_timeout_s = -1};
+    ck_assert_int_eq(hl_http_start_opts(&h, &neg, &s), HL_ERR_INVALID);
+    ck_assert_int_eq(hl_http_start_opts(&h, NULL, &s), HL_ERR_INVALID);
+    hl_state_destroy(&s);
+}
+END_TEST
+
+/* A connection is closed at its deadline even while it keeps trickling bytes
+ * (libmicrohttpd's own timeout restarts with every byte). */
+START_TEST(server_deadline)
+{
+    hl_state s;
+    hl_http *h = NULL;
+    resp r;
+    hl_state_init(&s);
+    hl_http_opts o = {.bind = "127.0.0.1:0", .request_timeout_s = 1};
+    ck_assert_int_eq(hl_http_start_opts(&h, &o, &s), HL_OK);
+    int port = hl_http_port(h);
+
+    int fd = connect_to(port);
+    const char head[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    ck_assert_uint_eq(send_some(fd, head, sizeof head - 1), sizeof head - 1);
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    bool closed = false;
+    uint64_t end = hl_mono_ms() + 60000;
+    while (!closed && hl_mono_ms() < end) {
+        if (send(fd, "X", 1, MSG_NOSIGNAL) != 1) {
+            closed = true;
+            break;
+        }
+        char c;
+        ssize_t n = recv(fd, &c, 1, 0);
+        closed = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+    }
+    close(fd);
+    ck_assert_msg(closed, "a connection trickling bytes stayed open for 60 s");
+
+    /* and the listener still answers */
+    request(port, "GET", "/nope", &r);
+    ck_assert_int_eq(r.status, 404);
+    hl_buf_free(&r.raw);
+    hl_http_stop(h);
+    hl_state_destroy(&s);
+}
+END_TEST
+
 static Suite *http_suite(void)
 {
     Suite *s = suite_create("http");
@@ -1080,6 +1235,12 @@ static Suite *http_suite(void)
     tcase_add_test(bind, server_bind_errors);
     tcase_add_test(bind, server_bind_forms);
     suite_add_tcase(s, bind);
+
+    TCase *abuse = tcase_create("abuse");
+    tcase_set_timeout(abuse, 120);
+    tcase_add_test(abuse, server_auth_token);
+    tcase_add_test(abuse, server_deadline);
+    suite_add_tcase(s, abuse);
     return s;
 }
 
