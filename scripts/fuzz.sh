@@ -16,6 +16,7 @@ cc=${FUZZ_CC:-clang}
 common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Isrc)
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
+libs_manifest=$(pkg-config --cflags --libs libcjson)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -42,8 +43,10 @@ build changeset fuzz/fuzz_changeset.c src/repl/changeset.c src/common/buf.c src/
 build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/status.c src/common/log.c \
     src/common/hlc.c $libs_config
 
+build manifest fuzz/fuzz_manifest.c src/snapshot/manifest.c src/common/status.c $libs_manifest
+
 fail=0
-for name in changeset config; do
+for name in changeset config manifest; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

@@ -181,6 +181,26 @@ static const hl_key keys[] = {
 
     STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
          "listener for /healthz /readyz /metrics /schema; empty: disabled"),
+
+    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir", NULL, false,
+     "where snapshots go: s3 or dir"},
+    INT("snapshot.keep", snapshot.keep, 1, 1000, "3", "newest snapshots kept in the store; older ones are removed"),
+    STR("snapshot.dir", snapshot.dir, NULL, "directory of the dir store (a local or mounted file system)"),
+    STR("snapshot.s3_endpoint", snapshot.s3_endpoint, NULL,
+        "S3 endpoint URL (https:// or http://); empty: https://s3.<region>.amazonaws.com"),
+    STR("snapshot.s3_region", snapshot.s3_region, NULL, "S3 region for signing; empty: $AWS_REGION, else us-east-1"),
+    STR("snapshot.s3_bucket", snapshot.s3_bucket, NULL, "S3 bucket (required when snapshot.store is s3)"),
+    STR("snapshot.s3_prefix", snapshot.s3_prefix, "harmonylite/", "key prefix of snapshots in the bucket"),
+    BOOL("snapshot.s3_path_style", snapshot.s3_path_style, "false",
+         "address the bucket as <endpoint>/<bucket>/ instead of <bucket>.<endpoint host>"),
+    STR("snapshot.s3_access_key", snapshot.s3_access_key, NULL, "S3 access key id; empty: $AWS_ACCESS_KEY_ID"),
+    {"snapshot.s3_secret_key", HL_KEY_STRING, OFF(snapshot.s3_secret_key), 0, 0, NULL, NULL, NULL, true,
+     "S3 secret access key; empty: $AWS_SECRET_ACCESS_KEY (never logged or dumped)"},
+    {"snapshot.s3_session_token", HL_KEY_STRING, OFF(snapshot.s3_session_token), 0, 0, NULL, NULL, NULL, true,
+     "S3 session token; empty: $AWS_SESSION_TOKEN (never logged or dumped)"},
+    STR("snapshot.s3_ca_file", snapshot.s3_ca_file, NULL, "CA certificates (PEM) to verify an https endpoint"),
+    I64("snapshot.s3_part_size", snapshot.s3_part_size, 1024, INT64_C(5368709120), "67108864",
+        "objects larger than this are uploaded in parts of this size (multipart upload; S3 wants >= 5 MiB)"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))

@@ -88,6 +88,23 @@ typedef struct hl_config {
         char
             *bind; /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
     } http;
+
+    /* snapshot.*: where -save-snapshot puts snapshots and -restore takes them from (docs/snapshots.md) */
+    struct {
+        char *store;                    /* snapshot.store: "s3" (default) or "dir" */
+        int keep;                       /* snapshot.keep: newest snapshots kept (default 3) */
+        char *dir;                      /* snapshot.dir: directory of the dir store */
+        char *s3_endpoint;              /* snapshot.s3_endpoint: URL; default https://s3.<region>.amazonaws.com */
+        char *s3_region;                /* snapshot.s3_region: default $AWS_REGION, else us-east-1 */
+        char *s3_bucket;                /* snapshot.s3_bucket (required for s3) */
+        char *s3_prefix;                /* snapshot.s3_prefix: key prefix (default "harmonylite/") */
+        bool s3_path_style;             /* snapshot.s3_path_style: endpoint/bucket/key instead of bucket.endpoint */
+        char *s3_access_key;            /* snapshot.s3_access_key: default $AWS_ACCESS_KEY_ID */
+        char *s3_secret_key;            /* snapshot.s3_secret_key (secret): default $AWS_SECRET_ACCESS_KEY */
+        char *s3_session_token;         /* snapshot.s3_session_token (secret): default $AWS_SESSION_TOKEN */
+        char *s3_ca_file;               /* snapshot.s3_ca_file: CA certificates (PEM) for https endpoints */
+        int64_t s3_part_size;           /* snapshot.s3_part_size: larger objects go up in parts of this size */
+    } snapshot;
 } hl_config;
 
 /* Fills c with defaults. Never fails. */
