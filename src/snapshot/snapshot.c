@@ -554,7 +554,7 @@ hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *e
     hl_logf(HL_LOG_INFO,
             "snapshot saved: %s in %s (database %" PRIu64 " bytes, compressed %" PRIu64 " bytes, %" PRIu64 " ms)",
             mname, store->where, s.m.db_size, s.m.size, ms);
-    snprintf(where, wlen, "%s %s", store->where, mname);
+    snprintf(where, wlen, "%s%s", store->where, mname);
     prune(store, c->snapshot.keep > 0 ? c->snapshot.keep : 3);
 out:
     if (zfd >= 0)

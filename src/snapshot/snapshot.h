@@ -19,7 +19,7 @@
 /*
  * Takes a snapshot of c->db_path now and uploads it to c's store, then
  * removes all but the newest snapshot.keep. On success writes where it went
- * ("dir /backups/x/snap-....manifest.json") to where. On failure returns an
+ * ("/backups/x/snap-....manifest.json", "s3://bucket/prefix/snap-...") to where. On failure returns an
  * error and writes one line saying why to err; snapshots already in the store
  * are left as they were.
  */

@@ -52,7 +52,7 @@ typedef struct hl_store_ops {
 
 struct hl_store {
     const hl_store_ops *ops;
-    char where[512]; /* for messages: "dir /backups/app" or "s3://bucket/prefix/"; no secrets */
+    char where[512]; /* location the names follow, for messages: "/backups/app/" or "s3://bucket/prefix/"; no secrets */
 };
 
 #define HL_STORE_LIST_MAX 100000 /* names a list returns at most; the rest are ignored */

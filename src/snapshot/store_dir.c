@@ -265,7 +265,7 @@ hl_status hl_store_dir_open(hl_store **out, const char *dir, char *err, size_t e
         return HL_ERR_NOMEM;
     }
     d->base.ops = &dir_ops;
-    snprintf(d->base.where, sizeof d->base.where, "dir %s", dir);
+    snprintf(d->base.where, sizeof d->base.where, "%s%s", dir, dir[0] && dir[strlen(dir) - 1] == '/' ? "" : "/");
     *out = &d->base;
     return HL_OK;
 }

@@ -37,14 +37,104 @@ class DirStore:
     def env(self) -> dict:
         return {}
 
+    def location(self) -> str:
+        """How harmonylite names the store in what it prints."""
+        return str(self.path) + "/"
+
     def files(self) -> Path:
         """The directory holding the stored names as files."""
         return self.path
 
-    def clear(self) -> None:
-        for p in self.files().iterdir():
-            if p.is_file():
-                p.unlink()
+
+class S3Server:
+    """A real S3 server: versitygw with its posix backend, built by
+    scripts/install-s3-server.sh, on a loopback port. Objects are plain files
+    under root/<bucket>/<key>, where tests can break them."""
+
+    ACCESS = "AKIAHARMONYLITETEST"
+    SECRET = "hl-test-secret-Zm9vYmFy"
+
+    def __init__(self, binary: Path, root: Path):
+        self.root = root / "s3root"
+        (self.root / "snapshots").mkdir(parents=True)  # the bucket
+        self.port = harness.free_port()
+        self.log = open(root / "versitygw.log", "ab")
+        self.proc = subprocess.Popen([str(binary), "--access", self.ACCESS, "--secret", self.SECRET,
+                                      "--port", f"127.0.0.1:{self.port}", "--quiet", "posix", str(self.root)],
+                                     stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        import socket
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"versitygw exited: see {root / 'versitygw.log'}"
+            with socket.socket() as sk:
+                return sk.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 60, "versitygw listening")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(15)
+        self.log.close()
+
+
+class S3Store:
+    """A snapshot.store: s3 under a prefix of its own on the shared server;
+    credentials come from the standard AWS_* environment."""
+
+    kind = "s3"
+    counter = 0
+
+    def __init__(self, server: S3Server, part_size: int = 5 << 20):
+        S3Store.counter += 1
+        self.server = server
+        self.prefix = f"cluster-{S3Store.counter}/"
+        self.part_size = part_size
+
+    def flags(self) -> list[str]:
+        return ["-snapshot-store", "s3", "-snapshot-s3-endpoint", self.server.endpoint,
+                "-snapshot-s3-bucket", "snapshots", "-snapshot-s3-path-style", "true",
+                "-snapshot-s3-prefix", self.prefix, "-snapshot-s3-part-size", str(self.part_size)]
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": S3Server.ACCESS, "AWS_SECRET_ACCESS_KEY": S3Server.SECRET,
+                "AWS_REGION": "us-east-1"}
+
+    def location(self) -> str:
+        return f"s3://snapshots/{self.prefix}"
+
+    def files(self) -> Path:
+        return self.server.root / "snapshots" / self.prefix.rstrip("/")
+
+
+def _s3_binary() -> tuple[Path | None, str]:
+    """Builds (once, cached) or finds the S3 server; (None, why) when it cannot be had."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "install-s3-server.sh"
+    try:
+        r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"scripts/install-s3-server.sh could not run: {e}"
+    if r.returncode != 0:
+        return None, f"scripts/install-s3-server.sh failed: {r.stderr.strip()[-2000:]}"
+    return Path(r.stdout.strip().splitlines()[-1]), ""
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    binary, why = _s3_binary()
+    if binary is None:
+        pytest.skip(f"no S3 server to test against: {why}")
+    server = S3Server(binary, tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
 
 
 def run(node: harness.Node, store, *args: str, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:
@@ -60,17 +150,22 @@ def save(node: harness.Node, store, *args: str) -> str:
     r = run(node, store, "-save-snapshot", *args)
     assert r.returncode == 0, f"-save-snapshot exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
     assert "snapshot saved to" in r.stdout, r.stdout
-    manifest = r.stdout.strip().split()[-1]
-    assert manifest.endswith(".manifest.json"), r.stdout
-    return manifest
+    where = r.stdout.strip().split()[-1]
+    assert where.startswith(store.location()) and where.endswith(".manifest.json"), r.stdout
+    return where[len(store.location()):]
+
+
+def _names(store) -> list[str]:
+    d = store.files()
+    return [p.name for p in d.iterdir() if p.is_file()] if d.is_dir() else []
 
 
 def manifests(store) -> list[str]:
-    return sorted(p.name for p in store.files().iterdir() if p.name.endswith(".manifest.json"))
+    return sorted(n for n in _names(store) if n.endswith(".manifest.json"))
 
 
 def objects(store) -> list[str]:
-    return sorted(p.name for p in store.files().iterdir() if p.name.endswith(".db.zst"))
+    return sorted(n for n in _names(store) if n.endswith(".db.zst"))
 
 
 def fresh_node(cluster: harness.Cluster, root: Path, node_id: int = 4) -> harness.Node:
@@ -80,11 +175,11 @@ def fresh_node(cluster: harness.Cluster, root: Path, node_id: int = 4) -> harnes
     return n
 
 
-@pytest.fixture(params=["dir"])
+@pytest.fixture(params=["dir", "s3"])
 def store(request, tmp_path):
     if request.param == "dir":
         return DirStore(tmp_path / "snapshots")
-    raise AssertionError(request.param)
+    return S3Store(request.getfixturevalue("s3_server"))
 
 
 class Writer:
@@ -127,14 +222,15 @@ def test_save_restore_join_converge(cluster, store, tmp_path):
     cluster, joins it and ends with identical dumps; restarting it with its
     volume intact restores nothing."""
     n1 = cluster.node(1)
+    k = store.kind  # the shared cluster sees this test once per store
     for i in range(200):
         n1.execute("INSERT INTO books (title, author, publication_year) VALUES (?, ?, ?)",
-                   (f"before-{i}", "snap", 1900 + i % 100))
-    n1.execute("DELETE FROM books WHERE title = 'before-7'")  # a tombstone travels in the snapshot
+                   (f"{k}-before-{i}", "snap", 1900 + i % 100))
+    n1.execute("DELETE FROM books WHERE title = ?", (f"{k}-before-7",))  # a tombstone travels in the snapshot
     cluster.wait_converged(["books", "authors"])
 
     n4 = fresh_node(cluster, tmp_path / "node4")
-    with Writer(cluster.nodes[:2], "busy"):
+    with Writer(cluster.nodes[:2], f"{k}-busy"):
         manifest = save(n1, store)
         assert manifest in manifests(store)
         assert len(objects(store)) == 1
@@ -155,17 +251,17 @@ def test_save_restore_join_converge(cluster, store, tmp_path):
         assert n4.scalar("SELECT count(*) FROM __harmonylite__meta WHERE key IN ('node_id', 'epoch')") == 0
         assert n4.scalar("SELECT count(*) FROM __harmonylite__books_clock WHERE deleted = 1") >= 1
         assert n4.scalar("SELECT seq FROM __harmonylite__seq WHERE stream = ?", (harness.STREAM,)) > 0
-        assert n4.scalar("SELECT count(*) FROM books WHERE title = 'before-199'") == 1
+        assert n4.scalar("SELECT count(*) FROM books WHERE title = ?", (f"{k}-before-199",)) == 1
         n4.start()
         cluster.wait_for_triggers(["books", "authors"], [n4])
     # the new node's own writes reach everyone, and everyone's reach it
-    n4.execute("INSERT INTO books (title, author, publication_year) VALUES ('from-4', 'node4', 2024)")
-    n1.execute("UPDATE books SET publication_year = 1111 WHERE title = 'before-3'")
+    n4.execute("INSERT INTO books (title, author, publication_year) VALUES (?, 'node4', 2024)", (f"{k}-from-4",))
+    n1.execute("UPDATE books SET publication_year = 1111 WHERE title = ?", (f"{k}-before-3",))
     everyone = cluster.nodes + [n4]
     try:
         cluster.wait_converged(["books", "authors"], nodes=everyone)
         titles = {row[0] for row in n4.query("SELECT title FROM books")}
-        assert "from-4" in titles and "before-7" not in titles and "busy-0" in titles
+        assert f"{k}-from-4" in titles and f"{k}-before-7" not in titles and f"{k}-busy-0" in titles
     finally:
         n4.stop()
 
@@ -272,3 +368,69 @@ def test_save_without_harmonylite_state_fails(tmp_path, hl_bin):
     r = subprocess.run([str(hl_bin), "-db-path", str(db), "-node-id", "1", "-snapshot-store", "dir",
                         "-save-snapshot"], capture_output=True, text=True, timeout=CMD_TIMEOUT)
     assert r.returncode == 2 and "snapshot.dir: expected" in r.stderr, r.stderr
+
+
+def test_s3_multipart_and_credentials(cluster, s3_server, tmp_path):
+    """A snapshot larger than snapshot.s3_part_size goes up as a multipart
+    upload and restores byte-exact; credentials from the configuration work
+    like those from the environment, and never show in output or logs; an
+    upload the server refuses leaves the previous snapshots usable."""
+    store = S3Store(s3_server, part_size=5 << 20)
+    n1 = cluster.node(1)
+    cluster.create_tables("CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY, b BLOB)", ["blobs"])
+    try:
+        with harness.transaction(n1.connect()) as conn:
+            for i in range(12):
+                conn.execute("INSERT INTO blobs (id, b) VALUES (?, randomblob(1048576))", (i,))
+        cluster.wait_converged(["blobs"])
+        creds = ["-snapshot-s3-access-key", S3Server.ACCESS, "-snapshot-s3-secret-key", S3Server.SECRET]
+        n1.write_config()
+        r = subprocess.run(n1.argv(*store.flags(), *creds, "-save-snapshot"), capture_output=True, text=True,
+                           timeout=CMD_TIMEOUT, env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+        assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+        good = r.stdout.strip().split()[-1][len(store.location()):]
+        assert S3Server.SECRET not in r.stdout + r.stderr
+        obj = store.files() / good.replace(".manifest.json", ".db.zst")
+        size = obj.stat().st_size
+        assert size > 10 << 20
+        etag = os.getxattr(obj, "user.etag").decode()
+        assert etag.rstrip('"').endswith(f"-{(size + (5 << 20) - 1) // (5 << 20)}"), etag  # a multipart ETag
+
+        # refused by the server (a wrong secret): exit 1, the reason, nothing new, nothing removed
+        before = _names(store)
+        r = run(n1, store, "-save-snapshot", "-snapshot-s3-secret-key", "not-the-secret-xyz")
+        assert r.returncode == 1, r.stderr
+        assert "SignatureDoesNotMatch" in r.stderr and "not-the-secret-xyz" not in r.stdout + r.stderr
+        assert sorted(_names(store)) == sorted(before)
+        r = run(n1, store, "-check-config", "-snapshot-s3-secret-key", "not-the-secret-xyz",
+                "-snapshot-s3-session-token", "tok-xyz")
+        assert r.returncode == 0 and "not-the-secret-xyz" not in r.stdout + r.stderr and "tok-xyz" not in r.stdout
+        assert 's3_secret_key: "<redacted>"' in r.stdout, r.stdout
+
+        n = fresh_node(cluster, tmp_path / "node8", 8)
+        r = run(n, store, "-restore")
+        assert r.returncode == 0 and good in r.stdout, f"{r.stdout}\n{r.stderr}"
+        assert n.dump(["blobs"]) == n1.dump(["blobs"])
+    finally:
+        cluster.exec_all("DROP TABLE IF EXISTS blobs")
+
+
+def test_s3_configuration_errors(tmp_path, hl_bin):
+    """What the s3 store needs is checked before anything is read or sent: exit 2, the key, what was expected."""
+    db = tmp_path / "a.db"
+    base = [str(hl_bin), "-db-path", str(db), "-node-id", "1", "-save-snapshot"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    cases = [
+        ([], "snapshot.s3_bucket: expected"),
+        (["-snapshot-s3-bucket", "Bad_Bucket"], "snapshot.s3_bucket: expected 3 to 63"),
+        (["-snapshot-s3-bucket", "b1b", "-snapshot-s3-prefix", "../x/"], "snapshot.s3_prefix: expected"),
+        (["-snapshot-s3-bucket", "b1b"], "snapshot.s3_access_key and snapshot.s3_secret_key: expected"),
+        (["-snapshot-s3-bucket", "b1b", "-snapshot-s3-access-key", "a", "-snapshot-s3-secret-key", "s",
+          "-snapshot-s3-endpoint", "ftp://x"], "snapshot.s3_endpoint: expected an http:// or https:// URL"),
+        (["-snapshot-s3-bucket", "b1b", "-snapshot-s3-access-key", "a", "-snapshot-s3-secret-key", "s",
+          "-snapshot-s3-endpoint", "http://h/path"], "snapshot.s3_endpoint: expected scheme://host[:port]"),
+    ]
+    for extra, want in cases:
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=CMD_TIMEOUT, env=env)
+        assert r.returncode == 2 and want in r.stderr, (extra, r.returncode, r.stderr)
+    assert not db.exists()
