@@ -44,9 +44,10 @@ build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/
     src/common/hlc.c $libs_config
 
 build manifest fuzz/fuzz_manifest.c src/snapshot/manifest.c src/common/status.c $libs_manifest
+build s3xml fuzz/fuzz_s3xml.c src/snapshot/s3xml.c src/snapshot/manifest.c src/common/status.c $libs_manifest
 
 fail=0
-for name in changeset config manifest; do
+for name in changeset config manifest s3xml; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

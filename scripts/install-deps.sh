@@ -19,6 +19,7 @@ APT_PACKAGES=(
     clang libclang-rt-dev
     nats-server
     python3 python3-pip
+    golang-go
 )
 # pip name -> import name, in the same order.
 PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client)
@@ -92,4 +93,12 @@ if [ "${#pip_missing[@]}" -gt 0 ]; then
             exit 1
         fi
     done
+fi
+
+# The S3 server the snapshot tests run against: built once, cached outside the
+# repository (a few minutes the first time).
+if ! "$(dirname "$0")/install-s3-server.sh" >>"$log_file" 2>&1; then
+    echo "install-deps: failed: scripts/install-s3-server.sh" >&2
+    cat "$log_file" >&2
+    exit 1
 fi

@@ -34,8 +34,9 @@ go_ok() {
 }
 
 go=""
+# HL_S3_SERVER_OLD_GO=1 pretends the go found is too old: how a fresh Debian 12 machine builds it.
 for cand in "$(command -v go 2>/dev/null || true)" /usr/local/go/bin/go; do
-    if [ -n "$cand" ] && [ -x "$cand" ] && go_ok "$cand"; then
+    if [ -z "${HL_S3_SERVER_OLD_GO:-}" ] && [ -n "$cand" ] && [ -x "$cand" ] && go_ok "$cand"; then
         go=$cand
         break
     fi
@@ -52,7 +53,7 @@ if [ -z "$go" ]; then
         json=$(GOPATH="$cache/gopath" GOFLAGS=-modcacherw GOTOOLCHAIN=local "$old" mod download -json \
             "golang.org/toolchain@v0.0.1-$GO_TOOLCHAIN.linux-amd64")
         dir=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-        if [ -z "$dir" ] || [ ! -x "$dir/bin/go" ]; then
+        if [ -z "$dir" ] || [ ! -f "$dir/bin/go" ]; then
             echo "install-s3-server: toolchain download failed:" >&2
             printf '%s\n' "$json" >&2
             exit 1
@@ -60,7 +61,9 @@ if [ -z "$go" ]; then
         mkdir -p "$cache/toolchain"
         rm -rf "$tc.tmp"
         cp -r "$dir" "$tc.tmp"
+        # module zips keep no file modes: the toolchain's programs must be made executable again
         chmod -R u+w "$tc.tmp"
+        chmod +x "$tc.tmp"/bin/* "$tc.tmp"/pkg/tool/*/*
         mv "$tc.tmp" "$tc"
     fi
     go="$tc/bin/go"

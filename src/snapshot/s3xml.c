@@ -93,10 +93,10 @@ static int unescape(const char *s, size_t n, char *out, size_t cap)
                 return -1;
             for (; d < el - 1; d++) {
                 char c = e[d];
-                int v = c >= '0' && c <= '9'               ? c - '0'
+                int v = c >= '0' && c <= '9'          ? c - '0'
                         : hex && c >= 'a' && c <= 'f' ? c - 'a' + 10
                         : hex && c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                                          : -1;
+                                                      : -1;
                 if (v < 0)
                     return -1;
                 cp = cp * (hex ? 16 : 10) + (unsigned long)v;

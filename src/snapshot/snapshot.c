@@ -320,6 +320,15 @@ out:
     return res;
 }
 
+/* The mode a file created with open(2) would get (0666 less the umask); mkstemp gives 0600,
+ * which would lock out an application or reader running as another user of the group. */
+static mode_t created_mode(void)
+{
+    mode_t m = umask(0);
+    umask(m);
+    return 0666 & ~m;
+}
+
 static hl_status write_all(int fd, const void *p, size_t n)
 {
     const char *c = p;
@@ -353,6 +362,10 @@ static hl_status compress_file(const char *in, int out, uint64_t *size, char sha
         res = fail(err, errlen, HL_ERR_IO, "snapshot: opening the copy: %s", strerror(errno));
         goto out;
     }
+    struct stat sb;
+    uint64_t done = 0;
+    hl_progress pr;
+    hl_progress_start(&pr, "compression", "of the copy", fstat(fd, &sb) == 0 ? (uint64_t)sb.st_size : 0);
     if (ZSTD_isError(ZSTD_CCtx_setParameter(z, ZSTD_c_compressionLevel, ZSTD_LEVEL)) ||
         ZSTD_isError(ZSTD_CCtx_setParameter(z, ZSTD_c_windowLog, ZSTD_WINDOW_LOG)) ||
         ZSTD_isError(ZSTD_CCtx_setParameter(z, ZSTD_c_checksumFlag, 1)) ||
@@ -368,6 +381,8 @@ static hl_status compress_file(const char *in, int out, uint64_t *size, char sha
             res = fail(err, errlen, HL_ERR_IO, "snapshot: reading the copy: %s", strerror(errno));
             goto out;
         }
+        done += (uint64_t)r;
+        hl_progress_update(&pr, done);
         ZSTD_EndDirective mode = r == 0 ? ZSTD_e_end : ZSTD_e_continue;
         ZSTD_inBuffer zin = {ibuf, (size_t)r, 0};
         size_t left;
@@ -436,8 +451,8 @@ static void prune(hl_store *store, int keep)
     size_t nman = 0;
     for (size_t i = 0; i < l.n; i++)
         nman += has_suffix(l.v[i], HL_SNAPSHOT_MANIFEST_SUFFIX);
-    if (nman > (size_t)keep) {
-        size_t drop = nman - (size_t)keep, seen = 0;
+    if (nman > 0) {
+        size_t drop = nman > (size_t)keep ? nman - (size_t)keep : 0, seen = 0;
         const char *oldest_kept = NULL;
         for (size_t i = 0; i < l.n; i++) {
             if (!has_suffix(l.v[i], HL_SNAPSHOT_MANIFEST_SUFFIX))
@@ -797,6 +812,8 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         tried++;
         snprintf(tmp, sizeof tmp, "%s", pattern);
         int fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd >= 0)
+            fchmod(fd, created_mode());
         if (fd < 0) {
             tmp[0] = 0;
             res = fail(err, errlen, HL_ERR_IO, "cannot create a file beside %s: %s", c->db_path, strerror(errno));

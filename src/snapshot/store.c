@@ -60,7 +60,7 @@ void hl_progress_start(hl_progress *p, const char *what, const char *name, uint6
 void hl_progress_update(hl_progress *p, uint64_t done)
 {
     uint64_t now = hl_mono_ms();
-    if (now - p->start_ms < PROGRESS_AFTER_MS || now - p->last_ms < PROGRESS_EVERY_MS)
+    if (now - p->start_ms < PROGRESS_AFTER_MS || (p->last_ms != p->start_ms && now - p->last_ms < PROGRESS_EVERY_MS))
         return;
     p->last_ms = now;
     double secs = (double)(now - p->start_ms) / 1000.0;

@@ -46,6 +46,15 @@ static hl_status dir_fsync(const dir_store *d, char *err, size_t errlen)
     return HL_OK;
 }
 
+/* The mode a file created with open(2) would get (0666 less the umask); mkstemp gives 0600,
+ * which would lock out an application or reader running as another user of the group. */
+static mode_t created_mode(void)
+{
+    mode_t m = umask(0);
+    umask(m);
+    return 0666 & ~m;
+}
+
 static hl_status write_all(int fd, const void *p, size_t n)
 {
     const char *c = p;
@@ -74,6 +83,8 @@ static hl_status dir_put(hl_store *s, const char *name, const hl_store_src *src,
         return HL_ERR_INVALID;
     }
     fd = mkostemp(tmp, O_CLOEXEC);
+    if (fd >= 0)
+        fchmod(fd, created_mode());
     if (fd < 0) {
         snprintf(err, errlen, "dir store %s: cannot create a file: %s", d->dir, strerror(errno));
         return HL_ERR_IO;

@@ -28,11 +28,11 @@
 #include "snapshot/s3xml.h"
 #include "snapshot/store.h"
 
-#define S3_MAX_PARTS 10000          /* S3's limit on parts per upload */
-#define S3_MAX_RESPONSE (8u << 20)  /* bytes of an XML answer kept at most */
-#define S3_MAX_LIST_PAGES 1000      /* ListObjectsV2 pages followed at most */
+#define S3_MAX_PARTS 10000         /* S3's limit on parts per upload */
+#define S3_MAX_RESPONSE (8u << 20) /* bytes of an XML answer kept at most */
+#define S3_MAX_LIST_PAGES 1000     /* ListObjectsV2 pages followed at most */
 #define S3_CONNECT_TIMEOUT_S 15L
-#define S3_STALL_S 60L              /* a transfer moving no byte for this long is abandoned */
+#define S3_STALL_S 60L /* a transfer moving no byte for this long is abandoned */
 
 typedef struct s3_store {
     hl_store base;
@@ -92,8 +92,8 @@ typedef struct s3_req {
     uint64_t src_off, src_len, sent;
     const char *mem; /* a body in memory (CompleteMultipartUpload) */
     /* body received */
-    hl_buf resp;            /* XML answers, and error bodies */
-    hl_store_sink sink;     /* GET: the object goes here when the status is 2xx */
+    hl_buf resp;        /* XML answers, and error bodies */
+    hl_store_sink sink; /* GET: the object goes here when the status is 2xx */
     void *sink_ctx;
     uint64_t max, got;
     hl_status sink_err;
@@ -268,8 +268,8 @@ static void req_error(s3_req *r, const char *what, char *err, size_t errlen)
                 *p = ' ';
     }
     if (r->status)
-        snprintf(err, errlen, "s3 %s: HTTP %ld%s%s%s%s", what, r->status, code[0] ? " " : "", code,
-                 msg[0] ? ": " : "", msg);
+        snprintf(err, errlen, "s3 %s: HTTP %ld%s%s%s%s", what, r->status, code[0] ? " " : "", code, msg[0] ? ": " : "",
+                 msg);
     else
         snprintf(err, errlen, "s3 %s: %s", what, r->errbuf[0] ? r->errbuf : "request failed");
 }
@@ -356,7 +356,7 @@ static hl_status put_multipart(s3_store *s, const char *name, const hl_store_src
     if ((src->size + part - 1) / part > S3_MAX_PARTS)
         part = (src->size + S3_MAX_PARTS - 1) / S3_MAX_PARTS;
     uint64_t nparts = (src->size + part - 1) / part;
-    char (*etags)[256] = calloc(nparts, sizeof *etags);
+    char(*etags)[256] = calloc(nparts, sizeof *etags);
     hl_buf_init(&url, 16384);
     hl_buf_init(&q, 4096);
     hl_buf_init(&body, 64u << 20);
@@ -709,8 +709,7 @@ hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t
         curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
         curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
         (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0)) {
-        snprintf(err, errlen, "snapshot.s3_endpoint: expected an http:// or https:// URL, got \"%s\"",
-                 hl_buf_str(&b));
+        snprintf(err, errlen, "snapshot.s3_endpoint: expected an http:// or https:// URL, got \"%s\"", hl_buf_str(&b));
         goto out;
     }
     curl_url_get(u, CURLUPART_PORT, &port, 0);

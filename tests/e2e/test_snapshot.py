@@ -344,9 +344,15 @@ def test_bad_snapshots_are_refused_for_older_good_one(cluster, store, tmp_path):
 
 
 def test_keep_newest(cluster, store):
-    """snapshot.keep: older snapshots (manifest and object) are removed."""
+    """snapshot.keep: older snapshots (manifest and object) are removed, and so
+    is an object an interrupted upload left without a manifest."""
     n1 = cluster.node(1)
-    made = [save(n1, store) for _ in range(4)]
+    store.files().mkdir(parents=True, exist_ok=True)
+    orphan = store.files() / "snap-20000101T000000000Z-n9-00000000.db.zst"
+    orphan.write_bytes(b"half an upload")
+    made = [save(n1, store)]
+    assert not orphan.exists()
+    made += [save(n1, store) for _ in range(3)]
     assert manifests(store) == sorted(made)[-3:]
     assert objects(store) == sorted(m.replace(".manifest.json", ".db.zst") for m in made)[-3:]
     r = run(n1, store, "-save-snapshot", "-snapshot-keep", "1")

@@ -12,6 +12,7 @@
 
 #include "common/buf.h"
 #include "snapshot/manifest.h"
+#include "snapshot/s3xml.h"
 #include "snapshot/store.h"
 
 static hl_manifest sample(void)
@@ -237,6 +238,71 @@ START_TEST(dir_store)
 }
 END_TEST
 
+static hl_status list_of(const char *xml, hl_store_names *l, bool *more, char *tok, size_t tokcap)
+{
+    memset(l, 0, sizeof *l);
+    return hl_s3xml_list(xml, strlen(xml), "p/", l, more, tok, tokcap);
+}
+
+START_TEST(s3_xml)
+{
+    hl_store_names l;
+    bool more;
+    char tok[64], text[16];
+    const char *page = "<?xml version=\"1.0\"?><ListBucketResult xmlns=\"x\"><IsTruncated>true</IsTruncated>"
+                       "<NextContinuationToken>t&amp;1&#x2F;&#65;</NextContinuationToken>"
+                       "<Contents><Key>p/snap-1.db.zst</Key><Size>6</Size></Contents>"
+                       "<Contents><Key>p/a&#x2F;b</Key></Contents>"      /* "a/b": not a name */
+                       "<Contents><Key>q/snap-2.db.zst</Key></Contents>" /* other prefix */
+                       "<Contents><Key>p/..</Key></Contents>"            /* never a name */
+                       "<Contents><Key>p/snap-&#49;.manifest.json</Key></Contents></ListBucketResult>";
+    ck_assert_int_eq(list_of(page, &l, &more, tok, sizeof tok), HL_OK);
+    ck_assert(more);
+    ck_assert_str_eq(tok, "t&1/A");
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.v[0], "snap-1.db.zst");
+    ck_assert_str_eq(l.v[1], "snap-1.manifest.json");
+    hl_store_names_free(&l);
+
+    /* malformed: refused, not guessed at */
+    const char *bad[] = {
+        "<Error><Code>AccessDenied</Code></Error>",
+        "<ListBucketResult><Contents><Key>p/x</Key>",
+        "<ListBucketResult><Contents><Key>p/<b>x</b></Key></Contents></ListBucketResult>",
+        "<ListBucketResult><Contents><Key>p/&bogus;</Key></Contents></ListBucketResult>",
+        "<ListBucketResult><Contents><Key>p/&#0;</Key></Contents></ListBucketResult>",
+        "<ListBucketResult><Contents><Key>p/&#xD800;</Key></Contents></ListBucketResult>",
+        "<ListBucketResult><Contents><Key>p/&#99999999999;</Key></Contents></ListBucketResult>",
+        "<ListBucketResult><Contents><Key>p/&amp</Key></Contents></ListBucketResult>",
+        "<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>", /* no token to go on with */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_msg(list_of(bad[i], &l, &more, tok, sizeof tok) == HL_ERR_DECODE, "accepted %s", bad[i]);
+        hl_store_names_free(&l);
+    }
+    /* a token longer than its buffer is refused, never cut */
+    ck_assert_int_eq(list_of("<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>"
+                             "0123456789012345678901234567890123456789012345678901234567890123456789"
+                             "</NextContinuationToken></ListBucketResult>",
+                             &l, &more, tok, sizeof tok),
+                     HL_ERR_DECODE);
+    hl_store_names_free(&l);
+
+    size_t pos = 0;
+    const char *err = "<Error><Code>NoSuchKey</Code><Code>x</Code><Code>0123456789abcdef</Code></Error>";
+    ck_assert_int_eq(hl_s3xml_text(err, strlen(err), &pos, "Code", text, sizeof text), 1);
+    ck_assert_str_eq(text, "NoSuchKey");
+    ck_assert_int_eq(hl_s3xml_text(err, strlen(err), &pos, "Code", text, sizeof text), 1);
+    ck_assert_str_eq(text, "x");
+    ck_assert_int_eq(hl_s3xml_text(err, strlen(err), &pos, "Code", text, sizeof text), -1); /* 16 bytes + NUL */
+    pos = 0;
+    ck_assert_int_eq(hl_s3xml_text(err, strlen(err), &pos, "Message", text, sizeof text), 0);
+    /* the length bounds the search: an element past it is not found */
+    pos = 0;
+    ck_assert_int_eq(hl_s3xml_text(err, 20, &pos, "Code", text, sizeof text), -1);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("snapshot");
@@ -246,6 +312,7 @@ int main(void)
     tcase_add_test(tc, manifest_bounds);
     tcase_add_test(tc, names);
     tcase_add_test(tc, dir_store);
+    tcase_add_test(tc, s3_xml);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
