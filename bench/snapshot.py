@@ -7,7 +7,7 @@ it, then measures `-save-snapshot` and `-restore` on the `dir` store and, when
 the S3 test server can be had (scripts/install-s3-server.sh), on `s3` (a
 multipart upload with the default 64 MiB parts) — each next to `cp` + `zstd -3`
 of the same file in the same run, and harmonylite's peak resident memory
-(from wait4). Reports; asserts nothing.
+(its VmHWM, sampled). Reports; asserts nothing.
 
   bench/snapshot.py [--size-mb 1024] [--keep-files]
 """
@@ -32,16 +32,33 @@ from test_snapshot import S3Server  # noqa: E402
 
 
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS in KiB, output) of one child process."""
+    """(seconds, peak RSS in KiB, output) of one child process.
+
+    The peak is the process's own high-water mark (VmHWM, which exec resets),
+    sampled every 10 ms until it exits: wait4's ru_maxrss would include the
+    forked Python interpreter's memory from before the exec."""
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    _, status, rusage = os.wait4(p.pid, 0)
+    log = tempfile.TemporaryFile()
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    hwm = 0
+    while True:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]))
+        except OSError:
+            pass
+        if p.poll() is not None:
+            break
+        time.sleep(0.01)
     secs = time.monotonic() - t0
-    out = p.stdout.read().decode(errors="replace")
-    p.stdout.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    log.seek(0)
+    out = log.read().decode(errors="replace")
+    log.close()
+    if p.returncode != 0:
         raise SystemExit(f"{argv[0]} failed:\n{out}")
-    return secs, rusage.ru_maxrss, out
+    return secs, hwm, out
 
 
 def make_db(path: Path, size_mb: int, binary: Path) -> None:
