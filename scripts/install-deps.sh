@@ -19,7 +19,7 @@ APT_PACKAGES=(
     clang libclang-rt-dev
     nats-server
     python3 python3-pip
-    golang-go
+    golang-go openssh-server
 )
 # pip name -> import name, in the same order.
 PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client)

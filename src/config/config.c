@@ -182,8 +182,8 @@ static const hl_key keys[] = {
     STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
          "listener for /healthz /readyz /metrics /schema; empty: disabled"),
 
-    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir", NULL, false,
-     "where snapshots go: s3 or dir"},
+    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir|sftp", NULL, false,
+     "where snapshots go: s3, dir or sftp"},
     INT("snapshot.keep", snapshot.keep, 1, 1000, "3", "newest snapshots kept in the store; older ones are removed"),
     STR("snapshot.dir", snapshot.dir, NULL, "directory of the dir store (a local or mounted file system)"),
     STR("snapshot.s3_endpoint", snapshot.s3_endpoint, NULL,
@@ -201,6 +201,13 @@ static const hl_key keys[] = {
     STR("snapshot.s3_ca_file", snapshot.s3_ca_file, NULL, "CA certificates (PEM) to verify an https endpoint"),
     I64("snapshot.s3_part_size", snapshot.s3_part_size, 1024, INT64_C(5368709120), "67108864",
         "objects larger than this are uploaded in parts of this size (multipart upload; S3 wants >= 5 MiB)"),
+    STR("snapshot.sftp_url", snapshot.sftp_url, NULL, "SFTP directory of the sftp store: sftp://host[:port]/path"),
+    STR("snapshot.sftp_user", snapshot.sftp_user, NULL, "SFTP user name; empty: $USER, else the process's user"),
+    {"snapshot.sftp_password", HL_KEY_STRING, OFF(snapshot.sftp_password), 0, 0, NULL, NULL, NULL, true,
+     "SFTP password (never logged or dumped)"},
+    STR("snapshot.sftp_key_file", snapshot.sftp_key_file, NULL, "SFTP private key file"),
+    STR("snapshot.sftp_known_hosts", snapshot.sftp_known_hosts, NULL,
+        "known_hosts file the SFTP server's key must be in; empty: ~/.ssh/known_hosts"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))

@@ -91,7 +91,7 @@ typedef struct hl_config {
 
     /* snapshot.*: where -save-snapshot puts snapshots and -restore takes them from (docs/snapshots.md) */
     struct {
-        char *store;                    /* snapshot.store: "s3" (default) or "dir" */
+        char *store;                    /* snapshot.store: "s3" (default), "dir" or "sftp" */
         int keep;                       /* snapshot.keep: newest snapshots kept (default 3) */
         char *dir;                      /* snapshot.dir: directory of the dir store */
         char *s3_endpoint;              /* snapshot.s3_endpoint: URL; default https://s3.<region>.amazonaws.com */
@@ -104,6 +104,11 @@ typedef struct hl_config {
         char *s3_session_token;         /* snapshot.s3_session_token (secret): default $AWS_SESSION_TOKEN */
         char *s3_ca_file;               /* snapshot.s3_ca_file: CA certificates (PEM) for https endpoints */
         int64_t s3_part_size;           /* snapshot.s3_part_size: larger objects go up in parts of this size */
+        char *sftp_url;                 /* snapshot.sftp_url: sftp://host[:port]/directory */
+        char *sftp_user;                /* snapshot.sftp_user: default $USER, else the process's user */
+        char *sftp_password;            /* snapshot.sftp_password (secret) */
+        char *sftp_key_file;            /* snapshot.sftp_key_file: private key (OpenSSH PEM) */
+        char *sftp_known_hosts;         /* snapshot.sftp_known_hosts: default ~/.ssh/known_hosts */
     } snapshot;
 } hl_config;
 

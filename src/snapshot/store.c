@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <curl/curl.h>
+
 #include "common/hlc.h"
 #include "common/log.h"
 
@@ -35,8 +37,23 @@ hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t er
     }
     if (strcmp(kind, "s3") == 0)
         return hl_store_s3_open(out, c, err, errlen);
-    snprintf(err, errlen, "snapshot.store: expected s3 or dir");
+    if (strcmp(kind, "sftp") == 0)
+        return hl_store_sftp_open(out, c, err, errlen);
+    snprintf(err, errlen, "snapshot.store: expected s3, dir or sftp");
     return HL_ERR_CONFIG;
+}
+
+hl_status hl_store_curl_init(char *err, size_t errlen)
+{
+    static int ready;
+    if (!ready) {
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+            snprintf(err, errlen, "curl_global_init failed");
+            return HL_ERR_INTERNAL;
+        }
+        ready = 1;
+    }
+    return HL_OK;
 }
 
 void hl_store_close(hl_store *s)

@@ -3,6 +3,7 @@
  *
  *   store_dir.c  a local or mounted directory (temp file, fsync, rename, fsync dir)
  *   store_s3.c   an S3-compatible bucket through libcurl (SigV4, multipart)
+ *   store_sftp.c a directory on an SSH server through libcurl (known_hosts checked)
  *
  * A store holds flat names (hl_snapshot_name_ok) under its location. Every
  * call is synchronous and used from one thread. Errors are written to err as
@@ -65,8 +66,12 @@ struct hl_store {
 hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 void hl_store_close(hl_store *s); /* NULL is a no-op */
 
+/* curl_global_init once per process (the stores run on the main thread, before any other). */
+hl_status hl_store_curl_init(char *err, size_t errlen);
+
 hl_status hl_store_dir_open(hl_store **out, const char *dir, char *err, size_t errlen);
 hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
+hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 
 /* Progress of a transfer: logs bytes, rate and ETA every few seconds once it has taken more than a few. */
 typedef struct hl_progress {

@@ -648,20 +648,14 @@ static int prefix_ok(const char *p)
 
 hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
 {
-    static int curl_ready;
     hl_status st = HL_ERR_CONFIG;
     CURLU *u = NULL;
     char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
     hl_buf b;
     *out = NULL;
     hl_buf_init(&b, 8192);
-    if (!curl_ready) {
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
-            snprintf(err, errlen, "s3: curl_global_init failed");
-            return HL_ERR_INTERNAL;
-        }
-        curl_ready = 1;
-    }
+    if (hl_store_curl_init(err, errlen))
+        return HL_ERR_INTERNAL;
     const char *bucket = c->snapshot.s3_bucket;
     const char *region = pick(c->snapshot.s3_region, "AWS_REGION");
     const char *access = pick(c->snapshot.s3_access_key, "AWS_ACCESS_KEY_ID");

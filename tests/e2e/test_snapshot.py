@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -175,10 +176,93 @@ def fresh_node(cluster: harness.Cluster, root: Path, node_id: int = 4) -> harnes
     return n
 
 
-@pytest.fixture(params=["dir", "s3"])
+class SftpServer:
+    """A real SSH server: OpenSSH's sshd on a loopback port, with host and
+    client keys of its own, serving SFTP from the local file system."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = harness.free_port()
+        for key in ("hostkey", "clientkey", "otherkey"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(root / key)], check=True)
+        (root / "authorized_keys").write_text((root / "clientkey.pub").read_text())
+        self.known_hosts = root / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {(root / 'hostkey.pub').read_text()}")
+        self.wrong_known_hosts = root / "wrong_known_hosts"
+        self.wrong_known_hosts.write_text(f"[127.0.0.1]:{self.port} {(root / 'otherkey.pub').read_text()}")
+        (root / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'hostkey'}\nPidFile {root / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\n")
+        self.log = open(root / "sshd.log", "ab")
+        self.proc = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f",
+                                      str(root / "sshd_config")], stdout=self.log, stderr=self.log,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        import socket
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"sshd exited: {(root / 'sshd.log').read_text()[-2000:]}"
+            with socket.socket() as sk:
+                return sk.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 30, "sshd listening")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(15)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def sftp_server(tmp_path_factory):
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    if not sshd or not shutil.which("ssh-keygen"):
+        pytest.skip("no OpenSSH server to test against: install openssh-server (scripts/install-deps.sh does)")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+    server = SftpServer(tmp_path_factory.mktemp("sftp"))
+    yield server
+    server.stop()
+
+
+class SftpStore:
+    """A snapshot.store: sftp, in a directory of its own on the shared server."""
+
+    kind = "sftp"
+    counter = 0
+
+    def __init__(self, server: SftpServer):
+        SftpStore.counter += 1
+        self.server = server
+        self.path = server.root / f"snapshots-{SftpStore.counter}"
+        self.path.mkdir()
+
+    def flags(self) -> list[str]:
+        return ["-snapshot-store", "sftp", "-snapshot-sftp-url", f"sftp://127.0.0.1:{self.server.port}{self.path}",
+                "-snapshot-sftp-key-file", str(self.server.root / "clientkey"),
+                "-snapshot-sftp-known-hosts", str(self.server.known_hosts)]
+
+    def env(self) -> dict:
+        return {}
+
+    def location(self) -> str:
+        return f"sftp://127.0.0.1:{self.server.port}{self.path}/"
+
+    def files(self) -> Path:
+        return self.path
+
+
+@pytest.fixture(params=["dir", "s3", "sftp"])
 def store(request, tmp_path):
     if request.param == "dir":
         return DirStore(tmp_path / "snapshots")
+    if request.param == "sftp":
+        return SftpStore(request.getfixturevalue("sftp_server"))
     return S3Store(request.getfixturevalue("s3_server"))
 
 
@@ -440,3 +524,16 @@ def test_s3_configuration_errors(tmp_path, hl_bin):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=CMD_TIMEOUT, env=env)
         assert r.returncode == 2 and want in r.stderr, (extra, r.returncode, r.stderr)
     assert not db.exists()
+
+
+def test_sftp_host_key_must_be_known(cluster, sftp_server, tmp_path):
+    """The SSH server's key must be in known_hosts: a different key is refused
+    at once (not retried), and nothing is written."""
+    store = SftpStore(sftp_server)
+    n1 = cluster.node(1)
+    r = run(n1, store, "-save-snapshot", "-snapshot-sftp-known-hosts", str(sftp_server.wrong_known_hosts))
+    assert r.returncode == 1 and "host key is not in snapshot.sftp_known_hosts" in r.stderr, r.stderr
+    assert "retrying" not in r.stderr
+    assert list(store.files().iterdir()) == []
+    r = run(n1, store, "-save-snapshot", "-snapshot-sftp-known-hosts", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "snapshot.sftp_known_hosts: expected" in r.stderr, r.stderr
