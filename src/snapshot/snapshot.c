@@ -581,6 +581,7 @@ out:
     free(json);
     hl_manifest_free(&s.m);
     hl_store_close(store);
+    hl_store_curl_cleanup();
     return res;
 }
 
@@ -876,5 +877,6 @@ out:
         unlink(tmp);
     hl_store_names_free(&l);
     hl_store_close(store);
+    hl_store_curl_cleanup();
     return res;
 }

@@ -43,17 +43,26 @@ hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t er
     return HL_ERR_CONFIG;
 }
 
+static int curl_ready;
+
 hl_status hl_store_curl_init(char *err, size_t errlen)
 {
-    static int ready;
-    if (!ready) {
+    if (!curl_ready) {
         if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
             snprintf(err, errlen, "curl_global_init failed");
             return HL_ERR_INTERNAL;
         }
-        ready = 1;
+        curl_ready = 1;
     }
     return HL_OK;
+}
+
+void hl_store_curl_cleanup(void)
+{
+    if (curl_ready) {
+        curl_global_cleanup();
+        curl_ready = 0;
+    }
 }
 
 void hl_store_close(hl_store *s)

@@ -68,6 +68,8 @@ void hl_store_close(hl_store *s); /* NULL is a no-op */
 
 /* curl_global_init once per process (the stores run on the main thread, before any other). */
 hl_status hl_store_curl_init(char *err, size_t errlen);
+/* Its counterpart, when no store is open any more (also releases libssh2's and OpenSSL's state). */
+void hl_store_curl_cleanup(void);
 
 hl_status hl_store_dir_open(hl_store **out, const char *dir, char *err, size_t errlen);
 hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
