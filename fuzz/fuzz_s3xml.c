@@ -1,6 +1,7 @@
 /*
- * fuzz_s3xml.c - libFuzzer harness for the S3 XML reader (ListObjectsV2
- * pages, error bodies, UploadId).
+ * fuzz_s3xml.c - libFuzzer harness for the XML reader of src/snapshot/s3xml.c:
+ * S3's ListObjectsV2 pages, error bodies and UploadId, and WebDAV's PROPFIND
+ * hrefs.
  *
  * Checked besides memory safety: every listed name is a valid snapshot name,
  * every text found is NUL-terminated inside its buffer.
@@ -15,6 +16,15 @@
 #include "snapshot/s3xml.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static hl_status check_href(void *ctx, const char *text)
+{
+    size_t *n = ctx;
+    if (strlen(text) >= 64)
+        abort();
+    ++*n;
+    return HL_OK;
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -37,5 +47,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     while ((r = hl_s3xml_text(xml, size, &pos, "Code", text, sizeof text)) == 1)
         if (strlen(text) >= sizeof text || pos > size)
             abort();
+    size_t hrefs = 0;
+    hl_status st = hl_xml_each(xml, size, "href", 64, 1000, check_href, &hrefs);
+    if (st == HL_OK && hrefs > 1000)
+        abort();
     return 0;
 }

@@ -19,7 +19,7 @@ APT_PACKAGES=(
     clang libclang-rt-dev
     nats-server
     python3 python3-pip
-    golang-go openssh-server
+    golang-go openssh-server nginx libnginx-mod-http-dav-ext
 )
 # pip name -> import name, in the same order.
 PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client)

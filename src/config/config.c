@@ -182,8 +182,8 @@ static const hl_key keys[] = {
     STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
          "listener for /healthz /readyz /metrics /schema; empty: disabled"),
 
-    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir|sftp", NULL, false,
-     "where snapshots go: s3, dir or sftp"},
+    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir|sftp|webdav", NULL, false,
+     "where snapshots go: s3, dir, sftp or webdav"},
     INT("snapshot.keep", snapshot.keep, 1, 1000, "3", "newest snapshots kept in the store; older ones are removed"),
     STR("snapshot.dir", snapshot.dir, NULL, "directory of the dir store (a local or mounted file system)"),
     STR("snapshot.s3_endpoint", snapshot.s3_endpoint, NULL,
@@ -208,6 +208,12 @@ static const hl_key keys[] = {
     STR("snapshot.sftp_key_file", snapshot.sftp_key_file, NULL, "SFTP private key file"),
     STR("snapshot.sftp_known_hosts", snapshot.sftp_known_hosts, NULL,
         "known_hosts file the SFTP server's key must be in; empty: ~/.ssh/known_hosts"),
+    STR("snapshot.webdav_url", snapshot.webdav_url, NULL,
+        "WebDAV collection of the webdav store: https://host[:port]/path/ (http:// on a trusted network)"),
+    STR("snapshot.webdav_user", snapshot.webdav_user, NULL, "WebDAV user name (HTTP basic or digest authentication)"),
+    {"snapshot.webdav_password", HL_KEY_STRING, OFF(snapshot.webdav_password), 0, 0, NULL, NULL, NULL, true,
+     "WebDAV password (never logged or dumped)"},
+    STR("snapshot.webdav_ca_file", snapshot.webdav_ca_file, NULL, "CA certificates (PEM) to verify an https server"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))

@@ -91,7 +91,7 @@ typedef struct hl_config {
 
     /* snapshot.*: where -save-snapshot puts snapshots and -restore takes them from (docs/snapshots.md) */
     struct {
-        char *store;                    /* snapshot.store: "s3" (default), "dir" or "sftp" */
+        char *store;                    /* snapshot.store: "s3" (default), "dir", "sftp" or "webdav" */
         int keep;                       /* snapshot.keep: newest snapshots kept (default 3) */
         char *dir;                      /* snapshot.dir: directory of the dir store */
         char *s3_endpoint;              /* snapshot.s3_endpoint: URL; default https://s3.<region>.amazonaws.com */
@@ -109,6 +109,10 @@ typedef struct hl_config {
         char *sftp_password;            /* snapshot.sftp_password (secret) */
         char *sftp_key_file;            /* snapshot.sftp_key_file: private key (OpenSSH PEM) */
         char *sftp_known_hosts;         /* snapshot.sftp_known_hosts: default ~/.ssh/known_hosts */
+        char *webdav_url;               /* snapshot.webdav_url: http(s)://host[:port]/collection/ */
+        char *webdav_user;              /* snapshot.webdav_user */
+        char *webdav_password;          /* snapshot.webdav_password (secret) */
+        char *webdav_ca_file;           /* snapshot.webdav_ca_file: CA certificates (PEM) for https */
     } snapshot;
 } hl_config;
 

@@ -188,3 +188,53 @@ hl_status hl_s3xml_list(const char *xml, size_t len, const char *prefix, hl_stor
     }
     return HL_OK;
 }
+
+hl_status hl_xml_each(const char *xml, size_t len, const char *local, size_t cap, size_t max_items,
+                      hl_status (*fn)(void *ctx, const char *text), void *ctx)
+{
+    size_t ll = strlen(local), items = 0;
+    char *text = malloc(cap ? cap : 1);
+    hl_status st = HL_OK;
+    if (!text)
+        return HL_ERR_NOMEM;
+    for (size_t i = 0; i < len && !st;) {
+        size_t lt = find(xml, len, i, "<", 1);
+        if (lt == len)
+            break;
+        size_t gt = find(xml, len, lt, ">", 1);
+        if (gt == len)
+            break; /* the rest is not an element: nothing more to find */
+        const char *name = xml + lt + 1;
+        size_t nl = gt - lt - 1;
+        i = gt + 1;
+        if (nl == 0 || name[0] == '/' || name[0] == '?' || name[0] == '!' || name[nl - 1] == '/')
+            continue;
+        size_t tn = 0; /* the tag name ends at white space */
+        while (tn < nl && name[tn] != ' ' && name[tn] != '\t' && name[tn] != '\r' && name[tn] != '\n')
+            tn++;
+        const char *colon = memchr(name, ':', tn);
+        const char *ln = colon ? colon + 1 : name;
+        size_t lnl = tn - (size_t)(ln - name);
+        if (lnl != ll || memcmp(ln, local, ll) != 0)
+            continue;
+        /* the closing tag must follow the text: </ + the same name + > */
+        size_t end = find(xml, len, i, "<", 1);
+        if (end == len || end + 3 + tn > len || xml[end + 1] != '/' || memcmp(xml + end + 2, name, tn) != 0 ||
+            xml[end + 2 + tn] != '>') {
+            st = HL_ERR_DECODE;
+            break;
+        }
+        if (unescape(xml + i, end - i, text, cap) != 0) {
+            st = HL_ERR_DECODE;
+            break;
+        }
+        if (++items > max_items) {
+            st = HL_ERR_TOO_LARGE;
+            break;
+        }
+        st = fn(ctx, text);
+        i = end + 3 + tn;
+    }
+    free(text);
+    return st;
+}

@@ -38,4 +38,15 @@ int hl_s3xml_text(const char *xml, size_t len, size_t *pos, const char *tag, cha
 hl_status hl_s3xml_list(const char *xml, size_t len, const char *prefix, hl_store_names *names, bool *truncated,
                         char *token, size_t tokcap);
 
+/*
+ * Calls fn with the unescaped text of every element whose local name is
+ * local (any namespace prefix: <D:href>, <d:href>, <href>) in xml[0..len),
+ * in document order, for WebDAV's PROPFIND answers. Text longer than
+ * cap - 1 bytes, markup inside the element or a missing closing tag is
+ * malformed: HL_ERR_DECODE. A non-OK status from fn stops and is returned.
+ * At most max_items calls; more is HL_ERR_TOO_LARGE.
+ */
+hl_status hl_xml_each(const char *xml, size_t len, const char *local, size_t cap, size_t max_items,
+                      hl_status (*fn)(void *ctx, const char *text), void *ctx);
+
 #endif

@@ -39,7 +39,9 @@ hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t er
         return hl_store_s3_open(out, c, err, errlen);
     if (strcmp(kind, "sftp") == 0)
         return hl_store_sftp_open(out, c, err, errlen);
-    snprintf(err, errlen, "snapshot.store: expected s3, dir or sftp");
+    if (strcmp(kind, "webdav") == 0)
+        return hl_store_webdav_open(out, c, err, errlen);
+    snprintf(err, errlen, "snapshot.store: expected s3, dir, sftp or webdav");
     return HL_ERR_CONFIG;
 }
 

@@ -4,6 +4,7 @@
  *   store_dir.c  a local or mounted directory (temp file, fsync, rename, fsync dir)
  *   store_s3.c   an S3-compatible bucket through libcurl (SigV4, multipart)
  *   store_sftp.c a directory on an SSH server through libcurl (known_hosts checked)
+ *   store_webdav.c a WebDAV collection through libcurl (PUT, MOVE, PROPFIND)
  *
  * A store holds flat names (hl_snapshot_name_ok) under its location. Every
  * call is synchronous and used from one thread. Errors are written to err as
@@ -74,6 +75,7 @@ void hl_store_curl_cleanup(void);
 hl_status hl_store_dir_open(hl_store **out, const char *dir, char *err, size_t errlen);
 hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
+hl_status hl_store_webdav_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 
 /* Progress of a transfer: logs bytes, rate and ETA every few seconds once it has taken more than a few. */
 typedef struct hl_progress {

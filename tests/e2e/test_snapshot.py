@@ -259,12 +259,100 @@ class SftpStore:
         return self.path
 
 
-@pytest.fixture(params=["dir", "s3", "sftp"])
+DAV_MODULE = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
+
+
+class WebdavServer:
+    """A real WebDAV server: nginx with its dav module (PUT, DELETE, MOVE) and
+    the dav-ext module (PROPFIND), basic authentication, on a loopback port."""
+
+    USER = "hl"
+    PASSWORD = "dav-secret-Zm9v"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = harness.free_port()
+        (root / "www").mkdir()
+        (root / "tmp").mkdir()
+        hashed = subprocess.run(["openssl", "passwd", "-apr1", self.PASSWORD], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        (root / "htpasswd").write_text(f"{self.USER}:{hashed}\n")
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the test's private directories
+        (root / "nginx.conf").write_text(
+            f"daemon off;\n{user}pid {root / 'nginx.pid'};\nerror_log {root / 'error.log'};\n"
+            f"load_module {DAV_MODULE};\nevents {{}}\nhttp {{\n  access_log off;\n"
+            f"  client_body_temp_path {root / 'tmp'};\n  server {{\n    listen 127.0.0.1:{self.port};\n"
+            f"    root {root / 'www'};\n    location / {{\n      dav_methods PUT DELETE MKCOL COPY MOVE;\n"
+            "      dav_ext_methods PROPFIND OPTIONS;\n      client_max_body_size 0;\n"
+            f"      auth_basic harmonylite;\n      auth_basic_user_file {root / 'htpasswd'};\n    }}\n  }}\n}}\n")
+        self.log = open(root / "nginx.log", "ab")
+        self.proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(root / "nginx.conf"),
+                                      "-p", str(root)], stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        import socket
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"nginx exited: {(root / 'nginx.log').read_text()[-2000:]}"
+            with socket.socket() as sk:
+                return sk.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 30, "nginx listening")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(15)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def webdav_server(tmp_path_factory):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if not nginx or not DAV_MODULE.exists():
+        pytest.skip("no WebDAV server to test against: install nginx and libnginx-mod-http-dav-ext "
+                    "(scripts/install-deps.sh does)")
+    server = WebdavServer(tmp_path_factory.mktemp("webdav"))
+    yield server
+    server.stop()
+
+
+class WebdavStore:
+    """A snapshot.store: webdav, in a collection of its own on the shared server."""
+
+    kind = "webdav"
+    counter = 0
+
+    def __init__(self, server: WebdavServer):
+        WebdavStore.counter += 1
+        self.server = server
+        self.name = f"snapshots-{WebdavStore.counter}"
+        (server.root / "www" / self.name).mkdir()
+
+    def flags(self) -> list[str]:
+        return ["-snapshot-store", "webdav", "-snapshot-webdav-url", self.location(),
+                "-snapshot-webdav-user", WebdavServer.USER, "-snapshot-webdav-password", WebdavServer.PASSWORD]
+
+    def env(self) -> dict:
+        return {}
+
+    def location(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}/{self.name}/"
+
+    def files(self) -> Path:
+        return self.server.root / "www" / self.name
+
+
+@pytest.fixture(params=["dir", "s3", "sftp", "webdav"])
 def store(request, tmp_path):
     if request.param == "dir":
         return DirStore(tmp_path / "snapshots")
     if request.param == "sftp":
         return SftpStore(request.getfixturevalue("sftp_server"))
+    if request.param == "webdav":
+        return WebdavStore(request.getfixturevalue("webdav_server"))
     return S3Store(request.getfixturevalue("s3_server"))
 
 
@@ -539,3 +627,17 @@ def test_sftp_host_key_must_be_known(cluster, sftp_server, tmp_path):
     assert list(store.files().iterdir()) == []
     r = run(n1, store, "-save-snapshot", "-snapshot-sftp-known-hosts", str(tmp_path / "missing"))
     assert r.returncode == 2 and "snapshot.sftp_known_hosts: expected" in r.stderr, r.stderr
+
+
+def test_webdav_credentials_stay_secret(cluster, webdav_server):
+    """A wrong WebDAV password is refused at once (HTTP 401, not retried), the
+    store is left as it was, and the password shows nowhere."""
+    store = WebdavStore(webdav_server)
+    n1 = cluster.node(1)
+    save(n1, store)
+    before = _names(store)
+    r = run(n1, store, "-save-snapshot", "-snapshot-webdav-password", "wrong-pass-xyz")
+    assert r.returncode == 1 and "HTTP 401" in r.stderr and "retrying" not in r.stderr, r.stderr
+    assert "wrong-pass-xyz" not in r.stdout + r.stderr and WebdavServer.PASSWORD not in r.stdout + r.stderr
+    assert sorted(_names(store)) == sorted(before)
+    assert not [p for p in store.files().iterdir() if p.name.startswith(".")]

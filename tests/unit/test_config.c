@@ -184,7 +184,7 @@ START_TEST(test_key_table)
 {
     size_t n = hl_config_key_count();
     hl_config_key_info a, b;
-    ck_assert_uint_eq(n, 67);
+    ck_assert_uint_eq(n, 71);
     ck_assert(!hl_config_key_at(n, &a));
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));
@@ -224,7 +224,8 @@ START_TEST(test_key_table)
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));
         if (strcmp(a.path, "nats.user_password") == 0 || strcmp(a.path, "snapshot.s3_secret_key") == 0 ||
-            strcmp(a.path, "snapshot.s3_session_token") == 0 || strcmp(a.path, "snapshot.sftp_password") == 0) {
+            strcmp(a.path, "snapshot.s3_session_token") == 0 || strcmp(a.path, "snapshot.sftp_password") == 0 ||
+            strcmp(a.path, "snapshot.webdav_password") == 0) {
             ck_assert(a.secret);
             found++;
         } else {
@@ -238,7 +239,7 @@ START_TEST(test_key_table)
             found++;
         }
     }
-    ck_assert_int_eq(found, 5);
+    ck_assert_int_eq(found, 6);
 }
 END_TEST
 
@@ -1045,7 +1046,8 @@ START_TEST(test_snapshot_keys)
     ck_assert_ptr_nonnull(strstr(text, "\n  s3_session_token: \"<redacted>\"\n"));
     free(text);
     hl_config_free(&c);
-    expect_load_error("snapshot:\n  store: ftp\n", "2: snapshot.store: expected one of s3, dir, sftp, got \"ftp\"");
+    expect_load_error("snapshot:\n  store: ftp\n",
+                      "2: snapshot.store: expected one of s3, dir, sftp, webdav, got \"ftp\"");
     expect_load_error("snapshot:\n  keep: 0\n", "2: snapshot.keep: expected an integer from 1 to 1000, got \"0\"");
 }
 END_TEST

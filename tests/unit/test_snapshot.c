@@ -303,6 +303,35 @@ START_TEST(s3_xml)
 }
 END_TEST
 
+static hl_status count_href(void *ctx, const char *text)
+{
+    hl_buf *b = ctx;
+    hl_buf_adds(b, text);
+    return hl_buf_addc(b, '|');
+}
+
+START_TEST(dav_xml)
+{
+    hl_buf b;
+    hl_buf_init(&b, 1 << 20);
+    const char *ok = "<?xml version=\"1.0\"?><D:multistatus xmlns:D=\"DAV:\"><D:response><D:href>/s/</D:href>"
+                     "<D:propstat><D:prop><D:resourcetype><D:collection/></D:resourcetype></D:prop></D:propstat>"
+                     "</D:response><d:response><d:href>/s/a&amp;b</d:href></d:response>"
+                     "<response xmlns=\"DAV:\"><href>/s/c</href><hrefx>no</hrefx></response></D:multistatus>";
+    ck_assert_int_eq(hl_xml_each(ok, strlen(ok), "href", 64, 10, count_href, &b), HL_OK);
+    ck_assert_str_eq(hl_buf_str(&b), "/s/|/s/a&b|/s/c|");
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_xml_each(ok, strlen(ok), "href", 64, 2, count_href, &b), HL_ERR_TOO_LARGE);
+    const char *bad[] = {"<D:href>/s/a</d:href>", "<href>/s/<b/></href>", "<href>/s/a", "<href>&#0;</href>"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(hl_xml_each(bad[i], strlen(bad[i]), "href", 64, 10, count_href, &b) == HL_ERR_DECODE, "%s",
+                      bad[i]);
+    const char *longer = "<href>0123456789</href>";
+    ck_assert_int_eq(hl_xml_each(longer, strlen(longer), "href", 8, 10, count_href, &b), HL_ERR_DECODE);
+    hl_buf_free(&b);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("snapshot");
@@ -313,6 +342,7 @@ int main(void)
     tcase_add_test(tc, names);
     tcase_add_test(tc, dir_store);
     tcase_add_test(tc, s3_xml);
+    tcase_add_test(tc, dav_xml);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
