@@ -290,7 +290,8 @@ static hl_status req_run(s3_req *r, const char *method, const char *url, const c
     if (cc != CURLE_OK) {
         r->status = 0;
         req_error(r, what, err, errlen);
-        return HL_ERR_IO;
+        /* a server whose certificate does not verify stays so: not retried */
+        return cc == CURLE_PEER_FAILED_VERIFICATION ? HL_ERR_INVALID : HL_ERR_IO;
     }
     if (r->status < 200 || r->status > 299) {
         req_error(r, what, err, errlen);

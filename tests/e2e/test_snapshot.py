@@ -55,13 +55,13 @@ class S3Server:
     ACCESS = "AKIAHARMONYLITETEST"
     SECRET = "hl-test-secret-Zm9vYmFy"
 
-    def __init__(self, binary: Path, root: Path):
+    def __init__(self, binary: Path, root: Path, extra: tuple[str, ...] = ()):
         self.root = root / "s3root"
         (self.root / "snapshots").mkdir(parents=True)  # the bucket
         self.port = harness.free_port()
         self.log = open(root / "versitygw.log", "ab")
         self.proc = subprocess.Popen([str(binary), "--access", self.ACCESS, "--secret", self.SECRET,
-                                      "--port", f"127.0.0.1:{self.port}", "--quiet", "posix", str(self.root)],
+                                      "--port", f"127.0.0.1:{self.port}", "--quiet", *extra, "posix", str(self.root)],
                                      stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         import socket
@@ -126,6 +126,14 @@ def _s3_binary() -> tuple[Path | None, str]:
     if r.returncode != 0:
         return None, f"scripts/install-s3-server.sh failed: {r.stderr.strip()[-2000:]}"
     return Path(r.stdout.strip().splitlines()[-1]), ""
+
+
+@pytest.fixture(scope="session")
+def s3_binary() -> Path:
+    binary, why = _s3_binary()
+    if binary is None:
+        pytest.skip(f"no S3 server to test against: {why}")
+    return binary
 
 
 @pytest.fixture(scope="session")
@@ -641,3 +649,43 @@ def test_webdav_credentials_stay_secret(cluster, webdav_server):
     assert "wrong-pass-xyz" not in r.stdout + r.stderr and WebdavServer.PASSWORD not in r.stdout + r.stderr
     assert sorted(_names(store)) == sorted(before)
     assert not [p for p in store.files().iterdir() if p.name.startswith(".")]
+
+
+def _make_tls(d: Path, names: list[str]) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for names (DNS) and 127.0.0.1; (ca, cert, key)."""
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hl test CA",
+         "-keyout", "ca.key", "-out", "ca.pem")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+         "-out", "server.csr")
+    san = ",".join([f"DNS:{n}" for n in names] + ["IP:127.0.0.1"])
+    (d / "ext.cnf").write_text(f"subjectAltName={san}\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
+def test_s3_tls_and_virtual_host_addressing(cluster, s3_binary, tmp_path):
+    """https with a CA file, and virtual-host addressing (<bucket>.<endpoint host>): a snapshot
+    goes up and comes back; without the CA the server is refused at once, not retried."""
+    ca, cert, key = _make_tls(tmp_path, ["localhost", "snapshots.localhost"])
+    # libcurl resolves localhost and *.localhost to the loopback address itself
+    server = S3Server(s3_binary, tmp_path, ("--cert", str(cert), "--key", str(key), "--virtual-domain", "localhost"))
+    try:
+        store = S3Store(server)
+        flags = ["-snapshot-s3-endpoint", f"https://localhost:{server.port}", "-snapshot-s3-path-style", "false"]
+        n1 = cluster.node(1)
+        r = run(n1, store, "-save-snapshot", *flags)
+        assert r.returncode == 1 and "certificate" in r.stderr and "retrying" not in r.stderr, r.stderr
+        assert not _names(store)
+        flags += ["-snapshot-s3-ca-file", str(ca)]
+        good = save(n1, store, *flags)
+        assert good in manifests(store)
+        n = fresh_node(cluster, tmp_path / "node9", 9)
+        r = run(n, store, "-restore", *flags)
+        assert r.returncode == 0 and good in r.stdout, f"{r.stdout}\n{r.stderr}"
+        assert n.scalar("PRAGMA integrity_check") == "ok"
+    finally:
+        server.stop()
