@@ -52,7 +52,7 @@
 #define ZSTD_WINDOW_LOG 21     /* 2 MiB: what level 3 uses for large inputs */
 #define ZSTD_WINDOW_LOG_MAX 23 /* a restore refuses frames wanting more than 8 MiB of window */
 #define COPY_CACHE_KIB 2048    /* page cache of the connections that copy and strip */
-#define UPLOAD_ATTEMPTS 4      /* tries per upload, 1 s, 2 s, 4 s apart */
+#define UPLOAD_ATTEMPTS 4      /* tries per upload or download, 1 s, 2 s, 4 s apart */
 
 static hl_status fail(char *err, size_t errlen, hl_status st, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -795,7 +795,15 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
     }
     if ((res = hl_store_open(&store, c, err, errlen)))
         goto out;
-    if ((res = store->ops->list(store, &l, err, errlen)))
+    for (int attempt = 1;; attempt++) {
+        res = store->ops->list(store, &l, err, errlen);
+        if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
+            break;
+        hl_logf(HL_LOG_WARN, "restore: listing %s failed (attempt %d of %d), retrying in %d s: %s", store->where,
+                attempt, UPLOAD_ATTEMPTS, 1 << (attempt - 1), err);
+        sleep(1u << (attempt - 1));
+    }
+    if (res)
         goto out;
     if (l.n)
         qsort(l.v, l.n, sizeof *l.v, cmp_desc);
@@ -824,7 +832,20 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         char why[512] = "";
         memset(&m, 0, sizeof m);
         hl_log(HL_LOG_INFO, "restore: trying snapshot", "manifest", l.v[i], "store", store->where, NULL);
-        res = fetch_one(store, l.v[i], tmp, fd, &m, why, sizeof why);
+        /* A transfer that failed on the way (not a snapshot that does not verify) is tried again. */
+        for (int attempt = 1;; attempt++) {
+            res = fetch_one(store, l.v[i], tmp, fd, &m, why, sizeof why);
+            if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
+                break;
+            hl_logf(HL_LOG_WARN, "restore: reading %s failed (attempt %d of %d), retrying in %d s: %s", l.v[i], attempt,
+                    UPLOAD_ATTEMPTS, 1 << (attempt - 1), why);
+            sleep(1u << (attempt - 1));
+            hl_manifest_free(&m);
+            if (ftruncate(fd, 0) != 0 || lseek(fd, 0, SEEK_SET) != 0) {
+                snprintf(why, sizeof why, "cannot reuse the file beside the database: %s", strerror(errno));
+                break;
+            }
+        }
         close(fd);
         if (res) {
             hl_log(HL_LOG_ERROR, "restore: snapshot refused; trying the next older one", "manifest", l.v[i], "reason",

@@ -55,10 +55,10 @@ class S3Server:
     ACCESS = "AKIAHARMONYLITETEST"
     SECRET = "hl-test-secret-Zm9vYmFy"
 
-    def __init__(self, binary: Path, root: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, binary: Path, root: Path, extra: tuple[str, ...] = (), port: int | None = None):
         self.root = root / "s3root"
-        (self.root / "snapshots").mkdir(parents=True)  # the bucket
-        self.port = harness.free_port()
+        (self.root / "snapshots").mkdir(parents=True, exist_ok=True)  # the bucket
+        self.port = port or harness.free_port()
         self.log = open(root / "versitygw.log", "ab")
         self.proc = subprocess.Popen([str(binary), "--access", self.ACCESS, "--secret", self.SECRET,
                                       "--port", f"127.0.0.1:{self.port}", "--quiet", *extra, "posix", str(self.root)],
@@ -687,5 +687,54 @@ def test_s3_tls_and_virtual_host_addressing(cluster, s3_binary, tmp_path):
         r = run(n, store, "-restore", *flags)
         assert r.returncode == 0 and good in r.stdout, f"{r.stdout}\n{r.stderr}"
         assert n.scalar("PRAGMA integrity_check") == "ok"
+    finally:
+        server.stop()
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float = CMD_TIMEOUT) -> str:
+    """Reads proc's stderr until a line contains text; returns what was read."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no line with {text!r} from {proc.args[0]}:\n" + "".join(seen))
+
+
+def test_s3_server_away_is_retried(cluster, s3_binary, tmp_path):
+    """The S3 server is down when -save-snapshot and -restore start: each says it
+    retries, and succeeds once the server is back; the earlier snapshot is untouched."""
+    server = S3Server(s3_binary, tmp_path)
+    store = S3Store(server)
+    n1 = cluster.node(1)
+    first = save(n1, store)
+    port = server.port
+    server.stop()
+    try:
+        env = dict(os.environ, **store.env())
+        n1.write_config()
+        p = subprocess.Popen(n1.argv(*store.flags(), "-save-snapshot"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+        before = _wait_for_line(p, "retrying")
+        server = S3Server(s3_binary, tmp_path, port=port)
+        out, rest = p.communicate(timeout=CMD_TIMEOUT)
+        assert p.returncode == 0, before + rest
+        second = out.strip().split()[-1][len(store.location()):]
+        assert manifests(store) == sorted([first, second])
+
+        server.stop()
+        n = fresh_node(cluster, tmp_path / "node10", 10)
+        n.write_config()
+        p = subprocess.Popen(n.argv(*store.flags(), "-restore"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+        before = _wait_for_line(p, "retrying")
+        assert "listing" in before, before
+        server = S3Server(s3_binary, tmp_path, port=port)
+        out, rest = p.communicate(timeout=CMD_TIMEOUT)
+        assert p.returncode == 0 and second in out, before + rest
     finally:
         server.stop()
