@@ -235,6 +235,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "harmonylite: -force only goes with -restore\n");
         return 2;
     }
+    if (save_snapshot && restore) {
+        fprintf(stderr, "harmonylite: -save-snapshot and -restore: give one of them\n");
+        return 2;
+    }
     hl_config_defaults(&c);
     err[0] = 0;
     if (load_config(&c, err, sizeof err))

@@ -556,6 +556,12 @@ def test_save_without_harmonylite_state_fails(tmp_path, hl_bin):
     r = subprocess.run([str(hl_bin), "-db-path", str(db), "-node-id", "1", "-snapshot-store", "dir",
                         "-save-snapshot"], capture_output=True, text=True, timeout=CMD_TIMEOUT)
     assert r.returncode == 2 and "snapshot.dir: expected" in r.stderr, r.stderr
+    for flags, want in ((["-save-snapshot", "-restore"], "give one of them"),
+                        (["-save-snapshot", "-force"], "-force only goes with -restore"),
+                        (["-restore=1"], "takes no value")):
+        r = subprocess.run([str(hl_bin), "-db-path", str(db), "-node-id", "1", *flags], capture_output=True,
+                           text=True, timeout=CMD_TIMEOUT)
+        assert r.returncode == 2 and want in r.stderr, (flags, r.stderr)
 
 
 def test_s3_multipart_and_credentials(cluster, s3_server, tmp_path):
