@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -714,6 +715,17 @@ static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, 
         snprintf(why, whylen, "manifest names object \"%s\", not %.*s%s", m->object, (int)bl, mname,
                  HL_SNAPSHOT_OBJECT_SUFFIX);
         goto out;
+    }
+    /* The sizes are the manifest's word: never let them fill the volume the database lives on. */
+    struct statvfs vfs;
+    if (fstatvfs(fd, &vfs) == 0) {
+        uint64_t avail = (uint64_t)vfs.f_bavail * (uint64_t)vfs.f_frsize;
+        if (m->db_size > avail) {
+            res = HL_ERR_TOO_LARGE;
+            snprintf(why, whylen, "its database needs %" PRIu64 " bytes beside db_path, only %" PRIu64 " are free",
+                     m->db_size, avail);
+            goto out;
+        }
     }
     r.md = EVP_MD_CTX_new();
     r.z = ZSTD_createDCtx();

@@ -481,7 +481,7 @@ def test_bad_snapshots_are_refused_for_older_good_one(cluster, store, tmp_path):
     good = save(n1, store, "-snapshot-keep", "10")
     good_count = n1.scalar("SELECT count(*) FROM books")
     bad = []
-    for i in range(1, 7):
+    for i in range(1, 8):
         n1.execute("INSERT INTO books (title, author, publication_year) VALUES (?, 'snap', 1)", (f"gen-{i}",))
         bad.append(save(n1, store, "-snapshot-keep", "10"))
         time.sleep(0.01)  # names sort by millisecond
@@ -496,13 +496,17 @@ def test_bad_snapshots_are_refused_for_older_good_one(cluster, store, tmp_path):
     (files / bad[3]).write_text(json.dumps(doc))
     (files / bad[4]).write_text((files / good).read_text())      # an older manifest replayed under a newer name
     (files / obj(bad[5])).unlink()                               # the object is gone
+    doc = json.loads((files / bad[6]).read_text())
+    doc["db_size"] = "9000000000000000000"                       # more than any disk
+    (files / bad[6]).write_text(json.dumps(doc))
 
     n = fresh_node(cluster, tmp_path / "node6", 6)
     r = run(n, store, "-restore")
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert good in r.stdout, r.stdout
     log = r.stdout + r.stderr
-    assert log.count("snapshot refused") == 6, log
+    assert log.count("snapshot refused") == 7, log
+    assert "bytes beside db_path, only" in log, log
     assert "manifest names object" in log and obj(good) in log, log
     assert "SHA-256" in log or "decompression failed" in log, log
     assert "manifest: not a JSON object" in log and "object: expected a name" in log, log
@@ -523,7 +527,7 @@ def test_bad_snapshots_are_refused_for_older_good_one(cluster, store, tmp_path):
     m = fresh_node(cluster, tmp_path / "node7", 7)
     r = run(m, store, "-restore")
     assert r.returncode == 1, f"{r.stdout}\n{r.stderr}"
-    assert "none of the 7 snapshots" in r.stderr, r.stderr
+    assert "none of the 8 snapshots" in r.stderr, r.stderr
     assert not m.db_path.exists()
     assert not [p for p in m.root.iterdir() if ".restore-" in p.name]
 
