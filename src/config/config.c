@@ -206,6 +206,8 @@ static const hl_key keys[] = {
     {"snapshot.sftp_password", HL_KEY_STRING, OFF(snapshot.sftp_password), 0, 0, NULL, NULL, NULL, true,
      "SFTP password (never logged or dumped)"},
     STR("snapshot.sftp_key_file", snapshot.sftp_key_file, NULL, "SFTP private key file"),
+    {"snapshot.sftp_key_passphrase", HL_KEY_STRING, OFF(snapshot.sftp_key_passphrase), 0, 0, NULL, NULL, NULL, true,
+     "passphrase of an encrypted snapshot.sftp_key_file (never logged or dumped)"},
     STR("snapshot.sftp_known_hosts", snapshot.sftp_known_hosts, NULL,
         "known_hosts file the SFTP server's key must be in; empty: ~/.ssh/known_hosts"),
     STR("snapshot.webdav_url", snapshot.webdav_url, NULL,

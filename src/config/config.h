@@ -108,6 +108,7 @@ typedef struct hl_config {
         char *sftp_user;                /* snapshot.sftp_user: default $USER, else the process's user */
         char *sftp_password;            /* snapshot.sftp_password (secret) */
         char *sftp_key_file;            /* snapshot.sftp_key_file: private key (OpenSSH PEM) */
+        char *sftp_key_passphrase;      /* snapshot.sftp_key_passphrase (secret): of an encrypted key */
         char *sftp_known_hosts;         /* snapshot.sftp_known_hosts: default ~/.ssh/known_hosts */
         char *webdav_url;               /* snapshot.webdav_url: http(s)://host[:port]/collection/ */
         char *webdav_user;              /* snapshot.webdav_user */

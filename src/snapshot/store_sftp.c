@@ -32,7 +32,7 @@ typedef struct sftp_store {
     hl_store base;
     char *origin; /* "sftp://host:port" */
     char *dir;    /* "/path/to/dir/" */
-    char *user, *password, *key_file, *known_hosts;
+    char *user, *password, *key_file, *passphrase, *known_hosts;
 } sftp_store;
 
 typedef struct sftp_req {
@@ -124,6 +124,8 @@ static hl_status req_init(sftp_req *r, const sftp_store *s)
     }
     if (s->key_file) {
         curl_easy_setopt(c, CURLOPT_SSH_PRIVATE_KEYFILE, s->key_file);
+        if (s->passphrase)
+            curl_easy_setopt(c, CURLOPT_KEYPASSWD, s->passphrase);
         auth |= CURLSSH_AUTH_PUBLICKEY;
     }
     curl_easy_setopt(c, CURLOPT_SSH_AUTH_TYPES, auth);
@@ -376,6 +378,10 @@ static void sftp_destroy(hl_store *st)
         free(s->password);
     }
     free(s->key_file);
+    if (s->passphrase) {
+        explicit_bzero(s->passphrase, strlen(s->passphrase));
+        free(s->passphrase);
+    }
     free(s->known_hosts);
     free(s);
 }
@@ -481,8 +487,11 @@ hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size
     s->user = strdup(login);
     s->password = has_pw ? strdup(c->snapshot.sftp_password) : NULL;
     s->key_file = has_key ? strdup(c->snapshot.sftp_key_file) : NULL;
+    int has_phrase = has_key && c->snapshot.sftp_key_passphrase && c->snapshot.sftp_key_passphrase[0];
+    s->passphrase = has_phrase ? strdup(c->snapshot.sftp_key_passphrase) : NULL;
     s->known_hosts = strdup(known);
-    if (!s->origin || !s->dir || !s->user || (has_pw && !s->password) || (has_key && !s->key_file) || !s->known_hosts) {
+    if (!s->origin || !s->dir || !s->user || (has_pw && !s->password) || (has_key && !s->key_file) ||
+        (has_phrase && !s->passphrase) || !s->known_hosts) {
         sftp_destroy(&s->base);
         st = HL_ERR_NOMEM;
         snprintf(err, errlen, "sftp: out of memory");

@@ -188,14 +188,18 @@ class SftpServer:
     """A real SSH server: OpenSSH's sshd on a loopback port, with host and
     client keys of its own, serving SFTP from the local file system."""
 
+    PHRASE = "key-phrase-Zm9v"
+
     def __init__(self, root: Path):
         self.root = root
         self.port = harness.free_port()
         # ed25519 for the login: Debian 12's libssh2 1.10 leaks a few bytes per login with an ECDSA
         # key (LeakSanitizer fails the ASan run); an ECDSA host key exercises the other key type.
-        for key, kind in (("hostkey", "ecdsa"), ("clientkey", "ed25519"), ("otherkey", "ecdsa")):
-            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(root / key)], check=True)
-        (root / "authorized_keys").write_text((root / "clientkey.pub").read_text())
+        for key, kind, phrase in (("hostkey", "ecdsa", ""), ("clientkey", "ed25519", ""), ("otherkey", "ecdsa", ""),
+                                  ("phrasekey", "ed25519", self.PHRASE)):
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", phrase, "-f", str(root / key)], check=True)
+        (root / "authorized_keys").write_text((root / "clientkey.pub").read_text() +
+                                              (root / "phrasekey.pub").read_text())
         self.known_hosts = root / "known_hosts"
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {(root / 'hostkey.pub').read_text()}")
         self.wrong_known_hosts = root / "wrong_known_hosts"
@@ -648,6 +652,14 @@ def test_sftp_host_key_must_be_known(cluster, sftp_server, tmp_path):
     assert list(store.files().iterdir()) == []
     r = run(n1, store, "-save-snapshot", "-snapshot-sftp-known-hosts", str(tmp_path / "missing"))
     assert r.returncode == 2 and "snapshot.sftp_known_hosts: expected" in r.stderr, r.stderr
+    # an encrypted key: refused without its passphrase (not retried), works with it, never shown
+    key = ["-snapshot-sftp-key-file", str(sftp_server.root / "phrasekey")]
+    r = run(n1, store, "-save-snapshot", *key)
+    assert r.returncode == 1 and "retrying" not in r.stderr, r.stderr
+    r = run(n1, store, "-save-snapshot", *key, "-snapshot-sftp-key-passphrase", SftpServer.PHRASE)
+    assert r.returncode == 0, r.stderr
+    assert SftpServer.PHRASE not in r.stdout + r.stderr
+    assert len(manifests(store)) == 1
 
 
 def test_webdav_credentials_stay_secret(cluster, webdav_server):

@@ -184,7 +184,7 @@ START_TEST(test_key_table)
 {
     size_t n = hl_config_key_count();
     hl_config_key_info a, b;
-    ck_assert_uint_eq(n, 71);
+    ck_assert_uint_eq(n, 72);
     ck_assert(!hl_config_key_at(n, &a));
     for (size_t i = 0; i < n; i++) {
         ck_assert(hl_config_key_at(i, &a));
@@ -225,7 +225,7 @@ START_TEST(test_key_table)
         ck_assert(hl_config_key_at(i, &a));
         if (strcmp(a.path, "nats.user_password") == 0 || strcmp(a.path, "snapshot.s3_secret_key") == 0 ||
             strcmp(a.path, "snapshot.s3_session_token") == 0 || strcmp(a.path, "snapshot.sftp_password") == 0 ||
-            strcmp(a.path, "snapshot.webdav_password") == 0) {
+            strcmp(a.path, "snapshot.sftp_key_passphrase") == 0 || strcmp(a.path, "snapshot.webdav_password") == 0) {
             ck_assert(a.secret);
             found++;
         } else {
@@ -239,7 +239,7 @@ START_TEST(test_key_table)
             found++;
         }
     }
-    ck_assert_int_eq(found, 6);
+    ck_assert_int_eq(found, 7);
 }
 END_TEST
 
