@@ -690,6 +690,37 @@ out:
     return res;
 }
 
+/*
+ * Puts the verified file in WAL mode, as the database it replaces was (a snapshot is stored in
+ * rollback-journal mode): the application may open it before harmonylite does, and switching
+ * later needs the file to itself. A clean close leaves no -wal file behind.
+ */
+static hl_status wal_mode(const char *path, int fd, char *why, size_t whylen)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    hl_status res = HL_ERR_SQLITE;
+    const char *mode = NULL;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, "PRAGMA journal_mode = WAL", -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        mode = (const char *)sqlite3_column_text(st, 0);
+    if (mode && strcmp(mode, "wal") == 0)
+        res = HL_OK;
+    else
+        snprintf(why, whylen, "cannot switch it to WAL mode: %s", db ? sqlite3_errmsg(db) : "cannot open");
+    sqlite3_finalize(st);
+    if (sqlite3_close(db) != SQLITE_OK && !res) {
+        res = HL_ERR_SQLITE;
+        snprintf(why, whylen, "closing it failed");
+    }
+    if (!res && fsync(fd) != 0) {
+        res = HL_ERR_IO;
+        snprintf(why, whylen, "fsync beside the database: %s", strerror(errno));
+    }
+    return res;
+}
+
 /* Downloads and verifies one snapshot into tmp (an open, empty file). */
 static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, int fd, hl_manifest *m, char *why,
                            size_t whylen)
@@ -774,7 +805,9 @@ static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, 
         snprintf(why, whylen, "fsync beside the database: %s", strerror(errno));
         goto out;
     }
-    res = check_db(tmp, m, why, whylen);
+    if ((res = check_db(tmp, m, why, whylen)))
+        goto out;
+    res = wal_mode(tmp, fd, why, whylen);
 out:
     EVP_MD_CTX_free(r.md);
     ZSTD_freeDCtx(r.z);

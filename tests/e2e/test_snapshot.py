@@ -429,6 +429,10 @@ def test_save_restore_join_converge(cluster, store, tmp_path):
         assert r.returncode == 0, f"-restore exited {r.returncode}\n{r.stdout}\n{r.stderr}"
         assert "restored" in r.stdout, r.stdout
         assert n4.db_path.exists()
+        # in WAL mode like the database it replaces, before anyone opens it: the header's
+        # read and write versions (bytes 18 and 19) are 2 for WAL, 1 for a rollback journal
+        assert n4.db_path.read_bytes()[18:20] == b"\x02\x02"
+        assert not Path(str(n4.db_path) + "-wal").exists()
         # the capture machinery of node 1 is gone, its replicated state is there
         names = {row[0] for row in n4.query("SELECT name FROM sqlite_schema")}
         assert not any(nm.endswith("_change_log") for nm in names), names
