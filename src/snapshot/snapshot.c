@@ -591,13 +591,15 @@ out:
 /* 1: the database at path has data (or is not a database at all), 0: missing or empty. */
 static int db_has_data(const char *path)
 {
-    struct stat sb;
+    struct stat sb, wb;
     char wal[4200];
-    if (stat(path, &sb) != 0)
-        return errno == ENOENT ? 0 : 1;
     snprintf(wal, sizeof wal, "%s-wal", path);
-    struct stat wb;
-    if (sb.st_size == 0 && (stat(wal, &wb) != 0 || wb.st_size == 0))
+    /* A -wal file with frames can hold the whole database even when the main file is missing or
+     * empty (nothing checkpointed yet): that is data, not an empty database. */
+    int wal_frames = stat(wal, &wb) == 0 && wb.st_size > 0;
+    if (stat(path, &sb) != 0)
+        return errno == ENOENT ? wal_frames : 1;
+    if (sb.st_size == 0 && !wal_frames)
         return 0;
     sqlite3 *db = NULL;
     sqlite3_stmt *st = NULL;

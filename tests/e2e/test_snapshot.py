@@ -530,6 +530,21 @@ def test_bad_snapshots_are_refused_for_older_good_one(cluster, store, tmp_path):
     assert r.returncode == 0, r.stderr
     assert n.scalar("SELECT count(*) FROM books WHERE title = 'local'") == 0
 
+    # a database whose rows are all still in its -wal is not empty, even with the main file gone
+    w = fresh_node(cluster, tmp_path / "node11", 11)
+    conn = harness.connect(w.db_path)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE mine (x)")
+    conn.execute("INSERT INTO mine VALUES (1)")
+    wal = Path(str(w.db_path) + "-wal")
+    saved = wal.read_bytes()
+    conn.close()  # the last close checkpoints and removes the -wal: put it back as a crash would leave it
+    w.db_path.unlink()
+    wal.write_bytes(saved)
+    r = run(w, store, "-restore")
+    assert r.returncode == 0 and "has data" in r.stdout, f"{r.stdout}\n{r.stderr}"
+    assert wal.read_bytes() == saved and not w.db_path.exists()
+
     # nothing verifies: an error, and no database appears
     _flip(files / obj(good), 3000)
     m = fresh_node(cluster, tmp_path / "node7", 7)
