@@ -1,9 +1,10 @@
 /*
  * snapshot.c - -save-snapshot and -restore (docs/snapshots.md).
  *
- * Memory stays bounded by constants whatever the database size: the copy is
- * made by SQLite page by page with a small cache, compressed and hashed in
- * fixed chunks, and the store streams the compressed file from disk. On
+ * Memory stays bounded by constants whatever the database size: SQLite
+ * writes the copy (VACUUM INTO) through a small page cache, it is compressed
+ * and hashed in fixed chunks, and the store streams the compressed file from
+ * disk. On
  * restore the download is hashed and decompressed chunk by chunk straight
  * into the file beside the database.
  */
