@@ -17,6 +17,7 @@ common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
 libs_discovery=$(pkg-config --cflags --libs libcares)
+libs_manifest=$(pkg-config --cflags --libs libcjson)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -43,11 +44,14 @@ build changeset fuzz/fuzz_changeset.c src/repl/changeset.c src/common/buf.c src/
 build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/status.c src/common/log.c \
     src/common/hlc.c $libs_config
 
+build manifest fuzz/fuzz_manifest.c src/snapshot/manifest.c src/common/status.c $libs_manifest
+build s3xml fuzz/fuzz_s3xml.c src/snapshot/s3xml.c src/snapshot/manifest.c src/common/status.c $libs_manifest
+
 fail=0
 build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/common/buf.c \
     src/common/status.c src/common/log.c src/common/hlc.c $libs_discovery
 
-for name in changeset config discovery; do
+for name in changeset config discovery manifest s3xml; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

@@ -21,6 +21,7 @@ APT_PACKAGES=(
     dnsmasq-base
     golang-go
     python3 python3-pip
+    golang-go openssh-server nginx libnginx-mod-http-dav-ext
 )
 # pip name -> import name, in the same order.
 PIP_PACKAGES=(pytest nats-py cbor2 prometheus-client pyyaml kubernetes-validate==1.37.0)
@@ -94,4 +95,12 @@ if [ "${#pip_missing[@]}" -gt 0 ]; then
             exit 1
         fi
     done
+fi
+
+# The S3 server the snapshot tests run against: built once, cached outside the
+# repository (a few minutes the first time).
+if ! "$(dirname "$0")/install-s3-server.sh" >>"$log_file" 2>&1; then
+    echo "install-deps: failed: scripts/install-s3-server.sh" >&2
+    cat "$log_file" >&2
+    exit 1
 fi

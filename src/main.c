@@ -13,6 +13,7 @@
 #include "config/config.h"
 #include "db/db.h"
 #include "engine.h"
+#include "snapshot/snapshot.h"
 
 extern char **environ;
 
@@ -39,6 +40,13 @@ static const char usage[] =
     "  -drop-held ORIGIN     drop every changeset held for origin node ORIGIN (listed under\n"
     "                        \"held\" in /schema) so its next changesets apply, print how many\n"
     "                        and exit; safe beside the running node (docs/operations.md)\n"
+    "  -save-snapshot        take a snapshot of db_path now, upload it to the snapshot store\n"
+    "                        (snapshot.*), print where it went and exit; non-zero on failure\n"
+    "  -restore              before the application starts (an init container): when db_path\n"
+    "                        is missing or empty, download the newest snapshot that verifies\n"
+    "                        and put it in place; a database with data is left alone; no\n"
+    "                        snapshot at all is not an error (docs/snapshots.md)\n"
+    "  -force                with -restore: replace db_path even when it has data\n"
     "  -version              print the version and exit\n"
     "  -help                 print this help and exit\n"
     "  -<key> VALUE          any configuration key as a flag: the dotted path with '.' and\n"
@@ -57,7 +65,8 @@ static const char usage[] =
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
-static const char *const actions[] = {"config", "check-config", "cleanup", "drop-held", "version", "help", "h"};
+static const char *const actions[] = {"config",  "check-config", "cleanup", "drop-held", "save-snapshot",
+                                      "restore", "force",        "version", "help",      "h"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -104,10 +113,38 @@ static int run_drop_held(const hl_config *c, uint64_t origin)
     return 0;
 }
 
+/* -save-snapshot: exit 0 and print where it went, 1 on failure, 2 on a configuration error. */
+static int run_save_snapshot(const hl_config *c)
+{
+    char where[1024], err[1024];
+    hl_status st = hl_snapshot_save(c, where, sizeof where, err, sizeof err);
+    if (st) {
+        fprintf(stderr, "harmonylite: -save-snapshot: %s\n", err);
+        return st == HL_ERR_CONFIG ? 2 : 1;
+    }
+    printf("snapshot saved to %s\n", where);
+    return 0;
+}
+
+/* -restore [-force]: 0 when restored, left alone or nothing to restore; 1 on failure. */
+static int run_restore(const hl_config *c, bool force)
+{
+    char info[1024], err[1024];
+    hl_restore_result res;
+    hl_status st = hl_snapshot_restore(c, force, &res, info, sizeof info, err, sizeof err);
+    if (st) {
+        fprintf(stderr, "harmonylite: -restore: %s\n", err);
+        return st == HL_ERR_CONFIG ? 2 : 1;
+    }
+    hl_log(HL_LOG_INFO, res == HL_RESTORE_DONE ? "restore: done" : "restore: nothing to do", "detail", info, NULL);
+    printf("%s\n", info);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     hl_db_global_init();
-    int check = 0, cleanup = 0;
+    int check = 0, cleanup = 0, save_snapshot = 0, restore = 0, force = 0;
     uint64_t drop_held = 0;
     char err[1024];
     hl_config c;
@@ -164,6 +201,12 @@ int main(int argc, char **argv)
             check = 1;
         } else if (strcmp(name, "cleanup") == 0) {
             cleanup = 1;
+        } else if (strcmp(name, "save-snapshot") == 0) {
+            save_snapshot = 1;
+        } else if (strcmp(name, "restore") == 0) {
+            restore = 1;
+        } else if (strcmp(name, "force") == 0) {
+            force = 1;
         } else if (strcmp(name, "drop-held") == 0) {
             char *end = NULL;
             errno = 0;
@@ -186,6 +229,14 @@ int main(int argc, char **argv)
         }
     }
 
+    if (force && !restore) {
+        fprintf(stderr, "harmonylite: -force only goes with -restore\n");
+        return 2;
+    }
+    if (save_snapshot && restore) {
+        fprintf(stderr, "harmonylite: -save-snapshot and -restore: give one of them\n");
+        return 2;
+    }
     hl_config_defaults(&c);
     err[0] = 0;
     if (load_config(&c, err, sizeof err))
@@ -203,6 +254,11 @@ int main(int argc, char **argv)
     }
     if (drop_held) {
         int rc = run_drop_held(&c, drop_held);
+        hl_config_free(&c);
+        return rc;
+    }
+    if (save_snapshot || restore) {
+        int rc = save_snapshot ? run_save_snapshot(&c) : run_restore(&c, force);
         hl_config_free(&c);
         return rc;
     }

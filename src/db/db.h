@@ -91,6 +91,15 @@ uint64_t hl_db_ahead_due_ms(const hl_db *d);
 /* The last SQLite error (or capture refusal) logged, for /readyz; "" when none. */
 const char *hl_db_last_error(const hl_db *d);
 void hl_db_clear_error(hl_db *d);
+/*
+ * The replicated tables of a plain connection to a database harmonylite has
+ * set up (a snapshot's copy, say), without opening it as an hl_db: fills
+ * hash (32 bytes) and calls each(arg, table, int_key) per table, int_key
+ * naming the column that holds an integer key (the rowid alias, or "rowid")
+ * or NULL for other keys.
+ */
+hl_status hl_db_schema_describe(sqlite3 *db, unsigned char hash[32],
+                                void (*each)(void *arg, const char *table, const char *int_key), void *arg);
 /* The replicated tables: how many, the schema hash (32 bytes), the hash
  * before the last change (NULL when the schema has not changed since start),
  * and as JSON for /schema (docs/operations.md; malloc'd, NULL when out of memory). */

@@ -410,3 +410,22 @@ char *hl_schema_json(const hl_schema *s)
     cJSON_Delete(arr);
     return json;
 }
+
+hl_status hl_db_schema_describe(sqlite3 *db, unsigned char hash[32],
+                                void (*each)(void *arg, const char *table, const char *int_key), void *arg)
+{
+    hl_db tmp;
+    hl_schema s = {0};
+    memset(&tmp, 0, sizeof tmp);
+    tmp.db = db;
+    hl_status st = hl_schema_scan(&tmp, &s);
+    if (!st) {
+        memcpy(hash, s.hash, 32);
+        for (size_t i = 0; each && i < s.n; i++) {
+            const hl_table *t = &s.t[i];
+            each(arg, t->name, t->int_key ? (t->npk ? t->cols[t->pk[0]] : t->rowid) : NULL);
+        }
+    }
+    hl_schema_free(&s);
+    return st;
+}

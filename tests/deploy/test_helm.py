@@ -238,7 +238,7 @@ def test_schema_refuses_bad_values(helm, bad, message):
     assert message in out.stderr
 
 
-@pytest.mark.parametrize("values", [{}, {"replicaCount": 1}])
+@pytest.mark.parametrize("values", [{}, S3, {"replicaCount": 1, "snapshot": {"store": "dir", "dir": "/snapshots"}}])
 def test_harmonylite_accepts_the_rendered_configuration(helm, values, tmp_path):
     binary = os.environ.get("HARMONYLITE_BIN", str(ROOT / "build/harmonylite"))
     if not os.path.exists(binary):

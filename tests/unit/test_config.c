@@ -529,7 +529,7 @@ START_TEST(test_error_unknown_keys)
     expect_load_error("db_paht: x\n", "1: db_paht: unknown key (did you mean db_path?)");
     expect_load_error("DB_PATH: x\n", "1: DB_PATH: unknown key (did you mean db_path?)");
     expect_load_error("nats:\n  shards: 2\n", "2: nats.shards: unknown key (did you mean replication_log.shards?)");
-    expect_load_error("snapshot:\n  enabled: true\n", "1: snapshot: unknown key");
+    expect_load_error("snapshot:\n  enabled: true\n", "2: snapshot.enabled: unknown key");
     expect_load_error("seq_map_path: /tmp/x\n", "1: seq_map_path: unknown key");
     expect_load_error("nats:\n  nats:\n    urls: []\n", "2: nats.nats: unknown key");
     expect_load_error("\"a\\nb\": 1\n", "1: a\\x0ab: unknown key");
@@ -1048,6 +1048,30 @@ END_TEST
 
 /* ---- dump ------------------------------------------------------------- */
 
+START_TEST(test_snapshot_keys)
+{
+    hl_config c;
+    ck_assert_msg(load(&c, "db_path: a.db\nsnapshot:\n  store: DIR\n  s3_secret_key: wJalrXUtnFEMI\n"
+                           "  s3_session_token: tok3n\n  s3_access_key: AKIAEXAMPLE\n") == HL_OK,
+                  "%s", err);
+    ck_assert_str_eq(c.snapshot.store, "dir");
+    ck_assert_int_eq(c.snapshot.keep, 3);
+    ck_assert_str_eq(c.snapshot.s3_prefix, "harmonylite/");
+    ck_assert_int_eq(c.snapshot.s3_part_size, 64 << 20);
+    ck_assert(!c.snapshot.s3_path_style);
+    char *text = dump(&c);
+    ck_assert_ptr_null(strstr(text, "wJalrXUtnFEMI"));
+    ck_assert_ptr_null(strstr(text, "tok3n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  s3_secret_key: \"<redacted>\"\n"));
+    ck_assert_ptr_nonnull(strstr(text, "\n  s3_session_token: \"<redacted>\"\n"));
+    free(text);
+    hl_config_free(&c);
+    expect_load_error("snapshot:\n  store: ftp\n",
+                      "2: snapshot.store: expected one of s3, dir, sftp, webdav, got \"ftp\"");
+    expect_load_error("snapshot:\n  keep: 0\n", "2: snapshot.keep: expected an integer from 1 to 1000, got \"0\"");
+}
+END_TEST
+
 START_TEST(test_dump)
 {
     hl_config c, d;
@@ -1247,6 +1271,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_finish);
     tcase_add_test(tc, test_unworkable);
     tcase_add_test(tc, test_dump);
+    tcase_add_test(tc, test_snapshot_keys);
     tcase_add_test(tc, test_example_file);
     tcase_add_test(tc, test_docs);
     tcase_add_test(tc, test_discovery_keys);
