@@ -84,7 +84,8 @@ def test_default_install_renders_valid_objects(helm):
     docs = render(helm)
     validate(docs)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Secret", "Service", "Service", "ServiceAccount",
+                     "StatefulSet"]
     sts = one(docs, "StatefulSet")
     spec = sts["spec"]
     assert spec["podManagementPolicy"] == "Parallel"
@@ -140,12 +141,14 @@ def test_restore_init_container_and_s3_secret(helm):
     sts = one(docs, "StatefulSet")
     init = container(sts, "restore", init=True)
     assert init["args"] == ["-config", "/etc/harmonylite/harmonylite.yaml", "-restore"]
-    secret = one(docs, "Secret")
+    secret = one(docs, "Secret", "hl-harmonylite-s3")
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "sekrit"}
     for c in (init, container(sts, "harmonylite")):
         env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
         assert env["AWS_ACCESS_KEY_ID"] == {"name": secret["metadata"]["name"], "key": "AWS_ACCESS_KEY_ID"}
         assert env["AWS_SECRET_ACCESS_KEY"]["key"] == "AWS_SECRET_ACCESS_KEY"
+    # The restore needs no NATS secret; the sidecar does.
+    assert not [e for e in init["env"] if e["name"].startswith("HARMONYLITE_NATS")]
     snap = config(docs)["snapshot"]
     assert snap == {"store": "s3", "keep": 3, "s3_bucket": "snaps", "s3_endpoint": "http://s3.example:8333",
                     "s3_path_style": True, "s3_prefix": "harmonylite/", "s3_region": "us-east-1"}
@@ -154,9 +157,24 @@ def test_restore_init_container_and_s3_secret(helm):
     # An existing Secret is used, none is created.
     docs = render(helm, S3, {"snapshot": {"s3": {"existingSecret": "mine", "accessKeyId": ""}}})
     validate(docs)
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["hl-harmonylite-nats"]
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(one(docs, "StatefulSet"), "harmonylite")["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["name"] == "mine"
+
+
+def test_route_auth_on_by_default(helm):
+    docs = render(helm)
+    secret = one(docs, "Secret", "hl-harmonylite-nats")
+    assert set(secret["data"]) == {"user-password", "cluster-password"}
+    assert all(len(v) >= 32 for v in secret["data"].values())
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert config(docs)["nats"]["user_name"] == "harmonylite"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(one(docs, "StatefulSet"), "harmonylite")["env"]}
+    assert env["HARMONYLITE_NATS_CLUSTER_PASSWORD"] == {"name": "hl-harmonylite-nats", "key": "cluster-password"}
+    # Off: no secret, no login.
+    docs = render(helm, {"nats": {"auth": {"enabled": False}}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert "user_name" not in config(docs)["nats"]
 
 
 def test_discovery_names_match_the_headless_service(helm):
@@ -197,7 +215,8 @@ def test_optional_objects(helm):
         "database": {"volume": "persistentVolumeClaim", "persistence": {"size": "5Gi", "storageClassName": "fast"}},
         "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
         "networkPolicy": {"enabled": True, "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]},
-        "harmonylite": {"natsAuth": {"existingSecret": "nats-creds"}, "config": {"replication_log": {"max_age": 86400}}},
+        "nats": {"auth": {"existingSecret": "nats-creds"}, "tls": {"secretName": "peers-tls"}},
+        "harmonylite": {"config": {"replication_log": {"max_age": 86400}}},
         "topologySpreadConstraints": [],
     })
     validate(docs)
@@ -211,9 +230,18 @@ def test_optional_objects(helm):
     assert "data" not in [v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]]
     assert "topologySpreadConstraints" not in sts["spec"]["template"]["spec"]
     env = {e["name"]: e.get("valueFrom") for e in container(sts, "harmonylite")["env"]}
-    assert env["HARMONYLITE_NATS_USER_PASSWORD"]["secretKeyRef"] == {"name": "nats-creds", "key": "password"}
+    assert env["HARMONYLITE_NATS_USER_PASSWORD"]["secretKeyRef"] == {"name": "nats-creds", "key": "user-password"}
+    assert env["HARMONYLITE_NATS_CLUSTER_PASSWORD"]["secretKeyRef"] == {"name": "nats-creds",
+                                                                        "key": "cluster-password"}
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-nats")]
+    # Route TLS from the Secret, mounted as a directory so renewals show.
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["nats-tls"]["secret"]["secretName"] == "peers-tls"
+    mounts = {m["name"]: m for m in container(sts, "harmonylite")["volumeMounts"]}
+    assert mounts["nats-tls"]["mountPath"] == "/etc/harmonylite/tls" and "subPath" not in mounts["nats-tls"]
     cfg = config(docs)
     assert cfg["replication_log"] == {"replicas": 3, "max_age": 86400}
+    assert cfg["nats"]["server_ca_file"] == "/etc/harmonylite/tls/ca.crt"
     netpol = one(docs, "NetworkPolicy")
     ports = [p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]]
     assert 6222 in ports and 8090 in ports
@@ -246,13 +274,16 @@ def test_harmonylite_accepts_the_rendered_configuration(helm, values, tmp_path):
     path = tmp_path / "harmonylite.yaml"
     path.write_text(one(render(helm, values), "ConfigMap")["data"]["harmonylite.yaml"])
     cmd = [binary, "-config", str(path), "-check-config"]
+    # What the pod gets from the chart's Secrets.
+    env = {**os.environ, "HARMONYLITE_NATS_USER_PASSWORD": "u" * 32, "HARMONYLITE_NATS_CLUSTER_PASSWORD": "c" * 32}
     if os.geteuid() == 0:
         # As the pod runs it: the node id from the StatefulSet host name.
         cmd = ["unshare", "--uts", "sh", "-c", 'hostname hl-harmonylite-2 && exec "$@"', "sh", *cmd]
     else:
         cmd.append("-node-id=3")
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "u" * 32 not in out.stdout and "c" * 32 not in out.stdout
     if os.geteuid() == 0:
         assert "node_id: 3" in out.stdout, out.stdout
 

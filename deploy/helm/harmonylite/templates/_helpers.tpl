@@ -75,6 +75,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{- define "harmonylite.natsSecretName" -}}
+{{- default (printf "%s-nats" (include "harmonylite.fullname" .)) .Values.nats.auth.existingSecret -}}
+{{- end -}}
+
 {{- define "harmonylite.s3SecretName" -}}
 {{- default (printf "%s-s3" (include "harmonylite.fullname" .)) .Values.snapshot.s3.existingSecret -}}
 {{- end -}}
@@ -111,6 +115,14 @@ true
     "discovery_interval" (int .Values.harmonylite.discoveryInterval)
     "server_bin" "nats-server")
 -}}
+{{- if .Values.nats.auth.enabled -}}
+{{- $_ := set $cfg.nats "user_name" "harmonylite" -}}
+{{- end -}}
+{{- if .Values.nats.tls.secretName -}}
+{{- $_ := set $cfg.nats "server_cert_file" "/etc/harmonylite/tls/tls.crt" -}}
+{{- $_ := set $cfg.nats "server_key_file" "/etc/harmonylite/tls/tls.key" -}}
+{{- $_ := set $cfg.nats "server_ca_file" "/etc/harmonylite/tls/ca.crt" -}}
+{{- end -}}
 {{- if include "harmonylite.snapshotActive" . -}}
 {{- $snap := dict "store" .Values.snapshot.store "keep" (int .Values.snapshot.keep) -}}
 {{- if eq .Values.snapshot.store "s3" -}}
@@ -127,6 +139,22 @@ true
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.harmonylite.config)) -}}
 {{- end -}}
 
+{{/* The sidecar's NATS secrets (the restore init container needs none). */}}
+{{- define "harmonylite.natsEnv" -}}
+{{- if .Values.nats.auth.enabled }}
+- name: HARMONYLITE_NATS_USER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "harmonylite.natsSecretName" . }}
+      key: user-password
+- name: HARMONYLITE_NATS_CLUSTER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "harmonylite.natsSecretName" . }}
+      key: cluster-password
+{{- end }}
+{{- end -}}
+
 {{/* Environment shared by the sidecar and the restore init container. */}}
 {{- define "harmonylite.env" -}}
 {{- if and (include "harmonylite.snapshotActive" .) (eq .Values.snapshot.store "s3") (include "harmonylite.s3Credentials" .) }}
@@ -141,18 +169,7 @@ true
       name: {{ include "harmonylite.s3SecretName" . }}
       key: {{ .Values.snapshot.s3.secretAccessKeyKey }}
 {{- end }}
-{{- if .Values.harmonylite.natsAuth.existingSecret }}
-- name: HARMONYLITE_NATS_USER_NAME
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.harmonylite.natsAuth.existingSecret }}
-      key: {{ .Values.harmonylite.natsAuth.userKey }}
-- name: HARMONYLITE_NATS_USER_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.harmonylite.natsAuth.existingSecret }}
-      key: {{ .Values.harmonylite.natsAuth.passwordKey }}
-{{- end }}
+
 {{- with .Values.harmonylite.extraEnv }}
 {{ toYaml . }}
 {{- end }}
