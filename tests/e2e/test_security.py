@@ -180,3 +180,77 @@ def test_no_secret_in_output_or_lax_files(pair, hl_bin):
         assert s not in text and quote(s, safe="") not in text
     conf = n1.data_dir / "nats" / "nats-server.conf"
     assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+
+
+K = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
+
+
+def sign(d, out) -> None:
+    """A certificate for 127.0.0.1 signed by d's CA, good for both ends of a route, into out."""
+    script = f"""
+set -e
+openssl req {K} -subj /CN=hl-route -keyout {out}/tls.key -out {out}/tls.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth,clientAuth\\n' > {out}/ext
+openssl x509 -req -in {out}/tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile {out}/ext \\
+    -out {out}/tls.crt 2>/dev/null
+"""
+    subprocess.run(["sh", "-c", script], cwd=d, check=True)
+
+
+def make_certs(d) -> dict:
+    """A CA and one certificate signed by it."""
+    subprocess.run(["sh", "-c", f"openssl req -x509 {K} -days 2 -subj /CN=hl-route-ca -keyout ca.key -out ca.crt "
+                                "2>/dev/null"], cwd=d, check=True)
+    sign(d, d)
+    return {"server_cert_file": str(d / "tls.crt"), "server_key_file": str(d / "tls.key"),
+            "server_ca_file": str(d / "ca.crt")}
+
+
+def test_route_tls_verifies_peers_and_reloads_renewed_files(hl_bin, tmp_path_factory):
+    certs = tmp_path_factory.mktemp("certs")
+    files = make_certs(certs)
+    settings = {"replication_log": {"replicas": 2},
+                "nats": {"user_name": NODE_USER, "user_password": NODE_PASSWORD, **files}}
+    with harness.started_cluster(hl_bin, tmp_path_factory.mktemp("tls"), size=2, settings=settings) as c:
+        n1, n2 = c.nodes
+        n1.execute("INSERT INTO books (id, title, author, publication_year) VALUES (900101, 'tls', 'a', 2000)")
+        harness.wait_equal(lambda: n2.scalar("SELECT title FROM books WHERE id = 900101"), "tls", REPL_TIMEOUT,
+                           "replicated over TLS routes")
+        conf = (n1.data_dir / "nats" / "nats-server.conf").read_text()
+        assert "verify: true" in conf and str(certs / "ca.crt") in conf
+
+        # A rogue server without a certificate the CA signed cannot route in.
+        client, cluster = harness.free_port(), harness.free_port()
+        seen = len(n1.log_path.read_bytes())
+        rogue_log = certs / "rogue.log"
+        with open(rogue_log, "wb") as log:
+            rogue = subprocess.Popen([harness.nats_server_bin(), "-a", "127.0.0.1", "-p", str(client),
+                                      "--cluster_name", "harmonylite", "--cluster", f"nats://127.0.0.1:{cluster}",
+                                      "--routes", f"nats://127.0.0.1:{n1.cluster_port}", "-D"],
+                                     stdout=log, stderr=log, start_new_session=True)
+        try:
+            wait_until(lambda: not harness._port_is_free(client), REPL_TIMEOUT, "the rogue server listening")
+            wait_until(lambda: f"127.0.0.1:{n1.cluster_port}" in rogue_log.read_text(errors="replace"),
+                       REPL_TIMEOUT, "the rogue server trying its route")
+            time.sleep(2)
+            assert not try_publish(f"nats://127.0.0.1:{client}", forged(n1, 105))
+            not_applied(c, 105)
+            wait_until(lambda: b"tls" in n1.log_path.read_bytes()[seen:].lower()
+                       or "tls" in rogue_log.read_text(errors="replace").lower(),
+                       REPL_TIMEOUT, "the refused handshake in a log")
+        finally:
+            rogue.terminate()
+            rogue.wait(15)
+
+        # A renewal (new files swapped in) is loaded without a restart.
+        seen = len(n1.log_path.read_bytes())
+        renewed = tmp_path_factory.mktemp("renewed")
+        sign(certs, renewed)
+        for name in ("tls.crt", "tls.key"):
+            os.replace(renewed / name, certs / name)
+        wait_until(lambda: b"route TLS files changed" in n1.log_path.read_bytes()[seen:], REPL_TIMEOUT,
+                   "the renewal noticed")
+        n2.execute("INSERT INTO books (id, title, author, publication_year) VALUES (900102, 'renewed', 'a', 2000)")
+        harness.wait_equal(lambda: n1.scalar("SELECT title FROM books WHERE id = 900102"), "renewed", REPL_TIMEOUT,
+                           "replicated after the renewal")
+        assert n1.log_path.read_bytes()[seen:].count(b"nats-server started") == 0
