@@ -18,8 +18,7 @@ APT_PACKAGES=(
     check openssl
     clang libclang-rt-dev
     nats-server
-    dnsmasq-base
-    golang-go
+    dnsmasq-base iproute2
     python3 python3-pip
     golang-go openssh-server nginx libnginx-mod-http-dav-ext
 )

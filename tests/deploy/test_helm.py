@@ -147,8 +147,9 @@ def test_restore_init_container_and_s3_secret(helm):
         env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
         assert env["AWS_ACCESS_KEY_ID"] == {"name": secret["metadata"]["name"], "key": "AWS_ACCESS_KEY_ID"}
         assert env["AWS_SECRET_ACCESS_KEY"]["key"] == "AWS_SECRET_ACCESS_KEY"
-    # The restore needs no NATS secret; the sidecar does.
-    assert not [e for e in init["env"] if e["name"].startswith("HARMONYLITE_NATS")]
+    # The restore reads the same configuration, so it gets the same secrets
+    # (a login without its password would be a configuration error).
+    assert {e["name"] for e in init["env"]} == {e["name"] for e in container(sts, "harmonylite")["env"]}
     snap = config(docs)["snapshot"]
     assert snap == {"store": "s3", "keep": 3, "s3_bucket": "snaps", "s3_endpoint": "http://s3.example:8333",
                     "s3_path_style": True, "s3_prefix": "harmonylite/", "s3_region": "us-east-1"}

@@ -139,7 +139,7 @@ true
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.harmonylite.config)) -}}
 {{- end -}}
 
-{{/* The sidecar's NATS secrets (the restore init container needs none). */}}
+{{/* harmonylite's NATS secrets (sidecar and restore: one configuration). */}}
 {{- define "harmonylite.natsEnv" -}}
 {{- if .Values.nats.auth.enabled }}
 - name: HARMONYLITE_NATS_USER_PASSWORD
