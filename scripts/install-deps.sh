@@ -18,7 +18,7 @@ APT_PACKAGES=(
     check openssl
     clang libclang-rt-dev
     nats-server
-    dnsmasq-base iproute2
+    dnsmasq-base iproute2 buildah debootstrap
     python3 python3-pip
     golang-go openssh-server nginx libnginx-mod-http-dav-ext
 )

@@ -176,7 +176,7 @@ deploy_phase() {
         return
     fi
     HL_HELM="$helm" HL_KUSTOMIZE="$kustomize" HARMONYLITE_BIN="$ROOT/build/harmonylite" \
-        timeout -k 15 600 python3 -m pytest tests/deploy -q -rfEs -p no:cacheprovider --tb=short \
+        timeout -k 15 1500 python3 -m pytest tests/deploy -q -rfEs -p no:cacheprovider --tb=short \
         --junitxml="$results/deploy.xml"
     rc=$?
     run_suite "deploy" "$rc" "$results/deploy.xml" $((SECONDS - t0)) no
