@@ -16,8 +16,9 @@ cc=${FUZZ_CC:-clang}
 common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Isrc)
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
-libs_discovery=$(pkg-config --cflags --libs libcares)
+libs_discovery=$(pkg-config --cflags --libs libcares libcrypto)
 libs_manifest=$(pkg-config --cflags --libs libcjson)
+libs_http=$(pkg-config --cflags --libs libmicrohttpd libcjson libcrypto)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -45,13 +46,15 @@ build config fuzz/fuzz_config.c src/config/config.c src/common/buf.c src/common/
     src/common/hlc.c $libs_config
 
 build manifest fuzz/fuzz_manifest.c src/snapshot/manifest.c src/common/status.c $libs_manifest
+build http fuzz/fuzz_http.c src/http/http.c src/http/state.c src/common/buf.c src/common/status.c \
+    src/common/log.c src/common/hlc.c $libs_http
 build s3xml fuzz/fuzz_s3xml.c src/snapshot/s3xml.c src/snapshot/manifest.c src/common/status.c $libs_manifest
 
 fail=0
-build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/common/buf.c \
+build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/natsio/nkey.c src/common/buf.c \
     src/common/status.c src/common/log.c src/common/hlc.c $libs_discovery
 
-for name in changeset config discovery manifest s3xml; do
+for name in changeset config discovery http manifest s3xml; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

@@ -11,6 +11,7 @@
 #include <stdbool.h>
 
 #include "common/status.h"
+#include "natsio/nkey.h"
 #include "config/config.h"
 
 typedef struct hl_nats hl_nats;
@@ -52,16 +53,6 @@ hl_status hl_nats_ensure_streams(hl_nats *n, const hl_config *c, int timeout_ms,
  * removed (age/purge), so a reader can still see how far the stream got.
  * HL_ERR_NOT_FOUND when the stream does not exist. */
 hl_status hl_nats_stream_bounds(hl_nats *n, const char *stream, uint64_t *first, uint64_t *last);
-
-/*
- * Derives the public key ("U...", 56 characters) of an encoded user NKey seed
- * ("SU...", 58 characters) into pub (publen >= 57). nats.c's
- * natsOptions_SetNKeyFromSeed needs both, and a seed file holds only the seed.
- * Returns HL_ERR_INVALID for anything that is not a valid user seed.
- */
-hl_status hl_nats_nkey_public_from_seed(const char *seed, char *pub, size_t publen);
-/* The same from the first user seed in a seed or .creds file (logged on failure). */
-hl_status hl_nats_nkey_public_from_file(const char *path, char *pub, size_t publen);
 
 /* Waits for outstanding async publishes (up to timeout_ms), drains and closes. NULL is a no-op. */
 void hl_nats_close(hl_nats *n, int timeout_ms);

@@ -35,7 +35,7 @@
 #include <openssl/crypto.h>
 
 #include "common/log.h"
-#include "natsio/conn.h"
+#include "natsio/nkey.h"
 
 #define CONF_NAME "nats-server.conf"
 #define BACKOFF_MIN_MS 250

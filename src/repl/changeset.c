@@ -1622,14 +1622,14 @@ hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, hl_reasm_e
         return HL_ERR_TOO_LARGE;
     if (!part_geometry(p, &chunk, &off))
         return HL_ERR_DECODE;
-    if (recently_done(r, p))
-        return HL_OK;
     hl_reasm_entry *e = find_entry(r, p);
     if (e) {
         if (e->count != p->count || e->total_len != p->total_len || e->flags != p->flags || e->chunk != chunk)
             return HL_ERR_DECODE;
     } else if ((st = new_entry(r, p, chunk, sseq, &e)) != HL_OK) {
         return st;
+    } else {
+        e->repeat = recently_done(r, p);
     }
     if (e->have_bits[p->index / 8] & (1u << (p->index % 8)))
         return HL_OK; /* received before */

@@ -210,6 +210,7 @@ typedef struct hl_reasm_entry {
     uint64_t total_len, chunk; /* payload length; length of every part but the last */
     uint64_t bytes;            /* payload bytes received so far */
     uint64_t first_stream_seq; /* lowest stream sequence of a part received */
+    bool repeat;               /* a copy of a changeset delivered a moment ago (hl_reasm_mark_done) */
     int64_t stamp_ns;          /* for the caller: stream time of the first part received */
     uint64_t stamp_ms;         /* for the caller: local time it was received */
     unsigned char *data;       /* total_len bytes (at least 1 allocated) */
@@ -237,10 +238,12 @@ bool hl_reasm_pending(const hl_reasm *r);
 /*
  * Feeds one part received at stream sequence sseq. On HL_OK, *out is the
  * changeset the part belongs to (complete when have == count: take it with
- * hl_reasm_take()), or NULL when the part was ignored: the changeset already
- * has it, or completed recently (a writer re-publishing after the duplicate
- * window forgot only some parts). Errors, after which the part is ignored and
- * every pending changeset kept:
+ * hl_reasm_take()), or NULL when the changeset already has the part. A part
+ * of a changeset delivered a moment ago starts an entry marked repeat: a
+ * whole copy completes (the apply step counts it as a duplicate), and a copy
+ * of only some parts (a writer re-publishing after the duplicate window
+ * forgot only some) can be dropped quietly when it expires. Errors, after
+ * which the part is ignored and every pending changeset kept:
  *   HL_ERR_TOO_LARGE  total length over max_bytes (nothing is buffered);
  *   HL_ERR_DECODE     the part's geometry is impossible, or it disagrees with
  *                     the changeset's other parts (count, total length,
@@ -252,10 +255,10 @@ hl_status hl_reasm_feed(hl_reasm *r, const hl_part *p, uint64_t sseq, hl_reasm_e
 /* Removes complete changeset e (from hl_reasm_feed) and returns its payload,
  * malloc'd, for the caller to free; sets *len and *flags. */
 unsigned char *hl_reasm_take(hl_reasm *r, hl_reasm_entry *e, size_t *len, uint8_t *flags);
-/* Records that changeset (epoch, seq) was delivered whole, so parts of it
- * received again soon after are ignored (the last HL_REASM_DONE_RING are
- * remembered). Only a changeset that decoded is marked: a copy of one that
- * did not is refused again. */
+/* Records that changeset (epoch, seq) was delivered whole, so that parts of
+ * it received again soon after start entries marked repeat (the last
+ * HL_REASM_DONE_RING are remembered). Only a changeset that decoded is
+ * marked. */
 void hl_reasm_mark_done(hl_reasm *r, uint64_t epoch, uint64_t seq);
 /* Drops pending changeset e unfinished. */
 void hl_reasm_drop(hl_reasm *r, hl_reasm_entry *e);

@@ -102,6 +102,16 @@ static origin_slot *slot_for(hl_fetcher *f, uint64_t origin)
 static void expire(hl_fetcher *f, origin_slot *sl, hl_reasm_entry *e, const char *measured)
 {
     uint64_t dropped = 0;
+    if (e->repeat) {
+        /* Some parts of a changeset applied already, re-published after the
+         * duplicate window had forgotten only them: nothing is missing. */
+        hl_logf(HL_LOG_DEBUG,
+                "stream %s origin %" PRIu64 " sequence %" PRIu64 ": %" PRIu32 " re-published parts of a changeset "
+                "already received, dropped",
+                f->stream, sl->origin, e->seq, e->have);
+        hl_reasm_drop(&sl->r, e);
+        return;
+    }
     atomic_fetch_add(&f->expired, 1);
     if (hl_ratelimit_allow(&f->expired_log, &dropped))
         hl_logf(HL_LOG_WARN,
