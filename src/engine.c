@@ -23,7 +23,7 @@
 #include "common/hlc.h"
 #include "common/log.h"
 #include "common/timers.h"
-#include "common/sha256.h"
+#include "common/buf.h"
 #include "db/db.h"
 #include "http/http.h"
 #include "http/state.h"

@@ -156,6 +156,11 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
 /* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
 hl_status hl_schema_scan(hl_db *d, hl_schema *out);
 void hl_schema_free(hl_schema *s); /* NULL is a no-op */
+/* The canonical description the schema hash is the SHA-256 of (docs/protocol.md §7), appended to out. */
+hl_status hl_schema_canonical(const hl_schema *s, hl_buf *out);
+/* Persists d's schema hash in meta; when it differs from the one recorded,
+ * that one becomes the previous hash (kept in meta across restarts). */
+hl_status hl_schema_track(hl_db *d);
 /* Finds a table by name, case-insensitively as SQLite does. */
 hl_table *hl_schema_find(hl_schema *s, const char *name);
 /* The replicated tables as JSON for /schema (docs/operations.md), malloc'd;

@@ -16,7 +16,7 @@
 #include <time.h>
 
 #include "common/hlc.h"
-#include "common/sha256.h"
+#include "common/buf.h"
 #include "db/db_int.h"
 
 static uint64_t mono_us(void)
