@@ -30,6 +30,7 @@
 #include "natsio/conn.h"
 #include "natsio/discovery.h"
 #include "natsio/server.h"
+#include "registry/registry.h"
 #include "repl/changeset.h"
 #include "repl/fetcher.h"
 #include "repl/publisher.h"
@@ -65,6 +66,8 @@ typedef struct engine {
     hl_state state;
     hl_state_snapshot snap; /* engine-owned; published to state each iteration */
     hl_http *http;
+    hl_registry *reg; /* the schema registry's thread, once online */
+    uint64_t reg_gen; /* its view last copied into snap */
     /* NATS comes up in its own thread so the engine keeps capturing (and its
      * heartbeat keeps beating) while a cluster forms or a server is away. */
     pthread_t setup_th;
@@ -87,6 +90,7 @@ static void schema_to_state(engine *e)
     if (prev)
         hl_hex(prev, 32, e->snap.prev_schema_hash);
     e->snap.triggers_installed = true;
+    hl_registry_set_local(e->reg, e->snap.schema_hash, e->snap.prev_schema_hash, e->snap.schema_json);
 }
 
 /*
@@ -186,6 +190,12 @@ static void publish_state(engine *e)
         s->order_gaps = st->order_gaps;
         s->table_resyncs = st->table_resyncs;
         s->clock_ahead = st->clock_ahead;
+    }
+    char *cluster = NULL;
+    if (hl_registry_view(e->reg, &e->reg_gen, &s->schema_odd, s->schema_odd_reason, sizeof s->schema_odd_reason,
+                         &cluster)) {
+        free(s->cluster_json);
+        s->cluster_json = cluster;
     }
     s->engine_failures = e->failures;
     s->engine_stalled = e->fail_since && hl_mono_ms() - e->fail_since >= (uint64_t)e->c->stall_timeout_s * 1000u;
@@ -387,6 +397,8 @@ static hl_status go_online(engine *e)
         for (int s = 0; s < c->replication_log.shards; s++)
             if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, hl_db_epoch(e->d)))
                 return HL_ERR_IO;
+    if (hl_registry_start(&e->reg, c, e->n, c->node_id) == HL_OK)
+        schema_to_state(e);
     e->online = true;
     hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
            c->publish ? "true" : "false", "replicate", c->replicate ? "true" : "false", NULL);
@@ -566,6 +578,8 @@ static void graceful_stop(engine *e)
     if (cycle(e, NULL, true, true))
         hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
     flush_outbox(e);
+    hl_registry_stop(e->reg, true); /* leaves the registry at once */
+    e->reg = NULL;
 }
 
 /* Releases everything, in the order the threads that use it stop. */
@@ -578,6 +592,7 @@ static void teardown(engine *e)
     if (e->fetchers)
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e->fetchers[s]);
+    hl_registry_stop(e->reg, false);
     hl_nats_close(e->n, 2000);
     hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
     /* Before the server: discovery reloads it. */
@@ -586,6 +601,7 @@ static void teardown(engine *e)
     hl_http_stop(e->http);
     hl_state_destroy(&e->state);
     free(e->snap.schema_json);
+    free(e->snap.cluster_json);
     hl_publisher_free(e->pub);
     hl_db_close(e->d);
     hl_watch_free(e->watch);

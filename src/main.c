@@ -13,6 +13,7 @@
 #include "config/config.h"
 #include "db/db.h"
 #include "engine.h"
+#include "registry/registry.h"
 
 extern char **environ;
 
@@ -39,6 +40,13 @@ static const char usage[] =
     "  -drop-held ORIGIN     drop every changeset held for origin node ORIGIN (listed under\n"
     "                        \"held\" in /schema) so its next changesets apply, print how many\n"
     "                        and exit; safe beside the running node (docs/operations.md)\n"
+    "  -schema-status        print this node's schema (hash, previous hash, tables) and the\n"
+    "                        changesets it holds per origin, from db_path alone, and exit\n"
+    "  -schema-status-cluster\n"
+    "                        print every live node of the schema registry grouped by schema\n"
+    "                        and the verdict: consistent, upgrading (exit 0) or incompatible\n"
+    "                        (exit 1; also when the registry cannot be read)\n"
+    "  -json                 with -schema-status[-cluster]: print JSON instead\n"
     "  -version              print the version and exit\n"
     "  -help                 print this help and exit\n"
     "  -<key> VALUE          any configuration key as a flag: the dotted path with '.' and\n"
@@ -57,7 +65,8 @@ static const char usage[] =
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
-static const char *const actions[] = {"config", "check-config", "cleanup", "drop-held", "version", "help", "h"};
+static const char *const actions[] = {"config",        "check-config",          "cleanup", "drop-held", "version",
+                                      "schema-status", "schema-status-cluster", "json",    "help",      "h"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -107,7 +116,7 @@ static int run_drop_held(const hl_config *c, uint64_t origin)
 int main(int argc, char **argv)
 {
     hl_db_global_init();
-    int check = 0, cleanup = 0;
+    int check = 0, cleanup = 0, schema_status = 0, json = 0;
     uint64_t drop_held = 0;
     char err[1024];
     hl_config c;
@@ -164,6 +173,10 @@ int main(int argc, char **argv)
             check = 1;
         } else if (strcmp(name, "cleanup") == 0) {
             cleanup = 1;
+        } else if (strcmp(name, "schema-status") == 0 || strcmp(name, "schema-status-cluster") == 0) {
+            schema_status = strcmp(name, "schema-status") == 0 ? 1 : 2;
+        } else if (strcmp(name, "json") == 0) {
+            json = 1;
         } else if (strcmp(name, "drop-held") == 0) {
             char *end = NULL;
             errno = 0;
@@ -203,6 +216,11 @@ int main(int argc, char **argv)
     }
     if (drop_held) {
         int rc = run_drop_held(&c, drop_held);
+        hl_config_free(&c);
+        return rc;
+    }
+    if (schema_status) {
+        int rc = schema_status == 1 ? hl_schema_status_local(&c, json) : hl_schema_status_cluster(&c, json);
         hl_config_free(&c);
         return rc;
     }

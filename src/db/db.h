@@ -98,6 +98,9 @@ size_t hl_db_table_count(const hl_db *d);
 const unsigned char *hl_db_schema_hash(const hl_db *d);
 const unsigned char *hl_db_prev_schema_hash(const hl_db *d);
 char *hl_db_schema_json(const hl_db *d);
+/* For -schema-status beside a running node: reads the replicated tables and
+ * their hashes (as a start would see them) without installing or writing anything. */
+hl_status hl_db_schema_read(hl_db *d);
 /* The engine connection itself, for tests that look at its settings. */
 sqlite3 *hl_db_handle(hl_db *d);
 

@@ -300,6 +300,24 @@ static hl_status meta_hash_put(hl_db *d, const char *key, const unsigned char v[
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "meta put");
 }
 
+hl_status hl_db_schema_read(hl_db *d)
+{
+    unsigned char cur[32], prev[32];
+    bool have_cur, have_prev;
+    hl_status st;
+    if ((st = hl_schema_scan(d, &d->schema)) || (st = meta_hash_get(d, "schema_hash", cur, &have_cur)) ||
+        (st = meta_hash_get(d, "prev_schema_hash", prev, &have_prev)))
+        return st;
+    if (have_cur && memcmp(cur, d->schema.hash, 32) != 0) {
+        memcpy(prev, cur, 32);
+        have_prev = true;
+    }
+    d->have_prev_hash = have_prev;
+    if (have_prev)
+        memcpy(d->prev_hash, prev, 32);
+    return HL_OK;
+}
+
 hl_status hl_schema_track(hl_db *d)
 {
     unsigned char cur[32], prev[32];

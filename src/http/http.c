@@ -210,7 +210,13 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
         snprintf(c[CHECK_GAP].reason, sizeof c[0].reason, "%s",
                  r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
     }
-    if (s->paused) {
+    if (s->schema_odd) {
+        char r[sizeof s->schema_odd_reason];
+        fixed_str(r, sizeof r, s->schema_odd_reason, sizeof s->schema_odd_reason);
+        c[CHECK_SCHEMA].ok = false;
+        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
+                 r[0] ? r : "this node's schema is incompatible with the schema most live nodes run");
+    } else if (s->paused) {
         /* Reported, not failing: every other origin keeps applying, and a
          * hold may come from a node that is gone or a stray message. */
         char r[sizeof s->paused_reason];
@@ -595,6 +601,12 @@ static cJSON *schema_object(const hl_state_snapshot *s)
     cJSON_AddItemToObject(root, "tables", tables);
     if (!add_held(root, s))
         goto fail;
+    /* The registry's view (registry.h); null until the first heartbeat read it. */
+    cJSON *cluster = s->cluster_json ? cJSON_Parse(s->cluster_json) : NULL;
+    if (!(cluster ? cJSON_AddItemToObject(root, "cluster", cluster) : cJSON_AddNullToObject(root, "cluster") != NULL)) {
+        cJSON_Delete(cluster);
+        goto fail;
+    }
     return root;
 fail:
     cJSON_Delete(root);
@@ -696,6 +708,7 @@ static enum MHD_Result route(hl_http *h, struct MHD_Connection *conn, const char
         body = hl_http_render_schema(&s);
     }
     free(s.schema_json);
+    free(s.cluster_json);
     return reply(conn, (unsigned int)code, ctype, body, false);
 }
 

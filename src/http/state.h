@@ -59,6 +59,8 @@ typedef struct hl_state_snapshot {
     char gap_reason[256];
     bool paused; /* changesets held waiting for the local schema (reported, not failing) */
     char paused_reason[256];
+    bool schema_odd; /* this node's schema is the odd one out in the registry (registry.h): not ready */
+    char schema_odd_reason[400];
     bool engine_stalled; /* the engine's transactions kept failing for stall_timeout */
     char engine_reason[256];
     bool nats_server_running; /* embedded mode only */
@@ -95,7 +97,8 @@ typedef struct hl_state_snapshot {
     /* /schema: JSON text describing the replicated tables, rebuilt on schema change */
     char schema_hash[65];
     char prev_schema_hash[65];
-    char *schema_json; /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
+    char *schema_json;  /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
+    char *cluster_json; /* owned by the state: the registry's view (hl_cluster_json), NULL before the first */
 } hl_state_snapshot;
 
 typedef struct hl_state {
@@ -105,9 +108,9 @@ typedef struct hl_state {
 
 void hl_state_init(hl_state *s);
 void hl_state_destroy(hl_state *s);
-/* Copies snap in (schema_json is duplicated when it changed). Engine thread only. */
+/* Copies snap in (schema_json and cluster_json are duplicated when they changed). Engine thread only. */
 void hl_state_publish(hl_state *s, const hl_state_snapshot *snap);
-/* Copies the current snapshot out; out->schema_json is a new string the caller frees. */
+/* Copies the current snapshot out; out->schema_json and out->cluster_json are new strings the caller frees. */
 void hl_state_get(hl_state *s, hl_state_snapshot *out);
 /* Adds one lag observation (seconds) to a snapshot's histogram. */
 void hl_state_observe_lag(hl_state_snapshot *snap, double seconds);
