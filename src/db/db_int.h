@@ -102,6 +102,7 @@ struct hl_db {
     hl_ratelimit null_key_log;    /* warnings about rows with NULL in their key */
     char last_error[200];         /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
     hl_ratelimit clock_ahead_log; /* warnings about versions ahead of the wall clock */
+    bool held_full;               /* hold() refused: max_held_bytes (hl_apply defers the changeset) */
     hl_outbox outbox;
     sqlite3_stmt *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_hwm_get, *st_hwm_put;

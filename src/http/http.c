@@ -216,6 +216,11 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
         c[CHECK_SCHEMA].ok = false;
         snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
                  r[0] ? r : "this node's schema is incompatible with the schema most live nodes run");
+    } else if (s->held_bound_reason[0]) {
+        /* Reported, not failing: a stray or forged origin must not take the node out of service. */
+        char r[sizeof s->held_bound_reason];
+        fixed_str(r, sizeof r, s->held_bound_reason, sizeof s->held_bound_reason);
+        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s", r);
     } else if (s->paused) {
         /* Reported, not failing: every other origin keeps applying, and a
          * hold may come from a node that is gone or a stray message. */
@@ -434,6 +439,18 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_simple(&w, "clock_ahead_total", "counter",
              "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
              s->clock_ahead);
+    m_simple(&w, "changesets_deferred_total", "counter",
+             "Changesets not stored because their origin waits for the schema and holding them would pass "
+             "schema.max_held_bytes; read again from the stream once room frees.",
+             s->changesets_deferred);
+    m_simple(&w, "held_bytes", "gauge",
+             "Bytes held for origins waiting for the local schema (what schema.max_held_bytes bounds).", s->held_bytes);
+    m_simple(&w, "held_bound_streams", "gauge",
+             "Streams not read past a deferred changeset until held changesets leave room (schema.max_held_bytes).",
+             s->held_bound_streams);
+    m_simple(&w, "schema_odd_one_out", "gauge",
+             "1 while this node's schema is incompatible with the schema most live nodes run (not ready).",
+             s->schema_odd ? 1 : 0);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
     uint64_t expired = 0;

@@ -61,7 +61,10 @@ typedef struct hl_state_snapshot {
     char paused_reason[256];
     bool schema_odd; /* this node's schema is the odd one out in the registry (registry.h): not ready */
     char schema_odd_reason[400];
-    bool engine_stalled; /* the engine's transactions kept failing for stall_timeout */
+    uint64_t held_bound_streams; /* streams not read past a deferred changeset (schema.max_held_bytes) */
+    uint64_t held_bytes;         /* bytes held for origins waiting for the schema: what the bound counts */
+    char held_bound_reason[400]; /* reported on /readyz (not failing), "" when no stream is held back */
+    bool engine_stalled;         /* the engine's transactions kept failing for stall_timeout */
     char engine_reason[256];
     bool nats_server_running; /* embedded mode only */
     uint64_t nats_server_restarts;
@@ -73,12 +76,13 @@ typedef struct hl_state_snapshot {
     uint64_t rows_applied, rows_skipped_lww, conflicts;
     uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
     uint64_t clock_ahead;
-    uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
-    uint64_t held_now;           /* rows in __harmonylite__pending */
-    uint64_t chains_applied;     /* transactions received as a chain of changesets, applied as one */
-    uint64_t changesets_late;    /* applied after their position had been given up on */
-    uint64_t order_gaps;         /* times missing predecessors were given up on */
-    uint64_t engine_failures;    /* engine transactions that failed (and were retried) */
+    uint64_t changesets_deferred; /* not stored: their origin was over schema.max_held_bytes; read again later */
+    uint64_t messages_malformed;  /* refused before decoding (bad header, bad payload) */
+    uint64_t held_now;            /* rows in __harmonylite__pending */
+    uint64_t chains_applied;      /* transactions received as a chain of changesets, applied as one */
+    uint64_t changesets_late;     /* applied after their position had been given up on */
+    uint64_t order_gaps;          /* times missing predecessors were given up on */
+    uint64_t engine_failures;     /* engine transactions that failed (and were retried) */
 
     /* held changesets per origin (the first HL_STATE_MAX_HELD by node id) */
     int nheld;

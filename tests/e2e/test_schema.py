@@ -9,20 +9,26 @@ scenario, and more).
 - The same ALTER on nodes 2 and 3: everything held applies, all dumps identical.
 - Two more ALTERs on node 1 only: node 1 is not ready with the reason, nodes 2 and 3 stay ready
   and keep replicating between themselves; `-schema-status-cluster` says `incompatible` (exit 1).
+- Held changesets are bounded (schema.max_held_bytes, 1 MiB here): a burst of writes with a new
+  column passes the bound on the nodes that wait; they stop storing it, read it again once the
+  migration frees room, and lose nothing. A forged origin publishing changesets for a foreign
+  schema hits the bound, is reported, and nothing else stalls.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
 import harness
 from harness import REPL_TIMEOUT, wait_until
-from test_operator import http
+from test_operator import http, value
 
-SETTINGS = {"schema": {"heartbeat": 1}}
+MAX_HELD = 1 << 20
+SETTINGS = {"schema": {"heartbeat": 1, "max_held_bytes": MAX_HELD}}
 NOTES = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL);"
 
 
@@ -168,6 +174,66 @@ def test_rolling_upgrade(trio, hl_bin):
         n.executescript("ALTER TABLE books ADD COLUMN a2 TEXT; ALTER TABLE books ADD COLUMN a3 TEXT")
     wait_until(lambda: readyz(n1)[0] == 200, REPL_TIMEOUT, "node 1 ready again")
     trio.wait_converged()
+
+
+def deferred(node) -> float:
+    return value(node, "harmonylite_changesets_deferred_total", node_id=str(node.id))
+
+
+def test_burst_past_the_bound_is_read_again_and_nothing_is_lost(trio):
+    n1, n2, n3 = trio.nodes
+    d0 = {n.id: deferred(n) for n in (n2, n3)}
+    n1.executescript("ALTER TABLE books ADD COLUMN cover BLOB")
+    # 40 changesets of 64 KiB each (random: zstd cannot shrink them): 2.5 MiB, over the 1 MiB bound.
+    for i in range(40):
+        n1.execute("INSERT INTO books (id, title, author, cover) VALUES (?, ?, 'burst', randomblob(65536))",
+                   (900 + i, f"burst {i}"))
+    for n in (n2, n3):
+        wait_until(lambda: deferred(n) > d0[n.id], REPL_TIMEOUT, f"node {n.id} deferred changesets at the bound")
+        wait_until(lambda: value(n, "harmonylite_held_bound_streams", node_id=str(n.id)) == 1, REPL_TIMEOUT,
+                   f"node {n.id} reports the stream held back")
+        assert value(n, "harmonylite_held_bytes", node_id=str(n.id)) <= MAX_HELD
+        code, body = readyz(n)
+        assert code == 200, f"node {n.id}: a bound hit must not fail readiness: {body}"
+        assert "schema.max_held_bytes" in schema_check(n)["reason"], schema_check(n)
+        assert "schema.max_held_bytes" in n.log_since_start()
+    # The others keep replicating meanwhile, on the same stream.
+    n2.execute("INSERT INTO notes (id, body) VALUES (10, 'while bounded')")
+    for n in (n1, n3):
+        harness.wait_equal(lambda: note(n, 10), "while bounded", REPL_TIMEOUT, f"node 2's note on node {n.id}")
+    # The migration frees the room: the rest is read again, nothing is lost.
+    for n in (n2, n3):
+        n.executescript("ALTER TABLE books ADD COLUMN cover BLOB")
+    for n in (n2, n3):
+        wait_until(lambda: value(n, "harmonylite_held_bound_streams", node_id=str(n.id)) == 0, REPL_TIMEOUT,
+                   f"node {n.id} reads the stream again")
+    trio.wait_converged()
+    for n in trio.nodes:
+        assert n.scalar("SELECT count(*) FROM books WHERE id >= 900 AND id < 940 AND length(cover) = 65536") == 40
+
+
+def test_forged_origin_hits_the_bound_and_nothing_else_stalls(trio):
+    n1, n2, n3 = trio.nodes
+    origin, epoch = 9301, 3
+    foreign = os.urandom(32)
+    d0 = {n.id: deferred(n) for n in trio.nodes}
+    msgs = []
+    for seq in range(1, 41):
+        payload = harness.encode_changeset(origin, epoch, seq, foreign, [["ghost", ["id", "junk"], ["id"]]],
+                                           [[0, harness.OP_UPSERT, harness.now_hlc(), [seq], [seq, os.urandom(65536)]]])
+        msgs += harness.build_messages(origin, epoch, seq, payload)
+    harness.js_publish(n1.nats_url, msgs)
+    for n in trio.nodes:
+        wait_until(lambda: deferred(n) > d0[n.id], REPL_TIMEOUT, f"node {n.id} stopped storing the forged origin")
+        assert value(n, "harmonylite_held_bytes", node_id=str(n.id)) <= MAX_HELD
+        assert readyz(n)[0] == 200
+    # Nothing else stalls: every node's writes still reach every other node.
+    for n in trio.nodes:
+        n.execute("INSERT INTO notes (id, body) VALUES (?, 'after the forgery')", (100 + n.id,))
+    for n in trio.nodes:
+        for m in trio.nodes:
+            harness.wait_equal(lambda: note(n, 100 + m.id), "after the forgery", REPL_TIMEOUT,
+                               f"node {m.id}'s note on node {n.id}")
 
 
 def test_graceful_stop_leaves_the_registry(trio, hl_bin):
