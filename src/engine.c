@@ -123,6 +123,7 @@ static void held_to_state(engine *e)
                 h->first_seq = v[i].first_seq;
                 h->applied = v[i].applied;
                 h->since_ms = v[i].since_ms;
+                h->bytes = v[i].bytes;
                 snprintf(h->reason, sizeof h->reason, "%s", v[i].reason);
             }
             if (v[i].for_schema && !first_schema_origin)
@@ -461,6 +462,8 @@ static hl_status go_online(engine *e)
                 return HL_ERR_IO;
     if (hl_registry_start(&e->reg, c, e->n, c->node_id) == HL_OK)
         schema_to_state(e);
+    else
+        hl_errorf("cannot start the schema registry thread; /schema has no cluster view");
     e->online = true;
     hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
            c->publish ? "true" : "false", "replicate", c->replicate ? "true" : "false", NULL);

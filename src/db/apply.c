@@ -1181,10 +1181,12 @@ static hl_status apply_next(hl_db *d, const hl_changeset *cs, const void *raw, s
         return st;
     switch (r) {
     case ONE_SCHEMA:
+        *res = HL_HELD;
+        if ((st = hold(d, cs, raw, rawlen, flags, true, why)))
+            return st; /* HL_ERR_TOO_LARGE: deferred, logged by the engine */
         hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
                 (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, true, why);
+        return HL_OK;
     case ONE_AHEAD: {
         uint64_t dropped = 0;
         d->stats.clock_ahead++;
@@ -1241,11 +1243,11 @@ static hl_status apply_inner(hl_db *d, const hl_changeset *cs, const void *raw, 
         /* An earlier changeset of this origin has not arrived (reordered
          * publish after a failure) or is itself held: keep order per origin. */
         snprintf(why, sizeof why, "waiting for changeset %llu of this origin", (unsigned long long)(applied + 1));
-        hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
-                (unsigned long long)cs->origin, why);
         *res = HL_HELD;
         if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
             return st;
+        hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
+                (unsigned long long)cs->origin, why);
         /* The end of a chain whose first changeset is held completes it. */
         return drain_then_check(d, cs, applied, res);
     }

@@ -570,7 +570,8 @@ static bool add_held(cJSON *root, const hl_state_snapshot *s)
             const char *k;
             uint64_t v;
         } nums[] = {{"origin", h->node},         {"changesets", h->count},    {"waiting_for_schema", h->for_schema},
-                    {"first_seq", h->first_seq}, {"applied_seq", h->applied}, {"held_since_ms", h->since_ms}};
+                    {"first_seq", h->first_seq}, {"applied_seq", h->applied}, {"held_since_ms", h->since_ms},
+                    {"bytes", h->bytes}};
         for (size_t k = 0; k < sizeof nums / sizeof nums[0]; k++) {
             snprintf(num, sizeof num, "%" PRIu64, nums[k].v);
             if (!cJSON_AddRawToObject(o, nums[k].k, num))

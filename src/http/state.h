@@ -42,6 +42,7 @@ typedef struct hl_state_held {
     uint64_t applied;    /* the origin's applied sequence */
     uint64_t since_ms;   /* wall ms when the oldest was held */
     char reason[200];    /* why the first in line waits */
+    uint64_t bytes;      /* bytes held */
 } hl_state_held;
 
 typedef struct hl_state_snapshot {

@@ -559,6 +559,15 @@ static void *registry_thread(void *arg)
         if (st && !stopping(r) && hl_ratelimit_allow(&r->fail_log, &dropped))
             hl_log(HL_LOG_WARN, "schema registry unreachable; retrying at the next heartbeat", "bucket",
                    r->c->schema.registry_bucket, "error", hl_status_str(st), NULL);
+        if (st) { /* no view: the schema check must not fail on a stale one (docs/operations.md) */
+            pthread_mutex_lock(&r->mu);
+            if (r->odd) {
+                r->odd = false;
+                r->reason[0] = 0;
+                r->gen++;
+            }
+            pthread_mutex_unlock(&r->mu);
+        }
         if (st == HL_ERR_CONFIG) { /* the bucket exists with other settings: never changed by us */
             hl_kv_free(kv);
             kv = NULL;

@@ -30,6 +30,8 @@ static cJSON *held_json(const hl_held_origin *v, size_t n)
         cJSON_AddRawToObject(o, "waiting_for_schema", num);
         snprintf(num, sizeof num, "%" PRIu64, v[i].first_seq);
         cJSON_AddRawToObject(o, "first_seq", num);
+        snprintf(num, sizeof num, "%" PRIu64, v[i].bytes);
+        cJSON_AddRawToObject(o, "bytes", num);
         cJSON_AddStringToObject(o, "reason", v[i].reason);
     }
     return a;
@@ -91,9 +93,9 @@ int hl_schema_status_local(const hl_config *c, bool json)
         if (!nheld)
             printf("held changesets: none\n");
         for (size_t k = 0; k < nheld; k++)
-            printf("held from origin %" PRIu64 ": %" PRIu64 " changesets (%" PRIu64
-                   " waiting for the schema), first seq %" PRIu64 ": %s\n",
-                   held[k].node, held[k].count, held[k].for_schema, held[k].first_seq, held[k].reason);
+            printf("held from origin %" PRIu64 ": %" PRIu64 " changesets (%" PRIu64 " waiting for the schema, %" PRIu64
+                   " bytes), first seq %" PRIu64 ": %s\n",
+                   held[k].node, held[k].count, held[k].for_schema, held[k].bytes, held[k].first_seq, held[k].reason);
     }
     cJSON_Delete(t);
     free(tables);

@@ -236,13 +236,33 @@ def test_forged_origin_hits_the_bound_and_nothing_else_stalls(trio):
                                f"node {m.id}'s note on node {n.id}")
 
 
+def test_bad_registry_entries_are_ignored(trio):
+    bucket = "harmonylite-schema"
+    bad = [b"not json", b'{"node_id":"78","schema_hash":"zz","tables":[]}',
+           json.dumps({"node_id": "1", "schema_hash": "a" * 64, "previous_schema_hash": None, "tables": [],
+                       "version": "forged", "started_ms": 1, "heartbeat_ms": 1}).encode()]
+    for key, data in zip(("node.77", "node.78", "node.79"), bad):
+        harness.js_publish(trio.node(1).nats_url, [(data, None)], subject=f"$KV.{bucket}.{key}", stream=f"KV_{bucket}")
+    for n in trio.nodes:
+        wait_until(lambda: "schema registry entry ignored" in n.log_since_start(), REPL_TIMEOUT,
+                   f"node {n.id} logged the bad entries")
+        view = cluster(n)
+        assert view["live_nodes"] == 3, view
+        assert "forged" not in json.dumps(view)
+        assert readyz(n)[0] == 200
+
+
 def test_graceful_stop_leaves_the_registry(trio, hl_bin):
     n3 = trio.node(3)
+    h3 = schema(n3)["schema_hash"]
     n3.stop()
     try:
         for n in trio.nodes[:2]:
             wait_until(lambda: cluster(n).get("live_nodes") == 2, REPL_TIMEOUT,
                        f"node {n.id} sees node 3 gone from the registry")
+        # -schema-status needs only the database: node 3's NATS server is down with it.
+        r = status_local(hl_bin, n3)
+        assert r.returncode == 0 and f"schema hash: {h3}" in r.stdout, r.stdout + r.stderr
     finally:
         n3.start()
     wait_status(trio.nodes, cluster(trio.node(1))["status"])
