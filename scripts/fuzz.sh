@@ -17,6 +17,7 @@ common=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -D_
 libs_changeset=$(pkg-config --cflags --libs libcbor libzstd)
 libs_config=$(pkg-config --cflags --libs yaml-0.1)
 libs_discovery=$(pkg-config --cflags --libs libcares)
+libs_registry=$(pkg-config --cflags --libs libcjson)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -47,7 +48,9 @@ fail=0
 build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/common/buf.c \
     src/common/status.c src/common/log.c src/common/hlc.c $libs_discovery
 
-for name in changeset config discovery; do
+build registry fuzz/fuzz_registry.c src/registry/entry.c $libs_registry
+
+for name in changeset config discovery registry; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

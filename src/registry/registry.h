@@ -31,6 +31,8 @@
 #include "natsio/conn.h"
 #include "natsio/kv.h"
 
+/* Keys are HL_REG_KEY_PREFIX "<node id>". */
+#define HL_REG_KEY_PREFIX "node."
 /* Largest entry accepted, and most tables listed in one. */
 #define HL_REG_MAX_ENTRY_BYTES (1024 * 1024)
 #define HL_REG_MAX_TABLES 10000

@@ -102,6 +102,16 @@ START_TEST(entries_round_trip_and_bad_ones_are_refused)
     ck_assert_str_eq(d.tables[1], t1);
     ck_assert_uint_eq(d.heartbeat_ms, 1700000005000);
     hl_reg_entry_free(&d);
+    /* Times up to 2^53 travel exactly (cJSON prints doubles with 15 digits: found by fuzz_registry). */
+    char *big = NULL;
+    e.heartbeat_ms = UINT64_C(9007199254740992);
+    e.started_ms = UINT64_C(9007199254740991);
+    ck_assert_ptr_nonnull(big = hl_reg_entry_encode(&e));
+    ck_assert_int_eq(hl_reg_entry_decode("node.42", (unsigned char *)big, strlen(big), &d, why, sizeof why), HL_OK);
+    ck_assert_uint_eq(d.heartbeat_ms, UINT64_C(9007199254740992));
+    ck_assert_uint_eq(d.started_ms, UINT64_C(9007199254740991));
+    hl_reg_entry_free(&d);
+    free(big);
     /* the key names another node: refused */
     ck_assert_int_eq(hl_reg_entry_decode("node.43", (unsigned char *)json, strlen(json), &d, why, sizeof why),
                      HL_ERR_DECODE);
