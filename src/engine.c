@@ -78,6 +78,7 @@ typedef struct engine {
     bool stream_gap;                    /* a stream lost messages this node had not applied */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
     hl_ratelimit fail_log;
+    hl_ratelimit defer_log; /* changesets deferred at schema.max_held_bytes */
 } engine;
 
 /* Describes the replicated tables for /schema. */
@@ -310,7 +311,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     e->retry_held = s.retry_held;
     if (!st && s.committed && hl_db_counters(e->d)->changesets_deferred > deferred) {
         uint64_t dropped = 0;
-        if (hl_ratelimit_allow(&e->fail_log, &dropped))
+        if (hl_ratelimit_allow(&e->defer_log, &dropped))
             hl_warnf("%" PRIu64 " changesets not stored: their origin waits for the local schema and holding them "
                      "would pass schema.max_held_bytes (%lld); that origin's changesets are read again once room "
                      "frees (JetStream keeps them)",
@@ -689,7 +690,7 @@ static void teardown(engine *e)
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
-    engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}};
+    engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}, .defer_log = {.burst = 5, .window_ms = 60000}};
     int rc = 1;
     int shards = c->replication_log.shards;
 

@@ -65,8 +65,9 @@ static const char usage[] =
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
-static const char *const actions[] = {"config",        "check-config",          "cleanup", "drop-held", "version",
-                                      "schema-status", "schema-status-cluster", "json",    "help",      "h"};
+static const char *const actions[] = {"config", "check-config", "cleanup", "drop-held", "version", "help", "h"};
+/* The schema registry's status commands (registry.h). */
+static const char *const schema_actions[] = {"schema-status", "schema-status-cluster", "json"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -140,6 +141,8 @@ int main(int argc, char **argv)
         bool is_action = false;
         for (size_t k = 0; k < sizeof actions / sizeof actions[0]; k++)
             is_action |= strcmp(actions[k], name) == 0;
+        for (size_t k = 0; k < sizeof schema_actions / sizeof schema_actions[0]; k++)
+            is_action |= strcmp(schema_actions[k], name) == 0;
         const char *key = is_action ? NULL : hl_config_flag_path(name);
         if (!is_action && !key) {
             fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
@@ -199,6 +202,10 @@ int main(int argc, char **argv)
         }
     }
 
+    if (json && !schema_status) {
+        fprintf(stderr, "harmonylite: -json goes with -schema-status or -schema-status-cluster\n");
+        return 2;
+    }
     hl_config_defaults(&c);
     err[0] = 0;
     if (load_config(&c, err, sizeof err))

@@ -94,6 +94,9 @@ def test_registry_lists_every_node_consistent(trio, hl_bin):
     r = status_cluster(hl_bin, trio.node(2), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"] == "consistent"
+    alone = subprocess.run([str(hl_bin), "-config", str(trio.node(1).config_path), "-json"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert alone.returncode == 2 and "-schema-status" in alone.stderr, alone.stderr
 
 
 def test_rolling_upgrade(trio, hl_bin):
