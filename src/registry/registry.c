@@ -3,12 +3,13 @@
  */
 #include "registry/registry.h"
 
-#include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
 #include <cjson/cJSON.h>
 
 #include "common/hlc.h"
@@ -36,69 +37,117 @@ static int cmp_node(const void *a, const void *b)
     return (x->node_id > y->node_id) - (x->node_id < y->node_id);
 }
 
+/* Entries by key as a watch delivers them, each with the monotonic ms it
+ * counts as written (for expiry in the running node's view). */
+typedef struct reg_map {
+    hl_reg_entry *v;
+    uint64_t *seen;
+    size_t n;
+} reg_map;
+
+static hl_status map_init(reg_map *m)
+{
+    m->n = 0;
+    m->v = calloc(HL_REG_MAX_NODES, sizeof *m->v);
+    m->seen = calloc(HL_REG_MAX_NODES, sizeof *m->seen);
+    return m->v && m->seen ? HL_OK : HL_ERR_NOMEM;
+}
+
+static void map_remove(reg_map *m, size_t i)
+{
+    hl_reg_entry_free(&m->v[i]);
+    m->v[i] = m->v[m->n - 1];
+    m->seen[i] = m->seen[m->n - 1];
+    m->n--;
+}
+
+static void map_free(reg_map *m)
+{
+    while (m->n)
+        map_remove(m, m->n - 1);
+    free(m->v);
+    free(m->seen);
+}
+
+/*
+ * Applies one watched entry: a put replaces the key's entry (a bad one is
+ * logged and removes it), a delete removes it. seen: when it counts as
+ * written; 0 derives it from the entry's own heartbeat time (for the values
+ * current when a watch starts, which may be up to ttl_ms old), kept within ttl_ms.
+ */
+static hl_status map_apply(reg_map *m, const hl_kv_entry *e, uint64_t seen, uint64_t ttl_ms, hl_ratelimit *rl)
+{
+    char key[40];
+    for (size_t i = 0; i < m->n; i++) {
+        snprintf(key, sizeof key, KEY_PREFIX "%" PRIu64, m->v[i].node_id);
+        if (strcmp(key, e->key) == 0) {
+            map_remove(m, i);
+            break;
+        }
+    }
+    if (e->op != HL_KV_PUT)
+        return HL_OK;
+    char why[160];
+    uint64_t dropped = 0;
+    hl_reg_entry r;
+    hl_status st = hl_reg_entry_decode(e->key, e->value, e->len, &r, why, sizeof why);
+    if (st == HL_ERR_NOMEM)
+        return st;
+    if (!st && m->n == HL_REG_MAX_NODES) {
+        hl_reg_entry_free(&r);
+        snprintf(why, sizeof why, "more than %d live nodes", HL_REG_MAX_NODES);
+        st = HL_ERR_TOO_LARGE;
+    }
+    if (st) {
+        if (!rl || hl_ratelimit_allow(rl, &dropped))
+            hl_log(HL_LOG_WARN, "schema registry entry ignored", "key", e->key, "reason", why, NULL);
+        return HL_OK;
+    }
+    if (!seen) {
+        uint64_t now = hl_mono_ms(), wall = hl_now_ms();
+        uint64_t age = wall > r.heartbeat_ms ? wall - r.heartbeat_ms : 0;
+        seen = now - (age < ttl_ms ? age : ttl_ms);
+    }
+    m->v[m->n] = r;
+    m->seen[m->n++] = seen;
+    return HL_OK;
+}
+
 hl_status hl_registry_read(hl_kv *kv, hl_reg_entry **out, size_t *n)
 {
     hl_kv_watcher *w = NULL;
-    hl_reg_entry *v = NULL;
-    size_t nv = 0;
-    hl_status st = hl_kv_watch(kv, KEY_PREFIX ">", &w);
+    reg_map m;
     *out = NULL;
     *n = 0;
-    if (st)
-        return st;
-    if (!(v = calloc(HL_REG_MAX_NODES, sizeof *v))) {
-        hl_kv_watch_free(w);
-        return HL_ERR_NOMEM;
-    }
-    for (;;) {
+    hl_status st = map_init(&m);
+    if (!st)
+        st = hl_kv_watch(kv, KEY_PREFIX ">", &w);
+    while (!st) {
         hl_kv_entry *e = NULL;
         st = hl_kv_watch_next(w, 10000, &e);
         if (st == HL_ERR_DECODE || st == HL_ERR_TOO_LARGE) {
             hl_kv_entry_free(e); /* logged by the watch; left out */
+            st = HL_OK;
             continue;
         }
         if (st)
             break;
-        if (e->op == HL_KV_CAUGHT_UP) {
-            hl_kv_entry_free(e);
-            break;
-        }
-        /* a key seen twice (a write while we read): the later one counts */
-        size_t i = 0;
-        char key[40];
-        while (i < nv && (snprintf(key, sizeof key, KEY_PREFIX "%" PRIu64, v[i].node_id), strcmp(key, e->key) != 0))
-            i++;
-        if (i < nv) {
-            hl_reg_entry_free(&v[i]);
-            v[i] = v[--nv];
-        }
-        if (e->op == HL_KV_PUT) {
-            char why[160];
-            hl_reg_entry r;
-            hl_status ds = hl_reg_entry_decode(e->key, e->value, e->len, &r, why, sizeof why);
-            if (ds == HL_ERR_NOMEM) {
-                hl_kv_entry_free(e);
-                st = ds;
-                break;
-            }
-            if (ds)
-                hl_log(HL_LOG_WARN, "schema registry entry ignored", "key", e->key, "reason", why, NULL);
-            else if (nv == HL_REG_MAX_NODES) {
-                hl_log(HL_LOG_WARN, "schema registry entry ignored: too many nodes", "key", e->key, NULL);
-                hl_reg_entry_free(&r);
-            } else
-                v[nv++] = r;
-        }
+        bool done = e->op == HL_KV_CAUGHT_UP;
+        if (!done)
+            st = map_apply(&m, e, 1, 0, NULL); /* the bucket's max age already dropped dead nodes */
         hl_kv_entry_free(e);
+        if (done)
+            break;
     }
     hl_kv_watch_free(w);
     if (st) {
-        hl_reg_entries_free(v, nv);
+        map_free(&m);
         return st;
     }
-    qsort(v, nv, sizeof *v, cmp_node);
-    *out = v;
-    *n = nv;
+    qsort(m.v, m.n, sizeof *m.v, cmp_node);
+    *out = m.v;
+    *n = m.n;
+    free(m.seen);
     return HL_OK;
 }
 
@@ -109,19 +158,26 @@ struct hl_registry {
     hl_nats *n;
     uint64_t node_id, started_ms;
     pthread_t th;
+    int efd; /* eventfd: a schema change or a stop wakes the thread */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    /* under mu */
     bool stop, beat_now, have_local, remove;
-    /* local schema (under mu) */
-    hl_reg_entry local;
-    /* latest view (under mu) */
-    uint64_t gen;
+    hl_reg_entry local; /* the local schema */
+    uint64_t gen;       /* the view below, and how often it changed */
     bool odd;
     int status; /* hl_cluster_status, -1 before the first view */
     char reason[400];
     char *cluster_json;
-    hl_ratelimit fail_log;
+    /* registry thread only */
+    hl_ratelimit fail_log, entry_log;
 };
+
+static void wake(hl_registry *r)
+{
+    uint64_t one = 1;
+    ssize_t w = write(r->efd, &one, sizeof one);
+    (void)w; /* the counter is only full after 2^64-2 wakes */
+}
 
 /* Table names out of /schema's JSON ([{"name":..},..]) into e. */
 static void tables_from_json(hl_reg_entry *e, const char *json)
@@ -151,11 +207,11 @@ void hl_registry_set_local(hl_registry *r, const char *hash, const char *prev, c
     tables_from_json(&r->local, tables_json);
     r->have_local = true;
     r->beat_now = true;
-    pthread_cond_signal(&r->cv);
     pthread_mutex_unlock(&r->mu);
+    wake(r);
 }
 
-/* Copies the local entry (under mu) with the times filled in. */
+/* Copies the local entry (under mu) with the times filled in; false before the engine set it. */
 static bool local_copy(hl_registry *r, hl_reg_entry *out)
 {
     memset(out, 0, sizeof *out);
@@ -177,8 +233,8 @@ static bool local_copy(hl_registry *r, hl_reg_entry *out)
     return ok;
 }
 
-/* One heartbeat: write our entry, read everyone's, update the view. */
-static hl_status beat(hl_registry *r, hl_kv *kv)
+/* Writes this node's entry. */
+static hl_status put_own(hl_registry *r, hl_kv *kv)
 {
     hl_reg_entry me;
     if (!local_copy(r, &me))
@@ -188,53 +244,77 @@ static hl_status beat(hl_registry *r, hl_kv *kv)
     char *json = hl_reg_entry_encode(&me);
     hl_status st = json ? hl_kv_put(kv, key, json, strlen(json), NULL) : HL_ERR_NOMEM;
     free(json);
-    hl_reg_entry *v = NULL;
-    size_t n = 0;
-    if (!st)
-        st = hl_registry_read(kv, &v, &n);
-    if (st) {
-        hl_reg_entry_free(&me);
-        return st;
-    }
-    /* Our own entry as we know it now (the read may predate a change). */
-    size_t i = 0;
-    while (i < n && v[i].node_id != r->node_id)
-        i++;
-    if (i < n) {
-        hl_reg_entry_free(&v[i]);
-        v[i] = me;
-    } else {
-        hl_reg_entry *nv = realloc(v, (n + 1) * sizeof *v);
-        if (!nv) {
-            hl_reg_entry_free(&me);
-            hl_reg_entries_free(v, n);
-            return HL_ERR_NOMEM;
+    hl_reg_entry_free(&me);
+    return st;
+}
+
+/* Takes what the watch has now; HL_ERR_NATS when it ended. */
+static hl_status drain(hl_registry *r, hl_kv_watcher *w, reg_map *m, bool *caught, uint64_t ttl_ms)
+{
+    for (;;) {
+        hl_kv_entry *e = NULL;
+        hl_status st = hl_kv_watch_next(w, 0, &e);
+        if (st == HL_ERR_TIMEOUT)
+            return HL_OK;
+        if (st == HL_ERR_DECODE || st == HL_ERR_TOO_LARGE) {
+            hl_kv_entry_free(e); /* logged by the watch; left out */
+            continue;
         }
-        v = nv;
-        v[n++] = me;
-        qsort(v, n, sizeof *v, cmp_node);
+        if (st)
+            return st;
+        if (e->op == HL_KV_CAUGHT_UP)
+            *caught = true;
+        else
+            st = map_apply(m, e, *caught ? hl_mono_ms() : 0, ttl_ms, &r->entry_log);
+        hl_kv_entry_free(e);
+        if (st)
+            return st;
     }
+}
+
+/* The view from the live entries (written within ttl_ms) and our own as we know it now. */
+static hl_status update_view(hl_registry *r, reg_map *m, uint64_t ttl_ms)
+{
+    uint64_t now = hl_mono_ms();
+    for (size_t i = m->n; i-- > 0;)
+        if (now - m->seen[i] >= ttl_ms || m->v[i].node_id == r->node_id)
+            map_remove(m, i); /* expired (the bucket dropped it too), or ours: replaced below */
+    hl_reg_entry *v = calloc(m->n + 1, sizeof *v);
+    if (!v)
+        return HL_ERR_NOMEM;
+    size_t n = 0;
+    if (local_copy(r, &v[n]))
+        n++;
+    else
+        hl_reg_entry_free(&v[n]);
+    memcpy(v + n, m->v, m->n * sizeof *v); /* shallow: the map keeps ownership */
+    n += m->n;
+    qsort(v, n, sizeof *v, cmp_node);
     char reason[sizeof r->reason] = "";
     bool odd = hl_cluster_odd_one_out(v, n, r->node_id, reason, sizeof reason);
     char *cj = hl_cluster_json(v, n);
     hl_cluster_status cs = hl_cluster_status_of(v, n);
-    hl_reg_entries_free(v, n);
+    for (size_t i = 0; i < n; i++)
+        if (v[i].node_id == r->node_id)
+            hl_reg_entry_free(&v[i]); /* the copy of ours */
+    free(v);
     pthread_mutex_lock(&r->mu);
-    bool changed = odd != r->odd || !cj || !r->cluster_json || strcmp(cj, r->cluster_json) != 0;
     if (odd && !r->odd)
         hl_log(HL_LOG_ERROR, "schema is the odd one out: not ready", "reason", reason, NULL);
     else if (!odd && r->odd)
         hl_log(HL_LOG_INFO, "schema compatible with the cluster again: ready", NULL);
-    if (changed) {
-        if ((int)cs != r->status)
-            hl_log(cs == HL_CLUSTER_INCOMPATIBLE ? HL_LOG_WARN : HL_LOG_INFO, "cluster schema status", "status",
-                   hl_cluster_status_name(cs), NULL);
-        r->status = (int)cs;
+    if ((int)cs != r->status)
+        hl_log(cs == HL_CLUSTER_INCOMPATIBLE ? HL_LOG_WARN : HL_LOG_INFO, "cluster schema status", "status",
+               hl_cluster_status_name(cs), NULL);
+    if (odd != r->odd || (int)cs != r->status || (cj && (!r->cluster_json || strcmp(cj, r->cluster_json) != 0))) {
         r->odd = odd;
+        r->status = (int)cs;
         snprintf(r->reason, sizeof r->reason, "%s", reason);
-        free(r->cluster_json);
-        r->cluster_json = cj;
-        cj = NULL;
+        if (cj) {
+            free(r->cluster_json);
+            r->cluster_json = cj;
+            cj = NULL;
+        }
         r->gen++;
     }
     pthread_mutex_unlock(&r->mu);
@@ -242,61 +322,89 @@ static hl_status beat(hl_registry *r, hl_kv *kv)
     return HL_OK;
 }
 
-/* Waits until the next beat is due, a change asks for one or we stop. */
-static void wait_beat(hl_registry *r, uint64_t ms)
+/* No view: the schema check must not fail on a stale one (docs/operations.md). */
+static void forget_verdict(hl_registry *r)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
+    pthread_mutex_lock(&r->mu);
+    if (r->odd) {
+        r->odd = false;
+        r->reason[0] = 0;
+        r->gen++;
     }
-    pthread_mutex_lock(&r->mu);
-    while (!r->stop && !r->beat_now)
-        if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) == ETIMEDOUT)
-            break;
-    r->beat_now = false;
     pthread_mutex_unlock(&r->mu);
 }
 
-static bool stopping(hl_registry *r)
+/* Sleeps until the watch has entries, we are woken, or timeout_ms passed. */
+static void wait_events(hl_registry *r, hl_kv_watcher *w, int timeout_ms)
 {
-    pthread_mutex_lock(&r->mu);
-    bool s = r->stop;
-    pthread_mutex_unlock(&r->mu);
-    return s;
+    struct pollfd p[2] = {{.fd = r->efd, .events = POLLIN}, {.fd = w ? hl_kv_watch_fd(w) : -1, .events = POLLIN}};
+    if (poll(p, w ? 2 : 1, timeout_ms) > 0 && (p[0].revents & POLLIN)) {
+        uint64_t v;
+        ssize_t rd = read(r->efd, &v, sizeof v);
+        (void)rd; /* nonblocking: nothing to read is fine */
+    }
 }
 
+/*
+ * Keeps one watch of every entry (created again when it ends) and writes our
+ * entry every heartbeat, or at once when the engine reports a schema change.
+ * The view changes as soon as the watch delivers; an entry not rewritten
+ * within three heartbeats counts as gone, like the bucket's max age.
+ */
 static void *registry_thread(void *arg)
 {
     hl_registry *r = arg;
     hl_kv *kv = NULL;
-    uint64_t every = (uint64_t)r->c->schema.heartbeat_s * 1000u;
-    while (!stopping(r)) {
-        hl_status st = kv ? HL_OK : hl_registry_open_bucket(&kv, r->n, r->c, true);
-        if (!st)
-            st = beat(r, kv);
+    hl_kv_watcher *w = NULL;
+    reg_map m;
+    bool caught = false;
+    uint64_t every = (uint64_t)r->c->schema.heartbeat_s * 1000u, ttl = 3 * every, next_beat = 0;
+    hl_status mst = map_init(&m);
+    for (;;) {
+        pthread_mutex_lock(&r->mu);
+        bool stop = r->stop, now_beat = r->beat_now;
+        r->beat_now = false;
+        pthread_mutex_unlock(&r->mu);
+        if (stop)
+            break;
+        uint64_t now = hl_mono_ms();
+        hl_status st = mst;
+        if (!st && !kv)
+            st = hl_registry_open_bucket(&kv, r->n, r->c, true);
+        if (!st && (now_beat || now >= next_beat)) {
+            next_beat = now + every;
+            st = put_own(r, kv);
+        }
+        if (!st && !w) {
+            caught = false;
+            st = hl_kv_watch(kv, KEY_PREFIX ">", &w);
+        }
+        if (!st && (st = drain(r, w, &m, &caught, ttl)) == HL_ERR_NATS) {
+            hl_kv_watch_free(w); /* ended: a new one next time */
+            w = NULL;
+        }
+        if (!st && caught)
+            st = update_view(r, &m, ttl);
         uint64_t dropped = 0;
-        if (st && !stopping(r) && hl_ratelimit_allow(&r->fail_log, &dropped))
-            hl_log(HL_LOG_WARN, "schema registry unreachable; retrying at the next heartbeat", "bucket",
-                   r->c->schema.registry_bucket, "error", hl_status_str(st), NULL);
-        if (st) { /* no view: the schema check must not fail on a stale one (docs/operations.md) */
-            pthread_mutex_lock(&r->mu);
-            if (r->odd) {
-                r->odd = false;
-                r->reason[0] = 0;
-                r->gen++;
+        if (st) {
+            if (next_beat < now + every)
+                next_beat = now + every; /* retried at the next heartbeat, not in a loop */
+            if (hl_ratelimit_allow(&r->fail_log, &dropped))
+                hl_log(HL_LOG_WARN, "schema registry unreachable; retrying at the next heartbeat", "bucket",
+                       r->c->schema.registry_bucket, "error", hl_status_str(st), NULL);
+            forget_verdict(r);
+            if (st == HL_ERR_CONFIG) { /* the bucket exists with other settings: never changed by us */
+                hl_kv_free(kv);
+                kv = NULL;
             }
-            pthread_mutex_unlock(&r->mu);
         }
-        if (st == HL_ERR_CONFIG) { /* the bucket exists with other settings: never changed by us */
-            hl_kv_free(kv);
-            kv = NULL;
-        }
-        wait_beat(r, every);
+        now = hl_mono_ms();
+        /* after a failure, nothing before the next heartbeat; else at least once a second (expiry) */
+        uint64_t until = next_beat > now ? next_beat - now : 0;
+        wait_events(r, st ? NULL : w, (int)(st || until < 1000 ? until : 1000));
     }
+    hl_kv_watch_free(w);
+    map_free(&m);
     pthread_mutex_lock(&r->mu);
     bool remove = r->have_local && r->remove; /* hl_registry_stop's request */
     pthread_mutex_unlock(&r->mu);
@@ -322,14 +430,12 @@ hl_status hl_registry_start(hl_registry **out, const hl_config *c, hl_nats *n, u
     r->started_ms = hl_now_ms();
     r->status = -1;
     r->fail_log = (hl_ratelimit){.burst = 1, .window_ms = 60000};
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    r->entry_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
+    r->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    if (pthread_create(&r->th, NULL, registry_thread, r) != 0) {
-        pthread_cond_destroy(&r->cv);
+    if (r->efd < 0 || pthread_create(&r->th, NULL, registry_thread, r) != 0) {
+        if (r->efd >= 0)
+            close(r->efd);
         pthread_mutex_destroy(&r->mu);
         free(r);
         return HL_ERR_IO;
@@ -361,10 +467,10 @@ void hl_registry_stop(hl_registry *r, bool remove_entry)
     pthread_mutex_lock(&r->mu);
     r->stop = true;
     r->remove = remove_entry;
-    pthread_cond_signal(&r->cv);
     pthread_mutex_unlock(&r->mu);
+    wake(r);
     pthread_join(r->th, NULL);
-    pthread_cond_destroy(&r->cv);
+    close(r->efd);
     pthread_mutex_destroy(&r->mu);
     hl_reg_entry_free(&r->local);
     free(r->cluster_json);

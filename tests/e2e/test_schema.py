@@ -269,3 +269,16 @@ def test_graceful_stop_leaves_the_registry(trio, hl_bin):
     finally:
         n3.start()
     wait_status(trio.nodes, cluster(trio.node(1))["status"])
+
+
+def test_killed_node_expires_from_the_registry(trio):
+    n3 = trio.node(3)
+    n3.kill()
+    try:
+        for n in trio.nodes[:2]:
+            wait_until(lambda: cluster(n).get("live_nodes") == 2, REPL_TIMEOUT,
+                       f"node {n.id} sees node 3's entry expire (3 heartbeats of 1 s)")
+    finally:
+        n3.start()
+    for n in trio.nodes:
+        wait_until(lambda: cluster(n).get("live_nodes") == 3, REPL_TIMEOUT, f"node {n.id} sees node 3 back")
