@@ -282,3 +282,17 @@ def test_killed_node_expires_from_the_registry(trio):
         n3.start()
     for n in trio.nodes:
         wait_until(lambda: cluster(n).get("live_nodes") == 3, REPL_TIMEOUT, f"node {n.id} sees node 3 back")
+
+
+def test_a_node_with_another_heartbeat_has_no_view_and_stays_ready(trio):
+    n3 = trio.node(3)
+    n3.restart(settings={"schema": {"heartbeat": 2}})
+    try:
+        wait_until(lambda: "schema registry unreachable" in n3.log_since_start(), REPL_TIMEOUT,
+                   "node 3 reports the registry bucket it cannot use")
+        assert "kv bucket exists with other settings" in n3.log_since_start()
+        wait_until(lambda: readyz(n3)[0] == 200, REPL_TIMEOUT, "node 3 ready without a registry view")
+        assert schema(n3)["cluster"] is None
+    finally:
+        n3.restart(settings={"schema": {"heartbeat": 1}})
+    wait_until(lambda: (cluster(n3) or {}).get("live_nodes") == 3, REPL_TIMEOUT, "node 3 back in the registry")
