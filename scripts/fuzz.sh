@@ -19,6 +19,7 @@ libs_config=$(pkg-config --cflags --libs yaml-0.1)
 libs_discovery=$(pkg-config --cflags --libs libcares libcrypto)
 libs_manifest=$(pkg-config --cflags --libs libcjson)
 libs_http=$(pkg-config --cflags --libs libmicrohttpd libcjson libcrypto)
+libs_registry=$(pkg-config --cflags --libs libcjson)
 
 # Fail loudly, and say why, when the toolchain cannot build a fuzzer at all
 # (clang's fuzzer and sanitizer runtimes are Debian's libclang-rt-dev).
@@ -54,7 +55,9 @@ fail=0
 build discovery fuzz/fuzz_discovery.c src/natsio/discovery.c src/natsio/server.c src/natsio/nkey.c src/common/buf.c \
     src/common/status.c src/common/log.c src/common/hlc.c $libs_discovery
 
-for name in changeset config discovery http manifest s3xml; do
+build registry fuzz/fuzz_registry.c src/registry/entry.c $libs_registry
+
+for name in changeset config discovery http manifest registry s3xml; do
     work="$out/corpus-$name"
     rm -rf "$work"
     cp -r "fuzz/corpus/$name" "$work"

@@ -23,13 +23,14 @@
 #include "common/hlc.h"
 #include "common/log.h"
 #include "common/timers.h"
-#include "common/sha256.h"
+#include "common/buf.h"
 #include "db/db.h"
 #include "http/http.h"
 #include "http/state.h"
 #include "natsio/conn.h"
 #include "natsio/discovery.h"
 #include "natsio/server.h"
+#include "registry/registry.h"
 #include "repl/changeset.h"
 #include "repl/fetcher.h"
 #include "repl/publisher.h"
@@ -51,7 +52,8 @@ typedef struct engine {
     char **streams;
     uint64_t *applied_seq; /* per shard: recorded in the database */
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
-    hl_positions pos;      /* the two above and the stream names, for hl_db_step */
+    uint64_t *cap;         /* per shard: read again from here once held changesets leave room (0: none) */
+    hl_positions pos;      /* the three above and the stream names, for hl_db_step */
     hl_watch *watch;
     hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC */
     int t_held;       /* its held-changesets timer */
@@ -65,6 +67,8 @@ typedef struct engine {
     hl_state state;
     hl_state_snapshot snap; /* engine-owned; published to state each iteration */
     hl_http *http;
+    hl_registry *reg; /* the schema registry's thread, once online */
+    uint64_t reg_gen; /* its view last copied into snap */
     /* NATS comes up in its own thread so the engine keeps capturing (and its
      * heartbeat keeps beating) while a cluster forms or a server is away. */
     pthread_t setup_th;
@@ -74,6 +78,7 @@ typedef struct engine {
     bool stream_gap;                    /* a stream lost messages this node had not applied */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
     hl_ratelimit fail_log;
+    hl_ratelimit defer_log; /* changesets deferred at schema.max_held_bytes */
 } engine;
 
 /* Describes the replicated tables for /schema. */
@@ -87,6 +92,7 @@ static void schema_to_state(engine *e)
     if (prev)
         hl_hex(prev, 32, e->snap.prev_schema_hash);
     e->snap.triggers_installed = true;
+    hl_registry_set_local(e->reg, e->snap.schema_hash, e->snap.prev_schema_hash, e->snap.schema_json);
 }
 
 /*
@@ -118,6 +124,7 @@ static void held_to_state(engine *e)
                 h->first_seq = v[i].first_seq;
                 h->applied = v[i].applied;
                 h->since_ms = v[i].since_ms;
+                h->bytes = v[i].bytes;
                 snprintf(h->reason, sizeof h->reason, "%s", v[i].reason);
             }
             if (v[i].for_schema && !first_schema_origin)
@@ -142,11 +149,60 @@ static void held_to_state(engine *e)
 
 /* ---- timers (hl_timers) ---- */
 
+/*
+ * schema.max_held_bytes (docs/architecture.md, "Held changesets"): a shard
+ * where a changeset was deferred (HL_DEFERRED) is read again from before it
+ * once what counts against the bound fell to half of it: its fetcher is
+ * stopped and started again at that position (JetStream kept the messages;
+ * those of other origins read twice are duplicates).
+ */
+static void held_bound_check(engine *e)
+{
+    hl_state_snapshot *s = &e->snap;
+    uint64_t bounded = 0, max = (uint64_t)e->c->schema.max_held_bytes;
+    int capped = 0;
+    for (int i = 0; e->cap && i < e->c->replication_log.shards; i++)
+        capped += e->cap[i] != 0;
+    s->held_bytes = hl_db_held_bytes(e->d, &bounded) == HL_OK ? bounded : s->held_bytes;
+    s->held_bound_streams = (uint64_t)capped;
+    s->held_bound_reason[0] = 0;
+    if (!capped)
+        return;
+    if (bounded > max / 2 || !e->online) {
+        snprintf(s->held_bound_reason, sizeof s->held_bound_reason,
+                 "%" PRIu64 " bytes are held for origins waiting for the local schema (schema.max_held_bytes %" PRIu64
+                 "): their further changesets are not read on %d stream%s until room frees (JetStream keeps them; "
+                 "see /schema, or harmonylite -drop-held ORIGIN)",
+                 bounded, max, capped, capped == 1 ? "" : "s");
+        return;
+    }
+    for (int i = 0; i < e->c->replication_log.shards; i++) {
+        if (!e->cap[i])
+            continue;
+        uint64_t from = e->cap[i];
+        hl_queue_discard_shard(&e->q, i, true);
+        hl_fetcher_stop(e->fetchers[i]);
+        e->fetchers[i] = NULL;
+        hl_queue_discard_shard(&e->q, i, false);
+        if (e->seen_seq[i] >= from)
+            e->seen_seq[i] = from - 1; /* cannot happen: seen stays below the cap */
+        if (hl_fetcher_start(&e->fetchers[i], e->c, e->n, &e->q, i, from, hl_db_epoch(e->d))) {
+            hl_errorf("cannot restart the consumer of stream %s; retrying", e->streams[i]);
+            continue; /* cap kept: retried at the next tick */
+        }
+        e->cap[i] = 0;
+        hl_infof("held changesets left room (%" PRIu64 " bytes held): reading stream %s again from sequence %" PRIu64,
+                 bounded, e->streams[i], from);
+    }
+}
+
 static void held_tick(void *arg)
 {
     engine *e = arg;
-    if (e->d)
+    if (e->d) {
         held_to_state(e);
+        held_bound_check(e);
+    }
 }
 
 /* Stream positions that only moved are recorded with the next write, at the
@@ -186,6 +242,13 @@ static void publish_state(engine *e)
         s->order_gaps = st->order_gaps;
         s->table_resyncs = st->table_resyncs;
         s->clock_ahead = st->clock_ahead;
+        s->changesets_deferred = st->changesets_deferred;
+    }
+    char *cluster = NULL;
+    if (hl_registry_view(e->reg, &e->reg_gen, &s->schema_odd, s->schema_odd_reason, sizeof s->schema_odd_reason,
+                         &cluster)) {
+        free(s->cluster_json);
+        s->cluster_json = cluster;
     }
     s->engine_failures = e->failures;
     s->engine_stalled = e->fail_since && hl_mono_ms() - e->fail_since >= (uint64_t)e->c->stall_timeout_s * 1000u;
@@ -216,8 +279,9 @@ static void publish_state(engine *e)
             if (rcv > s->streams[i].tail_seq)
                 s->streams[i].tail_seq = rcv;
         }
-        if (e->c->replicate && e->seen_seq[i] < s->streams[i].start_tail)
-            caught = false;
+        if (e->c->replicate && e->seen_seq[i] < s->streams[i].start_tail &&
+            !(e->cap[i] && s->streams[i].tail_seq >= s->streams[i].start_tail))
+            caught = false; /* a capped stream was read to its start tail: caught up, the rest is deferred */
     }
     s->messages_malformed = malformed;
     if (s->streams_ready)
@@ -242,8 +306,18 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
         .expire_before_ms = e->expire_held ? hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u : 0,
         .flush_positions = flush_positions,
     };
+    uint64_t deferred = hl_db_counters(e->d)->changesets_deferred;
     hl_status st = hl_db_step(e->d, items, &e->pos, &s);
     e->retry_held = s.retry_held;
+    if (!st && s.committed && hl_db_counters(e->d)->changesets_deferred > deferred) {
+        uint64_t dropped = 0;
+        if (hl_ratelimit_allow(&e->defer_log, &dropped))
+            hl_warnf("%" PRIu64 " changesets not stored: their origin waits for the local schema and holding them "
+                     "would pass schema.max_held_bytes (%lld); that origin's changesets are read again once room "
+                     "frees (JetStream keeps them)",
+                     hl_db_counters(e->d)->changesets_deferred - deferred, (long long)e->c->schema.max_held_bytes);
+        hl_timers_due_now(&e->timers, e->t_held); /* show it at once */
+    }
     if (st || !s.committed)
         return st;
     if (e->expire_held) {
@@ -387,6 +461,10 @@ static hl_status go_online(engine *e)
         for (int s = 0; s < c->replication_log.shards; s++)
             if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, hl_db_epoch(e->d)))
                 return HL_ERR_IO;
+    if (hl_registry_start(&e->reg, c, e->n, c->node_id) == HL_OK)
+        schema_to_state(e);
+    else
+        hl_errorf("cannot start the schema registry thread; /schema has no cluster view");
     e->online = true;
     hl_log(HL_LOG_INFO, "started", "mode", c->nats.urls.n ? "external" : "embedded", "publish",
            c->publish ? "true" : "false", "replicate", c->replicate ? "true" : "false", NULL);
@@ -421,12 +499,14 @@ static hl_status open_streams(engine *e)
     e->streams = calloc((size_t)shards, sizeof *e->streams);
     e->applied_seq = calloc((size_t)shards, sizeof *e->applied_seq);
     e->seen_seq = calloc((size_t)shards, sizeof *e->seen_seq);
+    e->cap = calloc((size_t)shards, sizeof *e->cap);
     e->fetchers = calloc((size_t)shards, sizeof *e->fetchers);
     e->setup_first = calloc((size_t)shards, sizeof *e->setup_first);
     e->setup_last = calloc((size_t)shards, sizeof *e->setup_last);
-    if (!e->streams || !e->applied_seq || !e->seen_seq || !e->fetchers || !e->setup_first || !e->setup_last)
+    if (!e->streams || !e->applied_seq || !e->seen_seq || !e->cap || !e->fetchers || !e->setup_first || !e->setup_last)
         return HL_ERR_NOMEM;
-    e->pos = (hl_positions){.n = shards, .streams = e->streams, .applied = e->applied_seq, .seen = e->seen_seq};
+    e->pos = (hl_positions){
+        .n = shards, .streams = e->streams, .applied = e->applied_seq, .seen = e->seen_seq, .cap = e->cap};
     for (int s = 0; s < shards; s++) {
         e->streams[s] = malloc(256);
         if (!e->streams[s])
@@ -459,6 +539,7 @@ static hl_status open_database(engine *e)
         .compress = c->replication_log.compress,
         .max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes,
         .max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u,
+        .max_held_bytes = (uint64_t)c->schema.max_held_bytes,
     };
     hl_db_configure(e->d, &o);
     uint64_t last_hlc = hl_db_last_hlc(e->d);
@@ -502,7 +583,7 @@ static void turn(engine *e, bool *want_capture)
     if (items && only_positions(items)) {
         /* Only positions: remember them, record them with the next write. */
         for (hl_inbound *it = items; it; it = it->next)
-            if (it->safe_seq > e->seen_seq[it->shard])
+            if (it->safe_seq > e->seen_seq[it->shard] && !e->cap[it->shard])
                 e->seen_seq[it->shard] = it->safe_seq;
         hl_inbound_free(items);
         items = NULL;
@@ -571,6 +652,8 @@ static void graceful_stop(engine *e)
     if (cycle(e, NULL, true, true))
         hl_warnf("final capture failed; pending changes stay in the change logs for the next start");
     flush_outbox(e);
+    hl_registry_stop(e->reg, true); /* leaves the registry at once */
+    e->reg = NULL;
 }
 
 /* Releases everything, in the order the threads that use it stop. */
@@ -583,6 +666,7 @@ static void teardown(engine *e)
     if (e->fetchers)
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e->fetchers[s]);
+    hl_registry_stop(e->reg, false);
     hl_nats_close(e->n, 2000);
     hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
     /* Before the server: discovery reloads it. */
@@ -591,6 +675,7 @@ static void teardown(engine *e)
     hl_http_stop(e->http);
     hl_state_destroy(&e->state);
     free(e->snap.schema_json);
+    free(e->snap.cluster_json);
     hl_publisher_free(e->pub);
     hl_db_close(e->d);
     hl_watch_free(e->watch);
@@ -600,6 +685,7 @@ static void teardown(engine *e)
     free(e->streams);
     free(e->applied_seq);
     free(e->seen_seq);
+    free(e->cap);
     free(e->fetchers);
     free(e->setup_first);
     free(e->setup_last);
@@ -609,7 +695,7 @@ static void teardown(engine *e)
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
 {
-    engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}};
+    engine e = {.c = c, .fail_log = {.burst = 5, .window_ms = 60000}, .defer_log = {.burst = 5, .window_ms = 60000}};
     int rc = 1;
     int shards = c->replication_log.shards;
 

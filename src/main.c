@@ -14,6 +14,7 @@
 #include "db/db.h"
 #include "engine.h"
 #include "snapshot/snapshot.h"
+#include "registry/registry.h"
 
 extern char **environ;
 
@@ -47,6 +48,13 @@ static const char usage[] =
     "                        and put it in place; a database with data is left alone; no\n"
     "                        snapshot at all is not an error (docs/snapshots.md)\n"
     "  -force                with -restore: replace db_path even when it has data\n"
+    "  -schema-status        print this node's schema (hash, previous hash, tables) and the\n"
+    "                        changesets it holds per origin, from db_path alone, and exit\n"
+    "  -schema-status-cluster\n"
+    "                        print every live node of the schema registry grouped by schema\n"
+    "                        and the verdict: consistent, upgrading (exit 0) or incompatible\n"
+    "                        (exit 1; also when the registry cannot be read)\n"
+    "  -json                 with -schema-status[-cluster]: print JSON instead\n"
     "  -version              print the version and exit\n"
     "  -help                 print this help and exit\n"
     "  -<key> VALUE          any configuration key as a flag: the dotted path with '.' and\n"
@@ -67,6 +75,8 @@ static const char usage[] =
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
 static const char *const actions[] = {"config",  "check-config", "cleanup", "drop-held", "save-snapshot",
                                       "restore", "force",        "version", "help",      "h"};
+/* The schema registry's status commands (registry.h). */
+static const char *const schema_actions[] = {"schema-status", "schema-status-cluster", "json"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -144,7 +154,7 @@ static int run_restore(const hl_config *c, bool force)
 int main(int argc, char **argv)
 {
     hl_db_global_init();
-    int check = 0, cleanup = 0, save_snapshot = 0, restore = 0, force = 0;
+    int check = 0, cleanup = 0, save_snapshot = 0, restore = 0, force = 0, schema_status = 0, json = 0;
     uint64_t drop_held = 0;
     char err[1024];
     hl_config c;
@@ -168,6 +178,8 @@ int main(int argc, char **argv)
         bool is_action = false;
         for (size_t k = 0; k < sizeof actions / sizeof actions[0]; k++)
             is_action |= strcmp(actions[k], name) == 0;
+        for (size_t k = 0; k < sizeof schema_actions / sizeof schema_actions[0]; k++)
+            is_action |= strcmp(schema_actions[k], name) == 0;
         const char *key = is_action ? NULL : hl_config_flag_path(name);
         if (!is_action && !key) {
             fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
@@ -207,6 +219,10 @@ int main(int argc, char **argv)
             restore = 1;
         } else if (strcmp(name, "force") == 0) {
             force = 1;
+        } else if (strcmp(name, "schema-status") == 0 || strcmp(name, "schema-status-cluster") == 0) {
+            schema_status = strcmp(name, "schema-status") == 0 ? 1 : 2;
+        } else if (strcmp(name, "json") == 0) {
+            json = 1;
         } else if (strcmp(name, "drop-held") == 0) {
             char *end = NULL;
             errno = 0;
@@ -233,6 +249,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "harmonylite: -force only goes with -restore\n");
         return 2;
     }
+    if (json && !schema_status) {
+        fprintf(stderr, "harmonylite: -json goes with -schema-status or -schema-status-cluster\n");
+        return 2;
+    }
     if (save_snapshot && restore) {
         fprintf(stderr, "harmonylite: -save-snapshot and -restore: give one of them\n");
         return 2;
@@ -254,6 +274,11 @@ int main(int argc, char **argv)
     }
     if (drop_held) {
         int rc = run_drop_held(&c, drop_held);
+        hl_config_free(&c);
+        return rc;
+    }
+    if (schema_status) {
+        int rc = schema_status == 1 ? hl_schema_status_local(&c, json) : hl_schema_status_cluster(&c, json);
         hl_config_free(&c);
         return rc;
     }

@@ -152,3 +152,13 @@ unsigned char *hl_buf_steal(hl_buf *b, size_t *len)
     b->err = HL_OK;
     return p;
 }
+
+void hl_hex(const unsigned char *p, size_t n, char *hex)
+{
+    static const char d[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        hex[2 * i] = d[p[i] >> 4];
+        hex[2 * i + 1] = d[p[i] & 15];
+    }
+    hex[2 * n] = 0;
+}

@@ -48,4 +48,7 @@ const char *hl_buf_str(const hl_buf *b);
 /* Takes ownership of the content (caller frees); the buffer is left empty. */
 unsigned char *hl_buf_steal(hl_buf *b, size_t *len);
 
+/* Writes 2n lowercase hex digits of p and a NUL to hex. */
+void hl_hex(const unsigned char *p, size_t n, char *hex);
+
 #endif

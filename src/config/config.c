@@ -68,6 +68,7 @@ static const char *check_http_listen(const char *v);
 static const char *check_leaf_url(const char *v);
 static const char *check_resolver(const char *v);
 static const char *check_sync_interval(const char *v);
+static const char *check_bucket(const char *v);
 
 #define OFF(field) offsetof(hl_config, field)
 #define STR(p, f, d, doc)                                                                                              \
@@ -210,6 +211,14 @@ static const hl_key keys[] = {
      "log line format: console or json"},
     {"logging.level", HL_KEY_STRING, OFF(logging.level), 0, 0, "info", "debug|info|warn|error", NULL, false,
      "minimum level logged: debug, info, warn or error"},
+
+    STRC("schema.registry_bucket", schema.registry_bucket, "harmonylite-schema", check_bucket,
+         "NATS KV bucket of the schema registry (every node of a cluster must use the same)"),
+    INT("schema.heartbeat", schema.heartbeat_s, 1, 3600, "5",
+        "seconds between schema registry heartbeats; a node's entry expires after three missed ones"),
+    I64("schema.max_held_bytes", schema.max_held_bytes, 1048576, INT64_C(1099511627776), "268435456",
+        "bytes of changesets held for a newer schema, per origin and in total; at the bound the node stops "
+        "reading that origin's changesets (JetStream keeps them) instead of storing more"),
 
     STRC("http.bind", http.bind, "0.0.0.0:8080", check_http_listen,
          "listener for /healthz /readyz /metrics /schema; empty: disabled"),
@@ -450,6 +459,15 @@ static const char *check_stream(const char *v)
 }
 
 /* A non-empty word without spaces (cluster names). */
+/* A NATS KV bucket name: 1 to 64 of [A-Za-z0-9_-]. */
+static const char *check_bucket(const char *v)
+{
+    size_t n = strlen(v);
+    if (n == 0 || n > 64 || strspn(v, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") != n)
+        return "a bucket name of 1 to 64 letters, digits, '_' or '-'";
+    return NULL;
+}
+
 static const char *check_token(const char *v)
 {
     if (!*v)

@@ -97,6 +97,12 @@ typedef struct hl_config {
     } logging;
 
     struct {
+        char *registry_bucket;  /* schema.registry_bucket: NATS KV bucket of the schema registry */
+        int heartbeat_s;        /* schema.heartbeat: seconds between registry heartbeats (entries expire after 3) */
+        int64_t max_held_bytes; /* schema.max_held_bytes: held changesets, per origin and in total (bytes) */
+    } schema;
+
+    struct {
         char
             *bind; /* http.bind: listener for /healthz /readyz /metrics /schema (default "0.0.0.0:8080"; "" disables) */
         char *auth_token_file;          /* http.auth_token_file: bearer token for /metrics and /schema */

@@ -95,8 +95,47 @@ static hl_status exec_ints(hl_db *d, const char *sql, const char *what, int n, c
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, what);
 }
 
-static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags, bool for_schema,
-                      const char *reason)
+/*
+ * max_held_bytes: while an origin has a changeset held for the schema, what is
+ * held for it (for any reason), and for all such origins together, stays
+ * within the bound. Origins without a schema hold (chains, reordering) are not
+ * bounded: their holds resolve by themselves. Sets d->held_full and returns
+ * HL_ERR_TOO_LARGE when cs may not be stored.
+ */
+static hl_status held_room(hl_db *d, const hl_changeset *cs, size_t rawlen, bool for_schema)
+{
+    sqlite3_stmt *q = NULL;
+    uint64_t mine = 0, total = 0;
+    bool bounded = for_schema;
+    if (!d->opt.max_held_bytes)
+        return HL_OK;
+    int rc =
+        sqlite3_prepare_v2(d->db,
+                           "SELECT coalesce(sum(length(data)), 0), coalesce(sum(iif(node = ?1, length(data), 0)), 0),"
+                           " coalesce(max(node = ?1), 0) FROM " HL_PREFIX "pending WHERE node IN "
+                           "(SELECT node FROM " HL_PREFIX "pending WHERE schema = 1)",
+                           -1, &q, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(q, 1, (int64_t)cs->origin);
+        if ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+            total = (uint64_t)sqlite3_column_int64(q, 0);
+            mine = (uint64_t)sqlite3_column_int64(q, 1);
+            bounded |= sqlite3_column_int(q, 2) != 0;
+            rc = SQLITE_DONE;
+        }
+    }
+    sqlite3_finalize(q);
+    if (rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "held bytes");
+    if (!bounded || (mine + rawlen <= d->opt.max_held_bytes && total + rawlen <= d->opt.max_held_bytes))
+        return HL_OK;
+    d->held_full = true;
+    return HL_ERR_TOO_LARGE;
+}
+
+/* Stores cs in pending, unbounded. */
+static hl_status store_held(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                            bool for_schema, const char *reason)
 {
     sqlite3_stmt *st = d->st_pending_put;
     sqlite3_bind_int64(st, 1, (int64_t)cs->origin);
@@ -115,6 +154,14 @@ static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t 
     if (sqlite3_changes(d->db) > 0)
         d->stats.changesets_held++;
     return HL_OK;
+}
+
+/* Stores cs in pending within max_held_bytes (held_room). */
+static hl_status hold(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags, bool for_schema,
+                      const char *reason)
+{
+    hl_status room = held_room(d, cs, rawlen, for_schema);
+    return room ? room : store_held(d, cs, raw, rawlen, flags, for_schema, reason);
 }
 
 /* Stores a row (its encoded key pk and version) in the conflicts table. */
@@ -1094,7 +1141,8 @@ static hl_status apply_late(hl_db *d, const hl_changeset *cs, const void *raw, s
         if (r == ONE_AHEAD)
             d->stats.clock_ahead++;
         *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, r == ONE_SCHEMA, why);
+        /* Not bounded: its gap record is gone already, it could not be read again. */
+        return store_held(d, cs, raw, rawlen, flags, r == ONE_SCHEMA, why);
     case ONE_MALFORMED:
         d->stats.changesets_malformed++;
         log_refused(cs, why);
@@ -1133,10 +1181,12 @@ static hl_status apply_next(hl_db *d, const hl_changeset *cs, const void *raw, s
         return st;
     switch (r) {
     case ONE_SCHEMA:
+        *res = HL_HELD;
+        if ((st = hold(d, cs, raw, rawlen, flags, true, why)))
+            return st; /* HL_ERR_TOO_LARGE: deferred, logged by the engine */
         hl_logf(HL_LOG_WARN, "changeset %llu from node %llu held until the local schema matches: %s",
                 (unsigned long long)cs->seq, (unsigned long long)cs->origin, why);
-        *res = HL_HELD;
-        return hold(d, cs, raw, rawlen, flags, true, why);
+        return HL_OK;
     case ONE_AHEAD: {
         uint64_t dropped = 0;
         d->stats.clock_ahead++;
@@ -1162,8 +1212,8 @@ static hl_status apply_next(hl_db *d, const hl_changeset *cs, const void *raw, s
     return drain_held(d, cs->origin, cs->epoch, cs->seq);
 }
 
-hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
-                   hl_apply_result *res)
+static hl_status apply_inner(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                             hl_apply_result *res)
 {
     hl_status st;
     uint64_t applied;
@@ -1193,11 +1243,11 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         /* An earlier changeset of this origin has not arrived (reordered
          * publish after a failure) or is itself held: keep order per origin. */
         snprintf(why, sizeof why, "waiting for changeset %llu of this origin", (unsigned long long)(applied + 1));
-        hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
-                (unsigned long long)cs->origin, why);
         *res = HL_HELD;
         if ((st = hold(d, cs, raw, rawlen, flags, false, why)))
             return st;
+        hl_logf(HL_LOG_INFO, "changeset %llu from node %llu held: %s", (unsigned long long)cs->seq,
+                (unsigned long long)cs->origin, why);
         /* The end of a chain whose first changeset is held completes it. */
         return drain_then_check(d, cs, applied, res);
     }
@@ -1210,6 +1260,21 @@ hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t raw
         return drain_then_check(d, cs, applied, res);
     }
     return apply_next(d, cs, raw, rawlen, flags, res);
+}
+
+hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
+                   hl_apply_result *res)
+{
+    d->held_full = false;
+    hl_status st = apply_inner(d, cs, raw, rawlen, flags, res);
+    if (st == HL_ERR_TOO_LARGE && d->held_full) {
+        /* Nothing was written for it: every path stores before anything else. */
+        d->held_full = false;
+        d->stats.changesets_deferred++;
+        *res = HL_DEFERRED;
+        return HL_OK;
+    }
+    return st;
 }
 
 /* Retries held late arrivals (below their origin's applied sequence). */
@@ -1414,6 +1479,22 @@ void hl_held_list_free(hl_held_origin *v)
     free(v);
 }
 
+hl_status hl_db_held_bytes(hl_db *d, uint64_t *bounded)
+{
+    sqlite3_stmt *q = NULL;
+    *bounded = 0;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT coalesce(sum(length(data)), 0) FROM " HL_PREFIX "pending WHERE node IN "
+                                "(SELECT node FROM " HL_PREFIX "pending WHERE schema = 1)",
+                                -1, &q, NULL);
+    if (rc == SQLITE_OK && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        *bounded = (uint64_t)sqlite3_column_int64(q, 0);
+        rc = SQLITE_DONE;
+    }
+    sqlite3_finalize(q);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "held bytes");
+}
+
 hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n)
 {
     sqlite3_stmt *q = NULL;
@@ -1425,7 +1506,7 @@ hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n)
         d->db,
         "SELECT p.node, p.epoch, count(*), sum(p.schema), min(p.seq), min(p.at_ms), coalesce(o.seq, 0), "
         "(SELECT reason FROM " HL_PREFIX
-        "pending r WHERE r.node = p.node AND r.epoch = p.epoch ORDER BY r.seq LIMIT 1) "
+        "pending r WHERE r.node = p.node AND r.epoch = p.epoch ORDER BY r.seq LIMIT 1), sum(length(p.data)) "
         "FROM " HL_PREFIX "pending p LEFT JOIN " HL_PREFIX "origins o ON o.node = p.node AND o.epoch = p.epoch "
         "GROUP BY p.node, p.epoch ORDER BY p.node, p.epoch LIMIT 64",
         -1, &q, NULL);
@@ -1449,6 +1530,7 @@ hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n)
         h->applied = (uint64_t)sqlite3_column_int64(q, 6);
         const unsigned char *r = sqlite3_column_text(q, 7);
         snprintf(h->reason, sizeof h->reason, "%s", r ? (const char *)r : "");
+        h->bytes = (uint64_t)sqlite3_column_int64(q, 8);
     }
     sqlite3_finalize(q);
     if (!st && rc != SQLITE_DONE)

@@ -40,11 +40,12 @@ typedef struct hl_db_stats {
     uint64_t changesets_duplicate;
     uint64_t changesets_malformed;
     uint64_t changesets_held;
-    uint64_t chains_applied;  /* transactions received as a chain of changesets and applied as one */
-    uint64_t changesets_late; /* applied after their position had been given up on */
-    uint64_t order_gaps;      /* times missing predecessors were given up on */
-    uint64_t table_resyncs;   /* tables sent in full because VACUUM or a rebuild moved their rowids */
-    uint64_t clock_ahead;     /* changesets held: a row version too far ahead of the wall clock */
+    uint64_t chains_applied;      /* transactions received as a chain of changesets and applied as one */
+    uint64_t changesets_late;     /* applied after their position had been given up on */
+    uint64_t order_gaps;          /* times missing predecessors were given up on */
+    uint64_t table_resyncs;       /* tables sent in full because VACUUM or a rebuild moved their rowids */
+    uint64_t clock_ahead;         /* changesets held: a row version too far ahead of the wall clock */
+    uint64_t changesets_deferred; /* not stored: their origin was over max_held_bytes (read again later) */
 } hl_db_stats;
 
 /* Settings from the configuration (hl_db_configure); hl_db_open starts with
@@ -55,6 +56,8 @@ typedef struct hl_db_options {
     size_t max_changeset_bytes;  /* largest changeset sent or accepted, uncompressed (256 MiB) */
     size_t chain_bytes;          /* member size of a chain; 0: hl_chain_bytes(max_changeset_bytes) (0) */
     uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held (60 s) */
+    uint64_t max_held_bytes;     /* bound on changesets held behind a schema hold, per origin and in total;
+                                    0: unbounded (0) */
 } hl_db_options;
 
 /* ---- store.c: the connection ---- */
@@ -107,6 +110,9 @@ size_t hl_db_table_count(const hl_db *d);
 const unsigned char *hl_db_schema_hash(const hl_db *d);
 const unsigned char *hl_db_prev_schema_hash(const hl_db *d);
 char *hl_db_schema_json(const hl_db *d);
+/* For -schema-status beside a running node: reads the replicated tables and
+ * their hashes (as a start would see them) without installing or writing anything. */
+hl_status hl_db_schema_read(hl_db *d);
 /* The engine connection itself, for tests that look at its settings. */
 sqlite3 *hl_db_handle(hl_db *d);
 
@@ -140,6 +146,8 @@ typedef enum hl_apply_result {
     HL_DUPLICATE,   /* seq already applied for this origin */
     HL_HELD,        /* stored in __harmonylite__pending: out of order, or schema mismatch */
     HL_MALFORMED,   /* names things unknown although the schema hash matches: refused */
+    HL_DEFERRED,    /* neither applied nor stored: holding it would pass max_held_bytes; the stream
+                       position stops before it (hl_positions.cap) so it is read again later */
 } hl_apply_result;
 
 /* Stream positions the engine keeps, one per shard stream. */
@@ -148,6 +156,9 @@ typedef struct hl_positions {
     char *const *streams; /* names, the keys of __harmonylite__seq */
     uint64_t *applied;    /* recorded in the database */
     uint64_t *seen;       /* every message up to here dealt with; maybe not recorded yet */
+    uint64_t *cap;        /* may be NULL; per shard, nonzero: a changeset was deferred (HL_DEFERRED)
+                             and the stream must be read again from this sequence; seen stays
+                             below it until the caller clears it */
 } hl_positions;
 
 /* What one hl_db_step is asked to do, and what it did. */
@@ -221,10 +232,14 @@ typedef struct hl_held_origin {
     uint64_t applied;    /* the origin's applied sequence */
     uint64_t since_ms;   /* wall ms when the oldest was held */
     char reason[256];    /* why the first in line waits */
+    uint64_t bytes;      /* bytes held */
 } hl_held_origin;
 /* At most 64 origins, by node id; *out is freed with hl_held_list_free. */
 hl_status hl_db_held_list(hl_db *d, hl_held_origin **out, size_t *n);
 void hl_held_list_free(hl_held_origin *v); /* NULL is a no-op */
+/* Bytes held for origins that have a changeset held for the schema: what
+ * max_held_bytes bounds (docs/architecture.md, "Held changesets"). */
+hl_status hl_db_held_bytes(hl_db *d, uint64_t *bounded);
 /* Held changesets: all, those waiting for the local schema, and the oldest one's hold time. */
 hl_status hl_db_held_count(hl_db *d, uint64_t *count, uint64_t *for_schema, uint64_t *oldest_ms);
 

@@ -102,6 +102,7 @@ struct hl_db {
     hl_ratelimit null_key_log;    /* warnings about rows with NULL in their key */
     char last_error[200];         /* the last SQLite error logged by hl_db_err/hl_db_exec, for /readyz */
     hl_ratelimit clock_ahead_log; /* warnings about versions ahead of the wall clock */
+    bool held_full;               /* hold() refused: max_held_bytes (hl_apply defers the changeset) */
     hl_outbox outbox;
     sqlite3_stmt *st_meta_put, *st_conflict_put;
     sqlite3_stmt *st_hwm_get, *st_hwm_put;
@@ -156,6 +157,11 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
 /* Reads the local schema into out (replaces its content). Logs skipped virtual tables once. */
 hl_status hl_schema_scan(hl_db *d, hl_schema *out);
 void hl_schema_free(hl_schema *s); /* NULL is a no-op */
+/* The canonical description the schema hash is the SHA-256 of (docs/protocol.md §7), appended to out. */
+hl_status hl_schema_canonical(const hl_schema *s, hl_buf *out);
+/* Persists d's schema hash in meta; when it differs from the one recorded,
+ * that one becomes the previous hash (kept in meta across restarts). */
+hl_status hl_schema_track(hl_db *d);
 /* Finds a table by name, case-insensitively as SQLite does. */
 hl_table *hl_schema_find(hl_schema *s, const char *name);
 /* The replicated tables as JSON for /schema (docs/operations.md), malloc'd;

@@ -10,9 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cjson/cJSON.h>
+#include <openssl/evp.h>
 
 #include "common/log.h"
-#include "common/sha256.h"
 #include "db/db_int.h"
 
 /* Finalizes t's cached statements. */
@@ -106,9 +106,9 @@ static char *normalise_type(const char *s)
     return o;
 }
 
-static int cmp_str(const void *a, const void *b)
+static int cmp_table(const void *a, const void *b)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
+    return strcmp((*(const hl_table *const *)a)->name, (*(const hl_table *const *)b)->name);
 }
 
 /* Room for one more column in t's parallel column arrays. */
@@ -210,53 +210,135 @@ static char *key_signature(const hl_table *t)
     return (char *)hl_buf_steal(&b, NULL);
 }
 
-static void schema_hash(hl_schema *s)
+/* Appends t's part of the canonical description (docs/protocol.md §7). */
+static hl_status canonical_table(hl_buf *b, const hl_table *t)
 {
-    /* Canonical description: tables sorted by name; per table its columns
-     * sorted by name with normalised type, not-null and key position. Lengths
-     * prefix every string so no two schemas serialise alike. */
-    hl_sha256 h;
-    char num[64];
-    char **names = calloc(s->n ? s->n : 1, sizeof *names);
-    hl_sha256_init(&h);
-    if (!names)
-        goto out;
-    for (size_t i = 0; i < s->n; i++)
-        names[i] = s->t[i].name;
-    qsort(names, s->n, sizeof *names, cmp_str);
-    for (size_t i = 0; i < s->n; i++) {
-        hl_table *t = hl_schema_find(s, names[i]);
-        int n = snprintf(num, sizeof num, "T%zu:", strlen(t->name));
-        hl_sha256_update(&h, num, (size_t)n);
-        hl_sha256_update(&h, t->name, strlen(t->name));
-        size_t *ord = calloc(t->ncols ? t->ncols : 1, sizeof *ord);
-        if (!ord)
-            goto out;
-        for (size_t c = 0; c < t->ncols; c++)
-            ord[c] = c;
-        /* insertion sort by column name: column counts are small */
-        for (size_t a = 1; a < t->ncols; a++)
-            for (size_t b = a; b > 0 && strcmp(t->cols[ord[b - 1]], t->cols[ord[b]]) > 0; b--) {
-                size_t tmp = ord[b];
-                ord[b] = ord[b - 1];
-                ord[b - 1] = tmp;
-            }
-        for (size_t c = 0; c < t->ncols; c++) {
-            size_t k = ord[c];
-            n = snprintf(num, sizeof num, "C%zu:", strlen(t->cols[k]));
-            hl_sha256_update(&h, num, (size_t)n);
-            hl_sha256_update(&h, t->cols[k], strlen(t->cols[k]));
-            n = snprintf(num, sizeof num, "D%zu:", strlen(t->decl[k]));
-            hl_sha256_update(&h, num, (size_t)n);
-            hl_sha256_update(&h, t->decl[k], strlen(t->decl[k]));
-            n = snprintf(num, sizeof num, "N%dP%d;", t->notnull[k] ? 1 : 0, t->pkpos[k]);
-            hl_sha256_update(&h, num, (size_t)n);
+    size_t *ord = calloc(t->ncols ? t->ncols : 1, sizeof *ord);
+    if (!ord)
+        return HL_ERR_NOMEM;
+    for (size_t c = 0; c < t->ncols; c++)
+        ord[c] = c;
+    /* insertion sort by column name: column counts are small */
+    for (size_t a = 1; a < t->ncols; a++)
+        for (size_t k = a; k > 0 && strcmp(t->cols[ord[k - 1]], t->cols[ord[k]]) > 0; k--) {
+            size_t tmp = ord[k];
+            ord[k] = ord[k - 1];
+            ord[k - 1] = tmp;
         }
-        free(ord);
+    hl_status st = hl_buf_addf(b, "T%zu:%s", strlen(t->name), t->name);
+    for (size_t c = 0; !st && c < t->ncols; c++) {
+        size_t k = ord[c];
+        st = hl_buf_addf(b, "C%zu:%sD%zu:%sN%dP%d;", strlen(t->cols[k]), t->cols[k], strlen(t->decl[k]), t->decl[k],
+                         t->notnull[k] ? 1 : 0, t->pkpos[k]);
     }
-out:
-    free(names);
-    hl_sha256_final(&h, s->hash);
+    free(ord);
+    return st;
+}
+
+hl_status hl_schema_canonical(const hl_schema *s, hl_buf *out)
+{
+    /* Tables sorted by name; per table its columns sorted by name with
+     * normalised type, not-null and key position. Lengths prefix every name
+     * so no two schemas serialise alike. */
+    const hl_table **ord = calloc(s->n ? s->n : 1, sizeof *ord);
+    hl_status st = ord ? hl_buf_adds(out, "harmonylite-schema-1;") : HL_ERR_NOMEM;
+    for (size_t i = 0; ord && i < s->n; i++)
+        ord[i] = &s->t[i];
+    if (ord)
+        qsort(ord, s->n, sizeof *ord, cmp_table);
+    for (size_t i = 0; !st && i < s->n; i++)
+        st = canonical_table(out, ord[i]);
+    free(ord);
+    return st;
+}
+
+/* SHA-256 of the canonical description into s->hash; all zero when out of memory. */
+static hl_status schema_hash(hl_schema *s)
+{
+    hl_buf b;
+    hl_buf_init(&b, 256u << 20);
+    hl_status st = hl_schema_canonical(s, &b);
+    unsigned int n = 0;
+    memset(s->hash, 0, sizeof s->hash);
+    if (!st && !EVP_Digest(b.data ? b.data : (const unsigned char *)"", b.len, s->hash, &n, EVP_sha256(), NULL))
+        st = HL_ERR_NOMEM;
+    hl_buf_free(&b);
+    return st;
+}
+
+/* The 32-byte blob meta value key into out; *found false when absent or not 32 bytes. */
+static hl_status meta_hash_get(hl_db *d, const char *key, unsigned char out[32], bool *found)
+{
+    sqlite3_stmt *st = NULL;
+    *found = false;
+    int rc = sqlite3_prepare_v2(d->db, "SELECT value FROM " HL_PREFIX "meta WHERE key = ?", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return hl_db_err(d, rc, "meta get");
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) == SQLITE_BLOB && sqlite3_column_bytes(st, 0) == 32) {
+        memcpy(out, sqlite3_column_blob(st, 0), 32);
+        *found = true;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "meta get");
+}
+
+static hl_status meta_hash_put(hl_db *d, const char *key, const unsigned char v[32])
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(d->db,
+                                "INSERT INTO " HL_PREFIX "meta(key, value) VALUES (?, ?) "
+                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, v, 32, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "meta put");
+}
+
+hl_status hl_db_schema_read(hl_db *d)
+{
+    unsigned char cur[32], prev[32];
+    bool have_cur, have_prev;
+    hl_status st;
+    if ((st = hl_schema_scan(d, &d->schema)) || (st = meta_hash_get(d, "schema_hash", cur, &have_cur)) ||
+        (st = meta_hash_get(d, "prev_schema_hash", prev, &have_prev)))
+        return st;
+    if (have_cur && memcmp(cur, d->schema.hash, 32) != 0) {
+        memcpy(prev, cur, 32);
+        have_prev = true;
+    }
+    d->have_prev_hash = have_prev;
+    if (have_prev)
+        memcpy(d->prev_hash, prev, 32);
+    return HL_OK;
+}
+
+hl_status hl_schema_track(hl_db *d)
+{
+    unsigned char cur[32], prev[32];
+    bool have_cur, have_prev;
+    hl_status st;
+    if ((st = meta_hash_get(d, "schema_hash", cur, &have_cur)) ||
+        (st = meta_hash_get(d, "prev_schema_hash", prev, &have_prev)))
+        return st;
+    if (have_cur && memcmp(cur, d->schema.hash, 32) != 0) {
+        /* changed, live or while we were stopped: the hash we last saw is now the previous one */
+        memcpy(prev, cur, 32);
+        have_prev = true;
+        if ((st = meta_hash_put(d, "prev_schema_hash", prev)))
+            return st;
+    }
+    if ((!have_cur || memcmp(cur, d->schema.hash, 32) != 0) && (st = meta_hash_put(d, "schema_hash", d->schema.hash)))
+        return st;
+    d->have_prev_hash = have_prev;
+    if (have_prev)
+        memcpy(d->prev_hash, prev, 32);
+    return HL_OK;
 }
 
 /* Whether name is a shadow table of one of the virtual tables in virt (NUL
@@ -375,7 +457,8 @@ hl_status hl_schema_scan(hl_db *d, hl_schema *out)
     }
     for (size_t i = 0; i < s.n; i++)
         key_kind(d, &s.t[i]);
-    schema_hash(&s);
+    if ((res = schema_hash(&s)))
+        goto out;
     hl_schema_free(out);
     *out = s;
     memset(&s, 0, sizeof s);

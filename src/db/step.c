@@ -16,7 +16,7 @@
 #include <time.h>
 
 #include "common/hlc.h"
-#include "common/sha256.h"
+#include "common/buf.h"
 #include "db/db_int.h"
 
 static uint64_t mono_us(void)
@@ -62,7 +62,11 @@ static hl_status apply_all(hl_db *d, hl_inbound *items, hl_positions *pos, const
         }
         if (results)
             *results++ = r;
-        if (pos && it->shard >= 0 && it->shard < pos->n && it->safe_seq > pos->seen[it->shard])
+        if (!pos || it->shard < 0 || it->shard >= pos->n)
+            continue;
+        if (r == HL_DEFERRED && pos->cap && !pos->cap[it->shard])
+            pos->cap[it->shard] = pos->seen[it->shard] + 1; /* its messages come after seen: read again from here */
+        if (it->safe_seq > pos->seen[it->shard] && !(pos->cap && pos->cap[it->shard]))
             pos->seen[it->shard] = it->safe_seq;
     }
     return hl_apply_end(d);

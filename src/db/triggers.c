@@ -655,9 +655,7 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     hl_buf_init(&c.tsql, 16u << 20);
     hl_buf_init(&c.want, 256u << 20);
 
-    unsigned char old_hash[32];
     bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
-    memcpy(old_hash, d->schema.hash, 32);
     if ((st = hl_schema_scan(d, &d->schema)) || (st = existing(d, "trigger", &c.trig)) ||
         (st = existing(d, "table", &c.tabs)))
         goto out;
@@ -682,11 +680,9 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     d->schema_version = hl_db_schema_version(d);
     if ((st = hl_db_meta_put(d, "rowids_checked", d->schema_version)))
         goto out;
+    if ((st = hl_schema_track(d)))
+        goto out;
     *changed = true;
-    if (had_schema && memcmp(old_hash, d->schema.hash, 32) != 0) {
-        memcpy(d->prev_hash, old_hash, 32);
-        d->have_prev_hash = true;
-    }
 out:
     hl_buf_free(&c.trig);
     hl_buf_free(&c.tabs);

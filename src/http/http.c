@@ -249,7 +249,18 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
         snprintf(c[CHECK_GAP].reason, sizeof c[0].reason, "%s",
                  r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
     }
-    if (s->paused) {
+    if (s->schema_odd) {
+        char r[sizeof s->schema_odd_reason];
+        fixed_str(r, sizeof r, s->schema_odd_reason, sizeof s->schema_odd_reason);
+        c[CHECK_SCHEMA].ok = false;
+        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
+                 r[0] ? r : "this node's schema is incompatible with the schema most live nodes run");
+    } else if (s->held_bound_reason[0]) {
+        /* Reported, not failing: a stray or forged origin must not take the node out of service. */
+        char r[sizeof s->held_bound_reason];
+        fixed_str(r, sizeof r, s->held_bound_reason, sizeof s->held_bound_reason);
+        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s", r);
+    } else if (s->paused) {
         /* Reported, not failing: every other origin keeps applying, and a
          * hold may come from a node that is gone or a stray message. */
         char r[sizeof s->paused_reason];
@@ -467,6 +478,18 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_simple(&w, "clock_ahead_total", "counter",
              "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
              s->clock_ahead);
+    m_simple(&w, "changesets_deferred_total", "counter",
+             "Changesets not stored because their origin waits for the schema and holding them would pass "
+             "schema.max_held_bytes; read again from the stream once room frees.",
+             s->changesets_deferred);
+    m_simple(&w, "held_bytes", "gauge",
+             "Bytes held for origins waiting for the local schema (what schema.max_held_bytes bounds).", s->held_bytes);
+    m_simple(&w, "held_bound_streams", "gauge",
+             "Streams not read past a deferred changeset until held changesets leave room (schema.max_held_bytes).",
+             s->held_bound_streams);
+    m_simple(&w, "schema_odd_one_out", "gauge",
+             "1 while this node's schema is incompatible with the schema most live nodes run (not ready).",
+             s->schema_odd ? 1 : 0);
     m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
     uint64_t expired = 0;
@@ -586,7 +609,8 @@ static bool add_held(cJSON *root, const hl_state_snapshot *s)
             const char *k;
             uint64_t v;
         } nums[] = {{"origin", h->node},         {"changesets", h->count},    {"waiting_for_schema", h->for_schema},
-                    {"first_seq", h->first_seq}, {"applied_seq", h->applied}, {"held_since_ms", h->since_ms}};
+                    {"first_seq", h->first_seq}, {"applied_seq", h->applied}, {"held_since_ms", h->since_ms},
+                    {"bytes", h->bytes}};
         for (size_t k = 0; k < sizeof nums / sizeof nums[0]; k++) {
             snprintf(num, sizeof num, "%" PRIu64, nums[k].v);
             if (!cJSON_AddRawToObject(o, nums[k].k, num))
@@ -634,6 +658,12 @@ static cJSON *schema_object(const hl_state_snapshot *s)
     cJSON_AddItemToObject(root, "tables", tables);
     if (!add_held(root, s))
         goto fail;
+    /* The registry's view (registry.h); null until the first heartbeat read it. */
+    cJSON *cluster = s->cluster_json ? cJSON_Parse(s->cluster_json) : NULL;
+    if (!(cluster ? cJSON_AddItemToObject(root, "cluster", cluster) : cJSON_AddNullToObject(root, "cluster") != NULL)) {
+        cJSON_Delete(cluster);
+        goto fail;
+    }
     return root;
 fail:
     cJSON_Delete(root);
@@ -779,6 +809,7 @@ static enum MHD_Result route(hl_http *h, struct MHD_Connection *conn, const char
         body = hl_http_render_schema(&s);
     }
     free(s.schema_json);
+    free(s.cluster_json);
     return reply(conn, (unsigned int)code, ctype, body, false);
 }
 

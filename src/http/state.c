@@ -15,23 +15,32 @@ void hl_state_init(hl_state *s)
 void hl_state_destroy(hl_state *s)
 {
     free(s->cur.schema_json);
-    s->cur.schema_json = NULL;
+    free(s->cur.cluster_json);
+    s->cur.schema_json = s->cur.cluster_json = NULL;
     pthread_mutex_destroy(&s->mu);
+}
+
+/* The state's copy of text: kept when equal, replaced by a copy of text when it changed (and memory allows). */
+static char *keep_or_dup(char *mine, const char *text)
+{
+    if (text && (!mine || strcmp(mine, text) != 0)) {
+        char *dup = strdup(text);
+        if (dup) {
+            free(mine);
+            mine = dup;
+        }
+    }
+    return mine;
 }
 
 void hl_state_publish(hl_state *s, const hl_state_snapshot *snap)
 {
     pthread_mutex_lock(&s->mu);
-    char *json = s->cur.schema_json;
-    if (snap->schema_json && (!json || strcmp(json, snap->schema_json) != 0)) {
-        char *dup = strdup(snap->schema_json);
-        if (dup) {
-            free(json);
-            json = dup;
-        }
-    }
+    char *json = keep_or_dup(s->cur.schema_json, snap->schema_json);
+    char *cluster = keep_or_dup(s->cur.cluster_json, snap->cluster_json);
     s->cur = *snap;
     s->cur.schema_json = json;
+    s->cur.cluster_json = cluster;
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -40,6 +49,7 @@ void hl_state_get(hl_state *s, hl_state_snapshot *out)
     pthread_mutex_lock(&s->mu);
     *out = s->cur;
     out->schema_json = s->cur.schema_json ? strdup(s->cur.schema_json) : NULL;
+    out->cluster_json = s->cur.cluster_json ? strdup(s->cur.cluster_json) : NULL;
     pthread_mutex_unlock(&s->mu);
 }
 

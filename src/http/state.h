@@ -42,6 +42,7 @@ typedef struct hl_state_held {
     uint64_t applied;    /* the origin's applied sequence */
     uint64_t since_ms;   /* wall ms when the oldest was held */
     char reason[200];    /* why the first in line waits */
+    uint64_t bytes;      /* bytes held */
 } hl_state_held;
 
 typedef struct hl_state_snapshot {
@@ -59,7 +60,12 @@ typedef struct hl_state_snapshot {
     char gap_reason[256];
     bool paused; /* changesets held waiting for the local schema (reported, not failing) */
     char paused_reason[256];
-    bool engine_stalled; /* the engine's transactions kept failing for stall_timeout */
+    bool schema_odd; /* this node's schema is the odd one out in the registry (registry.h): not ready */
+    char schema_odd_reason[400];
+    uint64_t held_bound_streams; /* streams not read past a deferred changeset (schema.max_held_bytes) */
+    uint64_t held_bytes;         /* bytes held for origins waiting for the schema: what the bound counts */
+    char held_bound_reason[400]; /* reported on /readyz (not failing), "" when no stream is held back */
+    bool engine_stalled;         /* the engine's transactions kept failing for stall_timeout */
     char engine_reason[256];
     bool nats_server_running; /* embedded mode only */
     uint64_t nats_server_restarts;
@@ -71,12 +77,13 @@ typedef struct hl_state_snapshot {
     uint64_t rows_applied, rows_skipped_lww, conflicts;
     uint64_t changesets_applied, changesets_duplicate, changesets_malformed, changesets_held;
     uint64_t clock_ahead;
-    uint64_t messages_malformed; /* refused before decoding (bad header, bad payload) */
-    uint64_t held_now;           /* rows in __harmonylite__pending */
-    uint64_t chains_applied;     /* transactions received as a chain of changesets, applied as one */
-    uint64_t changesets_late;    /* applied after their position had been given up on */
-    uint64_t order_gaps;         /* times missing predecessors were given up on */
-    uint64_t engine_failures;    /* engine transactions that failed (and were retried) */
+    uint64_t changesets_deferred; /* not stored: their origin was over schema.max_held_bytes; read again later */
+    uint64_t messages_malformed;  /* refused before decoding (bad header, bad payload) */
+    uint64_t held_now;            /* rows in __harmonylite__pending */
+    uint64_t chains_applied;      /* transactions received as a chain of changesets, applied as one */
+    uint64_t changesets_late;     /* applied after their position had been given up on */
+    uint64_t order_gaps;          /* times missing predecessors were given up on */
+    uint64_t engine_failures;     /* engine transactions that failed (and were retried) */
 
     /* held changesets per origin (the first HL_STATE_MAX_HELD by node id) */
     int nheld;
@@ -95,7 +102,8 @@ typedef struct hl_state_snapshot {
     /* /schema: JSON text describing the replicated tables, rebuilt on schema change */
     char schema_hash[65];
     char prev_schema_hash[65];
-    char *schema_json; /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
+    char *schema_json;  /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
+    char *cluster_json; /* owned by the state: the registry's view (hl_cluster_json), NULL before the first */
 } hl_state_snapshot;
 
 typedef struct hl_state {
@@ -105,9 +113,9 @@ typedef struct hl_state {
 
 void hl_state_init(hl_state *s);
 void hl_state_destroy(hl_state *s);
-/* Copies snap in (schema_json is duplicated when it changed). Engine thread only. */
+/* Copies snap in (schema_json and cluster_json are duplicated when they changed). Engine thread only. */
 void hl_state_publish(hl_state *s, const hl_state_snapshot *snap);
-/* Copies the current snapshot out; out->schema_json is a new string the caller frees. */
+/* Copies the current snapshot out; out->schema_json and out->cluster_json are new strings the caller frees. */
 void hl_state_get(hl_state *s, hl_state_snapshot *out);
 /* Adds one lag observation (seconds) to a snapshot's histogram. */
 void hl_state_observe_lag(hl_state_snapshot *snap, double seconds);

@@ -9,6 +9,7 @@ hl_status hl_queue_init(hl_queue *q, size_t max_bytes)
 {
     memset(q, 0, sizeof *q);
     q->max_bytes = max_bytes;
+    q->discard_shard = -1;
     q->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (q->wake_fd < 0)
         return HL_ERR_IO;
@@ -56,9 +57,9 @@ void hl_queue_push(hl_queue *q, hl_inbound *it)
 {
     it->next = NULL;
     pthread_mutex_lock(&q->mu);
-    while (!q->closed && q->head && q->bytes + it->bytes > q->max_bytes)
+    while (!q->closed && it->shard != q->discard_shard && q->head && q->bytes + it->bytes > q->max_bytes)
         pthread_cond_wait(&q->space, &q->mu);
-    if (q->closed) {
+    if (q->closed || it->shard == q->discard_shard) {
         pthread_mutex_unlock(&q->mu);
         hl_inbound_free(it);
         return;
@@ -120,6 +121,32 @@ void hl_queue_unpop(hl_queue *q, hl_inbound *list)
         q->tail = last;
     q->bytes += bytes;
     pthread_mutex_unlock(&q->mu);
+}
+
+void hl_queue_discard_shard(hl_queue *q, int shard, bool on)
+{
+    hl_inbound *drop = NULL;
+    pthread_mutex_lock(&q->mu);
+    q->discard_shard = on ? shard : -1;
+    if (on) {
+        hl_inbound **pp = &q->head, *last = NULL;
+        while (*pp) {
+            hl_inbound *it = *pp;
+            if (it->shard == shard) {
+                *pp = it->next;
+                q->bytes -= it->bytes;
+                it->next = drop;
+                drop = it;
+            } else {
+                last = it;
+                pp = &it->next;
+            }
+        }
+        q->tail = last;
+        pthread_cond_broadcast(&q->space);
+    }
+    pthread_mutex_unlock(&q->mu);
+    hl_inbound_free(drop);
 }
 
 void hl_queue_push_ack(hl_queue *q, hl_ack a)

@@ -41,7 +41,8 @@ typedef struct hl_queue {
     size_t bytes, max_bytes;
     hl_ack *acks;
     size_t nacks, acks_cap;
-    int wake_fd; /* eventfd the engine polls */
+    int wake_fd;       /* eventfd the engine polls */
+    int discard_shard; /* -1, or a shard whose items are freed instead of queued (hl_queue_discard_shard) */
     volatile int closed;
 } hl_queue;
 
@@ -63,6 +64,10 @@ void hl_inbound_free(hl_inbound *it);
 void hl_queue_push_ack(hl_queue *q, hl_ack a);
 /* Moves all pending acks into *out (caller frees); returns the count. */
 size_t hl_queue_take_acks(hl_queue *q, hl_ack **out);
+/* on: frees the queued items of shard and every one pushed for it until
+ * called with on false (a pusher for it never blocks meanwhile), so that
+ * shard's fetcher can be stopped and restarted from an earlier position. */
+void hl_queue_discard_shard(hl_queue *q, int shard, bool on);
 /* Unblocks pushers for shutdown. */
 void hl_queue_close(hl_queue *q);
 

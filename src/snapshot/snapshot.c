@@ -31,7 +31,6 @@
 #include "common/buf.h"
 #include "common/hlc.h"
 #include "common/log.h"
-#include "common/sha256.h"
 #include "db/db.h"
 #include "snapshot/manifest.h"
 #include "snapshot/store.h"

@@ -1237,6 +1237,13 @@ START_TEST(test_discovery_keys)
     expect_load_error("nats:\n  sync_interval: sometimes\n",
                       "2: nats.sync_interval: expected always, or a positive duration: digits followed by ms, s, m "
                       "or h (e.g. 10s), got \"sometimes\"");
+    expect_load_error("schema:\n  registry_bucket: KV.registry\n",
+                      "2: schema.registry_bucket: expected a bucket name of 1 to 64 letters, digits, '_' or '-', "
+                      "got \"KV.registry\"");
+    expect_load_error("schema:\n  heartbeat: 0\n",
+                      "2: schema.heartbeat: expected an integer from 1 to 3600, got \"0\"");
+    expect_load_error("schema:\n  max_held_bytes: 1000\n",
+                      "2: schema.max_held_bytes: expected an integer from 1048576 to 1099511627776, got \"1000\"");
     expect_load_error("nats:\n  sync_interval: 0s\n",
                       "2: nats.sync_interval: expected always, or a positive duration: digits followed by ms, s, m "
                       "or h (e.g. 10s), got \"0s\"");

@@ -266,6 +266,96 @@ START_TEST(schema_skips_virtual_and_internal)
 }
 END_TEST
 
+/* The schema hash's canonical description and its test vector (docs/protocol.md §7). */
+#define VECTOR_SQL                                                                                                     \
+    "CREATE TABLE users(id INTEGER PRIMARY KEY, name text  not null, email VARCHAR( 255 ), nick);"                     \
+    "CREATE TABLE \"Orders\"(user_id INTEGER, n int, total REAL NOT NULL DEFAULT 0, PRIMARY KEY(n, user_id)) "         \
+    "WITHOUT ROWID;"
+#define VECTOR_CANONICAL                                                                                               \
+    "harmonylite-schema-1;T6:OrdersC1:nD3:INTN1P1;C5:totalD4:REALN1P0;C7:user_idD7:INTEGERN1P2;"                       \
+    "T5:usersC5:emailD14:VARCHAR( 255 )N0P0;C2:idD7:INTEGERN0P1;C4:nameD4:TEXTN1P0;C4:nickD0:N0P0;"
+#define VECTOR_HASH "44e719ee2bb6c81f87102ad9515c737fedc547633853059a219280c169d15795"
+
+START_TEST(schema_hash_is_sha256_of_the_canonical_form)
+{
+    char path[300];
+    path_of(path, sizeof path, "v.db");
+    sqlite3 *app = app_open(path);
+    app_exec(app, VECTOR_SQL);
+    hl_db *d = engine_open(path, 1);
+    hl_buf b;
+    hl_buf_init(&b, 1u << 20);
+    ck_assert_int_eq(hl_schema_canonical(&d->schema, &b), HL_OK);
+    ck_assert_str_eq(hl_buf_str(&b), VECTOR_CANONICAL);
+    char hex[65];
+    hl_hex(hl_db_schema_hash(d), 32, hex);
+    ck_assert_str_eq(hex, VECTOR_HASH);
+    ck_assert_ptr_null(hl_db_prev_schema_hash(d));
+    /* The vector the protocol documents is this one. */
+    FILE *f = fopen(HL_SOURCE_DIR "/docs/protocol.md", "r");
+    ck_assert_ptr_nonnull(f);
+    static char doc[1 << 18];
+    size_t n = fread(doc, 1, sizeof doc - 1, f);
+    doc[n] = 0;
+    fclose(f);
+    ck_assert_ptr_nonnull(strstr(doc, VECTOR_HASH));
+    ck_assert_ptr_nonnull(strstr(doc, "T5:usersC5:emailD14:VARCHAR( 255 )N0P0;"));
+    /* Declaration order, case of type names and white space do not matter; a column does. */
+    unsigned char h1[32];
+    memcpy(h1, hl_db_schema_hash(d), 32);
+    hl_db_close(d);
+    sqlite3_close(app);
+    path_of(path, sizeof path, "w.db");
+    app = app_open(path);
+    app_exec(app, "CREATE TABLE \"Orders\"(total  real NOT NULL, n INT, user_id integer, PRIMARY KEY(n, user_id)) "
+                  "WITHOUT ROWID; CREATE TABLE users(nick, email varchar(   255 ), name TEXT NOT NULL, id INTEGER "
+                  "PRIMARY KEY)");
+    d = engine_open(path, 1);
+    ck_assert_mem_eq(hl_db_schema_hash(d), h1, 32);
+    hl_db_close(d);
+    sqlite3_close(app);
+    hl_buf_free(&b);
+}
+END_TEST
+
+/* The previous hash follows live changes and changes made while stopped, and survives a restart. */
+START_TEST(previous_schema_hash_is_kept_and_persisted)
+{
+    char path[300];
+    unsigned char h0[32], h1[32], h2[32];
+    path_of(path, sizeof path, "p.db");
+    sqlite3 *app = app_open(path);
+    app_exec(app, "CREATE TABLE t(id INTEGER PRIMARY KEY, a)");
+    hl_db *d = engine_open(path, 1);
+    memcpy(h0, hl_db_schema_hash(d), 32);
+    ck_assert_ptr_null(hl_db_prev_schema_hash(d));
+    app_exec(app, "ALTER TABLE t ADD COLUMN b");
+    hl_step s = {.capture = true};
+    ck_assert_int_eq(hl_db_step(d, NULL, NULL, &s), HL_OK);
+    ck_assert(s.schema_changed);
+    memcpy(h1, hl_db_schema_hash(d), 32);
+    ck_assert_mem_ne(h0, h1, 32);
+    ck_assert_ptr_nonnull(hl_db_prev_schema_hash(d));
+    ck_assert_mem_eq(hl_db_prev_schema_hash(d), h0, 32);
+    hl_db_close(d);
+    /* restart: the previous hash is still known */
+    d = engine_open(path, 1);
+    ck_assert_mem_eq(hl_db_schema_hash(d), h1, 32);
+    ck_assert_ptr_nonnull(hl_db_prev_schema_hash(d));
+    ck_assert_mem_eq(hl_db_prev_schema_hash(d), h0, 32);
+    hl_db_close(d);
+    /* changed while stopped: the hash last seen becomes the previous one */
+    app_exec(app, "ALTER TABLE t ADD COLUMN c");
+    d = engine_open(path, 1);
+    memcpy(h2, hl_db_schema_hash(d), 32);
+    ck_assert_mem_ne(h2, h1, 32);
+    ck_assert_ptr_nonnull(hl_db_prev_schema_hash(d));
+    ck_assert_mem_eq(hl_db_prev_schema_hash(d), h1, 32);
+    hl_db_close(d);
+    sqlite3_close(app);
+}
+END_TEST
+
 START_TEST(capture_and_apply_round_trip)
 {
     pair p;
@@ -1227,6 +1317,81 @@ START_TEST(big_transaction_travels_as_a_chain_applied_as_one)
 }
 END_TEST
 
+/* schema.max_held_bytes: behind a schema hold, changesets past the bound are
+ * deferred (not stored), the position stops before the first of them, and
+ * reading them again once the schema fits loses nothing. */
+START_TEST(held_bytes_are_bounded_and_deferred_ones_are_read_again)
+{
+    pair p;
+    pair_open(&p);
+    hl_db_options o = *hl_db_get_options(p.b);
+    o.max_held_bytes = 1u << 20;
+    hl_db_configure(p.b, &o);
+    app_exec(p.appa, "ALTER TABLE books ADD COLUMN cover BLOB");
+    enum { N = 8 };
+    hl_changeset *cs[N];
+    hl_buf raw[N];
+    uint8_t flags[N];
+    for (int i = 0; i < N; i++) {
+        char sql[200];
+        snprintf(sql, sizeof sql, "INSERT INTO books(id, title, cover) VALUES (%d, 'c', randomblob(200000))", 100 + i);
+        app_exec(p.appa, sql);
+        ck_assert_uint_eq(capture(p.a), 1);
+        hl_buf_init(&raw[i], 64u << 20);
+        cs[i] = take(p.a, &raw[i], &flags[i]);
+    }
+    char s0[] = "s0";
+    char *names[] = {s0};
+    uint64_t applied[1] = {0}, seen[1] = {0}, cap[1] = {0};
+    hl_positions pos = {.n = 1, .streams = names, .applied = applied, .seen = seen, .cap = cap};
+    hl_inbound it[N];
+    memset(it, 0, sizeof it);
+    for (int i = 0; i < N; i++) {
+        it[i] = (hl_inbound){.next = i + 1 < N ? &it[i + 1] : NULL,
+                             .shard = 0,
+                             .safe_seq = (uint64_t)(10 + i),
+                             .cs = cs[i],
+                             .raw = raw[i].data,
+                             .rawlen = raw[i].len,
+                             .flags = flags[i]};
+    }
+    hl_step s = {0};
+    ck_assert_int_eq(hl_db_step(p.b, &it[0], &pos, &s), HL_OK);
+    ck_assert(s.committed);
+    uint64_t deferred = hl_db_counters(p.b)->changesets_deferred, bounded = 0;
+    ck_assert_uint_gt(deferred, 0);
+    ck_assert_uint_lt(deferred, N);
+    int first = N - (int)deferred; /* the held ones come first, then every later one is deferred */
+    ck_assert_uint_eq(cap[0], 10 + (uint64_t)first);
+    ck_assert_uint_eq(seen[0], 9 + (uint64_t)first);
+    ck_assert_uint_eq(applied[0], 9 + (uint64_t)first);
+    ck_assert_int_eq(hl_db_held_bytes(p.b, &bounded), HL_OK);
+    ck_assert_uint_le(bounded, 1u << 20);
+    ck_assert_uint_gt(bounded, 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), first);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id >= 100"), 0);
+
+    /* The schema fits: what was held applies; the rest, read again from the cap, too. */
+    app_exec(p.appb, "ALTER TABLE books ADD COLUMN cover BLOB");
+    retry_held(p.b);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
+    ck_assert_int_eq(hl_db_held_bytes(p.b, &bounded), HL_OK);
+    ck_assert_uint_eq(bounded, 0);
+    cap[0] = 0;
+    s = (hl_step){0};
+    ck_assert_int_eq(hl_db_step(p.b, &it[first], &pos, &s), HL_OK);
+    ck_assert_uint_eq(hl_db_counters(p.b)->changesets_deferred, deferred);
+    ck_assert_uint_eq(cap[0], 0);
+    ck_assert_uint_eq(applied[0], 10 + N - 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id >= 100 AND length(cover) = 200000"), N);
+    for (int i = 0; i < N; i++) {
+        hl_changeset_free(cs[i]);
+        hl_buf_free(&raw[i]);
+    }
+    pair_close(&p);
+}
+END_TEST
+
 /* A chain one of whose changesets needs a column this node lacks is held as a
  * whole, then applied as a whole once the schema matches. */
 START_TEST(chain_waits_for_the_schema_as_a_whole)
@@ -1414,6 +1579,9 @@ int main(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, trigger_sql_quotes_identifiers);
     tcase_add_test(tc, schema_skips_virtual_and_internal);
+    tcase_add_test(tc, schema_hash_is_sha256_of_the_canonical_form);
+    tcase_add_test(tc, previous_schema_hash_is_kept_and_persisted);
+    tcase_add_test(tc, held_bytes_are_bounded_and_deferred_ones_are_read_again);
     tcase_add_test(tc, capture_and_apply_round_trip);
     tcase_add_test(tc, last_writer_wins_and_tombstones);
     tcase_add_test(tc, out_of_order_changesets_are_held_then_applied);
