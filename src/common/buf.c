@@ -44,6 +44,11 @@ static hl_status fail(hl_buf *b, hl_status st)
     return b->err;
 }
 
+hl_status hl_buf_fail(hl_buf *b, hl_status st)
+{
+    return st ? fail(b, st) : b->err;
+}
+
 /* Makes room for n more bytes plus the trailing NUL. */
 static hl_status grow(hl_buf *b, size_t n)
 {
