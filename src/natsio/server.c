@@ -138,15 +138,12 @@ static hl_status add_conf_str(hl_buf *b, const char *s)
  * components, duplicate and trailing slashes. ".." is kept as written. */
 static hl_status abs_path(const char *p, hl_buf *out)
 {
-    hl_status st = HL_OK;
     hl_buf_reset(out);
     if (p[0] != '/') {
         char cwd[PATH_MAX];
         if (!getcwd(cwd, sizeof cwd))
             return HL_ERR_IO;
-        st = hl_buf_adds(out, cwd);
-        if (st)
-            return st;
+        hl_buf_adds(out, cwd);
     }
     const char *q = p;
     while (*q) {
@@ -157,17 +154,14 @@ static hl_status abs_path(const char *p, hl_buf *out)
         if (n == 0)
             break;
         if (!(n == 1 && q[0] == '.')) {
-            st = hl_buf_addc(out, '/');
-            if (!st)
-                st = hl_buf_add(out, q, n);
-            if (st)
-                return st;
+            hl_buf_addc(out, '/');
+            hl_buf_add(out, q, n);
         }
         q += n;
     }
     if (out->len == 0)
-        st = hl_buf_addc(out, '/');
-    return st;
+        hl_buf_addc(out, '/');
+    return hl_buf_status(out);
 }
 
 /* The directory holding the generated config and the JetStream store. */
@@ -178,11 +172,9 @@ static hl_status nats_dir(const hl_config *c, hl_buf *out)
         return HL_ERR_CONFIG;
     }
     hl_status st = abs_path(c->data_dir, out);
-    if (!st && !(out->len == 1 && out->data[0] == '/'))
-        st = hl_buf_adds(out, "/nats");
-    else if (!st)
-        st = hl_buf_adds(out, "nats");
-    return st;
+    if (st)
+        return st;
+    return hl_buf_adds(out, out->len == 1 && out->data[0] == '/' ? "nats" : "/nats");
 }
 
 /*
