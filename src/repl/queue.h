@@ -46,6 +46,7 @@ typedef struct hl_queue {
 } hl_queue;
 
 hl_status hl_queue_init(hl_queue *q, size_t max_bytes);
+/* Frees what is still queued and the queue's resources; NULL is a no-op. */
 void hl_queue_destroy(hl_queue *q);
 /* Wakes the engine (async-signal-safe: only write()s the eventfd). */
 void hl_queue_wake(hl_queue *q);
@@ -63,7 +64,7 @@ void hl_inbound_free(hl_inbound *it);
 void hl_queue_push_ack(hl_queue *q, hl_ack a);
 /* Moves all pending acks into *out (caller frees); returns the count. */
 size_t hl_queue_take_acks(hl_queue *q, hl_ack **out);
-/* Unblocks pushers for shutdown. */
+/* Unblocks pushers for shutdown; NULL is a no-op. */
 void hl_queue_close(hl_queue *q);
 
 #endif
