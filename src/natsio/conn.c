@@ -443,6 +443,7 @@ static hl_status set_tls(hl_nats *n, const hl_config *c)
     return s == NATS_OK ? HL_OK : options_failed(n, what, s);
 }
 
+/* Every natsOptions of the connection, from the configuration. */
 static hl_status set_options(hl_nats *n, const hl_config *c, const char *const *urls, size_t nurls)
 {
     natsStatus s = set_behaviour(n, c, urls, nurls);

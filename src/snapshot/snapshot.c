@@ -815,6 +815,9 @@ static hl_status check_object(restore_sink *r, const hl_manifest *m, char *why, 
     return HL_ERR_DECODE;
 }
 
+/* Downloads the snapshot of manifest mname into fd (the file tmp) and checks
+ * it end to end: manifest, size, SHA-256, zstd frames, database. m receives
+ * the manifest; why says what was wrong. HL_ERR_IO is a transfer worth retrying. */
 static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, int fd, hl_manifest *m, char *why,
                            size_t whylen)
 {

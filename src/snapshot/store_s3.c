@@ -467,6 +467,8 @@ out:
     return st;
 }
 
+/* Uploads src as a multipart upload of at most S3_MAX_PARTS parts; a failed
+ * upload is aborted (a failed abort is logged) so its parts do not linger. */
 static hl_status put_multipart(s3_store *s, const char *name, const hl_store_src *src, hl_progress *pr, char *err,
                                size_t errlen)
 {
