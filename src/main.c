@@ -13,8 +13,8 @@
 #include "config/config.h"
 #include "db/db.h"
 #include "engine.h"
-#include "snapshot/snapshot.h"
 #include "registry/registry.h"
+#include "snapshot/snapshot.h"
 
 extern char **environ;
 
@@ -73,10 +73,9 @@ static const char usage[] =
     "Documentation: docs/configuration.md, docs/operations.md, docs/protocol.md.\n";
 
 /* Action flags; every configuration key is a flag too (see hl_config_flag_path). */
-static const char *const actions[] = {"config",  "check-config", "cleanup", "drop-held", "save-snapshot",
-                                      "restore", "force",        "version", "help",      "h"};
-/* The schema registry's status commands (registry.h). */
-static const char *const schema_actions[] = {"schema-status", "schema-status-cluster", "json"};
+static const char *const actions[] = {
+    "config",        "check-config",          "cleanup", "drop-held", "save-snapshot", "restore", "force",
+    "schema-status", "schema-status-cluster", "json",    "version",   "help",          "h"};
 
 /* What the command line asked for; kept so SIGHUP can reload the same way. */
 static const char *config_path;
@@ -151,16 +150,80 @@ static int run_restore(const hl_config *c, bool force)
     return 0;
 }
 
-int main(int argc, char **argv)
-{
-    hl_db_global_init();
-    int check = 0, cleanup = 0, save_snapshot = 0, restore = 0, force = 0, schema_status = 0, json = 0;
-    uint64_t drop_held = 0;
-    char err[1024];
-    hl_config c;
+/* The actions the command line asked for (the configuration flags go to sets). */
+typedef struct cmdline {
+    bool check, cleanup, save_snapshot, restore, force, json;
+    int schema_status;  /* 1: -schema-status, 2: -schema-status-cluster (registry.h) */
+    uint64_t drop_held; /* 0 when -drop-held was not given */
+} cmdline;
 
+/* -drop-held's value: a node id from 1 to INT64_MAX. Returns 0, or 2 after
+ * saying what was wrong. */
+static int parse_origin(const char *val, uint64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(val, &end, 10);
+    if (!val[0] || *end || errno || v == 0 || v > INT64_MAX || val[0] == '-') {
+        fprintf(stderr, "harmonylite: -drop-held: expected a node id from 1 to %lld, got \"%s\"\n",
+                (long long)INT64_MAX, val);
+        return 2;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* Records one flag (name without dashes; key is its configuration key or NULL
+ * for an action; given is the flag as written). Returns -1 to go on, or the
+ * exit status: 0 after -help and -version, 2 on a bad flag. */
+static int take_flag(cmdline *o, const char *name, const char *key, const char *val, const char *given)
+{
+    if (strcmp(name, "help") == 0 || strcmp(name, "h") == 0) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    if (strcmp(name, "version") == 0) {
+        printf("harmonylite %s\n", HL_VERSION);
+        return 0;
+    }
+    if (strcmp(name, "config") == 0) {
+        config_path = val;
+    } else if (strcmp(name, "check-config") == 0) {
+        o->check = true;
+    } else if (strcmp(name, "cleanup") == 0) {
+        o->cleanup = true;
+    } else if (strcmp(name, "save-snapshot") == 0) {
+        o->save_snapshot = true;
+    } else if (strcmp(name, "restore") == 0) {
+        o->restore = true;
+    } else if (strcmp(name, "force") == 0) {
+        o->force = true;
+    } else if (strcmp(name, "schema-status") == 0 || strcmp(name, "schema-status-cluster") == 0) {
+        o->schema_status = strcmp(name, "schema-status") == 0 ? 1 : 2;
+    } else if (strcmp(name, "json") == 0) {
+        o->json = true;
+    } else if (strcmp(name, "drop-held") == 0) {
+        if (parse_origin(val, &o->drop_held))
+            return 2;
+    } else {
+        if (nsets == sizeof sets / sizeof sets[0]) {
+            fprintf(stderr, "harmonylite: too many flags\n");
+            return 2;
+        }
+        sets[nsets][0] = key;
+        sets[nsets][1] = val;
+        sets[nsets][2] = given;
+        nsets++;
+    }
+    return -1;
+}
+
+/* Parses the command line into o and sets. Returns -1 to go on, or the exit
+ * status (2 on a usage error, said on stderr). */
+static int parse_args(int argc, char **argv, cmdline *o)
+{
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
+        const char *given = argv[i], *a = argv[i];
         if (a[0] != '-') {
             fprintf(stderr, "harmonylite: unexpected argument \"%s\" (see -help)\n", a);
             return 2;
@@ -178,8 +241,6 @@ int main(int argc, char **argv)
         bool is_action = false;
         for (size_t k = 0; k < sizeof actions / sizeof actions[0]; k++)
             is_action |= strcmp(actions[k], name) == 0;
-        for (size_t k = 0; k < sizeof schema_actions / sizeof schema_actions[0]; k++)
-            is_action |= strcmp(schema_actions[k], name) == 0;
         const char *key = is_action ? NULL : hl_config_flag_path(name);
         if (!is_action && !key) {
             fprintf(stderr, "harmonylite: unknown flag \"%s\" (see -help)\n", argv[i]);
@@ -199,105 +260,68 @@ int main(int argc, char **argv)
             fprintf(stderr, "harmonylite: flag -%s takes no value\n", name);
             return 2;
         }
-        if (strcmp(name, "help") == 0 || strcmp(name, "h") == 0) {
-            fputs(usage, stdout);
-            return 0;
-        }
-        if (strcmp(name, "version") == 0) {
-            printf("harmonylite %s\n", HL_VERSION);
-            return 0;
-        }
-        if (strcmp(name, "config") == 0) {
-            config_path = val;
-        } else if (strcmp(name, "check-config") == 0) {
-            check = 1;
-        } else if (strcmp(name, "cleanup") == 0) {
-            cleanup = 1;
-        } else if (strcmp(name, "save-snapshot") == 0) {
-            save_snapshot = 1;
-        } else if (strcmp(name, "restore") == 0) {
-            restore = 1;
-        } else if (strcmp(name, "force") == 0) {
-            force = 1;
-        } else if (strcmp(name, "schema-status") == 0 || strcmp(name, "schema-status-cluster") == 0) {
-            schema_status = strcmp(name, "schema-status") == 0 ? 1 : 2;
-        } else if (strcmp(name, "json") == 0) {
-            json = 1;
-        } else if (strcmp(name, "drop-held") == 0) {
-            char *end = NULL;
-            errno = 0;
-            unsigned long long v = strtoull(val, &end, 10);
-            if (!val[0] || *end || errno || v == 0 || v > INT64_MAX || val[0] == '-') {
-                fprintf(stderr, "harmonylite: -drop-held: expected a node id from 1 to %lld, got \"%s\"\n",
-                        (long long)INT64_MAX, val);
-                return 2;
-            }
-            drop_held = (uint64_t)v;
-        } else {
-            if (nsets == sizeof sets / sizeof sets[0]) {
-                fprintf(stderr, "harmonylite: too many flags\n");
-                return 2;
-            }
-            sets[nsets][0] = key;
-            sets[nsets][1] = val;
-            sets[nsets][2] = argv[i][0] == '-' && eq ? argv[i] : argv[i - 1];
-            nsets++;
-        }
+        int rc = take_flag(o, name, key, val, given);
+        if (rc >= 0)
+            return rc;
     }
-
-    if (force && !restore) {
+    if (o->force && !o->restore) {
         fprintf(stderr, "harmonylite: -force only goes with -restore\n");
         return 2;
     }
-    if (json && !schema_status) {
+    if (o->json && !o->schema_status) {
         fprintf(stderr, "harmonylite: -json goes with -schema-status or -schema-status-cluster\n");
         return 2;
     }
-    if (save_snapshot && restore) {
+    if (o->save_snapshot && o->restore) {
         fprintf(stderr, "harmonylite: -save-snapshot and -restore: give one of them\n");
         return 2;
     }
-    hl_config_defaults(&c);
-    err[0] = 0;
-    if (load_config(&c, err, sizeof err))
-        goto config_error;
+    return -1;
+}
 
-    int level = c.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(c.logging.level);
-    hl_log_setup(level < 0 ? HL_LOG_INFO : (hl_log_level)level, strcmp(c.logging.format, "json") == 0, c.node_id);
-
-    if (check) {
+/* Runs what the command line asked for with the loaded configuration: one
+ * action, or the node until it is stopped. Returns the exit status. */
+static int run(hl_config *c, const cmdline *o)
+{
+    if (o->check) {
         /* The effective configuration, secrets redacted, then the verdict. */
-        hl_config_dump(&c, stdout);
+        hl_config_dump(c, stdout);
         fprintf(stderr, "%s: configuration is valid\n", config_path ? config_path : "(defaults and environment)");
-        hl_config_free(&c);
         return 0;
     }
-    if (drop_held) {
-        int rc = run_drop_held(&c, drop_held);
-        hl_config_free(&c);
+    if (o->drop_held)
+        return run_drop_held(c, o->drop_held);
+    if (o->schema_status)
+        return o->schema_status == 1 ? hl_schema_status_local(c, o->json) : hl_schema_status_cluster(c, o->json);
+    if (o->save_snapshot)
+        return run_save_snapshot(c);
+    if (o->restore)
+        return run_restore(c, o->force);
+    if (o->cleanup)
+        return hl_db_cleanup(c->db_path) == HL_OK ? 0 : 1;
+    return hl_engine_run(c, load_config);
+}
+
+int main(int argc, char **argv)
+{
+    hl_db_global_init();
+    cmdline o = {0};
+    char err[1024];
+    hl_config c;
+
+    int rc = parse_args(argc, argv, &o);
+    if (rc >= 0)
         return rc;
-    }
-    if (schema_status) {
-        int rc = schema_status == 1 ? hl_schema_status_local(&c, json) : hl_schema_status_cluster(&c, json);
+    hl_config_defaults(&c);
+    err[0] = 0;
+    if (load_config(&c, err, sizeof err)) {
+        fprintf(stderr, "harmonylite: %s\n", err);
         hl_config_free(&c);
-        return rc;
+        return 2;
     }
-    if (save_snapshot || restore) {
-        int rc = save_snapshot ? run_save_snapshot(&c) : run_restore(&c, force);
-        hl_config_free(&c);
-        return rc;
-    }
-    if (cleanup) {
-        int rc = hl_db_cleanup(c.db_path) == HL_OK ? 0 : 1;
-        hl_config_free(&c);
-        return rc;
-    }
-    int rc = hl_engine_run(&c, load_config);
+    int level = c.logging.verbose ? HL_LOG_DEBUG : hl_log_parse_level(c.logging.level);
+    hl_log_setup(level < 0 ? HL_LOG_INFO : (hl_log_level)level, strcmp(c.logging.format, "json") == 0, c.node_id);
+    rc = run(&c, &o);
     hl_config_free(&c);
     return rc;
-
-config_error:
-    fprintf(stderr, "harmonylite: %s\n", err);
-    hl_config_free(&c);
-    return 2;
 }

@@ -44,6 +44,11 @@ static hl_status fail(hl_buf *b, hl_status st)
     return b->err;
 }
 
+hl_status hl_buf_fail(hl_buf *b, hl_status st)
+{
+    return st ? fail(b, st) : b->err;
+}
+
 /* Makes room for n more bytes plus the trailing NUL. */
 static hl_status grow(hl_buf *b, size_t n)
 {
@@ -110,14 +115,14 @@ hl_status hl_buf_addf(hl_buf *b, const char *fmt, ...)
 static hl_status add_quoted(hl_buf *b, const char *s, char q)
 {
     size_t old = b->len;
-    hl_status st = hl_buf_addc(b, (unsigned char)q);
-    for (const char *p = s; !st && *p; p++) {
-        st = hl_buf_addc(b, (unsigned char)*p);
-        if (!st && *p == q)
-            st = hl_buf_addc(b, (unsigned char)q);
+    hl_buf_addc(b, (unsigned char)q);
+    for (const char *p = s; !b->err && *p; p++) {
+        hl_buf_addc(b, (unsigned char)*p);
+        if (*p == q)
+            hl_buf_addc(b, (unsigned char)q);
     }
-    if (!st)
-        st = hl_buf_addc(b, (unsigned char)q);
+    hl_buf_addc(b, (unsigned char)q);
+    hl_status st = b->err;
     if (st) {
         /* Nothing of the quoted text stays; the error does. */
         b->len = old;

@@ -34,6 +34,11 @@ void hl_buf_free(hl_buf *b);
 void hl_buf_reset(hl_buf *b);
 /* The first error of an append since init/reset (sticky), or HL_OK. */
 hl_status hl_buf_status(const hl_buf *b);
+/* Records st as the sticky error unless one is recorded already, and returns
+ * the sticky error: a writer that refuses its input (a value it cannot
+ * express) stops the text the same way a failed append does, so its caller
+ * still checks hl_buf_status() once at the end. The content is unchanged. */
+hl_status hl_buf_fail(hl_buf *b, hl_status st);
 hl_status hl_buf_add(hl_buf *b, const void *p, size_t n);
 hl_status hl_buf_addc(hl_buf *b, unsigned char c);
 hl_status hl_buf_adds(hl_buf *b, const char *s);

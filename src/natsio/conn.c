@@ -221,18 +221,22 @@ static bool permanent_connect_error(natsStatus s)
            s == NATS_ADDRESS_MISSING;
 }
 
-static hl_status set_options(hl_nats *n, const hl_config *c, const char *const *urls, size_t nurls)
+/* Logs a natsOptions failure for what and maps it to a status. */
+static hl_status options_failed(hl_nats *n, const char *what, natsStatus s)
+{
+    log_nats_error(n, what, s, 0);
+    return s == NATS_NO_MEMORY ? HL_ERR_NOMEM : HL_ERR_CONFIG;
+}
+
+/* Servers, name, reconnect and ping behaviour, and our callbacks. */
+static natsStatus set_behaviour(hl_nats *n, const hl_config *c, const char *const *urls, size_t nurls)
 {
     natsOptions *o = n->opts;
-    natsStatus s;
     char name[64];
-    const char *what = "natsOptions";
     int wait_s = c->nats.reconnect_wait_seconds > 0 ? c->nats.reconnect_wait_seconds : 2;
-    bool tls = (c->nats.ca_file && *c->nats.ca_file) || (c->nats.cert_file && *c->nats.cert_file) ||
-               (c->nats.key_file && *c->nats.key_file);
 
     snprintf(name, sizeof name, "harmonylite-%llu", (unsigned long long)c->node_id);
-    s = natsOptions_SetServers(o, (const char **)urls, (int)nurls);
+    natsStatus s = natsOptions_SetServers(o, (const char **)urls, (int)nurls);
     if (s == NATS_OK)
         s = natsOptions_SetName(o, name);
     if (s == NATS_OK)
@@ -258,58 +262,106 @@ static hl_status set_options(hl_nats *n, const hl_config *c, const char *const *
         s = natsOptions_SetErrorHandler(o, on_error, n);
     if (s == NATS_OK)
         s = natsOptions_SetLameDuckModeCB(o, on_lame_duck, n);
-    if (s != NATS_OK)
-        goto fail;
+    return s;
+}
 
+/* The login: user and password, a credentials file or an NKey seed. */
+static hl_status set_login(hl_nats *n, const hl_config *c)
+{
+    natsOptions *o = n->opts;
+    natsStatus s;
     if (c->nats.user_name && *c->nats.user_name) {
-        what = "nats.user_name/user_password";
         s = natsOptions_SetUserInfo(o, c->nats.user_name, c->nats.user_password ? c->nats.user_password : "");
         if (s != NATS_OK)
-            goto fail;
+            return options_failed(n, "nats.user_name/user_password", s);
     }
     if (c->nats.creds_file && *c->nats.creds_file && c->nats.seed_file && *c->nats.seed_file) {
         hl_log(HL_LOG_ERROR, "nats.creds_file and nats.seed_file are mutually exclusive", "component", "nats", NULL);
         return HL_ERR_CONFIG;
     }
     if (c->nats.creds_file && *c->nats.creds_file) {
-        what = "nats.creds_file";
         s = natsOptions_SetUserCredentialsFromFiles(o, c->nats.creds_file, NULL);
         if (s != NATS_OK)
-            goto fail;
+            return options_failed(n, "nats.creds_file", s);
     }
     if (c->nats.seed_file && *c->nats.seed_file) {
         char pub[64];
         hl_status st = hl_nats_nkey_public_from_file(c->nats.seed_file, pub, sizeof pub);
         if (st)
             return st;
-        what = "nats.seed_file";
         s = natsOptions_SetNKeyFromSeed(o, pub, c->nats.seed_file);
         if (s != NATS_OK)
-            goto fail;
-    }
-    if (tls) {
-        what = "nats TLS";
-        s = natsOptions_SetSecure(o, true);
-        if (s == NATS_OK && c->nats.ca_file && *c->nats.ca_file) {
-            what = "nats.ca_file";
-            s = natsOptions_LoadCATrustedCertificates(o, c->nats.ca_file);
-        }
-        if (s == NATS_OK && ((c->nats.cert_file && *c->nats.cert_file) || (c->nats.key_file && *c->nats.key_file))) {
-            if (!c->nats.cert_file || !*c->nats.cert_file || !c->nats.key_file || !*c->nats.key_file) {
-                hl_log(HL_LOG_ERROR, "nats.cert_file and nats.key_file must be set together", "component", "nats",
-                       NULL);
-                return HL_ERR_CONFIG;
-            }
-            what = "nats.cert_file/key_file";
-            s = natsOptions_LoadCertificatesChain(o, c->nats.cert_file, c->nats.key_file);
-        }
-        if (s != NATS_OK)
-            goto fail;
+            return options_failed(n, "nats.seed_file", s);
     }
     return HL_OK;
-fail:
-    log_nats_error(n, what, s, 0);
-    return s == NATS_NO_MEMORY ? HL_ERR_NOMEM : HL_ERR_CONFIG;
+}
+
+/* TLS when any of nats.ca_file, cert_file, key_file is set. */
+static hl_status set_tls(hl_nats *n, const hl_config *c)
+{
+    natsOptions *o = n->opts;
+    bool cert = c->nats.cert_file && *c->nats.cert_file, key = c->nats.key_file && *c->nats.key_file;
+    if (!(c->nats.ca_file && *c->nats.ca_file) && !cert && !key)
+        return HL_OK;
+    const char *what = "nats TLS";
+    natsStatus s = natsOptions_SetSecure(o, true);
+    if (s == NATS_OK && c->nats.ca_file && *c->nats.ca_file) {
+        what = "nats.ca_file";
+        s = natsOptions_LoadCATrustedCertificates(o, c->nats.ca_file);
+    }
+    if (s == NATS_OK && (cert || key)) {
+        if (!cert || !key) {
+            hl_log(HL_LOG_ERROR, "nats.cert_file and nats.key_file must be set together", "component", "nats", NULL);
+            return HL_ERR_CONFIG;
+        }
+        what = "nats.cert_file/key_file";
+        s = natsOptions_LoadCertificatesChain(o, c->nats.cert_file, c->nats.key_file);
+    }
+    return s == NATS_OK ? HL_OK : options_failed(n, what, s);
+}
+
+/* Every natsOptions of the connection, from the configuration. */
+static hl_status set_options(hl_nats *n, const hl_config *c, const char *const *urls, size_t nurls)
+{
+    natsStatus s = set_behaviour(n, c, urls, nurls);
+    if (s != NATS_OK)
+        return options_failed(n, "natsOptions", s);
+    hl_status st = set_login(n, c);
+    return st ? st : set_tls(n, c);
+}
+
+/* Connects, retrying up to nats.connect_retries times (forever when negative)
+ * unless the error is one a retry cannot fix or stop_flag is raised. */
+static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *const *urls, size_t nurls,
+                                  const volatile int *stop_flag)
+{
+    char list[1024] = "", clean[1024];
+    for (size_t i = 0; i < nurls; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%s", i ? "," : "", urls[i]);
+    }
+    redact(list, n->secret, clean, sizeof clean);
+
+    int tries = c->nats.connect_retries;
+    for (int attempt = 1;; attempt++) {
+        natsStatus s = natsConnection_Connect(&n->nc, n->opts);
+        if (s == NATS_OK)
+            return HL_OK;
+        char an[16];
+        snprintf(an, sizeof an, "%d", attempt);
+        natsStatus ls;
+        const char *txt = skip_location(nats_GetLastError(&ls));
+        char why[512];
+        redact(txt && *txt ? txt : natsStatus_GetText(s), n->secret, why, sizeof why);
+        bool last = permanent_connect_error(s) || (tries >= 0 && attempt >= (tries > 0 ? tries : 1));
+        hl_log(last ? HL_LOG_ERROR : HL_LOG_WARN, "cannot connect to nats", "component", "nats", "urls", clean,
+               "attempt", an, "status", natsStatus_GetText(s), "error", why, NULL);
+        if (last)
+            return HL_ERR_NATS;
+        if (!sleep_ms((int64_t)(c->nats.reconnect_wait_seconds > 0 ? c->nats.reconnect_wait_seconds : 2) * 1000,
+                      stop_flag))
+            return HL_ERR_STOPPED;
+    }
 }
 
 hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *urls, size_t nurls,
@@ -344,40 +396,10 @@ hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *
         goto out;
     }
     st = set_options(n, c, urls, nurls);
+    if (!st)
+        st = connect_retrying(n, c, urls, nurls, stop_flag);
     if (st)
         goto out;
-
-    char list[1024] = "", clean[1024];
-    for (size_t i = 0; i < nurls; i++) {
-        size_t l = strlen(list);
-        snprintf(list + l, sizeof list - l, "%s%s", i ? "," : "", urls[i]);
-    }
-    redact(list, n->secret, clean, sizeof clean);
-
-    int tries = c->nats.connect_retries;
-    for (int attempt = 1;; attempt++) {
-        s = natsConnection_Connect(&n->nc, n->opts);
-        if (s == NATS_OK)
-            break;
-        char an[16];
-        snprintf(an, sizeof an, "%d", attempt);
-        natsStatus ls;
-        const char *txt = skip_location(nats_GetLastError(&ls));
-        char why[512];
-        redact(txt && *txt ? txt : natsStatus_GetText(s), n->secret, why, sizeof why);
-        bool last = permanent_connect_error(s) || (tries >= 0 && attempt >= (tries > 0 ? tries : 1));
-        hl_log(last ? HL_LOG_ERROR : HL_LOG_WARN, "cannot connect to nats", "component", "nats", "urls", clean,
-               "attempt", an, "status", natsStatus_GetText(s), "error", why, NULL);
-        if (last) {
-            st = HL_ERR_NATS;
-            goto out;
-        }
-        if (!sleep_ms((int64_t)(c->nats.reconnect_wait_seconds > 0 ? c->nats.reconnect_wait_seconds : 2) * 1000,
-                      stop_flag)) {
-            st = HL_ERR_STOPPED;
-            goto out;
-        }
-    }
     atomic_store(&n->state, ST_CONNECTED);
     {
         char url[256] = "", cu[256];
@@ -483,6 +505,62 @@ static bool stream_differs(const jsStreamConfig *want, const jsStreamConfig *got
     return o > 0;
 }
 
+/* The stream si exists: compares its settings with sc and, when they differ,
+ * updates it (replication_log.update_existing) or warns. *s and *jerr are the
+ * update's result (NATS_OK when none was needed); HL_ERR_NATS when the update
+ * failed in a way a retry cannot fix. */
+static hl_status update_if_differs(hl_nats *n, const hl_config *c, jsStreamConfig *sc, const jsStreamInfo *si,
+                                   jsOptions *write_o, natsStatus *s, jsErrCode *jerr, const char **step)
+{
+    char diff[512];
+    if (!stream_differs(sc, si->Config, diff, sizeof diff))
+        return HL_OK;
+    if (!c->replication_log.update_existing) {
+        hl_log(HL_LOG_WARN,
+               "stream settings differ from the configuration (set "
+               "replication_log.update_existing to apply them)",
+               "component", "nats", "stream", sc->Name, "differences", diff, NULL);
+        return HL_OK;
+    }
+    jsStreamInfo *ui = NULL;
+    *jerr = 0;
+    *step = "update stream";
+    *s = js_UpdateStream(&ui, n->js, sc, write_o, jerr);
+    jsStreamInfo_Destroy(ui);
+    if (*s == NATS_OK) {
+        hl_log(HL_LOG_INFO, "stream updated", "component", "nats", "stream", sc->Name, "changed", diff, NULL);
+    } else if (!js_transient(*s, *jerr)) {
+        log_nats_error(n, "cannot update stream", *s, *jerr);
+        return HL_ERR_NATS;
+    }
+    return HL_OK;
+}
+
+/* JetStream is not ready yet: says so every 5 s and waits a little before the
+ * next try. HL_OK to try again, HL_ERR_TIMEOUT past the deadline,
+ * HL_ERR_STOPPED when stop_flag was raised. */
+static hl_status wait_for_jetstream(hl_nats *n, const jsStreamConfig *sc, natsStatus s, jsErrCode jerr,
+                                    const char *step, int64_t deadline, int64_t *next_note,
+                                    const volatile int *stop_flag)
+{
+    int64_t now = now_ms();
+    if (now >= deadline) {
+        log_nats_error(n, "JetStream not available in time", s, jerr);
+        return HL_ERR_TIMEOUT;
+    }
+    if (now >= *next_note) {
+        natsStatus ls;
+        char why[256], code[16];
+        redact(skip_location(nats_GetLastError(&ls)), n->secret, why, sizeof why);
+        snprintf(code, sizeof code, "%d", (int)jerr);
+        hl_log(HL_LOG_INFO, "waiting for JetStream", "component", "nats", "stream", sc->Name, "step", step, "status",
+               natsStatus_GetText(s), "js_error", code, "error", why, NULL);
+        *next_note = now + 5000;
+    }
+    int64_t wait = deadline - now < ENSURE_RETRY_MS ? deadline - now : ENSURE_RETRY_MS;
+    return sleep_ms(wait, stop_flag) ? HL_OK : HL_ERR_STOPPED;
+}
+
 /* Creates or checks one stream; retries transient errors until deadline. */
 static hl_status ensure_one(hl_nats *n, const hl_config *c, jsStreamConfig *sc, int64_t deadline,
                             const volatile int *stop_flag)
@@ -509,29 +587,7 @@ static hl_status ensure_one(hl_nats *n, const hl_config *c, jsStreamConfig *sc, 
         step = "get stream info";
         s = js_GetStreamInfo(&si, n->js, sc->Name, &info_o, &jerr);
         if (s == NATS_OK) {
-            char diff[512];
-            hl_status st = HL_OK;
-            if (stream_differs(sc, si->Config, diff, sizeof diff)) {
-                if (!c->replication_log.update_existing) {
-                    hl_log(HL_LOG_WARN,
-                           "stream settings differ from the configuration (set "
-                           "replication_log.update_existing to apply them)",
-                           "component", "nats", "stream", sc->Name, "differences", diff, NULL);
-                } else {
-                    jsStreamInfo *ui = NULL;
-                    jerr = 0;
-                    step = "update stream";
-                    s = js_UpdateStream(&ui, n->js, sc, &write_o, &jerr);
-                    jsStreamInfo_Destroy(ui);
-                    if (s == NATS_OK) {
-                        hl_log(HL_LOG_INFO, "stream updated", "component", "nats", "stream", sc->Name, "changed", diff,
-                               NULL);
-                    } else if (!js_transient(s, jerr)) {
-                        log_nats_error(n, "cannot update stream", s, jerr);
-                        st = HL_ERR_NATS;
-                    }
-                }
-            }
+            hl_status st = update_if_differs(n, c, sc, si, &write_o, &s, &jerr, &step);
             jsStreamInfo_Destroy(si);
             if (s == NATS_OK || st)
                 return st;
@@ -557,25 +613,9 @@ static hl_status ensure_one(hl_nats *n, const hl_config *c, jsStreamConfig *sc, 
             log_nats_error(n, "cannot read stream info", s, jerr);
             return HL_ERR_NATS;
         }
-
-        /* Transient: JetStream not ready yet. */
-        int64_t now = now_ms();
-        if (now >= deadline) {
-            log_nats_error(n, "JetStream not available in time", s, jerr);
-            return HL_ERR_TIMEOUT;
-        }
-        if (now >= next_note) {
-            natsStatus ls;
-            char why[256], code[16];
-            redact(skip_location(nats_GetLastError(&ls)), n->secret, why, sizeof why);
-            snprintf(code, sizeof code, "%d", (int)jerr);
-            hl_log(HL_LOG_INFO, "waiting for JetStream", "component", "nats", "stream", sc->Name, "step", step,
-                   "status", natsStatus_GetText(s), "js_error", code, "error", why, NULL);
-            next_note = now + 5000;
-        }
-        int64_t wait = deadline - now < ENSURE_RETRY_MS ? deadline - now : ENSURE_RETRY_MS;
-        if (!sleep_ms(wait, stop_flag))
-            return HL_ERR_STOPPED;
+        hl_status st = wait_for_jetstream(n, sc, s, jerr, step, deadline, &next_note, stop_flag);
+        if (st)
+            return st;
     }
 }
 

@@ -700,20 +700,10 @@ static void discovery_free(hl_discovery *d)
     free(d);
 }
 
-hl_status hl_discovery_start(hl_discovery **out, const hl_config *c, const volatile int *stop)
+/* A discovery for the ndns DNS entries of nats.cluster_peers, its thread not
+ * yet started. */
+static hl_status discovery_new(hl_discovery **out, const hl_config *c, size_t ndns)
 {
-    *out = NULL;
-    size_t ndns = 0;
-    for (size_t i = 0; i < c->nats.cluster_peers.n; i++)
-        ndns += hl_discovery_is_dns(c->nats.cluster_peers.v[i]);
-    if (ndns == 0)
-        return HL_OK;
-    pthread_once(&ares_once, ares_init_once);
-    if (ares_init_status != ARES_SUCCESS) {
-        hl_log(HL_LOG_ERROR, "discovery: cannot initialize c-ares", "component", "discovery", "error",
-               ares_strerror(ares_init_status), NULL);
-        return HL_ERR_IO;
-    }
     hl_discovery *d = calloc(1, sizeof *d);
     if (!d)
         return HL_ERR_NOMEM;
@@ -746,16 +736,15 @@ hl_status hl_discovery_start(hl_discovery **out, const hl_config *c, const volat
         }
         d->nentries++;
     }
-    find_own(d);
+    *out = d;
+    return HL_OK;
+}
 
-    if (pthread_create(&d->thread, NULL, discovery_main, d) != 0) {
-        discovery_free(d);
-        return HL_ERR_INTERNAL;
-    }
-    d->thread_started = true;
-
-    /* Hold until enough peers are known: servers that start alone form
-     * clusters of their own. Logged when the count changes, not per round. */
+/* Hold until enough peers are known: servers that start alone form clusters
+ * of their own. Logged when the count changes, not per round. HL_ERR_STOPPED
+ * when *stop is raised first. */
+static hl_status wait_min_peers(hl_discovery *d, const volatile int *stop)
+{
     hl_status st = HL_OK;
     size_t last_logged = SIZE_MAX;
     uint64_t seen_rounds = 0;
@@ -783,6 +772,34 @@ hl_status hl_discovery_start(hl_discovery **out, const hl_config *c, const volat
         pthread_cond_timedwait(&d->cv, &d->mu, &ts);
     }
     pthread_mutex_unlock(&d->mu);
+    return st;
+}
+
+hl_status hl_discovery_start(hl_discovery **out, const hl_config *c, const volatile int *stop)
+{
+    *out = NULL;
+    size_t ndns = 0;
+    for (size_t i = 0; i < c->nats.cluster_peers.n; i++)
+        ndns += hl_discovery_is_dns(c->nats.cluster_peers.v[i]);
+    if (ndns == 0)
+        return HL_OK;
+    pthread_once(&ares_once, ares_init_once);
+    if (ares_init_status != ARES_SUCCESS) {
+        hl_log(HL_LOG_ERROR, "discovery: cannot initialize c-ares", "component", "discovery", "error",
+               ares_strerror(ares_init_status), NULL);
+        return HL_ERR_IO;
+    }
+    hl_discovery *d = NULL;
+    hl_status st = discovery_new(&d, c, ndns);
+    if (st)
+        return st;
+    find_own(d);
+    if (pthread_create(&d->thread, NULL, discovery_main, d) != 0) {
+        discovery_free(d);
+        return HL_ERR_INTERNAL;
+    }
+    d->thread_started = true;
+    st = wait_min_peers(d, stop);
     if (st) {
         hl_discovery_stop(d);
         return st;

@@ -106,48 +106,44 @@ static char *dup_str(const char *p)
  * with nats-server 2.9.10); other control characters cannot be expressed. */
 static hl_status add_conf_str(hl_buf *b, const char *s)
 {
-    hl_status st = hl_buf_addc(b, '"');
-    for (const unsigned char *p = (const unsigned char *)s; !st && *p; p++) {
+    hl_buf_addc(b, '"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         switch (*p) {
         case '"':
-            st = hl_buf_adds(b, "\\\"");
+            hl_buf_adds(b, "\\\"");
             break;
         case '\\':
-            st = hl_buf_adds(b, "\\\\");
+            hl_buf_adds(b, "\\\\");
             break;
         case '\t':
-            st = hl_buf_adds(b, "\\t");
+            hl_buf_adds(b, "\\t");
             break;
         case '\n':
-            st = hl_buf_adds(b, "\\n");
+            hl_buf_adds(b, "\\n");
             break;
         case '\r':
-            st = hl_buf_adds(b, "\\r");
+            hl_buf_adds(b, "\\r");
             break;
         default:
+            /* Sticky, so hl_nats_server_render() sees it once at the end. */
             if (*p < 0x20 || *p == 0x7f)
-                return HL_ERR_INVALID;
-            st = hl_buf_addc(b, *p);
+                return hl_buf_fail(b, HL_ERR_INVALID);
+            hl_buf_addc(b, *p);
         }
     }
-    if (!st)
-        st = hl_buf_addc(b, '"');
-    return st;
+    return hl_buf_addc(b, '"');
 }
 
 /* Makes p absolute (lexically, against the current directory) and removes "."
  * components, duplicate and trailing slashes. ".." is kept as written. */
 static hl_status abs_path(const char *p, hl_buf *out)
 {
-    hl_status st = HL_OK;
     hl_buf_reset(out);
     if (p[0] != '/') {
         char cwd[PATH_MAX];
         if (!getcwd(cwd, sizeof cwd))
             return HL_ERR_IO;
-        st = hl_buf_adds(out, cwd);
-        if (st)
-            return st;
+        hl_buf_adds(out, cwd);
     }
     const char *q = p;
     while (*q) {
@@ -158,17 +154,14 @@ static hl_status abs_path(const char *p, hl_buf *out)
         if (n == 0)
             break;
         if (!(n == 1 && q[0] == '.')) {
-            st = hl_buf_addc(out, '/');
-            if (!st)
-                st = hl_buf_add(out, q, n);
-            if (st)
-                return st;
+            hl_buf_addc(out, '/');
+            hl_buf_add(out, q, n);
         }
         q += n;
     }
     if (out->len == 0)
-        st = hl_buf_addc(out, '/');
-    return st;
+        hl_buf_addc(out, '/');
+    return hl_buf_status(out);
 }
 
 /* The directory holding the generated config and the JetStream store. */
@@ -179,11 +172,9 @@ static hl_status nats_dir(const hl_config *c, hl_buf *out)
         return HL_ERR_CONFIG;
     }
     hl_status st = abs_path(c->data_dir, out);
-    if (!st && !(out->len == 1 && out->data[0] == '/'))
-        st = hl_buf_adds(out, "/nats");
-    else if (!st)
-        st = hl_buf_adds(out, "nats");
-    return st;
+    if (st)
+        return st;
+    return hl_buf_adds(out, out->len == 1 && out->data[0] == '/' ? "nats" : "/nats");
 }
 
 /*
@@ -237,6 +228,8 @@ static bool is_wildcard_host(const char *h)
  * in include paths, so '"' and control characters are refused. */
 static hl_status add_include(hl_buf *b, const char *conf_dir, const char *target)
 {
+    if (hl_buf_status(b))
+        return hl_buf_status(b);
     hl_buf abs;
     hl_buf_init(&abs, PATH_MAX * 4);
     hl_status st = abs_path(target, &abs);
@@ -250,17 +243,15 @@ static hl_status add_include(hl_buf *b, const char *conf_dir, const char *target
             goto out;
         }
     }
-    st = hl_buf_adds(b, "include \"");
-    for (const char *p = conf_dir; !st && *p; p++)
+    hl_buf_adds(b, "include \"");
+    for (const char *p = conf_dir; *p; p++)
         if (*p == '/' && p[1] && p[1] != '/')
-            st = hl_buf_adds(b, "../");
-    if (!st)
-        st = hl_buf_adds(b, hl_buf_str(&abs) + 1);
-    if (!st)
-        st = hl_buf_adds(b, "\"\n");
+            hl_buf_adds(b, "../");
+    hl_buf_adds(b, hl_buf_str(&abs) + 1);
+    hl_buf_adds(b, "\"\n");
 out:
     hl_buf_free(&abs);
-    return st;
+    return hl_buf_fail(b, st);
 }
 
 /* Appends "<key>\"<absolute path>\"\n" when path is set (nats-server resolves
@@ -268,20 +259,18 @@ out:
 static hl_status add_conf_path(hl_buf *b, const char *key, const char *path)
 {
     if (!path || !*path)
-        return HL_OK;
+        return hl_buf_status(b);
     hl_buf abs;
     hl_buf_init(&abs, PATH_MAX * 4);
     hl_status st = abs_path(path, &abs);
-    if (!st)
-        st = hl_buf_adds(b, key);
-    if (!st)
-        st = add_conf_str(b, hl_buf_str(&abs));
-    if (!st)
-        st = hl_buf_addc(b, '\n');
+    if (!st) {
+        hl_buf_adds(b, key);
+        add_conf_str(b, hl_buf_str(&abs));
+        hl_buf_addc(b, '\n');
+    }
     hl_buf_free(&abs);
-    return st;
+    return hl_buf_fail(b, st);
 }
-
 /* ---- peer set ---- */
 
 void hl_peer_set_init(hl_peer_set *p)
@@ -471,17 +460,14 @@ static const char *const reader_publish[] = {
     "$JS.FC.>",
 };
 
-static hl_status add_user(hl_buf *b, const char *kind, const char *name, const char *password)
+static void add_user(hl_buf *b, const char *kind, const char *name, const char *password)
 {
-    hl_status st = hl_buf_addf(b, "    { %s: ", kind);
-    if (!st)
-        st = add_conf_str(b, name);
-    if (!st && password) {
-        st = hl_buf_adds(b, ", password: ");
-        if (!st)
-            st = add_conf_str(b, password);
+    hl_buf_addf(b, "    { %s: ", kind);
+    add_conf_str(b, name);
+    if (password) {
+        hl_buf_adds(b, ", password: ");
+        add_conf_str(b, password);
     }
-    return st;
 }
 
 /*
@@ -491,69 +477,64 @@ static hl_status add_user(hl_buf *b, const char *kind, const char *name, const c
  * user. Without a login nothing is rendered: the server then takes anonymous
  * clients, which is why its client port listens on loopback by default.
  */
-static hl_status add_authorization(hl_buf *out, const hl_config *c)
+static void add_authorization(hl_buf *out, const hl_config *c)
 {
     bool user = set(c->nats.user_name) && set(c->nats.user_password), nkey = set(c->nats.seed_file);
     char pub[128];
-    hl_status st = HL_OK;
 
-    if (!user && !nkey)
-        return HL_OK;
-    if (nkey && hl_nats_nkey_public_from_file(c->nats.seed_file, pub, sizeof pub))
-        return HL_ERR_CONFIG;
-    st = hl_buf_adds(out, "authorization {\n  users: [\n");
-    if (!st && user)
-        st = add_user(out, "user", c->nats.user_name, c->nats.user_password);
-    if (!st && user)
-        st = hl_buf_adds(out, " }\n");
-    if (!st && nkey)
-        st = add_user(out, "nkey", pub, NULL);
-    if (!st && nkey)
-        st = hl_buf_adds(out, " }\n");
-    if (!st && set(c->nats.reader_user)) {
+    if ((!user && !nkey) || hl_buf_status(out))
+        return;
+    if (nkey && hl_nats_nkey_public_from_file(c->nats.seed_file, pub, sizeof pub)) {
+        hl_buf_fail(out, HL_ERR_CONFIG);
+        return;
+    }
+    hl_buf_adds(out, "authorization {\n  users: [\n");
+    if (user) {
+        add_user(out, "user", c->nats.user_name, c->nats.user_password);
+        hl_buf_adds(out, " }\n");
+    }
+    if (nkey) {
+        add_user(out, "nkey", pub, NULL);
+        hl_buf_adds(out, " }\n");
+    }
+    if (set(c->nats.reader_user)) {
         char sub[300];
         snprintf(sub, sizeof sub, "%s.*", c->nats.subject_prefix ? c->nats.subject_prefix : "harmonylite-change-log");
-        st = add_user(out, "user", c->nats.reader_user, c->nats.reader_password);
-        if (!st)
-            st = hl_buf_adds(out, ",\n      permissions: {\n        publish: { allow: [");
-        for (size_t i = 0; !st && i < sizeof reader_publish / sizeof reader_publish[0]; i++) {
-            st = i ? hl_buf_adds(out, ", ") : HL_OK;
-            if (!st)
-                st = add_conf_str(out, reader_publish[i]);
+        add_user(out, "user", c->nats.reader_user, c->nats.reader_password);
+        hl_buf_adds(out, ",\n      permissions: {\n        publish: { allow: [");
+        for (size_t i = 0; i < sizeof reader_publish / sizeof reader_publish[0]; i++) {
+            if (i)
+                hl_buf_adds(out, ", ");
+            add_conf_str(out, reader_publish[i]);
         }
-        if (!st)
-            st = hl_buf_adds(out, "] }\n        subscribe: { allow: [\"_INBOX.>\", ");
-        if (!st)
-            st = add_conf_str(out, sub);
-        if (!st)
-            st = hl_buf_adds(out, "] }\n      }\n    }\n");
+        hl_buf_adds(out, "] }\n        subscribe: { allow: [\"_INBOX.>\", ");
+        add_conf_str(out, sub);
+        hl_buf_adds(out, "] }\n      }\n    }\n");
     }
-    if (!st)
-        st = hl_buf_adds(out, "  ]\n}\n");
+    hl_buf_adds(out, "  ]\n}\n");
     OPENSSL_cleanse(pub, sizeof pub);
-    return st;
 }
 
 /* Appends a percent-encoded URL userinfo component (RFC 3986 unreserved kept). */
-static hl_status add_userinfo(hl_buf *b, const char *s)
+static void add_userinfo(hl_buf *b, const char *s)
 {
-    hl_status st = HL_OK;
-    for (const unsigned char *p = (const unsigned char *)s; !st && *p; p++) {
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         if (isalnum(*p) || *p == '-' || *p == '.' || *p == '_' || *p == '~')
-            st = hl_buf_addc(b, (char)*p);
+            hl_buf_addc(b, (char)*p);
         else
-            st = hl_buf_addf(b, "%%%02X", *p);
+            hl_buf_addf(b, "%%%02X", *p);
     }
-    return st;
 }
 
 /* A route URL; with nats.cluster_password, "scheme://user:password@rest"
  * (a URL that names its own user is left as written). */
-static hl_status add_route(hl_buf *out, const hl_config *c, const char *url)
+static void add_route(hl_buf *out, const hl_config *c, const char *url)
 {
     const char *rest = strstr(url, "://");
-    if (!set(c->nats.cluster_password) || !rest || strchr(rest + 3, '@'))
-        return add_conf_str(out, url);
+    if (!set(c->nats.cluster_password) || !rest || strchr(rest + 3, '@')) {
+        add_conf_str(out, url);
+        return;
+    }
     hl_buf u;
     hl_buf_init(&u, 8192);
     hl_buf_add(&u, url, (size_t)(rest + 3 - url));
@@ -562,45 +543,33 @@ static hl_status add_route(hl_buf *out, const hl_config *c, const char *url)
     add_userinfo(&u, c->nats.cluster_password);
     hl_buf_addc(&u, '@');
     hl_buf_adds(&u, rest + 3);
-    hl_status st = hl_buf_status(&u);
-    if (!st)
-        st = add_conf_str(out, hl_buf_str(&u));
+    if (hl_buf_fail(out, hl_buf_status(&u)) == HL_OK)
+        add_conf_str(out, hl_buf_str(&u));
     OPENSSL_cleanse(u.data, u.cap);
     hl_buf_free(&u);
-    return st;
 }
 
 /* The cluster block's authorization and TLS (docs/security.md). */
-static hl_status add_route_security(hl_buf *out, const hl_config *c)
+static void add_route_security(hl_buf *out, const hl_config *c)
 {
-    hl_status st = HL_OK;
     if (set(c->nats.cluster_password)) {
-        st = hl_buf_adds(out, "  authorization {\n    user: ");
-        if (!st)
-            st = add_conf_str(out, set(c->nats.cluster_user) ? c->nats.cluster_user : "harmonylite");
-        if (!st)
-            st = hl_buf_adds(out, "\n    password: ");
-        if (!st)
-            st = add_conf_str(out, c->nats.cluster_password);
-        if (!st)
-            st = hl_buf_adds(out, "\n    timeout: 2\n  }\n");
+        hl_buf_adds(out, "  authorization {\n    user: ");
+        add_conf_str(out, set(c->nats.cluster_user) ? c->nats.cluster_user : "harmonylite");
+        hl_buf_adds(out, "\n    password: ");
+        add_conf_str(out, c->nats.cluster_password);
+        hl_buf_adds(out, "\n    timeout: 2\n  }\n");
     }
-    if (!st && set(c->nats.server_cert_file)) {
-        st = hl_buf_adds(out, "  tls {\n");
-        if (!st)
-            st = add_conf_path(out, "    cert_file: ", c->nats.server_cert_file);
-        if (!st)
-            st = add_conf_path(out, "    key_file: ", c->nats.server_key_file);
-        if (!st && set(c->nats.server_ca_file)) {
-            st = add_conf_path(out, "    ca_file: ", c->nats.server_ca_file);
+    if (set(c->nats.server_cert_file)) {
+        hl_buf_adds(out, "  tls {\n");
+        add_conf_path(out, "    cert_file: ", c->nats.server_cert_file);
+        add_conf_path(out, "    key_file: ", c->nats.server_key_file);
+        if (set(c->nats.server_ca_file)) {
+            add_conf_path(out, "    ca_file: ", c->nats.server_ca_file);
             /* Both ends of a route present a certificate the CA signed. */
-            if (!st)
-                st = hl_buf_adds(out, "    verify: true\n");
+            hl_buf_adds(out, "    verify: true\n");
         }
-        if (!st)
-            st = hl_buf_adds(out, "    timeout: 5\n  }\n");
+        hl_buf_adds(out, "    timeout: 5\n  }\n");
     }
-    return st;
 }
 
 hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
@@ -614,25 +583,21 @@ hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
     return st;
 }
 
-hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl_buf *out)
+/* Refuses listen addresses nats-server would refuse (or misread), before
+ * anything is written. */
+static hl_status check_addresses(const hl_config *c, const hl_peer_set *peers, const char *bind)
 {
-    hl_buf dir;
-    hl_buf_init(&dir, PATH_MAX * 4);
     char host[256], port[8];
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
-    hl_status st = HL_OK;
 
     if (split_hostport(bind, host, sizeof host, port, sizeof port)) {
         hl_log(HL_LOG_ERROR, "nats.bind_address: expected host:port", "component", "nats-server", "value", bind, NULL);
-        st = HL_ERR_CONFIG;
-        goto out;
+        return HL_ERR_CONFIG;
     }
     if (c->nats.cluster_addr && *c->nats.cluster_addr &&
         split_hostport(c->nats.cluster_addr, host, sizeof host, port, sizeof port)) {
         hl_log(HL_LOG_ERROR, "nats.cluster_addr: expected host:port", "component", "nats-server", "value",
                c->nats.cluster_addr, NULL);
-        st = HL_ERR_CONFIG;
-        goto out;
+        return HL_ERR_CONFIG;
     }
     /* nats-server 2.9.10 exits with "JetStream cluster requires configured
      * routes or solicited leafnode for the system account" otherwise. */
@@ -641,118 +606,110 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
                "nats.cluster_addr needs nats.cluster_peers (JetStream clustering requires routes); "
                "leave cluster_addr unset for a single node",
                "component", "nats-server", NULL);
-        st = HL_ERR_CONFIG;
-        goto out;
+        return HL_ERR_CONFIG;
     }
-    st = nats_dir(c, &dir);
-    if (st)
-        goto out;
+    return HL_OK;
+}
 
-    st = hl_buf_adds(out, "# Generated by harmonylite on every start; do not edit. Put your own settings\n"
-                          "# in the file named by nats.server_config (included last, so it wins).\n");
-    if (!st)
-        st = hl_buf_addf(out, "server_name: \"harmonylite-%llu\"\n", (unsigned long long)c->node_id);
-    if (!st)
-        st = hl_buf_adds(out, "listen: ");
-    if (!st)
-        st = add_conf_str(out, bind);
-    if (!st)
-        st = hl_buf_addf(out, "\nmax_payload: %d\n", c->nats.max_payload > 0 ? c->nats.max_payload : 1048576);
+/* The server's name, client listener, limits and JetStream store. */
+static void add_server(hl_buf *out, const hl_config *c, const char *bind, const char *dir)
+{
+    hl_buf_adds(out, "# Generated by harmonylite on every start; do not edit. Put your own settings\n"
+                     "# in the file named by nats.server_config (included last, so it wins).\n");
+    hl_buf_addf(out, "server_name: \"harmonylite-%llu\"\n", (unsigned long long)c->node_id);
+    hl_buf_adds(out, "listen: ");
+    add_conf_str(out, bind);
+    hl_buf_addf(out, "\nmax_payload: %d\n", c->nats.max_payload > 0 ? c->nats.max_payload : 1048576);
     /* Our own log lines carry the time already. */
-    if (!st)
-        st = hl_buf_adds(out, "logtime: false\n");
+    hl_buf_adds(out, "logtime: false\n");
     /* 30s is the smallest lame_duck_duration 2.9.10 accepts ("5s" is refused:
      * "minimum is 30 seconds"); it is only an upper bound: clients are closed at
      * most one per second after the grace period, and the server exits as soon
      * as they are gone. */
-    if (!st)
-        st = hl_buf_adds(out, "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n");
+    hl_buf_adds(out, "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"1s\"\n");
     /* nats-server always appends "/jetstream" to store_dir, so this puts the
      * streams in <data_dir>/nats/jetstream. */
-    if (!st)
-        st = hl_buf_adds(out, "jetstream {\n  store_dir: ");
-    if (!st)
-        st = add_conf_str(out, hl_buf_str(&dir));
+    hl_buf_adds(out, "jetstream {\n  store_dir: ");
+    add_conf_str(out, dir);
     /* "always" fsyncs every write before it is acknowledged (nats-server
      * 2.10+; 2.9 refuses the key, which start reports with its output). */
-    if (!st && c->nats.sync_interval && *c->nats.sync_interval) {
-        st = hl_buf_adds(out, "\n  sync_interval: ");
-        if (!st)
-            st = add_conf_str(out, c->nats.sync_interval);
+    if (c->nats.sync_interval && *c->nats.sync_interval) {
+        hl_buf_adds(out, "\n  sync_interval: ");
+        add_conf_str(out, c->nats.sync_interval);
     }
+    hl_buf_adds(out, "\n}\n");
+}
+
+/* cluster { ... } with the routes to the other nodes, when clustered. */
+static void add_cluster(hl_buf *out, const hl_config *c, const hl_peer_set *peers)
+{
+    if (!c->nats.cluster_addr || !*c->nats.cluster_addr)
+        return;
+    hl_buf_adds(out, "cluster {\n  name: ");
+    add_conf_str(out, c->nats.cluster_name && *c->nats.cluster_name ? c->nats.cluster_name : "harmonylite");
+    hl_buf_adds(out, "\n  listen: ");
+    add_conf_str(out, c->nats.cluster_addr);
+    hl_buf_adds(out, "\n  routes: [\n");
+    for (size_t i = 0; i < peers->routes.n; i++) {
+        hl_buf_adds(out, "    ");
+        add_route(out, c, peers->routes.v[i]);
+        hl_buf_addc(out, '\n');
+    }
+    hl_buf_adds(out, "  ]\n");
+    add_route_security(out, c);
+    hl_buf_adds(out, "}\n");
+}
+
+/* Leaf remotes connect with the credentials and TLS files the client uses. */
+static void add_leafnodes(hl_buf *out, const hl_config *c, const hl_peer_set *peers)
+{
+    if (peers->leafs.n == 0)
+        return;
+    hl_buf_adds(out, "leafnodes {\n  remotes: [\n    {\n      urls: [\n");
+    for (size_t i = 0; i < peers->leafs.n; i++) {
+        hl_buf_adds(out, "        ");
+        add_conf_str(out, peers->leafs.v[i]);
+        hl_buf_addc(out, '\n');
+    }
+    hl_buf_adds(out, "      ]\n");
+    add_conf_path(out, "      credentials: ", c->nats.creds_file);
+    if ((c->nats.ca_file && *c->nats.ca_file) || (c->nats.cert_file && *c->nats.cert_file)) {
+        hl_buf_adds(out, "      tls {\n");
+        add_conf_path(out, "        ca_file: ", c->nats.ca_file);
+        add_conf_path(out, "        cert_file: ", c->nats.cert_file);
+        add_conf_path(out, "        key_file: ", c->nats.key_file);
+        hl_buf_adds(out, "      }\n");
+    }
+    hl_buf_adds(out, "    }\n  ]\n}\n");
+}
+
+/* Every section appends to out, whose error is sticky (a value with a control
+ * character records HL_ERR_INVALID there), so the result is checked once. */
+hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl_buf *out)
+{
+    hl_buf dir;
+    hl_buf_init(&dir, PATH_MAX * 4);
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
+
+    hl_status st = check_addresses(c, peers, bind);
     if (!st)
-        st = hl_buf_adds(out, "\n}\n");
-
-    if (!st && c->nats.cluster_addr && *c->nats.cluster_addr) {
-        st = hl_buf_adds(out, "cluster {\n  name: ");
-        if (!st)
-            st =
-                add_conf_str(out, c->nats.cluster_name && *c->nats.cluster_name ? c->nats.cluster_name : "harmonylite");
-        if (!st)
-            st = hl_buf_adds(out, "\n  listen: ");
-        if (!st)
-            st = add_conf_str(out, c->nats.cluster_addr);
-        if (!st)
-            st = hl_buf_adds(out, "\n  routes: [\n");
-        for (size_t i = 0; !st && i < peers->routes.n; i++) {
-            st = hl_buf_adds(out, "    ");
-            if (!st)
-                st = add_route(out, c, peers->routes.v[i]);
-            if (!st)
-                st = hl_buf_addc(out, '\n');
-        }
-        if (!st)
-            st = hl_buf_adds(out, "  ]\n");
-        if (!st)
-            st = add_route_security(out, c);
-        if (!st)
-            st = hl_buf_adds(out, "}\n");
+        st = nats_dir(c, &dir);
+    if (!st) {
+        add_server(out, c, bind, hl_buf_str(&dir));
+        add_cluster(out, c, peers);
+        add_leafnodes(out, c, peers);
+        add_authorization(out, c);
+        if (c->nats.server_config && *c->nats.server_config)
+            add_include(out, hl_buf_str(&dir), c->nats.server_config);
+        st = hl_buf_status(out);
     }
-
-    /* Leaf remotes connect with the credentials and TLS files the client uses. */
-    if (!st && peers->leafs.n > 0) {
-        st = hl_buf_adds(out, "leafnodes {\n  remotes: [\n    {\n      urls: [\n");
-        for (size_t i = 0; !st && i < peers->leafs.n; i++) {
-            st = hl_buf_adds(out, "        ");
-            if (!st)
-                st = add_conf_str(out, peers->leafs.v[i]);
-            if (!st)
-                st = hl_buf_addc(out, '\n');
-        }
-        if (!st)
-            st = hl_buf_adds(out, "      ]\n");
-        if (!st)
-            st = add_conf_path(out, "      credentials: ", c->nats.creds_file);
-        bool tls = (c->nats.ca_file && *c->nats.ca_file) || (c->nats.cert_file && *c->nats.cert_file);
-        if (!st && tls)
-            st = hl_buf_adds(out, "      tls {\n");
-        if (!st && tls)
-            st = add_conf_path(out, "        ca_file: ", c->nats.ca_file);
-        if (!st && tls)
-            st = add_conf_path(out, "        cert_file: ", c->nats.cert_file);
-        if (!st && tls)
-            st = add_conf_path(out, "        key_file: ", c->nats.key_file);
-        if (!st && tls)
-            st = hl_buf_adds(out, "      }\n");
-        if (!st)
-            st = hl_buf_adds(out, "    }\n  ]\n}\n");
-    }
-
-    if (!st)
-        st = add_authorization(out, c);
-
-    if (!st && c->nats.server_config && *c->nats.server_config)
-        st = add_include(out, hl_buf_str(&dir), c->nats.server_config);
-
     if (st == HL_ERR_INVALID) {
         hl_log(HL_LOG_ERROR, "nats config value contains a control character", "component", "nats-server", NULL);
         st = HL_ERR_CONFIG;
     }
-out:
     hl_buf_free(&dir);
     return st;
 }
-
 /* ---- files and processes ---- */
 
 static hl_status mkdir_p(const char *path, mode_t mode)
@@ -1392,15 +1349,100 @@ static void warn_open_ports(const hl_config *c, const char *client_host)
                "component", "nats-server", "cluster_addr", c->nats.cluster_addr, NULL);
 }
 
+/* Where clients and the readiness probe reach the server: the bind address
+ * with a wildcard host replaced by loopback. host receives the bind host. */
+static hl_status set_client_url(hl_nats_server *s, const hl_config *c, char *host, size_t hostlen)
+{
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
+    split_hostport(bind, host, hostlen, s->probe_port, sizeof s->probe_port); /* checked by render */
+    s->probe_host = dup_str(is_wildcard_host(host) ? "127.0.0.1" : host);
+    if (!s->probe_host)
+        return HL_ERR_NOMEM;
+    snprintf(s->client_url, sizeof s->client_url, strchr(s->probe_host, ':') ? "nats://[%s]:%s" : "nats://%s:%s",
+             s->probe_host, s->probe_port);
+    snprintf(s->expect_name, sizeof s->expect_name, "harmonylite-%llu", (unsigned long long)c->node_id);
+    return HL_OK;
+}
+
+/* Writes the rendered config to <data_dir>/nats/CONF_NAME, remembered in
+ * s->conf_path, creating the directory. */
+static hl_status write_conf(hl_nats_server *s, const hl_config *c, const hl_buf *conf)
+{
+    hl_buf dir;
+    hl_buf_init(&dir, PATH_MAX * 4);
+    hl_status st = nats_dir(c, &dir);
+    if (st)
+        goto out;
+    if (mkdir_p(hl_buf_str(&dir), 0750)) {
+        hl_log(HL_LOG_ERROR, "cannot create nats directory", "component", "nats-server", "path", hl_buf_str(&dir),
+               "error", strerror(errno), NULL);
+        st = HL_ERR_IO;
+        goto out;
+    }
+    st = hl_buf_adds(&dir, "/" CONF_NAME);
+    if (st)
+        goto out;
+    s->conf_path = dup_str(hl_buf_str(&dir));
+    if (!s->conf_path) {
+        st = HL_ERR_NOMEM;
+        goto out;
+    }
+    st = write_atomic(s->conf_path, hl_buf_str(conf), conf->len);
+out:
+    hl_buf_free(&dir);
+    return st;
+}
+
+/* Ready = our child answers on the client port. A child that exits while
+ * starting fails the start at once: its output says why (port in use, bad
+ * store dir) and a restart loop would only hide it. On failure the child is
+ * halted and its last lines logged. */
+static hl_status wait_ready(hl_nats_server *s, int64_t deadline, int timeout_ms)
+{
+    const char *why = "timed out";
+    hl_status st = HL_ERR_TIMEOUT;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        bool died = s->exits > 0;
+        pthread_mutex_unlock(&s->mu);
+        if (died) {
+            why = "exited while starting";
+            st = HL_ERR_IO;
+            break;
+        }
+        if (atomic_load(&s->running)) {
+            probe_result pr = probe(s, 200);
+            if (pr == PROBE_OURS)
+                return HL_OK;
+            if (pr == PROBE_FOREIGN)
+                why = "another process answers on the client port (or server_name was overridden)";
+        }
+        if (now_ms() >= deadline)
+            break;
+        pthread_mutex_lock(&s->mu);
+        int64_t next = now_ms() + 50;
+        cv_wait_until(s, next < deadline ? next : deadline);
+        pthread_mutex_unlock(&s->mu);
+    }
+    char last[2400], tmo[24];
+    /* Halting joins the reader, so every line a dying child printed is in
+     * the tail before we quote it. */
+    halt(s, 0);
+    tail_join(s, 6, last, sizeof last);
+    snprintf(tmo, sizeof tmo, "%d", timeout_ms);
+    hl_log(HL_LOG_ERROR, "nats-server did not start", "component", "nats-server", "reason", why, "timeout_ms", tmo,
+           "url", s->client_url, "last_output", last, NULL);
+    return st;
+}
+
 hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, const hl_peer_set *peers, int timeout_ms)
 {
     hl_status st = HL_OK;
-    hl_buf conf, dir;
+    hl_buf conf;
     hl_nats_server *s = NULL;
     char host[256];
     int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     hl_buf_init(&conf, 1 << 20);
-    hl_buf_init(&dir, PATH_MAX * 4);
     *out = NULL;
 
     s = calloc(1, sizeof *s);
@@ -1419,41 +1461,12 @@ hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, c
     s->cfg = c;
     hl_peer_set_init(&s->peers);
     st = hl_peer_set_copy(&s->peers, peers);
-    if (st)
-        goto out;
-
-    st = hl_nats_server_render(c, &s->peers, &conf);
-    if (st)
-        goto out;
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
-    split_hostport(bind, host, sizeof host, s->probe_port, sizeof s->probe_port); /* checked by render */
-    s->probe_host = dup_str(is_wildcard_host(host) ? "127.0.0.1" : host);
-    if (!s->probe_host) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
-    snprintf(s->client_url, sizeof s->client_url, strchr(s->probe_host, ':') ? "nats://[%s]:%s" : "nats://%s:%s",
-             s->probe_host, s->probe_port);
-    snprintf(s->expect_name, sizeof s->expect_name, "harmonylite-%llu", (unsigned long long)c->node_id);
-
-    st = nats_dir(c, &dir);
-    if (st)
-        goto out;
-    if (mkdir_p(hl_buf_str(&dir), 0750)) {
-        hl_log(HL_LOG_ERROR, "cannot create nats directory", "component", "nats-server", "path", hl_buf_str(&dir),
-               "error", strerror(errno), NULL);
-        st = HL_ERR_IO;
-        goto out;
-    }
-    st = hl_buf_adds(&dir, "/" CONF_NAME);
-    if (st)
-        goto out;
-    s->conf_path = dup_str(hl_buf_str(&dir));
-    if (!s->conf_path) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
-    st = write_atomic(s->conf_path, hl_buf_str(&conf), conf.len);
+    if (!st)
+        st = hl_nats_server_render(c, &s->peers, &conf);
+    if (!st)
+        st = set_client_url(s, c, host, sizeof host);
+    if (!st)
+        st = write_conf(s, c, &conf);
     if (st)
         goto out;
 
@@ -1478,55 +1491,15 @@ hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, c
     if (set(c->nats.server_cert_file) && pthread_create(&s->certwatch, NULL, cert_watch_main, s) == 0)
         s->certwatch_started = true;
 
-    /* Ready = our child answers on the client port. A child that exits while
-     * starting fails the start at once: its output says why (port in use, bad
-     * store dir) and a restart loop would only hide it. */
-    const char *why = "timed out";
-    st = HL_ERR_TIMEOUT;
-    for (;;) {
-        pthread_mutex_lock(&s->mu);
-        bool died = s->exits > 0;
-        pthread_mutex_unlock(&s->mu);
-        if (died) {
-            why = "exited while starting";
-            st = HL_ERR_IO;
-            break;
-        }
-        if (atomic_load(&s->running)) {
-            probe_result pr = probe(s, 200);
-            if (pr == PROBE_OURS) {
-                st = HL_OK;
-                break;
-            }
-            if (pr == PROBE_FOREIGN)
-                why = "another process answers on the client port (or server_name was overridden)";
-        }
-        if (now_ms() >= deadline)
-            break;
-        pthread_mutex_lock(&s->mu);
-        int64_t next = now_ms() + 50;
-        cv_wait_until(s, next < deadline ? next : deadline);
-        pthread_mutex_unlock(&s->mu);
-    }
-    if (st) {
-        char last[2400], tmo[24];
-        /* Halting joins the reader, so every line a dying child printed is in
-         * the tail before we quote it. */
-        halt(s, 0);
-        tail_join(s, 6, last, sizeof last);
-        snprintf(tmo, sizeof tmo, "%d", timeout_ms);
-        hl_log(HL_LOG_ERROR, "nats-server did not start", "component", "nats-server", "reason", why, "timeout_ms", tmo,
-               "url", s->client_url, "last_output", last, NULL);
-        goto out;
-    }
-    hl_log(HL_LOG_INFO, "nats-server ready", "component", "nats-server", "url", s->client_url, NULL);
+    st = wait_ready(s, deadline, timeout_ms);
+    if (!st)
+        hl_log(HL_LOG_INFO, "nats-server ready", "component", "nats-server", "url", s->client_url, NULL);
 out:
     if (st && s) {
         hl_nats_server_stop(s, 0);
         s = NULL;
     }
     hl_buf_free(&conf);
-    hl_buf_free(&dir);
     *out = s;
     return st;
 }

@@ -1076,23 +1076,17 @@ static hl_status dec_row(dec *d, const hl_changeset *cs, hl_cs_row *r)
     return HL_OK;
 }
 
-/* Decodes a whole uncompressed payload into cs (empty). */
-static hl_status decode_cbor(dec *d, hl_changeset *cs)
+/* The header fields: format version, origin, epoch, seq, hlc, wall_ms, schema hash. */
+static hl_status dec_header(dec *d, hl_changeset *cs)
 {
-    uint64_t version, n;
+    uint64_t version;
     const unsigned char *hash;
     size_t hash_len;
-    const char **names = NULL;
-    hl_status st = dec_array_exact(d, 9, 1, "payload is not a 9-item array");
-
-    if (!st)
-        st = dec_uint(d, &version, "format version is not an unsigned integer");
+    hl_status st = dec_uint(d, &version, "format version is not an unsigned integer");
     if (st)
-        goto out;
-    if (version != HL_CS_FORMAT_VERSION) {
-        st = dec_fail(d, "unsupported format version");
-        goto out;
-    }
+        return st;
+    if (version != HL_CS_FORMAT_VERSION)
+        return dec_fail(d, "unsupported format version");
     st = dec_uint(d, &cs->origin, "origin is not an unsigned integer");
     if (!st)
         st = dec_uint(d, &cs->epoch, "epoch is not an unsigned integer");
@@ -1105,77 +1099,94 @@ static hl_status decode_cbor(dec *d, hl_changeset *cs)
     if (!st)
         st = dec_string(d, 2, &hash, &hash_len, "schema hash is not a byte string");
     if (st)
-        goto out;
-    if (hash_len != HL_SCHEMA_HASH_LEN) {
-        st = dec_fail(d, "schema hash is not 32 bytes");
-        goto out;
-    }
+        return st;
+    if (hash_len != HL_SCHEMA_HASH_LEN)
+        return dec_fail(d, "schema hash is not 32 bytes");
     memcpy(cs->schema_hash, hash, HL_SCHEMA_HASH_LEN);
+    return HL_OK;
+}
 
-    st = dec_array(d, &n, HL_CS_MAX_TABLES, MIN_TABLE_BYTES, "tables is not an array");
+/* Refuses a table named twice among cs's n tables (n > 1). */
+static hl_status dec_unique_tables(dec *d, const hl_changeset *cs, size_t n)
+{
+    hl_status st = dec_charge(d, array_cost(n, sizeof(const char *)));
     if (st)
-        goto out;
+        return st;
+    const char **names = malloc(n * sizeof(*names));
+    if (!names)
+        return HL_ERR_NOMEM;
+    for (size_t i = 0; i < n; i++)
+        names[i] = cs->tables[i].name;
+    qsort(names, n, sizeof(*names), cmp_str);
+    for (size_t i = 1; !st && i < n; i++)
+        if (strcmp(names[i - 1], names[i]) == 0)
+            st = dec_fail(d, "duplicate table name");
+    free(names);
+    return st;
+}
+
+/* The tables array; each name appears once. */
+static hl_status dec_tables(dec *d, hl_changeset *cs)
+{
+    uint64_t n;
+    hl_status st = dec_array(d, &n, HL_CS_MAX_TABLES, MIN_TABLE_BYTES, "tables is not an array");
+    if (st)
+        return st;
     if (n) {
         st = dec_charge(d, array_cost((size_t)n, sizeof(hl_cs_table)));
         if (st)
-            goto out;
+            return st;
         cs->tables = calloc((size_t)n, sizeof(hl_cs_table));
-        if (!cs->tables) {
-            st = HL_ERR_NOMEM;
-            goto out;
-        }
+        if (!cs->tables)
+            return HL_ERR_NOMEM;
         cs->tables_cap = (size_t)n;
     }
     for (size_t i = 0; i < n; i++) {
         cs->ntables = i + 1; /* counted first so a partial entry is freed */
         st = dec_table(d, &cs->tables[i]);
         if (st)
-            goto out;
+            return st;
     }
-    if (n > 1) {
-        st = dec_charge(d, array_cost((size_t)n, sizeof(*names)));
-        if (st)
-            goto out;
-        names = malloc((size_t)n * sizeof(*names));
-        if (!names) {
-            st = HL_ERR_NOMEM;
-            goto out;
-        }
-        for (size_t i = 0; i < n; i++)
-            names[i] = cs->tables[i].name;
-        qsort(names, (size_t)n, sizeof(*names), cmp_str);
-        for (size_t i = 1; i < n; i++) {
-            if (strcmp(names[i - 1], names[i]) == 0) {
-                st = dec_fail(d, "duplicate table name");
-                goto out;
-            }
-        }
-    }
+    return n > 1 ? dec_unique_tables(d, cs, (size_t)n) : HL_OK;
+}
 
-    st = dec_array(d, &n, SIZE_MAX, MIN_ROW_BYTES, "rows is not an array");
+/* The rows array. */
+static hl_status dec_rows(dec *d, hl_changeset *cs)
+{
+    uint64_t n;
+    hl_status st = dec_array(d, &n, SIZE_MAX, MIN_ROW_BYTES, "rows is not an array");
     if (st)
-        goto out;
+        return st;
     if (n) {
         st = dec_charge(d, array_cost((size_t)n, sizeof(hl_cs_row)));
         if (st)
-            goto out;
+            return st;
         cs->rows = calloc((size_t)n, sizeof(hl_cs_row));
-        if (!cs->rows) {
-            st = HL_ERR_NOMEM;
-            goto out;
-        }
+        if (!cs->rows)
+            return HL_ERR_NOMEM;
         cs->rows_cap = (size_t)n;
     }
     for (size_t i = 0; i < n; i++) {
         cs->nrows = i + 1;
         st = dec_row(d, cs, &cs->rows[i]);
         if (st)
-            goto out;
+            return st;
     }
-    if (d->p != d->end)
+    return HL_OK;
+}
+
+/* Decodes a whole uncompressed payload into cs (empty). */
+static hl_status decode_cbor(dec *d, hl_changeset *cs)
+{
+    hl_status st = dec_array_exact(d, 9, 1, "payload is not a 9-item array");
+    if (!st)
+        st = dec_header(d, cs);
+    if (!st)
+        st = dec_tables(d, cs);
+    if (!st)
+        st = dec_rows(d, cs);
+    if (!st && d->p != d->end)
         st = dec_fail(d, "trailing bytes after the payload");
-out:
-    free(names);
     return st;
 }
 
@@ -1205,6 +1216,64 @@ static hl_status zstd_error(dec *d, size_t r)
     return dec_fail(d, ZSTD_getErrorName(r));
 }
 
+/* Checks the frame header and picks the first output size: the size the frame
+ * declares, else a guess from the input; never over max_bytes. */
+static hl_status zstd_first_cap(dec *d, const unsigned char *p, size_t n, size_t max_bytes, size_t *cap)
+{
+    if (n < 4 || (p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24) != ZSTD_MAGICNUMBER)
+        return dec_fail(d, "not a zstd frame");
+    unsigned long long fcs = ZSTD_getFrameContentSize(p, n);
+    if (fcs == ZSTD_CONTENTSIZE_ERROR)
+        return dec_fail(d, "bad zstd frame header");
+    if (fcs != ZSTD_CONTENTSIZE_UNKNOWN && fcs > max_bytes) {
+        if (d->err && d->errlen)
+            snprintf(d->err, d->errlen, "zstd frame declares %llu bytes, limit is %zu", fcs, max_bytes);
+        return HL_ERR_TOO_LARGE;
+    }
+    if (fcs != ZSTD_CONTENTSIZE_UNKNOWN)
+        *cap = (size_t)fcs;
+    else
+        *cap = n < max_bytes / 4 ? (n * 4 > 65536 ? n * 4 : 65536) : max_bytes;
+    if (*cap > max_bytes)
+        *cap = max_bytes;
+    return HL_OK;
+}
+
+/* Output full at the limit: one more byte of output means too large, so the
+ * rest is decompressed into a one-byte probe. *done when the frame ended. */
+static hl_status zstd_probe_limit(dec *d, ZSTD_DCtx *dc, ZSTD_inBuffer *in, size_t max_bytes, bool *done)
+{
+    unsigned char probe;
+    ZSTD_outBuffer o = {&probe, 1, 0};
+    size_t in_before = in->pos;
+    size_t r = ZSTD_decompressStream(dc, &o, in);
+    if (ZSTD_isError(r))
+        return zstd_error(d, r);
+    if (o.pos) {
+        if (d->err && d->errlen)
+            snprintf(d->err, d->errlen, "zstd frame expands past the limit of %zu bytes", max_bytes);
+        return HL_ERR_TOO_LARGE;
+    }
+    *done = r == 0;
+    if (!*done && in->pos == in->size && in->pos == in_before)
+        return dec_fail(d, "truncated zstd frame");
+    return HL_OK;
+}
+
+/* Doubles the output buffer, up to max_bytes. */
+static hl_status zstd_grow(unsigned char **buf, size_t *cap, size_t max_bytes)
+{
+    size_t ncap = *cap > max_bytes / 2 ? max_bytes : (*cap ? *cap * 2 : 65536);
+    if (ncap > max_bytes)
+        ncap = max_bytes;
+    unsigned char *nb = realloc(*buf, ncap ? ncap : 1);
+    if (!nb)
+        return HL_ERR_NOMEM;
+    *buf = nb;
+    *cap = ncap;
+    return HL_OK;
+}
+
 /*
  * Decompresses exactly one zstd frame of at most max_bytes output into a new
  * malloc'ed buffer (*outp, caller frees). The declared content size is only a
@@ -1214,31 +1283,15 @@ static hl_status zstd_error(dec *d, size_t r)
 static hl_status zstd_decompress(dec *d, const unsigned char *p, size_t n, size_t max_bytes, unsigned char **outp,
                                  size_t *outn)
 {
-    hl_status st = HL_OK;
     ZSTD_DCtx *dc = NULL;
     unsigned char *buf = NULL;
     size_t cap, pos = 0;
-    unsigned long long fcs;
     ZSTD_inBuffer in = {p, n, 0};
 
     *outp = NULL;
-    if (n < 4 || (p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24) != ZSTD_MAGICNUMBER)
-        return dec_fail(d, "not a zstd frame");
-    fcs = ZSTD_getFrameContentSize(p, n);
-    if (fcs == ZSTD_CONTENTSIZE_ERROR)
-        return dec_fail(d, "bad zstd frame header");
-    if (fcs != ZSTD_CONTENTSIZE_UNKNOWN && fcs > max_bytes) {
-        if (d->err && d->errlen)
-            snprintf(d->err, d->errlen, "zstd frame declares %llu bytes, limit is %zu", fcs, max_bytes);
-        return HL_ERR_TOO_LARGE;
-    }
-    if (fcs != ZSTD_CONTENTSIZE_UNKNOWN)
-        cap = (size_t)fcs;
-    else
-        cap = n < max_bytes / 4 ? (n * 4 > 65536 ? n * 4 : 65536) : max_bytes;
-    if (cap > max_bytes)
-        cap = max_bytes;
-
+    hl_status st = zstd_first_cap(d, p, n, max_bytes, &cap);
+    if (st)
+        return st;
     dc = ZSTD_createDCtx();
     buf = malloc(cap ? cap : 1);
     if (!dc || !buf) {
@@ -1250,45 +1303,18 @@ static hl_status zstd_decompress(dec *d, const unsigned char *p, size_t n, size_
         goto out;
     }
     for (;;) {
-        size_t r;
         if (pos == cap && cap == max_bytes) {
-            /* Full at the limit: one more byte of output means too large. */
-            unsigned char probe;
-            ZSTD_outBuffer o = {&probe, 1, 0};
-            size_t in_before = in.pos;
-            r = ZSTD_decompressStream(dc, &o, &in);
-            if (ZSTD_isError(r)) {
-                st = zstd_error(d, r);
+            bool done = false;
+            if ((st = zstd_probe_limit(d, dc, &in, max_bytes, &done)))
                 goto out;
-            }
-            if (o.pos) {
-                if (d->err && d->errlen)
-                    snprintf(d->err, d->errlen, "zstd frame expands past the limit of %zu bytes", max_bytes);
-                st = HL_ERR_TOO_LARGE;
-                goto out;
-            }
-            if (r == 0)
+            if (done)
                 break;
-            if (in.pos == in.size && in.pos == in_before) {
-                st = dec_fail(d, "truncated zstd frame");
-                goto out;
-            }
             continue;
         }
-        if (pos == cap) {
-            size_t ncap = cap > max_bytes / 2 ? max_bytes : (cap ? cap * 2 : 65536);
-            if (ncap > max_bytes)
-                ncap = max_bytes;
-            unsigned char *nb = realloc(buf, ncap ? ncap : 1);
-            if (!nb) {
-                st = HL_ERR_NOMEM;
-                goto out;
-            }
-            buf = nb;
-            cap = ncap;
-        }
+        if (pos == cap && (st = zstd_grow(&buf, &cap, max_bytes)))
+            goto out;
         ZSTD_outBuffer o = {buf, cap, pos};
-        r = ZSTD_decompressStream(dc, &o, &in);
+        size_t r = ZSTD_decompressStream(dc, &o, &in);
         pos = o.pos;
         if (ZSTD_isError(r)) {
             st = zstd_error(d, r);

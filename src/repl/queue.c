@@ -31,6 +31,8 @@ void hl_inbound_free(hl_inbound *it)
 
 void hl_queue_destroy(hl_queue *q)
 {
+    if (!q)
+        return;
     hl_inbound_free(q->head);
     free(q->acks);
     if (q->wake_fd >= 0)
@@ -182,6 +184,8 @@ size_t hl_queue_take_acks(hl_queue *q, hl_ack **out)
 
 void hl_queue_close(hl_queue *q)
 {
+    if (!q)
+        return;
     pthread_mutex_lock(&q->mu);
     q->closed = 1;
     pthread_cond_broadcast(&q->space);

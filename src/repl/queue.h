@@ -47,6 +47,7 @@ typedef struct hl_queue {
 } hl_queue;
 
 hl_status hl_queue_init(hl_queue *q, size_t max_bytes);
+/* Frees what is still queued and the queue's resources; NULL is a no-op. */
 void hl_queue_destroy(hl_queue *q);
 /* Wakes the engine (async-signal-safe: only write()s the eventfd). */
 void hl_queue_wake(hl_queue *q);
@@ -68,7 +69,7 @@ size_t hl_queue_take_acks(hl_queue *q, hl_ack **out);
  * called with on false (a pusher for it never blocks meanwhile), so that
  * shard's fetcher can be stopped and restarted from an earlier position. */
 void hl_queue_discard_shard(hl_queue *q, int shard, bool on);
-/* Unblocks pushers for shutdown. */
+/* Unblocks pushers for shutdown; NULL is a no-op. */
 void hl_queue_close(hl_queue *q);
 
 #endif

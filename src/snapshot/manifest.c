@@ -130,6 +130,74 @@ static int stream_name_ok(const char *s)
     return 1;
 }
 
+/* The manifest's numbers and strings, each checked against its form. */
+static hl_status parse_fields(hl_manifest *m, const cJSON *o, char *err, size_t errlen)
+{
+    static const struct {
+        const char *key;
+        size_t off;
+        uint64_t max;
+    } nums[] = {
+        {"node", offsetof(hl_manifest, node), INT64_MAX},
+        {"epoch", offsetof(hl_manifest, epoch), INT64_MAX},
+        {"created_ms", offsetof(hl_manifest, created_ms), INT64_MAX},
+        {"hlc", offsetof(hl_manifest, hlc), INT64_MAX},
+        {"size", offsetof(hl_manifest, size), INT64_MAX},
+        {"db_size", offsetof(hl_manifest, db_size), INT64_MAX},
+    };
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        uint64_t *dst = (uint64_t *)(void *)((char *)m + nums[i].off);
+        if (!parse_u64(cJSON_GetObjectItemCaseSensitive(o, nums[i].key), nums[i].max, dst))
+            return bad(err, errlen, "manifest: %s: expected a decimal string from 0 to %" PRIu64, nums[i].key,
+                       nums[i].max);
+    }
+    if (m->node == 0)
+        return bad(err, errlen, "manifest: node: expected a node id >= 1");
+    if (!get_str(o, "version", m->version, sizeof m->version))
+        return bad(err, errlen, "manifest: version: expected a string of 1 to %zu bytes", sizeof m->version - 1);
+    if (!get_str(o, "schema_hash", m->schema_hash, sizeof m->schema_hash) || !is_hex64(m->schema_hash))
+        return bad(err, errlen, "manifest: schema_hash: expected 64 lower-case hex digits");
+    if (!get_str(o, "sha256", m->sha256, sizeof m->sha256) || !is_hex64(m->sha256))
+        return bad(err, errlen, "manifest: sha256: expected 64 lower-case hex digits");
+    if (!get_str(o, "object", m->object, sizeof m->object) || !hl_snapshot_name_ok(m->object))
+        return bad(err, errlen, "manifest: object: expected a name of 1 to %d bytes of [A-Za-z0-9._-]",
+                   HL_SNAPSHOT_NAME_MAX);
+    return HL_OK;
+}
+
+/* The streams array: at most HL_MANIFEST_MAX_STREAMS, each named once. */
+static hl_status parse_streams(hl_manifest *m, const cJSON *o, char *err, size_t errlen)
+{
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(o, "streams");
+    if (!cJSON_IsArray(arr))
+        return bad(err, errlen, "manifest: streams: expected an array");
+    int n = cJSON_GetArraySize(arr);
+    if (n < 0 || n > HL_MANIFEST_MAX_STREAMS)
+        return bad(err, errlen, "manifest: streams: expected at most %d entries", HL_MANIFEST_MAX_STREAMS);
+    if (n > 0) {
+        m->streams = calloc((size_t)n, sizeof *m->streams);
+        if (!m->streams) {
+            snprintf(err, errlen, "manifest: out of memory");
+            return HL_ERR_NOMEM;
+        }
+    }
+    const cJSON *s;
+    cJSON_ArrayForEach(s, arr)
+    {
+        hl_manifest_stream *ms = &m->streams[m->nstreams];
+        if (!cJSON_IsObject(s) || !get_str(s, "name", ms->name, sizeof ms->name) || !stream_name_ok(ms->name) ||
+            !parse_u64(cJSON_GetObjectItemCaseSensitive(s, "seq"), INT64_MAX, &ms->seq))
+            return bad(err, errlen,
+                       "manifest: streams[%zu]: expected {\"name\": a stream name, \"seq\": a decimal string}",
+                       m->nstreams);
+        for (size_t k = 0; k < m->nstreams; k++)
+            if (strcmp(m->streams[k].name, ms->name) == 0)
+                return bad(err, errlen, "manifest: streams[%zu]: stream \"%s\" listed twice", m->nstreams, ms->name);
+        m->nstreams++;
+    }
+    return HL_OK;
+}
+
 hl_status hl_manifest_parse(hl_manifest *m, const char *json, size_t len, char *err, size_t errlen)
 {
     hl_status st = HL_OK;
@@ -149,83 +217,9 @@ hl_status hl_manifest_parse(hl_manifest *m, const char *json, size_t len, char *
         goto out;
     }
     m->format = HL_MANIFEST_FORMAT;
-    static const struct {
-        const char *key;
-        size_t off;
-        uint64_t max;
-    } nums[] = {
-        {"node", offsetof(hl_manifest, node), INT64_MAX},
-        {"epoch", offsetof(hl_manifest, epoch), INT64_MAX},
-        {"created_ms", offsetof(hl_manifest, created_ms), INT64_MAX},
-        {"hlc", offsetof(hl_manifest, hlc), INT64_MAX},
-        {"size", offsetof(hl_manifest, size), INT64_MAX},
-        {"db_size", offsetof(hl_manifest, db_size), INT64_MAX},
-    };
-    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
-        uint64_t *dst = (uint64_t *)(void *)((char *)m + nums[i].off);
-        if (!parse_u64(cJSON_GetObjectItemCaseSensitive(o, nums[i].key), nums[i].max, dst)) {
-            st = bad(err, errlen, "manifest: %s: expected a decimal string from 0 to %" PRIu64, nums[i].key,
-                     nums[i].max);
-            goto out;
-        }
-    }
-    if (m->node == 0) {
-        st = bad(err, errlen, "manifest: node: expected a node id >= 1");
-        goto out;
-    }
-    if (!get_str(o, "version", m->version, sizeof m->version)) {
-        st = bad(err, errlen, "manifest: version: expected a string of 1 to %zu bytes", sizeof m->version - 1);
-        goto out;
-    }
-    if (!get_str(o, "schema_hash", m->schema_hash, sizeof m->schema_hash) || !is_hex64(m->schema_hash)) {
-        st = bad(err, errlen, "manifest: schema_hash: expected 64 lower-case hex digits");
-        goto out;
-    }
-    if (!get_str(o, "sha256", m->sha256, sizeof m->sha256) || !is_hex64(m->sha256)) {
-        st = bad(err, errlen, "manifest: sha256: expected 64 lower-case hex digits");
-        goto out;
-    }
-    if (!get_str(o, "object", m->object, sizeof m->object) || !hl_snapshot_name_ok(m->object)) {
-        st = bad(err, errlen, "manifest: object: expected a name of 1 to %d bytes of [A-Za-z0-9._-]",
-                 HL_SNAPSHOT_NAME_MAX);
-        goto out;
-    }
-    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(o, "streams");
-    if (!cJSON_IsArray(arr)) {
-        st = bad(err, errlen, "manifest: streams: expected an array");
-        goto out;
-    }
-    int n = cJSON_GetArraySize(arr);
-    if (n < 0 || n > HL_MANIFEST_MAX_STREAMS) {
-        st = bad(err, errlen, "manifest: streams: expected at most %d entries", HL_MANIFEST_MAX_STREAMS);
-        goto out;
-    }
-    if (n > 0) {
-        m->streams = calloc((size_t)n, sizeof *m->streams);
-        if (!m->streams) {
-            st = HL_ERR_NOMEM;
-            snprintf(err, errlen, "manifest: out of memory");
-            goto out;
-        }
-    }
-    const cJSON *s;
-    cJSON_ArrayForEach(s, arr)
-    {
-        hl_manifest_stream *ms = &m->streams[m->nstreams];
-        if (!cJSON_IsObject(s) || !get_str(s, "name", ms->name, sizeof ms->name) || !stream_name_ok(ms->name) ||
-            !parse_u64(cJSON_GetObjectItemCaseSensitive(s, "seq"), INT64_MAX, &ms->seq)) {
-            st = bad(err, errlen,
-                     "manifest: streams[%zu]: expected {\"name\": a stream name, \"seq\": a decimal string}",
-                     m->nstreams);
-            goto out;
-        }
-        for (size_t k = 0; k < m->nstreams; k++)
-            if (strcmp(m->streams[k].name, ms->name) == 0) {
-                st = bad(err, errlen, "manifest: streams[%zu]: stream \"%s\" listed twice", m->nstreams, ms->name);
-                goto out;
-            }
-        m->nstreams++;
-    }
+    st = parse_fields(m, o, err, errlen);
+    if (!st)
+        st = parse_streams(m, o, err, errlen);
 out:
     cJSON_Delete(o);
     return st;

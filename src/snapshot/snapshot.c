@@ -207,6 +207,63 @@ static int64_t meta_int(sqlite3 *db, const char *key, int64_t dflt)
     return v;
 }
 
+/* Appends to sql a DROP for every harmonylite trigger and change log in db:
+ * the restoring node creates its own. */
+static hl_status add_drops(sqlite3 *db, hl_buf *sql, char *err, size_t errlen)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(
+        db,
+        "SELECT type, name FROM sqlite_schema WHERE name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\' "
+        "AND (type = 'trigger' OR (type = 'table' AND name LIKE '%\\_change\\_log' ESCAPE '\\')) "
+        "ORDER BY type = 'table'",
+        -1, &st, NULL);
+    while (rc == SQLITE_OK || rc == SQLITE_ROW ? (rc = sqlite3_step(st)) == SQLITE_ROW : 0) {
+        const char *type = (const char *)sqlite3_column_text(st, 0);
+        const char *name = (const char *)sqlite3_column_text(st, 1);
+        if (strcmp(type, "table") == 0 && !has_suffix(name, LOG_SUFFIX))
+            continue;
+        hl_buf_adds(sql, strcmp(type, "trigger") == 0 ? "DROP TRIGGER " : "DROP TABLE ");
+        hl_buf_add_ident(sql, name);
+        hl_buf_adds(sql, ";\n");
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return fail(err, errlen, HL_ERR_SQLITE, "snapshot copy: %s", sqlite3_errmsg(db));
+    return HL_OK;
+}
+
+/* Fills the manifest's streams from the copy's stream positions. */
+static hl_status read_streams(sqlite3 *db, snap_state *s, char *err, size_t errlen)
+{
+    sqlite3_stmt *st = NULL;
+    hl_status res = HL_OK;
+    int rc = sqlite3_prepare_v2(db, "SELECT stream, seq FROM " T_SEQ " ORDER BY stream", -1, &st, NULL);
+    while (rc == SQLITE_OK || rc == SQLITE_ROW ? (rc = sqlite3_step(st)) == SQLITE_ROW : 0) {
+        const char *name = (const char *)sqlite3_column_text(st, 0);
+        if (!name || strlen(name) >= sizeof s->m.streams[0].name || s->m.nstreams >= HL_MANIFEST_MAX_STREAMS)
+            continue;
+        if (s->m.nstreams == s->cap_streams) {
+            size_t cap = s->cap_streams ? s->cap_streams * 2 : 8;
+            hl_manifest_stream *nv = realloc(s->m.streams, cap * sizeof *nv);
+            if (!nv) {
+                res = fail(err, errlen, HL_ERR_NOMEM, "snapshot: out of memory");
+                goto out;
+            }
+            s->m.streams = nv;
+            s->cap_streams = cap;
+        }
+        hl_manifest_stream *ms = &s->m.streams[s->m.nstreams++];
+        snprintf(ms->name, sizeof ms->name, "%s", name);
+        ms->seq = (uint64_t)sqlite3_column_int64(st, 1);
+    }
+    if (rc != SQLITE_DONE)
+        res = fail(err, errlen, HL_ERR_SQLITE, "snapshot copy: %s", sqlite3_errmsg(db));
+out:
+    sqlite3_finalize(st);
+    return res;
+}
+
 /*
  * Turns the copy into a snapshot: removes what belongs to the node that took
  * it (triggers, change logs, outbox, conflicts, identity) and keeps the
@@ -217,7 +274,6 @@ static int64_t meta_int(sqlite3 *db, const char *key, int64_t dflt)
 static hl_status strip_copy(const char *copy, snap_state *s, char *err, size_t errlen)
 {
     sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL;
     hl_status res = HL_OK;
     hl_buf sql;
     hl_buf_init(&sql, 64u << 20);
@@ -241,28 +297,8 @@ static hl_status strip_copy(const char *copy, snap_state *s, char *err, size_t e
 
     if ((res = exec_sql(db, "BEGIN", err, errlen)))
         goto out;
-    /* Triggers and change logs: the restoring node creates its own. */
-    rc = sqlite3_prepare_v2(
-        db,
-        "SELECT type, name FROM sqlite_schema WHERE name LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\' "
-        "AND (type = 'trigger' OR (type = 'table' AND name LIKE '%\\_change\\_log' ESCAPE '\\')) "
-        "ORDER BY type = 'table'",
-        -1, &st, NULL);
-    while (rc == SQLITE_OK || rc == SQLITE_ROW ? (rc = sqlite3_step(st)) == SQLITE_ROW : 0) {
-        const char *type = (const char *)sqlite3_column_text(st, 0);
-        const char *name = (const char *)sqlite3_column_text(st, 1);
-        if (strcmp(type, "table") == 0 && !has_suffix(name, LOG_SUFFIX))
-            continue;
-        hl_buf_adds(&sql, strcmp(type, "trigger") == 0 ? "DROP TRIGGER " : "DROP TABLE ");
-        hl_buf_add_ident(&sql, name);
-        hl_buf_adds(&sql, ";\n");
-    }
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc != SQLITE_DONE) {
-        res = fail(err, errlen, HL_ERR_SQLITE, "snapshot copy: %s", sqlite3_errmsg(db));
+    if ((res = add_drops(db, &sql, err, errlen)))
         goto rollback;
-    }
     hl_buf_adds(&sql, "DELETE FROM " T_OUTBOX ";\nDELETE FROM " T_CONFLICTS ";\nUPDATE " T_CTL " SET applying = 0;\n"
                       "DELETE FROM " T_META " WHERE key <> 'last_hlc';\n");
     /* Everything the taker captured is in the copy, published or not: its own
@@ -276,40 +312,13 @@ static hl_status strip_copy(const char *copy, snap_state *s, char *err, size_t e
         snprintf(err, errlen, "snapshot copy: out of memory");
         goto rollback;
     }
-    if ((res = exec_sql(db, hl_buf_str(&sql), err, errlen)))
-        goto rollback;
-    rc = sqlite3_prepare_v2(db, "SELECT stream, seq FROM " T_SEQ " ORDER BY stream", -1, &st, NULL);
-    while (rc == SQLITE_OK || rc == SQLITE_ROW ? (rc = sqlite3_step(st)) == SQLITE_ROW : 0) {
-        const char *name = (const char *)sqlite3_column_text(st, 0);
-        if (!name || strlen(name) >= sizeof s->m.streams[0].name || s->m.nstreams >= HL_MANIFEST_MAX_STREAMS)
-            continue;
-        if (s->m.nstreams == s->cap_streams) {
-            size_t cap = s->cap_streams ? s->cap_streams * 2 : 8;
-            hl_manifest_stream *nv = realloc(s->m.streams, cap * sizeof *nv);
-            if (!nv) {
-                res = fail(err, errlen, HL_ERR_NOMEM, "snapshot: out of memory");
-                goto rollback;
-            }
-            s->m.streams = nv;
-            s->cap_streams = cap;
-        }
-        hl_manifest_stream *ms = &s->m.streams[s->m.nstreams++];
-        snprintf(ms->name, sizeof ms->name, "%s", name);
-        ms->seq = (uint64_t)sqlite3_column_int64(st, 1);
-    }
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc != SQLITE_DONE) {
-        res = fail(err, errlen, HL_ERR_SQLITE, "snapshot copy: %s", sqlite3_errmsg(db));
-        goto rollback;
-    }
-    if ((res = exec_sql(db, "COMMIT", err, errlen)))
+    if ((res = exec_sql(db, hl_buf_str(&sql), err, errlen)) || (res = read_streams(db, s, err, errlen)) ||
+        (res = exec_sql(db, "COMMIT", err, errlen)))
         goto rollback;
     goto out;
 rollback:
     sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
 out:
-    sqlite3_finalize(st);
     if (db && sqlite3_close(db) != SQLITE_OK && !res)
         res = fail(err, errlen, HL_ERR_SQLITE, "closing the copy failed");
     hl_buf_free(&sql);
@@ -482,85 +491,110 @@ static void prune(hl_store *store, int keep)
     hl_store_names_free(&l);
 }
 
+/* Creates the two temporary files beside db_path: copy (closed, for the
+ * database copy) and zpath (open as *zfd, for the compressed object). A name
+ * not created is left empty, so the caller removes only what exists. */
+static hl_status make_temps(const char *db_path, char *copy, char *zpath, size_t cap, int *zfd, char *err,
+                            size_t errlen)
+{
+    if (!temp_beside(db_path, ".snapshot-", copy, cap) || !temp_beside(db_path, ".snapshot-zst-", zpath, cap)) {
+        copy[0] = zpath[0] = 0;
+        return fail(err, errlen, HL_ERR_INVALID, "db_path: too long");
+    }
+    int cfd = mkostemp(copy, O_CLOEXEC);
+    if (cfd < 0) {
+        copy[0] = zpath[0] = 0;
+        return fail(err, errlen, HL_ERR_IO, "snapshot: cannot create a file beside %s: %s", db_path, strerror(errno));
+    }
+    close(cfd);
+    *zfd = mkostemp(zpath, O_CLOEXEC);
+    if (*zfd < 0) {
+        zpath[0] = 0;
+        return fail(err, errlen, HL_ERR_IO, "snapshot: cannot create a file beside %s: %s", db_path, strerror(errno));
+    }
+    return HL_OK;
+}
+
+/* Copies the database to copy, strips it and compresses it into zfd, filling
+ * the manifest's content fields. */
+static hl_status make_object(const char *db_path, const char *copy, int zfd, snap_state *s, char *err, size_t errlen)
+{
+    hl_status res;
+    s->m.created_ms = hl_now_ms();
+    if ((res = copy_db(db_path, copy, err, errlen)) || (res = strip_copy(copy, s, err, errlen)))
+        return res;
+    struct stat sb;
+    if (stat(copy, &sb) != 0)
+        return fail(err, errlen, HL_ERR_IO, "snapshot: %s", strerror(errno));
+    s->m.db_size = (uint64_t)sb.st_size;
+    return compress_file(copy, zfd, &s->m.size, s->m.sha256, err, errlen);
+}
+
+/* A unique name that sorts by creation time: snap-<UTC time>-n<node>-<random>,
+ * as the object's (name) and the manifest's (mname); fills the manifest's
+ * naming fields. */
+static void name_snapshot(const hl_config *c, snap_state *s, char name[HL_SNAPSHOT_NAME_MAX + 1],
+                          char mname[HL_SNAPSHOT_NAME_MAX + 1])
+{
+    char base[128];
+    uint32_t rnd = 0;
+    if (getrandom(&rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
+        rnd = (uint32_t)(hl_mono_ms() ^ (uint64_t)getpid());
+    time_t secs = (time_t)(s->m.created_ms / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(base, sizeof base, "snap-%04d%02d%02dT%02d%02d%02d%03dZ-n%" PRIu64 "-%08x", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(s->m.created_ms % 1000),
+             s->m.node ? s->m.node : c->node_id, rnd);
+    snprintf(name, HL_SNAPSHOT_NAME_MAX + 1, "%s%s", base, HL_SNAPSHOT_OBJECT_SUFFIX);
+    snprintf(mname, HL_SNAPSHOT_NAME_MAX + 1, "%s%s", base, HL_SNAPSHOT_MANIFEST_SUFFIX);
+    snprintf(s->m.object, sizeof s->m.object, "%s", name);
+    snprintf(s->m.version, sizeof s->m.version, "%s", HL_VERSION);
+    if (!s->m.node)
+        s->m.node = c->node_id;
+    s->m.format = HL_MANIFEST_FORMAT;
+}
+
+/* The object first, the manifest last: a manifest names a complete object.
+ * An object whose manifest could not be stored is removed again. */
+static hl_status upload(hl_store *store, const char *name, const char *mname, int zfd, const hl_manifest *m, char *err,
+                        size_t errlen)
+{
+    hl_status res;
+    hl_store_src src = {.fd = zfd, .mem = NULL, .size = m->size};
+    if ((res = put_retrying(store, name, &src, err, errlen)))
+        return res;
+    char *json = hl_manifest_to_json(m);
+    if (!json)
+        return fail(err, errlen, HL_ERR_NOMEM, "snapshot: out of memory");
+    hl_store_src msrc = {.fd = -1, .mem = json, .size = strlen(json)};
+    if ((res = put_retrying(store, mname, &msrc, err, errlen))) {
+        char e2[256];
+        store->ops->del(store, name, e2, sizeof e2);
+    }
+    free(json);
+    return res;
+}
+
 hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *err, size_t errlen)
 {
     hl_status res;
     hl_store *store = NULL;
     snap_state s;
-    char copy[4096] = "", zpath[4096] = "", base[128], name[HL_SNAPSHOT_NAME_MAX + 1], mname[HL_SNAPSHOT_NAME_MAX + 1];
-    char *json = NULL;
+    char copy[4096] = "", zpath[4096] = "", name[HL_SNAPSHOT_NAME_MAX + 1], mname[HL_SNAPSHOT_NAME_MAX + 1];
     int zfd = -1;
     memset(&s, 0, sizeof s);
     uint64_t t0 = hl_mono_ms();
 
-    if ((res = hl_store_open(&store, c, err, errlen)))
-        goto out;
-    if (!temp_beside(c->db_path, ".snapshot-", copy, sizeof copy) ||
-        !temp_beside(c->db_path, ".snapshot-zst-", zpath, sizeof zpath)) {
-        res = fail(err, errlen, HL_ERR_INVALID, "db_path: too long");
-        copy[0] = zpath[0] = 0;
-        goto out;
-    }
-    int cfd = mkostemp(copy, O_CLOEXEC);
-    if (cfd < 0) {
-        res = fail(err, errlen, HL_ERR_IO, "snapshot: cannot create a file beside %s: %s", c->db_path, strerror(errno));
-        copy[0] = zpath[0] = 0;
-        goto out;
-    }
-    close(cfd);
-    zfd = mkostemp(zpath, O_CLOEXEC);
-    if (zfd < 0) {
-        res = fail(err, errlen, HL_ERR_IO, "snapshot: cannot create a file beside %s: %s", c->db_path, strerror(errno));
-        zpath[0] = 0;
-        goto out;
-    }
-    s.m.created_ms = hl_now_ms();
-    if ((res = copy_db(c->db_path, copy, err, errlen)) || (res = strip_copy(copy, &s, err, errlen)))
-        goto out;
-    struct stat sb;
-    if (stat(copy, &sb) != 0) {
-        res = fail(err, errlen, HL_ERR_IO, "snapshot: %s", strerror(errno));
-        goto out;
-    }
-    s.m.db_size = (uint64_t)sb.st_size;
-    if ((res = compress_file(copy, zfd, &s.m.size, s.m.sha256, err, errlen)))
+    if ((res = hl_store_open(&store, c, err, errlen)) ||
+        (res = make_temps(c->db_path, copy, zpath, sizeof copy, &zfd, err, errlen)) ||
+        (res = make_object(c->db_path, copy, zfd, &s, err, errlen)))
         goto out;
     unlink(copy);
     copy[0] = 0;
-
-    /* A unique name that sorts by creation time: snap-<UTC time>-n<node>-<random>. */
-    uint32_t rnd = 0;
-    if (getrandom(&rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
-        rnd = (uint32_t)(hl_mono_ms() ^ (uint64_t)getpid());
-    time_t secs = (time_t)(s.m.created_ms / 1000);
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    snprintf(base, sizeof base, "snap-%04d%02d%02dT%02d%02d%02d%03dZ-n%" PRIu64 "-%08x", tm.tm_year + 1900,
-             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(s.m.created_ms % 1000),
-             s.m.node ? s.m.node : c->node_id, rnd);
-    snprintf(name, sizeof name, "%s%s", base, HL_SNAPSHOT_OBJECT_SUFFIX);
-    snprintf(mname, sizeof mname, "%s%s", base, HL_SNAPSHOT_MANIFEST_SUFFIX);
-    snprintf(s.m.object, sizeof s.m.object, "%s", name);
-    snprintf(s.m.version, sizeof s.m.version, "%s", HL_VERSION);
-    if (!s.m.node)
-        s.m.node = c->node_id;
-    s.m.format = HL_MANIFEST_FORMAT;
-
-    /* The object first, the manifest last: a manifest names a complete object. */
-    hl_store_src src = {.fd = zfd, .mem = NULL, .size = s.m.size};
-    if ((res = put_retrying(store, name, &src, err, errlen)))
+    name_snapshot(c, &s, name, mname);
+    if ((res = upload(store, name, mname, zfd, &s.m, err, errlen)))
         goto out;
-    json = hl_manifest_to_json(&s.m);
-    if (!json) {
-        res = fail(err, errlen, HL_ERR_NOMEM, "snapshot: out of memory");
-        goto out;
-    }
-    hl_store_src msrc = {.fd = -1, .mem = json, .size = strlen(json)};
-    if ((res = put_retrying(store, mname, &msrc, err, errlen))) {
-        char e2[256];
-        store->ops->del(store, name, e2, sizeof e2);
-        goto out;
-    }
     uint64_t ms = hl_mono_ms() - t0;
     hl_logf(HL_LOG_INFO,
             "snapshot saved: %s in %s (database %" PRIu64 " bytes, compressed %" PRIu64 " bytes, %" PRIu64 " ms)",
@@ -574,7 +608,6 @@ out:
         unlink(copy);
     if (zpath[0])
         unlink(zpath);
-    free(json);
     hl_manifest_free(&s.m);
     hl_store_close(store);
     hl_store_curl_cleanup();
@@ -719,16 +752,14 @@ static hl_status wal_mode(const char *path, int fd, char *why, size_t whylen)
 }
 
 /* Downloads and verifies one snapshot into tmp (an open, empty file). */
-static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, int fd, hl_manifest *m, char *why,
-                           size_t whylen)
+/* Reads, parses and checks the manifest mname: it must name its own object
+ * and its database must fit on the volume of fd. */
+static hl_status read_manifest(hl_store *store, const char *mname, int fd, hl_manifest *m, char *why, size_t whylen)
 {
     hl_buf mb;
     char err[512];
-    hl_status res;
-    restore_sink r;
-    memset(&r, 0, sizeof r);
     hl_buf_init(&mb, HL_MANIFEST_MAX_BYTES);
-    res = store->ops->get(store, mname, HL_MANIFEST_MAX_BYTES, sink_buf, &mb, err, sizeof err);
+    hl_status res = store->ops->get(store, mname, HL_MANIFEST_MAX_BYTES, sink_buf, &mb, err, sizeof err);
     if (res) {
         snprintf(why, whylen, "manifest unreadable: %s", res == HL_ERR_NOMEM ? "larger than 1 MiB" : err);
         goto out;
@@ -752,9 +783,49 @@ static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, 
             res = HL_ERR_TOO_LARGE;
             snprintf(why, whylen, "its database needs %" PRIu64 " bytes beside db_path, only %" PRIu64 " are free",
                      m->db_size, avail);
-            goto out;
         }
     }
+out:
+    hl_buf_free(&mb);
+    return res;
+}
+
+/* The object as received must be what its manifest says: size, SHA-256, whole
+ * zstd frames, decompressed size. */
+static hl_status check_object(restore_sink *r, const hl_manifest *m, char *why, size_t whylen)
+{
+    unsigned char digest[32];
+    char hex[65];
+    unsigned int dl = 0;
+    EVP_DigestFinal_ex(r->md, digest, &dl);
+    hl_hex(digest, 32, hex);
+    hex[64] = 0;
+    if (r->in != m->size)
+        snprintf(why, whylen, "object %s has %" PRIu64 " bytes, its manifest says %" PRIu64, m->object, r->in, m->size);
+    else if (strcmp(hex, m->sha256) != 0)
+        snprintf(why, whylen, "object %s has SHA-256 %.16s..., its manifest says %.16s...", m->object, hex, m->sha256);
+    else if (r->last != 0)
+        snprintf(why, whylen, "object %s: compressed data ends in the middle of a frame", m->object);
+    else if (r->out != m->db_size)
+        snprintf(why, whylen, "object %s decompresses to %" PRIu64 " bytes, its manifest says %" PRIu64, m->object,
+                 r->out, m->db_size);
+    else
+        return HL_OK;
+    return HL_ERR_DECODE;
+}
+
+/* Downloads the snapshot of manifest mname into fd (the file tmp) and checks
+ * it end to end: manifest, size, SHA-256, zstd frames, database. m receives
+ * the manifest; why says what was wrong. HL_ERR_IO is a transfer worth retrying. */
+static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, int fd, hl_manifest *m, char *why,
+                           size_t whylen)
+{
+    char err[512];
+    hl_status res;
+    restore_sink r;
+    memset(&r, 0, sizeof r);
+    if ((res = read_manifest(store, mname, fd, m, why, whylen)))
+        return res;
     r.md = EVP_MD_CTX_new();
     r.z = ZSTD_createDCtx();
     r.olen = ZSTD_DStreamOutSize();
@@ -773,30 +844,8 @@ static hl_status fetch_one(hl_store *store, const char *mname, const char *tmp, 
         snprintf(why, whylen, "object %s: %s", m->object, r.msg[0] ? r.msg : err);
         goto out;
     }
-    unsigned char digest[32];
-    char hex[65];
-    unsigned int dl = 0;
-    EVP_DigestFinal_ex(r.md, digest, &dl);
-    hl_hex(digest, 32, hex);
-    hex[64] = 0;
-    res = HL_ERR_DECODE;
-    if (r.in != m->size) {
-        snprintf(why, whylen, "object %s has %" PRIu64 " bytes, its manifest says %" PRIu64, m->object, r.in, m->size);
+    if ((res = check_object(&r, m, why, whylen)))
         goto out;
-    }
-    if (strcmp(hex, m->sha256) != 0) {
-        snprintf(why, whylen, "object %s has SHA-256 %.16s..., its manifest says %.16s...", m->object, hex, m->sha256);
-        goto out;
-    }
-    if (r.last != 0) {
-        snprintf(why, whylen, "object %s: compressed data ends in the middle of a frame", m->object);
-        goto out;
-    }
-    if (r.out != m->db_size) {
-        snprintf(why, whylen, "object %s decompresses to %" PRIu64 " bytes, its manifest says %" PRIu64, m->object,
-                 r.out, m->db_size);
-        goto out;
-    }
     if (fsync(fd) != 0) {
         res = HL_ERR_IO;
         snprintf(why, whylen, "fsync beside the database: %s", strerror(errno));
@@ -809,13 +858,65 @@ out:
     EVP_MD_CTX_free(r.md);
     ZSTD_freeDCtx(r.z);
     free(r.obuf);
-    hl_buf_free(&mb);
     return res;
 }
 
 static int cmp_desc(const void *a, const void *b)
 {
     return strcmp(*(char *const *)b, *(char *const *)a);
+}
+
+/* Lists the store, trying again after a failed transfer. */
+static hl_status list_retrying(hl_store *store, hl_store_names *l, char *err, size_t errlen)
+{
+    for (int attempt = 1;; attempt++) {
+        hl_status res = store->ops->list(store, l, err, errlen);
+        if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
+            return res;
+        hl_logf(HL_LOG_WARN, "restore: listing %s failed (attempt %d of %d), retrying in %d s: %s", store->where,
+                attempt, UPLOAD_ATTEMPTS, 1 << (attempt - 1), err);
+        sleep(1u << (attempt - 1));
+    }
+}
+
+/* fetch_one into fd; a transfer that failed on the way (not a snapshot that
+ * does not verify) is tried again from an emptied file. */
+static hl_status fetch_retrying(hl_store *store, const char *mname, const char *tmp, int fd, hl_manifest *m, char *why,
+                                size_t whylen)
+{
+    for (int attempt = 1;; attempt++) {
+        hl_status res = fetch_one(store, mname, tmp, fd, m, why, whylen);
+        if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
+            return res;
+        hl_logf(HL_LOG_WARN, "restore: reading %s failed (attempt %d of %d), retrying in %d s: %s", mname, attempt,
+                UPLOAD_ATTEMPTS, 1 << (attempt - 1), why);
+        sleep(1u << (attempt - 1));
+        hl_manifest_free(m);
+        if (ftruncate(fd, 0) != 0 || lseek(fd, 0, SEEK_SET) != 0) {
+            snprintf(why, whylen, "cannot reuse the file beside the database: %s", strerror(errno));
+            return res;
+        }
+    }
+}
+
+/* Replaces db_path with the verified file tmp (emptied once it is renamed). */
+static hl_status put_in_place(const char *db_path, char *tmp, char *err, size_t errlen)
+{
+    /* A -wal, -shm or -journal beside the database belongs to the file
+     * being replaced: SQLite would apply it to the new one. */
+    static const char *const sidecar[] = {"-wal", "-shm", "-journal"};
+    for (size_t k = 0; k < 3; k++) {
+        char p[4200];
+        snprintf(p, sizeof p, "%s%s", db_path, sidecar[k]);
+        if (unlink(p) != 0 && errno != ENOENT)
+            return fail(err, errlen, HL_ERR_IO, "removing %s: %s", p, strerror(errno));
+    }
+    if (rename(tmp, db_path) != 0)
+        return fail(err, errlen, HL_ERR_IO, "renaming the restored file to %s: %s", db_path, strerror(errno));
+    tmp[0] = 0;
+    if (fsync_dir_of(db_path))
+        return fail(err, errlen, HL_ERR_IO, "fsync of the directory of %s: %s", db_path, strerror(errno));
+    return HL_OK;
 }
 
 hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result *result, char *info, size_t infolen,
@@ -835,17 +936,7 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         snprintf(info, infolen, "%s has data: left as it is, no restore (-force replaces it)", c->db_path);
         return HL_OK;
     }
-    if ((res = hl_store_open(&store, c, err, errlen)))
-        goto out;
-    for (int attempt = 1;; attempt++) {
-        res = store->ops->list(store, &l, err, errlen);
-        if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
-            break;
-        hl_logf(HL_LOG_WARN, "restore: listing %s failed (attempt %d of %d), retrying in %d s: %s", store->where,
-                attempt, UPLOAD_ATTEMPTS, 1 << (attempt - 1), err);
-        sleep(1u << (attempt - 1));
-    }
-    if (res)
+    if ((res = hl_store_open(&store, c, err, errlen)) || (res = list_retrying(store, &l, err, errlen)))
         goto out;
     if (l.n)
         qsort(l.v, l.n, sizeof *l.v, cmp_desc);
@@ -874,20 +965,7 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         char why[512] = "";
         memset(&m, 0, sizeof m);
         hl_log(HL_LOG_INFO, "restore: trying snapshot", "manifest", l.v[i], "store", store->where, NULL);
-        /* A transfer that failed on the way (not a snapshot that does not verify) is tried again. */
-        for (int attempt = 1;; attempt++) {
-            res = fetch_one(store, l.v[i], tmp, fd, &m, why, sizeof why);
-            if (res != HL_ERR_IO || attempt == UPLOAD_ATTEMPTS)
-                break;
-            hl_logf(HL_LOG_WARN, "restore: reading %s failed (attempt %d of %d), retrying in %d s: %s", l.v[i], attempt,
-                    UPLOAD_ATTEMPTS, 1 << (attempt - 1), why);
-            sleep(1u << (attempt - 1));
-            hl_manifest_free(&m);
-            if (ftruncate(fd, 0) != 0 || lseek(fd, 0, SEEK_SET) != 0) {
-                snprintf(why, sizeof why, "cannot reuse the file beside the database: %s", strerror(errno));
-                break;
-            }
-        }
+        res = fetch_retrying(store, l.v[i], tmp, fd, &m, why, sizeof why);
         close(fd);
         if (res) {
             hl_log(HL_LOG_ERROR, "restore: snapshot refused; trying the next older one", "manifest", l.v[i], "reason",
@@ -897,34 +975,13 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
             tmp[0] = 0;
             continue;
         }
-        /* A -wal, -shm or -journal beside the database belongs to the file
-         * being replaced: SQLite would apply it to the new one. */
-        static const char *const sidecar[] = {"-wal", "-shm", "-journal"};
-        for (size_t k = 0; k < 3; k++) {
-            char p[4200];
-            snprintf(p, sizeof p, "%s%s", c->db_path, sidecar[k]);
-            if (unlink(p) != 0 && errno != ENOENT) {
-                res = fail(err, errlen, HL_ERR_IO, "removing %s: %s", p, strerror(errno));
-                hl_manifest_free(&m);
-                goto out;
-            }
+        res = put_in_place(c->db_path, tmp, err, errlen);
+        if (!res) {
+            *result = HL_RESTORE_DONE;
+            snprintf(info, infolen, "restored %s from %s (taken by node %" PRIu64 ", %" PRIu64 " bytes) into %s",
+                     l.v[i], store->where, m.node, m.db_size, c->db_path);
         }
-        if (rename(tmp, c->db_path) != 0) {
-            res = fail(err, errlen, HL_ERR_IO, "renaming the restored file to %s: %s", c->db_path, strerror(errno));
-            hl_manifest_free(&m);
-            goto out;
-        }
-        tmp[0] = 0;
-        if (fsync_dir_of(c->db_path)) {
-            res = fail(err, errlen, HL_ERR_IO, "fsync of the directory of %s: %s", c->db_path, strerror(errno));
-            hl_manifest_free(&m);
-            goto out;
-        }
-        *result = HL_RESTORE_DONE;
-        snprintf(info, infolen, "restored %s from %s (taken by node %" PRIu64 ", %" PRIu64 " bytes) into %s", l.v[i],
-                 store->where, m.node, m.db_size, c->db_path);
         hl_manifest_free(&m);
-        res = HL_OK;
         goto out;
     }
     if (tried) {

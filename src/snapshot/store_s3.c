@@ -346,122 +346,162 @@ static void abort_upload(s3_store *s, const char *name, const char *query)
     hl_buf_free(&url);
 }
 
-static hl_status put_multipart(s3_store *s, const char *name, const hl_store_src *src, hl_progress *pr, char *err,
-                               size_t errlen)
+/* One multipart upload in progress (put_multipart). */
+typedef struct multipart {
+    s3_store *s;
+    const char *name;
+    char upload_id[1024]; /* "" until CreateMultipartUpload answered */
+    hl_buf url, q;        /* scratch: the request's URL and query */
+} multipart;
+
+/* Sets mp->q to "uploadId=<id>" after prefix (a "partNumber=N&" or ""). */
+static void mp_query(multipart *mp, const char *prefix)
 {
-    hl_status st;
+    hl_buf_reset(&mp->q);
+    hl_buf_adds(&mp->q, prefix);
+    hl_buf_adds(&mp->q, "uploadId=");
+    add_encoded(&mp->q, mp->upload_id, 0);
+}
+
+/* CreateMultipartUpload: fills mp->upload_id. */
+static hl_status mp_create(multipart *mp, char *err, size_t errlen)
+{
     s3_req r;
-    hl_buf url, q, body;
-    char upload_id[1024] = "";
-    uint64_t part = s->part_size;
-    if ((src->size + part - 1) / part > S3_MAX_PARTS)
-        part = (src->size + S3_MAX_PARTS - 1) / S3_MAX_PARTS;
-    uint64_t nparts = (src->size + part - 1) / part;
-    char(*etags)[256] = calloc(nparts, sizeof *etags);
-    hl_buf_init(&url, 16384);
-    hl_buf_init(&q, 4096);
-    hl_buf_init(&body, 64u << 20);
-    if (!etags) {
-        snprintf(err, errlen, "s3: out of memory");
+    hl_status st = req_init(&r, mp->s, err, errlen);
+    if (st)
+        goto out;
+    if (url_of(mp->s, mp->name, "uploads=", &mp->url)) {
         st = HL_ERR_NOMEM;
         goto out;
-    }
-
-    /* CreateMultipartUpload */
-    if ((st = req_init(&r, s, err, errlen)))
-        goto out_req;
-    if (url_of(s, name, "uploads=", &url)) {
-        st = HL_ERR_NOMEM;
-        goto out_req;
     }
     curl_easy_setopt(r.curl, CURLOPT_POST, 1L);
     curl_easy_setopt(r.curl, CURLOPT_POSTFIELDSIZE, 0L);
     curl_easy_setopt(r.curl, CURLOPT_POSTFIELDS, "");
-    if ((st = req_run(&r, "POST", hl_buf_str(&url), "create multipart upload", err, errlen)))
-        goto out_req;
+    if ((st = req_run(&r, "POST", hl_buf_str(&mp->url), "create multipart upload", err, errlen)))
+        goto out;
     size_t pos = 0;
-    if (hl_s3xml_text((const char *)r.resp.data, r.resp.len, &pos, "UploadId", upload_id, sizeof upload_id) != 1 ||
-        !upload_id[0]) {
+    if (hl_s3xml_text((const char *)r.resp.data, r.resp.len, &pos, "UploadId", mp->upload_id, sizeof mp->upload_id) !=
+            1 ||
+        !mp->upload_id[0]) {
         snprintf(err, errlen, "s3 create multipart upload: no UploadId in the answer");
         st = HL_ERR_DECODE;
-        goto out_req;
     }
+out:
     req_free(&r);
+    return st;
+}
 
-    for (uint64_t i = 0; i < nparts; i++) {
-        uint64_t off = i * part, len = src->size - off < part ? src->size - off : part;
-        hl_buf_reset(&q);
-        hl_buf_addf(&q, "partNumber=%" PRIu64 "&uploadId=", i + 1);
-        add_encoded(&q, upload_id, 0);
-        if ((st = req_init(&r, s, err, errlen)))
-            goto out_req;
-        if (hl_buf_status(&q) || url_of(s, name, hl_buf_str(&q), &url)) {
-            st = HL_ERR_NOMEM;
-            goto out_req;
-        }
-        r.src = src;
-        r.src_off = off;
-        r.src_len = len;
-        r.pr = pr;
-        r.pr_base = off;
-        curl_easy_setopt(r.curl, CURLOPT_UPLOAD, 1L);
-        curl_easy_setopt(r.curl, CURLOPT_READFUNCTION, on_read);
-        curl_easy_setopt(r.curl, CURLOPT_READDATA, &r);
-        curl_easy_setopt(r.curl, CURLOPT_SEEKFUNCTION, on_seek);
-        curl_easy_setopt(r.curl, CURLOPT_SEEKDATA, &r);
-        curl_easy_setopt(r.curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t)len);
-        char what[64];
-        snprintf(what, sizeof what, "upload part %" PRIu64 " of %" PRIu64, i + 1, nparts);
-        if ((st = req_run(&r, "PUT", hl_buf_str(&url), what, err, errlen)))
-            goto out_req;
-        if (!r.etag[0]) {
-            snprintf(err, errlen, "s3 %s: no usable ETag in the answer", what);
-            st = HL_ERR_DECODE;
-            goto out_req;
-        }
-        memcpy(etags[i], r.etag, sizeof r.etag);
-        req_free(&r);
+/* UploadPart i (0-based) of nparts: len bytes of src from off; its ETag goes to etag. */
+static hl_status mp_put_part(multipart *mp, const hl_store_src *src, hl_progress *pr, uint64_t i, uint64_t nparts,
+                             uint64_t off, uint64_t len, char etag[256], char *err, size_t errlen)
+{
+    s3_req r;
+    char prefix[48];
+    snprintf(prefix, sizeof prefix, "partNumber=%" PRIu64 "&", i + 1);
+    mp_query(mp, prefix);
+    hl_status st = req_init(&r, mp->s, err, errlen);
+    if (st)
+        goto out;
+    if (hl_buf_status(&mp->q) || url_of(mp->s, mp->name, hl_buf_str(&mp->q), &mp->url)) {
+        st = HL_ERR_NOMEM;
+        goto out;
     }
+    r.src = src;
+    r.src_off = off;
+    r.src_len = len;
+    r.pr = pr;
+    r.pr_base = off;
+    curl_easy_setopt(r.curl, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(r.curl, CURLOPT_READFUNCTION, on_read);
+    curl_easy_setopt(r.curl, CURLOPT_READDATA, &r);
+    curl_easy_setopt(r.curl, CURLOPT_SEEKFUNCTION, on_seek);
+    curl_easy_setopt(r.curl, CURLOPT_SEEKDATA, &r);
+    curl_easy_setopt(r.curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t)len);
+    char what[64];
+    snprintf(what, sizeof what, "upload part %" PRIu64 " of %" PRIu64, i + 1, nparts);
+    if ((st = req_run(&r, "PUT", hl_buf_str(&mp->url), what, err, errlen)))
+        goto out;
+    if (!r.etag[0]) {
+        snprintf(err, errlen, "s3 %s: no usable ETag in the answer", what);
+        st = HL_ERR_DECODE;
+        goto out;
+    }
+    memcpy(etag, r.etag, sizeof r.etag);
+out:
+    req_free(&r);
+    return st;
+}
 
-    /* CompleteMultipartUpload: only now does the object appear under its key. */
+/* CompleteMultipartUpload: only now does the object appear under its key. */
+static hl_status mp_complete(multipart *mp, char (*etags)[256], uint64_t nparts, char *err, size_t errlen)
+{
+    s3_req r;
+    hl_buf body;
+    hl_buf_init(&body, 64u << 20);
     hl_buf_adds(&body, "<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
     for (uint64_t i = 0; i < nparts; i++)
         hl_buf_addf(&body, "<Part><PartNumber>%" PRIu64 "</PartNumber><ETag>%s</ETag></Part>", i + 1, etags[i]);
     hl_buf_adds(&body, "</CompleteMultipartUpload>");
-    hl_buf_reset(&q);
-    hl_buf_adds(&q, "uploadId=");
-    add_encoded(&q, upload_id, 0);
-    if ((st = req_init(&r, s, err, errlen)))
-        goto out_req;
-    if (hl_buf_status(&body) || hl_buf_status(&q) || url_of(s, name, hl_buf_str(&q), &url)) {
+    mp_query(mp, "");
+    hl_status st = req_init(&r, mp->s, err, errlen);
+    if (st)
+        goto out;
+    if (hl_buf_status(&body) || hl_buf_status(&mp->q) || url_of(mp->s, mp->name, hl_buf_str(&mp->q), &mp->url)) {
         st = HL_ERR_NOMEM;
-        goto out_req;
+        goto out;
     }
     curl_easy_setopt(r.curl, CURLOPT_POST, 1L);
     curl_easy_setopt(r.curl, CURLOPT_POSTFIELDS, hl_buf_str(&body));
     curl_easy_setopt(r.curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body.len);
-    if ((st = req_run(&r, "POST", hl_buf_str(&url), "complete multipart upload", err, errlen)))
-        goto out_req;
+    if ((st = req_run(&r, "POST", hl_buf_str(&mp->url), "complete multipart upload", err, errlen)))
+        goto out;
     /* S3 may answer 200 and still fail the completion: the error is in the body. */
     if (r.resp.len && memmem(r.resp.data, r.resp.len, "<Error>", 7)) {
         r.status = 500;
         req_error(&r, "complete multipart upload", err, errlen);
         st = HL_ERR_IO;
     }
-out_req:
+out:
     req_free(&r);
-    if (st && upload_id[0]) {
-        hl_buf_reset(&q);
-        hl_buf_adds(&q, "uploadId=");
-        add_encoded(&q, upload_id, 0);
-        if (!hl_buf_status(&q))
-            abort_upload(s, name, hl_buf_str(&q));
+    hl_buf_free(&body);
+    return st;
+}
+
+/* Uploads src as a multipart upload of at most S3_MAX_PARTS parts; a failed
+ * upload is aborted (a failed abort is logged) so its parts do not linger. */
+static hl_status put_multipart(s3_store *s, const char *name, const hl_store_src *src, hl_progress *pr, char *err,
+                               size_t errlen)
+{
+    hl_status st;
+    multipart mp = {.s = s, .name = name, .upload_id = ""};
+    uint64_t part = s->part_size;
+    if ((src->size + part - 1) / part > S3_MAX_PARTS)
+        part = (src->size + S3_MAX_PARTS - 1) / S3_MAX_PARTS;
+    uint64_t nparts = (src->size + part - 1) / part;
+    char(*etags)[256] = calloc(nparts, sizeof *etags);
+    hl_buf_init(&mp.url, 16384);
+    hl_buf_init(&mp.q, 4096);
+    if (!etags) {
+        snprintf(err, errlen, "s3: out of memory");
+        st = HL_ERR_NOMEM;
+        goto out;
+    }
+    st = mp_create(&mp, err, errlen);
+    for (uint64_t i = 0; !st && i < nparts; i++) {
+        uint64_t off = i * part, len = src->size - off < part ? src->size - off : part;
+        st = mp_put_part(&mp, src, pr, i, nparts, off, len, etags[i], err, errlen);
+    }
+    if (!st)
+        st = mp_complete(&mp, etags, nparts, err, errlen);
+    if (st && mp.upload_id[0]) {
+        mp_query(&mp, "");
+        if (!hl_buf_status(&mp.q))
+            abort_upload(s, name, hl_buf_str(&mp.q));
     }
 out:
     free(etags);
-    hl_buf_free(&url);
-    hl_buf_free(&q);
-    hl_buf_free(&body);
+    hl_buf_free(&mp.url);
+    hl_buf_free(&mp.q);
     return st;
 }
 
@@ -647,58 +687,62 @@ static int prefix_ok(const char *p)
     return 1;
 }
 
-hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
+/* The settings hl_store_s3_open resolved from the config and the environment. */
+typedef struct s3_settings {
+    const char *bucket, *region, *access, *secret, *token, *prefix;
+} s3_settings;
+
+/* Refuses names that could not be used safely in a URL or a signature. */
+static hl_status check_settings(const s3_settings *v, char *err, size_t errlen)
+{
+    if (!v->bucket || !v->bucket[0]) {
+        snprintf(err, errlen, "snapshot.s3_bucket: expected the bucket's name (snapshot.store is s3)");
+        return HL_ERR_CONFIG;
+    }
+    if (!bucket_ok(v->bucket)) {
+        snprintf(err, errlen, "snapshot.s3_bucket: expected 3 to 63 of a-z, 0-9, '.' and '-', got \"%s\"", v->bucket);
+        return HL_ERR_CONFIG;
+    }
+    if (!prefix_ok(v->prefix)) {
+        snprintf(err, errlen,
+                 "snapshot.s3_prefix: expected up to 512 of A-Z, a-z, 0-9, '.', '_', '-' and '/' with no empty, '.' "
+                 "or '..' segment, got \"%s\"",
+                 v->prefix);
+        return HL_ERR_CONFIG;
+    }
+    for (const char *p = v->region; *p; p++)
+        if (!(isalnum((unsigned char)*p) || *p == '-') || p - v->region > 64) {
+            snprintf(err, errlen, "snapshot.s3_region: expected a region name such as eu-west-1");
+            return HL_ERR_CONFIG;
+        }
+    if (!v->access || !v->secret) {
+        snprintf(err, errlen,
+                 "snapshot.s3_access_key and snapshot.s3_secret_key: expected credentials (or AWS_ACCESS_KEY_ID and "
+                 "AWS_SECRET_ACCESS_KEY in the environment)");
+        return HL_ERR_CONFIG;
+    }
+    if (strchr(v->access, ':')) {
+        snprintf(err, errlen, "snapshot.s3_access_key: expected an access key id without ':'");
+        return HL_ERR_CONFIG;
+    }
+    return HL_OK;
+}
+
+/* Sets *out to "scheme://host[:port]" of the service (the bucket in front of
+ * the host unless path style), from snapshot.s3_endpoint or the region's AWS
+ * endpoint; the caller frees it. */
+static hl_status endpoint_of(const hl_config *c, const s3_settings *v, char **out, char *err, size_t errlen)
 {
     hl_status st = HL_ERR_CONFIG;
     CURLU *u = NULL;
     char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
-    hl_buf b;
-    *out = NULL;
+    hl_buf b, sh;
     hl_buf_init(&b, 8192);
-    if (hl_store_curl_init(err, errlen))
-        return HL_ERR_INTERNAL;
-    const char *bucket = c->snapshot.s3_bucket;
-    const char *region = pick(c->snapshot.s3_region, "AWS_REGION");
-    const char *access = pick(c->snapshot.s3_access_key, "AWS_ACCESS_KEY_ID");
-    const char *secret = pick(c->snapshot.s3_secret_key, "AWS_SECRET_ACCESS_KEY");
-    const char *token = pick(c->snapshot.s3_session_token, "AWS_SESSION_TOKEN");
-    const char *prefix = c->snapshot.s3_prefix ? c->snapshot.s3_prefix : "";
-    if (!region)
-        region = "us-east-1";
-    if (!bucket || !bucket[0]) {
-        snprintf(err, errlen, "snapshot.s3_bucket: expected the bucket's name (snapshot.store is s3)");
-        goto out;
-    }
-    if (!bucket_ok(bucket)) {
-        snprintf(err, errlen, "snapshot.s3_bucket: expected 3 to 63 of a-z, 0-9, '.' and '-', got \"%s\"", bucket);
-        goto out;
-    }
-    if (!prefix_ok(prefix)) {
-        snprintf(err, errlen,
-                 "snapshot.s3_prefix: expected up to 512 of A-Z, a-z, 0-9, '.', '_', '-' and '/' with no empty, '.' "
-                 "or '..' segment, got \"%s\"",
-                 prefix);
-        goto out;
-    }
-    for (const char *p = region; *p; p++)
-        if (!(isalnum((unsigned char)*p) || *p == '-') || p - region > 64) {
-            snprintf(err, errlen, "snapshot.s3_region: expected a region name such as eu-west-1");
-            goto out;
-        }
-    if (!access || !secret) {
-        snprintf(err, errlen,
-                 "snapshot.s3_access_key and snapshot.s3_secret_key: expected credentials (or AWS_ACCESS_KEY_ID and "
-                 "AWS_SECRET_ACCESS_KEY in the environment)");
-        goto out;
-    }
-    if (strchr(access, ':')) {
-        snprintf(err, errlen, "snapshot.s3_access_key: expected an access key id without ':'");
-        goto out;
-    }
+    hl_buf_init(&sh, 4096);
     if (c->snapshot.s3_endpoint && c->snapshot.s3_endpoint[0])
         hl_buf_adds(&b, c->snapshot.s3_endpoint);
     else
-        hl_buf_addf(&b, "https://s3.%s.amazonaws.com", region);
+        hl_buf_addf(&b, "https://s3.%s.amazonaws.com", v->region);
     u = curl_url();
     if (!u || hl_buf_status(&b) || curl_url_set(u, CURLUPART_URL, hl_buf_str(&b), 0) != CURLUE_OK ||
         curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
@@ -717,48 +761,16 @@ hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t
                  hl_buf_str(&b));
         goto out;
     }
-    s3_store *s = calloc(1, sizeof *s);
-    if (!s) {
-        st = HL_ERR_NOMEM;
-        snprintf(err, errlen, "s3: out of memory");
-        goto out;
-    }
-    hl_buf sh, sig;
-    hl_buf_init(&sh, 4096);
-    hl_buf_init(&sig, 256);
     if (c->snapshot.s3_path_style)
         hl_buf_addf(&sh, "%s://%s%s%s", scheme, host, port ? ":" : "", port ? port : "");
     else
-        hl_buf_addf(&sh, "%s://%s.%s%s%s", scheme, bucket, host, port ? ":" : "", port ? port : "");
-    hl_buf_addf(&sig, "aws:amz:%s:s3", region);
-    s->base.ops = &s3_ops;
-    s->scheme_host = hl_buf_status(&sh) ? NULL : (char *)hl_buf_steal(&sh, NULL);
-    s->sigv4 = hl_buf_status(&sig) ? NULL : (char *)hl_buf_steal(&sig, NULL);
-    hl_buf_free(&sh);
-    hl_buf_free(&sig);
-    if (c->snapshot.s3_path_style) {
-        size_t bl = strlen(bucket) + 2;
-        s->bucket_path = malloc(bl);
-        if (s->bucket_path)
-            snprintf(s->bucket_path, bl, "/%s", bucket);
-    } else {
-        s->bucket_path = strdup("");
-    }
-    s->prefix = strdup(prefix);
-    s->access = strdup(access);
-    s->secret = strdup(secret);
-    s->token = token ? strdup(token) : NULL;
-    s->ca_file = c->snapshot.s3_ca_file && c->snapshot.s3_ca_file[0] ? strdup(c->snapshot.s3_ca_file) : NULL;
-    s->part_size = c->snapshot.s3_part_size > 0 ? (uint64_t)c->snapshot.s3_part_size : 64u << 20;
-    snprintf(s->base.where, sizeof s->base.where, "s3://%s/%s", bucket, prefix);
-    if (!s->scheme_host || !s->sigv4 || !s->bucket_path || !s->prefix || !s->access || !s->secret ||
-        (token && !s->token) || (c->snapshot.s3_ca_file && c->snapshot.s3_ca_file[0] && !s->ca_file)) {
-        s3_destroy(&s->base);
-        st = HL_ERR_NOMEM;
+        hl_buf_addf(&sh, "%s://%s.%s%s%s", scheme, v->bucket, host, port ? ":" : "", port ? port : "");
+    if (hl_buf_status(&sh)) {
         snprintf(err, errlen, "s3: out of memory");
+        st = HL_ERR_NOMEM;
         goto out;
     }
-    *out = &s->base;
+    *out = (char *)hl_buf_steal(&sh, NULL);
     st = HL_OK;
 out:
     curl_free(scheme);
@@ -767,5 +779,74 @@ out:
     curl_free(path);
     curl_url_cleanup(u);
     hl_buf_free(&b);
+    hl_buf_free(&sh);
     return st;
+}
+
+/* A store for v at scheme_host (taken over, also on failure); NULL when out of memory. */
+static s3_store *s3_new(const hl_config *c, const s3_settings *v, char *scheme_host)
+{
+    s3_store *s = calloc(1, sizeof *s);
+    if (!s) {
+        free(scheme_host);
+        return NULL;
+    }
+    hl_buf sig;
+    hl_buf_init(&sig, 256);
+    hl_buf_addf(&sig, "aws:amz:%s:s3", v->region);
+    s->base.ops = &s3_ops;
+    s->scheme_host = scheme_host;
+    s->sigv4 = hl_buf_status(&sig) ? NULL : (char *)hl_buf_steal(&sig, NULL);
+    hl_buf_free(&sig);
+    if (c->snapshot.s3_path_style) {
+        size_t bl = strlen(v->bucket) + 2;
+        s->bucket_path = malloc(bl);
+        if (s->bucket_path)
+            snprintf(s->bucket_path, bl, "/%s", v->bucket);
+    } else {
+        s->bucket_path = strdup("");
+    }
+    s->prefix = strdup(v->prefix);
+    s->access = strdup(v->access);
+    s->secret = strdup(v->secret);
+    s->token = v->token ? strdup(v->token) : NULL;
+    s->ca_file = c->snapshot.s3_ca_file && c->snapshot.s3_ca_file[0] ? strdup(c->snapshot.s3_ca_file) : NULL;
+    s->part_size = c->snapshot.s3_part_size > 0 ? (uint64_t)c->snapshot.s3_part_size : 64u << 20;
+    snprintf(s->base.where, sizeof s->base.where, "s3://%s/%s", v->bucket, v->prefix);
+    if (!s->sigv4 || !s->bucket_path || !s->prefix || !s->access || !s->secret || (v->token && !s->token) ||
+        (c->snapshot.s3_ca_file && c->snapshot.s3_ca_file[0] && !s->ca_file)) {
+        s3_destroy(&s->base);
+        return NULL;
+    }
+    return s;
+}
+
+hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (hl_store_curl_init(err, errlen))
+        return HL_ERR_INTERNAL;
+    s3_settings v = {
+        .bucket = c->snapshot.s3_bucket,
+        .region = pick(c->snapshot.s3_region, "AWS_REGION"),
+        .access = pick(c->snapshot.s3_access_key, "AWS_ACCESS_KEY_ID"),
+        .secret = pick(c->snapshot.s3_secret_key, "AWS_SECRET_ACCESS_KEY"),
+        .token = pick(c->snapshot.s3_session_token, "AWS_SESSION_TOKEN"),
+        .prefix = c->snapshot.s3_prefix ? c->snapshot.s3_prefix : "",
+    };
+    if (!v.region)
+        v.region = "us-east-1";
+    if (check_settings(&v, err, errlen))
+        return HL_ERR_CONFIG;
+    char *scheme_host = NULL;
+    hl_status st = endpoint_of(c, &v, &scheme_host, err, errlen);
+    if (st)
+        return st;
+    s3_store *s = s3_new(c, &v, scheme_host);
+    if (!s) {
+        snprintf(err, errlen, "s3: out of memory");
+        return HL_ERR_NOMEM;
+    }
+    *out = &s->base;
+    return HL_OK;
 }

@@ -405,21 +405,13 @@ static int dir_ok(const char *p)
     return 1;
 }
 
-hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
+/* Parses snapshot.sftp_url into origin ("sftp://host[:port]") and dir (the
+ * absolute directory, ending in '/'). */
+static hl_status parse_url(const char *url, hl_buf *origin, hl_buf *dir, char *err, size_t errlen)
 {
     hl_status st = HL_ERR_CONFIG;
-    CURLU *u = NULL;
     char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL, *query = NULL, *user = NULL;
-    char kh[4096];
-    *out = NULL;
-    if (hl_store_curl_init(err, errlen))
-        return HL_ERR_INTERNAL;
-    const char *url = c->snapshot.sftp_url;
-    if (!url || !url[0]) {
-        snprintf(err, errlen, "snapshot.sftp_url: expected sftp://host[:port]/directory (snapshot.store is sftp)");
-        return HL_ERR_CONFIG;
-    }
-    u = curl_url();
+    CURLU *u = curl_url();
     if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
         curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK || strcmp(scheme, "sftp") != 0 ||
         curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
@@ -433,72 +425,10 @@ hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size
         goto out;
     }
     curl_url_get(u, CURLUPART_PORT, &port, 0);
-    const char *known = c->snapshot.sftp_known_hosts;
-    if (!known || !known[0]) {
-        const char *home = getenv("HOME");
-        snprintf(kh, sizeof kh, "%s/.ssh/known_hosts", home && home[0] ? home : "");
-        known = kh;
-    }
-    struct stat sb;
-    if (stat(known, &sb) != 0) {
-        snprintf(err, errlen,
-                 "snapshot.sftp_known_hosts: expected a known_hosts file holding the server's key, \"%s\": %s", known,
-                 strerror(errno));
-        goto out;
-    }
-    const char *login = c->snapshot.sftp_user && c->snapshot.sftp_user[0] ? c->snapshot.sftp_user : getenv("USER");
-    if (!login || !login[0]) {
-        struct passwd *pw = getpwuid(getuid());
-        login = pw ? pw->pw_name : NULL;
-    }
-    if (!login || !login[0]) {
-        snprintf(err, errlen, "snapshot.sftp_user: expected a user name (or USER in the environment)");
-        goto out;
-    }
-    int has_pw = c->snapshot.sftp_password && c->snapshot.sftp_password[0];
-    int has_key = c->snapshot.sftp_key_file && c->snapshot.sftp_key_file[0];
-    if (!has_pw && !has_key) {
-        snprintf(err, errlen, "snapshot.sftp_key_file or snapshot.sftp_password: expected one of them to log in");
-        goto out;
-    }
-    if (has_key && stat(c->snapshot.sftp_key_file, &sb) != 0) {
-        snprintf(err, errlen, "snapshot.sftp_key_file: expected a private key file, \"%s\": %s",
-                 c->snapshot.sftp_key_file, strerror(errno));
-        goto out;
-    }
-    sftp_store *s = calloc(1, sizeof *s);
-    if (!s) {
-        st = HL_ERR_NOMEM;
-        snprintf(err, errlen, "sftp: out of memory");
-        goto out;
-    }
-    hl_buf o, d;
-    hl_buf_init(&o, 4096);
-    hl_buf_init(&d, 4096);
-    hl_buf_addf(&o, "sftp://%s%s%s", host, port ? ":" : "", port ? port : "");
-    hl_buf_adds(&d, path);
-    if (d.len && d.data[d.len - 1] != '/')
-        hl_buf_addc(&d, '/');
-    s->base.ops = &sftp_ops;
-    s->origin = hl_buf_status(&o) ? NULL : (char *)hl_buf_steal(&o, NULL);
-    s->dir = hl_buf_status(&d) ? NULL : (char *)hl_buf_steal(&d, NULL);
-    hl_buf_free(&o);
-    hl_buf_free(&d);
-    s->user = strdup(login);
-    s->password = has_pw ? strdup(c->snapshot.sftp_password) : NULL;
-    s->key_file = has_key ? strdup(c->snapshot.sftp_key_file) : NULL;
-    int has_phrase = has_key && c->snapshot.sftp_key_passphrase && c->snapshot.sftp_key_passphrase[0];
-    s->passphrase = has_phrase ? strdup(c->snapshot.sftp_key_passphrase) : NULL;
-    s->known_hosts = strdup(known);
-    if (!s->origin || !s->dir || !s->user || (has_pw && !s->password) || (has_key && !s->key_file) ||
-        (has_phrase && !s->passphrase) || !s->known_hosts) {
-        sftp_destroy(&s->base);
-        st = HL_ERR_NOMEM;
-        snprintf(err, errlen, "sftp: out of memory");
-        goto out;
-    }
-    snprintf(s->base.where, sizeof s->base.where, "%s%s", s->origin, s->dir);
-    *out = &s->base;
+    hl_buf_addf(origin, "sftp://%s%s%s", host, port ? ":" : "", port ? port : "");
+    hl_buf_adds(dir, path);
+    if (dir->len && dir->data[dir->len - 1] != '/')
+        hl_buf_addc(dir, '/');
     st = HL_OK;
 out:
     curl_free(scheme);
@@ -508,5 +438,111 @@ out:
     curl_free(query);
     curl_free(user);
     curl_url_cleanup(u);
+    return st;
+}
+
+/* The login: snapshot.sftp_user, else USER, else the process's user; the
+ * known_hosts file (snapshot.sftp_known_hosts, else ~/.ssh/known_hosts, put
+ * in kh) must exist, and so must a password or a key file. */
+static hl_status check_login(const hl_config *c, char *kh, size_t khlen, const char **known, const char **login,
+                             char *err, size_t errlen)
+{
+    *known = c->snapshot.sftp_known_hosts;
+    if (!*known || !(*known)[0]) {
+        const char *home = getenv("HOME");
+        snprintf(kh, khlen, "%s/.ssh/known_hosts", home && home[0] ? home : "");
+        *known = kh;
+    }
+    struct stat sb;
+    if (stat(*known, &sb) != 0) {
+        snprintf(err, errlen,
+                 "snapshot.sftp_known_hosts: expected a known_hosts file holding the server's key, \"%s\": %s", *known,
+                 strerror(errno));
+        return HL_ERR_CONFIG;
+    }
+    *login = c->snapshot.sftp_user && c->snapshot.sftp_user[0] ? c->snapshot.sftp_user : getenv("USER");
+    if (!*login || !(*login)[0]) {
+        struct passwd *pw = getpwuid(getuid());
+        *login = pw ? pw->pw_name : NULL;
+    }
+    if (!*login || !(*login)[0]) {
+        snprintf(err, errlen, "snapshot.sftp_user: expected a user name (or USER in the environment)");
+        return HL_ERR_CONFIG;
+    }
+    int has_pw = c->snapshot.sftp_password && c->snapshot.sftp_password[0];
+    int has_key = c->snapshot.sftp_key_file && c->snapshot.sftp_key_file[0];
+    if (!has_pw && !has_key) {
+        snprintf(err, errlen, "snapshot.sftp_key_file or snapshot.sftp_password: expected one of them to log in");
+        return HL_ERR_CONFIG;
+    }
+    if (has_key && stat(c->snapshot.sftp_key_file, &sb) != 0) {
+        snprintf(err, errlen, "snapshot.sftp_key_file: expected a private key file, \"%s\": %s",
+                 c->snapshot.sftp_key_file, strerror(errno));
+        return HL_ERR_CONFIG;
+    }
+    return HL_OK;
+}
+
+/* A store from the checked settings; origin and dir are taken over (also on
+ * failure). NULL when out of memory. */
+static sftp_store *sftp_new(const hl_config *c, char *origin, char *dir, const char *login, const char *known)
+{
+    sftp_store *s = calloc(1, sizeof *s);
+    if (!s) {
+        free(origin);
+        free(dir);
+        return NULL;
+    }
+    s->base.ops = &sftp_ops;
+    s->origin = origin;
+    s->dir = dir;
+    int has_pw = c->snapshot.sftp_password && c->snapshot.sftp_password[0];
+    int has_key = c->snapshot.sftp_key_file && c->snapshot.sftp_key_file[0];
+    s->user = strdup(login);
+    s->password = has_pw ? strdup(c->snapshot.sftp_password) : NULL;
+    s->key_file = has_key ? strdup(c->snapshot.sftp_key_file) : NULL;
+    int has_phrase = has_key && c->snapshot.sftp_key_passphrase && c->snapshot.sftp_key_passphrase[0];
+    s->passphrase = has_phrase ? strdup(c->snapshot.sftp_key_passphrase) : NULL;
+    s->known_hosts = strdup(known);
+    if (!s->origin || !s->dir || !s->user || (has_pw && !s->password) || (has_key && !s->key_file) ||
+        (has_phrase && !s->passphrase) || !s->known_hosts) {
+        sftp_destroy(&s->base);
+        return NULL;
+    }
+    snprintf(s->base.where, sizeof s->base.where, "%s%s", s->origin, s->dir);
+    return s;
+}
+
+hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
+{
+    char kh[4096];
+    const char *known = NULL, *login = NULL;
+    hl_buf o, d;
+    *out = NULL;
+    if (hl_store_curl_init(err, errlen))
+        return HL_ERR_INTERNAL;
+    const char *url = c->snapshot.sftp_url;
+    if (!url || !url[0]) {
+        snprintf(err, errlen, "snapshot.sftp_url: expected sftp://host[:port]/directory (snapshot.store is sftp)");
+        return HL_ERR_CONFIG;
+    }
+    hl_buf_init(&o, 4096);
+    hl_buf_init(&d, 4096);
+    hl_status st = parse_url(url, &o, &d, err, errlen);
+    if (!st)
+        st = check_login(c, kh, sizeof kh, &known, &login, err, errlen);
+    if (!st) {
+        char *origin = hl_buf_status(&o) ? NULL : (char *)hl_buf_steal(&o, NULL);
+        char *dir = hl_buf_status(&d) ? NULL : (char *)hl_buf_steal(&d, NULL);
+        sftp_store *s = sftp_new(c, origin, dir, login, known);
+        if (s) {
+            *out = &s->base;
+        } else {
+            st = HL_ERR_NOMEM;
+            snprintf(err, errlen, "sftp: out of memory");
+        }
+    }
+    hl_buf_free(&o);
+    hl_buf_free(&d);
     return st;
 }

@@ -45,6 +45,22 @@ START_TEST(errors_are_sticky_until_reset)
 }
 END_TEST
 
+START_TEST(a_writer_records_its_own_error)
+{
+    hl_buf b;
+    hl_buf_init(&b, 16);
+    ck_assert_int_eq(hl_buf_adds(&b, "ab"), HL_OK);
+    ck_assert_int_eq(hl_buf_fail(&b, HL_OK), HL_OK);
+    ck_assert_int_eq(hl_buf_fail(&b, HL_ERR_INVALID), HL_ERR_INVALID);
+    /* The first error stays; later appends do nothing and report it. */
+    ck_assert_int_eq(hl_buf_fail(&b, HL_ERR_IO), HL_ERR_INVALID);
+    ck_assert_int_eq(hl_buf_adds(&b, "cd"), HL_ERR_INVALID);
+    ck_assert_str_eq(hl_buf_str(&b), "ab");
+    ck_assert_int_eq(hl_buf_status(&b), HL_ERR_INVALID);
+    hl_buf_free(&b);
+}
+END_TEST
+
 START_TEST(quoting_is_all_or_nothing)
 {
     hl_buf b;
@@ -85,6 +101,7 @@ int main(void)
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, appends_within_the_limit);
     tcase_add_test(tc, errors_are_sticky_until_reset);
+    tcase_add_test(tc, a_writer_records_its_own_error);
     tcase_add_test(tc, quoting_is_all_or_nothing);
     tcase_add_test(tc, steal_hands_over_and_clears);
     suite_add_tcase(s, tc);

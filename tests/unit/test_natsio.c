@@ -1248,6 +1248,20 @@ START_TEST(render_peer_set)
                                          "      tls {\n        ca_file: \"/etc/hl/ca.pem\"\n      }\n    }\n  ]\n}\n"),
                   "%s", hl_buf_str(&b));
 
+    /* A control character cannot be expressed in the conf: a config error,
+     * wherever the value lands in the text (here the route authorization,
+     * after the routes). */
+    c.nats.cluster_password = xstrdup("pa\x01ss");
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_nats_server_render(&c, &p, &b), HL_ERR_CONFIG);
+    free(c.nats.cluster_password);
+    c.nats.cluster_password = NULL;
+    c.nats.sync_interval = xstrdup("al\nways\x7f");
+    hl_buf_reset(&b);
+    ck_assert_int_eq(hl_nats_server_render(&c, &p, &b), HL_ERR_CONFIG);
+    free(c.nats.sync_interval);
+    c.nats.sync_interval = NULL;
+
     /* A cluster listener with an empty set is refused (nats-server 2.9 would exit). */
     hl_peer_set e;
     hl_peer_set_init(&e);

@@ -336,6 +336,15 @@ START_TEST(acks_are_delivered)
 }
 END_TEST
 
+/* Like every other destructor, the queue's accept NULL (issue 9). */
+START_TEST(null_queue_is_a_no_op)
+{
+    hl_queue_close(NULL);
+    hl_queue_destroy(NULL);
+    hl_inbound_free(NULL);
+}
+END_TEST
+
 static Suite *queue_suite(void)
 {
     Suite *s = suite_create("queue");
@@ -349,6 +358,7 @@ static Suite *queue_suite(void)
         {"unpop_restores_order_and_bytes", unpop_restores_order_and_bytes},
         {"close_wakes_blocked_producers", close_wakes_blocked_producers},
         {"acks_are_delivered", acks_are_delivered},
+        {"null_queue_is_a_no_op", null_queue_is_a_no_op},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
