@@ -604,15 +604,25 @@ static natsStatus watch_subscribe(hl_kv_watcher *w)
     jsErrCode jerr = 0;
     jsSubOptions_Init(&so);
     so.Stream = w->stream;
-    so.Ordered = true;
+    /* A plain ephemeral push consumer, not nats.c's ordered consumer: nats.c
+     * 3.4.1 re-creates an ordered consumer on its own threads, and destroying
+     * the subscription while it does frees memory its reader still uses
+     * (seen as heap corruption at a stop right after a start). Gaps and lost
+     * consumers are ours to handle: watch_idle_check re-creates the consumer
+     * from next_seq, and sequences already seen are skipped. */
+    so.Ordered = false;
+    so.Config.AckPolicy = js_AckNone;
+    so.Config.MaxDeliver = 1;
+    /* Removed by the server once nobody reads it (a stopped or killed node). */
+    so.Config.InactiveThreshold = (int64_t)30 * 1000 * 1000 * 1000;
     if (w->next_seq) {
         so.Config.DeliverPolicy = js_DeliverByStartSequence;
         so.Config.OptStartSeq = w->next_seq;
     } else {
         so.Config.DeliverPolicy = js_DeliverLastPerSubject;
     }
-    /* As in the fetcher: nats.c re-creates an ordered consumer whose server went
-     * away only after missed heartbeats; ask for them every second. */
+    /* Heartbeats every second: a consumer whose server went away shows as
+     * missed heartbeats, and the reader re-creates it. */
     so.Config.Heartbeat = (int64_t)WATCH_HEARTBEAT_MS * 1000 * 1000;
     natsStatus s = js_SubscribeSync(&w->sub, hl_nats_js(w->n), w->subject, NULL, &so, &jerr);
     if (s != NATS_OK) {

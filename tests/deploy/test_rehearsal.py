@@ -115,9 +115,14 @@ class Pod:
         sh("ip", "netns", "add", self.ns)
         sh("ip", "link", "add", f"{self.ns}-h", "type", "veth", "peer", "name", "eth0", "netns", self.ns)
         sh("ip", "link", "set", f"{self.ns}-h", "master", BRIDGE, "up")
-        sh("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
-        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "eth0", "up")
-        sh("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
+        sh(*self.enter(), "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        sh(*self.enter(), "ip", "link", "set", "eth0", "up")
+        sh(*self.enter(), "ip", "link", "set", "lo", "up")
+
+    def enter(self) -> list[str]:
+        # nsenter rather than `ip netns exec`, which remounts /sys and cannot
+        # inside a chroot (a CI root).
+        return ["nsenter", f"--net=/run/netns/{self.ns}"]
 
     def delete_network(self) -> None:
         sh("ip", "netns", "del", self.ns, check=False)
@@ -131,7 +136,7 @@ class Pod:
                  f"mount --bind {self.c.resolv} /etc/resolv.conf && "
                  f"mkdir -p {self.dir}/tmp && mount --bind {self.dir}/tmp /tmp && exec \"$@\"")
         # The image's entrypoint is harmonylite; the chart gives only args.
-        return ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--uts", "--propagation", "private",
+        return [*self.enter(), "unshare", "--mount", "--uts", "--propagation", "private",
                 "sh", "-c", setup, "sh", str(self.c.binary), *container["args"]]
 
     def env(self, container: dict) -> dict:
@@ -240,6 +245,14 @@ class Rehearsal:
     def setup(self) -> None:
         if self.made_etc:
             os.mkdir("/etc/harmonylite")
+        # Leftovers of a run that was killed: same names, same addresses.
+        for ns in sh("ip", "netns", "list", check=False).stdout.split("\n"):
+            if ns.startswith("hlr-"):
+                sh("ip", "netns", "del", ns.split()[0], check=False)
+        for link in sh("ip", "-o", "link", "show", check=False).stdout.split("\n"):
+            name = link.split(":")[1].strip().split("@")[0] if link.count(":") >= 2 else ""
+            if name.startswith("hlr-"):
+                sh("ip", "link", "del", name, check=False)
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
@@ -277,8 +290,8 @@ class Rehearsal:
     def add_pod(self, ordinal: int) -> Pod:
         p = Pod(self, ordinal)
         p.dir.mkdir(parents=True, exist_ok=True)
+        self.pods[ordinal] = p  # before its network: teardown removes what was made
         p.create_network()
-        self.pods[ordinal] = p
         return p
 
     def remove_pod(self, ordinal: int) -> None:
