@@ -191,91 +191,122 @@ typedef struct check {
     char reason[400];
 } check;
 
-/* Fills c[NCHECKS]; returns true when every check passes. */
-static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
+/* Marks c failed, with a printf-style reason. */
+__attribute__((format(printf, 2, 3))) static void check_fail(check *c, const char *fmt, ...)
 {
-    static const char *const names[NCHECKS] = {"database", "triggers", "nats",   "streams",  "caught_up",
-                                               "gap",      "schema",   "engine", "consumers"};
-    for (int i = 0; i < NCHECKS; i++) {
-        c[i].name = names[i];
-        c[i].ok = true;
-        c[i].reason[0] = 0;
-    }
+    va_list ap;
+    c->ok = false;
+    va_start(ap, fmt);
+    vsnprintf(c->reason, sizeof c->reason, fmt, ap);
+    va_end(ap);
+}
 
-    if (!s->db_open) {
-        c[CHECK_DATABASE].ok = false;
-        snprintf(c[CHECK_DATABASE].reason, sizeof c[0].reason, "the database is not open");
-    }
-    if (!s->triggers_installed) {
-        c[CHECK_TRIGGERS].ok = false;
-        snprintf(c[CHECK_TRIGGERS].reason, sizeof c[0].reason, "change-capture triggers are not installed");
-    }
-    if (!s->nats_connected) {
-        c[CHECK_NATS].ok = false;
-        snprintf(c[CHECK_NATS].reason, sizeof c[0].reason, "%s",
-                 s->embedded ? "not connected to the embedded nats-server" : "not connected to NATS");
-    }
-    if (!s->streams_ready) {
-        c[CHECK_STREAMS].ok = false;
-        snprintf(c[CHECK_STREAMS].reason, sizeof c[0].reason, "the JetStream change-log streams are not ready");
-    }
-    if (!s->caught_up) {
-        c[CHECK_CAUGHT_UP].ok = false;
-        int behind = -1, nbehind = 0;
-        for (int i = 0; i < nstreams_of(s); i++)
-            if (s->streams[i].applied_seq < s->streams[i].start_tail) {
-                if (behind < 0)
-                    behind = i;
-                nbehind++;
-            }
-        if (behind >= 0) {
-            char name[sizeof s->streams[0].name];
-            fixed_str(name, sizeof name, s->streams[behind].name, sizeof s->streams[behind].name);
-            int n = snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
-                             "applied %" PRIu64 " of %" PRIu64 " messages present at start on %s",
-                             s->streams[behind].applied_seq, s->streams[behind].start_tail, name);
-            if (nbehind > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
-                snprintf(c[CHECK_CAUGHT_UP].reason + n, sizeof c[0].reason - (size_t)n,
-                         " (and %d more stream%s behind)", nbehind - 1, nbehind > 2 ? "s" : "");
-        } else {
-            snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
-                     "still reading the messages present in the change-log streams at start");
+/* Sets c's reason to the snapshot's text in (insz bytes, maybe without its
+ * NUL), or to dflt when that is empty; does not change whether c passes. */
+static void check_reason(check *c, const char *in, size_t insz, const char *dflt)
+{
+    char r[sizeof c->reason];
+    fixed_str(r, insz < sizeof r ? insz : sizeof r, in, insz);
+    snprintf(c->reason, sizeof c->reason, "%s", r[0] ? r : dflt);
+}
+
+/* Appends " (and N more stream[s]<tail>)" after the n bytes written to c's reason. */
+static void check_more_streams(check *c, int n, int nmore, const char *tail)
+{
+    if (nmore > 0 && n > 0 && (size_t)n < sizeof c->reason)
+        snprintf(c->reason + n, sizeof c->reason - (size_t)n, " (and %d more stream%s%s)", nmore, nmore > 1 ? "s" : "",
+                 tail);
+}
+
+static void check_database(const hl_state_snapshot *s, check *c)
+{
+    if (!s->db_open)
+        check_fail(c, "the database is not open");
+}
+
+static void check_triggers(const hl_state_snapshot *s, check *c)
+{
+    if (!s->triggers_installed)
+        check_fail(c, "change-capture triggers are not installed");
+}
+
+static void check_nats(const hl_state_snapshot *s, check *c)
+{
+    if (!s->nats_connected)
+        check_fail(c, "%s", s->embedded ? "not connected to the embedded nats-server" : "not connected to NATS");
+}
+
+static void check_streams(const hl_state_snapshot *s, check *c)
+{
+    if (!s->streams_ready)
+        check_fail(c, "the JetStream change-log streams are not ready");
+}
+
+/* Names the first stream still reading what it held at start, and how many more are. */
+static void check_caught_up(const hl_state_snapshot *s, check *c)
+{
+    if (s->caught_up)
+        return;
+    int behind = -1, nbehind = 0;
+    for (int i = 0; i < nstreams_of(s); i++)
+        if (s->streams[i].applied_seq < s->streams[i].start_tail) {
+            if (behind < 0)
+                behind = i;
+            nbehind++;
         }
+    if (behind < 0) {
+        check_fail(c, "still reading the messages present in the change-log streams at start");
+        return;
     }
-    if (s->gap) {
-        char r[sizeof s->gap_reason];
-        fixed_str(r, sizeof r, s->gap_reason, sizeof s->gap_reason);
-        c[CHECK_GAP].ok = false;
-        snprintf(c[CHECK_GAP].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
-    }
+    const hl_state_stream *st = &s->streams[behind];
+    char name[sizeof st->name];
+    fixed_str(name, sizeof name, st->name, sizeof st->name);
+    c->ok = false;
+    int n = snprintf(c->reason, sizeof c->reason, "applied %" PRIu64 " of %" PRIu64 " messages present at start on %s",
+                     st->applied_seq, st->start_tail, name);
+    check_more_streams(c, n, nbehind - 1, " behind");
+}
+
+static void check_gap(const hl_state_snapshot *s, check *c)
+{
+    if (!s->gap)
+        return;
+    c->ok = false;
+    check_reason(c, s->gap_reason, sizeof s->gap_reason,
+                 "changesets this node has not applied are missing from the change-log streams");
+}
+
+/* Fails only for the odd one out; a stream held back by schema.max_held_bytes
+ * and changesets held for the schema are reported without failing. */
+static void check_schema(const hl_state_snapshot *s, check *c)
+{
     if (s->schema_odd) {
-        char r[sizeof s->schema_odd_reason];
-        fixed_str(r, sizeof r, s->schema_odd_reason, sizeof s->schema_odd_reason);
-        c[CHECK_SCHEMA].ok = false;
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "this node's schema is incompatible with the schema most live nodes run");
+        c->ok = false;
+        check_reason(c, s->schema_odd_reason, sizeof s->schema_odd_reason,
+                     "this node's schema is incompatible with the schema most live nodes run");
     } else if (s->held_bound_reason[0]) {
         /* Reported, not failing: a stray or forged origin must not take the node out of service. */
-        char r[sizeof s->held_bound_reason];
-        fixed_str(r, sizeof r, s->held_bound_reason, sizeof s->held_bound_reason);
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s", r);
+        check_reason(c, s->held_bound_reason, sizeof s->held_bound_reason, "");
     } else if (s->paused) {
         /* Reported, not failing: every other origin keeps applying, and a
          * hold may come from a node that is gone or a stray message. */
-        char r[sizeof s->paused_reason];
-        fixed_str(r, sizeof r, s->paused_reason, sizeof s->paused_reason);
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "changesets are held until the local schema matches theirs");
+        check_reason(c, s->paused_reason, sizeof s->paused_reason,
+                     "changesets are held until the local schema matches theirs");
     }
-    if (s->engine_stalled) {
-        char r[sizeof s->engine_reason];
-        fixed_str(r, sizeof r, s->engine_reason, sizeof s->engine_reason);
-        c[CHECK_ENGINE].ok = false;
-        snprintf(c[CHECK_ENGINE].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "the engine cannot capture or apply: its transactions keep failing");
-    }
+}
 
+static void check_engine(const hl_state_snapshot *s, check *c)
+{
+    if (!s->engine_stalled)
+        return;
+    c->ok = false;
+    check_reason(c, s->engine_reason, sizeof s->engine_reason,
+                 "the engine cannot capture or apply: its transactions keep failing");
+}
+
+/* Names the first stream whose consumer is missing or stuck, and how many more are. */
+static void check_consumers(const hl_state_snapshot *s, check *c)
+{
     int stalled = -1, nstalled = 0;
     for (int i = 0; i < nstreams_of(s); i++)
         if (s->streams[i].stalled_ms) {
@@ -283,21 +314,45 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
                 stalled = i;
             nstalled++;
         }
-    if (stalled >= 0) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[stalled].name, sizeof s->streams[stalled].name);
-        c[CHECK_CONSUMERS].ok = false;
-        int n = snprintf(c[CHECK_CONSUMERS].reason, sizeof c[0].reason,
-                         "no working consumer on stream %s for %" PRIu64 " s; re-creating it after sequence %" PRIu64,
-                         name, s->streams[stalled].stalled_ms / 1000, s->streams[stalled].applied_seq);
-        if (nstalled > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
-            snprintf(c[CHECK_CONSUMERS].reason + n, sizeof c[0].reason - (size_t)n, " (and %d more stream%s)",
-                     nstalled - 1, nstalled > 2 ? "s" : "");
-    }
+    if (stalled < 0)
+        return;
+    const hl_state_stream *st = &s->streams[stalled];
+    char name[sizeof st->name];
+    fixed_str(name, sizeof name, st->name, sizeof st->name);
+    c->ok = false;
+    int n = snprintf(c->reason, sizeof c->reason,
+                     "no working consumer on stream %s for %" PRIu64 " s; re-creating it after sequence %" PRIu64, name,
+                     st->stalled_ms / 1000, st->applied_seq);
+    check_more_streams(c, n, nstalled - 1, "");
+}
 
+/* The readiness checks in the order /readyz and /metrics list them. */
+static const struct {
+    const char *name;
+    void (*eval)(const hl_state_snapshot *s, check *c);
+} checks[NCHECKS] = {
+    [CHECK_DATABASE] = {"database", check_database},
+    [CHECK_TRIGGERS] = {"triggers", check_triggers},
+    [CHECK_NATS] = {"nats", check_nats},
+    [CHECK_STREAMS] = {"streams", check_streams},
+    [CHECK_CAUGHT_UP] = {"caught_up", check_caught_up},
+    [CHECK_GAP] = {"gap", check_gap},
+    [CHECK_SCHEMA] = {"schema", check_schema},
+    [CHECK_ENGINE] = {"engine", check_engine},
+    [CHECK_CONSUMERS] = {"consumers", check_consumers},
+};
+
+/* Fills c[NCHECKS]; returns true when every check passes. */
+static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
+{
     bool all = true;
-    for (int i = 0; i < NCHECKS; i++)
+    for (int i = 0; i < NCHECKS; i++) {
+        c[i].name = checks[i].name;
+        c[i].ok = true;
+        c[i].reason[0] = 0;
+        checks[i].eval(s, &c[i]);
         all = all && c[i].ok;
+    }
     return all;
 }
 
