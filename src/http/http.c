@@ -389,81 +389,75 @@ fail:
 /* ---- /metrics ---- */
 
 /* Appends a label value escaped per the exposition format: \ " and newline. */
-static hl_status add_label_value(hl_buf *b, const char *v)
+static void add_label_value(hl_buf *b, const char *v)
 {
-    hl_status st = HL_OK;
-    for (const char *p = v; !st && *p; p++) {
+    for (const char *p = v; !hl_buf_status(b) && *p; p++) {
         if (*p == '\\')
-            st = hl_buf_adds(b, "\\\\");
+            hl_buf_adds(b, "\\\\");
         else if (*p == '"')
-            st = hl_buf_adds(b, "\\\"");
+            hl_buf_adds(b, "\\\"");
         else if (*p == '\n')
-            st = hl_buf_adds(b, "\\n");
+            hl_buf_adds(b, "\\n");
         else
-            st = hl_buf_addc(b, (unsigned char)*p);
+            hl_buf_addc(b, (unsigned char)*p);
     }
-    return st;
 }
 
 /* Appends a float in the shortest form that reads back exactly. */
-static hl_status add_float(hl_buf *b, double v)
+static void add_float(hl_buf *b, double v)
 {
     char tmp[40];
-    if (isnan(v))
-        return hl_buf_adds(b, "NaN");
-    if (isinf(v))
-        return hl_buf_adds(b, v > 0 ? "+Inf" : "-Inf");
+    if (isnan(v)) {
+        hl_buf_adds(b, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        hl_buf_adds(b, v > 0 ? "+Inf" : "-Inf");
+        return;
+    }
     snprintf(tmp, sizeof tmp, "%.15g", v);
     if (strtod(tmp, NULL) != v)
         snprintf(tmp, sizeof tmp, "%.17g", v);
-    return hl_buf_adds(b, tmp);
+    hl_buf_adds(b, tmp);
 }
 
-/* Context for writing one exposition: the buffer and the node label. */
+/* Context for writing one exposition: the buffer and the node label. The
+ * buffer's errors are sticky: the writers append without checking, and
+ * hl_http_render_metrics checks hl_buf_status once at the end. */
 typedef struct mw {
     hl_buf b;
     char node[24];
-    hl_status st;
 } mw;
 
 /* "# HELP" and "# TYPE" lines. help must not contain '\' or newlines. */
 static void m_head(mw *w, const char *name, const char *type, const char *help)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "# HELP harmonylite_%s %s\n# TYPE harmonylite_%s %s\n", name, help, name, type);
+    hl_buf_addf(&w->b, "# HELP harmonylite_%s %s\n# TYPE harmonylite_%s %s\n", name, help, name, type);
 }
 
 /* Starts a sample line: name{node_id="N" (the caller may add labels, then calls m_end_*). */
 static void m_begin(mw *w, const char *name)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "harmonylite_%s{node_id=\"%s\"", name, w->node);
+    hl_buf_addf(&w->b, "harmonylite_%s{node_id=\"%s\"", name, w->node);
 }
 
 static void m_label(mw *w, const char *k, const char *v)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, ",%s=\"", k);
-    if (!w->st)
-        w->st = add_label_value(&w->b, v);
-    if (!w->st)
-        w->st = hl_buf_addc(&w->b, '"');
+    hl_buf_addf(&w->b, ",%s=\"", k);
+    add_label_value(&w->b, v);
+    hl_buf_addc(&w->b, '"');
 }
 
 static void m_end_u64(mw *w, uint64_t v)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "} %" PRIu64 "\n", v);
+    hl_buf_addf(&w->b, "} %" PRIu64 "\n", v);
 }
 
 static void m_end_f(mw *w, double v)
 {
-    if (!w->st)
-        w->st = hl_buf_adds(&w->b, "} ");
-    if (!w->st)
-        w->st = add_float(&w->b, v);
-    if (!w->st)
-        w->st = hl_buf_addc(&w->b, '\n');
+    hl_buf_adds(&w->b, "} ");
+    add_float(&w->b, v);
+    hl_buf_addc(&w->b, '\n');
 }
 
 /* A metric with a single sample labelled node_id only. */
@@ -474,89 +468,110 @@ static void m_simple(mw *w, const char *name, const char *type, const char *help
     m_end_u64(w, v);
 }
 
-char *hl_http_render_metrics(const hl_state_snapshot *s)
+static void m_build_info(mw *w)
 {
-    mw w;
-    check c[NCHECKS];
-    bool ready = eval_checks(s, c);
-    int ns = nstreams_of(s);
+    m_head(w, "build_info", "gauge", "Always 1; the version label is the running harmonylite version.");
+    m_begin(w, "build_info");
+    m_label(w, "version", HL_VERSION);
+    m_end_u64(w, 1);
+}
 
-    hl_buf_init(&w.b, HL_HTTP_BODY_LIMIT);
-    w.st = HL_OK;
-    snprintf(w.node, sizeof w.node, "%" PRIu64, s->node_id);
-
-    m_head(&w, "build_info", "gauge", "Always 1; the version label is the running harmonylite version.");
-    m_begin(&w, "build_info");
-    m_label(&w, "version", HL_VERSION);
-    m_end_u64(&w, 1);
-
-    /* capture and publish */
-    m_simple(&w, "rows_captured_total", "counter", "Row changes captured from local writes.", s->rows_captured);
-    m_simple(&w, "changesets_captured_total", "counter", "Changesets built from local writes.", s->changesets_captured);
-    m_simple(&w, "changesets_published_total", "counter", "Changesets acknowledged by JetStream.",
+/* Local writes: captured, then acknowledged by JetStream. */
+static void m_capture_publish(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "rows_captured_total", "counter", "Row changes captured from local writes.", s->rows_captured);
+    m_simple(w, "changesets_captured_total", "counter", "Changesets built from local writes.", s->changesets_captured);
+    m_simple(w, "changesets_published_total", "counter", "Changesets acknowledged by JetStream.",
              s->changesets_published);
-    m_simple(&w, "rows_published_total", "counter", "Row changes in changesets acknowledged by JetStream.",
+    m_simple(w, "rows_published_total", "counter", "Row changes in changesets acknowledged by JetStream.",
              s->rows_published);
-    m_simple(&w, "publish_backlog", "gauge", "Changesets in the outbox waiting to be acknowledged by JetStream.",
+    m_simple(w, "publish_backlog", "gauge", "Changesets in the outbox waiting to be acknowledged by JetStream.",
              s->outbox_rows);
+}
 
-    /* apply */
-    m_simple(&w, "rows_applied_total", "counter", "Remote row changes written to the local database.", s->rows_applied);
-    m_simple(&w, "rows_skipped_lww_total", "counter",
+/* What became of remote changes: applied, skipped by last writer wins, conflicts, duplicates. */
+static void m_apply(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "rows_applied_total", "counter", "Remote row changes written to the local database.", s->rows_applied);
+    m_simple(w, "rows_skipped_lww_total", "counter",
              "Remote row changes skipped because the local version is newer (last writer wins).", s->rows_skipped_lww);
-    m_simple(&w, "conflicts_total", "counter",
+    m_simple(w, "conflicts_total", "counter",
              "Remote row changes that could not be applied and were recorded in __harmonylite__conflicts.",
              s->conflicts);
-    m_simple(&w, "changesets_applied_total", "counter", "Remote changesets applied.", s->changesets_applied);
-    m_simple(&w, "changesets_duplicate_total", "counter", "Remote changesets dropped as already applied.",
+    m_simple(w, "changesets_applied_total", "counter", "Remote changesets applied.", s->changesets_applied);
+    m_simple(w, "changesets_duplicate_total", "counter", "Remote changesets dropped as already applied.",
              s->changesets_duplicate);
-    m_simple(&w, "changesets_held_total", "counter",
+}
+
+/* Remote changesets held out of order or for the schema, and how their order was kept. */
+static void m_held_order(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "changesets_held_total", "counter",
              "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
              s->changesets_held);
-    m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
-    m_simple(&w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
+    m_simple(w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
              s->held_origins);
-    m_simple(&w, "chains_applied_total", "counter",
+    m_simple(w, "chains_applied_total", "counter",
              "Transactions too big for one changeset, received as a chain of changesets and applied as one.",
              s->chains_applied);
-    m_simple(&w, "order_gaps_total", "counter",
+    m_simple(w, "order_gaps_total", "counter",
              "Times changesets missing for order_hold_timeout were given up on and the ones held after them applied.",
              s->order_gaps);
-    m_simple(&w, "changesets_late_total", "counter",
+    m_simple(w, "changesets_late_total", "counter",
              "Changesets applied after their position had been given up on (they arrived after order_hold_timeout).",
              s->changesets_late);
-    m_simple(&w, "engine_failures_total", "counter",
+}
+
+/* The engine's retries and the work it redoes or postpones: failed
+ * transactions, tables resent in full, changesets from a clock ahead. */
+static void m_engine(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "engine_failures_total", "counter",
              "Engine transactions (capture, apply) that failed and were retried.", s->engine_failures);
-    m_simple(&w, "table_resyncs_total", "counter",
+    m_simple(w, "table_resyncs_total", "counter",
              "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
              s->table_resyncs);
-    m_simple(&w, "clock_ahead_total", "counter",
+    m_simple(w, "clock_ahead_total", "counter",
              "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
              s->clock_ahead);
-    m_simple(&w, "changesets_deferred_total", "counter",
+}
+
+/* The bound on what is held for the schema (schema.max_held_bytes) and the odd one out. */
+static void m_schema(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "changesets_deferred_total", "counter",
              "Changesets not stored because their origin waits for the schema and holding them would pass "
              "schema.max_held_bytes; read again from the stream once room frees.",
              s->changesets_deferred);
-    m_simple(&w, "held_bytes", "gauge",
+    m_simple(w, "held_bytes", "gauge",
              "Bytes held for origins waiting for the local schema (what schema.max_held_bytes bounds).", s->held_bytes);
-    m_simple(&w, "held_bound_streams", "gauge",
+    m_simple(w, "held_bound_streams", "gauge",
              "Streams not read past a deferred changeset until held changesets leave room (schema.max_held_bytes).",
              s->held_bound_streams);
-    m_simple(&w, "schema_odd_one_out", "gauge",
+    m_simple(w, "schema_odd_one_out", "gauge",
              "1 while this node's schema is incompatible with the schema most live nodes run (not ready).",
              s->schema_odd ? 1 : 0);
-    m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
+}
+
+/* Messages refused as malformed, and partly received changesets given up on. */
+static void m_refused(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
     uint64_t expired = 0;
-    for (int i = 0; i < ns; i++)
+    for (int i = 0; i < nstreams_of(s); i++)
         expired += s->streams[i].changesets_expired;
-    m_simple(&w, "changesets_expired_total", "counter",
+    m_simple(w, "changesets_expired_total", "counter",
              "Partly received changesets dropped because their missing parts did not come within "
              "replication_log.incomplete_expiry.",
              expired);
+}
 
-    /* lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones */
-    m_head(&w, "replication_lag_seconds", "histogram",
+/* The lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones. */
+static void m_lag(mw *w, const hl_state_snapshot *s)
+{
+    m_head(w, "replication_lag_seconds", "histogram",
            "Seconds from a change's capture on its origin node to its apply commit here.");
     uint64_t cum = 0;
     for (int i = 0; i <= HL_LAG_BUCKETS; i++) {
@@ -566,72 +581,107 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
             snprintf(le, sizeof le, "%g", hl_lag_bounds[i]);
         else
             snprintf(le, sizeof le, "+Inf");
-        m_begin(&w, "replication_lag_seconds_bucket");
-        m_label(&w, "le", le);
-        m_end_u64(&w, cum);
+        m_begin(w, "replication_lag_seconds_bucket");
+        m_label(w, "le", le);
+        m_end_u64(w, cum);
     }
-    m_begin(&w, "replication_lag_seconds_sum");
-    m_end_f(&w, s->lag_sum);
+    m_begin(w, "replication_lag_seconds_sum");
+    m_end_f(w, s->lag_sum);
     /* _count is the +Inf bucket by definition; emitting the same number keeps the two equal. */
-    m_begin(&w, "replication_lag_seconds_count");
-    m_end_u64(&w, cum);
+    m_begin(w, "replication_lag_seconds_count");
+    m_end_u64(w, cum);
+}
 
-    /* streams */
-    m_head(&w, "stream_applied_sequence", "gauge",
-           "Stream sequence up to which this node has dealt with every message.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_applied_sequence");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].applied_seq);
-    }
-    m_head(&w, "stream_last_sequence", "gauge", "Last sequence of the stream as last seen by this node.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_last_sequence");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].tail_seq);
-    }
+static uint64_t stream_applied(const hl_state_stream *st)
+{
+    return st->applied_seq;
+}
 
-    m_head(&w, "stream_consumer_stalled", "gauge",
-           "1 while the stream's consumer is missing or stuck and being re-created.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_consumer_stalled");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].stalled_ms ? 1 : 0);
-    }
-    m_head(&w, "stream_consumer_restarts_total", "counter",
-           "Consumers of the stream re-created after the first (server restart, stream moved or unavailable).");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_consumer_restarts_total");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].consumer_restarts);
-    }
+static uint64_t stream_last(const hl_state_stream *st)
+{
+    return st->tail_seq;
+}
 
-    /* NATS */
-    m_simple(&w, "nats_connected", "gauge", "1 while connected to NATS.", s->nats_connected ? 1 : 0);
+static uint64_t stream_stalled(const hl_state_stream *st)
+{
+    return st->stalled_ms ? 1 : 0;
+}
+
+static uint64_t stream_restarts(const hl_state_stream *st)
+{
+    return st->consumer_restarts;
+}
+
+/* A metric with one sample per stream, labelled with the stream's name; value gives the sample. */
+static void m_per_stream(mw *w, const hl_state_snapshot *s, const char *name, const char *type, const char *help,
+                         uint64_t (*value)(const hl_state_stream *))
+{
+    m_head(w, name, type, help);
+    for (int i = 0; i < nstreams_of(s); i++) {
+        char sname[sizeof s->streams[0].name];
+        fixed_str(sname, sizeof sname, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(w, name);
+        m_label(w, "stream", sname);
+        m_end_u64(w, value(&s->streams[i]));
+    }
+}
+
+static void m_streams(mw *w, const hl_state_snapshot *s)
+{
+    m_per_stream(w, s, "stream_applied_sequence", "gauge",
+                 "Stream sequence up to which this node has dealt with every message.", stream_applied);
+    m_per_stream(w, s, "stream_last_sequence", "gauge", "Last sequence of the stream as last seen by this node.",
+                 stream_last);
+    m_per_stream(w, s, "stream_consumer_stalled", "gauge",
+                 "1 while the stream's consumer is missing or stuck and being re-created.", stream_stalled);
+    m_per_stream(w, s, "stream_consumer_restarts_total", "counter",
+                 "Consumers of the stream re-created after the first (server restart, stream moved or unavailable).",
+                 stream_restarts);
+}
+
+static void m_nats(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "nats_connected", "gauge", "1 while connected to NATS.", s->nats_connected ? 1 : 0);
     if (s->embedded)
-        m_simple(&w, "nats_server_running", "gauge", "1 while the embedded nats-server child is running.",
+        m_simple(w, "nats_server_running", "gauge", "1 while the embedded nats-server child is running.",
                  s->nats_server_running ? 1 : 0);
-    m_simple(&w, "nats_server_restarts_total", "counter", "Restarts of the embedded nats-server child.",
+    m_simple(w, "nats_server_restarts_total", "counter", "Restarts of the embedded nats-server child.",
              s->nats_server_restarts);
+}
 
-    /* readiness */
-    m_simple(&w, "ready", "gauge", "1 when every readiness check passes (as /readyz).", ready ? 1 : 0);
-    m_head(&w, "readiness_check", "gauge", "1 when the named /readyz check passes.");
+/* The /readyz verdict and each of its checks. */
+static void m_readiness(mw *w, const hl_state_snapshot *s)
+{
+    check c[NCHECKS];
+    bool ready = eval_checks(s, c);
+    m_simple(w, "ready", "gauge", "1 when every readiness check passes (as /readyz).", ready ? 1 : 0);
+    m_head(w, "readiness_check", "gauge", "1 when the named /readyz check passes.");
     for (int i = 0; i < NCHECKS; i++) {
-        m_begin(&w, "readiness_check");
-        m_label(&w, "check", c[i].name);
-        m_end_u64(&w, c[i].ok ? 1 : 0);
+        m_begin(w, "readiness_check");
+        m_label(w, "check", c[i].name);
+        m_end_u64(w, c[i].ok ? 1 : 0);
     }
+}
 
-    if (w.st) {
+char *hl_http_render_metrics(const hl_state_snapshot *s)
+{
+    mw w;
+    hl_buf_init(&w.b, HL_HTTP_BODY_LIMIT);
+    snprintf(w.node, sizeof w.node, "%" PRIu64, s->node_id);
+
+    m_build_info(&w);
+    m_capture_publish(&w, s);
+    m_apply(&w, s);
+    m_held_order(&w, s);
+    m_engine(&w, s);
+    m_schema(&w, s);
+    m_refused(&w, s);
+    m_lag(&w, s);
+    m_streams(&w, s);
+    m_nats(&w, s);
+    m_readiness(&w, s);
+
+    if (hl_buf_status(&w.b)) {
         hl_buf_free(&w.b);
         return NULL;
     }
