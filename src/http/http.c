@@ -1099,85 +1099,80 @@ static bool have_ipv6(void)
     return true;
 }
 
-/*
- * Turns bind into a socket address. "host:port" (IPv4 literal or host name,
- * first IPv4 answer preferred), "[v6]:port", ":port" (every interface: IPv6
- * dual stack when available, else IPv4). *dual is set for the ":port" case.
- */
-static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint16_t *portp, bool *dual, char *err,
-                            size_t errsz)
-{
-    char host[256];
-    const char *portstr;
-    uint16_t port;
-    bool bracketed = false;
+/* The listen address split into its parts (parse_bind). */
+typedef struct bind_parts {
+    char host[256];      /* "" for ":port" */
+    const char *portstr; /* points into the bind string */
+    bool bracketed;      /* "[v6]:port" */
+} bind_parts;
 
-    *dual = false;
+/* Splits "[v6]:port", "host:port" or ":port" into host and port text. */
+static hl_status split_bind(const char *bind, bind_parts *p, char *err, size_t errsz)
+{
+    p->bracketed = false;
     if (bind[0] == '[') {
         const char *rb = strchr(bind, ']');
-        if (!rb || rb[1] != ':') {
+        size_t n = rb ? (size_t)(rb - bind - 1) : 0;
+        if (!rb || rb[1] != ':' || n == 0 || n >= sizeof p->host) {
             snprintf(err, errsz, "expected [IPv6 address]:port");
             return HL_ERR_INVALID;
         }
-        size_t n = (size_t)(rb - bind - 1);
-        if (n == 0 || n >= sizeof host) {
-            snprintf(err, errsz, "expected [IPv6 address]:port");
-            return HL_ERR_INVALID;
-        }
-        memcpy(host, bind + 1, n);
-        host[n] = 0;
-        portstr = rb + 2;
-        bracketed = true;
-    } else {
-        const char *colon = strrchr(bind, ':');
-        if (!colon) {
-            snprintf(err, errsz, "expected host:port, [IPv6 address]:port or :port");
-            return HL_ERR_INVALID;
-        }
-        size_t n = (size_t)(colon - bind);
-        if (n >= sizeof host) {
-            snprintf(err, errsz, "host name too long");
-            return HL_ERR_INVALID;
-        }
-        memcpy(host, bind, n);
-        host[n] = 0;
-        if (strchr(host, ':')) {
-            snprintf(err, errsz, "write an IPv6 address in brackets: [addr]:port");
-            return HL_ERR_INVALID;
-        }
-        portstr = colon + 1;
-    }
-    if (!parse_port(portstr, &port)) {
-        snprintf(err, errsz, "expected a port from 0 to 65535, got \"%.32s\"", portstr);
-        return HL_ERR_INVALID;
-    }
-    *portp = port;
-
-    memset(ss, 0, sizeof *ss);
-    if (!host[0]) {
-        if (have_ipv6()) {
-            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-            a6->sin6_family = AF_INET6;
-            a6->sin6_addr = in6addr_any;
-            a6->sin6_port = htons(port);
-            *dual = true;
-        } else {
-            struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-            a4->sin_family = AF_INET;
-            a4->sin_addr.s_addr = htonl(INADDR_ANY);
-            a4->sin_port = htons(port);
-        }
+        memcpy(p->host, bind + 1, n);
+        p->host[n] = 0;
+        p->portstr = rb + 2;
+        p->bracketed = true;
         return HL_OK;
     }
+    const char *colon = strrchr(bind, ':');
+    if (!colon) {
+        snprintf(err, errsz, "expected host:port, [IPv6 address]:port or :port");
+        return HL_ERR_INVALID;
+    }
+    size_t n = (size_t)(colon - bind);
+    if (n >= sizeof p->host) {
+        snprintf(err, errsz, "host name too long");
+        return HL_ERR_INVALID;
+    }
+    memcpy(p->host, bind, n);
+    p->host[n] = 0;
+    if (strchr(p->host, ':')) {
+        snprintf(err, errsz, "write an IPv6 address in brackets: [addr]:port");
+        return HL_ERR_INVALID;
+    }
+    p->portstr = colon + 1;
+    return HL_OK;
+}
 
+/* The ":port" address: every interface, IPv6 dual stack when the host has
+ * IPv6 (*dual set), else IPv4. */
+static void any_address(uint16_t port, struct sockaddr_storage *ss, bool *dual)
+{
+    if (have_ipv6()) {
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+        a6->sin6_family = AF_INET6;
+        a6->sin6_addr = in6addr_any;
+        a6->sin6_port = htons(port);
+        *dual = true;
+    } else {
+        struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+        a4->sin_family = AF_INET;
+        a4->sin_addr.s_addr = htonl(INADDR_ANY);
+        a4->sin_port = htons(port);
+    }
+}
+
+/* Resolves a host name or literal into *ss, the first IPv4 answer preferred
+ * (a bracketed host must be an IPv6 literal). */
+static hl_status resolve_host(const bind_parts *p, struct sockaddr_storage *ss, char *err, size_t errsz)
+{
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
-    hints.ai_family = bracketed ? AF_INET6 : AF_UNSPEC;
+    hints.ai_family = p->bracketed ? AF_INET6 : AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (bracketed ? AI_NUMERICHOST : 0);
-    int rc = getaddrinfo(host, portstr, &hints, &res);
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (p->bracketed ? AI_NUMERICHOST : 0);
+    int rc = getaddrinfo(p->host, p->portstr, &hints, &res);
     if (rc != 0) {
-        snprintf(err, errsz, "cannot resolve \"%s\": %s", host, gai_strerror(rc));
+        snprintf(err, errsz, "cannot resolve \"%s\": %s", p->host, gai_strerror(rc));
         return HL_ERR_INVALID;
     }
     const struct addrinfo *pick = NULL;
@@ -1189,12 +1184,41 @@ static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint1
             pick = ai;
     if (!pick || pick->ai_addrlen > sizeof *ss) {
         freeaddrinfo(res);
-        snprintf(err, errsz, "\"%s\" has no IPv4 or IPv6 address", host);
+        snprintf(err, errsz, "\"%s\" has no IPv4 or IPv6 address", p->host);
         return HL_ERR_INVALID;
     }
     memcpy(ss, pick->ai_addr, pick->ai_addrlen);
     freeaddrinfo(res);
     return HL_OK;
+}
+
+/*
+ * Turns bind into a socket address. "host:port" (IPv4 literal or host name,
+ * first IPv4 answer preferred), "[v6]:port", ":port" (every interface: IPv6
+ * dual stack when available, else IPv4). *dual is set for the ":port" case.
+ */
+static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint16_t *portp, bool *dual, char *err,
+                            size_t errsz)
+{
+    bind_parts p;
+    uint16_t port;
+
+    *dual = false;
+    hl_status st = split_bind(bind, &p, err, errsz);
+    if (st)
+        return st;
+    if (!parse_port(p.portstr, &port)) {
+        snprintf(err, errsz, "expected a port from 0 to 65535, got \"%.32s\"", p.portstr);
+        return HL_ERR_INVALID;
+    }
+    *portp = port;
+
+    memset(ss, 0, sizeof *ss);
+    if (!p.host[0]) {
+        any_address(port, ss, dual);
+        return HL_OK;
+    }
+    return resolve_host(&p, ss, err, errsz);
 }
 
 /*
