@@ -1301,30 +1301,27 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
     return hl_http_start_opts(out, &o, state);
 }
 
-hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *state)
-{
-    struct sockaddr_storage ss;
-    bool dual = false;
-    uint16_t port = 0;
-    char err[256] = "";
-    hl_status st = HL_OK;
-    hl_http *h = NULL;
-    const char *bind = o ? o->bind : NULL;
+/* The connection limits in effect: the options, 0 meaning the default. */
+typedef struct http_limits {
+    unsigned int max_conn;   /* listener, after fit_fd_limit */
+    unsigned int per_client; /* per client address */
+    unsigned int timeout_s;  /* request_timeout */
+} http_limits;
 
-    *out = NULL;
-    if (!bind || !state || o->max_connections < 0 || o->max_connections_per_client < 0 || o->request_timeout_s < 0) {
-        st = HL_ERR_INVALID;
-        goto out;
-    }
-    unsigned int max_conn = o->max_connections ? (unsigned int)o->max_connections : HL_HTTP_DEFAULT_MAX_CONNECTIONS;
-    unsigned int per_client =
+static void limits_of(const hl_http_opts *o, http_limits *lim)
+{
+    lim->max_conn = o->max_connections ? (unsigned int)o->max_connections : HL_HTTP_DEFAULT_MAX_CONNECTIONS;
+    lim->per_client =
         o->max_connections_per_client ? (unsigned int)o->max_connections_per_client : HL_HTTP_DEFAULT_PER_CLIENT;
-    unsigned int timeout_s = o->request_timeout_s ? (unsigned int)o->request_timeout_s : HL_HTTP_DEFAULT_TIMEOUT_S;
-    h = calloc(1, sizeof *h);
-    if (!h) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
+    lim->timeout_s = o->request_timeout_s ? (unsigned int)o->request_timeout_s : HL_HTTP_DEFAULT_TIMEOUT_S;
+}
+
+/* A server not listening yet: its lock, the reaper's clock and the log limiter. NULL when out of memory. */
+static hl_http *http_new(hl_state *state, const char *bind, unsigned int timeout_s)
+{
+    hl_http *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -1336,6 +1333,84 @@ hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *sta
     h->cut_log.burst = 5;
     h->cut_log.window_ms = 60000;
     snprintf(h->bind, sizeof h->bind, "%s", bind);
+    return h;
+}
+
+/* Starts libmicrohttpd listening on ss with the limits; a failure is logged
+ * with MHD's own message when it gave one. */
+static hl_status start_daemon(hl_http *h, const char *bind, const struct sockaddr_storage *ss, uint16_t port, bool dual,
+                              const http_limits *lim)
+{
+    char err[256];
+    /* AUTO picks epoll on Linux: no FD_SETSIZE limit, and idle connections cost nothing. */
+    unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    if (ss->ss_family == AF_INET6)
+        flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+
+    h->starting = 1;
+    /* The port argument only appears in MHD's messages; the address is SOCK_ADDR. */
+    h->d = MHD_start_daemon(
+        flags, port, NULL, NULL, on_request, h,
+        /* must come first so start-up messages reach it */
+        MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (const struct sockaddr *)ss,
+        MHD_OPTION_CONNECTION_LIMIT, lim->max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, lim->per_client,
+        MHD_OPTION_CONNECTION_TIMEOUT, lim->timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HL_HTTP_CONN_MEMORY,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
+    pthread_mutex_lock(&h->mu);
+    h->starting = 0;
+    snprintf(err, sizeof err, "%s", h->start_err);
+    pthread_mutex_unlock(&h->mu);
+    if (!h->d) {
+        hl_log(HL_LOG_ERROR, "http: cannot listen", "bind", bind, "error",
+               err[0] ? err : "libmicrohttpd failed to start", NULL);
+        return HL_ERR_IO;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = info ? (int)info->port : 0;
+    return HL_OK;
+}
+
+/* Starts the thread that enforces request_timeout (reaper_main). */
+static hl_status start_reaper(hl_http *h, const char *bind)
+{
+    if (pthread_create(&h->reaper, NULL, reaper_main, h) != 0) {
+        hl_log(HL_LOG_ERROR, "http: cannot start the deadline thread", "bind", bind, NULL);
+        return HL_ERR_IO;
+    }
+    h->reaper_started = true;
+    return HL_OK;
+}
+
+static void log_listening(const hl_http *h, const char *bind, const http_limits *lim)
+{
+    char portstr[8], conns[16], perc[16], tmo[16];
+    snprintf(portstr, sizeof portstr, "%d", h->port);
+    snprintf(conns, sizeof conns, "%u", lim->max_conn);
+    snprintf(perc, sizeof perc, "%u", lim->per_client);
+    snprintf(tmo, sizeof tmo, "%u", lim->timeout_s);
+    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, "max_connections", conns,
+           "max_connections_per_client", perc, "request_timeout_s", tmo, "metrics_auth",
+           h->have_token ? "bearer token" : "none", NULL);
+}
+
+hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *state)
+{
+    struct sockaddr_storage ss;
+    bool dual = false;
+    uint16_t port = 0;
+    char err[256] = "";
+    hl_status st = HL_OK;
+    hl_http *h = NULL;
+    http_limits lim;
+    const char *bind = o ? o->bind : NULL;
+
+    *out = NULL;
+    if (!bind || !state || o->max_connections < 0 || o->max_connections_per_client < 0 || o->request_timeout_s < 0)
+        return HL_ERR_INVALID;
+    limits_of(o, &lim);
+    h = http_new(state, bind, lim.timeout_s);
+    if (!h)
+        return HL_ERR_NOMEM;
 
     st = parse_bind(bind, &ss, &port, &dual, err, sizeof err);
     if (st) {
@@ -1344,49 +1419,10 @@ hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *sta
     }
     if (o->auth_token_file && o->auth_token_file[0] && (st = load_token(h, o->auth_token_file)) != HL_OK)
         goto out;
-    max_conn = fit_fd_limit(max_conn);
-
-    /* AUTO picks epoll on Linux: no FD_SETSIZE limit, and idle connections cost nothing. */
-    unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
-    if (ss.ss_family == AF_INET6)
-        flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
-
-    h->starting = 1;
-    /* The port argument only appears in MHD's messages; the address is SOCK_ADDR. */
-    h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h,
-                            /* must come first so start-up messages reach it */
-                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                            MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_client,
-                            MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-                            (size_t)HL_HTTP_CONN_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
-    pthread_mutex_lock(&h->mu);
-    h->starting = 0;
-    snprintf(err, sizeof err, "%s", h->start_err);
-    pthread_mutex_unlock(&h->mu);
-    if (!h->d) {
-        hl_log(HL_LOG_ERROR, "http: cannot listen", "bind", bind, "error",
-               err[0] ? err : "libmicrohttpd failed to start", NULL);
-        st = HL_ERR_IO;
+    lim.max_conn = fit_fd_limit(lim.max_conn);
+    if ((st = start_daemon(h, bind, &ss, port, dual, &lim)) != HL_OK || (st = start_reaper(h, bind)) != HL_OK)
         goto out;
-    }
-    if (pthread_create(&h->reaper, NULL, reaper_main, h) != 0) {
-        hl_log(HL_LOG_ERROR, "http: cannot start the deadline thread", "bind", bind, NULL);
-        st = HL_ERR_IO;
-        goto out;
-    }
-    h->reaper_started = true;
-
-    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
-    h->port = info ? (int)info->port : 0;
-    char portstr[8], conns[16], perc[16], tmo[16];
-    snprintf(portstr, sizeof portstr, "%d", h->port);
-    snprintf(conns, sizeof conns, "%u", max_conn);
-    snprintf(perc, sizeof perc, "%u", per_client);
-    snprintf(tmo, sizeof tmo, "%u", timeout_s);
-    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, "max_connections", conns,
-           "max_connections_per_client", perc, "request_timeout_s", tmo, "metrics_auth",
-           h->have_token ? "bearer token" : "none", NULL);
+    log_listening(h, bind, &lim);
     *out = h;
     h = NULL;
 out:
