@@ -690,7 +690,7 @@ static void teardown(engine *e)
     free(e->setup_first);
     free(e->setup_last);
     hl_signals_forget_queue();
-    hl_queue_destroy(&e->q);
+    hl_queue_free(&e->q);
 }
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)

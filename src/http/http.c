@@ -191,91 +191,122 @@ typedef struct check {
     char reason[400];
 } check;
 
-/* Fills c[NCHECKS]; returns true when every check passes. */
-static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
+/* Marks c failed, with a printf-style reason. */
+__attribute__((format(printf, 2, 3))) static void check_fail(check *c, const char *fmt, ...)
 {
-    static const char *const names[NCHECKS] = {"database", "triggers", "nats",   "streams",  "caught_up",
-                                               "gap",      "schema",   "engine", "consumers"};
-    for (int i = 0; i < NCHECKS; i++) {
-        c[i].name = names[i];
-        c[i].ok = true;
-        c[i].reason[0] = 0;
-    }
+    va_list ap;
+    c->ok = false;
+    va_start(ap, fmt);
+    vsnprintf(c->reason, sizeof c->reason, fmt, ap);
+    va_end(ap);
+}
 
-    if (!s->db_open) {
-        c[CHECK_DATABASE].ok = false;
-        snprintf(c[CHECK_DATABASE].reason, sizeof c[0].reason, "the database is not open");
-    }
-    if (!s->triggers_installed) {
-        c[CHECK_TRIGGERS].ok = false;
-        snprintf(c[CHECK_TRIGGERS].reason, sizeof c[0].reason, "change-capture triggers are not installed");
-    }
-    if (!s->nats_connected) {
-        c[CHECK_NATS].ok = false;
-        snprintf(c[CHECK_NATS].reason, sizeof c[0].reason, "%s",
-                 s->embedded ? "not connected to the embedded nats-server" : "not connected to NATS");
-    }
-    if (!s->streams_ready) {
-        c[CHECK_STREAMS].ok = false;
-        snprintf(c[CHECK_STREAMS].reason, sizeof c[0].reason, "the JetStream change-log streams are not ready");
-    }
-    if (!s->caught_up) {
-        c[CHECK_CAUGHT_UP].ok = false;
-        int behind = -1, nbehind = 0;
-        for (int i = 0; i < nstreams_of(s); i++)
-            if (s->streams[i].applied_seq < s->streams[i].start_tail) {
-                if (behind < 0)
-                    behind = i;
-                nbehind++;
-            }
-        if (behind >= 0) {
-            char name[sizeof s->streams[0].name];
-            fixed_str(name, sizeof name, s->streams[behind].name, sizeof s->streams[behind].name);
-            int n = snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
-                             "applied %" PRIu64 " of %" PRIu64 " messages present at start on %s",
-                             s->streams[behind].applied_seq, s->streams[behind].start_tail, name);
-            if (nbehind > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
-                snprintf(c[CHECK_CAUGHT_UP].reason + n, sizeof c[0].reason - (size_t)n,
-                         " (and %d more stream%s behind)", nbehind - 1, nbehind > 2 ? "s" : "");
-        } else {
-            snprintf(c[CHECK_CAUGHT_UP].reason, sizeof c[0].reason,
-                     "still reading the messages present in the change-log streams at start");
+/* Sets c's reason to the snapshot's text in (insz bytes, maybe without its
+ * NUL), or to dflt when that is empty; does not change whether c passes. */
+static void check_reason(check *c, const char *in, size_t insz, const char *dflt)
+{
+    char r[sizeof c->reason];
+    fixed_str(r, insz < sizeof r ? insz : sizeof r, in, insz);
+    snprintf(c->reason, sizeof c->reason, "%s", r[0] ? r : dflt);
+}
+
+/* Appends " (and N more stream[s]<tail>)" after the n bytes written to c's reason. */
+static void check_more_streams(check *c, int n, int nmore, const char *tail)
+{
+    if (nmore > 0 && n > 0 && (size_t)n < sizeof c->reason)
+        snprintf(c->reason + n, sizeof c->reason - (size_t)n, " (and %d more stream%s%s)", nmore, nmore > 1 ? "s" : "",
+                 tail);
+}
+
+static void check_database(const hl_state_snapshot *s, check *c)
+{
+    if (!s->db_open)
+        check_fail(c, "the database is not open");
+}
+
+static void check_triggers(const hl_state_snapshot *s, check *c)
+{
+    if (!s->triggers_installed)
+        check_fail(c, "change-capture triggers are not installed");
+}
+
+static void check_nats(const hl_state_snapshot *s, check *c)
+{
+    if (!s->nats_connected)
+        check_fail(c, "%s", s->embedded ? "not connected to the embedded nats-server" : "not connected to NATS");
+}
+
+static void check_streams(const hl_state_snapshot *s, check *c)
+{
+    if (!s->streams_ready)
+        check_fail(c, "the JetStream change-log streams are not ready");
+}
+
+/* Names the first stream still reading what it held at start, and how many more are. */
+static void check_caught_up(const hl_state_snapshot *s, check *c)
+{
+    if (s->caught_up)
+        return;
+    int behind = -1, nbehind = 0;
+    for (int i = 0; i < nstreams_of(s); i++)
+        if (s->streams[i].applied_seq < s->streams[i].start_tail) {
+            if (behind < 0)
+                behind = i;
+            nbehind++;
         }
+    if (behind < 0) {
+        check_fail(c, "still reading the messages present in the change-log streams at start");
+        return;
     }
-    if (s->gap) {
-        char r[sizeof s->gap_reason];
-        fixed_str(r, sizeof r, s->gap_reason, sizeof s->gap_reason);
-        c[CHECK_GAP].ok = false;
-        snprintf(c[CHECK_GAP].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "changesets this node has not applied are missing from the change-log streams");
-    }
+    const hl_state_stream *st = &s->streams[behind];
+    char name[sizeof st->name];
+    fixed_str(name, sizeof name, st->name, sizeof st->name);
+    c->ok = false;
+    int n = snprintf(c->reason, sizeof c->reason, "applied %" PRIu64 " of %" PRIu64 " messages present at start on %s",
+                     st->applied_seq, st->start_tail, name);
+    check_more_streams(c, n, nbehind - 1, " behind");
+}
+
+static void check_gap(const hl_state_snapshot *s, check *c)
+{
+    if (!s->gap)
+        return;
+    c->ok = false;
+    check_reason(c, s->gap_reason, sizeof s->gap_reason,
+                 "changesets this node has not applied are missing from the change-log streams");
+}
+
+/* Fails only for the odd one out; a stream held back by schema.max_held_bytes
+ * and changesets held for the schema are reported without failing. */
+static void check_schema(const hl_state_snapshot *s, check *c)
+{
     if (s->schema_odd) {
-        char r[sizeof s->schema_odd_reason];
-        fixed_str(r, sizeof r, s->schema_odd_reason, sizeof s->schema_odd_reason);
-        c[CHECK_SCHEMA].ok = false;
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "this node's schema is incompatible with the schema most live nodes run");
+        c->ok = false;
+        check_reason(c, s->schema_odd_reason, sizeof s->schema_odd_reason,
+                     "this node's schema is incompatible with the schema most live nodes run");
     } else if (s->held_bound_reason[0]) {
         /* Reported, not failing: a stray or forged origin must not take the node out of service. */
-        char r[sizeof s->held_bound_reason];
-        fixed_str(r, sizeof r, s->held_bound_reason, sizeof s->held_bound_reason);
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s", r);
+        check_reason(c, s->held_bound_reason, sizeof s->held_bound_reason, "");
     } else if (s->paused) {
         /* Reported, not failing: every other origin keeps applying, and a
          * hold may come from a node that is gone or a stray message. */
-        char r[sizeof s->paused_reason];
-        fixed_str(r, sizeof r, s->paused_reason, sizeof s->paused_reason);
-        snprintf(c[CHECK_SCHEMA].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "changesets are held until the local schema matches theirs");
+        check_reason(c, s->paused_reason, sizeof s->paused_reason,
+                     "changesets are held until the local schema matches theirs");
     }
-    if (s->engine_stalled) {
-        char r[sizeof s->engine_reason];
-        fixed_str(r, sizeof r, s->engine_reason, sizeof s->engine_reason);
-        c[CHECK_ENGINE].ok = false;
-        snprintf(c[CHECK_ENGINE].reason, sizeof c[0].reason, "%s",
-                 r[0] ? r : "the engine cannot capture or apply: its transactions keep failing");
-    }
+}
 
+static void check_engine(const hl_state_snapshot *s, check *c)
+{
+    if (!s->engine_stalled)
+        return;
+    c->ok = false;
+    check_reason(c, s->engine_reason, sizeof s->engine_reason,
+                 "the engine cannot capture or apply: its transactions keep failing");
+}
+
+/* Names the first stream whose consumer is missing or stuck, and how many more are. */
+static void check_consumers(const hl_state_snapshot *s, check *c)
+{
     int stalled = -1, nstalled = 0;
     for (int i = 0; i < nstreams_of(s); i++)
         if (s->streams[i].stalled_ms) {
@@ -283,21 +314,45 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
                 stalled = i;
             nstalled++;
         }
-    if (stalled >= 0) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[stalled].name, sizeof s->streams[stalled].name);
-        c[CHECK_CONSUMERS].ok = false;
-        int n = snprintf(c[CHECK_CONSUMERS].reason, sizeof c[0].reason,
-                         "no working consumer on stream %s for %" PRIu64 " s; re-creating it after sequence %" PRIu64,
-                         name, s->streams[stalled].stalled_ms / 1000, s->streams[stalled].applied_seq);
-        if (nstalled > 1 && n > 0 && (size_t)n < sizeof c[0].reason)
-            snprintf(c[CHECK_CONSUMERS].reason + n, sizeof c[0].reason - (size_t)n, " (and %d more stream%s)",
-                     nstalled - 1, nstalled > 2 ? "s" : "");
-    }
+    if (stalled < 0)
+        return;
+    const hl_state_stream *st = &s->streams[stalled];
+    char name[sizeof st->name];
+    fixed_str(name, sizeof name, st->name, sizeof st->name);
+    c->ok = false;
+    int n = snprintf(c->reason, sizeof c->reason,
+                     "no working consumer on stream %s for %" PRIu64 " s; re-creating it after sequence %" PRIu64, name,
+                     st->stalled_ms / 1000, st->applied_seq);
+    check_more_streams(c, n, nstalled - 1, "");
+}
 
+/* The readiness checks in the order /readyz and /metrics list them. */
+static const struct {
+    const char *name;
+    void (*eval)(const hl_state_snapshot *s, check *c);
+} checks[NCHECKS] = {
+    [CHECK_DATABASE] = {"database", check_database},
+    [CHECK_TRIGGERS] = {"triggers", check_triggers},
+    [CHECK_NATS] = {"nats", check_nats},
+    [CHECK_STREAMS] = {"streams", check_streams},
+    [CHECK_CAUGHT_UP] = {"caught_up", check_caught_up},
+    [CHECK_GAP] = {"gap", check_gap},
+    [CHECK_SCHEMA] = {"schema", check_schema},
+    [CHECK_ENGINE] = {"engine", check_engine},
+    [CHECK_CONSUMERS] = {"consumers", check_consumers},
+};
+
+/* Fills c[NCHECKS]; returns true when every check passes. */
+static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
+{
     bool all = true;
-    for (int i = 0; i < NCHECKS; i++)
+    for (int i = 0; i < NCHECKS; i++) {
+        c[i].name = checks[i].name;
+        c[i].ok = true;
+        c[i].reason[0] = 0;
+        checks[i].eval(s, &c[i]);
         all = all && c[i].ok;
+    }
     return all;
 }
 
@@ -334,81 +389,75 @@ fail:
 /* ---- /metrics ---- */
 
 /* Appends a label value escaped per the exposition format: \ " and newline. */
-static hl_status add_label_value(hl_buf *b, const char *v)
+static void add_label_value(hl_buf *b, const char *v)
 {
-    hl_status st = HL_OK;
-    for (const char *p = v; !st && *p; p++) {
+    for (const char *p = v; !hl_buf_status(b) && *p; p++) {
         if (*p == '\\')
-            st = hl_buf_adds(b, "\\\\");
+            hl_buf_adds(b, "\\\\");
         else if (*p == '"')
-            st = hl_buf_adds(b, "\\\"");
+            hl_buf_adds(b, "\\\"");
         else if (*p == '\n')
-            st = hl_buf_adds(b, "\\n");
+            hl_buf_adds(b, "\\n");
         else
-            st = hl_buf_addc(b, (unsigned char)*p);
+            hl_buf_addc(b, (unsigned char)*p);
     }
-    return st;
 }
 
 /* Appends a float in the shortest form that reads back exactly. */
-static hl_status add_float(hl_buf *b, double v)
+static void add_float(hl_buf *b, double v)
 {
     char tmp[40];
-    if (isnan(v))
-        return hl_buf_adds(b, "NaN");
-    if (isinf(v))
-        return hl_buf_adds(b, v > 0 ? "+Inf" : "-Inf");
+    if (isnan(v)) {
+        hl_buf_adds(b, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        hl_buf_adds(b, v > 0 ? "+Inf" : "-Inf");
+        return;
+    }
     snprintf(tmp, sizeof tmp, "%.15g", v);
     if (strtod(tmp, NULL) != v)
         snprintf(tmp, sizeof tmp, "%.17g", v);
-    return hl_buf_adds(b, tmp);
+    hl_buf_adds(b, tmp);
 }
 
-/* Context for writing one exposition: the buffer and the node label. */
+/* Context for writing one exposition: the buffer and the node label. The
+ * buffer's errors are sticky: the writers append without checking, and
+ * hl_http_render_metrics checks hl_buf_status once at the end. */
 typedef struct mw {
     hl_buf b;
     char node[24];
-    hl_status st;
 } mw;
 
 /* "# HELP" and "# TYPE" lines. help must not contain '\' or newlines. */
 static void m_head(mw *w, const char *name, const char *type, const char *help)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "# HELP harmonylite_%s %s\n# TYPE harmonylite_%s %s\n", name, help, name, type);
+    hl_buf_addf(&w->b, "# HELP harmonylite_%s %s\n# TYPE harmonylite_%s %s\n", name, help, name, type);
 }
 
 /* Starts a sample line: name{node_id="N" (the caller may add labels, then calls m_end_*). */
 static void m_begin(mw *w, const char *name)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "harmonylite_%s{node_id=\"%s\"", name, w->node);
+    hl_buf_addf(&w->b, "harmonylite_%s{node_id=\"%s\"", name, w->node);
 }
 
 static void m_label(mw *w, const char *k, const char *v)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, ",%s=\"", k);
-    if (!w->st)
-        w->st = add_label_value(&w->b, v);
-    if (!w->st)
-        w->st = hl_buf_addc(&w->b, '"');
+    hl_buf_addf(&w->b, ",%s=\"", k);
+    add_label_value(&w->b, v);
+    hl_buf_addc(&w->b, '"');
 }
 
 static void m_end_u64(mw *w, uint64_t v)
 {
-    if (!w->st)
-        w->st = hl_buf_addf(&w->b, "} %" PRIu64 "\n", v);
+    hl_buf_addf(&w->b, "} %" PRIu64 "\n", v);
 }
 
 static void m_end_f(mw *w, double v)
 {
-    if (!w->st)
-        w->st = hl_buf_adds(&w->b, "} ");
-    if (!w->st)
-        w->st = add_float(&w->b, v);
-    if (!w->st)
-        w->st = hl_buf_addc(&w->b, '\n');
+    hl_buf_adds(&w->b, "} ");
+    add_float(&w->b, v);
+    hl_buf_addc(&w->b, '\n');
 }
 
 /* A metric with a single sample labelled node_id only. */
@@ -419,89 +468,110 @@ static void m_simple(mw *w, const char *name, const char *type, const char *help
     m_end_u64(w, v);
 }
 
-char *hl_http_render_metrics(const hl_state_snapshot *s)
+static void m_build_info(mw *w)
 {
-    mw w;
-    check c[NCHECKS];
-    bool ready = eval_checks(s, c);
-    int ns = nstreams_of(s);
+    m_head(w, "build_info", "gauge", "Always 1; the version label is the running harmonylite version.");
+    m_begin(w, "build_info");
+    m_label(w, "version", HL_VERSION);
+    m_end_u64(w, 1);
+}
 
-    hl_buf_init(&w.b, HL_HTTP_BODY_LIMIT);
-    w.st = HL_OK;
-    snprintf(w.node, sizeof w.node, "%" PRIu64, s->node_id);
-
-    m_head(&w, "build_info", "gauge", "Always 1; the version label is the running harmonylite version.");
-    m_begin(&w, "build_info");
-    m_label(&w, "version", HL_VERSION);
-    m_end_u64(&w, 1);
-
-    /* capture and publish */
-    m_simple(&w, "rows_captured_total", "counter", "Row changes captured from local writes.", s->rows_captured);
-    m_simple(&w, "changesets_captured_total", "counter", "Changesets built from local writes.", s->changesets_captured);
-    m_simple(&w, "changesets_published_total", "counter", "Changesets acknowledged by JetStream.",
+/* Local writes: captured, then acknowledged by JetStream. */
+static void m_capture_publish(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "rows_captured_total", "counter", "Row changes captured from local writes.", s->rows_captured);
+    m_simple(w, "changesets_captured_total", "counter", "Changesets built from local writes.", s->changesets_captured);
+    m_simple(w, "changesets_published_total", "counter", "Changesets acknowledged by JetStream.",
              s->changesets_published);
-    m_simple(&w, "rows_published_total", "counter", "Row changes in changesets acknowledged by JetStream.",
+    m_simple(w, "rows_published_total", "counter", "Row changes in changesets acknowledged by JetStream.",
              s->rows_published);
-    m_simple(&w, "publish_backlog", "gauge", "Changesets in the outbox waiting to be acknowledged by JetStream.",
+    m_simple(w, "publish_backlog", "gauge", "Changesets in the outbox waiting to be acknowledged by JetStream.",
              s->outbox_rows);
+}
 
-    /* apply */
-    m_simple(&w, "rows_applied_total", "counter", "Remote row changes written to the local database.", s->rows_applied);
-    m_simple(&w, "rows_skipped_lww_total", "counter",
+/* What became of remote changes: applied, skipped by last writer wins, conflicts, duplicates. */
+static void m_apply(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "rows_applied_total", "counter", "Remote row changes written to the local database.", s->rows_applied);
+    m_simple(w, "rows_skipped_lww_total", "counter",
              "Remote row changes skipped because the local version is newer (last writer wins).", s->rows_skipped_lww);
-    m_simple(&w, "conflicts_total", "counter",
+    m_simple(w, "conflicts_total", "counter",
              "Remote row changes that could not be applied and were recorded in __harmonylite__conflicts.",
              s->conflicts);
-    m_simple(&w, "changesets_applied_total", "counter", "Remote changesets applied.", s->changesets_applied);
-    m_simple(&w, "changesets_duplicate_total", "counter", "Remote changesets dropped as already applied.",
+    m_simple(w, "changesets_applied_total", "counter", "Remote changesets applied.", s->changesets_applied);
+    m_simple(w, "changesets_duplicate_total", "counter", "Remote changesets dropped as already applied.",
              s->changesets_duplicate);
-    m_simple(&w, "changesets_held_total", "counter",
+}
+
+/* Remote changesets held out of order or for the schema, and how their order was kept. */
+static void m_held_order(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "changesets_held_total", "counter",
              "Remote changesets stored in __harmonylite__pending (out of order or waiting for the schema).",
              s->changesets_held);
-    m_simple(&w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
-    m_simple(&w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
+    m_simple(w, "changesets_held", "gauge", "Changesets currently held in __harmonylite__pending.", s->held_now);
+    m_simple(w, "held_origins", "gauge", "Origins with changesets held in __harmonylite__pending (listed in /schema).",
              s->held_origins);
-    m_simple(&w, "chains_applied_total", "counter",
+    m_simple(w, "chains_applied_total", "counter",
              "Transactions too big for one changeset, received as a chain of changesets and applied as one.",
              s->chains_applied);
-    m_simple(&w, "order_gaps_total", "counter",
+    m_simple(w, "order_gaps_total", "counter",
              "Times changesets missing for order_hold_timeout were given up on and the ones held after them applied.",
              s->order_gaps);
-    m_simple(&w, "changesets_late_total", "counter",
+    m_simple(w, "changesets_late_total", "counter",
              "Changesets applied after their position had been given up on (they arrived after order_hold_timeout).",
              s->changesets_late);
-    m_simple(&w, "engine_failures_total", "counter",
+}
+
+/* The engine's retries and the work it redoes or postpones: failed
+ * transactions, tables resent in full, changesets from a clock ahead. */
+static void m_engine(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "engine_failures_total", "counter",
              "Engine transactions (capture, apply) that failed and were retried.", s->engine_failures);
-    m_simple(&w, "table_resyncs_total", "counter",
+    m_simple(w, "table_resyncs_total", "counter",
              "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
              s->table_resyncs);
-    m_simple(&w, "clock_ahead_total", "counter",
+    m_simple(w, "clock_ahead_total", "counter",
              "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
              s->clock_ahead);
-    m_simple(&w, "changesets_deferred_total", "counter",
+}
+
+/* The bound on what is held for the schema (schema.max_held_bytes) and the odd one out. */
+static void m_schema(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "changesets_deferred_total", "counter",
              "Changesets not stored because their origin waits for the schema and holding them would pass "
              "schema.max_held_bytes; read again from the stream once room frees.",
              s->changesets_deferred);
-    m_simple(&w, "held_bytes", "gauge",
+    m_simple(w, "held_bytes", "gauge",
              "Bytes held for origins waiting for the local schema (what schema.max_held_bytes bounds).", s->held_bytes);
-    m_simple(&w, "held_bound_streams", "gauge",
+    m_simple(w, "held_bound_streams", "gauge",
              "Streams not read past a deferred changeset until held changesets leave room (schema.max_held_bytes).",
              s->held_bound_streams);
-    m_simple(&w, "schema_odd_one_out", "gauge",
+    m_simple(w, "schema_odd_one_out", "gauge",
              "1 while this node's schema is incompatible with the schema most live nodes run (not ready).",
              s->schema_odd ? 1 : 0);
-    m_simple(&w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
+}
+
+/* Messages refused as malformed, and partly received changesets given up on. */
+static void m_refused(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "malformed_messages_total", "counter", "Messages and changesets refused as malformed and skipped.",
              s->messages_malformed + s->changesets_malformed);
     uint64_t expired = 0;
-    for (int i = 0; i < ns; i++)
+    for (int i = 0; i < nstreams_of(s); i++)
         expired += s->streams[i].changesets_expired;
-    m_simple(&w, "changesets_expired_total", "counter",
+    m_simple(w, "changesets_expired_total", "counter",
              "Partly received changesets dropped because their missing parts did not come within "
              "replication_log.incomplete_expiry.",
              expired);
+}
 
-    /* lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones */
-    m_head(&w, "replication_lag_seconds", "histogram",
+/* The lag histogram: the snapshot keeps per-bucket counts; the format wants cumulative ones. */
+static void m_lag(mw *w, const hl_state_snapshot *s)
+{
+    m_head(w, "replication_lag_seconds", "histogram",
            "Seconds from a change's capture on its origin node to its apply commit here.");
     uint64_t cum = 0;
     for (int i = 0; i <= HL_LAG_BUCKETS; i++) {
@@ -511,72 +581,107 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
             snprintf(le, sizeof le, "%g", hl_lag_bounds[i]);
         else
             snprintf(le, sizeof le, "+Inf");
-        m_begin(&w, "replication_lag_seconds_bucket");
-        m_label(&w, "le", le);
-        m_end_u64(&w, cum);
+        m_begin(w, "replication_lag_seconds_bucket");
+        m_label(w, "le", le);
+        m_end_u64(w, cum);
     }
-    m_begin(&w, "replication_lag_seconds_sum");
-    m_end_f(&w, s->lag_sum);
+    m_begin(w, "replication_lag_seconds_sum");
+    m_end_f(w, s->lag_sum);
     /* _count is the +Inf bucket by definition; emitting the same number keeps the two equal. */
-    m_begin(&w, "replication_lag_seconds_count");
-    m_end_u64(&w, cum);
+    m_begin(w, "replication_lag_seconds_count");
+    m_end_u64(w, cum);
+}
 
-    /* streams */
-    m_head(&w, "stream_applied_sequence", "gauge",
-           "Stream sequence up to which this node has dealt with every message.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_applied_sequence");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].applied_seq);
-    }
-    m_head(&w, "stream_last_sequence", "gauge", "Last sequence of the stream as last seen by this node.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_last_sequence");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].tail_seq);
-    }
+static uint64_t stream_applied(const hl_state_stream *st)
+{
+    return st->applied_seq;
+}
 
-    m_head(&w, "stream_consumer_stalled", "gauge",
-           "1 while the stream's consumer is missing or stuck and being re-created.");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_consumer_stalled");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].stalled_ms ? 1 : 0);
-    }
-    m_head(&w, "stream_consumer_restarts_total", "counter",
-           "Consumers of the stream re-created after the first (server restart, stream moved or unavailable).");
-    for (int i = 0; i < ns; i++) {
-        char name[sizeof s->streams[0].name];
-        fixed_str(name, sizeof name, s->streams[i].name, sizeof s->streams[i].name);
-        m_begin(&w, "stream_consumer_restarts_total");
-        m_label(&w, "stream", name);
-        m_end_u64(&w, s->streams[i].consumer_restarts);
-    }
+static uint64_t stream_last(const hl_state_stream *st)
+{
+    return st->tail_seq;
+}
 
-    /* NATS */
-    m_simple(&w, "nats_connected", "gauge", "1 while connected to NATS.", s->nats_connected ? 1 : 0);
+static uint64_t stream_stalled(const hl_state_stream *st)
+{
+    return st->stalled_ms ? 1 : 0;
+}
+
+static uint64_t stream_restarts(const hl_state_stream *st)
+{
+    return st->consumer_restarts;
+}
+
+/* A metric with one sample per stream, labelled with the stream's name; value gives the sample. */
+static void m_per_stream(mw *w, const hl_state_snapshot *s, const char *name, const char *type, const char *help,
+                         uint64_t (*value)(const hl_state_stream *))
+{
+    m_head(w, name, type, help);
+    for (int i = 0; i < nstreams_of(s); i++) {
+        char sname[sizeof s->streams[0].name];
+        fixed_str(sname, sizeof sname, s->streams[i].name, sizeof s->streams[i].name);
+        m_begin(w, name);
+        m_label(w, "stream", sname);
+        m_end_u64(w, value(&s->streams[i]));
+    }
+}
+
+static void m_streams(mw *w, const hl_state_snapshot *s)
+{
+    m_per_stream(w, s, "stream_applied_sequence", "gauge",
+                 "Stream sequence up to which this node has dealt with every message.", stream_applied);
+    m_per_stream(w, s, "stream_last_sequence", "gauge", "Last sequence of the stream as last seen by this node.",
+                 stream_last);
+    m_per_stream(w, s, "stream_consumer_stalled", "gauge",
+                 "1 while the stream's consumer is missing or stuck and being re-created.", stream_stalled);
+    m_per_stream(w, s, "stream_consumer_restarts_total", "counter",
+                 "Consumers of the stream re-created after the first (server restart, stream moved or unavailable).",
+                 stream_restarts);
+}
+
+static void m_nats(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "nats_connected", "gauge", "1 while connected to NATS.", s->nats_connected ? 1 : 0);
     if (s->embedded)
-        m_simple(&w, "nats_server_running", "gauge", "1 while the embedded nats-server child is running.",
+        m_simple(w, "nats_server_running", "gauge", "1 while the embedded nats-server child is running.",
                  s->nats_server_running ? 1 : 0);
-    m_simple(&w, "nats_server_restarts_total", "counter", "Restarts of the embedded nats-server child.",
+    m_simple(w, "nats_server_restarts_total", "counter", "Restarts of the embedded nats-server child.",
              s->nats_server_restarts);
+}
 
-    /* readiness */
-    m_simple(&w, "ready", "gauge", "1 when every readiness check passes (as /readyz).", ready ? 1 : 0);
-    m_head(&w, "readiness_check", "gauge", "1 when the named /readyz check passes.");
+/* The /readyz verdict and each of its checks. */
+static void m_readiness(mw *w, const hl_state_snapshot *s)
+{
+    check c[NCHECKS];
+    bool ready = eval_checks(s, c);
+    m_simple(w, "ready", "gauge", "1 when every readiness check passes (as /readyz).", ready ? 1 : 0);
+    m_head(w, "readiness_check", "gauge", "1 when the named /readyz check passes.");
     for (int i = 0; i < NCHECKS; i++) {
-        m_begin(&w, "readiness_check");
-        m_label(&w, "check", c[i].name);
-        m_end_u64(&w, c[i].ok ? 1 : 0);
+        m_begin(w, "readiness_check");
+        m_label(w, "check", c[i].name);
+        m_end_u64(w, c[i].ok ? 1 : 0);
     }
+}
 
-    if (w.st) {
+char *hl_http_render_metrics(const hl_state_snapshot *s)
+{
+    mw w;
+    hl_buf_init(&w.b, HL_HTTP_BODY_LIMIT);
+    snprintf(w.node, sizeof w.node, "%" PRIu64, s->node_id);
+
+    m_build_info(&w);
+    m_capture_publish(&w, s);
+    m_apply(&w, s);
+    m_held_order(&w, s);
+    m_engine(&w, s);
+    m_schema(&w, s);
+    m_refused(&w, s);
+    m_lag(&w, s);
+    m_streams(&w, s);
+    m_nats(&w, s);
+    m_readiness(&w, s);
+
+    if (hl_buf_status(&w.b)) {
         hl_buf_free(&w.b);
         return NULL;
     }
@@ -994,85 +1099,80 @@ static bool have_ipv6(void)
     return true;
 }
 
-/*
- * Turns bind into a socket address. "host:port" (IPv4 literal or host name,
- * first IPv4 answer preferred), "[v6]:port", ":port" (every interface: IPv6
- * dual stack when available, else IPv4). *dual is set for the ":port" case.
- */
-static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint16_t *portp, bool *dual, char *err,
-                            size_t errsz)
-{
-    char host[256];
-    const char *portstr;
-    uint16_t port;
-    bool bracketed = false;
+/* The listen address split into its parts (parse_bind). */
+typedef struct bind_parts {
+    char host[256];      /* "" for ":port" */
+    const char *portstr; /* points into the bind string */
+    bool bracketed;      /* "[v6]:port" */
+} bind_parts;
 
-    *dual = false;
+/* Splits "[v6]:port", "host:port" or ":port" into host and port text. */
+static hl_status split_bind(const char *bind, bind_parts *p, char *err, size_t errsz)
+{
+    p->bracketed = false;
     if (bind[0] == '[') {
         const char *rb = strchr(bind, ']');
-        if (!rb || rb[1] != ':') {
+        size_t n = rb ? (size_t)(rb - bind - 1) : 0;
+        if (!rb || rb[1] != ':' || n == 0 || n >= sizeof p->host) {
             snprintf(err, errsz, "expected [IPv6 address]:port");
             return HL_ERR_INVALID;
         }
-        size_t n = (size_t)(rb - bind - 1);
-        if (n == 0 || n >= sizeof host) {
-            snprintf(err, errsz, "expected [IPv6 address]:port");
-            return HL_ERR_INVALID;
-        }
-        memcpy(host, bind + 1, n);
-        host[n] = 0;
-        portstr = rb + 2;
-        bracketed = true;
-    } else {
-        const char *colon = strrchr(bind, ':');
-        if (!colon) {
-            snprintf(err, errsz, "expected host:port, [IPv6 address]:port or :port");
-            return HL_ERR_INVALID;
-        }
-        size_t n = (size_t)(colon - bind);
-        if (n >= sizeof host) {
-            snprintf(err, errsz, "host name too long");
-            return HL_ERR_INVALID;
-        }
-        memcpy(host, bind, n);
-        host[n] = 0;
-        if (strchr(host, ':')) {
-            snprintf(err, errsz, "write an IPv6 address in brackets: [addr]:port");
-            return HL_ERR_INVALID;
-        }
-        portstr = colon + 1;
-    }
-    if (!parse_port(portstr, &port)) {
-        snprintf(err, errsz, "expected a port from 0 to 65535, got \"%.32s\"", portstr);
-        return HL_ERR_INVALID;
-    }
-    *portp = port;
-
-    memset(ss, 0, sizeof *ss);
-    if (!host[0]) {
-        if (have_ipv6()) {
-            struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-            a6->sin6_family = AF_INET6;
-            a6->sin6_addr = in6addr_any;
-            a6->sin6_port = htons(port);
-            *dual = true;
-        } else {
-            struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-            a4->sin_family = AF_INET;
-            a4->sin_addr.s_addr = htonl(INADDR_ANY);
-            a4->sin_port = htons(port);
-        }
+        memcpy(p->host, bind + 1, n);
+        p->host[n] = 0;
+        p->portstr = rb + 2;
+        p->bracketed = true;
         return HL_OK;
     }
+    const char *colon = strrchr(bind, ':');
+    if (!colon) {
+        snprintf(err, errsz, "expected host:port, [IPv6 address]:port or :port");
+        return HL_ERR_INVALID;
+    }
+    size_t n = (size_t)(colon - bind);
+    if (n >= sizeof p->host) {
+        snprintf(err, errsz, "host name too long");
+        return HL_ERR_INVALID;
+    }
+    memcpy(p->host, bind, n);
+    p->host[n] = 0;
+    if (strchr(p->host, ':')) {
+        snprintf(err, errsz, "write an IPv6 address in brackets: [addr]:port");
+        return HL_ERR_INVALID;
+    }
+    p->portstr = colon + 1;
+    return HL_OK;
+}
 
+/* The ":port" address: every interface, IPv6 dual stack when the host has
+ * IPv6 (*dual set), else IPv4. */
+static void any_address(uint16_t port, struct sockaddr_storage *ss, bool *dual)
+{
+    if (have_ipv6()) {
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+        a6->sin6_family = AF_INET6;
+        a6->sin6_addr = in6addr_any;
+        a6->sin6_port = htons(port);
+        *dual = true;
+    } else {
+        struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+        a4->sin_family = AF_INET;
+        a4->sin_addr.s_addr = htonl(INADDR_ANY);
+        a4->sin_port = htons(port);
+    }
+}
+
+/* Resolves a host name or literal into *ss, the first IPv4 answer preferred
+ * (a bracketed host must be an IPv6 literal). */
+static hl_status resolve_host(const bind_parts *p, struct sockaddr_storage *ss, char *err, size_t errsz)
+{
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
-    hints.ai_family = bracketed ? AF_INET6 : AF_UNSPEC;
+    hints.ai_family = p->bracketed ? AF_INET6 : AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (bracketed ? AI_NUMERICHOST : 0);
-    int rc = getaddrinfo(host, portstr, &hints, &res);
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (p->bracketed ? AI_NUMERICHOST : 0);
+    int rc = getaddrinfo(p->host, p->portstr, &hints, &res);
     if (rc != 0) {
-        snprintf(err, errsz, "cannot resolve \"%s\": %s", host, gai_strerror(rc));
+        snprintf(err, errsz, "cannot resolve \"%s\": %s", p->host, gai_strerror(rc));
         return HL_ERR_INVALID;
     }
     const struct addrinfo *pick = NULL;
@@ -1084,12 +1184,41 @@ static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint1
             pick = ai;
     if (!pick || pick->ai_addrlen > sizeof *ss) {
         freeaddrinfo(res);
-        snprintf(err, errsz, "\"%s\" has no IPv4 or IPv6 address", host);
+        snprintf(err, errsz, "\"%s\" has no IPv4 or IPv6 address", p->host);
         return HL_ERR_INVALID;
     }
     memcpy(ss, pick->ai_addr, pick->ai_addrlen);
     freeaddrinfo(res);
     return HL_OK;
+}
+
+/*
+ * Turns bind into a socket address. "host:port" (IPv4 literal or host name,
+ * first IPv4 answer preferred), "[v6]:port", ":port" (every interface: IPv6
+ * dual stack when available, else IPv4). *dual is set for the ":port" case.
+ */
+static hl_status parse_bind(const char *bind, struct sockaddr_storage *ss, uint16_t *portp, bool *dual, char *err,
+                            size_t errsz)
+{
+    bind_parts p;
+    uint16_t port;
+
+    *dual = false;
+    hl_status st = split_bind(bind, &p, err, errsz);
+    if (st)
+        return st;
+    if (!parse_port(p.portstr, &port)) {
+        snprintf(err, errsz, "expected a port from 0 to 65535, got \"%.32s\"", p.portstr);
+        return HL_ERR_INVALID;
+    }
+    *portp = port;
+
+    memset(ss, 0, sizeof *ss);
+    if (!p.host[0]) {
+        any_address(port, ss, dual);
+        return HL_OK;
+    }
+    return resolve_host(&p, ss, err, errsz);
 }
 
 /*
@@ -1172,30 +1301,27 @@ hl_status hl_http_start(hl_http **out, const char *bind, hl_state *state)
     return hl_http_start_opts(out, &o, state);
 }
 
-hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *state)
-{
-    struct sockaddr_storage ss;
-    bool dual = false;
-    uint16_t port = 0;
-    char err[256] = "";
-    hl_status st = HL_OK;
-    hl_http *h = NULL;
-    const char *bind = o ? o->bind : NULL;
+/* The connection limits in effect: the options, 0 meaning the default. */
+typedef struct http_limits {
+    unsigned int max_conn;   /* listener, after fit_fd_limit */
+    unsigned int per_client; /* per client address */
+    unsigned int timeout_s;  /* request_timeout */
+} http_limits;
 
-    *out = NULL;
-    if (!bind || !state || o->max_connections < 0 || o->max_connections_per_client < 0 || o->request_timeout_s < 0) {
-        st = HL_ERR_INVALID;
-        goto out;
-    }
-    unsigned int max_conn = o->max_connections ? (unsigned int)o->max_connections : HL_HTTP_DEFAULT_MAX_CONNECTIONS;
-    unsigned int per_client =
+static void limits_of(const hl_http_opts *o, http_limits *lim)
+{
+    lim->max_conn = o->max_connections ? (unsigned int)o->max_connections : HL_HTTP_DEFAULT_MAX_CONNECTIONS;
+    lim->per_client =
         o->max_connections_per_client ? (unsigned int)o->max_connections_per_client : HL_HTTP_DEFAULT_PER_CLIENT;
-    unsigned int timeout_s = o->request_timeout_s ? (unsigned int)o->request_timeout_s : HL_HTTP_DEFAULT_TIMEOUT_S;
-    h = calloc(1, sizeof *h);
-    if (!h) {
-        st = HL_ERR_NOMEM;
-        goto out;
-    }
+    lim->timeout_s = o->request_timeout_s ? (unsigned int)o->request_timeout_s : HL_HTTP_DEFAULT_TIMEOUT_S;
+}
+
+/* A server not listening yet: its lock, the reaper's clock and the log limiter. NULL when out of memory. */
+static hl_http *http_new(hl_state *state, const char *bind, unsigned int timeout_s)
+{
+    hl_http *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -1207,6 +1333,84 @@ hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *sta
     h->cut_log.burst = 5;
     h->cut_log.window_ms = 60000;
     snprintf(h->bind, sizeof h->bind, "%s", bind);
+    return h;
+}
+
+/* Starts libmicrohttpd listening on ss with the limits; a failure is logged
+ * with MHD's own message when it gave one. */
+static hl_status start_daemon(hl_http *h, const char *bind, const struct sockaddr_storage *ss, uint16_t port, bool dual,
+                              const http_limits *lim)
+{
+    char err[256];
+    /* AUTO picks epoll on Linux: no FD_SETSIZE limit, and idle connections cost nothing. */
+    unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    if (ss->ss_family == AF_INET6)
+        flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+
+    h->starting = 1;
+    /* The port argument only appears in MHD's messages; the address is SOCK_ADDR. */
+    h->d = MHD_start_daemon(
+        flags, port, NULL, NULL, on_request, h,
+        /* must come first so start-up messages reach it */
+        MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (const struct sockaddr *)ss,
+        MHD_OPTION_CONNECTION_LIMIT, lim->max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, lim->per_client,
+        MHD_OPTION_CONNECTION_TIMEOUT, lim->timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HL_HTTP_CONN_MEMORY,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
+    pthread_mutex_lock(&h->mu);
+    h->starting = 0;
+    snprintf(err, sizeof err, "%s", h->start_err);
+    pthread_mutex_unlock(&h->mu);
+    if (!h->d) {
+        hl_log(HL_LOG_ERROR, "http: cannot listen", "bind", bind, "error",
+               err[0] ? err : "libmicrohttpd failed to start", NULL);
+        return HL_ERR_IO;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = info ? (int)info->port : 0;
+    return HL_OK;
+}
+
+/* Starts the thread that enforces request_timeout (reaper_main). */
+static hl_status start_reaper(hl_http *h, const char *bind)
+{
+    if (pthread_create(&h->reaper, NULL, reaper_main, h) != 0) {
+        hl_log(HL_LOG_ERROR, "http: cannot start the deadline thread", "bind", bind, NULL);
+        return HL_ERR_IO;
+    }
+    h->reaper_started = true;
+    return HL_OK;
+}
+
+static void log_listening(const hl_http *h, const char *bind, const http_limits *lim)
+{
+    char portstr[8], conns[16], perc[16], tmo[16];
+    snprintf(portstr, sizeof portstr, "%d", h->port);
+    snprintf(conns, sizeof conns, "%u", lim->max_conn);
+    snprintf(perc, sizeof perc, "%u", lim->per_client);
+    snprintf(tmo, sizeof tmo, "%u", lim->timeout_s);
+    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, "max_connections", conns,
+           "max_connections_per_client", perc, "request_timeout_s", tmo, "metrics_auth",
+           h->have_token ? "bearer token" : "none", NULL);
+}
+
+hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *state)
+{
+    struct sockaddr_storage ss;
+    bool dual = false;
+    uint16_t port = 0;
+    char err[256] = "";
+    hl_status st = HL_OK;
+    hl_http *h = NULL;
+    http_limits lim;
+    const char *bind = o ? o->bind : NULL;
+
+    *out = NULL;
+    if (!bind || !state || o->max_connections < 0 || o->max_connections_per_client < 0 || o->request_timeout_s < 0)
+        return HL_ERR_INVALID;
+    limits_of(o, &lim);
+    h = http_new(state, bind, lim.timeout_s);
+    if (!h)
+        return HL_ERR_NOMEM;
 
     st = parse_bind(bind, &ss, &port, &dual, err, sizeof err);
     if (st) {
@@ -1215,49 +1419,10 @@ hl_status hl_http_start_opts(hl_http **out, const hl_http_opts *o, hl_state *sta
     }
     if (o->auth_token_file && o->auth_token_file[0] && (st = load_token(h, o->auth_token_file)) != HL_OK)
         goto out;
-    max_conn = fit_fd_limit(max_conn);
-
-    /* AUTO picks epoll on Linux: no FD_SETSIZE limit, and idle connections cost nothing. */
-    unsigned int flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
-    if (ss.ss_family == AF_INET6)
-        flags |= dual ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
-
-    h->starting = 1;
-    /* The port argument only appears in MHD's messages; the address is SOCK_ADDR. */
-    h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h,
-                            /* must come first so start-up messages reach it */
-                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                            MHD_OPTION_CONNECTION_LIMIT, max_conn, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_client,
-                            MHD_OPTION_CONNECTION_TIMEOUT, timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-                            (size_t)HL_HTTP_CONN_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h, MHD_OPTION_END);
-    pthread_mutex_lock(&h->mu);
-    h->starting = 0;
-    snprintf(err, sizeof err, "%s", h->start_err);
-    pthread_mutex_unlock(&h->mu);
-    if (!h->d) {
-        hl_log(HL_LOG_ERROR, "http: cannot listen", "bind", bind, "error",
-               err[0] ? err : "libmicrohttpd failed to start", NULL);
-        st = HL_ERR_IO;
+    lim.max_conn = fit_fd_limit(lim.max_conn);
+    if ((st = start_daemon(h, bind, &ss, port, dual, &lim)) != HL_OK || (st = start_reaper(h, bind)) != HL_OK)
         goto out;
-    }
-    if (pthread_create(&h->reaper, NULL, reaper_main, h) != 0) {
-        hl_log(HL_LOG_ERROR, "http: cannot start the deadline thread", "bind", bind, NULL);
-        st = HL_ERR_IO;
-        goto out;
-    }
-    h->reaper_started = true;
-
-    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
-    h->port = info ? (int)info->port : 0;
-    char portstr[8], conns[16], perc[16], tmo[16];
-    snprintf(portstr, sizeof portstr, "%d", h->port);
-    snprintf(conns, sizeof conns, "%u", max_conn);
-    snprintf(perc, sizeof perc, "%u", per_client);
-    snprintf(tmo, sizeof tmo, "%u", timeout_s);
-    hl_log(HL_LOG_INFO, "http: listening", "bind", bind, "port", portstr, "max_connections", conns,
-           "max_connections_per_client", perc, "request_timeout_s", tmo, "metrics_auth",
-           h->have_token ? "bearer token" : "none", NULL);
+    log_listening(h, bind, &lim);
     *out = h;
     h = NULL;
 out:

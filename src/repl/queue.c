@@ -29,7 +29,7 @@ void hl_inbound_free(hl_inbound *it)
     }
 }
 
-void hl_queue_destroy(hl_queue *q)
+void hl_queue_free(hl_queue *q)
 {
     if (!q)
         return;

@@ -48,7 +48,7 @@ typedef struct hl_queue {
 
 hl_status hl_queue_init(hl_queue *q, size_t max_bytes);
 /* Frees what is still queued and the queue's resources; NULL is a no-op. */
-void hl_queue_destroy(hl_queue *q);
+void hl_queue_free(hl_queue *q);
 /* Wakes the engine (async-signal-safe: only write()s the eventfd). */
 void hl_queue_wake(hl_queue *q);
 /* Clears the wake-up counter; call after poll() reports the fd readable. */

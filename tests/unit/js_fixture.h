@@ -144,7 +144,7 @@ static inline void fx_stop(fx *f)
     hl_queue_close(&f->q);
     hl_nats_close(f->n, 5000);
     hl_nats_server_stop(f->srv, 10000);
-    hl_queue_destroy(&f->q);
+    hl_queue_free(&f->q);
     hl_config *c = &f->c;
     char **strs[] = {&c->data_dir,        &c->nats.bind_address, &c->nats.subject_prefix, &c->nats.stream_prefix,
                      &c->nats.server_bin, &c->nats.cluster_name, &c->logging.level,       &c->http.bind};

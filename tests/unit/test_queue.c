@@ -134,7 +134,7 @@ START_TEST(push_pop_order_and_wake)
     ck_assert_uint_eq(q.bytes, 300);
     hl_inbound_free(l);
     expect_ids(&q, 3, 3);
-    hl_queue_destroy(&q);
+    hl_queue_free(&q);
 }
 END_TEST
 
@@ -162,7 +162,7 @@ START_TEST(pop_counts_rows_not_items)
     ck_assert_uint_eq(list_len(l), 1);
     hl_inbound_free(l);
     expect_ids(&q, 7, 1);
-    hl_queue_destroy(&q);
+    hl_queue_free(&q);
 }
 END_TEST
 
@@ -201,7 +201,7 @@ START_TEST(byte_bound_blocks_producer)
     hl_inbound_free(l);
     ck_assert_int_eq(pthread_join(p.th, NULL), 0);
     expect_ids(&q, 3, 2);
-    hl_queue_destroy(&q);
+    hl_queue_free(&q);
 }
 END_TEST
 
@@ -243,7 +243,7 @@ START_TEST(unpop_restores_order_and_bytes)
 
     hl_queue_unpop(&q, NULL); /* nothing to put back */
     ck_assert(!hl_queue_has_items(&q));
-    hl_queue_destroy(&q);
+    hl_queue_free(&q);
 }
 END_TEST
 
@@ -268,7 +268,7 @@ START_TEST(close_wakes_blocked_producers)
     hl_inbound_free(hl_queue_pop(&q, SIZE_MAX));
     hl_queue_push(&q, item(9, 1, 1));
     ck_assert(!hl_queue_has_items(&q));
-    hl_queue_destroy(&q); /* frees whatever is still queued */
+    hl_queue_free(&q); /* frees whatever is still queued */
 }
 END_TEST
 
@@ -332,7 +332,7 @@ START_TEST(acks_are_delivered)
     ck_assert_uint_eq(acks[0].seq, 5);
     free(acks);
     expect_ids(&q, 1, 1);
-    hl_queue_destroy(&q);
+    hl_queue_free(&q);
 }
 END_TEST
 
@@ -340,7 +340,7 @@ END_TEST
 START_TEST(null_queue_is_a_no_op)
 {
     hl_queue_close(NULL);
-    hl_queue_destroy(NULL);
+    hl_queue_free(NULL);
     hl_inbound_free(NULL);
 }
 END_TEST
