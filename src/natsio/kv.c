@@ -612,6 +612,7 @@ static natsStatus watch_subscribe(hl_kv_watcher *w)
      * from next_seq, and sequences already seen are skipped. */
     so.Ordered = false;
     so.Config.AckPolicy = js_AckNone;
+    so.Config.FlowControl = true; /* answered by nats.c as messages are taken */
     so.Config.MaxDeliver = 1;
     /* Removed by the server once nobody reads it (a stopped or killed node). */
     so.Config.InactiveThreshold = (int64_t)30 * 1000 * 1000 * 1000;
