@@ -454,6 +454,7 @@ static hl_status open_database(engine *e)
         .compress = c->replication_log.compress,
         .max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes,
         .max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u,
+        .wal_size_limit = (size_t)c->wal_size_limit,
     };
     hl_db_configure(e->d, &o);
     uint64_t last_hlc = hl_db_last_hlc(e->d);

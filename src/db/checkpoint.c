@@ -11,41 +11,136 @@
  * never blocks readers or writers and takes no write lock. The engine
  * connection's own automatic checkpoints are off (its WAL hook replaces
  * them); the application keeps SQLite's default as a backstop.
+ *
+ * PASSIVE alone does not bound the -wal file. Under a steady stream of
+ * commits with readers on the WAL (the engine's own snapshot reads, the
+ * application's readers) the WAL is never fully checkpointed at the moment a
+ * writer could restart it, so it only grows, and once grown the file never
+ * shrinks (3.3 GB for 30 s of scattered updates, docs/performance.md). So
+ * after a PASSIVE checkpoint that left the -wal file larger than the limit
+ * (wal_size_limit), this thread runs a TRUNCATE checkpoint: it takes the
+ * write lock, copies the rest, waits for readers to leave the WAL and cuts
+ * the file to zero. The engine's own reads cannot be among those readers: it
+ * holds the gate for each of its steps (hl_checkpointer_enter), and this
+ * thread holds it for the truncation. Its busy handler gives up after
+ * HL_CHECKPOINT_BUSY_MS, so the application's writers wait at most that long
+ * (plus the copying) behind it; while the file stays above the limit it tries
+ * again, every HL_CHECKPOINT_RETRY_MS at first, backing off to once a second
+ * while something (a long application read) keeps refusing it.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "db/db_int.h"
 
+#define HL_CHECKPOINT_BUSY_MS 25  /* a TRUNCATE checkpoint waits this long for locks, then gives up */
+#define HL_CHECKPOINT_RETRY_MS 50 /* first retry while the -wal file stays above the limit */
+#define HL_CHECKPOINT_RETRY_MAX_MS 1000
+
 struct hl_checkpointer {
     sqlite3 *db;
+    char *wal_path;
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_mutex_t gate; /* the engine's steps, or a truncation */
     bool want, stop;
-    uint64_t runs; /* checkpoints run, for tests */
+    int64_t limit;        /* -wal file bytes; above it, truncate (under mu) */
+    uint64_t runs;        /* checkpoints run, for tests */
+    uint64_t truncations; /* TRUNCATE checkpoints that succeeded */
+    uint64_t busy_until;  /* monotonic ms when the busy handler gives up (this thread only) */
 };
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Polls every 100 µs, then every ms, until busy_until: the application's
+ * commits take well under a millisecond, and meanwhile it may be waiting for
+ * us. */
+static int busy_wait(void *arg, int tries)
+{
+    hl_checkpointer *c = arg;
+    if (mono_ms() >= c->busy_until)
+        return 0;
+    usleep(tries < 50 ? 100 : 1000);
+    return 1;
+}
+
+static int64_t wal_size(const hl_checkpointer *c)
+{
+    struct stat sb;
+    return stat(c->wal_path, &sb) == 0 ? (int64_t)sb.st_size : 0;
+}
+
+/* The -wal file is above the limit: cuts it to zero unless a reader or a
+ * writer keeps it for longer than HL_CHECKPOINT_BUSY_MS. True when done. */
+static bool truncate_wal(hl_checkpointer *c)
+{
+    pthread_mutex_lock(&c->gate);
+    c->busy_until = mono_ms() + HL_CHECKPOINT_BUSY_MS;
+    int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+    pthread_mutex_unlock(&c->gate);
+    if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY)
+        hl_warnf("WAL checkpoint (truncate) failed: %s", sqlite3_errmsg(c->db));
+    return rc == SQLITE_OK;
+}
 
 static void *run(void *arg)
 {
     hl_checkpointer *c = arg;
+    uint64_t retry_ms = 0; /* nonzero: the -wal file is above the limit, look again after this */
     pthread_mutex_lock(&c->mu);
     for (;;) {
-        while (!c->want && !c->stop)
-            pthread_cond_wait(&c->cv, &c->mu);
+        while (!c->want && !c->stop) {
+            if (!retry_ms) {
+                pthread_cond_wait(&c->cv, &c->mu);
+                continue;
+            }
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += (time_t)(retry_ms / 1000u);
+            ts.tv_nsec += (long)(retry_ms % 1000u) * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            if (pthread_cond_timedwait(&c->cv, &c->mu, &ts) == ETIMEDOUT)
+                break;
+        }
         if (c->stop)
             break;
         c->want = false;
+        int64_t limit = c->limit;
         pthread_mutex_unlock(&c->mu);
         int nlog = 0, nckpt = 0;
         int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog, &nckpt);
         /* BUSY: another connection is checkpointing right now; it does the work. */
         if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY)
             hl_warnf("WAL checkpoint failed: %s", sqlite3_errmsg(c->db));
+        bool truncated = false;
+        if (wal_size(c) <= limit)
+            retry_ms = 0;
+        else if ((truncated = truncate_wal(c)) && wal_size(c) <= limit)
+            retry_ms = 0;
+        else /* refused (or refilled at once): again soon, less often while it keeps failing */
+            retry_ms = !retry_ms                                   ? HL_CHECKPOINT_RETRY_MS
+                       : retry_ms * 2 > HL_CHECKPOINT_RETRY_MAX_MS ? HL_CHECKPOINT_RETRY_MAX_MS
+                                                                   : retry_ms * 2;
         pthread_mutex_lock(&c->mu);
         c->runs++;
+        c->truncations += truncated;
     }
     pthread_mutex_unlock(&c->mu);
     return NULL;
@@ -55,24 +150,34 @@ hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path)
 {
     hl_checkpointer *c = calloc(1, sizeof *c);
     *out = NULL;
-    if (!c)
+    size_t n = strlen(path) + 5;
+    if (!c || !(c->wal_path = malloc(n))) {
+        free(c);
         return HL_ERR_NOMEM;
+    }
+    snprintf(c->wal_path, n, "%s-wal", path);
+    c->limit = HL_WAL_SIZE_LIMIT_DEFAULT;
     int rc = sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc != SQLITE_OK) {
         hl_warnf("checkpoint connection: %s", c->db ? sqlite3_errmsg(c->db) : sqlite3_errstr(rc));
         sqlite3_close(c->db);
+        free(c->wal_path);
         free(c);
         return HL_ERR_SQLITE;
     }
+    sqlite3_busy_handler(c->db, busy_wait, c);
     /* A connection opens the WAL when it first reads; until then a
      * checkpoint on it does nothing. */
     sqlite3_exec(c->db, "SELECT count(*) FROM sqlite_schema", NULL, NULL, NULL);
     pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->gate, NULL);
     pthread_cond_init(&c->cv, NULL);
     if (pthread_create(&c->th, NULL, run, c) != 0) {
         pthread_mutex_destroy(&c->mu);
+        pthread_mutex_destroy(&c->gate);
         pthread_cond_destroy(&c->cv);
         sqlite3_close(c->db);
+        free(c->wal_path);
         free(c);
         return HL_ERR_IO;
     }
@@ -86,6 +191,35 @@ void hl_checkpointer_kick(hl_checkpointer *c)
     c->want = true;
     pthread_cond_signal(&c->cv);
     pthread_mutex_unlock(&c->mu);
+}
+
+void hl_checkpointer_set_limit(hl_checkpointer *c, int64_t bytes)
+{
+    pthread_mutex_lock(&c->mu);
+    c->limit = bytes;
+    c->want = true; /* a lower limit may already be passed */
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+void hl_checkpointer_enter(hl_checkpointer *c)
+{
+    if (c)
+        pthread_mutex_lock(&c->gate);
+}
+
+void hl_checkpointer_leave(hl_checkpointer *c)
+{
+    if (c)
+        pthread_mutex_unlock(&c->gate);
+}
+
+uint64_t hl_checkpointer_truncations(hl_checkpointer *c)
+{
+    pthread_mutex_lock(&c->mu);
+    uint64_t n = c->truncations;
+    pthread_mutex_unlock(&c->mu);
+    return n;
 }
 
 uint64_t hl_checkpointer_runs(hl_checkpointer *c)
@@ -106,7 +240,9 @@ void hl_checkpointer_stop(hl_checkpointer *c)
     pthread_mutex_unlock(&c->mu);
     pthread_join(c->th, NULL);
     pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->gate);
     pthread_cond_destroy(&c->cv);
     sqlite3_close(c->db);
+    free(c->wal_path);
     free(c);
 }

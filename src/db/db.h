@@ -47,6 +47,10 @@ typedef struct hl_db_stats {
     uint64_t clock_ahead;     /* changesets held: a row version too far ahead of the wall clock */
 } hl_db_stats;
 
+/* wal_size_limit's default: the -wal file is cut back to zero when a
+ * checkpoint finds it larger (docs/configuration.md). */
+#define HL_WAL_SIZE_LIMIT_DEFAULT (64 * 1024 * 1024)
+
 /* Settings from the configuration (hl_db_configure); hl_db_open starts with
  * the defaults noted. */
 typedef struct hl_db_options {
@@ -55,6 +59,7 @@ typedef struct hl_db_options {
     size_t max_changeset_bytes;  /* largest changeset sent or accepted, uncompressed (256 MiB) */
     size_t chain_bytes;          /* member size of a chain; 0: hl_chain_bytes(max_changeset_bytes) (0) */
     uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held (60 s) */
+    size_t wal_size_limit;       /* -wal file size above which checkpoints truncate it; 0: the default (64 MiB) */
 } hl_db_options;
 
 /* ---- store.c: the connection ---- */

@@ -845,6 +845,77 @@ static void deliver_all(pair *p, hl_db *src, hl_db *dst)
     }
 }
 
+/* Waits (generously) until path's -wal file is at most limit bytes; its size then. */
+static long wal_settles_under(const char *path, long limit)
+{
+    char wal[320];
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    long sz = file_size(wal);
+    for (int i = 0; i < 1500 && sz > limit; i++) {
+        usleep(10000);
+        sz = file_size(wal);
+    }
+    return sz;
+}
+
+START_TEST(wal_returns_under_its_bound_after_scattered_updates)
+{
+    /* 1,000-row UPDATE batches at random keys while an application reader
+     * keeps a snapshot open for a while, on the sender and on the receiver:
+     * PASSIVE checkpoints alone leave both -wal files at their peak size for
+     * ever. Once the burst is over and the readers are gone, each must come
+     * back under wal_size_limit. */
+    const long limit = 1 << 20;
+    pair p;
+    pair_open(&p);
+    hl_db_options o = *hl_db_get_options(p.a);
+    o.wal_size_limit = (size_t)limit;
+    hl_db_configure(p.a, &o);
+    o = *hl_db_get_options(p.b);
+    o.wal_size_limit = (size_t)limit;
+    hl_db_configure(p.b, &o);
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000)"
+                     " INSERT INTO books(id, title, year) SELECT i, 'title ' || i, 1900 FROM n;");
+    ck_assert_uint_eq(capture(p.a), 50000);
+    while (outbox_has(p.a)) { /* a chain: members wait for the last */
+        hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+        ck_assert_int_ne(apply(p.b, cs, &p.raw, p.flags), HL_MALFORMED);
+        hl_changeset_free(cs);
+    }
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 50000);
+    sqlite3 *ra = app_open(p.pa), *rb = app_open(p.pb);
+    long peak_a = 0, peak_b = 0;
+    char wa[320], wb[320];
+    snprintf(wa, sizeof wa, "%s-wal", p.pa);
+    snprintf(wb, sizeof wb, "%s-wal", p.pb);
+    for (int txn = 0; txn < 30; txn++) {
+        if (txn == 5) { /* readers pin both WALs for ten transactions */
+            app_exec(ra, "BEGIN; SELECT count(*) FROM books;");
+            app_exec(rb, "BEGIN; SELECT count(*) FROM books;");
+        }
+        if (txn == 15) {
+            app_exec(ra, "COMMIT");
+            app_exec(rb, "COMMIT");
+        }
+        app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)"
+                         " UPDATE books SET year = year + 1 WHERE id IN (SELECT 1 + abs(random()) % 50000 FROM n)");
+        capture(p.a);
+        deliver_all(&p, p.a, p.b);
+        long sa = file_size(wa), sb = file_size(wb);
+        peak_a = sa > peak_a ? sa : peak_a;
+        peak_b = sb > peak_b ? sb : peak_b;
+    }
+    ck_assert_int_gt(peak_a, limit); /* the burst did push both past the bound */
+    ck_assert_int_gt(peak_b, limit);
+    long ea = wal_settles_under(p.pa, limit), eb = wal_settles_under(p.pb, limit);
+    ck_assert_msg(ea <= limit, "sender's WAL stays at %ld bytes (bound %ld, peak %ld)", ea, limit, peak_a);
+    ck_assert_msg(eb <= limit, "receiver's WAL stays at %ld bytes (bound %ld, peak %ld)", eb, limit, peak_b);
+    sqlite3_close(ra);
+    sqlite3_close(rb);
+    pair_close(&p);
+}
+END_TEST
+
 static char *plain_rows(sqlite3 *db)
 {
     sqlite3_stmt *st;
@@ -1427,6 +1498,7 @@ int main(void)
     tcase_add_test(tc, application_triggers_fire_on_apply);
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
+    tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
