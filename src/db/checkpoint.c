@@ -19,14 +19,15 @@
  * shrinks (3.3 GB for 30 s of scattered updates, docs/performance.md). So
  * after a PASSIVE checkpoint that left the -wal file larger than the limit
  * (wal_size_limit), this thread runs a TRUNCATE checkpoint: it takes the
- * write lock, copies the rest, waits for readers to leave the WAL and cuts
- * the file to zero. The engine's own reads cannot be among those readers: it
- * holds the gate for each of its steps (hl_checkpointer_enter), and this
- * thread holds it for the truncation. Its busy handler gives up after
- * HL_CHECKPOINT_BUSY_MS, so the application's writers wait at most that long
- * (plus the copying) behind it; while the file stays above the limit it tries
- * again, every HL_CHECKPOINT_RETRY_MS at first, backing off to once a second
- * while something (a long application read) keeps refusing it.
+ * write lock, copies the rest, waits for the readers still on the WAL to end
+ * their read transactions and cuts the file to zero. Readers that begin
+ * meanwhile read the database file (the WAL is fully copied) and do not hold
+ * it up, so an engine snapshot in progress delays it by one capture's read at
+ * most. Its busy handler gives up after HL_CHECKPOINT_BUSY_MS, so the
+ * application's writers wait at most that long (plus the copying) behind it;
+ * while the file stays above the limit it tries again, every
+ * HL_CHECKPOINT_RETRY_MS at first, backing off to twice a second while
+ * something (a long application read) keeps refusing it.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -41,9 +42,9 @@
 #include "common/log.h"
 #include "db/db_int.h"
 
-#define HL_CHECKPOINT_BUSY_MS 25  /* a TRUNCATE checkpoint waits this long for locks, then gives up */
-#define HL_CHECKPOINT_RETRY_MS 50 /* first retry while the -wal file stays above the limit */
-#define HL_CHECKPOINT_RETRY_MAX_MS 1000
+#define HL_CHECKPOINT_BUSY_MS 100 /* a TRUNCATE checkpoint waits this long for locks, then gives up */
+#define HL_CHECKPOINT_RETRY_MS 20 /* first retry while the -wal file stays above the limit */
+#define HL_CHECKPOINT_RETRY_MAX_MS 500
 
 struct hl_checkpointer {
     sqlite3 *db;
@@ -51,12 +52,12 @@ struct hl_checkpointer {
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    pthread_mutex_t gate; /* the engine's steps, or a truncation */
     bool want, stop;
     int64_t limit;        /* -wal file bytes; above it, truncate (under mu) */
     uint64_t runs;        /* checkpoints run, for tests */
     uint64_t truncations; /* TRUNCATE checkpoints that succeeded */
     uint64_t busy_until;  /* monotonic ms when the busy handler gives up (this thread only) */
+    uint64_t busy_calls;  /* the busy handler's calls in this checkpoint (this thread only) */
 };
 
 static uint64_t mono_ms(void)
@@ -66,15 +67,19 @@ static uint64_t mono_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-/* Polls every 100 µs, then every ms, until busy_until: the application's
- * commits take well under a millisecond, and meanwhile it may be waiting for
- * us. */
+/* Polls every 100 µs until busy_until. Most of the wait is for the write
+ * lock, between two of the application's write transactions: the gap after a
+ * commit may be well under a millisecond, and nobody waits for us meanwhile.
+ * Once we hold the write lock and wait for readers to leave the WAL, the
+ * application's writers wait for us; that is what the budget bounds. */
 static int busy_wait(void *arg, int tries)
 {
     hl_checkpointer *c = arg;
+    c->busy_calls++;
     if (mono_ms() >= c->busy_until)
         return 0;
-    usleep(tries < 50 ? 100 : 1000);
+    (void)tries;
+    usleep(100);
     return 1;
 }
 
@@ -88,13 +93,23 @@ static int64_t wal_size(const hl_checkpointer *c)
  * writer keeps it for longer than HL_CHECKPOINT_BUSY_MS. True when done. */
 static bool truncate_wal(hl_checkpointer *c)
 {
-    pthread_mutex_lock(&c->gate);
-    c->busy_until = mono_ms() + HL_CHECKPOINT_BUSY_MS;
-    int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
-    pthread_mutex_unlock(&c->gate);
-    if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY)
-        hl_warnf("WAL checkpoint (truncate) failed: %s", sqlite3_errmsg(c->db));
-    return rc == SQLITE_OK;
+    uint64_t until = mono_ms() + HL_CHECKPOINT_BUSY_MS;
+    for (;;) {
+        c->busy_until = until;
+        c->busy_calls = 0;
+        int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        if (rc == SQLITE_OK)
+            return true;
+        if ((rc & 0xff) != SQLITE_BUSY) {
+            hl_warnf("WAL checkpoint (truncate) failed: %s", sqlite3_errmsg(c->db));
+            return false;
+        }
+        /* BUSY without a wait: another checkpoint runs (the application's
+         * automatic one, in its commit), which SQLite does not wait for. */
+        if (c->busy_calls || mono_ms() >= until)
+            return false;
+        usleep(100);
+    }
 }
 
 static void *run(void *arg)
@@ -170,11 +185,9 @@ hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path)
      * checkpoint on it does nothing. */
     sqlite3_exec(c->db, "SELECT count(*) FROM sqlite_schema", NULL, NULL, NULL);
     pthread_mutex_init(&c->mu, NULL);
-    pthread_mutex_init(&c->gate, NULL);
     pthread_cond_init(&c->cv, NULL);
     if (pthread_create(&c->th, NULL, run, c) != 0) {
         pthread_mutex_destroy(&c->mu);
-        pthread_mutex_destroy(&c->gate);
         pthread_cond_destroy(&c->cv);
         sqlite3_close(c->db);
         free(c->wal_path);
@@ -200,18 +213,6 @@ void hl_checkpointer_set_limit(hl_checkpointer *c, int64_t bytes)
     c->want = true; /* a lower limit may already be passed */
     pthread_cond_signal(&c->cv);
     pthread_mutex_unlock(&c->mu);
-}
-
-void hl_checkpointer_enter(hl_checkpointer *c)
-{
-    if (c)
-        pthread_mutex_lock(&c->gate);
-}
-
-void hl_checkpointer_leave(hl_checkpointer *c)
-{
-    if (c)
-        pthread_mutex_unlock(&c->gate);
 }
 
 uint64_t hl_checkpointer_truncations(hl_checkpointer *c)
@@ -240,7 +241,6 @@ void hl_checkpointer_stop(hl_checkpointer *c)
     pthread_mutex_unlock(&c->mu);
     pthread_join(c->th, NULL);
     pthread_mutex_destroy(&c->mu);
-    pthread_mutex_destroy(&c->gate);
     pthread_cond_destroy(&c->cv);
     sqlite3_close(c->db);
     free(c->wal_path);

@@ -71,11 +71,6 @@ hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path);
 void hl_checkpointer_kick(hl_checkpointer *c); /* returns at once; the thread checkpoints */
 /* The -wal file size above which the thread truncates it (wal_size_limit). */
 void hl_checkpointer_set_limit(hl_checkpointer *c, int64_t bytes);
-/* Around each engine step (NULL is a no-op): a truncation waits for the step
- * to end and the step for the truncation, so the engine's snapshots never
- * keep the WAL from being cut. */
-void hl_checkpointer_enter(hl_checkpointer *c);
-void hl_checkpointer_leave(hl_checkpointer *c);
 uint64_t hl_checkpointer_truncations(hl_checkpointer *c);
 uint64_t hl_checkpointer_runs(hl_checkpointer *c);
 void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection; NULL is a no-op */

@@ -150,19 +150,9 @@ out:
     return st;
 }
 
-/* step under the checkpointer's gate: a truncating checkpoint never waits
- * for one of our snapshots, nor we long for it (checkpoint.c). */
-static hl_status gated_step(hl_db *d, hl_inbound *items, hl_positions *pos, hl_step *s, hl_apply_result *results)
-{
-    hl_checkpointer_enter(d->ckpt);
-    hl_status st = step(d, items, pos, s, results);
-    hl_checkpointer_leave(d->ckpt);
-    return st;
-}
-
 hl_status hl_db_step(hl_db *d, hl_inbound *items, hl_positions *pos, hl_step *s)
 {
-    return gated_step(d, items, pos, s, NULL);
+    return step(d, items, pos, s, NULL);
 }
 
 hl_status hl_db_apply_one(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
@@ -171,5 +161,5 @@ hl_status hl_db_apply_one(hl_db *d, const hl_changeset *cs, const void *raw, siz
     hl_inbound it = {.cs = (hl_changeset *)cs, .raw = (unsigned char *)raw, .rawlen = rawlen, .flags = flags};
     hl_step s = {0};
     *res = HL_DUPLICATE;
-    return gated_step(d, &it, NULL, &s, res);
+    return step(d, &it, NULL, &s, res);
 }
