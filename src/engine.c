@@ -246,6 +246,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     e->retry_held = s.retry_held;
     if (st || !s.committed)
         return st;
+    hl_watch_captured(e->watch, s.rows_captured, hl_mono_ms());
     if (e->expire_held) {
         e->expire_held = false;
         hl_timers_due_now(&e->timers, e->t_held); /* show the result at once */

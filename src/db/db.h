@@ -242,5 +242,9 @@ int hl_watch_timeout(const hl_watch *w, uint64_t now);
 /* After poll(): readable says the fd had POLLIN, timed_out that poll()
  * returned 0. True when the engine should look now. */
 bool hl_watch_after_poll(hl_watch *w, bool readable, bool timed_out, uint64_t now);
+/* After a capture of rows (NULL w is a no-op): when the application wrote
+ * fast since the previous one, further looks wait a few milliseconds so the
+ * engine captures in bigger, fewer write transactions (watch.c). */
+void hl_watch_captured(hl_watch *w, uint64_t rows, uint64_t now);
 
 #endif

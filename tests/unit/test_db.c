@@ -677,6 +677,41 @@ START_TEST(checkpointer_moves_wal_into_the_database)
 }
 END_TEST
 
+/* Appends a byte to path: an inotify event for the watcher. */
+static void touch_file(const char *path)
+{
+    FILE *f = fopen(path, "a");
+    ck_assert_ptr_nonnull(f);
+    fputc('x', f);
+    fclose(f);
+}
+
+START_TEST(watch_holds_looks_while_the_writer_is_busy_and_loses_none)
+{
+    char p[300];
+    path_of(p, sizeof p, "watched.db");
+    touch_file(p);
+    hl_watch *w = NULL;
+    ck_assert_int_eq(hl_watch_open(&w, p, 1000), HL_OK);
+    ck_assert_int_ge(hl_watch_fd(w), 0);
+    uint64_t t = hl_mono_ms();
+    /* A busy writer: 100 rows in 2 ms. The next look waits for the hold... */
+    hl_watch_captured(w, 100, t);
+    hl_watch_captured(w, 100, t + 2);
+    touch_file(p);
+    ck_assert(!hl_watch_after_poll(w, true, false, t + 3));
+    ck_assert_int_eq(hl_watch_timeout(w, t + 3), 9);
+    ck_assert(!hl_watch_after_poll(w, false, true, t + 8));
+    /* ...and is not lost: it comes when the hold ends, without another event. */
+    ck_assert(hl_watch_after_poll(w, false, true, t + 12));
+    /* A slow writer (1 row since the last capture a second ago) is never held. */
+    hl_watch_captured(w, 1, t + 1012);
+    touch_file(p);
+    ck_assert(hl_watch_after_poll(w, true, false, t + 1013));
+    hl_watch_free(w);
+}
+END_TEST
+
 START_TEST(cleanup_leaves_application_data)
 {
     pair p;
@@ -1499,6 +1534,7 @@ int main(void)
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
+    tcase_add_test(tc, watch_holds_looks_while_the_writer_is_busy_and_loses_none);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
