@@ -171,7 +171,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--inserts", type=int, default=200_000)
-    ap.add_argument("--settle", type=float, default=10, help="seconds after the burst before the final WAL size")
+    ap.add_argument("--settle", type=float, default=15,
+                    help="seconds after the burst before the final WAL size and the RSS at rest")
     ap.add_argument("--wal-size-limit", type=int, default=None, help="nodes' wal_size_limit (default: theirs)")
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--seed", type=int, default=None)

@@ -37,6 +37,7 @@
 #include "signals.h"
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
+#define IDLE_RELEASE_MS 5000u /* a whole period without an engine transaction: give memory back */
 #define SEQ_FLUSH_MS 1000
 
 typedef struct engine {
@@ -59,6 +60,8 @@ typedef struct engine {
     bool retry_held;
     bool expire_held;    /* an out-of-order hold waited order_hold_timeout: give up on its predecessors */
     bool recapture;      /* the last cycle that captured failed: capture again without a new wake-up */
+    bool worked;         /* an engine transaction committed since the last idle tick */
+    bool released;       /* memory given back since the last work (idle_tick) */
     uint64_t fail_since; /* monotonic ms of the first failure of the current run of failed cycles, 0: none */
     uint64_t failures;   /* failed engine transactions */
     char fail_reason[200];
@@ -164,6 +167,20 @@ static void gc_tick(void *arg)
         hl_debugf("collected %" PRIu64 " tombstones", n);
 }
 
+/* At rest, memory goes back: a node that did nothing for a whole period
+ * releases its page cache and free heap once (docs/performance.md, memory). */
+static void idle_tick(void *arg)
+{
+    engine *e = arg;
+    if (e->worked)
+        e->released = false;
+    else if (!e->released && e->d) {
+        hl_db_release_memory(e->d);
+        e->released = true;
+    }
+    e->worked = false;
+}
+
 /* Copies counters and readiness inputs into the snapshot and publishes it. */
 static void publish_state(engine *e)
 {
@@ -247,6 +264,7 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     if (st || !s.committed)
         return st;
     hl_watch_captured(e->watch, s.rows_captured, hl_mono_ms());
+    e->worked = true;
     if (e->expire_held) {
         e->expire_held = false;
         hl_timers_due_now(&e->timers, e->t_held); /* show the result at once */
@@ -634,6 +652,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.t_held = hl_timers_add(&e.timers, "held changesets", 1000, held_tick, &e, now0);
     hl_timers_add(&e.timers, "position flush", SEQ_FLUSH_MS, flush_tick, &e, now0);
     hl_timers_add(&e.timers, "tombstone gc", TOMBSTONE_GC_MS, gc_tick, &e, now0);
+    hl_timers_add(&e.timers, "idle memory release", IDLE_RELEASE_MS, idle_tick, &e, now0);
     bool want_capture = true;
     while (!hl_signals_stopping()) {
         if (!e.online) {

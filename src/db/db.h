@@ -75,6 +75,9 @@ void hl_db_global_init(void);
  */
 hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib);
 void hl_db_close(hl_db *d); /* NULL is a no-op */
+/* Gives memory back at rest: the unused pages of the connection's page cache
+ * (it refills on the next capture or apply) and, with glibc, the freed heap. */
+void hl_db_release_memory(hl_db *d);
 void hl_db_configure(hl_db *d, const hl_db_options *o);
 const hl_db_options *hl_db_get_options(const hl_db *d);
 

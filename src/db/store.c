@@ -6,6 +6,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -407,6 +410,14 @@ void hl_db_close(hl_db *d)
         sqlite3_close_v2(d->db);
     free(d->path);
     free(d);
+}
+
+void hl_db_release_memory(hl_db *d)
+{
+    sqlite3_db_release_memory(d->db);
+#ifdef __GLIBC__
+    malloc_trim(0); /* glibc keeps freed heap (every thread's arena) for reuse */
+#endif
 }
 
 void hl_db_configure(hl_db *d, const hl_db_options *o)

@@ -712,6 +712,31 @@ START_TEST(watch_holds_looks_while_the_writer_is_busy_and_loses_none)
 }
 END_TEST
 
+START_TEST(release_memory_empties_the_page_cache)
+{
+    char p[300];
+    path_of(p, sizeof p, "rest.db");
+    sqlite3 *app = app_open(p);
+    app_exec(app, "CREATE TABLE t(id INTEGER PRIMARY KEY, v);");
+    hl_db *d = engine_open(p, 1);
+    app_exec(app, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+                  " INSERT INTO t SELECT i, randomblob(100) FROM n;");
+    ck_assert_uint_eq(capture(d), 20000);
+    int cur = 0, hi = 0;
+    ck_assert_int_eq(sqlite3_db_status(hl_db_handle(d), SQLITE_DBSTATUS_CACHE_USED, &cur, &hi, 0), SQLITE_OK);
+    ck_assert_int_gt(cur, 1000000); /* the capture filled the cache */
+    hl_db_release_memory(d);
+    int after = 0;
+    ck_assert_int_eq(sqlite3_db_status(hl_db_handle(d), SQLITE_DBSTATUS_CACHE_USED, &after, &hi, 0), SQLITE_OK);
+    ck_assert_int_lt(after, cur / 4);
+    ck_assert_uint_eq(capture(d), 0); /* and works on: the cache refills */
+    app_exec(app, "UPDATE t SET v = 1 WHERE id = 7");
+    ck_assert_uint_eq(capture(d), 1);
+    hl_db_close(d);
+    sqlite3_close(app);
+}
+END_TEST
+
 START_TEST(cleanup_leaves_application_data)
 {
     pair p;
@@ -1535,6 +1560,7 @@ int main(void)
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
     tcase_add_test(tc, watch_holds_looks_while_the_writer_is_busy_and_loses_none);
+    tcase_add_test(tc, release_memory_empties_the_page_cache);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
