@@ -97,7 +97,7 @@ typedef struct engine_side {
     pthread_t th;
     atomic_bool stop;
     bool no_hold; /* HL_BENCH_NO_HOLD set: look at every wake-up, as before the busy hold */
-    uint64_t steps, commits, rows, lock_us, acks;
+    uint64_t steps, commits, rows, lock_us, read_us, acks;
 } engine_side;
 
 static void *engine_run(void *arg)
@@ -138,6 +138,7 @@ static void *engine_run(void *arg)
         e->commits++;
         e->rows += s.rows_captured;
         e->lock_us += s.lock_us;
+        e->read_us += s.read_us;
         /* JetStream's acknowledgements: the publisher deletes in a transaction of its own. */
         bool began = false;
         while (hl_db_outbox_next(d, acked, &ent) == HL_OK) {
@@ -250,9 +251,12 @@ int main(int argc, char **argv)
             atomic_store(&e.stop, true);
             pthread_join(e.th, NULL);
             if (getenv("HL_BENCH_VERBOSE"))
-                fprintf(stderr, "  engine: %llu steps, %llu captures (%llu rows), %llu outbox deletes\n",
+                fprintf(stderr,
+                        "  engine: %llu steps, %llu captures (%llu rows), %llu outbox deletes, read %llu ms, lock %llu "
+                        "ms\n",
                         (unsigned long long)e.steps, (unsigned long long)e.commits, (unsigned long long)e.rows,
-                        (unsigned long long)e.acks);
+                        (unsigned long long)e.acks, (unsigned long long)e.read_us / 1000,
+                        (unsigned long long)e.lock_us / 1000);
             ratio[rep] = eng[rep] / bare[rep];
         }
         qsort(bare, (size_t)runs, sizeof *bare, cmp_double);

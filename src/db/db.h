@@ -167,7 +167,9 @@ typedef struct hl_step {
  * One engine step. With s->capture, what the application logged is read and
  * encoded first under a WAL snapshot, without the write lock. Then one write
  * transaction: the schema check, the recording of that batch, the capture of
- * whatever was logged since the snapshot, and only then (capture before
+ * whatever was logged since the snapshot (left to the next step when this one
+ * records a snapshot batch and nothing else: no items, held changesets or
+ * positions; the watcher's re-checks bring that step), and only then (capture before
  * apply) held changesets when asked, the remote changesets in items (each
  * one's applied is set) and the stream positions: pos->seen moves to every
  * item's safe_seq, and what differs from pos->applied is recorded. After a
