@@ -54,7 +54,7 @@ typedef struct engine {
     uint64_t *seen_seq;    /* per shard: safe sequence reached, maybe not recorded yet */
     hl_positions pos;      /* the two above and the stream names, for hl_db_step */
     hl_watch *watch;
-    hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC */
+    hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC, idle memory release */
     int t_held;       /* its held-changesets timer */
     bool flush_due;   /* the position-flush timer fired: record positions with the next write */
     bool retry_held;
