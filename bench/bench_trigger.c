@@ -8,8 +8,24 @@
  * updates of existing rows (always logged; appends above a table's high-water
  * mark are not). Prints ratios.
  *
- * Usage: bench_trigger [seconds-per-case] [dir]
+ * Then the real deployment: the same writer with harmonylite's engine running
+ * beside it on the same database, in a thread of this process doing what the
+ * engine thread does with the database (src/engine.c): it waits on the
+ * database watcher (inotify and its re-checks), runs hl_db_step to capture
+ * into the outbox, and deletes what it captured from the outbox in a write
+ * transaction of its own, as the publisher does when JetStream acknowledges.
+ * Each case alternates bare and engine runs RUNS times and prints the median
+ * ratio with its spread, and per run of the engine side: its write
+ * transactions per second and the time they held the write lock. With
+ * HL_BENCH_NO_HOLD set in the environment the engine looks at every wake-up
+ * (no hold while the writer is busy, src/db/watch.c): the behaviour before it,
+ * for a before/after in one build.
+ *
+ * Usage: bench_trigger [seconds-per-case] [dir] [runs]
  */
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +35,7 @@
 #include "common/log.h"
 #define HL_STR_(x) #x
 #define HL_STR(x) HL_STR_(x)
+#include "common/hlc.h"
 #include "db/db.h"
 
 static double now(void)
@@ -74,6 +91,73 @@ static double run(const char *path, int batch, bool update, double seconds)
     return (double)rows / (t1 - t0);
 }
 
+/* The engine beside the writer: what src/engine.c does with the database. */
+typedef struct engine_side {
+    const char *path;
+    pthread_t th;
+    atomic_bool stop;
+    bool no_hold; /* HL_BENCH_NO_HOLD set: look at every wake-up, as before the busy hold */
+    uint64_t steps, commits, rows, lock_us, read_us, acks;
+} engine_side;
+
+static void *engine_run(void *arg)
+{
+    engine_side *e = arg;
+    hl_db *d;
+    hl_watch *w;
+    if (hl_db_open(&d, e->path, 1, 32768) || hl_db_install(d, false, NULL) || hl_watch_open(&w, e->path, 1000)) {
+        fprintf(stderr, "bench_trigger: cannot start the engine\n");
+        exit(1);
+    }
+    hl_db_options o = *hl_db_get_options(d);
+    o.publish = true;
+    o.compress = true;
+    hl_db_configure(d, &o);
+    hl_outbox_entry ent;
+    hl_outbox_entry_init(&ent, 256u << 20);
+    uint64_t acked = 0;
+    bool want = false;
+    while (!atomic_load(&e->stop)) {
+        struct pollfd pfd = {.fd = hl_watch_fd(w), .events = POLLIN};
+        int pr = poll(&pfd, 1, hl_watch_timeout(w, hl_mono_ms()) < 50 ? hl_watch_timeout(w, hl_mono_ms()) : 50);
+        if (hl_watch_after_poll(w, pr > 0 && (pfd.revents & POLLIN), pr == 0, hl_mono_ms()))
+            want = true;
+        if (!want || !hl_db_changed_externally(d))
+            continue;
+        want = false;
+        hl_step s = {.capture = true};
+        if (hl_db_step(d, NULL, NULL, &s)) {
+            fprintf(stderr, "bench_trigger: engine step failed\n");
+            exit(1);
+        }
+        e->steps++;
+        if (!s.committed)
+            continue;
+        if (!e->no_hold)
+            hl_watch_captured(w, s.rows_captured, hl_mono_ms()); /* as src/engine.c does */
+        e->commits++;
+        e->rows += s.rows_captured;
+        e->lock_us += s.lock_us;
+        e->read_us += s.read_us;
+        /* JetStream's acknowledgements: the publisher deletes in a transaction of its own. */
+        bool began = false;
+        while (hl_db_outbox_next(d, acked, &ent) == HL_OK) {
+            if (!began && hl_db_begin(d) == HL_OK)
+                began = true;
+            hl_db_outbox_delete(d, ent.seq);
+            acked = ent.seq;
+        }
+        if (began) {
+            hl_db_commit(d);
+            e->acks++;
+        }
+    }
+    hl_outbox_entry_free(&ent);
+    hl_watch_free(w);
+    hl_db_close(d);
+    return NULL;
+}
+
 static void fresh(const char *path, bool triggers)
 {
     char p2[600];
@@ -103,16 +187,28 @@ static void fresh(const char *path, bool triggers)
     }
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+#define MAX_RUNS 15
+
 int main(int argc, char **argv)
 {
     double secs = argc > 1 ? atof(argv[1]) : 3.0;
     const char *dir = argc > 2 ? argv[2] : "/tmp";
+    int runs = argc > 3 ? atoi(argv[3]) : 5;
+    if (runs < 1 || runs > MAX_RUNS)
+        runs = 5;
     char path[512];
     snprintf(path, sizeof path, "%s/bench_trigger_%d.db", dir, (int)getpid());
     hl_db_global_init(); /* as the product does: the application side below shares the process */
     hl_log_setup(HL_LOG_WARN, false, 0);
 
     int batches[] = {1, 1000, 1};
+    printf("triggers only (no engine running):\n");
     printf("%-28s %14s %14s %8s\n", "case", "bare rows/s", "triggers rows/s", "ratio");
     for (size_t i = 0; i < 3; i++) {
         bool update = i == 2;
@@ -131,6 +227,47 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "%s, %d row%s/txn", update ? "update" : "insert", batches[i],
                  batches[i] > 1 ? "s" : "");
         printf("%-28s %14.0f %14.0f %8.2f\n", name, bare, trig, trig / bare);
+    }
+    printf("\nwith the engine running beside the writer (median of %d alternating runs, min - max):\n", runs);
+    printf("%-28s %14s %14s %18s %12s %12s\n", "case", "bare rows/s", "engine rows/s", "ratio", "engine txn/s",
+           "lock ms/s");
+    for (size_t i = 0; i < 3; i++) {
+        bool update = i == 2;
+        double bare[MAX_RUNS], eng[MAX_RUNS], ratio[MAX_RUNS], txns = 0, lock = 0;
+        for (int rep = 0; rep < runs; rep++) {
+            fresh(path, false);
+            bare[rep] = run(path, batches[i], update, secs);
+            fresh(path, true);
+            engine_side e = {.path = path, .no_hold = getenv("HL_BENCH_NO_HOLD") != NULL};
+            if (pthread_create(&e.th, NULL, engine_run, &e)) {
+                fprintf(stderr, "bench_trigger: cannot start a thread\n");
+                return 1;
+            }
+            usleep(200000); /* the engine is up and idle */
+            uint64_t c0 = e.commits + e.acks, l0 = e.lock_us;
+            eng[rep] = run(path, batches[i], update, secs);
+            txns += (double)(e.commits + e.acks - c0) / secs; /* read racily: a figure, not a check */
+            lock += (double)(e.lock_us - l0) / 1000.0 / secs;
+            atomic_store(&e.stop, true);
+            pthread_join(e.th, NULL);
+            if (getenv("HL_BENCH_VERBOSE"))
+                fprintf(stderr,
+                        "  engine: %llu steps, %llu captures (%llu rows), %llu outbox deletes, read %llu ms, lock %llu "
+                        "ms\n",
+                        (unsigned long long)e.steps, (unsigned long long)e.commits, (unsigned long long)e.rows,
+                        (unsigned long long)e.acks, (unsigned long long)e.read_us / 1000,
+                        (unsigned long long)e.lock_us / 1000);
+            ratio[rep] = eng[rep] / bare[rep];
+        }
+        qsort(bare, (size_t)runs, sizeof *bare, cmp_double);
+        qsort(eng, (size_t)runs, sizeof *eng, cmp_double);
+        qsort(ratio, (size_t)runs, sizeof *ratio, cmp_double);
+        char name[64], r[32];
+        snprintf(name, sizeof name, "%s, %d row%s/txn", update ? "update" : "insert", batches[i],
+                 batches[i] > 1 ? "s" : "");
+        snprintf(r, sizeof r, "%.2f (%.2f - %.2f)", ratio[runs / 2], ratio[0], ratio[runs - 1]);
+        printf("%-28s %14.0f %14.0f %18s %12.0f %12.1f\n", name, bare[runs / 2], eng[runs / 2], r, txns / runs,
+               lock / runs);
     }
     fresh(path, false);
     unlink(path);

@@ -38,6 +38,7 @@
 #include "signals.h"
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
+#define IDLE_RELEASE_MS 5000u /* a whole period without an engine transaction: give memory back */
 #define SEQ_FLUSH_MS 1000
 
 typedef struct engine {
@@ -55,12 +56,14 @@ typedef struct engine {
     uint64_t *cap;         /* per shard: read again from here once held changesets leave room (0: none) */
     hl_positions pos;      /* the three above and the stream names, for hl_db_step */
     hl_watch *watch;
-    hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC */
+    hl_timers timers; /* periodic jobs: held changesets, position flush, tombstone GC, idle memory release */
     int t_held;       /* its held-changesets timer */
     bool flush_due;   /* the position-flush timer fired: record positions with the next write */
     bool retry_held;
     bool expire_held;    /* an out-of-order hold waited order_hold_timeout: give up on its predecessors */
     bool recapture;      /* the last cycle that captured failed: capture again without a new wake-up */
+    bool worked;         /* an engine transaction committed since the last idle tick */
+    bool released;       /* memory given back since the last work (idle_tick) */
     uint64_t fail_since; /* monotonic ms of the first failure of the current run of failed cycles, 0: none */
     uint64_t failures;   /* failed engine transactions */
     char fail_reason[200];
@@ -220,6 +223,20 @@ static void gc_tick(void *arg)
         hl_debugf("collected %" PRIu64 " tombstones", n);
 }
 
+/* At rest, memory goes back: a node that did nothing for a whole period
+ * releases its page cache and free heap once (docs/performance.md, memory). */
+static void idle_tick(void *arg)
+{
+    engine *e = arg;
+    if (e->worked)
+        e->released = false;
+    else if (!e->released && e->d) {
+        hl_db_release_memory(e->d);
+        e->released = true;
+    }
+    e->worked = false;
+}
+
 /* Copies counters and readiness inputs into the snapshot and publishes it. */
 static void publish_state(engine *e)
 {
@@ -320,6 +337,8 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
     }
     if (st || !s.committed)
         return st;
+    hl_watch_captured(e->watch, s.rows_captured, hl_mono_ms());
+    e->worked = true;
     if (e->expire_held) {
         e->expire_held = false;
         hl_timers_due_now(&e->timers, e->t_held); /* show the result at once */
@@ -540,6 +559,7 @@ static hl_status open_database(engine *e)
         .max_changeset_bytes = (size_t)c->replication_log.max_changeset_bytes,
         .max_clock_drift_ms = (uint64_t)c->max_clock_drift_s * 1000u,
         .max_held_bytes = (uint64_t)c->schema.max_held_bytes,
+        .wal_size_limit = (size_t)c->wal_size_limit,
     };
     hl_db_configure(e->d, &o);
     uint64_t last_hlc = hl_db_last_hlc(e->d);
@@ -723,6 +743,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     e.t_held = hl_timers_add(&e.timers, "held changesets", 1000, held_tick, &e, now0);
     hl_timers_add(&e.timers, "position flush", SEQ_FLUSH_MS, flush_tick, &e, now0);
     hl_timers_add(&e.timers, "tombstone gc", TOMBSTONE_GC_MS, gc_tick, &e, now0);
+    hl_timers_add(&e.timers, "idle memory release", IDLE_RELEASE_MS, idle_tick, &e, now0);
     bool want_capture = true;
     while (!hl_signals_stopping()) {
         if (!e.online) {

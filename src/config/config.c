@@ -127,6 +127,8 @@ static const hl_key keys[] = {
     INT("apply_batch_rows", apply_batch_rows, 1, 10000000, "10000", "rows applied per SQLite transaction"),
     I64("cache_size", cache_size_kib, 0, INT64_C(1073741824), "32768",
         "page cache of harmonylite's database connection, KiB"),
+    I64("wal_size_limit", wal_size_limit, 1048576, INT64_C(1099511627776), "67108864",
+        "bytes; a -wal file checkpoints find larger is cut back to zero"),
 
     INT("replication_log.shards", replication_log.shards, 1, 1024, "1", "number of JetStream streams (shards)"),
     I64("replication_log.max_entries", replication_log.max_entries, 1, INT64_MAX, "1048576",

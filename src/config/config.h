@@ -41,6 +41,7 @@ typedef struct hl_config {
     int stall_timeout_s;           /* stall_timeout: seconds of failing engine transactions before not ready (30) */
     int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
     int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */
+    int64_t wal_size_limit;        /* wal_size_limit: bytes of -wal file before checkpoints truncate it (64 MiB) */
 
     struct {
         int shards;                  /* replication_log.shards (default 1) */

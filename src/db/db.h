@@ -48,6 +48,10 @@ typedef struct hl_db_stats {
     uint64_t changesets_deferred; /* not stored: their origin was over max_held_bytes (read again later) */
 } hl_db_stats;
 
+/* wal_size_limit's default: the -wal file is cut back to zero when a
+ * checkpoint finds it larger (docs/configuration.md). */
+#define HL_WAL_SIZE_LIMIT_DEFAULT (64 * 1024 * 1024)
+
 /* Settings from the configuration (hl_db_configure); hl_db_open starts with
  * the defaults noted. */
 typedef struct hl_db_options {
@@ -58,6 +62,7 @@ typedef struct hl_db_options {
     uint64_t max_clock_drift_ms; /* remote versions further ahead of the wall clock are held (60 s) */
     uint64_t max_held_bytes;     /* bound on changesets held behind a schema hold, per origin and in total;
                                     0: unbounded (0) */
+    size_t wal_size_limit;       /* -wal file size above which checkpoints truncate it; 0: the default (64 MiB) */
 } hl_db_options;
 
 /* ---- store.c: the connection ---- */
@@ -73,6 +78,9 @@ void hl_db_global_init(void);
  */
 hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t cache_kib);
 void hl_db_close(hl_db *d); /* NULL is a no-op */
+/* Gives memory back at rest: the unused pages of the connection's page cache
+ * (it refills on the next capture or apply) and, with glibc, the freed heap. */
+void hl_db_release_memory(hl_db *d);
 void hl_db_configure(hl_db *d, const hl_db_options *o);
 const hl_db_options *hl_db_get_options(const hl_db *d);
 
@@ -179,7 +187,9 @@ typedef struct hl_step {
  * One engine step. With s->capture, what the application logged is read and
  * encoded first under a WAL snapshot, without the write lock. Then one write
  * transaction: the schema check, the recording of that batch, the capture of
- * whatever was logged since the snapshot, and only then (capture before
+ * whatever was logged since the snapshot (left to the next step when this one
+ * records a snapshot batch and nothing else: no items, held changesets or
+ * positions; the watcher's re-checks bring that step), and only then (capture before
  * apply) held changesets when asked, the remote changesets in items (each
  * one's applied is set) and the stream positions: pos->seen moves to every
  * item's safe_seq, and what differs from pos->applied is recorded. After a
@@ -261,5 +271,9 @@ int hl_watch_timeout(const hl_watch *w, uint64_t now);
 /* After poll(): readable says the fd had POLLIN, timed_out that poll()
  * returned 0. True when the engine should look now. */
 bool hl_watch_after_poll(hl_watch *w, bool readable, bool timed_out, uint64_t now);
+/* After a capture of rows (NULL w is a no-op): when the application wrote
+ * fast since the previous one, further looks wait a few milliseconds so the
+ * engine captures in bigger, fewer write transactions (watch.c). */
+void hl_watch_captured(hl_watch *w, uint64_t rows, uint64_t now);
 
 #endif

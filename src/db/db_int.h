@@ -69,6 +69,9 @@ typedef struct hl_schema {
 typedef struct hl_checkpointer hl_checkpointer;
 hl_status hl_checkpointer_start(hl_checkpointer **out, const char *path);
 void hl_checkpointer_kick(hl_checkpointer *c); /* returns at once; the thread checkpoints */
+/* The -wal file size above which the thread truncates it (wal_size_limit). */
+void hl_checkpointer_set_limit(hl_checkpointer *c, int64_t bytes);
+uint64_t hl_checkpointer_truncations(hl_checkpointer *c);
 uint64_t hl_checkpointer_runs(hl_checkpointer *c);
 void hl_checkpointer_stop(hl_checkpointer *c); /* joins the thread, closes its connection; NULL is a no-op */
 

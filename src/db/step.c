@@ -4,13 +4,13 @@
  * The order of one step is an invariant of this module, not of its callers:
  * read and encode the application's commits under a WAL snapshot without the
  * write lock; then in one write transaction the schema check, the recording
- * of that batch, the capture of whatever was logged since the snapshot, and
- * only then (capture before apply: every local write has its version before
- * a remote row is compared with it) the held and the remote changesets, and
- * last the stream positions that say those were dealt with. The write lock is
- * held for the short part only, which matters because an application that
- * finds the database locked sleeps for milliseconds in SQLite's default busy
- * handler.
+ * of that batch, the capture of whatever was logged since the snapshot
+ * (unless the step does nothing else: see write_step), and only then
+ * (capture before apply: every local write has its version before a remote
+ * row is compared with it) the held and the remote changesets, and last the
+ * stream positions that say those were dealt with. The write lock is held for
+ * the short part only, which matters because an application that finds the
+ * database locked sleeps for milliseconds in SQLite's default busy handler.
  */
 #include <inttypes.h>
 #include <time.h>
@@ -103,7 +103,14 @@ static hl_status write_step(hl_db *d, hl_capture_batch *pre, int64_t pre_version
         hl_capture_batch_free(pre); /* read under another schema: its rows are still logged, captured below */
     if (pre->rows && (st = hl_capture_record(d, pre)))
         goto fail;
-    if ((st = hl_capture(d, &rows)))
+    /* A step that only records a batch read under the snapshot leaves what
+     * was logged since to the next step, which the watcher's re-checks after
+     * each file event bring: the write lock is held for the recording alone,
+     * not for reading and encoding what a busy writer added meanwhile. Remote
+     * rows, held ones and positions need every local write versioned first,
+     * so with those the rest is captured here. */
+    bool rest_later = pre->rows && !items && !s->retry_held && !s->expire_before_ms && !s->flush_positions && !changed;
+    if (!rest_later && (st = hl_capture(d, &rows)))
         goto fail;
     s->rows_captured = rows + pre->rows;
     if ((items || s->retry_held || s->expire_before_ms) && (st = apply_all(d, items, pos, s, results)))

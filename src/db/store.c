@@ -6,6 +6,9 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -363,6 +366,7 @@ hl_status hl_db_open(hl_db **out, const char *path, uint64_t node_id, int64_t ca
     d->node_id = node_id;
     d->opt.max_changeset_bytes = 256u << 20; /* replication_log.max_changeset_bytes' default */
     d->opt.max_clock_drift_ms = 60000;
+    d->opt.wal_size_limit = HL_WAL_SIZE_LIMIT_DEFAULT;
     d->null_key_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
     d->clock_ahead_log = (hl_ratelimit){.burst = 5, .window_ms = 60000};
     if (!(d->path = strdup(path))) {
@@ -408,9 +412,21 @@ void hl_db_close(hl_db *d)
     free(d);
 }
 
+void hl_db_release_memory(hl_db *d)
+{
+    sqlite3_db_release_memory(d->db);
+#ifdef __GLIBC__
+    malloc_trim(0); /* glibc keeps freed heap (every thread's arena) for reuse */
+#endif
+}
+
 void hl_db_configure(hl_db *d, const hl_db_options *o)
 {
     d->opt = *o;
+    if (!d->opt.wal_size_limit)
+        d->opt.wal_size_limit = HL_WAL_SIZE_LIMIT_DEFAULT;
+    if (d->ckpt)
+        hl_checkpointer_set_limit(d->ckpt, (int64_t)d->opt.wal_size_limit);
 }
 
 const hl_db_options *hl_db_get_options(const hl_db *d)

@@ -11,6 +11,17 @@
  * for RECHECK_WINDOW_MS: a PRAGMA data_version each for the engine, and
  * nothing at all once the files are quiet. The polling interval (or, without
  * it, the 5 s heartbeat) is the fallback: a commit is late, never lost.
+ *
+ * While the application writes hard, looking at every event would make the
+ * engine capture after nearly every commit: a write transaction of its own
+ * each time (and the publisher's delete of the acknowledged changeset), and
+ * each one the application's next commit runs into, to sleep in SQLite's
+ * busy handler for a millisecond or more. So after a capture that found the
+ * application writing faster than BUSY_ROWS_PER_MS since the previous one,
+ * the watcher holds further looks for BUSY_HOLD_MS: events meanwhile only
+ * note that a look is due, and it comes when the hold ends. A writer slower
+ * than that (1,000 single-row commits a second, isolated writes) is never
+ * held, so its lag is unchanged.
  */
 #include <errno.h>
 #include <libgen.h>
@@ -29,6 +40,8 @@
 #define RECHECK_MAX_MS 100
 #define RECHECK_WINDOW_MS 5000
 #define HEARTBEAT_LOOK_MS 5000 /* without a polling interval */
+#define BUSY_ROWS_PER_MS 8     /* a capture rate above this (8,000 rows/s) means a busy writer */
+#define BUSY_HOLD_MS 10        /* then the next look waits this long after the capture */
 
 struct hl_watch {
     int fd; /* inotify, -1 when unavailable */
@@ -36,6 +49,9 @@ struct hl_watch {
     int poll_ms; /* polling_interval; 0: inotify alone (and the heartbeat look) */
     uint64_t last_look;
     uint64_t recheck_at, recheck_end, recheck_step; /* recheck_end 0: no re-checks due */
+    uint64_t last_capture;                          /* when the last capture that found rows ended */
+    uint64_t hold_until;                            /* no look before this (a busy writer) */
+    bool held;                                      /* a look came due during the hold */
 };
 
 hl_status hl_watch_open(hl_watch **out, const char *db_path, int polling_interval_ms)
@@ -102,6 +118,8 @@ int hl_watch_timeout(const hl_watch *w, uint64_t now)
     uint64_t every = w->poll_ms > 0 ? (uint64_t)w->poll_ms : HEARTBEAT_LOOK_MS;
     if (w->last_look + every < due)
         due = w->last_look + every;
+    if (w->held)
+        due = w->hold_until; /* until then a look is only noted */
     if (due <= now)
         return 0;
     return due - now > INT_MAX ? INT_MAX : (int)(due - now);
@@ -147,7 +165,25 @@ bool hl_watch_after_poll(hl_watch *w, bool readable, bool timed_out, uint64_t no
     uint64_t every = w->poll_ms > 0 ? (uint64_t)w->poll_ms : HEARTBEAT_LOOK_MS;
     if (timed_out && now - w->last_look >= every)
         look = true;
-    if (look)
+    if (look && now < w->hold_until) {
+        w->held = true; /* the capture comes when the hold ends */
+        look = false;
+    } else if (w->held && now >= w->hold_until) {
+        look = true;
+    }
+    if (look) {
+        w->held = false;
         w->last_look = now;
+    }
     return look;
+}
+
+void hl_watch_captured(hl_watch *w, uint64_t rows, uint64_t now)
+{
+    if (!w || !rows)
+        return;
+    uint64_t since = w->last_capture ? now - w->last_capture : UINT64_MAX;
+    w->last_capture = now;
+    if (since != UINT64_MAX && rows > BUSY_ROWS_PER_MS * (since + 1))
+        w->hold_until = now + BUSY_HOLD_MS;
 }

@@ -138,6 +138,7 @@ START_TEST(test_defaults)
     ck_assert_int_eq(c.stall_timeout_s, 30);
     ck_assert_int_eq(c.apply_batch_rows, 10000);
     ck_assert_int_eq(c.cache_size_kib, 32768);
+    ck_assert_int_eq(c.wal_size_limit, 67108864);
 
     ck_assert_int_eq(c.replication_log.shards, 1);
     ck_assert_int_eq(c.replication_log.max_entries, 1048576);
@@ -480,6 +481,8 @@ START_TEST(test_error_types)
                       "2: replication_log.shards: expected an integer from 1 to 1024, got \" 12\"");
     expect_load_error("replication_log:\n  shards: 0x10\n",
                       "2: replication_log.shards: expected an integer from 1 to 1024, got \"0x10\"");
+    expect_load_error("db_path: a.db\nwal_size_limit: 4096\n",
+                      "2: wal_size_limit: expected an integer from 1048576 to 1099511627776, got \"4096\"");
     expect_load_error("replication_log:\n  shards: 1e3\n",
                       "2: replication_log.shards: expected an integer from 1 to 1024, got \"1e3\"");
     expect_load_error("replication_log:\n  shards:\n",

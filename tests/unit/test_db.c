@@ -767,6 +767,66 @@ START_TEST(checkpointer_moves_wal_into_the_database)
 }
 END_TEST
 
+/* Appends a byte to path: an inotify event for the watcher. */
+static void touch_file(const char *path)
+{
+    FILE *f = fopen(path, "a");
+    ck_assert_ptr_nonnull(f);
+    fputc('x', f);
+    fclose(f);
+}
+
+START_TEST(watch_holds_looks_while_the_writer_is_busy_and_loses_none)
+{
+    char p[300];
+    path_of(p, sizeof p, "watched.db");
+    touch_file(p);
+    hl_watch *w = NULL;
+    ck_assert_int_eq(hl_watch_open(&w, p, 1000), HL_OK);
+    ck_assert_int_ge(hl_watch_fd(w), 0);
+    uint64_t t = hl_mono_ms();
+    /* A busy writer: 100 rows in 2 ms. The next look waits for the hold... */
+    hl_watch_captured(w, 100, t);
+    hl_watch_captured(w, 100, t + 2);
+    touch_file(p);
+    ck_assert(!hl_watch_after_poll(w, true, false, t + 3));
+    ck_assert_int_eq(hl_watch_timeout(w, t + 3), 9);
+    ck_assert(!hl_watch_after_poll(w, false, true, t + 8));
+    /* ...and is not lost: it comes when the hold ends, without another event. */
+    ck_assert(hl_watch_after_poll(w, false, true, t + 12));
+    /* A slow writer (1 row since the last capture a second ago) is never held. */
+    hl_watch_captured(w, 1, t + 1012);
+    touch_file(p);
+    ck_assert(hl_watch_after_poll(w, true, false, t + 1013));
+    hl_watch_free(w);
+}
+END_TEST
+
+START_TEST(release_memory_empties_the_page_cache)
+{
+    char p[300];
+    path_of(p, sizeof p, "rest.db");
+    sqlite3 *app = app_open(p);
+    app_exec(app, "CREATE TABLE t(id INTEGER PRIMARY KEY, v);");
+    hl_db *d = engine_open(p, 1);
+    app_exec(app, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)"
+                  " INSERT INTO t SELECT i, randomblob(100) FROM n;");
+    ck_assert_uint_eq(capture(d), 20000);
+    int cur = 0, hi = 0;
+    ck_assert_int_eq(sqlite3_db_status(hl_db_handle(d), SQLITE_DBSTATUS_CACHE_USED, &cur, &hi, 0), SQLITE_OK);
+    ck_assert_int_gt(cur, 1000000); /* the capture filled the cache */
+    hl_db_release_memory(d);
+    int after = 0;
+    ck_assert_int_eq(sqlite3_db_status(hl_db_handle(d), SQLITE_DBSTATUS_CACHE_USED, &after, &hi, 0), SQLITE_OK);
+    ck_assert_int_lt(after, cur / 4);
+    ck_assert_uint_eq(capture(d), 0); /* and works on: the cache refills */
+    app_exec(app, "UPDATE t SET v = 1 WHERE id = 7");
+    ck_assert_uint_eq(capture(d), 1);
+    hl_db_close(d);
+    sqlite3_close(app);
+}
+END_TEST
+
 START_TEST(cleanup_leaves_application_data)
 {
     pair p;
@@ -934,6 +994,77 @@ static void deliver_all(pair *p, hl_db *src, hl_db *dst)
         hl_changeset_free(cs);
     }
 }
+
+/* Waits (generously) until path's -wal file is at most limit bytes; its size then. */
+static long wal_settles_under(const char *path, long limit)
+{
+    char wal[320];
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    long sz = file_size(wal);
+    for (int i = 0; i < 1500 && sz > limit; i++) {
+        usleep(10000);
+        sz = file_size(wal);
+    }
+    return sz;
+}
+
+START_TEST(wal_returns_under_its_bound_after_scattered_updates)
+{
+    /* 1,000-row UPDATE batches at random keys while an application reader
+     * keeps a snapshot open for a while, on the sender and on the receiver:
+     * PASSIVE checkpoints alone leave both -wal files at their peak size for
+     * ever. Once the burst is over and the readers are gone, each must come
+     * back under wal_size_limit. */
+    const long limit = 1 << 20;
+    pair p;
+    pair_open(&p);
+    hl_db_options o = *hl_db_get_options(p.a);
+    o.wal_size_limit = (size_t)limit;
+    hl_db_configure(p.a, &o);
+    o = *hl_db_get_options(p.b);
+    o.wal_size_limit = (size_t)limit;
+    hl_db_configure(p.b, &o);
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000)"
+                     " INSERT INTO books(id, title, year) SELECT i, 'title ' || i, 1900 FROM n;");
+    ck_assert_uint_eq(capture(p.a), 50000);
+    while (outbox_has(p.a)) { /* a chain: members wait for the last */
+        hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+        ck_assert_int_ne(apply(p.b, cs, &p.raw, p.flags), HL_MALFORMED);
+        hl_changeset_free(cs);
+    }
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 50000);
+    sqlite3 *ra = app_open(p.pa), *rb = app_open(p.pb);
+    long peak_a = 0, peak_b = 0;
+    char wa[320], wb[320];
+    snprintf(wa, sizeof wa, "%s-wal", p.pa);
+    snprintf(wb, sizeof wb, "%s-wal", p.pb);
+    for (int txn = 0; txn < 30; txn++) {
+        if (txn == 5) { /* readers pin both WALs for ten transactions */
+            app_exec(ra, "BEGIN; SELECT count(*) FROM books;");
+            app_exec(rb, "BEGIN; SELECT count(*) FROM books;");
+        }
+        if (txn == 15) {
+            app_exec(ra, "COMMIT");
+            app_exec(rb, "COMMIT");
+        }
+        app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)"
+                         " UPDATE books SET year = year + 1 WHERE id IN (SELECT 1 + abs(random()) % 50000 FROM n)");
+        capture(p.a);
+        deliver_all(&p, p.a, p.b);
+        long sa = file_size(wa), sb = file_size(wb);
+        peak_a = sa > peak_a ? sa : peak_a;
+        peak_b = sb > peak_b ? sb : peak_b;
+    }
+    ck_assert_int_gt(peak_a, limit); /* the burst did push both past the bound */
+    ck_assert_int_gt(peak_b, limit);
+    long ea = wal_settles_under(p.pa, limit), eb = wal_settles_under(p.pb, limit);
+    ck_assert_msg(ea <= limit, "sender's WAL stays at %ld bytes (bound %ld, peak %ld)", ea, limit, peak_a);
+    ck_assert_msg(eb <= limit, "receiver's WAL stays at %ld bytes (bound %ld, peak %ld)", eb, limit, peak_b);
+    sqlite3_close(ra);
+    sqlite3_close(rb);
+    pair_close(&p);
+}
+END_TEST
 
 static char *plain_rows(sqlite3 *db)
 {
@@ -1595,6 +1726,9 @@ int main(void)
     tcase_add_test(tc, application_triggers_fire_on_apply);
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
+    tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
+    tcase_add_test(tc, watch_holds_looks_while_the_writer_is_busy_and_loses_none);
+    tcase_add_test(tc, release_memory_empties_the_page_cache);
     tcase_add_test(tc, cleanup_leaves_application_data);
     tcase_add_test(tc, new_table_rows_written_before_triggers_are_captured);
     tcase_add_test(tc, split_capture_with_writes_in_between_converges);
