@@ -693,7 +693,7 @@ static void teardown(engine *e)
     hl_discovery_stop(e->disc);
     hl_nats_server_stop(e->srv, 10000);
     hl_http_stop(e->http);
-    hl_state_destroy(&e->state);
+    hl_state_free(&e->state);
     free(e->snap.schema_json);
     free(e->snap.cluster_json);
     hl_publisher_free(e->pub);

@@ -12,8 +12,10 @@ void hl_state_init(hl_state *s)
     pthread_mutex_init(&s->mu, NULL);
 }
 
-void hl_state_destroy(hl_state *s)
+void hl_state_free(hl_state *s)
 {
+    if (!s)
+        return;
     free(s->cur.schema_json);
     free(s->cur.cluster_json);
     s->cur.schema_json = s->cur.cluster_json = NULL;

@@ -112,7 +112,8 @@ typedef struct hl_state {
 } hl_state;
 
 void hl_state_init(hl_state *s);
-void hl_state_destroy(hl_state *s);
+/* Frees what the state holds (it may be initialised again); NULL is a no-op. */
+void hl_state_free(hl_state *s);
 /* Copies snap in (schema_json and cluster_json are duplicated when they changed). Engine thread only. */
 void hl_state_publish(hl_state *s, const hl_state_snapshot *snap);
 /* Copies the current snapshot out; out->schema_json and out->cluster_json are new strings the caller frees. */

@@ -803,7 +803,7 @@ static void server_down(void)
 {
     hl_http_stop(srv);
     srv = NULL;
-    hl_state_destroy(&st);
+    hl_state_free(&st);
 }
 
 START_TEST(server_paths)
@@ -1009,7 +1009,7 @@ START_TEST(server_bind_errors)
     }
     hl_http_stop(NULL);
     ck_assert_int_eq(hl_http_port(NULL), 0);
-    hl_state_destroy(&s);
+    hl_state_free(&s);
 }
 END_TEST
 
@@ -1047,7 +1047,7 @@ START_TEST(server_bind_forms)
             hl_http_stop(h);
         }
     }
-    hl_state_destroy(&s);
+    hl_state_free(&s);
 }
 END_TEST
 
@@ -1162,7 +1162,7 @@ START_TEST(server_auth_token)
     hl_http_opts neg = {.bind = "127.0.0.1:0", .request_timeout_s = -1};
     ck_assert_int_eq(hl_http_start_opts(&h, &neg, &s), HL_ERR_INVALID);
     ck_assert_int_eq(hl_http_start_opts(&h, NULL, &s), HL_ERR_INVALID);
-    hl_state_destroy(&s);
+    hl_state_free(&s);
 }
 END_TEST
 
@@ -1202,7 +1202,7 @@ START_TEST(server_deadline)
     ck_assert_int_eq(r.status, 404);
     hl_buf_free(&r.raw);
     hl_http_stop(h);
-    hl_state_destroy(&s);
+    hl_state_free(&s);
 }
 END_TEST
 
