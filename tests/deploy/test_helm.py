@@ -331,3 +331,15 @@ def test_kustomize_dev(kustomize):
         assert "env" not in c  # no S3 credentials
         assert {"name": "snapshots", "mountPath": "/snapshots"} in c["volumeMounts"]
     one(docs, "PersistentVolumeClaim", "harmonylite-snapshots")
+
+
+def test_scenario_list_is_shared_with_e2e_kind():
+    """e2e-kind/run.sh and the rehearsal (test_rehearsal.COVERED) run the same scenarios."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rehearsal import COVERED
+
+    listed = [line.split(":", 1)[0] for line in (ROOT / "e2e-kind/scenarios.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert listed == COVERED
