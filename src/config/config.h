@@ -114,29 +114,29 @@ typedef struct hl_config {
 
     /* snapshot.*: where -save-snapshot puts snapshots and -restore takes them from (docs/snapshots.md) */
     struct {
-        char *store;                    /* snapshot.store: "s3" (default), "dir", "sftp" or "webdav" */
-        int keep;                       /* snapshot.keep: newest snapshots kept (default 3) */
-        char *dir;                      /* snapshot.dir: directory of the dir store */
-        char *s3_endpoint;              /* snapshot.s3_endpoint: URL; default https://s3.<region>.amazonaws.com */
-        char *s3_region;                /* snapshot.s3_region: default $AWS_REGION, else us-east-1 */
-        char *s3_bucket;                /* snapshot.s3_bucket (required for s3) */
-        char *s3_prefix;                /* snapshot.s3_prefix: key prefix (default "harmonylite/") */
-        bool s3_path_style;             /* snapshot.s3_path_style: endpoint/bucket/key instead of bucket.endpoint */
-        char *s3_access_key;            /* snapshot.s3_access_key: default $AWS_ACCESS_KEY_ID */
-        char *s3_secret_key;            /* snapshot.s3_secret_key (secret): default $AWS_SECRET_ACCESS_KEY */
-        char *s3_session_token;         /* snapshot.s3_session_token (secret): default $AWS_SESSION_TOKEN */
-        char *s3_ca_file;               /* snapshot.s3_ca_file: CA certificates (PEM) for https endpoints */
-        int64_t s3_part_size;           /* snapshot.s3_part_size: larger objects go up in parts of this size */
-        char *sftp_url;                 /* snapshot.sftp_url: sftp://host[:port]/directory */
-        char *sftp_user;                /* snapshot.sftp_user: default $USER, else the process's user */
-        char *sftp_password;            /* snapshot.sftp_password (secret) */
-        char *sftp_key_file;            /* snapshot.sftp_key_file: private key (OpenSSH PEM) */
-        char *sftp_key_passphrase;      /* snapshot.sftp_key_passphrase (secret): of an encrypted key */
-        char *sftp_known_hosts;         /* snapshot.sftp_known_hosts: default ~/.ssh/known_hosts */
-        char *webdav_url;               /* snapshot.webdav_url: http(s)://host[:port]/collection/ */
-        char *webdav_user;              /* snapshot.webdav_user */
-        char *webdav_password;          /* snapshot.webdav_password (secret) */
-        char *webdav_ca_file;           /* snapshot.webdav_ca_file: CA certificates (PEM) for https */
+        char *store;               /* snapshot.store: "s3" (default), "dir", "sftp" or "webdav" */
+        int keep;                  /* snapshot.keep: newest snapshots kept (default 3) */
+        char *dir;                 /* snapshot.dir: directory of the dir store */
+        char *s3_endpoint;         /* snapshot.s3_endpoint: URL; default https://s3.<region>.amazonaws.com */
+        char *s3_region;           /* snapshot.s3_region: default $AWS_REGION, else us-east-1 */
+        char *s3_bucket;           /* snapshot.s3_bucket (required for s3) */
+        char *s3_prefix;           /* snapshot.s3_prefix: key prefix (default "harmonylite/") */
+        bool s3_path_style;        /* snapshot.s3_path_style: endpoint/bucket/key instead of bucket.endpoint */
+        char *s3_access_key;       /* snapshot.s3_access_key: default $AWS_ACCESS_KEY_ID */
+        char *s3_secret_key;       /* snapshot.s3_secret_key (secret): default $AWS_SECRET_ACCESS_KEY */
+        char *s3_session_token;    /* snapshot.s3_session_token (secret): default $AWS_SESSION_TOKEN */
+        char *s3_ca_file;          /* snapshot.s3_ca_file: CA certificates (PEM) for https endpoints */
+        int64_t s3_part_size;      /* snapshot.s3_part_size: larger objects go up in parts of this size */
+        char *sftp_url;            /* snapshot.sftp_url: sftp://host[:port]/directory */
+        char *sftp_user;           /* snapshot.sftp_user: default $USER, else the process's user */
+        char *sftp_password;       /* snapshot.sftp_password (secret) */
+        char *sftp_key_file;       /* snapshot.sftp_key_file: private key (OpenSSH PEM) */
+        char *sftp_key_passphrase; /* snapshot.sftp_key_passphrase (secret): of an encrypted key */
+        char *sftp_known_hosts;    /* snapshot.sftp_known_hosts: default ~/.ssh/known_hosts */
+        char *webdav_url;          /* snapshot.webdav_url: http(s)://host[:port]/collection/ */
+        char *webdav_user;         /* snapshot.webdav_user */
+        char *webdav_password;     /* snapshot.webdav_password (secret) */
+        char *webdav_ca_file;      /* snapshot.webdav_ca_file: CA certificates (PEM) for https */
     } snapshot;
 } hl_config;
 

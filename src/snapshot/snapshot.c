@@ -325,30 +325,6 @@ out:
     return res;
 }
 
-/* The mode a file created with open(2) would get (0666 less the umask); mkstemp gives 0600,
- * which would lock out an application or reader running as another user of the group. */
-static mode_t created_mode(void)
-{
-    mode_t m = umask(0);
-    umask(m);
-    return 0666 & ~m;
-}
-
-static hl_status write_all(int fd, const void *p, size_t n)
-{
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return HL_ERR_IO;
-        c += w;
-        n -= (size_t)w;
-    }
-    return HL_OK;
-}
-
 /* Compresses the file at in into the open file out; fills size and sha256 of what was written. */
 static hl_status compress_file(const char *in, int out, uint64_t *size, char sha_hex[65], char *err, size_t errlen)
 {
@@ -399,7 +375,7 @@ static hl_status compress_file(const char *in, int out, uint64_t *size, char sha
                 goto out;
             }
             if (zout.pos) {
-                if (write_all(out, obuf, zout.pos)) {
+                if (hl_store_write_all(out, obuf, zout.pos)) {
                     res = fail(err, errlen, HL_ERR_IO, "snapshot: writing the compressed copy: %s", strerror(errno));
                     goto out;
                 }
@@ -676,7 +652,7 @@ static hl_status sink_restore(void *ctx, const void *data, size_t n)
                      r->max_out);
             return HL_ERR_TOO_LARGE;
         }
-        if (zout.pos && write_all(r->fd, r->obuf, zout.pos)) {
+        if (zout.pos && hl_store_write_all(r->fd, r->obuf, zout.pos)) {
             snprintf(r->msg, sizeof r->msg, "writing beside the database: %s", strerror(errno));
             return HL_ERR_IO;
         }
@@ -955,7 +931,7 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         snprintf(tmp, sizeof tmp, "%s", pattern);
         int fd = mkostemp(tmp, O_CLOEXEC);
         if (fd >= 0)
-            fchmod(fd, created_mode());
+            fchmod(fd, hl_store_created_mode());
         if (fd < 0) {
             tmp[0] = 0;
             res = fail(err, errlen, HL_ERR_IO, "cannot create a file beside %s: %s", c->db_path, strerror(errno));

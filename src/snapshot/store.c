@@ -3,6 +3,10 @@
  */
 #include "snapshot/store.h"
 
+#include <errno.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,4 +102,28 @@ void hl_progress_update(hl_progress *p, uint64_t done)
         snprintf(eta, sizeof eta, "%.0fs", (double)(p->total - done) / rate);
     hl_logf(HL_LOG_INFO, "snapshot %s %s: %" PRIu64 " of %" PRIu64 " bytes, %.1f MB/s, ETA %s", p->what, p->name, done,
             p->total, rate / 1e6, eta);
+}
+
+/* The mode a file created with open(2) would get (0666 less the umask); mkstemp gives 0600,
+ * which would lock out an application or reader running as another user of the group. */
+mode_t hl_store_created_mode(void)
+{
+    mode_t m = umask(0);
+    umask(m);
+    return 0666 & ~m;
+}
+
+hl_status hl_store_write_all(int fd, const void *p, size_t n)
+{
+    const char *c = p;
+    while (n) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return HL_ERR_IO;
+        c += w;
+        n -= (size_t)w;
+    }
+    return HL_OK;
 }

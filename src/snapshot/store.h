@@ -13,6 +13,7 @@
 #ifndef HL_SNAPSHOT_STORE_H
 #define HL_SNAPSHOT_STORE_H
 
+#include <sys/types.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -86,5 +87,11 @@ typedef struct hl_progress {
 } hl_progress;
 void hl_progress_start(hl_progress *p, const char *what, const char *name, uint64_t total);
 void hl_progress_update(hl_progress *p, uint64_t done);
+
+/* The mode a file created with open(2) would get (0666 less the umask): mkstemp
+ * gives 0600, which would lock out a reader running as another user of the group. */
+mode_t hl_store_created_mode(void);
+/* Writes all n bytes to fd (retrying short writes and EINTR); HL_ERR_IO otherwise. */
+hl_status hl_store_write_all(int fd, const void *p, size_t n);
 
 #endif

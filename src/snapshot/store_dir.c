@@ -46,30 +46,6 @@ static hl_status dir_fsync(const dir_store *d, char *err, size_t errlen)
     return HL_OK;
 }
 
-/* The mode a file created with open(2) would get (0666 less the umask); mkstemp gives 0600,
- * which would lock out an application or reader running as another user of the group. */
-static mode_t created_mode(void)
-{
-    mode_t m = umask(0);
-    umask(m);
-    return 0666 & ~m;
-}
-
-static hl_status write_all(int fd, const void *p, size_t n)
-{
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return HL_ERR_IO;
-        c += w;
-        n -= (size_t)w;
-    }
-    return HL_OK;
-}
-
 static hl_status dir_put(hl_store *s, const char *name, const hl_store_src *src, char *err, size_t errlen)
 {
     dir_store *d = (dir_store *)s;
@@ -84,7 +60,7 @@ static hl_status dir_put(hl_store *s, const char *name, const hl_store_src *src,
     }
     fd = mkostemp(tmp, O_CLOEXEC);
     if (fd >= 0)
-        fchmod(fd, created_mode());
+        fchmod(fd, hl_store_created_mode());
     if (fd < 0) {
         snprintf(err, errlen, "dir store %s: cannot create a file: %s", d->dir, strerror(errno));
         return HL_ERR_IO;
@@ -92,7 +68,7 @@ static hl_status dir_put(hl_store *s, const char *name, const hl_store_src *src,
     hl_progress pr;
     hl_progress_start(&pr, "upload", name, src->size);
     if (src->fd < 0) {
-        st = write_all(fd, src->mem, (size_t)src->size);
+        st = hl_store_write_all(fd, src->mem, (size_t)src->size);
     } else {
         chunk = malloc(COPY_CHUNK);
         if (!chunk) {
@@ -110,7 +86,7 @@ static hl_status dir_put(hl_store *s, const char *name, const hl_store_src *src,
                 st = HL_ERR_IO;
                 goto fail;
             }
-            st = write_all(fd, chunk, (size_t)r);
+            st = hl_store_write_all(fd, chunk, (size_t)r);
             off += (uint64_t)r;
             hl_progress_update(&pr, off);
         }
