@@ -36,9 +36,26 @@ struct hl_nats {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* signalled by the closed callback */
     bool closed;
-    char *secret;          /* the password, only to scrub it from any text we log */
-    hl_nats *retired_next; /* closed, kept for callbacks nats.c may still deliver */
+    char *secret;             /* the password, only to scrub it from any text we log */
+    hl_nats *retired_next;    /* closed, kept for callbacks nats.c may still deliver */
+    struct retired_sub *subs; /* hl_nats_retire_sub's, newest first; under mu */
+    size_t nsubs;
 };
+
+/* A subscription given back, kept until no message for it can be in flight. */
+typedef struct retired_sub {
+    natsSubscription *sub;
+    int64_t at_ms;
+    struct retired_sub *next;
+} retired_sub;
+
+/* How long a retired subscription is kept: far longer than nats.c's reader
+ * holds a subscription it looked up. */
+#define RETIRE_GRACE_MS 10000
+/* Retired subscriptions still subscribed (nothing was ever delivered to them,
+ * so their one-message interest has not ended yet) are kept until close, up to
+ * this many; beyond it the oldest go anyway. */
+#define RETIRE_KEEP_MAX 256
 
 /*
  * nats.c can still call our callbacks after natsConnection_Destroy: its
@@ -692,6 +709,71 @@ static void wait_closed(hl_nats *n, int64_t ms)
     pthread_mutex_unlock(&n->mu);
 }
 
+/* Unlinks from n->subs (under n->mu) the entries that may be freed: older
+ * than the grace period and no longer subscribed, the oldest beyond the cap,
+ * or all of them. */
+static retired_sub *take_retired(hl_nats *n, bool all, int64_t now)
+{
+    retired_sub *out = NULL, **pp = &n->subs;
+    size_t kept = 0;
+    while (*pp) {
+        retired_sub *r = *pp;
+        bool go = all ||
+                  (now - r->at_ms >= RETIRE_GRACE_MS && (!natsSubscription_IsValid(r->sub) || kept >= RETIRE_KEEP_MAX));
+        if (!go) {
+            kept++;
+            pp = &r->next;
+            continue;
+        }
+        *pp = r->next;
+        n->nsubs--;
+        r->next = out;
+        out = r;
+    }
+    return out;
+}
+
+static void free_retired(retired_sub *r)
+{
+    while (r) {
+        retired_sub *next = r->next;
+        natsSubscription_Destroy(r->sub); /* no longer subscribed: only released */
+        free(r);
+        r = next;
+    }
+}
+
+void hl_nats_retire_sub(hl_nats *n, natsSubscription *sub)
+{
+    if (!sub)
+        return;
+    /*
+     * Ends the interest without natsSubscription_Unsubscribe, which would also
+     * delete a consumer nats.c created (a request that waits for a server that
+     * may be gone, and in 3.4.1 reads a name its ordered-consumer thread may
+     * free). With one message or more delivered, an auto-unsubscribe after one
+     * removes the subscription now; with none, the server ends it after the
+     * next message.
+     */
+    (void)natsSubscription_AutoUnsubscribe(sub, 1);
+    retired_sub *r = malloc(sizeof *r);
+    if (!r || !n) {
+        free(r);
+        natsSubscription_Destroy(sub);
+        return;
+    }
+    int64_t now = now_ms();
+    r->sub = sub;
+    r->at_ms = now;
+    pthread_mutex_lock(&n->mu);
+    r->next = n->subs;
+    n->subs = r;
+    n->nsubs++;
+    retired_sub *done = take_retired(n, false, now);
+    pthread_mutex_unlock(&n->mu);
+    free_retired(done);
+}
+
 void hl_nats_close(hl_nats *n, int timeout_ms)
 {
     if (!n)
@@ -721,6 +803,11 @@ void hl_nats_close(hl_nats *n, int timeout_ms)
          * returns; n must stay valid until it has run. */
         wait_closed(n, 5000);
     }
+    /* Closed: its reader has stopped, nothing can reach a subscription now. */
+    pthread_mutex_lock(&n->mu);
+    retired_sub *subs = take_retired(n, true, 0);
+    pthread_mutex_unlock(&n->mu);
+    free_retired(subs);
     jsCtx_Destroy(n->js);
     n->js = NULL;
     natsConnection_Destroy(n->nc);

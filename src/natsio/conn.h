@@ -54,7 +54,20 @@ hl_status hl_nats_ensure_streams(hl_nats *n, const hl_config *c, int timeout_ms,
  * HL_ERR_NOT_FOUND when the stream does not exist. */
 hl_status hl_nats_stream_bounds(hl_nats *n, const char *stream, uint64_t *first, uint64_t *last);
 
-/* Waits for outstanding async publishes (up to timeout_ms), drains and closes. NULL is a no-op. */
+/*
+ * Gives back a subscription the caller is done with, in place of
+ * natsSubscription_Destroy. Its interest ends at once (the consumer is not
+ * deleted on the server: an ephemeral one goes by itself), but it is freed
+ * only once no message for it can still be on its way through nats.c's reader:
+ * at hl_nats_close, or after some seconds. nats.c 3.4.1's reader looks a
+ * subscription up and then locks it without holding a reference, so a
+ * subscription freed while a message for it is in flight is used after free.
+ * NULL is a no-op.
+ */
+void hl_nats_retire_sub(hl_nats *n, natsSubscription *sub);
+
+/* Waits for outstanding async publishes (up to timeout_ms), drains and closes,
+ * then frees the retired subscriptions. NULL is a no-op. */
 void hl_nats_close(hl_nats *n, int timeout_ms);
 /* At exit, after every hl_nats_close: waits up to timeout_ms for nats.c's own
  * threads to end (they may call back into closed connections until then),

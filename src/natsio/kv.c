@@ -580,15 +580,13 @@ static witem *watch_item(hl_kv_watcher *w, natsMsg *m, uint64_t rev)
 }
 
 /*
- * Forgets the consumer. natsSubscription_Destroy (unlike _Unsubscribe) never
- * deletes the consumer on the server: nats.c 3.4.1's delete reads the consumer
- * name that its own re-creation thread frees after a reset (a use-after-free
- * seen under ASan through kvWatcher_Stop). The consumer is ephemeral; the
- * server removes it once nobody listens.
+ * Forgets the consumer: retired (hl_nats_retire_sub), never deleted on the
+ * server nor freed while a message for it may be in nats.c's reader. The
+ * consumer is ephemeral; the server removes it once nobody listens.
  */
 static void watch_drop(hl_kv_watcher *w)
 {
-    natsSubscription_Destroy(w->sub);
+    hl_nats_retire_sub(w->n, w->sub);
     w->sub = NULL;
 }
 

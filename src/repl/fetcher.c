@@ -298,12 +298,12 @@ static natsSubscription *subscribe(hl_fetcher *f)
     return sub;
 }
 
-/* Forgets a consumer that failed. No unsubscribe: that would wait for a
- * server that may be gone; an ordered consumer is ephemeral and the server
- * removes it once nobody reads it. */
-static void drop_sub(natsSubscription **sub)
+/* Forgets a consumer (failed, or at stop). Retired, never destroyed here: a
+ * message for it may still be in nats.c's reader (see hl_nats_retire_sub). The
+ * consumer is ephemeral; the server removes it once nobody reads it. */
+static void drop_sub(hl_fetcher *f, natsSubscription **sub)
 {
-    natsSubscription_Destroy(*sub);
+    hl_nats_retire_sub(f->n, *sub);
     *sub = NULL;
 }
 
@@ -329,7 +329,7 @@ static void idle_check(hl_fetcher *f, natsSubscription **sub)
             hl_logf(HL_LOG_WARN, "stream %s: no answer about the stream (%s); re-creating its consumer", f->stream,
                     hl_status_str(st));
         set_stalled(f, true);
-        drop_sub(sub);
+        drop_sub(f, sub);
         return;
     }
     if (last >= f->next_seq) {
@@ -338,7 +338,7 @@ static void idle_check(hl_fetcher *f, natsSubscription **sub)
                 " wait; re-creating the consumer",
                 f->stream, (now - f->last_msg_ms) / 1000, f->next_seq, last);
         set_stalled(f, true);
-        drop_sub(sub);
+        drop_sub(f, sub);
         return;
     }
     set_stalled(f, false);
@@ -387,7 +387,7 @@ static void *run(void *arg)
             hl_logf(HL_LOG_WARN, "stream %s: %s; re-creating the consumer from sequence %" PRIu64, f->stream,
                     natsStatus_GetText(s), f->next_seq);
             set_stalled(f, true);
-            drop_sub(&sub);
+            drop_sub(f, &sub);
             continue;
         }
         jsMsgMetaData *meta = NULL;
@@ -405,12 +405,7 @@ static void *run(void *arg)
         }
         natsMsg_Destroy(m);
     }
-    /* Destroy only: unsubscribing an ordered consumer that nats.c is
-     * re-creating after a server restart reads freed memory in nats.c 3.4.1
-     * (it deletes the consumer by a name its own thread frees; see
-     * src/natsio/kv.c). The server drops the ephemeral consumer itself. */
-    if (sub)
-        drop_sub(&sub);
+    drop_sub(f, &sub);
     return NULL;
 }
 
