@@ -207,6 +207,9 @@ static const hl_key keys[] = {
     STR("nats.server_key_file", nats.server_key_file, NULL, "private key of nats.server_cert_file (PEM)"),
     STR("nats.server_ca_file", nats.server_ca_file, NULL,
         "CA (PEM) route peers' certificates must be signed by; set, routes without such a certificate are refused"),
+    {"nats.client_tls", HL_KEY_STRING, OFF(nats.client_tls), 0, 0, "off", "off|on|verify", NULL, false,
+     "embedded server: TLS on the client port with nats.server_cert_file (on), and clients must present a "
+     "certificate nats.server_ca_file signed (verify); off: plain"},
 
     BOOL("logging.verbose", logging.verbose, "false", "log at debug level (overrides logging.level)"),
     {"logging.format", HL_KEY_STRING, OFF(logging.format), 0, 0, "console", "console|json", NULL, false,
@@ -1484,6 +1487,30 @@ static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
     return HL_OK;
 }
 
+/* nats.client_tls: the embedded server's client port over TLS; harmonylite
+ * connects to it over TLS too and must be able to verify it. */
+static hl_status check_client_tls(const hl_config *c, char *err, size_t errlen, bool scert)
+{
+    if (!c->nats.client_tls || strcmp(c->nats.client_tls, "off") == 0)
+        return HL_OK;
+    const char *o = origin_of(c, "nats.client_tls");
+    if (c->nats.urls.n > 0)
+        return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
+                    "applies to the embedded server only; with nats.urls, TLS to the servers is nats.ca_file, "
+                    "nats.cert_file and nats.key_file");
+    if (!scert)
+        return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
+                    "needs nats.server_cert_file and nats.server_key_file (the server's certificate)");
+    bool sca = c->nats.server_ca_file && *c->nats.server_ca_file, ca = c->nats.ca_file && *c->nats.ca_file;
+    if (strcmp(c->nats.client_tls, "verify") == 0 && !sca)
+        return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
+                    "verify needs nats.server_ca_file (the CA clients' certificates must be signed by)");
+    if (!sca && !ca)
+        return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
+                    "needs nats.server_ca_file or nats.ca_file (harmonylite verifies its own server's certificate)");
+    return HL_OK;
+}
+
 /* NATS credentials the connection could not use as given (it would fail at every start). */
 static hl_status check_credentials(const hl_config *c, char *err, size_t errlen)
 {
@@ -1524,7 +1551,7 @@ static hl_status check_credentials(const hl_config *c, char *err, size_t errlen)
     if (c->nats.server_ca_file && *c->nats.server_ca_file && !scert)
         return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "nats.server_ca_file"), "nats.server_ca_file",
                     "needs nats.server_cert_file and nats.server_key_file (routes verify each other only over TLS)");
-    return HL_OK;
+    return check_client_tls(c, err, errlen, scert);
 }
 
 hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, size_t errlen)

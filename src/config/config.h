@@ -89,6 +89,7 @@ typedef struct hl_config {
         char *server_cert_file;     /* nats.server_cert_file: embedded server's certificate (routes, leafs) */
         char *server_key_file;      /* nats.server_key_file */
         char *server_ca_file;       /* nats.server_ca_file: CA verifying route peers' certificates */
+        char *client_tls;           /* nats.client_tls: "off", "on" or "verify" (client port TLS) */
     } nats;
 
     struct {

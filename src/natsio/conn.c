@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -313,26 +314,46 @@ static hl_status set_login(hl_nats *n, const hl_config *c)
     return HL_OK;
 }
 
-/* TLS when any of nats.ca_file, cert_file, key_file is set. */
+static bool is_set(const char *s)
+{
+    return s && *s;
+}
+
+/* TLS when any of nats.ca_file, cert_file, key_file is set, or when the
+ * embedded server's client port takes only TLS (nats.client_tls): then its
+ * CA (nats.server_ca_file) verifies it unless nats.ca_file is set, and with
+ * "verify" harmonylite presents the server's own certificate unless
+ * nats.cert_file is set. */
 static hl_status set_tls(hl_nats *n, const hl_config *c)
 {
     natsOptions *o = n->opts;
-    bool cert = c->nats.cert_file && *c->nats.cert_file, key = c->nats.key_file && *c->nats.key_file;
-    if (!(c->nats.ca_file && *c->nats.ca_file) && !cert && !key)
+    bool embedded_tls = c->nats.urls.n == 0 && is_set(c->nats.client_tls) && strcmp(c->nats.client_tls, "off") != 0;
+    const char *ca = c->nats.ca_file, *cert = c->nats.cert_file, *key = c->nats.key_file;
+    const char *ca_key = "nats.ca_file", *cert_key = "nats.cert_file/key_file";
+    if (embedded_tls && !is_set(ca)) {
+        ca = c->nats.server_ca_file;
+        ca_key = "nats.server_ca_file";
+    }
+    if (embedded_tls && strcmp(c->nats.client_tls, "verify") == 0 && !is_set(cert) && !is_set(key)) {
+        cert = c->nats.server_cert_file;
+        key = c->nats.server_key_file;
+        cert_key = "nats.server_cert_file/server_key_file";
+    }
+    if (!is_set(ca) && !is_set(cert) && !is_set(key))
         return HL_OK;
     const char *what = "nats TLS";
     natsStatus s = natsOptions_SetSecure(o, true);
-    if (s == NATS_OK && c->nats.ca_file && *c->nats.ca_file) {
-        what = "nats.ca_file";
-        s = natsOptions_LoadCATrustedCertificates(o, c->nats.ca_file);
+    if (s == NATS_OK && is_set(ca)) {
+        what = ca_key;
+        s = natsOptions_LoadCATrustedCertificates(o, ca);
     }
-    if (s == NATS_OK && (cert || key)) {
-        if (!cert || !key) {
+    if (s == NATS_OK && (is_set(cert) || is_set(key))) {
+        if (!is_set(cert) || !is_set(key)) {
             hl_log(HL_LOG_ERROR, "nats.cert_file and nats.key_file must be set together", "component", "nats", NULL);
             return HL_ERR_CONFIG;
         }
-        what = "nats.cert_file/key_file";
-        s = natsOptions_LoadCertificatesChain(o, c->nats.cert_file, c->nats.key_file);
+        what = cert_key;
+        s = natsOptions_LoadCertificatesChain(o, cert, key);
     }
     return s == NATS_OK ? HL_OK : options_failed(n, what, s);
 }
@@ -381,13 +402,33 @@ static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *co
     }
 }
 
+/*
+ * nats.c 3.4.1's library cleanup (an atexit handler, once TLS was used) runs
+ * sk_SSL_COMP_free(SSL_COMP_get_compression_methods()), an OpenSSL 1.0
+ * leftover: with OpenSSL 3 that list belongs to libssl, whose own exit
+ * handler (OPENSSL_cleanup) frees it again, a SIGSEGV or heap corruption after
+ * a clean stop. The list is taken out of both their reach before any
+ * connection: the first call builds it (once), and it stays here, reachable.
+ * TLS compression is off by default in OpenSSL 3 (and unsafe: CRIME); with no
+ * list, libssl behaves as if built without it.
+ */
+static STACK_OF(SSL_COMP) * ssl_comp_methods_kept;
+
+static void hide_ssl_comp_methods(void)
+{
+    (void)SSL_COMP_get_compression_methods();
+    ssl_comp_methods_kept = SSL_COMP_set0_compression_methods(NULL);
+}
+
 hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *urls, size_t nurls,
                           jsPubAckHandler ack_cb, void *ack_closure, int64_t max_pending, const volatile int *stop_flag)
 {
+    static pthread_once_t comp_once = PTHREAD_ONCE_INIT;
     hl_status st = HL_OK;
     natsStatus s;
     hl_nats *n = NULL;
     *out = NULL;
+    pthread_once(&comp_once, hide_ssl_comp_methods);
 
     if (!urls || nurls == 0 || nurls > 1024)
         return HL_ERR_INVALID;
@@ -794,10 +835,12 @@ void hl_nats_close(hl_nats *n, int timeout_ms)
     }
     if (n->nc) {
         int64_t left = deadline - now_ms();
-        /* Drain lets subscriptions finish their pending callbacks and flushes
-         * what we published; it closes the connection when done. */
-        if (left > 0 && hl_nats_connected(n) && natsConnection_DrainTimeout(n->nc, left) == NATS_OK)
-            wait_closed(n, left + 200);
+        /* A flush (PING/PONG) makes sure the server has everything we
+         * published. No drain: every subscription of ours is synchronous and
+         * retired by now (hl_nats_retire_sub), and draining one that still
+         * waits for its last message would only wait out the timeout. */
+        if (left > 0 && hl_nats_connected(n))
+            (void)natsConnection_FlushTimeout(n->nc, left);
         (void)natsConnection_Close(n->nc);
         /* nats.c delivers the closed callback on its own thread after Close
          * returns; n must stay valid until it has run. */

@@ -66,7 +66,7 @@ hl_status hl_nats_stream_bounds(hl_nats *n, const char *stream, uint64_t *first,
  */
 void hl_nats_retire_sub(hl_nats *n, natsSubscription *sub);
 
-/* Waits for outstanding async publishes (up to timeout_ms), drains and closes,
+/* Waits for outstanding async publishes (up to timeout_ms), flushes and closes,
  * then frees the retired subscriptions. NULL is a no-op. */
 void hl_nats_close(hl_nats *n, int timeout_ms);
 /* At exit, after every hl_nats_close: waits up to timeout_ms for nats.c's own

@@ -572,6 +572,23 @@ static void add_route_security(hl_buf *out, const hl_config *c)
     }
 }
 
+/* nats.client_tls: TLS on the client port, with the same certificate as the
+ * routes (docs/security.md); verify: clients present a certificate the CA
+ * signed. The file watcher's reload covers this block too. */
+static void add_client_tls(hl_buf *out, const hl_config *c)
+{
+    if (!set(c->nats.client_tls) || strcmp(c->nats.client_tls, "off") == 0 || !set(c->nats.server_cert_file))
+        return;
+    hl_buf_adds(out, "tls {\n");
+    add_conf_path(out, "  cert_file: ", c->nats.server_cert_file);
+    add_conf_path(out, "  key_file: ", c->nats.server_key_file);
+    if (set(c->nats.server_ca_file))
+        add_conf_path(out, "  ca_file: ", c->nats.server_ca_file);
+    if (strcmp(c->nats.client_tls, "verify") == 0)
+        hl_buf_adds(out, "  verify: true\n");
+    hl_buf_adds(out, "  timeout: 5\n}\n");
+}
+
 hl_status hl_nats_server_render_config(const hl_config *c, hl_buf *out)
 {
     hl_peer_set p;
@@ -696,6 +713,7 @@ hl_status hl_nats_server_render(const hl_config *c, const hl_peer_set *peers, hl
         st = nats_dir(c, &dir);
     if (!st) {
         add_server(out, c, bind, hl_buf_str(&dir));
+        add_client_tls(out, c);
         add_cluster(out, c, peers);
         add_leafnodes(out, c, peers);
         add_authorization(out, c);

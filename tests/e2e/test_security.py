@@ -254,3 +254,59 @@ def test_route_tls_verifies_peers_and_reloads_renewed_files(hl_bin, tmp_path_fac
         harness.wait_equal(lambda: n1.scalar("SELECT title FROM books WHERE id = 900102"), "renewed", REPL_TIMEOUT,
                            "replicated after the renewal")
         assert n1.log_path.read_bytes()[seen:].count(b"nats-server started") == 0
+
+
+def tls_connect(url: str, ca: str | None, cert: tuple[str, str] | None) -> str:
+    """Connects over TLS (or plain when ca is None) and round-trips a PING; returns what went wrong, "" if nothing."""
+    import ssl
+
+    import nats
+
+    async def main():
+        ctx = None
+        if ca is not None:
+            ctx = ssl.create_default_context(cafile=ca)
+            if cert:
+                ctx.load_cert_chain(*cert)
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0, tls=ctx)
+        try:
+            await nc.flush(timeout=5)
+        finally:
+            await nc.close()
+        return ""
+
+    try:
+        return asyncio.run(asyncio.wait_for(main(), 30))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}" or "failed"
+
+
+def test_client_port_tls_with_client_certificates(hl_bin, tmp_path_factory):
+    """nats.client_tls: verify: the client port takes only TLS clients that present a certificate the
+    CA signed; harmonylite's own connection does, and the nodes replicate."""
+    certs = tmp_path_factory.mktemp("ccerts")
+    files = make_certs(certs)
+    settings = {"replication_log": {"replicas": 2},
+                "nats": {"user_name": NODE_USER, "user_password": NODE_PASSWORD, "client_tls": "verify", **files}}
+    with harness.started_cluster(hl_bin, tmp_path_factory.mktemp("ctls"), size=2, settings=settings) as c:
+        n1, n2 = c.nodes
+        n1.execute("INSERT INTO books (id, title, author, publication_year) VALUES (900201, 'ctls', 'a', 2000)")
+        harness.wait_equal(lambda: n2.scalar("SELECT title FROM books WHERE id = 900201"), "ctls", REPL_TIMEOUT,
+                           "replicated with TLS on the client ports")
+        conf = (n1.data_dir / "nats" / "nats-server.conf").read_text()
+        top = conf[:conf.index("cluster {")]
+        assert "tls {" in top and "verify: true" in top, conf
+
+        url = url_with(n1, NODE_USER, NODE_PASSWORD)
+        ca, pair_files = str(certs / "ca.crt"), (str(certs / "tls.crt"), str(certs / "tls.key"))
+        # The right login is not enough: plain text, or TLS without a certificate, is refused.
+        assert tls_connect(url, None, None), "a plain-text client connected"
+        assert tls_connect(url, ca, None), "a TLS client without a certificate connected"
+        err = try_publish(url, forged(n1, 106))
+        assert err, "a plain-text client published"
+        not_applied(c, 106)
+        # A client with a certificate the CA signed and the login gets in.
+        assert tls_connect(url.replace("nats://", "tls://"), ca, pair_files) == ""
+        # The generated file holds the login: readable by its owner only.
+        mode = stat.S_IMODE((n1.data_dir / "nats" / "nats-server.conf").stat().st_mode)
+        assert mode == 0o600, oct(mode)
