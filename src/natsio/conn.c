@@ -414,6 +414,9 @@ static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *co
  */
 static STACK_OF(SSL_COMP) * ssl_comp_methods_kept;
 
+/* Set by the first hl_nats_connect: nats.c's library is open from then on. */
+static atomic_bool lib_opened;
+
 static void hide_ssl_comp_methods(void)
 {
     (void)SSL_COMP_get_compression_methods();
@@ -429,6 +432,7 @@ hl_status hl_nats_connect(hl_nats **out, const hl_config *c, const char *const *
     hl_nats *n = NULL;
     *out = NULL;
     pthread_once(&comp_once, hide_ssl_comp_methods);
+    atomic_store(&lib_opened, true);
 
     if (!urls || nurls == 0 || nurls > 1024)
         return HL_ERR_INVALID;
@@ -875,6 +879,8 @@ static void nats_free(hl_nats *n)
 
 void hl_nats_shutdown(int timeout_ms)
 {
+    if (!atomic_load(&lib_opened))
+        return; /* never connected (a configuration error): nothing to wait for */
     /* Waits for every thread nats.c started; none of our callbacks runs after. */
     if (nats_CloseAndWait(timeout_ms > 0 ? timeout_ms : 0) != NATS_OK) {
         hl_log(HL_LOG_WARN, "nats library threads still running at exit", "component", "nats", NULL);

@@ -3,6 +3,7 @@ render for several value sets, validate every object against the Kubernetes
 API schemas offline, and check what the chart promises (probes, ports,
 volumes, security context, PDB arithmetic, discovery names, a configuration
 harmonylite accepts)."""
+import base64
 import os
 import subprocess
 import tempfile
@@ -84,7 +85,7 @@ def test_default_install_renders_valid_objects(helm):
     docs = render(helm)
     validate(docs)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Secret", "Service", "Service", "ServiceAccount",
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "Secret", "Secret", "Service", "Service", "ServiceAccount",
                      "StatefulSet"]
     sts = one(docs, "StatefulSet")
     spec = sts["spec"]
@@ -158,7 +159,8 @@ def test_restore_init_container_and_s3_secret(helm):
     # An existing Secret is used, none is created.
     docs = render(helm, S3, {"snapshot": {"s3": {"existingSecret": "mine", "accessKeyId": ""}}})
     validate(docs)
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["hl-harmonylite-nats"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["hl-harmonylite-nats",
+                                                                            "hl-harmonylite-nats-tls"]
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(one(docs, "StatefulSet"), "harmonylite")["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["name"] == "mine"
 
@@ -173,9 +175,45 @@ def test_route_auth_on_by_default(helm):
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(one(docs, "StatefulSet"), "harmonylite")["env"]}
     assert env["HARMONYLITE_NATS_CLUSTER_PASSWORD"] == {"name": "hl-harmonylite-nats", "key": "cluster-password"}
     # Off: no secret, no login.
-    docs = render(helm, {"nats": {"auth": {"enabled": False}}})
+    docs = render(helm, {"nats": {"auth": {"enabled": False}, "tls": {"enabled": False}}})
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert "user_name" not in config(docs)["nats"]
+
+
+def test_route_tls_on_by_default(helm, tmp_path):
+    """Without a Secret named, the chart generates a CA and a certificate for the pods' names under the
+    headless service (and 127.0.0.1), kept across upgrades, and the routes verify each other."""
+    docs = render(helm)
+    validate(docs)
+    secret = one(docs, "Secret", "hl-harmonylite-nats-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).write_bytes(base64.b64decode(secret["data"][name]))
+    # The certificate is the CA's, and names what routes and harmonylite connect to.
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "tls.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "tls.crt"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    for san in ("DNS:*.hl-harmonylite-peers.apps.svc.cluster.local", "DNS:*.hl-harmonylite-peers",
+                "IP Address:127.0.0.1"):
+        assert san in text, text
+    assert "TLS Web Server Authentication" in text and "TLS Web Client Authentication" in text
+    sts = one(docs, "StatefulSet")
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["nats-tls"]["secret"]["secretName"] == "hl-harmonylite-nats-tls"
+    nats = config(docs)["nats"]
+    assert nats["server_ca_file"] == "/etc/harmonylite/tls/ca.crt"
+    assert nats["server_cert_file"] == "/etc/harmonylite/tls/tls.crt"
+    assert "client_tls" not in nats
+    # The client port too, on request.
+    assert config(render(helm, {"nats": {"tls": {"clientPort": True}}}))["nats"]["client_tls"] == "verify"
+    # Off: no Secret, no volume, no TLS files.
+    docs = render(helm, {"nats": {"tls": {"enabled": False}}})
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-tls")]
+    assert "nats-tls" not in [v["name"] for v in one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]]
+    assert "server_cert_file" not in config(docs)["nats"]
 
 
 def test_discovery_names_match_the_headless_service(helm):

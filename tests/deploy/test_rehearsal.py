@@ -245,12 +245,29 @@ class Rehearsal:
         self.config_dir = tmp / "etc-harmonylite"
         self.config_dir.mkdir()
         (self.config_dir / "harmonylite.yaml").write_text(cm["data"]["harmonylite.yaml"])
+        self.mount_secrets()
         self.resolv = tmp / "resolv.conf"
         self.resolv.write_text(f"nameserver {NET}.1\nsearch {DOMAIN} svc.cluster.local cluster.local\n"
                                "options ndots:5\n")
         self.pods: dict[int, Pod] = {}
         self.dns: subprocess.Popen | None = None
         self.made_etc = not Path("/etc/harmonylite").exists()
+
+    def mount_secrets(self) -> None:
+        """Secret volumes the sidecar mounts under /etc/harmonylite (the route TLS files) become
+        files in the directory bound there, as the kubelet would write them."""
+        sidecar = [c for c in self.pod_spec["containers"] if c["name"] == "harmonylite"][0]
+        mounts = {m["name"]: m["mountPath"] for m in sidecar.get("volumeMounts", [])}
+        for v in self.pod_spec.get("volumes", []):
+            if "secret" not in v or not mounts.get(v["name"], "").startswith("/etc/harmonylite/"):
+                continue
+            d = self.config_dir / mounts[v["name"]].removeprefix("/etc/harmonylite/")
+            d.mkdir(parents=True)
+            secret = [s for s in self.docs if s["kind"] == "Secret"
+                      and s["metadata"]["name"] == v["secret"]["secretName"]][0]
+            for key, value in secret["data"].items():
+                (d / key).write_bytes(base64.b64decode(value))
+                os.chmod(d / key, 0o600)
 
     def setup(self) -> None:
         if self.made_etc:

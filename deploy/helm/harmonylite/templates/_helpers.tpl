@@ -79,6 +79,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-nats" (include "harmonylite.fullname" .)) .Values.nats.auth.existingSecret -}}
 {{- end -}}
 
+{{/* The route TLS Secret: the one named, else the generated one; empty when TLS is off. */}}
+{{- define "harmonylite.tlsSecretName" -}}
+{{- if .Values.nats.tls.enabled -}}
+{{- default (printf "%s-nats-tls" (include "harmonylite.fullname" .)) .Values.nats.tls.secretName -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "harmonylite.s3SecretName" -}}
 {{- default (printf "%s-s3" (include "harmonylite.fullname" .)) .Values.snapshot.s3.existingSecret -}}
 {{- end -}}
@@ -118,10 +125,13 @@ true
 {{- if .Values.nats.auth.enabled -}}
 {{- $_ := set $cfg.nats "user_name" "harmonylite" -}}
 {{- end -}}
-{{- if .Values.nats.tls.secretName -}}
+{{- if include "harmonylite.tlsSecretName" . -}}
 {{- $_ := set $cfg.nats "server_cert_file" "/etc/harmonylite/tls/tls.crt" -}}
 {{- $_ := set $cfg.nats "server_key_file" "/etc/harmonylite/tls/tls.key" -}}
 {{- $_ := set $cfg.nats "server_ca_file" "/etc/harmonylite/tls/ca.crt" -}}
+{{- if .Values.nats.tls.clientPort -}}
+{{- $_ := set $cfg.nats "client_tls" "verify" -}}
+{{- end -}}
 {{- end -}}
 {{- if include "harmonylite.snapshotActive" . -}}
 {{- $snap := dict "store" .Values.snapshot.store "keep" (int .Values.snapshot.keep) -}}
