@@ -319,15 +319,21 @@ static bool is_set(const char *s)
     return s && *s;
 }
 
-/* TLS when any of nats.ca_file, cert_file, key_file is set, or when the
- * embedded server's client port takes only TLS (nats.client_tls): then its
- * CA (nats.server_ca_file) verifies it unless nats.ca_file is set, and with
- * "verify" harmonylite presents the server's own certificate unless
- * nats.cert_file is set. */
+/*
+ * External servers (nats.urls): TLS when any of nats.ca_file, cert_file,
+ * key_file is set. The embedded server: TLS only when its client port takes
+ * nothing else (nats.client_tls), verified with nats.ca_file, else its CA
+ * (nats.server_ca_file); with "verify" harmonylite presents nats.cert_file,
+ * else the server's own certificate. Otherwise the client's files are the
+ * leaf remotes' (nats.leaf_servers), never this plain loopback connection's.
+ */
 static hl_status set_tls(hl_nats *n, const hl_config *c)
 {
     natsOptions *o = n->opts;
-    bool embedded_tls = c->nats.urls.n == 0 && is_set(c->nats.client_tls) && strcmp(c->nats.client_tls, "off") != 0;
+    bool embedded = c->nats.urls.n == 0;
+    bool embedded_tls = embedded && is_set(c->nats.client_tls) && strcmp(c->nats.client_tls, "off") != 0;
+    if (embedded && !embedded_tls)
+        return HL_OK;
     const char *ca = c->nats.ca_file, *cert = c->nats.cert_file, *key = c->nats.key_file;
     const char *ca_key = "nats.ca_file", *cert_key = "nats.cert_file/key_file";
     if (embedded_tls && !is_set(ca)) {

@@ -1226,11 +1226,15 @@ static void file_stamp(const char *path, char *out, size_t len)
 
 static void tls_stamp(const hl_config *c, char *out, size_t len)
 {
-    char a[96], b[96], d[96];
+    char a[96], b[96], d[96], e[96], f[96], g[96];
     file_stamp(c->nats.server_cert_file, a, sizeof a);
     file_stamp(c->nats.server_key_file, b, sizeof b);
     file_stamp(c->nats.server_ca_file, d, sizeof d);
-    snprintf(out, len, "%s|%s|%s", a, b, d);
+    /* The leaf remotes' (the client's) files. */
+    file_stamp(c->nats.ca_file, e, sizeof e);
+    file_stamp(c->nats.cert_file, f, sizeof f);
+    file_stamp(c->nats.key_file, g, sizeof g);
+    snprintf(out, len, "%s|%s|%s|%s|%s|%s", a, b, d, e, f, g);
 }
 
 /* Renewed certificates take effect without a restart: when the files change
@@ -1238,7 +1242,7 @@ static void tls_stamp(const hl_config *c, char *out, size_t len)
 static void *cert_watch_main(void *arg)
 {
     hl_nats_server *s = arg;
-    char seen[320], now_stamp[320];
+    char seen[640], now_stamp[640];
     tls_stamp(s->cfg, seen, sizeof seen);
     pthread_mutex_lock(&s->mu);
     while (!s->stopping) {
@@ -1253,7 +1257,7 @@ static void *cert_watch_main(void *arg)
             memcpy(seen, now_stamp, sizeof seen);
             if (s->pid > 0)
                 kill(s->pid, SIGHUP);
-            hl_log(HL_LOG_INFO, "route TLS files changed, nats-server reloads them", "component", "nats-server", NULL);
+            hl_log(HL_LOG_INFO, "TLS files changed, nats-server reloads them", "component", "nats-server", NULL);
         }
     }
     pthread_mutex_unlock(&s->mu);
@@ -1506,7 +1510,8 @@ hl_status hl_nats_server_start_peers(hl_nats_server **out, const hl_config *c, c
         goto out;
     }
     s->supervisor_started = true;
-    if (set(c->nats.server_cert_file) && pthread_create(&s->certwatch, NULL, cert_watch_main, s) == 0)
+    bool leaf_tls = s->peers.leafs.n > 0 && (set(c->nats.ca_file) || set(c->nats.cert_file));
+    if ((set(c->nats.server_cert_file) || leaf_tls) && pthread_create(&s->certwatch, NULL, cert_watch_main, s) == 0)
         s->certwatch_started = true;
 
     st = wait_ready(s, deadline, timeout_ms);

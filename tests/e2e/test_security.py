@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -248,7 +249,7 @@ def test_route_tls_verifies_peers_and_reloads_renewed_files(hl_bin, tmp_path_fac
         sign(certs, renewed)
         for name in ("tls.crt", "tls.key"):
             os.replace(renewed / name, certs / name)
-        wait_until(lambda: b"route TLS files changed" in n1.log_path.read_bytes()[seen:], REPL_TIMEOUT,
+        wait_until(lambda: b"TLS files changed" in n1.log_path.read_bytes()[seen:], REPL_TIMEOUT,
                    "the renewal noticed")
         n2.execute("INSERT INTO books (id, title, author, publication_year) VALUES (900102, 'renewed', 'a', 2000)")
         harness.wait_equal(lambda: n1.scalar("SELECT title FROM books WHERE id = 900102"), "renewed", REPL_TIMEOUT,
@@ -310,3 +311,69 @@ def test_client_port_tls_with_client_certificates(hl_bin, tmp_path_factory):
         # The generated file holds the login: readable by its owner only.
         mode = stat.S_IMODE((n1.data_dir / "nats" / "nats-server.conf").stat().st_mode)
         assert mode == 0o600, oct(mode)
+
+
+def test_leaf_connection_over_tls_with_a_client_certificate(hl_bin, tmp_path_factory):
+    """nats.leaf_servers with the client's TLS files (nats.ca_file, cert_file, key_file): the embedded
+    server connects to a hub that requires a client certificate; harmonylite's own connection to its
+    embedded server stays plain (its client port has no TLS). Files renewed under a new CA are loaded
+    without a restart: the hub, restarted to trust only the new CA, takes the leaf back."""
+    certs, hub_dir = tmp_path_factory.mktemp("lcerts"), tmp_path_factory.mktemp("hub")
+    make_certs(certs)
+    client, leaf, monitor = harness.free_port(), harness.free_port(), harness.free_port()
+
+    def start_hub(ca_dir):
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            shutil.copy(ca_dir / name, hub_dir / name)
+        (hub_dir / "hub.conf").write_text(f"""
+listen: 127.0.0.1:{client}
+http: 127.0.0.1:{monitor}
+leafnodes {{
+  listen: 127.0.0.1:{leaf}
+  tls {{ cert_file: "{hub_dir}/tls.crt", key_file: "{hub_dir}/tls.key", ca_file: "{hub_dir}/ca.crt", verify: true }}
+}}
+""")
+        log = open(hub_dir / "hub.log", "ab")
+        p = subprocess.Popen([harness.nats_server_bin(), "-c", str(hub_dir / "hub.conf")], stdout=log, stderr=log,
+                             start_new_session=True)
+        log.close()
+        wait_until(lambda: leafs() >= 0, REPL_TIMEOUT, "the hub listening")
+        return p
+
+    def leafs() -> int:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/leafz", timeout=5) as r:
+                return len(json.loads(r.read()).get("leafs") or [])
+        except OSError:
+            return -1
+
+    settings = {"replication_log": {"replicas": 1},
+                "nats": {"cluster_addr": "", "cluster_peers": [], "leaf_servers": [f"tls://127.0.0.1:{leaf}"],
+                         "ca_file": str(certs / "ca.crt"), "cert_file": str(certs / "tls.crt"),
+                         "key_file": str(certs / "tls.key"), "reconnect_wait_seconds": 1}}
+    hub = start_hub(certs)
+    try:
+        with harness.started_cluster(hl_bin, tmp_path_factory.mktemp("leaf"), size=1, settings=settings) as c:
+            n1 = c.nodes[0]
+            wait_until(lambda: leafs() == 1, REPL_TIMEOUT, "the node's leaf connection on the hub")
+            conf = (n1.data_dir / "nats" / "nats-server.conf").read_text()
+            assert "leafnodes" in conf and str(certs / "tls.crt") in conf, conf
+            # Renewed under a new CA: the node's files change in place, then the
+            # hub restarts trusting only the new CA.
+            seen = len(n1.log_path.read_bytes())
+            new_ca = tmp_path_factory.mktemp("lnewca")
+            make_certs(new_ca)
+            for name in ("ca.crt", "tls.crt", "tls.key"):
+                shutil.copy(new_ca / name, certs / (name + ".new"))
+                os.replace(certs / (name + ".new"), certs / name)
+            wait_until(lambda: b"TLS files changed" in n1.log_path.read_bytes()[seen:], REPL_TIMEOUT,
+                       "the renewal noticed")
+            hub.terminate()
+            hub.wait(15)
+            hub = start_hub(new_ca)
+            wait_until(lambda: leafs() == 1, REPL_TIMEOUT, "the leaf connection with the renewed files")
+            assert n1.log_path.read_bytes()[seen:].count(b"nats-server started") == 0
+    finally:
+        hub.terminate()
+        hub.wait(15)
