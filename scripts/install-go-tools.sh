@@ -2,7 +2,7 @@
 # install-go-tools.sh - builds Go tools the tests need, caches them outside the
 # repository, and prints each one's path (one line per tool, in order).
 #
-#   scripts/install-go-tools.sh nats-server|helm|kustomize [...]
+#   scripts/install-go-tools.sh nats-server|helm|kustomize|nats [...]   (nats: natscli)
 #
 # Tools and their pinned versions are in the table below. A tool already built
 # is only printed. Cache: ${XDG_CACHE_HOME:-$HOME/.cache}/harmonylite/go-tools.
@@ -24,6 +24,7 @@ tool_module() {
     nats-server) echo "github.com/nats-io/nats-server/v2@v2.12.15" ;;
     helm) echo "helm.sh/helm/v3/cmd/helm@v3.19.0" ;;
     kustomize) echo "sigs.k8s.io/kustomize/kustomize/v5@v5.7.1" ;;
+    nats) echo "github.com/nats-io/natscli/nats@v0.5.1" ;;
     *) return 1 ;;
     esac
 }
@@ -87,7 +88,7 @@ find_go() {
     echo "$root/bin/go"
 }
 
-[ "$#" -gt 0 ] || die "usage: $0 tool... (known: nats-server helm kustomize)"
+[ "$#" -gt 0 ] || die "usage: $0 tool... (known: nats-server helm kustomize nats)"
 for tool in "$@"; do
     tool_module "$tool" >/dev/null || die "unknown tool: $tool"
 done

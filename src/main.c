@@ -13,6 +13,7 @@
 #include "config/config.h"
 #include "db/db.h"
 #include "engine.h"
+#include "natsio/conn.h"
 #include "registry/registry.h"
 #include "snapshot/snapshot.h"
 
@@ -127,6 +128,7 @@ static int run_save_snapshot(const hl_config *c)
 {
     char where[1024], err[1024];
     hl_status st = hl_snapshot_save(c, where, sizeof where, err, sizeof err);
+    hl_nats_shutdown(5000); /* the nats store's connection, if it was used */
     if (st) {
         fprintf(stderr, "harmonylite: -save-snapshot: %s\n", err);
         return st == HL_ERR_CONFIG ? 2 : 1;
@@ -141,6 +143,7 @@ static int run_restore(const hl_config *c, bool force)
     char info[1024], err[1024];
     hl_restore_result res;
     hl_status st = hl_snapshot_restore(c, force, &res, info, sizeof info, err, sizeof err);
+    hl_nats_shutdown(5000); /* the nats store's connection, if it was used */
     if (st) {
         fprintf(stderr, "harmonylite: -restore: %s\n", err);
         return st == HL_ERR_CONFIG ? 2 : 1;

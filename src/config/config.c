@@ -236,8 +236,8 @@ static const hl_key keys[] = {
     INT("http.max_connections_per_client", http.max_connections_per_client, 1, 1000000, "16",
         "HTTP connections open at once from one client address"),
 
-    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir|sftp|webdav", NULL, false,
-     "where snapshots go: s3, dir, sftp or webdav"},
+    {"snapshot.store", HL_KEY_STRING, OFF(snapshot.store), 0, 0, "s3", "s3|dir|sftp|webdav|nats", NULL, false,
+     "where snapshots go: s3, dir, sftp, webdav or nats (a NATS object store)"},
     INT("snapshot.keep", snapshot.keep, 1, 1000, "3", "newest snapshots kept in the store; older ones are removed"),
     STR("snapshot.dir", snapshot.dir, NULL, "directory of the dir store (a local or mounted file system)"),
     STR("snapshot.s3_endpoint", snapshot.s3_endpoint, NULL,
@@ -270,6 +270,11 @@ static const hl_key keys[] = {
     {"snapshot.webdav_password", HL_KEY_STRING, OFF(snapshot.webdav_password), 0, 0, NULL, NULL, NULL, true,
      "WebDAV password (never logged or dumped)"},
     STR("snapshot.webdav_ca_file", snapshot.webdav_ca_file, NULL, "CA certificates (PEM) to verify an https server"),
+    /* snapshot.store: nats */
+    STRC("snapshot.nats_bucket", snapshot.nats_bucket, "harmonylite-snapshots", check_bucket,
+         "object store bucket of the nats store (stream OBJ_<bucket>), created when missing"),
+    INT("snapshot.nats_replicas", snapshot.nats_replicas, 0, 5, "0",
+        "replicas of a nats store bucket harmonylite creates; 0: replication_log.replicas"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))

@@ -138,6 +138,8 @@ typedef struct hl_config {
         char *webdav_user;         /* snapshot.webdav_user */
         char *webdav_password;     /* snapshot.webdav_password (secret) */
         char *webdav_ca_file;      /* snapshot.webdav_ca_file: CA certificates (PEM) for https */
+        char *nats_bucket;         /* snapshot.nats_bucket: object store bucket of the nats store */
+        int nats_replicas;         /* snapshot.nats_replicas: 0 = replication_log.replicas */
     } snapshot;
 } hl_config;
 

@@ -420,6 +420,18 @@ static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *co
  */
 static STACK_OF(SSL_COMP) * ssl_comp_methods_kept;
 
+void hl_nats_local_url(const hl_config *c, char *url, size_t len)
+{
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
+    const char *colon = strrchr(bind, ':');
+    size_t hl = colon ? (size_t)(colon - bind) : 0;
+    const char *port = colon ? colon + 1 : "4222";
+    if (hl == 0 || (hl == 7 && strncmp(bind, "0.0.0.0", 7) == 0) || (hl == 4 && strncmp(bind, "[::]", 4) == 0))
+        snprintf(url, len, "nats://127.0.0.1:%s", port);
+    else
+        snprintf(url, len, "nats://%.*s:%s", (int)hl, bind, port);
+}
+
 /* Set by the first hl_nats_connect: nats.c's library is open from then on. */
 static atomic_bool lib_opened;
 

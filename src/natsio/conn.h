@@ -35,6 +35,10 @@ jsCtx *hl_nats_js(hl_nats *n);
 /* True while the connection is CONNECTED (not reconnecting/closed). Thread-safe. */
 bool hl_nats_connected(hl_nats *n);
 
+/* The embedded server's client URL, from nats.bind_address (a wildcard host is
+ * this machine: 127.0.0.1), for commands that reach a running node's server. */
+void hl_nats_local_url(const hl_config *c, char *url, size_t len);
+
 /* Stream and subject names for shard i: "<stream_prefix>-<i>", "<subject_prefix>.<i>". */
 void hl_nats_stream_name(const hl_config *c, int shard, char *buf, size_t len);
 void hl_nats_subject(const hl_config *c, int shard, char *buf, size_t len);

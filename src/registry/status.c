@@ -104,19 +104,6 @@ int hl_schema_status_local(const hl_config *c, bool json)
     return 0;
 }
 
-/* The embedded server's client URL from nats.bind_address (a wildcard host is this machine). */
-static void local_url(const hl_config *c, char *url, size_t len)
-{
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "0.0.0.0:4222";
-    const char *colon = strrchr(bind, ':');
-    size_t hl = colon ? (size_t)(colon - bind) : 0;
-    const char *port = colon ? colon + 1 : "4222";
-    if (hl == 0 || (hl == 7 && strncmp(bind, "0.0.0.0", 7) == 0) || (hl == 4 && strncmp(bind, "[::]", 4) == 0))
-        snprintf(url, len, "nats://127.0.0.1:%s", port);
-    else
-        snprintf(url, len, "nats://%.*s:%s", (int)hl, bind, port);
-}
-
 int hl_schema_status_cluster(const hl_config *c, bool json)
 {
     char url[300];
@@ -124,7 +111,7 @@ int hl_schema_status_cluster(const hl_config *c, bool json)
     const char *const *urls = (const char *const *)c->nats.urls.v;
     size_t nurls = c->nats.urls.n;
     if (!nurls) {
-        local_url(c, url, sizeof url);
+        hl_nats_local_url(c, url, sizeof url);
         urls = local;
         nurls = 1;
     }

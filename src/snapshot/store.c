@@ -28,6 +28,17 @@ void hl_store_names_free(hl_store_names *l)
     l->n = 0;
 }
 
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+void hl_store_names_sort(hl_store_names *l)
+{
+    if (l->n > 1)
+        qsort(l->v, l->n, sizeof *l->v, cmp_name);
+}
+
 hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t errlen)
 {
     *out = NULL;
@@ -45,7 +56,9 @@ hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t er
         return hl_store_sftp_open(out, c, err, errlen);
     if (strcmp(kind, "webdav") == 0)
         return hl_store_webdav_open(out, c, err, errlen);
-    snprintf(err, errlen, "snapshot.store: expected s3, dir, sftp or webdav");
+    if (strcmp(kind, "nats") == 0)
+        return hl_store_nats_open(out, c, err, errlen);
+    snprintf(err, errlen, "snapshot.store: expected s3, dir, sftp, webdav or nats");
     return HL_ERR_CONFIG;
 }
 

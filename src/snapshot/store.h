@@ -5,6 +5,7 @@
  *   store_s3.c   an S3-compatible bucket through libcurl (SigV4, multipart)
  *   store_sftp.c a directory on an SSH server through libcurl (known_hosts checked)
  *   store_webdav.c a WebDAV collection through libcurl (PUT, MOVE, PROPFIND)
+ *   store_nats.c a NATS object store (JetStream), in the layout nats.go and the nats CLI use
  *
  * A store holds flat names (hl_snapshot_name_ok) under its location. Every
  * call is synchronous and used from one thread. Errors are written to err as
@@ -36,6 +37,8 @@ typedef struct hl_store_names {
     size_t n;
 } hl_store_names;
 void hl_store_names_free(hl_store_names *l);
+/* Sorts the names (byte order: snapshot names sort by creation time), as every list returns them. */
+void hl_store_names_sort(hl_store_names *l);
 
 typedef struct hl_store hl_store;
 
@@ -77,6 +80,7 @@ hl_status hl_store_dir_open(hl_store **out, const char *dir, char *err, size_t e
 hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 hl_status hl_store_webdav_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
+hl_status hl_store_nats_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 
 /* Progress of a transfer: logs bytes, rate and ETA every few seconds once it has taken more than a few. */
 typedef struct hl_progress {

@@ -170,11 +170,6 @@ static hl_status dir_get(hl_store *s, const char *name, uint64_t max, hl_store_s
     return st;
 }
 
-static int cmp_name(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static hl_status dir_list(hl_store *s, hl_store_names *out, char *err, size_t errlen)
 {
     dir_store *d = (dir_store *)s;
@@ -202,7 +197,7 @@ static hl_status dir_list(hl_store *s, hl_store_names *out, char *err, size_t er
     }
     closedir(dp);
     if (out->n)
-        qsort(out->v, out->n, sizeof *out->v, cmp_name);
+        hl_store_names_sort(out);
     return HL_OK;
 nomem:
     closedir(dp);

@@ -547,11 +547,6 @@ static hl_status s3_get(hl_store *st, const char *name, uint64_t max, hl_store_s
     return rc;
 }
 
-static int cmp_name(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static hl_status s3_list(hl_store *st, hl_store_names *out, char *err, size_t errlen)
 {
     s3_store *s = (s3_store *)st;
@@ -599,7 +594,7 @@ static hl_status s3_list(hl_store *st, hl_store_names *out, char *err, size_t er
         return rc;
     }
     if (out->n)
-        qsort(out->v, out->n, sizeof *out->v, cmp_name);
+        hl_store_names_sort(out);
     return HL_OK;
 }
 

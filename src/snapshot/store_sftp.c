@@ -275,11 +275,6 @@ static hl_status sftp_get(hl_store *st, const char *name, uint64_t max, hl_store
     return rc;
 }
 
-static int cmp_name(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static hl_status sftp_list(hl_store *st, hl_store_names *out, char *err, size_t errlen)
 {
     sftp_store *s = (sftp_store *)st;
@@ -331,7 +326,7 @@ static hl_status sftp_list(hl_store *st, hl_store_names *out, char *err, size_t 
         return rc;
     }
     if (out->n)
-        qsort(out->v, out->n, sizeof *out->v, cmp_name);
+        hl_store_names_sort(out);
     return HL_OK;
 }
 

@@ -349,11 +349,6 @@ static hl_status on_href(void *arg, const char *href)
     return HL_OK;
 }
 
-static int cmp_name(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static hl_status dav_list(hl_store *st, hl_store_names *out, char *err, size_t errlen)
 {
     static const char body[] = "<?xml version=\"1.0\" encoding=\"utf-8\"?>"
@@ -392,7 +387,7 @@ static hl_status dav_list(hl_store *st, hl_store_names *out, char *err, size_t e
         return rc;
     }
     if (out->n)
-        qsort(out->v, out->n, sizeof *out->v, cmp_name);
+        hl_store_names_sort(out);
     return HL_OK;
 }
 

@@ -1070,7 +1070,7 @@ START_TEST(test_snapshot_keys)
     free(text);
     hl_config_free(&c);
     expect_load_error("snapshot:\n  store: ftp\n",
-                      "2: snapshot.store: expected one of s3, dir, sftp, webdav, got \"ftp\"");
+                      "2: snapshot.store: expected one of s3, dir, sftp, webdav, nats, got \"ftp\"");
     expect_load_error("snapshot:\n  keep: 0\n", "2: snapshot.keep: expected an integer from 1 to 1000, got \"0\"");
 }
 END_TEST
