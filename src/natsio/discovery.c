@@ -169,44 +169,31 @@ hl_status hl_discovery_srv_routes(const unsigned char *abuf, int alen, hl_peer_s
 hl_status hl_discovery_addr_routes(const unsigned char *abuf, int alen, bool ipv6, int port, hl_peer_set *out)
 {
     enum { CAP = HL_DISCOVERY_MAX_ANSWERS };
-    hl_status st = HL_OK;
-    int n = CAP;
-    char addr[INET6_ADDRSTRLEN], url[INET6_ADDRSTRLEN + 32];
     if (port < 1 || port > 65535)
         return HL_ERR_INVALID;
-    if (ipv6) {
-        struct ares_addr6ttl *a = calloc(CAP, sizeof *a);
-        if (!a)
-            return HL_ERR_NOMEM;
-        int r = ares_parse_aaaa_reply(abuf, alen, NULL, a, &n);
-        if (r == ARES_ENODATA)
-            st = HL_ERR_NOT_FOUND;
-        else if (r != ARES_SUCCESS)
-            st = HL_ERR_INVALID;
-        for (int i = 0; !st && i < n; i++) {
-            inet_ntop(AF_INET6, &a[i].ip6addr, addr, sizeof addr);
+    struct ares_addr6ttl *a6 = NULL;
+    struct ares_addrttl *a4 = NULL;
+    void *a = ipv6 ? (void *)(a6 = calloc(CAP, sizeof *a6)) : (void *)(a4 = calloc(CAP, sizeof *a4));
+    if (!a)
+        return HL_ERR_NOMEM;
+    int n = CAP;
+    int r = ipv6 ? ares_parse_aaaa_reply(abuf, alen, NULL, a6, &n) : ares_parse_a_reply(abuf, alen, NULL, a4, &n);
+    hl_status st = r == ARES_ENODATA   ? HL_ERR_NOT_FOUND
+                   : r != ARES_SUCCESS ? HL_ERR_INVALID
+                   : n == 0            ? HL_ERR_NOT_FOUND
+                                       : HL_OK;
+    for (int i = 0; !st && i < n; i++) {
+        char addr[INET6_ADDRSTRLEN], url[INET6_ADDRSTRLEN + 32];
+        if (ipv6) {
+            inet_ntop(AF_INET6, &a6[i].ip6addr, addr, sizeof addr);
             snprintf(url, sizeof url, "nats://[%s]:%d", addr, port);
-            st = hl_peer_set_add_route(out, url);
-        }
-        free(a);
-    } else {
-        struct ares_addrttl *a = calloc(CAP, sizeof *a);
-        if (!a)
-            return HL_ERR_NOMEM;
-        int r = ares_parse_a_reply(abuf, alen, NULL, a, &n);
-        if (r == ARES_ENODATA)
-            st = HL_ERR_NOT_FOUND;
-        else if (r != ARES_SUCCESS)
-            st = HL_ERR_INVALID;
-        for (int i = 0; !st && i < n; i++) {
-            inet_ntop(AF_INET, &a[i].ipaddr, addr, sizeof addr);
+        } else {
+            inet_ntop(AF_INET, &a4[i].ipaddr, addr, sizeof addr);
             snprintf(url, sizeof url, "nats://%s:%d", addr, port);
-            st = hl_peer_set_add_route(out, url);
         }
-        free(a);
+        st = hl_peer_set_add_route(out, url);
     }
-    if (!st && n == 0)
-        st = HL_ERR_NOT_FOUND;
+    free(a);
     return st;
 }
 
