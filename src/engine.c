@@ -522,7 +522,7 @@ static hl_status catchup_turn(engine *e)
         e->snap.catching_up = false;
         e->snap.gap = true;
         snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
-                 "%s; %s: take a snapshot on an up-to-date node (-save-snapshot) or restore this one with -restore "
+                 "%s; %s; take a snapshot on an up-to-date node (-save-snapshot) or restore this one with -restore "
                  "-force at the next start",
                  e->gap_base, reason);
         return HL_OK;

@@ -189,7 +189,7 @@ enum {
 typedef struct check {
     const char *name;
     bool ok;
-    char reason[400];
+    char reason[600];
 } check;
 
 /* Marks c failed, with a printf-style reason. */

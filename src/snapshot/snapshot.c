@@ -988,8 +988,8 @@ static bool covers(const hl_manifest *m, int n, char *const *streams, const uint
             if (strcmp(m->streams[k].name, streams[i]) == 0)
                 have = m->streams[k].seq;
         if (have < need[i]) {
-            snprintf(why, whylen, "it reaches stream %s only up to %" PRIu64 ", the stream starts at %" PRIu64,
-                     streams[i], have, need[i] + 1);
+            snprintf(why, whylen, "reaches stream %s only up to %" PRIu64 ", not %" PRIu64, streams[i], have,
+                     need[i]);
             return false;
         }
     }
@@ -1069,10 +1069,9 @@ hl_status hl_snapshot_fetch_covering(const hl_config *c, int n, char *const *str
         goto out;
     }
     if (!tried)
-        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot in %s", store->where);
+        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot covers the gap: the store is empty");
     else if (uncovered == tried)
-        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot in %s covers the gap (the newest: %s)", store->where,
-                   last_why);
+        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot covers the gap (the newest %s)", last_why);
     else
         res = fail(err, errlen, HL_ERR_DECODE, "none of the %zu snapshots in %s both verifies and covers the gap (%s)",
                    tried, store->where, last_why);
