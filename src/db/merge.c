@@ -320,73 +320,76 @@ fail:
     return st;
 }
 
-hl_status hl_db_merge_finish(hl_merge *m)
+/* Every row of the snapshot query get (?1, ?2: this node's id and epoch,
+ * for leaving out its own origin) written by put, column for column. */
+static hl_status copy_rows(hl_merge *m, const char *get_sql, const char *put_sql, const char *what)
 {
     hl_db *d = m->d;
     sqlite3_stmt *get = NULL, *put = NULL;
+    hl_status st = HL_OK;
+    int rc = sqlite3_prepare_v2(m->snap, get_sql, -1, &get, NULL);
+    if (rc != SQLITE_OK)
+        return snap_err(m, rc, what);
+    if ((rc = sqlite3_prepare_v2(d->db, put_sql, -1, &put, NULL)) != SQLITE_OK) {
+        sqlite3_finalize(get);
+        return hl_db_err(d, rc, what);
+    }
+    sqlite3_bind_int64(get, 1, (int64_t)d->node_id);
+    sqlite3_bind_int64(get, 2, (int64_t)d->epoch);
+    int n = sqlite3_column_count(get);
+    while (!st && (rc = sqlite3_step(get)) == SQLITE_ROW) {
+        for (int i = 0; i < n; i++)
+            sqlite3_bind_value(put, i + 1, sqlite3_column_value(get, i));
+        if ((rc = sqlite3_step(put)) != SQLITE_DONE)
+            st = hl_db_err(d, rc, what);
+        sqlite3_reset(put);
+    }
+    if (!st && rc != SQLITE_DONE)
+        st = snap_err(m, rc, what);
+    sqlite3_finalize(get);
+    sqlite3_finalize(put);
+    return st;
+}
+
+hl_status hl_db_merge_finish(hl_merge *m)
+{
+    hl_db *d = m->d;
     hl_status st;
-    int rc;
     if ((st = hl_db_begin(d)))
         return st;
-    /* Stream positions. */
-    if ((rc = sqlite3_prepare_v2(m->snap, "SELECT stream, seq FROM " HL_PREFIX "seq", -1, &get, NULL)) != SQLITE_OK) {
-        st = snap_err(m, rc, "reading its stream positions");
-        goto out;
-    }
-    if ((rc = sqlite3_prepare_v2(d->db,
-                                 "INSERT INTO " HL_PREFIX "seq(stream, seq) VALUES (?1, ?2) ON CONFLICT(stream) DO "
-                                 "UPDATE SET seq = max(seq, excluded.seq)",
-                                 -1, &put, NULL)) != SQLITE_OK) {
-        st = hl_db_err(d, rc, "merge positions");
-        goto out;
-    }
-    while (!st && (rc = sqlite3_step(get)) == SQLITE_ROW) {
-        if (sqlite3_column_type(get, 0) != SQLITE_TEXT || sqlite3_column_int64(get, 1) <= 0)
-            continue;
-        sqlite3_bind_text(put, 1, (const char *)sqlite3_column_text(get, 0), -1, SQLITE_TRANSIENT);
-        sqlite3_bind_int64(put, 2, sqlite3_column_int64(get, 1));
-        if ((rc = sqlite3_step(put)) != SQLITE_DONE)
-            st = hl_db_err(d, rc, "merge positions");
-        sqlite3_reset(put);
-    }
-    if (!st && rc != SQLITE_DONE)
-        st = snap_err(m, rc, "reading its stream positions");
-    sqlite3_finalize(get);
-    sqlite3_finalize(put);
-    get = put = NULL;
-    if (st)
-        goto out;
-    /* Per-origin applied sequences: every changeset up to the snapshot's is in
-     * its rows now. Our own origin is ours to number. */
-    if ((rc = sqlite3_prepare_v2(m->snap, "SELECT node, epoch, seq FROM " HL_PREFIX "origins", -1, &get, NULL)) !=
-        SQLITE_OK) {
-        st = snap_err(m, rc, "reading its origins");
-        goto out;
-    }
-    if ((rc = sqlite3_prepare_v2(d->db,
-                                 "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) VALUES (?1, ?2, ?3) ON "
-                                 "CONFLICT(node, epoch) DO UPDATE SET seq = max(seq, excluded.seq)",
-                                 -1, &put, NULL)) != SQLITE_OK) {
-        st = hl_db_err(d, rc, "merge origins");
-        goto out;
-    }
-    while (!st && (rc = sqlite3_step(get)) == SQLITE_ROW) {
-        int64_t node = sqlite3_column_int64(get, 0), epoch = sqlite3_column_int64(get, 1);
-        int64_t seq = sqlite3_column_int64(get, 2);
-        if (node <= 0 || seq <= 0 || ((uint64_t)node == d->node_id && (uint64_t)epoch == d->epoch))
-            continue;
-        sqlite3_bind_int64(put, 1, node);
-        sqlite3_bind_int64(put, 2, epoch);
-        sqlite3_bind_int64(put, 3, seq);
-        if ((rc = sqlite3_step(put)) != SQLITE_DONE)
-            st = hl_db_err(d, rc, "merge origins");
-        sqlite3_reset(put);
-    }
-    if (!st && rc != SQLITE_DONE)
-        st = snap_err(m, rc, "reading its origins");
-out:
-    sqlite3_finalize(get);
-    sqlite3_finalize(put);
+    /* Stream positions, never moved back. */
+    if (!(st = copy_rows(m,
+                         "SELECT stream, seq FROM " HL_PREFIX "seq WHERE typeof(stream) = 'text' AND seq > 0 AND "
+                         "?1 IS NOT NULL AND ?2 IS NOT NULL",
+                         "INSERT INTO " HL_PREFIX "seq(stream, seq) VALUES (?1, ?2) ON CONFLICT(stream) DO "
+                         "UPDATE SET seq = max(seq, excluded.seq)",
+                         "merge positions")) &&
+        /* Per-origin applied sequences: every changeset up to the snapshot's
+         * is in its rows now. Our own origin is ours to number. */
+        !(st = copy_rows(m,
+                         "SELECT node, epoch, seq FROM " HL_PREFIX "origins WHERE node > 0 AND seq > 0 AND "
+                         "NOT (node = ?1 AND epoch = ?2)",
+                         "INSERT INTO " HL_PREFIX "origins(node, epoch, seq) VALUES (?1, ?2, ?3) ON "
+                         "CONFLICT(node, epoch) DO UPDATE SET seq = max(seq, excluded.seq)",
+                         "merge origins")) &&
+        /* What the snapshot held back (out of order, waiting for a schema)
+         * sits at stream positions this node now skips: hold it here too,
+         * unless this node has applied it already. */
+        !(st = copy_rows(m,
+                         "SELECT node, epoch, seq, flags, data, schema, at_ms, reason FROM " HL_PREFIX
+                         "pending WHERE NOT (node = ?1 AND epoch = ?2)",
+                         "INSERT OR IGNORE INTO " HL_PREFIX
+                         "pending(node, epoch, seq, flags, data, schema, at_ms, reason) SELECT ?1, ?2, ?3, ?4, ?5, "
+                         "?6, ?7, ?8 WHERE ?3 > coalesce((SELECT seq FROM " HL_PREFIX
+                         "origins WHERE node = ?1 AND epoch = ?2), 0)",
+                         "merge held changesets")))
+        /* Gaps it gave up on: a late changeset from one is still applied. */
+        st = copy_rows(m,
+                       "SELECT node, epoch, lo, hi, at_ms FROM " HL_PREFIX "missing WHERE NOT (node = ?1 AND "
+                       "epoch = ?2)",
+                       "INSERT OR IGNORE INTO " HL_PREFIX "missing(node, epoch, lo, hi, at_ms) VALUES (?1, ?2, ?3, "
+                       "?4, ?5)",
+                       "merge given-up gaps");
     if (st) {
         hl_db_rollback(d);
         return st;

@@ -43,6 +43,7 @@ struct hl_catchup {
     pthread_t th;
     bool th_running;
     volatile int stop; /* read by the download between snapshots */
+    int delay_s;       /* the next download waits this long first: a merge failed (doubling) */
     pthread_mutex_t mu;
     /* under mu: the download's outcome */
     bool ready;
@@ -96,6 +97,7 @@ static void *download_thread(void *arg)
 {
     hl_catchup *cu = arg;
     int backoff = RETRY_FIRST_S;
+    pause_s(cu, cu->delay_s);
     while (!cu->stop) {
         char path[4096], info[600], err[600];
         err[0] = 0;
@@ -180,12 +182,15 @@ hl_status hl_catchup_start(hl_catchup **out, const hl_config *c, hl_db *d, int n
 /* The merge failed or cannot start: the file goes, and a download starts over. */
 static void start_over(hl_catchup *cu, const char *why)
 {
-    hl_logf(HL_LOG_ERROR, "catch-up: merging %s failed: %s; downloading again", cu->merging_info, why);
+    hl_logf(HL_LOG_ERROR, "catch-up: merging %s failed: %s; downloading again",
+            cu->merging_info[0] ? cu->merging_info : "a snapshot", why);
     hl_db_merge_close(cu->m);
     cu->m = NULL;
     remove_file(cu->merging);
     cu->merging[0] = 0;
-    snprintf(cu->reason, sizeof cu->reason, "catching-up: the last merge failed (%s); downloading again", why);
+    cu->delay_s = cu->delay_s ? (cu->delay_s * 2 > RETRY_MAX_S ? RETRY_MAX_S : cu->delay_s * 2) : RETRY_FIRST_S;
+    snprintf(cu->reason, sizeof cu->reason, "catching-up: the last merge failed (%s); downloading again in %d s", why,
+             cu->delay_s);
     join_download(cu);
     if (start_download(cu))
         cu->state = HL_CATCHUP_WAITING;

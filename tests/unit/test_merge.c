@@ -173,7 +173,9 @@ START_TEST(merge_by_last_writer_wins_keeps_local_writes_and_moves_positions)
     sqlite3 *as = app_open(ps);
     snprintf(sql, sizeof sql,
              "INSERT INTO __harmonylite__seq VALUES ('S0', 100), ('S1', 5);"
-             "INSERT INTO __harmonylite__origins VALUES (2, 77, 40), (3, %lld, 9)",
+             "INSERT INTO __harmonylite__origins VALUES (2, 77, 40), (3, %lld, 9);"
+             "INSERT INTO __harmonylite__pending(node, epoch, seq, flags, data, schema, at_ms, reason) VALUES "
+             "(2, 77, 42, 0, x'00', 0, 1, 'waiting for changeset 41'), (2, 77, 40, 0, x'00', 0, 1, 'applied')",
              (long long)hl_db_epoch(b));
     app_exec(as, sql);
     sqlite3_close(as);
@@ -213,6 +215,8 @@ START_TEST(merge_by_last_writer_wins_keeps_local_writes_and_moves_positions)
     ck_assert_uint_eq(seq, 9);
     ck_assert_int_eq(scalar(ab, "SELECT seq FROM __harmonylite__origins WHERE node = 2 AND epoch = 77"), 40);
     ck_assert_int_eq(scalar(ab, "SELECT count(*) FROM __harmonylite__origins WHERE node = 3"), 0);
+    /* What the snapshot held beyond its origins is held here too; what was applied is not. */
+    ck_assert_int_eq(scalar(ab, "SELECT group_concat(seq) FROM __harmonylite__pending WHERE node = 2"), 42);
     snprintf(sql, sizeof sql, "SELECT seq FROM __harmonylite__origins WHERE node = 1 AND epoch = %lld",
              (long long)hl_db_epoch(a));
     ck_assert_int_eq(scalar(ab, sql), (int64_t)a_last);
