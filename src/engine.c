@@ -582,7 +582,7 @@ static hl_status go_online(engine *e)
     free(need);
     if (c->publish)
         hl_publisher_attach(e->pub, e->n);
-    if (c->replicate && !e->catchup && start_fetchers(e))
+    if (c->replicate && !e->catchup && !e->stream_gap && start_fetchers(e))
         return HL_ERR_IO;
     if (hl_registry_start(&e->reg, c, e->n, c->node_id) == HL_OK)
         schema_to_state(e);
