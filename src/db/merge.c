@@ -22,6 +22,8 @@
 
 /* Distinct version nodes gathered per batch before the batch is applied. */
 #define MERGE_NODES 8
+/* A batch also ends once its rows take this much memory (big rows). */
+#define MERGE_BATCH_BYTES (16u << 20)
 
 struct hl_merge {
     hl_db *d;
@@ -267,6 +269,11 @@ static hl_status merge_rows(hl_merge *m, size_t max_rows)
             st = gather(m, t);
             n++;
             m->merged++;
+            size_t bytes = 0;
+            for (size_t i = 0; i < m->ncs; i++)
+                bytes += m->cs[i]->mem_bytes;
+            if (bytes >= MERGE_BATCH_BYTES)
+                break; /* the rest of the table in the next step */
             continue;
         }
         if (rc != SQLITE_DONE)

@@ -145,3 +145,32 @@ def test_node_behind_retention_merges_a_covering_snapshot_and_keeps_its_writes(h
         assert rows[5000] == "n3-own" and rows[8] == "n3-edit" and rows[5001] == "n3-after", rows
         assert rows[next_id] == "after" and 9 not in rows and 10 not in rows
         assert not list(n3.root.glob(".app.db.merge-*")), "the downloaded snapshot is deleted"
+
+
+def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path):
+    """A new node whose application created its tables, started without the
+    -restore init container after the streams dropped their first messages,
+    merges the newest snapshot into its database, converges, and replicates
+    its own writes."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": MAX_ENTRIES},
+                "snapshot": {"store": "dir", "dir": str(store)}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
+        c.node(1).executescript("INSERT INTO items VALUES (1, 'first', 1);")
+        roll_streams_past(c, 0, 2)
+        save_snapshot(c.node(1))
+        dump_n1 = {r[0][1]: r[1][1].decode() for r in c.node(1).dump()["items"][1]}
+        fresh = harness.Node(hl_bin, tmp_path / "node4", 4, harness.free_port(), harness.free_port(),
+                             harness.free_port(), [], settings=settings, external_urls=[c.node(1).nats_url])
+        fresh.executescript(SCHEMA)
+        fresh.start()
+        try:
+            wait_until(lambda: readyz(fresh)[0] == 200, SLOW_TIMEOUT, "the fresh node ready after catching up")
+            assert metric(fresh, "catchup_merges_total") == 1
+            fresh.execute("INSERT INTO items VALUES (7000, 'fresh-own', 4)")
+            dump = c.wait_converged(nodes=[c.node(1), c.node(2), c.node(3), fresh], timeout=SLOW_TIMEOUT)
+            rows = {r[0][1]: r[1][1].decode() for r in dump["items"][1]}
+            assert rows[7000] == "fresh-own" and rows[1] == dump_n1[1], rows
+        finally:
+            fresh.stop()
