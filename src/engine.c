@@ -487,8 +487,9 @@ static void start_catchup(engine *e, const uint64_t *need)
     e->stream_gap = true;
     snprintf(e->gap_base, sizeof e->gap_base, "%s", e->snap.gap_reason);
     if (!hl_catchup_configured(c))
-        snprintf(r, left, "; no snapshot store is configured to catch up from: restore a snapshot with -restore "
-                          "-force at the next start");
+        snprintf(r, left,
+                 "; no snapshot store is configured to catch up from: restore a snapshot with -restore "
+                 "-force at the next start");
     else if (e->last_seen_ms && now > e->last_seen_ms && now - e->last_seen_ms > keep_ms)
         snprintf(r, left,
                  "; this node was away %" PRIu64 " s, longer than tombstone_retention (%" PRId64

@@ -988,8 +988,7 @@ static bool covers(const hl_manifest *m, int n, char *const *streams, const uint
             if (strcmp(m->streams[k].name, streams[i]) == 0)
                 have = m->streams[k].seq;
         if (have < need[i]) {
-            snprintf(why, whylen, "reaches stream %s only up to %" PRIu64 ", not %" PRIu64, streams[i], have,
-                     need[i]);
+            snprintf(why, whylen, "reaches stream %s only up to %" PRIu64 ", not %" PRIu64, streams[i], have, need[i]);
             return false;
         }
     }
@@ -1033,8 +1032,7 @@ hl_status hl_snapshot_fetch_covering(const hl_config *c, int n, char *const *str
         /* The manifest's positions first: a snapshot that cannot close the gap is not downloaded. */
         res = read_manifest(store, l.v[i], fd, &m, why, sizeof why);
         if (!res && !covers(&m, n, streams, need, why, sizeof why)) {
-            hl_log(HL_LOG_INFO, "catch-up: snapshot too old to close the gap", "manifest", l.v[i], "reason", why,
-                   NULL);
+            hl_log(HL_LOG_INFO, "catch-up: snapshot too old to close the gap", "manifest", l.v[i], "reason", why, NULL);
             uncovered++;
             snprintf(last_why, sizeof last_why, "%s", why);
             hl_manifest_free(&m);
