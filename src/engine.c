@@ -36,6 +36,7 @@
 #include "repl/publisher.h"
 #include "repl/queue.h"
 #include "signals.h"
+#include "snapshot/catchup.h"
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define IDLE_RELEASE_MS 5000u /* a whole period without an engine transaction: give memory back */
@@ -80,6 +81,10 @@ typedef struct engine {
     bool online;                        /* setup finished and publisher/fetchers started */
     bool stream_gap;                    /* a stream lost messages this node had not applied */
     uint64_t *setup_first, *setup_last; /* stream bounds read by the setup thread */
+    hl_catchup *catchup;                /* catching up from a snapshot (snapshot/catchup.h); NULL: not */
+    uint64_t last_seen_ms;              /* wall ms of this node's last version before this start (0: none) */
+    uint64_t catchup_rows_done;         /* rows merged by finished catch-ups */
+    char gap_base[300];                 /* which stream starts past this node's position */
     hl_ratelimit fail_log;
     hl_ratelimit defer_log; /* changesets deferred at schema.max_held_bytes */
 } engine;
@@ -453,10 +458,106 @@ static void *setup_thread(void *arg)
     return NULL;
 }
 
+static hl_status start_fetchers(engine *e)
+{
+    for (int s = 0; s < e->c->replication_log.shards; s++)
+        if (hl_fetcher_start(&e->fetchers[s], e->c, e->n, &e->q, s, e->applied_seq[s] + 1, hl_db_epoch(e->d)))
+            return HL_ERR_IO;
+    return HL_OK;
+}
+
+static void wake_engine(void *arg)
+{
+    hl_queue_wake(arg);
+}
+
+/*
+ * A stream starts after this node's position (need: per stream, the position
+ * a snapshot must reach). Catches up from a snapshot when one can be had
+ * (docs/snapshots.md, "Catching up"); otherwise the gap stays on /readyz with
+ * what to do, and nothing is read past it.
+ */
+static void start_catchup(engine *e, const uint64_t *need)
+{
+    hl_config *c = e->c;
+    size_t n = strlen(e->snap.gap_reason);
+    char *r = e->snap.gap_reason + n;
+    size_t left = sizeof e->snap.gap_reason - n;
+    uint64_t now = hl_now_ms(), keep_ms = (uint64_t)c->tombstone_retention_s * 1000u;
+    e->stream_gap = true;
+    snprintf(e->gap_base, sizeof e->gap_base, "%s", e->snap.gap_reason);
+    if (!hl_catchup_configured(c))
+        snprintf(r, left,
+                 "; no snapshot store is configured to catch up from: restore a snapshot with -restore "
+                 "-force at the next start");
+    else if (e->last_seen_ms && now > e->last_seen_ms && now - e->last_seen_ms > keep_ms)
+        snprintf(r, left,
+                 "; this node was away %" PRIu64 " s, longer than tombstone_retention (%" PRId64
+                 " s): a merge could bring back rows deleted meanwhile; restore with -restore -force at the next "
+                 "start",
+                 (now - e->last_seen_ms) / 1000u, c->tombstone_retention_s);
+    else if (hl_catchup_start(&e->catchup, c, e->d, c->replication_log.shards, e->streams, need, wake_engine, &e->q))
+        snprintf(r, left, "; cannot start catching up from a snapshot: restore with -restore -force at the next start");
+    else {
+        r[0] = 0;
+        e->stream_gap = false;
+        e->snap.catching_up = true;
+        snprintf(e->snap.catchup_reason, sizeof e->snap.catchup_reason,
+                 "catching-up: looking for a snapshot that covers the gap");
+        hl_infof("catching up from the newest snapshot that covers the gap");
+    }
+    e->snap.gap = e->stream_gap;
+    if (e->stream_gap)
+        hl_errorf("not catching up: %s", e->snap.gap_reason);
+}
+
+/* One turn of a catch-up: a merge batch, or a look at the download; when
+ * done, the fetchers start from the positions the merge recorded. */
+static hl_status catchup_turn(engine *e)
+{
+    char reason[600];
+    hl_catchup_state cs = hl_catchup_turn(e->catchup, reason, sizeof reason);
+    e->snap.catchup_rows = e->catchup_rows_done + hl_catchup_rows(e->catchup);
+    if (cs == HL_CATCHUP_WAITING) {
+        /* No snapshot covers the gap (yet), or none can be read: the gap stands, saying why. */
+        e->snap.catching_up = false;
+        e->snap.gap = true;
+        snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
+                 "%s; %s; take a snapshot on an up-to-date node (-save-snapshot) or restore this one with -restore "
+                 "-force at the next start",
+                 e->gap_base, reason);
+        return HL_OK;
+    }
+    e->snap.gap = false;
+    if (cs != HL_CATCHUP_DONE) {
+        e->snap.catching_up = true;
+        snprintf(e->snap.catchup_reason, sizeof e->snap.catchup_reason, "%s", reason);
+        return HL_OK;
+    }
+    e->catchup_rows_done = e->snap.catchup_rows;
+    e->snap.catchup_merges++;
+    hl_catchup_free(e->catchup);
+    e->catchup = NULL;
+    e->snap.catching_up = false;
+    e->snap.gap_reason[0] = 0;
+    for (int s = 0; s < e->c->replication_log.shards; s++) {
+        hl_status st = hl_db_stream_seq_get(e->d, e->streams[s], &e->applied_seq[s]);
+        if (st)
+            return st;
+        e->seen_seq[s] = e->applied_seq[s];
+    }
+    e->retry_held = true; /* changesets held for origins the snapshot moved past */
+    return start_fetchers(e);
+}
+
 /* Runs on the engine thread once NATS is ready: checks for gaps, starts publishing and fetching. */
 static hl_status go_online(engine *e)
 {
     hl_config *c = e->c;
+    uint64_t *need = calloc((size_t)c->replication_log.shards, sizeof *need);
+    bool behind = false;
+    if (!need)
+        return HL_ERR_NOMEM;
     e->snap.streams_ready = true;
     for (int s = 0; s < c->replication_log.shards; s++) {
         uint64_t first = e->setup_first[s], last = e->setup_last[s];
@@ -466,20 +567,24 @@ static hl_status go_online(engine *e)
         }
         /* Messages after what we applied are gone: never skip them silently. */
         if (c->replicate && last >= first && first > e->applied_seq[s] + 1) {
-            e->snap.gap = e->stream_gap = true;
+            need[s] = first - 1;
+            if (behind)
+                continue;
+            behind = true;
             snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
                      "stream %s starts at sequence %" PRIu64 " but this node applied only up to %" PRIu64
-                     "; changesets in between were discarded by retention: restore a snapshot",
+                     "; changesets in between were discarded by retention",
                      e->streams[s], first, e->applied_seq[s]);
             hl_errorf("gap in replication log: %s", e->snap.gap_reason);
         }
     }
+    if (behind)
+        start_catchup(e, need);
+    free(need);
     if (c->publish)
         hl_publisher_attach(e->pub, e->n);
-    if (c->replicate)
-        for (int s = 0; s < c->replication_log.shards; s++)
-            if (hl_fetcher_start(&e->fetchers[s], c, e->n, &e->q, s, e->applied_seq[s] + 1, hl_db_epoch(e->d)))
-                return HL_ERR_IO;
+    if (c->replicate && !e->catchup && !e->stream_gap && start_fetchers(e))
+        return HL_ERR_IO;
     if (hl_registry_start(&e->reg, c, e->n, c->node_id) == HL_OK)
         schema_to_state(e);
     else
@@ -563,6 +668,7 @@ static hl_status open_database(engine *e)
     };
     hl_db_configure(e->d, &o);
     uint64_t last_hlc = hl_db_last_hlc(e->d);
+    e->last_seen_ms = HL_HLC_MS(last_hlc); /* before the capture below gives new versions */
     if (hl_hlc_ahead(last_hlc, hl_now_ms(), o.max_clock_drift_ms))
         hl_warnf("this node's clock was ahead: its last version is %llu ms ahead of the wall clock, so its writes "
                  "are held by the other nodes until the wall clock catches up",
@@ -645,8 +751,8 @@ static void wait_events(engine *e, bool *want_capture)
         timeout = pt;
     if (tt < timeout)
         timeout = tt;
-    if (hl_queue_has_items(&e->q))
-        timeout = 0; /* more queued: only look at the other events */
+    if (hl_queue_has_items(&e->q) || hl_catchup_busy(e->catchup))
+        timeout = 0; /* more queued or to merge: only look at the other events */
     int nfd = wfd >= 0 ? 2 : 1;
     int pr = poll(pfd, (nfds_t)nfd, timeout);
     if (pr > 0 && (pfd[0].revents & POLLIN))
@@ -681,6 +787,8 @@ static void teardown(engine *e)
 {
     int shards = e->c->replication_log.shards;
     hl_signals_request_stop();
+    hl_catchup_free(e->catchup);
+    e->catchup = NULL;
     if (e->setup_started)
         pthread_join(e->setup_th, NULL);
     if (e->fetchers)
@@ -751,6 +859,8 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             if (sd < 0 || (sd > 0 && go_online(&e)))
                 goto out;
         }
+        if (e.catchup && catchup_turn(&e))
+            goto out;
         turn(&e, &want_capture);
         /* Publishing and the heartbeat run every turn, also under a
          * sustained inbound load. */

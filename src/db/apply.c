@@ -830,6 +830,18 @@ out:
     return st;
 }
 
+/* The rows of cs by last-writer-wins, as one changeset's, without its origin's
+ * sequence: a snapshot merge's batch (merge.c). */
+hl_status hl_apply_rows(hl_db *d, const hl_changeset *cs, char *why, size_t whylen)
+{
+    one_result r = ONE_OK;
+    why[0] = 0;
+    hl_status st = apply_one(d, cs, &r, why, whylen);
+    if (!st && r != ONE_OK)
+        st = HL_ERR_INVALID;
+    return st;
+}
+
 static void log_refused(const hl_changeset *cs, const char *why)
 {
     hl_logf(HL_LOG_ERROR, "malformed changeset refused: origin %llu seq %llu: %s (claims our schema hash)",

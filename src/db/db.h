@@ -147,6 +147,36 @@ hl_status hl_db_cleanup(const char *path);
  * before it (a changeset from one is then a duplicate). */
 hl_status hl_db_gc(hl_db *d, uint64_t older_than_ms, uint64_t *deleted);
 
+/* ---- merge.c: catching up from a snapshot without replacing the database ---- */
+
+/*
+ * A snapshot (docs/snapshots.md) merged into the live database row by row,
+ * by the same last-writer-wins as apply: a snapshot row wins only where its
+ * version is newer, its tombstones delete. The snapshot file is read through
+ * a read-only connection of its own, a bounded batch at a time (never loaded
+ * into memory); each hl_db_merge_step is one write transaction that captures
+ * the application's commits first (capture before apply) and writes with the
+ * triggers off, as apply does. hl_db_merge_finish moves the stream positions
+ * and the per-origin applied sequences up to the snapshot's.
+ */
+typedef struct hl_merge hl_merge;
+
+/* Opens the snapshot at path for merging into d: its schema hash must be
+ * d's. *total receives the row versions it holds. err says why on failure. */
+hl_status hl_db_merge_open(hl_db *d, const char *path, hl_merge **out, uint64_t *total, char *err, size_t errlen);
+/* The snapshot's position for stream (0 when it has none). */
+uint64_t hl_db_merge_stream_seq(hl_merge *m, const char *stream);
+/* One write transaction: captures, then merges up to max_rows snapshot rows;
+ * *done once every row was merged. *merged (may be NULL) receives the rows
+ * merged so far. A failure rolls back; what the cursor read is then lost, so
+ * start over with a new hl_merge (merging again changes nothing already merged). */
+hl_status hl_db_merge_step(hl_merge *m, size_t max_rows, uint64_t *merged, bool *done);
+/* After the last step, in one write transaction: every stream position and
+ * origin's applied sequence becomes the greater of the local and the
+ * snapshot's (this node's own origin excepted). */
+hl_status hl_db_merge_finish(hl_merge *m);
+void hl_db_merge_close(hl_merge *m); /* NULL is a no-op */
+
 /* ---- step.c: the engine's transaction ---- */
 
 typedef enum hl_apply_result {

@@ -253,6 +253,12 @@ void hl_capture_batch_free(hl_capture_batch *b); /* NULL is a no-op */
  */
 hl_status hl_apply(hl_db *d, const hl_changeset *cs, const void *raw, size_t rawlen, uint8_t flags,
                    hl_apply_result *res);
+/* Applies the rows of cs by last-writer-wins (versions (row hlc, cs->origin))
+ * inside the apply transaction, without checking or moving cs's origin
+ * sequence: the snapshot merge (merge.c). A changeset that cannot be applied
+ * as a whole (a version ahead of the clock, a table or column unknown):
+ * HL_ERR_INVALID and why says why. */
+hl_status hl_apply_rows(hl_db *d, const hl_changeset *cs, char *why, size_t whylen);
 hl_status hl_apply_begin(hl_db *d); /* sets __harmonylite__ctl.applying = 1 */
 hl_status hl_apply_end(hl_db *d);   /* clears it; call before commit */
 

@@ -182,13 +182,14 @@ enum {
     CHECK_SCHEMA,
     CHECK_ENGINE,
     CHECK_CONSUMERS,
+    CHECK_CATCHING_UP,
     NCHECKS
 };
 
 typedef struct check {
     const char *name;
     bool ok;
-    char reason[400];
+    char reason[600];
 } check;
 
 /* Marks c failed, with a printf-style reason. */
@@ -326,6 +327,15 @@ static void check_consumers(const hl_state_snapshot *s, check *c)
     check_more_streams(c, n, nstalled - 1, "");
 }
 
+/* Merging a snapshot to close a gap: not ready until it is merged. */
+static void check_catching_up(const hl_state_snapshot *s, check *c)
+{
+    if (!s->catching_up)
+        return;
+    c->ok = false;
+    check_reason(c, s->catchup_reason, sizeof s->catchup_reason, "catching-up from a snapshot");
+}
+
 /* The readiness checks in the order /readyz and /metrics list them. */
 static const struct {
     const char *name;
@@ -340,6 +350,7 @@ static const struct {
     [CHECK_SCHEMA] = {"schema", check_schema},
     [CHECK_ENGINE] = {"engine", check_engine},
     [CHECK_CONSUMERS] = {"consumers", check_consumers},
+    [CHECK_CATCHING_UP] = {"catching_up", check_catching_up},
 };
 
 /* Fills c[NCHECKS]; returns true when every check passes. */
@@ -537,6 +548,16 @@ static void m_engine(mw *w, const hl_state_snapshot *s)
              s->clock_ahead);
 }
 
+/* Catching up from a snapshot after a gap (docs/snapshots.md). */
+static void m_catchup(mw *w, const hl_state_snapshot *s)
+{
+    m_simple(w, "catchup_merges_total", "counter",
+             "Snapshots merged row by row to catch up after the streams discarded changesets this node had not read.",
+             s->catchup_merges);
+    m_simple(w, "catchup_rows_merged_total", "counter", "Snapshot rows merged while catching up (every attempt).",
+             s->catchup_rows);
+}
+
 /* The bound on what is held for the schema (schema.max_held_bytes) and the odd one out. */
 static void m_schema(mw *w, const hl_state_snapshot *s)
 {
@@ -674,6 +695,7 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_apply(&w, s);
     m_held_order(&w, s);
     m_engine(&w, s);
+    m_catchup(&w, s);
     m_schema(&w, s);
     m_refused(&w, s);
     m_lag(&w, s);

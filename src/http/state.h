@@ -57,7 +57,9 @@ typedef struct hl_state_snapshot {
     bool streams_ready;
     bool caught_up;
     bool gap;
-    char gap_reason[256];
+    char gap_reason[600];
+    bool catching_up; /* merging a snapshot to close a gap (snapshot/catchup.h): not ready */
+    char catchup_reason[600];
     bool paused; /* changesets held waiting for the local schema (reported, not failing) */
     char paused_reason[256];
     bool schema_odd; /* this node's schema is the odd one out in the registry (registry.h): not ready */
@@ -84,6 +86,8 @@ typedef struct hl_state_snapshot {
     uint64_t changesets_late;     /* applied after their position had been given up on */
     uint64_t order_gaps;          /* times missing predecessors were given up on */
     uint64_t engine_failures;     /* engine transactions that failed (and were retried) */
+    uint64_t catchup_merges;      /* snapshots merged to close a gap */
+    uint64_t catchup_rows;        /* snapshot rows merged (every attempt) */
 
     /* held changesets per origin (the first HL_STATE_MAX_HELD by node id) */
     int nheld;

@@ -976,3 +976,107 @@ out:
     hl_store_curl_cleanup();
     return res;
 }
+
+/* True when every stream in need is in m at or past its needed position. */
+static bool covers(const hl_manifest *m, int n, char *const *streams, const uint64_t *need, char *why, size_t whylen)
+{
+    for (int i = 0; i < n; i++) {
+        if (!need[i])
+            continue;
+        uint64_t have = 0;
+        for (size_t k = 0; k < m->nstreams; k++)
+            if (strcmp(m->streams[k].name, streams[i]) == 0)
+                have = m->streams[k].seq;
+        if (have < need[i]) {
+            snprintf(why, whylen, "reaches stream %s only up to %" PRIu64 ", not %" PRIu64, streams[i], have, need[i]);
+            return false;
+        }
+    }
+    return true;
+}
+
+hl_status hl_snapshot_fetch_covering(const hl_config *c, int n, char *const *streams, const uint64_t *need,
+                                     const volatile int *stop, char *path, size_t pathlen, char *info, size_t infolen,
+                                     char *err, size_t errlen)
+{
+    hl_status res;
+    hl_store *store = NULL;
+    hl_store_names l = {0};
+    char tmp[4096] = "", pattern[4096];
+    size_t tried = 0, uncovered = 0;
+    char last_why[512] = "";
+    path[0] = info[0] = 0;
+    if ((res = hl_store_open(&store, c, err, errlen)) || (res = list_retrying(store, &l, err, errlen)))
+        goto out;
+    if (l.n)
+        qsort(l.v, l.n, sizeof *l.v, cmp_desc);
+    if (!temp_beside(c->db_path, ".merge-", pattern, sizeof pattern)) {
+        res = fail(err, errlen, HL_ERR_INVALID, "db_path: too long");
+        goto out;
+    }
+    for (size_t i = 0; i < l.n && !(stop && *stop); i++) {
+        if (!has_suffix(l.v[i], HL_SNAPSHOT_MANIFEST_SUFFIX))
+            continue;
+        tried++;
+        hl_manifest m;
+        char why[512] = "";
+        memset(&m, 0, sizeof m);
+        snprintf(tmp, sizeof tmp, "%s", pattern);
+        int fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0) {
+            tmp[0] = 0;
+            res = fail(err, errlen, HL_ERR_IO, "cannot create a file beside %s: %s", c->db_path, strerror(errno));
+            goto out;
+        }
+        fchmod(fd, hl_store_created_mode());
+        /* The manifest's positions first: a snapshot that cannot close the gap is not downloaded. */
+        res = read_manifest(store, l.v[i], fd, &m, why, sizeof why);
+        if (!res && !covers(&m, n, streams, need, why, sizeof why)) {
+            hl_log(HL_LOG_INFO, "catch-up: snapshot too old to close the gap", "manifest", l.v[i], "reason", why, NULL);
+            uncovered++;
+            snprintf(last_why, sizeof last_why, "%s", why);
+            hl_manifest_free(&m);
+            close(fd);
+            unlink(tmp);
+            tmp[0] = 0;
+            continue;
+        }
+        hl_manifest_free(&m);
+        if (!res) {
+            hl_log(HL_LOG_INFO, "catch-up: downloading snapshot", "manifest", l.v[i], "store", store->where, NULL);
+            res = fetch_retrying(store, l.v[i], tmp, fd, &m, why, sizeof why);
+        }
+        close(fd);
+        if (!res && !covers(&m, n, streams, need, why, sizeof why))
+            res = HL_ERR_DECODE;
+        if (res) {
+            hl_log(HL_LOG_ERROR, "catch-up: snapshot refused; trying the next older one", "manifest", l.v[i], "reason",
+                   why, NULL);
+            snprintf(last_why, sizeof last_why, "%s", why);
+            hl_manifest_free(&m);
+            unlink(tmp);
+            tmp[0] = 0;
+            continue;
+        }
+        snprintf(path, pathlen, "%s", tmp);
+        tmp[0] = 0;
+        snprintf(info, infolen, "%s from %s (taken by node %" PRIu64 ", %" PRIu64 " bytes)", l.v[i], store->where,
+                 m.node, m.db_size);
+        hl_manifest_free(&m);
+        res = HL_OK;
+        goto out;
+    }
+    if (!tried)
+        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot covers the gap: the store is empty");
+    else if (uncovered == tried)
+        res = fail(err, errlen, HL_ERR_NOT_FOUND, "no snapshot covers the gap (the newest %s)", last_why);
+    else
+        res = fail(err, errlen, HL_ERR_DECODE, "none of the %zu snapshots in %s both verifies and covers the gap (%s)",
+                   tried, store->where, last_why);
+out:
+    if (tmp[0])
+        unlink(tmp);
+    hl_store_names_free(&l);
+    hl_store_close(store);
+    return res;
+}

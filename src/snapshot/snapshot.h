@@ -43,4 +43,17 @@ typedef enum hl_restore_result {
 hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result *res, char *info, size_t infolen,
                               char *err, size_t errlen);
 
+/*
+ * For a running node behind the streams' retention (src/snapshot/catchup.c):
+ * downloads the newest snapshot that verifies (as -restore does) and whose
+ * position for each of the n streams is at least need[i] (0: any), into a new
+ * dot file beside db_path whose name is written to path; the caller deletes
+ * it. info describes it. HL_ERR_NOT_FOUND: no snapshot, or none covers the
+ * gap; other errors: the store or every covering snapshot failed. err says
+ * why. Stops early when *stop becomes nonzero.
+ */
+hl_status hl_snapshot_fetch_covering(const hl_config *c, int n, char *const *streams, const uint64_t *need,
+                                     const volatile int *stop, char *path, size_t pathlen, char *info, size_t infolen,
+                                     char *err, size_t errlen);
+
 #endif

@@ -145,8 +145,8 @@ END_TEST
 
 /* ---- /readyz ---- */
 
-static const char *const check_names[] = {"database", "triggers", "nats",   "streams",  "caught_up",
-                                          "gap",      "schema",   "engine", "consumers"};
+static const char *const check_names[] = {"database", "triggers", "nats",   "streams",   "caught_up",
+                                          "gap",      "schema",   "engine", "consumers", "catching_up"};
 
 /* Renders /readyz and checks its shape; returns the parsed body. With want_code 503, want_failing
  * names the one failing check and want_reason is part of its reason; with 200, want_failing names a
@@ -163,7 +163,7 @@ static cJSON *readyz(const hl_state_snapshot *s, int want_code, const char *want
     ck_assert_int_eq(cJSON_IsTrue(ready), want_code == 200);
     const cJSON *checks = cJSON_GetObjectItem(j, "checks");
     ck_assert(cJSON_IsArray(checks));
-    ck_assert_int_eq(cJSON_GetArraySize(checks), 9);
+    ck_assert_int_eq(cJSON_GetArraySize(checks), 10);
     int i = 0;
     const cJSON *c;
     cJSON_ArrayForEach(c, checks)
@@ -208,6 +208,7 @@ START_TEST(readyz_each_check)
         {"engine", "engine transactions failing for 31 s: sqlite error: commit: database or disk is full"},
         {"consumers", "no working consumer on stream harmonylite-changes-0 for 12 s; re-creating it after sequence "
                       "250 (and 1 more stream)"},
+        {"catching_up", "catching-up from snapshot snap-1: 2000 of 9000 rows merged"},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         hl_state_snapshot s;
@@ -240,6 +241,10 @@ START_TEST(readyz_each_check)
         case 7:
             s.streams[0].stalled_ms = 12345;
             s.streams[1].stalled_ms = 1;
+            break;
+        case 8:
+            s.catching_up = true;
+            snprintf(s.catchup_reason, sizeof s.catchup_reason, "%s", cases[k].reason);
             break;
         }
         cJSON_Delete(readyz(&s, 503, cases[k].name, cases[k].reason));

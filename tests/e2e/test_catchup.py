@@ -1,0 +1,176 @@
+"""Catching up after the streams' retention (docs/snapshots.md, "Catching up"):
+a node whose stream position is older than a stream's first message merges
+the newest snapshot that covers the gap row by row, keeping its own writes,
+instead of reporting a gap forever; without a covering snapshot it stays
+not ready and says why and what to do; so does a node away longer than
+tombstone_retention."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import harness
+from harness import REPL_TIMEOUT, SLOW_TIMEOUT, wait_until
+
+MAX_ENTRIES = 40  # messages a stream keeps: a few dozen writes roll it past a stopped node
+
+SCHEMA = "CREATE TABLE items(id INTEGER PRIMARY KEY, v TEXT NOT NULL, who INTEGER);"
+
+
+def readyz(node) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(node.http_url + "/readyz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except (urllib.error.URLError, OSError):
+        return 0, {}
+
+
+def check(node, name: str) -> dict:
+    code, body = readyz(node)
+    return {c["name"]: c for c in body.get("checks", [])}.get(name, {})
+
+
+def metric(node, name: str) -> float:
+    with urllib.request.urlopen(node.http_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"harmonylite_{name}{{") or line.startswith(f"harmonylite_{name} "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def recorded_seq(node) -> int:
+    return node.scalar("SELECT coalesce(max(seq), 0) FROM __harmonylite__seq") or 0
+
+
+def save_snapshot(node) -> None:
+    node.write_config()
+    r = subprocess.run(node.argv("-save-snapshot"), capture_output=True, text=True, timeout=SLOW_TIMEOUT,
+                       cwd=node.root)
+    assert r.returncode == 0 and "snapshot saved to" in r.stdout, f"-save-snapshot: {r.stdout}\n{r.stderr}"
+
+
+def roll_streams_past(cluster, n3_pos: int, start_id: int) -> int:
+    """Writes on nodes 1 and 2, one commit at a time (one changeset each), until
+    the stream's first message is past n3_pos + 1; returns the next free id."""
+    n1, n2 = cluster.node(1), cluster.node(2)
+    i = start_id
+    # Nodes 1 and 2 settle after node 3 left (stream leadership may move) before the stream rolls:
+    # a running node's reader that stalls while retention discards would lose messages too.
+    n1.execute("INSERT INTO items VALUES (?, 'settle', 1)", (i,))
+    i += 1
+    cluster.wait_converged(nodes=[n1, n2])
+    deadline = time.monotonic() + SLOW_TIMEOUT
+    while metric(n1, "stream_applied_sequence") < n3_pos + MAX_ENTRIES + 5:
+        assert time.monotonic() < deadline, "the stream does not grow"
+        n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"n1-{i}"))
+        n2.execute("UPDATE items SET v = ?, who = 2 WHERE id = ?", (f"n2-{i}", i % 10 + 1))
+        i += 1
+        wait_until(lambda: metric(n2, "stream_applied_sequence") >= metric(n1, "stream_applied_sequence") - 5,
+                   REPL_TIMEOUT, "node 2 keeps up with the stream")
+    n1.execute("DELETE FROM items WHERE id IN (9, 10)")
+    cluster.wait_converged(nodes=[n1, n2])
+    # node 1's recorded position reaches the stream's end: what its snapshot will say.
+    wait_until(lambda: recorded_seq(n1) >= n3_pos + MAX_ENTRIES + 5, REPL_TIMEOUT,
+               "node 1 records its position at the stream's end")
+    return i
+
+
+def test_node_behind_retention_merges_a_covering_snapshot_and_keeps_its_writes(hl_bin, tmp_path):
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": MAX_ENTRIES},
+                "snapshot": {"store": "dir", "dir": str(store)}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
+        n1, n3 = c.node(1), c.node(3)
+        for i in range(1, 11):
+            n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"first-{i}"))
+        c.wait_converged()
+        save_snapshot(n1)  # an early snapshot: it will not reach past the gap
+        time.sleep(1.5)  # node 3 records its position (lazily, every second)
+        n3.stop()
+        pos = recorded_seq(n3)
+        assert pos > 0
+        next_id = roll_streams_past(c, pos, 100)
+
+        # 1. No snapshot covers the gap: not ready, saying why and what to do.
+        n3.start()
+        wait_until(lambda: "covers the gap" in check(n3, "gap").get("reason", ""), SLOW_TIMEOUT,
+                   "node 3 reports that no snapshot covers its gap")
+        reason = check(n3, "gap")["reason"]
+        assert check(n3, "gap")["ok"] is False
+        assert "-restore -force" in reason and "-save-snapshot" in reason, reason
+        assert readyz(n3)[0] == 503
+        assert metric(n3, "catchup_merges_total") == 0
+        n3.stop()
+
+        # 2. A covering snapshot, but node 3 was away longer than its tombstone_retention: rows
+        # deleted meanwhile may have lost their tombstones everywhere, so no merge.
+        save_snapshot(n1)
+        time.sleep(1.5)
+        n3.settings["tombstone_retention"] = 1
+        n3.start()
+        wait_until(lambda: "tombstone_retention" in check(n3, "gap").get("reason", ""), SLOW_TIMEOUT,
+                   "node 3 refuses to merge after an absence longer than tombstone_retention")
+        assert "-restore -force" in check(n3, "gap")["reason"]
+        assert metric(n3, "catchup_merges_total") == 0
+        time.sleep(1.5)  # a position read past the gap would be recorded by now
+        n3.stop()
+        del n3.settings["tombstone_retention"]
+        # It read nothing past the gap: the next start still sees it (it is not forgotten).
+        assert recorded_seq(n3) == pos
+
+        # 3. Node 3's own writes while it is away, then it catches up from the covering snapshot.
+        n3.executescript("INSERT INTO items VALUES (5000, 'n3-own', 3);"
+                         "UPDATE items SET v = 'n3-edit', who = 3 WHERE id = 8;")
+        n3.start()
+        wait_until(lambda: readyz(n3)[0] == 200, SLOW_TIMEOUT, "node 3 ready after catching up")
+        assert metric(n3, "catchup_merges_total") == 1
+        assert metric(n3, "catchup_rows_merged_total") > 0
+        assert "catch-up: merging snapshot" in n3.log_since_start()
+        assert check(n3, "gap").get("ok") is True
+
+        # 4. Replication goes on from the snapshot's position, both ways.
+        n1.execute("INSERT INTO items VALUES (?, 'after', 1)", (next_id,))
+        n3.execute("INSERT INTO items VALUES (5001, 'n3-after', 3)")
+        dump = c.wait_converged(timeout=SLOW_TIMEOUT)
+        rows = {r[0][1]: r[1][1].decode() for r in dump["items"][1]}
+        assert rows[5000] == "n3-own" and rows[8] == "n3-edit" and rows[5001] == "n3-after", rows
+        assert rows[next_id] == "after" and 9 not in rows and 10 not in rows
+        assert not list(n3.root.glob(".app.db.merge-*")), "the downloaded snapshot is deleted"
+
+
+def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path):
+    """A new node whose application created its tables, started without the
+    -restore init container after the streams dropped their first messages,
+    merges the newest snapshot into its database, converges, and replicates
+    its own writes."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": MAX_ENTRIES},
+                "snapshot": {"store": "dir", "dir": str(store)}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
+        c.node(1).executescript("INSERT INTO items VALUES (1, 'first', 1);")
+        roll_streams_past(c, 0, 2)
+        save_snapshot(c.node(1))
+        dump_n1 = {r[0][1]: r[1][1].decode() for r in c.node(1).dump()["items"][1]}
+        fresh = harness.Node(hl_bin, tmp_path / "node4", 4, harness.free_port(), harness.free_port(),
+                             harness.free_port(), [], settings=settings, external_urls=[c.node(1).nats_url])
+        fresh.executescript(SCHEMA)
+        fresh.start()
+        try:
+            wait_until(lambda: readyz(fresh)[0] == 200, SLOW_TIMEOUT, "the fresh node ready after catching up")
+            assert metric(fresh, "catchup_merges_total") == 1
+            fresh.execute("INSERT INTO items VALUES (7000, 'fresh-own', 4)")
+            dump = c.wait_converged(nodes=[c.node(1), c.node(2), c.node(3), fresh], timeout=SLOW_TIMEOUT)
+            rows = {r[0][1]: r[1][1].decode() for r in dump["items"][1]}
+            assert rows[7000] == "fresh-own" and rows[1] == dump_n1[1], rows
+        finally:
+            fresh.stop()
