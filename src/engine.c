@@ -779,7 +779,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         }
         if (e.online && !e.sched_tried) {
             e.sched_tried = true;
-            if (hl_sched_wanted(c) && hl_sched_start(&e.sched, c, e.n, e.streams, shards, &e.q))
+            if (hl_sched_wanted(c) && hl_sched_start(&e.sched, c, e.n, e.streams, shards))
                 hl_errorf("cannot start the snapshot scheduler thread: no periodic snapshots");
         }
         turn(&e, &want_capture);

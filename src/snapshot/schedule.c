@@ -32,6 +32,7 @@
 #define TICK_MAX_MS 30000
 #define BACKOFF_MIN_MS 10000
 #define BACKOFF_MAX_MS (15 * 60 * 1000)
+#define SLEEP_TRIES 3 /* sleep_timeout: attempts at its snapshot before stopping without one */
 
 /* ---- small JSON helpers: numbers are decimal strings, as in the manifest ---- */
 
@@ -215,7 +216,6 @@ struct hl_sched {
     hl_nats *n;
     char *const *streams;
     int nstreams;
-    hl_queue *wake;
     int64_t interval_ms;
     hl_kv *kv;
     pthread_t th;
@@ -296,8 +296,9 @@ static hl_status open_kv(hl_sched *s)
     if (s->kv)
         return HL_OK;
     hl_kv_opts o = {.history = 1, .replicas = s->c->replication_log.replicas, .max_value_bytes = LAST_MAX_BYTES};
+    uint64_t dropped = 0;
     hl_status st = hl_kv_open(&s->kv, s->n, s->c->snapshot.lease_bucket, &o);
-    if (st && hl_ratelimit_allow(&s->kv_log, NULL))
+    if (st && hl_ratelimit_allow(&s->kv_log, &dropped))
         hl_log(HL_LOG_WARN, "snapshot lease bucket unreachable; retrying at the next tick", "bucket",
                s->c->snapshot.lease_bucket, "error", hl_status_str(st), NULL);
     return st;
@@ -309,13 +310,14 @@ static hl_status read_last(hl_sched *s, hl_last_snapshot *l)
     unsigned char *v = NULL;
     size_t len = 0;
     memset(l, 0, sizeof *l);
+    uint64_t dropped = 0;
     hl_status st = open_kv(s);
     if (st)
         return st;
     st = hl_kv_get(s->kv, HL_LAST_KEY, &v, &len, NULL);
     if (st == HL_OK) {
         st = hl_last_snapshot_parse(l, (const char *)v, len);
-        if (st && hl_ratelimit_allow(&s->kv_log, NULL))
+        if (st && hl_ratelimit_allow(&s->kv_log, &dropped))
             hl_log(HL_LOG_WARN, "the cluster's last-snapshot record is malformed; treating it as absent", "bucket",
                    s->c->snapshot.lease_bucket, NULL);
         if (st == HL_ERR_DECODE)
@@ -358,6 +360,17 @@ static bool streams_advanced(hl_sched *s, const hl_last_snapshot *l)
         }
     }
     return false;
+}
+
+/* Whether snapshot.interval passed since l was taken. A record from further
+ * in the future than one interval is not believed (a forged or broken clock):
+ * a new snapshot replaces it; one slightly ahead is clock skew between nodes. */
+static bool interval_passed(const hl_sched *s, const hl_last_snapshot *l)
+{
+    uint64_t now = hl_now_ms(), iv = (uint64_t)s->interval_ms;
+    if (l->created_ms > now)
+        return l->created_ms - now > iv;
+    return now - l->created_ms >= iv;
 }
 
 /* Renews the lease every third of its lifetime while the snapshot runs. */
@@ -422,8 +435,9 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     st = read_last(s, &l);
     bool due = st == HL_ERR_NOT_FOUND ||
                (st == HL_OK && (must_be_older_than ? l.created_ms < must_be_older_than
-                                                   : hl_now_ms() - l.created_ms >= (uint64_t)s->interval_ms ||
-                                                         streams_advanced(s, &l)));
+                                                   : interval_passed(s, &l) || streams_advanced(s, &l)));
+    if (!due && st == HL_OK)
+        hl_logf(HL_LOG_INFO, "no snapshot needed: node %" PRIu64 " took %s since", l.node, l.manifest);
     hl_last_snapshot_free(&l);
     if (!due) {
         hl_lease_release(s->kv, c->node_id, rev);
@@ -440,7 +454,7 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     pthread_t kt;
     bool kstarted = pthread_create(&kt, NULL, keeper_main, &k) == 0;
 
-    hl_logf(HL_LOG_INFO, "taking a periodic snapshot under the lease (bucket %s)", c->snapshot.lease_bucket);
+    hl_logf(HL_LOG_INFO, "taking a snapshot under the lease (bucket %s)", c->snapshot.lease_bucket);
     hl_manifest m;
     char mname[HL_SNAPSHOT_NAME_MAX + 1] = "", where[1024] = "", err[1024] = "";
     uint64_t t0 = hl_mono_ms();
@@ -458,7 +472,7 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     pthread_cond_destroy(&k.cv);
 
     if (st) {
-        hl_log(HL_LOG_ERROR, "periodic snapshot failed; the snapshots in the store stay usable", "error", err, NULL);
+        hl_log(HL_LOG_ERROR, "snapshot failed; the snapshots in the store stay usable", "error", err, NULL);
         pthread_mutex_lock(&s->mu);
         s->info.failures++;
         pthread_mutex_unlock(&s->mu);
@@ -481,7 +495,7 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
         snprintf(s->info.newest, sizeof s->info.newest, "%s", mname);
     }
     pthread_mutex_unlock(&s->mu);
-    hl_logf(HL_LOG_INFO, "periodic snapshot saved to %s", where);
+    hl_logf(HL_LOG_INFO, "snapshot saved to %s (periodic or sleep_timeout, under the lease)", where);
     hl_manifest_free(&m);
     hl_lease_release(s->kv, c->node_id, rev);
     return true;
@@ -511,6 +525,7 @@ static void *sched_main(void *arg)
     if (tick > TICK_MAX_MS)
         tick = TICK_MAX_MS;
     bool store = hl_config_snapshot_store_set(c);
+    int sleep_tries = 0;
 
     while (!nap(s, tick)) {
         pthread_mutex_lock(&s->mu);
@@ -519,21 +534,24 @@ static void *sched_main(void *arg)
         pthread_mutex_unlock(&s->mu);
         bool can_try = hl_mono_ms() >= s->next_try_mono_ms;
 
+        if (idle < (uint64_t)c->sleep_timeout_ms)
+            sleep_tries = 0; /* a change since: the timeout starts again */
         if (c->sleep_timeout_ms > 0 && idle >= (uint64_t)c->sleep_timeout_ms) {
-            hl_logf(HL_LOG_INFO, "no change for %" PRId64 " ms (sleep_timeout)%s", c->sleep_timeout_ms,
-                    store ? ": taking a snapshot if the cluster has none since, then stopping" : ": stopping");
-            if (store && !take(s, active_wall))
-                hl_warnf("sleep_timeout: no snapshot taken; stopping all the same");
-            hl_signals_request_stop();
-            hl_queue_wake(s->wake);
+            if (!sleep_tries)
+                hl_logf(HL_LOG_INFO, "no change for %" PRId64 " ms (sleep_timeout)%s", c->sleep_timeout_ms,
+                        store ? ": taking a snapshot if the cluster has none since, then stopping" : ": stopping");
+            if (store && !take(s, active_wall) && ++sleep_tries < SLEEP_TRIES)
+                continue; /* the lease bucket or the store failed: again at the next tick */
+            if (store && sleep_tries >= SLEEP_TRIES)
+                hl_warnf("sleep_timeout: no snapshot taken after %d attempts; stopping all the same", SLEEP_TRIES);
+            hl_signals_stop_self();
             break;
         }
         if (s->interval_ms <= 0 || !ready || !can_try)
             continue;
         hl_last_snapshot l;
         hl_status st = read_last(s, &l);
-        bool due = st == HL_ERR_NOT_FOUND ||
-                   (st == HL_OK && (hl_now_ms() - l.created_ms >= (uint64_t)s->interval_ms || streams_advanced(s, &l)));
+        bool due = st == HL_ERR_NOT_FOUND || (st == HL_OK && (interval_passed(s, &l) || streams_advanced(s, &l)));
         hl_last_snapshot_free(&l);
         if (!due || stopping(s))
             continue;
@@ -545,8 +563,7 @@ static void *sched_main(void *arg)
     return NULL;
 }
 
-hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *const *streams, int nstreams,
-                         hl_queue *wake)
+hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *const *streams, int nstreams)
 {
     hl_sched *s = calloc(1, sizeof *s);
     if (!s)
@@ -555,7 +572,6 @@ hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *c
     s->n = n;
     s->streams = streams;
     s->nstreams = nstreams;
-    s->wake = wake;
     s->interval_ms = hl_config_snapshot_interval_ms(c);
     s->active_mono_ms = hl_mono_ms();
     s->active_wall_ms = hl_now_ms();

@@ -24,7 +24,6 @@
 #include "common/status.h"
 #include "config/config.h"
 #include "natsio/kv.h"
-#include "repl/queue.h"
 #include "snapshot/manifest.h"
 
 #define HL_LEASE_TTL_MS 15000 /* a lease not renewed for this long is free */
@@ -82,11 +81,10 @@ bool hl_sched_wanted(const hl_config *c);
 
 /*
  * Starts the thread. streams[0..nstreams) are the change-log streams (for the
- * retention share); wake is poked when sleep_timeout asks the process to stop.
- * c, n, streams and wake must outlive hl_sched_stop.
+ * retention share). sleep_timeout stops the process with hl_signals_stop_self().
+ * c, n and streams must outlive hl_sched_stop.
  */
-hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *const *streams, int nstreams,
-                         hl_queue *wake);
+hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *const *streams, int nstreams);
 /* Engine thread: activity is any counter that grows with local or remote
  * changes; ready is whether the node is caught up without a gap. */
 void hl_sched_feed(hl_sched *s, uint64_t activity, bool ready);
