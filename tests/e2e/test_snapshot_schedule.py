@@ -168,6 +168,9 @@ def test_periodic_one_node_at_a_time(sched_cluster):
             assert name in m, (nid, name, m)
         assert m["harmonylite_snapshot_failures_total"] == 0, (nid, m)
         assert m["harmonylite_snapshot_age_seconds"] < SLOW_TIMEOUT
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    undocumented = [name for m in later.values() for name in m if f"`{name}`" not in doc]
+    assert not undocumented, f"metrics missing from docs/metrics.md: {undocumented}"
     total = sum(m["harmonylite_snapshots_taken_total"] for m in later.values())
     assert total >= 8 and total > sum(m.get("harmonylite_snapshots_taken_total", 0) for m in first.values())
     for nid, m in later.items():
