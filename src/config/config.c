@@ -948,8 +948,10 @@ static hl_status parse_duration(const hl_key *k, const char *v, size_t n, int64_
     }
     bool ok = n > 0 && n < 32;
     while (ok && i < n && isdigit((unsigned char)v[i])) {
-        if (x > (INT64_MAX - 9) / 10)
+        if (x > (INT64_MAX - 9) / 10) {
             ok = false;
+            break;
+        }
         x = x * 10 + (v[i++] - '0');
     }
     ok = ok && i > 0;
