@@ -495,7 +495,6 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
         snprintf(s->info.newest, sizeof s->info.newest, "%s", mname);
     }
     pthread_mutex_unlock(&s->mu);
-    hl_logf(HL_LOG_INFO, "snapshot saved to %s (periodic or sleep_timeout, under the lease)", where);
     hl_manifest_free(&m);
     hl_lease_release(s->kv, c->node_id, rev);
     return true;
