@@ -549,7 +549,12 @@ static void *sched_main(void *arg)
         if (s->interval_ms <= 0 || !ready || !can_try)
             continue;
         hl_last_snapshot l;
+        uint64_t dropped = 0;
         hl_status st = read_last(s, &l);
+        if (st && st != HL_ERR_NOT_FOUND && s->kv && hl_ratelimit_allow(&s->kv_log, &dropped))
+            hl_log(HL_LOG_WARN,
+                   "cannot read the cluster's last snapshot from the lease bucket; retrying at the next tick", "error",
+                   hl_status_str(st), NULL);
         bool due = st == HL_ERR_NOT_FOUND || (st == HL_OK && (interval_passed(s, &l) || streams_advanced(s, &l)));
         hl_last_snapshot_free(&l);
         if (!due || stopping(s))

@@ -242,3 +242,29 @@ def test_sleep_timeout_snapshots_and_exits_0(sched_cluster):
     mine = [d for d in mine if d["node"] == "2" and int(d["created_ms"]) >= changed_ms - 1000]
     assert mine, n2.log_tail()
     assert "sleep_timeout" in n2.log_since_start()
+
+
+def test_early_when_a_stream_advanced_its_retention_share(hl_bin, tmp_path):
+    """With an interval far away, a stream that advanced snapshot.retention_percent
+    of replication_log.max_entries past the last snapshot gets one early."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": 40},
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "1h", "retention_percent": 25}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings) as c:
+        # the cluster's first snapshot is due at once
+        wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, SLOW_TIMEOUT, "the first snapshot")
+        first = json.loads(next(store.glob("*.manifest.json")).read_text())
+        for i in range(12):  # 12 changesets: past 25% of 40 messages
+            c.node(1).execute("INSERT INTO books (title, author, publication_year) VALUES (?, 'r', 2003)",
+                              (f"share-{i}",))
+        wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 2, SLOW_TIMEOUT,
+                   "a second snapshot long before the interval")
+        docs = sorted((json.loads(p.read_text()) for p in store.glob("*.manifest.json")),
+                      key=lambda d: int(d["created_ms"]))
+        assert docs[0]["object"] == first["object"]
+        def seq(d):  # a stream this node never applied from is not in the manifest: position 0
+            return int(d["streams"][0]["seq"]) if d["streams"] else 0
+
+        assert seq(docs[1]) - seq(first) >= 10, docs
+        assert any("retention share" in n.log_since_start() for n in c.nodes)
