@@ -437,7 +437,8 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
                (st == HL_OK && (must_be_older_than ? l.created_ms < must_be_older_than
                                                    : interval_passed(s, &l) || streams_advanced(s, &l)));
     if (!due && st == HL_OK)
-        hl_logf(HL_LOG_INFO, "no snapshot needed: node %" PRIu64 " took %s since", l.node, l.manifest);
+        hl_logf(must_be_older_than ? HL_LOG_INFO : HL_LOG_DEBUG, "no snapshot needed: node %" PRIu64 " took %s since",
+                l.node, l.manifest);
     hl_last_snapshot_free(&l);
     if (!due) {
         hl_lease_release(s->kv, c->node_id, rev);
@@ -453,6 +454,9 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     pthread_condattr_destroy(&ca);
     pthread_t kt;
     bool kstarted = pthread_create(&kt, NULL, keeper_main, &k) == 0;
+    if (!kstarted)
+        hl_warnf("cannot start the lease renewal thread: a snapshot taking over %d s may overlap another node's",
+                 HL_LEASE_TTL_MS / 1000);
 
     hl_logf(HL_LOG_INFO, "taking a snapshot under the lease (bucket %s)", c->snapshot.lease_bucket);
     hl_manifest m;
@@ -539,10 +543,13 @@ static void *sched_main(void *arg)
             if (!sleep_tries)
                 hl_logf(HL_LOG_INFO, "no change for %" PRId64 " ms (sleep_timeout)%s", c->sleep_timeout_ms,
                         store ? ": taking a snapshot if the cluster has none since, then stopping" : ": stopping");
-            if (store && !take(s, active_wall) && ++sleep_tries < SLEEP_TRIES)
+            if (store && !ready && ++sleep_tries < SLEEP_TRIES)
+                continue; /* not caught up, or a gap: its copy would not be the cluster's state */
+            if (store && ready && !take(s, active_wall) && ++sleep_tries < SLEEP_TRIES)
                 continue; /* the lease bucket or the store failed: again at the next tick */
             if (store && sleep_tries >= SLEEP_TRIES)
-                hl_warnf("sleep_timeout: no snapshot taken after %d attempts; stopping all the same", SLEEP_TRIES);
+                hl_warnf("sleep_timeout: no snapshot taken after %d attempts (%s); stopping all the same", SLEEP_TRIES,
+                         ready ? "lease bucket or store failing" : "not caught up, or a gap");
             hl_signals_stop_self();
             break;
         }
