@@ -255,9 +255,11 @@ def test_early_when_a_stream_advanced_its_retention_share(hl_bin, tmp_path):
         # the cluster's first snapshot is due at once
         wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, SLOW_TIMEOUT, "the first snapshot")
         first = json.loads(next(store.glob("*.manifest.json")).read_text())
-        for i in range(12):  # 12 changesets: past 25% of 40 messages
+        for i in range(12):  # 12 changesets (each waits for the one before: no coalescing): past 25% of 40
             c.node(1).execute("INSERT INTO books (title, author, publication_year) VALUES (?, 'r', 2003)",
                               (f"share-{i}",))
+            wait_until(lambda: c.node(2).scalar("SELECT count(*) FROM books WHERE title = ?", (f"share-{i}",)) == 1,
+                       SLOW_TIMEOUT, f"share-{i} on node 2")
         wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 2, SLOW_TIMEOUT,
                    "a second snapshot long before the interval")
         docs = sorted((json.loads(p.read_text()) for p in store.glob("*.manifest.json")),
