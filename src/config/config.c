@@ -1679,6 +1679,11 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
                     "replication_log.incomplete_expiry",
                     "must be longer than the duplicate window (%d seconds), got %" PRId64,
                     hl_config_duplicate_window_s(c), c->replication_log.incomplete_expiry_s);
+    if (c->snapshot.lease_bucket && c->schema.registry_bucket &&
+        strcmp(c->snapshot.lease_bucket, c->schema.registry_bucket) == 0)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "snapshot.lease_bucket"), "snapshot.lease_bucket",
+                    "must differ from schema.registry_bucket (\"%s\"): the two buckets have different settings",
+                    c->snapshot.lease_bucket);
     if (c->snapshot.interval_ms > 0 && !hl_config_snapshot_store_set(c))
         return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "snapshot.interval"), "snapshot.interval",
                     "expected 0 while the snapshot store has no location (set snapshot.dir, snapshot.s3_bucket, "

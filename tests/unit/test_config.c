@@ -1129,8 +1129,8 @@ START_TEST(test_schedule_keys)
         char y[128], want[300];
         snprintf(y, sizeof y, "snapshot:\n  interval: \"%s\"\n", bad[i]);
         snprintf(want, sizeof want,
-                 "2: snapshot.interval: expected auto or a duration: milliseconds, or digits followed by ms, s, m or h (e.g. "
-                 "1h), at most 8760h, got \"%s\"",
+                 "2: snapshot.interval: expected auto or a duration: milliseconds, or digits followed by ms, s, m or h "
+                 "(e.g. 1h), at most 8760h, got \"%s\"",
                  bad[i]);
         expect_load_error(y, want);
     }
@@ -1147,6 +1147,9 @@ START_TEST(test_schedule_keys)
                         "snapshot.webdav_url for snapshot.store s3)");
     expect_workable("db_path: a.db\nsnapshot:\n  interval: 0\n");
     expect_workable("db_path: a.db\nsnapshot:\n  interval: AUTO\n");
+    expect_finish_error("db_path: a.db\nsnapshot:\n  lease_bucket: harmonylite-schema\n", NULL, NULL, NULL,
+                        "@:3: snapshot.lease_bucket: must differ from schema.registry_bucket (\"harmonylite-schema\"): "
+                        "the two buckets have different settings");
     expect_load_error("sleep_timeout: auto\n",
                       "1: sleep_timeout: expected a duration: milliseconds, or digits followed by ms, s, m or h (e.g. "
                       "1h), at most 8760h, got \"auto\"");
