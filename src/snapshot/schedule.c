@@ -475,6 +475,11 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     pthread_mutex_destroy(&k.mu);
     pthread_cond_destroy(&k.cv);
 
+    if (st && hl_store_cancelled()) {
+        hl_log(HL_LOG_INFO, "snapshot abandoned: this node is stopping", "error", err, NULL);
+        hl_lease_release(s->kv, c->node_id, rev);
+        return true;
+    }
     if (st) {
         hl_log(HL_LOG_ERROR, "snapshot failed; the snapshots in the store stay usable", "error", err, NULL);
         pthread_mutex_lock(&s->mu);
@@ -614,6 +619,7 @@ void hl_sched_stop(hl_sched *s)
     s->stop = true;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    hl_store_cancel(); /* a snapshot in progress: its transfer aborts within about a second */
     pthread_join(s->th, NULL);
     hl_kv_free(s->kv);
     pthread_mutex_destroy(&s->mu);

@@ -408,7 +408,7 @@ static hl_status put_retrying(hl_store *store, const char *name, const hl_store_
     hl_status st = HL_OK;
     for (int attempt = 1; attempt <= UPLOAD_ATTEMPTS; attempt++) {
         st = store->ops->put(store, name, src, err, errlen);
-        if (!st || st == HL_ERR_INVALID || st == HL_ERR_CONFIG)
+        if (!st || st == HL_ERR_INVALID || st == HL_ERR_CONFIG || hl_store_cancelled())
             return st;
         if (attempt < UPLOAD_ATTEMPTS) {
             hl_logf(HL_LOG_WARN, "snapshot upload of %s failed (attempt %d of %d), retrying in %d s: %s", name, attempt,

@@ -224,6 +224,27 @@ def test_killed_lease_holder_blocks_only_until_expiry(sched_cluster):
         n1.start()
 
 
+def test_sigterm_does_not_wait_for_a_hanging_store(sched_cluster):
+    """A node stopped while its snapshot upload hangs stops gracefully (exit 0, within the
+    harness's stop timeout) instead of waiting out the store's stall timeout and retries."""
+    c = sched_cluster
+    n1 = c.node(1)
+    hang = HangingServer()
+    try:
+        n1.restart({"snapshot": {"store": "s3", "s3_endpoint": f"http://127.0.0.1:{hang.port}",
+                                 "s3_bucket": "hangs", "s3_path_style": True, "interval": f"{INTERVAL_MS}ms",
+                                 "s3_access_key": "AKIAHANGING", "s3_secret_key": "hanging-secret"}})
+        wait_until(lambda: "taking a snapshot under the lease" in n1.log_since_start(), SLOW_TIMEOUT,
+                   "node 1 taking a snapshot into the hanging store")
+        n1.stop()  # asserts exit status 0 within the stop timeout and no child left
+        assert "hanging-secret" not in n1.log_path.read_text()
+    finally:
+        hang.close()
+        n1.settings["snapshot"] = {"store": "dir", "dir": str(c.store), "keep": KEEP, "interval": "0"}
+        if not n1.running:
+            n1.start()
+
+
 def test_sleep_timeout_snapshots_and_exits_0(sched_cluster):
     c = sched_cluster
     n1, n2, n3 = c.nodes
