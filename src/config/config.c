@@ -1898,8 +1898,8 @@ void hl_config_dump(const hl_config *c, FILE *f)
             break;
         case HL_KEY_DURATION: {
             int64_t ms = *CFIELD(c, k, int64_t);
-            if (ms < 0)
-                fputs("auto", f);
+            if (ms <= 0)
+                fputs(ms ? "auto" : "0", f);
             else if (ms && ms % 3600000 == 0)
                 fprintf(f, "%" PRId64 "h", ms / 3600000);
             else if (ms && ms % 60000 == 0)
