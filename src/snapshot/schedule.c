@@ -315,7 +315,12 @@ static hl_status read_last(hl_sched *s, hl_last_snapshot *l)
     if (st)
         return st;
     st = hl_kv_get(s->kv, HL_LAST_KEY, &v, &len, NULL);
-    if (st == HL_OK) {
+    if (st == HL_ERR_TOO_LARGE) {
+        if (hl_ratelimit_allow(&s->kv_log, &dropped))
+            hl_log(HL_LOG_WARN, "the cluster's last-snapshot record is too large; treating it as absent", "bucket",
+                   s->c->snapshot.lease_bucket, NULL);
+        st = HL_ERR_NOT_FOUND; /* a snapshot is taken and rewrites it */
+    } else if (st == HL_OK) {
         st = hl_last_snapshot_parse(l, (const char *)v, len);
         if (st && hl_ratelimit_allow(&s->kv_log, &dropped))
             hl_log(HL_LOG_WARN, "the cluster's last-snapshot record is malformed; treating it as absent", "bucket",
@@ -324,13 +329,11 @@ static hl_status read_last(hl_sched *s, hl_last_snapshot *l)
             st = HL_ERR_NOT_FOUND; /* a snapshot is taken and rewrites it */
     }
     free(v);
-    if (st == HL_OK) {
+    if (st == HL_OK) { /* the cluster's record is the newest known, even if older than what we saw */
         pthread_mutex_lock(&s->mu);
-        if (l->created_ms >= s->info.newest_ms) {
-            s->info.newest_ms = l->created_ms;
-            s->info.newest_node = l->node;
-            snprintf(s->info.newest, sizeof s->info.newest, "%s", l->manifest);
-        }
+        s->info.newest_ms = l->created_ms;
+        s->info.newest_node = l->node;
+        snprintf(s->info.newest, sizeof s->info.newest, "%s", l->manifest);
         pthread_mutex_unlock(&s->mu);
     }
     return st;
@@ -498,11 +501,9 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
     s->info.taken++;
     s->info.last_bytes = m.size;
     s->info.last_duration_ms = took;
-    if (m.created_ms >= s->info.newest_ms) {
-        s->info.newest_ms = m.created_ms;
-        s->info.newest_node = m.node;
-        snprintf(s->info.newest, sizeof s->info.newest, "%s", mname);
-    }
+    s->info.newest_ms = m.created_ms;
+    s->info.newest_node = m.node;
+    snprintf(s->info.newest, sizeof s->info.newest, "%s", mname);
     pthread_mutex_unlock(&s->mu);
     hl_manifest_free(&m);
     hl_lease_release(s->kv, c->node_id, rev);
