@@ -292,3 +292,20 @@ def test_early_when_a_stream_advanced_its_retention_share(hl_bin, tmp_path):
 
         assert seq(docs[1]) - seq(first) >= 10, docs
         assert any("retention share" in n.log_since_start() for n in c.nodes)
+
+        # whoever can write to the bucket cannot stop snapshots with a record from the future
+        # (or garbage): it is not believed, and the next snapshot replaces it
+        forged = {"node": "9", "created_ms": str(int(time.time() * 1000) + 10 * 3600 * 1000), "size": "1",
+                  "manifest": "snap-forged.manifest.json", "streams": []}
+        for value in (json.dumps(forged).encode(), b"garbage"):
+            before = {p.name for p in store.glob("*.manifest.json")}
+
+            async def put(nc, js, value=value):
+                kv = await js.key_value(BUCKET)
+                await kv.put("last", value)
+
+            harness.run_nats(c.node(1).nats_url, put)
+            wait_until(lambda: {p.name for p in store.glob("*.manifest.json")} - before, SLOW_TIMEOUT,
+                       "a snapshot replacing the forged record")
+            wait_until(lambda: (kv_get(c.node(1), "last") or {}).get("node") in ("1", "2", "3"), SLOW_TIMEOUT,
+                       "the forged record replaced")
