@@ -32,7 +32,8 @@
 #define TICK_MAX_MS 30000
 #define BACKOFF_MIN_MS 10000
 #define BACKOFF_MAX_MS (15 * 60 * 1000)
-#define SLEEP_TRIES 3 /* sleep_timeout: attempts at its snapshot before stopping without one */
+#define LEASE_SETTLE_MS 1000 /* between taking the lease and confirming it (see take()) */
+#define SLEEP_TRIES 3        /* sleep_timeout: attempts at its snapshot before stopping without one */
 
 /* ---- small JSON helpers: numbers are decimal strings, as in the manifest ---- */
 
@@ -433,6 +434,24 @@ static bool take(hl_sched *s, uint64_t must_be_older_than)
         hl_log(HL_LOG_WARN, "cannot take the snapshot lease; retrying later", "error", hl_status_str(st), NULL);
         return false;
     }
+    /* Confirm before working: nats-server before 2.9.21 checks a compare-and-set's expected revision
+     * before its replicas agree on the write (nats-server issue 4320), so two nodes racing for an
+     * expired lease can both be told they got it; both writes are stored, the later one last. A
+     * second compare-and-set once those writes have settled succeeds for the later writer only. */
+    if (nap(s, LEASE_SETTLE_MS)) {
+        hl_lease_release(s->kv, c->node_id, rev);
+        return true;
+    }
+    st = hl_lease_renew(s->kv, c->node_id, hl_now_ms(), HL_LEASE_TTL_MS, &rev);
+    if (st == HL_ERR_CONFLICT) {
+        hl_debugf("snapshot lease lost to a concurrent taker; not taking one");
+        return true;
+    }
+    if (st) {
+        hl_log(HL_LOG_WARN, "cannot confirm the snapshot lease; retrying later", "error", hl_status_str(st), NULL);
+        hl_lease_release(s->kv, c->node_id, rev);
+        return false;
+    }
     /* Under the lease: has another node finished one since we looked? */
     hl_last_snapshot l;
     st = read_last(s, &l);
@@ -522,6 +541,15 @@ static void backoff(hl_sched *s)
     hl_logf(HL_LOG_INFO, "next snapshot attempt in %" PRIu64 " s at the earliest", ms / 1000);
 }
 
+/* tick +-25% (xorshift64: spreading the nodes out needs no better randomness) */
+static uint64_t jitter(uint64_t *x, uint64_t tick)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return tick - tick / 4 + (tick / 2 ? *x % (tick / 2) : 0);
+}
+
 static void *sched_main(void *arg)
 {
     hl_sched *s = arg;
@@ -536,7 +564,10 @@ static void *sched_main(void *arg)
     bool store = hl_config_snapshot_store_set(c);
     int sleep_tries = 0;
 
-    while (!nap(s, tick)) {
+    /* Each wait is the tick +-25%, at random: nodes started together would otherwise look at the
+     * same instants, and the same node would win every race for the lease. */
+    uint64_t rnd = hl_now_ms() ^ (c->node_id * UINT64_C(0x9e3779b97f4a7c15)) ^ (uint64_t)(uintptr_t)s;
+    for (uint64_t wait = jitter(&rnd, tick); !nap(s, wait); wait = jitter(&rnd, tick)) {
         pthread_mutex_lock(&s->mu);
         bool ready = s->ready;
         uint64_t idle = hl_mono_ms() - s->active_mono_ms, active_wall = s->active_wall_ms;
