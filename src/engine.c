@@ -37,6 +37,8 @@
 #include "repl/queue.h"
 #include "signals.h"
 #include "snapshot/catchup.h"
+#include "snapshot/schedule.h"
+#include "snapshot/store.h"
 
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define IDLE_RELEASE_MS 5000u /* a whole period without an engine transaction: give memory back */
@@ -87,6 +89,8 @@ typedef struct engine {
     char gap_base[300];                 /* which stream starts past this node's position */
     hl_ratelimit fail_log;
     hl_ratelimit defer_log; /* changesets deferred at schema.max_held_bytes */
+    hl_sched *sched;        /* periodic snapshots and sleep_timeout (snapshot/schedule.h), once online */
+    bool sched_tried;
 } engine;
 
 /* Describes the replicated tables for /schema. */
@@ -306,6 +310,20 @@ static void publish_state(engine *e)
             caught = false; /* a capped stream was read to its start tail: caught up, the rest is deferred */
     }
     s->messages_malformed = malformed;
+    if (e->sched) {
+        hl_sched_feed(e->sched, s->rows_captured + s->rows_applied + s->changesets_applied,
+                      s->streams_ready && caught && !e->stream_gap && !e->catchup);
+        hl_sched_info si;
+        hl_sched_info_get(e->sched, &si);
+        s->snap_sched = true;
+        s->snap_taken = si.taken;
+        s->snap_failures = si.failures;
+        s->snap_last_bytes = si.last_bytes;
+        s->snap_last_ms = si.last_duration_ms;
+        s->snap_newest_ms = si.newest_ms;
+        s->snap_newest_node = si.newest_node;
+        snprintf(s->snap_newest, sizeof s->snap_newest, "%s", si.newest);
+    }
     if (s->streams_ready)
         s->caught_up = caught;
     else if (e->snap.embedded && atomic_load(&e->setup_done) == 0)
@@ -794,6 +812,8 @@ static void teardown(engine *e)
     if (e->fetchers)
         for (int s = 0; s < shards; s++)
             hl_fetcher_stop(e->fetchers[s]);
+    hl_sched_stop(e->sched); /* waits for a snapshot in progress; before the connection it uses */
+    e->sched = NULL;
     hl_registry_stop(e->reg, false);
     hl_nats_close(e->n, 2000);
     hl_nats_shutdown(5000); /* before anything a late nats.c callback could touch (the queue) is freed */
@@ -819,6 +839,7 @@ static void teardown(engine *e)
     free(e->setup_last);
     hl_signals_forget_queue();
     hl_queue_free(&e->q);
+    hl_store_curl_cleanup();
 }
 
 int hl_engine_run(hl_config *c, hl_config_loader reload)
@@ -828,6 +849,11 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     int shards = c->replication_log.shards;
 
     hl_signals_block();
+    char cerr[128];
+    if (hl_sched_wanted(c) && hl_store_curl_init(cerr, sizeof cerr)) { /* before any other thread */
+        hl_errorf("%s", cerr);
+        return 1;
+    }
     /* Decoded changesets waiting for the engine, by what they cost in memory:
      * enough to keep the engine busy, small enough to bound a node's memory. */
     if (hl_queue_init(&e.q, 24u << 20)) {
@@ -861,6 +887,11 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         }
         if (e.catchup && catchup_turn(&e))
             goto out;
+        if (e.online && !e.sched_tried) {
+            e.sched_tried = true;
+            if (hl_sched_wanted(c) && hl_sched_start(&e.sched, c, e.n, e.streams, shards))
+                hl_errorf("cannot start the snapshot scheduler thread: no periodic snapshots");
+        }
         turn(&e, &want_capture);
         /* Publishing and the heartbeat run every turn, also under a
          * sustained inbound load. */

@@ -20,6 +20,7 @@
 
 static atomic_int stop_signals;
 static volatile int stop_flag; /* polled by blocking NATS setup loops */
+static atomic_bool stop_self;  /* the process stops itself (sleep_timeout) as for one stop signal */
 static hl_queue *_Atomic signal_queue;
 static hl_config_loader signal_reload;
 static const hl_config *signal_current; /* the running configuration (read-only) */
@@ -88,7 +89,16 @@ static void *signal_thread(void *arg)
 
 bool hl_signals_stopping(void)
 {
-    return atomic_load(&stop_signals) > 0;
+    return atomic_load(&stop_signals) > 0 || atomic_load(&stop_self);
+}
+
+void hl_signals_stop_self(void)
+{
+    atomic_store(&stop_self, true);
+    stop_flag = 1;
+    hl_queue *q = atomic_load(&signal_queue);
+    if (q)
+        hl_queue_wake(q);
 }
 
 void hl_signals_block(void)

@@ -22,6 +22,9 @@ void hl_signals_start(hl_queue *wake, hl_config_loader reload, const hl_config *
 void hl_signals_forget_queue(void);
 /* True once a stop signal arrived. */
 bool hl_signals_stopping(void);
+/* Stops the process gracefully as one stop signal would (sleep_timeout): hl_signals_stopping()
+ * turns true and the engine is woken; a later SIGTERM still counts as the first. */
+void hl_signals_stop_self(void);
 /* Makes the stop flag read by blocking loops (NATS setup) true. */
 void hl_signals_request_stop(void);
 /* The flag blocking loops poll (hl_nats_connect, hl_nats_ensure_streams). */

@@ -41,6 +41,8 @@ typedef enum hl_key_type {
     HL_KEY_INT64,  /* int64_t field */
     HL_KEY_UINT64, /* uint64_t field, range within [0, INT64_MAX] */
     HL_KEY_LIST,   /* hl_strlist field */
+    /* int64_t field, milliseconds: bare digits are ms (as in HarmonyLite), or digits + ms|s|m|h */
+    HL_KEY_DURATION,
 } hl_key_type;
 
 /* Returns NULL when v is acceptable, else what was expected ("a URL starting with ..."). */
@@ -91,6 +93,10 @@ static const char *check_bucket(const char *v);
     {                                                                                                                  \
         p, HL_KEY_INT64, OFF(f), lo, hi, d, NULL, NULL, false, doc                                                     \
     }
+#define DUR(p, f, lo, hi, d, doc)                                                                                      \
+    {                                                                                                                  \
+        p, HL_KEY_DURATION, OFF(f), lo, hi, d, NULL, NULL, false, doc                                                  \
+    }
 #define LIST(p, f, chk, doc)                                                                                           \
     {                                                                                                                  \
         p, HL_KEY_LIST, OFF(f), 0, 0, NULL, NULL, chk, false, doc                                                      \
@@ -129,6 +135,9 @@ static const hl_key keys[] = {
         "page cache of harmonylite's database connection, KiB"),
     I64("wal_size_limit", wal_size_limit, 1048576, INT64_C(1099511627776), "67108864",
         "bytes; a -wal file checkpoints find larger is cut back to zero"),
+    /* sleep_timeout: serverless nodes (src/snapshot/schedule.c) */
+    DUR("sleep_timeout", sleep_timeout_ms, 0, INT64_C(31536000000), "0",
+        "after this long without a local or remote change: take a snapshot (under the lease) and exit 0; 0: off"),
 
     INT("replication_log.shards", replication_log.shards, 1, 1024, "1", "number of JetStream streams (shards)"),
     I64("replication_log.max_entries", replication_log.max_entries, 1, INT64_MAX, "1048576",
@@ -275,6 +284,14 @@ static const hl_key keys[] = {
          "object store bucket of the nats store (stream OBJ_<bucket>), created when missing"),
     INT("snapshot.nats_replicas", snapshot.nats_replicas, 0, 5, "0",
         "replicas of a nats store bucket harmonylite creates; 0: replication_log.replicas"),
+    /* periodic snapshots: who takes them and when (src/snapshot/schedule.c) */
+    DUR("snapshot.interval", snapshot.interval_ms, -1, INT64_C(31536000000), "auto",
+        "time between the cluster's snapshots, taken by one node at a time; 0: off; auto: 1h when the store's "
+        "location is set, else off"),
+    INT("snapshot.retention_percent", snapshot.retention_percent, 0, 100, "50",
+        "snapshot early once a stream advanced this percentage of replication_log.max_entries; 0: interval only"),
+    STRC("snapshot.lease_bucket", snapshot.lease_bucket, "harmonylite-snapshot", check_bucket,
+         "NATS KV bucket holding the snapshot lease and the cluster's last snapshot"),
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -625,6 +642,11 @@ static void expected(const hl_key *k, char *out, size_t outlen)
     case HL_KEY_LIST:
         snprintf(out, outlen, "a list of strings");
         return;
+    case HL_KEY_DURATION:
+        snprintf(out, outlen,
+                 "%sa duration: milliseconds, or digits followed by ms, s, m or h (e.g. 1h), at most %" PRId64 "h",
+                 k->min < 0 ? "auto or " : "", k->max / 3600000);
+        return;
     case HL_KEY_STRING:
         break;
     }
@@ -920,6 +942,52 @@ static hl_status parse_int(const hl_key *k, const char *v, size_t n, int64_t *ou
     return fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected %s, got %s", want, got);
 }
 
+/* Parses a duration into milliseconds: digits alone are milliseconds (as in
+ * HarmonyLite's configuration), or digits followed by ms, s, m or h; within k's range. */
+static hl_status parse_duration(const hl_key *k, const char *v, size_t n, int64_t *out, const char *where, char *err,
+                                size_t errlen)
+{
+    char want[128], got[96];
+    size_t i = 0;
+    int64_t x = 0, mult = 1;
+    if (k->min < 0 && n == 4 && strncasecmp(v, "auto", 4) == 0) {
+        *out = -1; /* the key's own default rule (hl_config_snapshot_interval_ms) */
+        return HL_OK;
+    }
+    bool ok = n > 0 && n < 32;
+    while (ok && i < n && isdigit((unsigned char)v[i])) {
+        if (x > (INT64_MAX - 9) / 10) {
+            ok = false;
+            break;
+        }
+        x = x * 10 + (v[i++] - '0');
+    }
+    ok = ok && i > 0;
+    if (ok && i < n) {
+        size_t ul = n - i;
+        const char *u = v + i;
+        if (ul == 2 && memcmp(u, "ms", 2) == 0)
+            mult = 1;
+        else if (ul == 1 && u[0] == 's')
+            mult = 1000;
+        else if (ul == 1 && u[0] == 'm')
+            mult = 60000;
+        else if (ul == 1 && u[0] == 'h')
+            mult = 3600000;
+        else
+            ok = false;
+    }
+    if (ok && x > k->max / mult)
+        ok = false;
+    if (ok && x * mult >= (k->min > 0 ? k->min : 0)) {
+        *out = x * mult;
+        return HL_OK;
+    }
+    expected(k, want, sizeof want);
+    esc(got, sizeof got, v, n, true);
+    return fail(err, errlen, HL_ERR_CONFIG, where, k->path, "expected %s, got %s", want, got);
+}
+
 /*
  * Sets a non-list key from text v[0..n) (a YAML scalar, an environment value or
  * a flag). Lists are handled by set_list_text and the YAML loader.
@@ -970,6 +1038,12 @@ static hl_status set_scalar(hl_config *c, const hl_key *k, const char *v, size_t
             *FIELD(c, k, int64_t) = x;
         else
             *FIELD(c, k, uint64_t) = (uint64_t)x;
+        return HL_OK;
+    case HL_KEY_DURATION:
+        st = parse_duration(k, v, n, &x, where, err, errlen);
+        if (st)
+            return st;
+        *FIELD(c, k, int64_t) = x;
         return HL_OK;
     case HL_KEY_LIST:
         break;
@@ -1637,6 +1711,16 @@ hl_status hl_config_finish_host(hl_config *c, const char *hostname, char *err, s
                     "replication_log.incomplete_expiry",
                     "must be longer than the duplicate window (%d seconds), got %" PRId64,
                     hl_config_duplicate_window_s(c), c->replication_log.incomplete_expiry_s);
+    if (c->snapshot.lease_bucket && c->schema.registry_bucket &&
+        strcmp(c->snapshot.lease_bucket, c->schema.registry_bucket) == 0)
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "snapshot.lease_bucket"), "snapshot.lease_bucket",
+                    "must differ from schema.registry_bucket (\"%s\"): the two buckets have different settings",
+                    c->snapshot.lease_bucket);
+    if (c->snapshot.interval_ms > 0 && !hl_config_snapshot_store_set(c))
+        return fail(err, errlen, HL_ERR_CONFIG, origin_of(c, "snapshot.interval"), "snapshot.interval",
+                    "expected 0 while the snapshot store has no location (set snapshot.dir, snapshot.s3_bucket, "
+                    "snapshot.sftp_url, snapshot.webdav_url or snapshot.nats_bucket for snapshot.store %s)",
+                    c->snapshot.store ? c->snapshot.store : "s3");
     hl_status st = check_credentials(c, err, errlen);
     return st ? st : check_embedded(c, err, errlen);
 }
@@ -1647,6 +1731,25 @@ int hl_config_duplicate_window_s(const hl_config *c)
     if (c->replication_log.max_age_s > 0 && w > c->replication_log.max_age_s)
         w = (int)c->replication_log.max_age_s;
     return w;
+}
+
+bool hl_config_snapshot_store_set(const hl_config *c)
+{
+    const char *kind = c->snapshot.store ? c->snapshot.store : "s3";
+    const char *loc = strcmp(kind, "dir") == 0      ? c->snapshot.dir
+                      : strcmp(kind, "sftp") == 0   ? c->snapshot.sftp_url
+                      : strcmp(kind, "webdav") == 0 ? c->snapshot.webdav_url
+                      : strcmp(kind, "nats") == 0   ? c->snapshot.nats_bucket
+                                                    : c->snapshot.s3_bucket;
+    return loc && *loc;
+}
+
+int64_t hl_config_snapshot_interval_ms(const hl_config *c)
+{
+    if (c->snapshot.interval_ms >= 0)
+        return c->snapshot.interval_ms;
+    /* auto: on with a store; nobody asked for snapshots otherwise, so none fail every hour */
+    return hl_config_snapshot_store_set(c) ? 3600000 : 0;
 }
 
 int64_t hl_config_incomplete_expiry_s(const hl_config *c)
@@ -1826,6 +1929,20 @@ void hl_config_dump(const hl_config *c, FILE *f)
         case HL_KEY_UINT64:
             fprintf(f, "%" PRIu64, *CFIELD(c, k, uint64_t));
             break;
+        case HL_KEY_DURATION: {
+            int64_t ms = *CFIELD(c, k, int64_t);
+            if (ms <= 0)
+                fputs(ms ? "auto" : "0", f);
+            else if (ms && ms % 3600000 == 0)
+                fprintf(f, "%" PRId64 "h", ms / 3600000);
+            else if (ms && ms % 60000 == 0)
+                fprintf(f, "%" PRId64 "m", ms / 60000);
+            else if (ms && ms % 1000 == 0)
+                fprintf(f, "%" PRId64 "s", ms / 1000);
+            else
+                fprintf(f, "%" PRId64 "ms", ms);
+            break;
+        }
         case HL_KEY_LIST: {
             const hl_strlist *l = CFIELD(c, k, hl_strlist);
             fputc('[', f);
@@ -1854,7 +1971,7 @@ size_t hl_config_key_count(void)
 
 bool hl_config_key_at(size_t i, hl_config_key_info *out)
 {
-    static const char *type_names[] = {"string", "bool", "integer", "integer", "integer", "list"};
+    static const char *type_names[] = {"string", "bool", "integer", "integer", "integer", "list", "duration"};
     if (i >= NKEYS)
         return false;
     const hl_key *k = &keys[i];

@@ -42,6 +42,8 @@ typedef struct hl_config {
     int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
     int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */
     int64_t wal_size_limit;        /* wal_size_limit: bytes of -wal file before checkpoints truncate it (64 MiB) */
+    /* sleep_timeout (docs/snapshots.md#sleep_timeout) */
+    int64_t sleep_timeout_ms; /* sleep_timeout: ms without a change before a snapshot and exit 0 (0: off) */
 
     struct {
         int shards;                  /* replication_log.shards (default 1) */
@@ -140,6 +142,12 @@ typedef struct hl_config {
         char *webdav_ca_file;      /* snapshot.webdav_ca_file: CA certificates (PEM) for https */
         char *nats_bucket;         /* snapshot.nats_bucket: object store bucket of the nats store */
         int nats_replicas;         /* snapshot.nats_replicas: 0 = replication_log.replicas */
+        /* periodic snapshots (src/snapshot/schedule.c, docs/snapshots.md#periodic-snapshots) */
+        int64_t interval_ms;   /* snapshot.interval: ms between the cluster's snapshots (0: off; -1: auto, the
+                                  default); use hl_config_snapshot_interval_ms() */
+        int retention_percent; /* snapshot.retention_percent: snapshot early once a stream advanced this share
+                                  of replication_log.max_entries (default 50; 0: interval only) */
+        char *lease_bucket;    /* snapshot.lease_bucket: NATS KV bucket of the lease and the last snapshot */
     } snapshot;
 } hl_config;
 
@@ -189,6 +197,12 @@ int hl_config_duplicate_window_s(const hl_config *c);
  * incomplete_expiry, or when 0 twice the duplicate window + 60 (always longer
  * than the window; docs/architecture.md says why). */
 int64_t hl_config_incomplete_expiry_s(const hl_config *c);
+/* Whether the chosen snapshot.store has its location set (dir, s3_bucket,
+ * sftp_url or webdav_url): periodic snapshots are on by default only then. */
+bool hl_config_snapshot_store_set(const hl_config *c);
+/* The effective snapshot.interval in ms: as set, or for auto (the default)
+ * 1 h when the store is set (hl_config_snapshot_store_set), else 0 (off). */
+int64_t hl_config_snapshot_interval_ms(const hl_config *c);
 
 /*
  * Key introspection, for main's flag parser, `-check-config`, the docs and the
@@ -198,7 +212,7 @@ int64_t hl_config_incomplete_expiry_s(const hl_config *c);
  */
 typedef struct hl_config_key_info {
     const char *path; /* dotted path: "replication_log.shards" */
-    const char *type; /* "string", "bool", "integer" or "list" */
+    const char *type; /* "string", "bool", "integer", "list" or "duration" (milliseconds, or 30s, 5m, 1h) */
     const char *def;  /* default as YAML text; NULL when the key has none */
     const char *doc;  /* one line */
     int64_t min, max; /* range of an integer key */

@@ -369,6 +369,24 @@ static bool eval_checks(const hl_state_snapshot *s, check c[NCHECKS])
 
 /* ---- /readyz ---- */
 
+/* "snapshot": the newest snapshot this node knows of, null when none (or no scheduler). */
+static bool add_snapshot(cJSON *root, const hl_state_snapshot *s)
+{
+    if (!s->snap_newest_ms)
+        return cJSON_AddNullToObject(root, "snapshot") != NULL;
+    char name[sizeof s->snap_newest], num[24], when[40];
+    fixed_str(name, sizeof name, s->snap_newest, sizeof s->snap_newest);
+    time_t secs = (time_t)(s->snap_newest_ms / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+             tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(s->snap_newest_ms % 1000));
+    cJSON *o = cJSON_AddObjectToObject(root, "snapshot");
+    snprintf(num, sizeof num, "%" PRIu64, s->snap_newest_node);
+    return o && cJSON_AddStringToObject(o, "manifest", name) && cJSON_AddRawToObject(o, "node", num) &&
+           cJSON_AddStringToObject(o, "created", when);
+}
+
 char *hl_http_render_readyz(const hl_state_snapshot *s, int *code)
 {
     check c[NCHECKS];
@@ -391,6 +409,8 @@ char *hl_http_render_readyz(const hl_state_snapshot *s, int *code)
             !cJSON_AddStringToObject(o, "reason", c[i].reason))
             goto fail;
     }
+    if (!add_snapshot(root, s))
+        goto fail;
     return json_finish(root);
 fail:
     cJSON_Delete(root);
@@ -575,6 +595,30 @@ static void m_schema(mw *w, const hl_state_snapshot *s)
              s->schema_odd ? 1 : 0);
 }
 
+/* Periodic snapshots (src/snapshot/schedule.c): only while the scheduler runs. */
+static void m_snapshot(mw *w, const hl_state_snapshot *s)
+{
+    if (!s->snap_sched)
+        return;
+    m_simple(w, "snapshots_taken_total", "counter", "Snapshots this node took and stored (periodic or sleep_timeout).",
+             s->snap_taken);
+    m_simple(w, "snapshot_failures_total", "counter",
+             "Snapshots this node failed to take or store; retried at a later tick with backoff.", s->snap_failures);
+    m_simple(w, "snapshot_last_size_bytes", "gauge", "Compressed size of the last snapshot this node took.",
+             s->snap_last_bytes);
+    m_head(w, "snapshot_last_duration_seconds", "gauge",
+           "Time the last snapshot this node took needed, upload included.");
+    m_begin(w, "snapshot_last_duration_seconds");
+    m_end_f(w, (double)s->snap_last_ms / 1000.0);
+    if (s->snap_newest_ms) {
+        uint64_t now = hl_now_ms();
+        m_head(w, "snapshot_age_seconds", "gauge",
+               "Seconds since the newest snapshot this node knows of (the cluster's last, from the lease bucket).");
+        m_begin(w, "snapshot_age_seconds");
+        m_end_f(w, now > s->snap_newest_ms ? (double)(now - s->snap_newest_ms) / 1000.0 : 0.0);
+    }
+}
+
 /* Messages refused as malformed, and partly received changesets given up on. */
 static void m_refused(mw *w, const hl_state_snapshot *s)
 {
@@ -697,6 +741,7 @@ char *hl_http_render_metrics(const hl_state_snapshot *s)
     m_engine(&w, s);
     m_catchup(&w, s);
     m_schema(&w, s);
+    m_snapshot(&w, s);
     m_refused(&w, s);
     m_lag(&w, s);
     m_streams(&w, s);
@@ -783,7 +828,7 @@ static cJSON *schema_object(const hl_state_snapshot *s)
     if (!tables)
         goto fail;
     cJSON_AddItemToObject(root, "tables", tables);
-    if (!add_held(root, s))
+    if (!add_held(root, s) || !add_snapshot(root, s))
         goto fail;
     /* The registry's view (registry.h); null until the first heartbeat read it. */
     cJSON *cluster = s->cluster_json ? cJSON_Parse(s->cluster_json) : NULL;

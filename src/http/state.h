@@ -108,6 +108,16 @@ typedef struct hl_state_snapshot {
     char prev_schema_hash[65];
     char *schema_json;  /* owned by the state: '[{"name":..,"columns":[{"name":..,"type":..,"notnull":..,"pk":..}]}]' */
     char *cluster_json; /* owned by the state: the registry's view (hl_cluster_json), NULL before the first */
+
+    /* snapshots (src/snapshot/schedule.c): counters of this node, the newest the cluster recorded */
+    bool snap_sched;           /* the scheduler runs (snapshot.interval or sleep_timeout) */
+    uint64_t snap_taken;       /* snapshots this node took */
+    uint64_t snap_failures;    /* snapshots this node failed to take */
+    uint64_t snap_last_bytes;  /* compressed size of the last one it took */
+    uint64_t snap_last_ms;     /* how long that took */
+    uint64_t snap_newest_ms;   /* wall ms of the newest snapshot known; 0: none */
+    uint64_t snap_newest_node; /* the node that took it */
+    char snap_newest[201];     /* its manifest's name */
 } hl_state_snapshot;
 
 typedef struct hl_state {

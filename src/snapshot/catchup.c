@@ -64,16 +64,7 @@ struct hl_catchup {
 
 bool hl_catchup_configured(const hl_config *c)
 {
-    const char *s = c->snapshot.store ? c->snapshot.store : "s3";
-    if (strcmp(s, "dir") == 0)
-        return c->snapshot.dir && c->snapshot.dir[0];
-    if (strcmp(s, "s3") == 0)
-        return c->snapshot.s3_bucket && c->snapshot.s3_bucket[0];
-    if (strcmp(s, "sftp") == 0)
-        return c->snapshot.sftp_url && c->snapshot.sftp_url[0];
-    if (strcmp(s, "webdav") == 0)
-        return c->snapshot.webdav_url && c->snapshot.webdav_url[0];
-    return false;
+    return hl_config_snapshot_store_set(c);
 }
 
 static void remove_file(const char *path)

@@ -408,7 +408,7 @@ static hl_status put_retrying(hl_store *store, const char *name, const hl_store_
     hl_status st = HL_OK;
     for (int attempt = 1; attempt <= UPLOAD_ATTEMPTS; attempt++) {
         st = store->ops->put(store, name, src, err, errlen);
-        if (!st || st == HL_ERR_INVALID || st == HL_ERR_CONFIG)
+        if (!st || st == HL_ERR_INVALID || st == HL_ERR_CONFIG || hl_store_cancelled())
             return st;
         if (attempt < UPLOAD_ATTEMPTS) {
             hl_logf(HL_LOG_WARN, "snapshot upload of %s failed (attempt %d of %d), retrying in %d s: %s", name, attempt,
@@ -552,7 +552,8 @@ static hl_status upload(hl_store *store, const char *name, const char *mname, in
     return res;
 }
 
-hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *err, size_t errlen)
+static hl_status save(const hl_config *c, hl_manifest *out, char *mname_out, char *where, size_t wlen, char *err,
+                      size_t errlen)
 {
     hl_status res;
     hl_store *store = NULL;
@@ -577,6 +578,11 @@ hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *e
             mname, store->where, s.m.db_size, s.m.size, ms);
     snprintf(where, wlen, "%s%s", store->where, mname);
     prune(store, c->snapshot.keep > 0 ? c->snapshot.keep : 3);
+    if (out) {
+        *out = s.m;
+        memset(&s.m, 0, sizeof s.m);
+        snprintf(mname_out, HL_SNAPSHOT_NAME_MAX + 1, "%s", mname);
+    }
 out:
     if (zfd >= 0)
         close(zfd);
@@ -586,8 +592,21 @@ out:
         unlink(zpath);
     hl_manifest_free(&s.m);
     hl_store_close(store);
-    hl_store_curl_cleanup();
+    if (!out)
+        hl_store_curl_cleanup(); /* a running node keeps libcurl's global state: other threads use OpenSSL */
     return res;
+}
+
+hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *err, size_t errlen)
+{
+    return save(c, NULL, NULL, where, wlen, err, errlen);
+}
+
+hl_status hl_snapshot_save_manifest(const hl_config *c, hl_manifest *m, char mname[HL_SNAPSHOT_NAME_MAX + 1],
+                                    char *where, size_t wlen, char *err, size_t errlen)
+{
+    memset(m, 0, sizeof *m);
+    return save(c, m, mname, where, wlen, err, errlen);
 }
 
 /* ---- restoring one --------------------------------------------------- */

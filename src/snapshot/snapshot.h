@@ -15,6 +15,7 @@
 
 #include "common/status.h"
 #include "config/config.h"
+#include "snapshot/manifest.h"
 
 /*
  * Takes a snapshot of c->db_path now and uploads it to c's store, then
@@ -24,6 +25,15 @@
  * are left as they were.
  */
 hl_status hl_snapshot_save(const hl_config *c, char *where, size_t wlen, char *err, size_t errlen);
+
+/*
+ * The same from a running node (src/snapshot/schedule.c): also returns the
+ * manifest stored (*m, free with hl_manifest_free) and its name, and leaves
+ * libcurl's global state initialised (the caller called hl_store_curl_init
+ * before starting its threads).
+ */
+hl_status hl_snapshot_save_manifest(const hl_config *c, hl_manifest *m, char mname[HL_SNAPSHOT_NAME_MAX + 1],
+                                    char *where, size_t wlen, char *err, size_t errlen);
 
 /* What hl_snapshot_restore did. */
 typedef enum hl_restore_result {

@@ -4,6 +4,7 @@
 #include "snapshot/store.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -63,6 +64,17 @@ hl_status hl_store_open(hl_store **out, const hl_config *c, char *err, size_t er
 }
 
 static int curl_ready;
+static atomic_bool store_cancelled;
+
+void hl_store_cancel(void)
+{
+    atomic_store(&store_cancelled, true);
+}
+
+bool hl_store_cancelled(void)
+{
+    return atomic_load(&store_cancelled);
+}
 
 hl_status hl_store_curl_init(char *err, size_t errlen)
 {

@@ -15,6 +15,7 @@
 #define HL_SNAPSHOT_STORE_H
 
 #include <sys/types.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -81,6 +82,12 @@ hl_status hl_store_s3_open(hl_store **out, const hl_config *c, char *err, size_t
 hl_status hl_store_sftp_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 hl_status hl_store_webdav_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
 hl_status hl_store_nats_open(hl_store **out, const hl_config *c, char *err, size_t errlen);
+
+/* Makes every curl transfer in progress fail at its next progress call (about once a second,
+ * also while the server says nothing) and every later upload retry give up: a running node that
+ * stops does not wait for a store that hangs. For the process's lifetime. */
+void hl_store_cancel(void);
+bool hl_store_cancelled(void);
 
 /* Progress of a transfer: logs bytes, rate and ETA every few seconds once it has taken more than a few. */
 typedef struct hl_progress {

@@ -192,7 +192,7 @@ static int on_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off
     (void)ultotal;
     if (r->pr)
         hl_progress_update(r->pr, r->pr_base + (uint64_t)(ulnow > dlnow ? ulnow : dlnow));
-    return 0;
+    return hl_store_cancelled() ? 1 : 0; /* a stopping node: abort the transfer */
 }
 
 static hl_status req_init(s3_req *r, const s3_store *s, char *err, size_t errlen)

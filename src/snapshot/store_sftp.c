@@ -102,7 +102,7 @@ static int on_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off
     (void)ultotal;
     if (r->pr)
         hl_progress_update(r->pr, (uint64_t)(ulnow > dlnow ? ulnow : dlnow));
-    return 0;
+    return hl_store_cancelled() ? 1 : 0; /* a stopping node: abort the transfer */
 }
 
 static hl_status req_init(sftp_req *r, const sftp_store *s)

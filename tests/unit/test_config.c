@@ -1075,6 +1075,88 @@ START_TEST(test_snapshot_keys)
 }
 END_TEST
 
+/* snapshot.interval, snapshot.retention_percent and sleep_timeout (src/snapshot/schedule.c). */
+START_TEST(test_schedule_keys)
+{
+    hl_config c;
+    /* defaults: nothing configured, nothing scheduled: no failure every hour */
+    ck_assert_msg(load(&c, "db_path: a.db\n") == HL_OK, "%s", err);
+    ck_assert_int_eq(c.snapshot.interval_ms, -1);
+    ck_assert_int_eq(c.snapshot.retention_percent, 50);
+    ck_assert_int_eq(c.sleep_timeout_ms, 0);
+    ck_assert_str_eq(c.snapshot.lease_bucket, "harmonylite-snapshot");
+    ck_assert(!hl_config_snapshot_store_set(&c));
+    ck_assert_int_eq(hl_config_snapshot_interval_ms(&c), 0);
+    hl_config_free(&c);
+    /* a store with its location: on by default, every hour */
+    ck_assert_msg(load(&c, "db_path: a.db\nsnapshot:\n  store: dir\n  dir: /x\n") == HL_OK, "%s", err);
+    ck_assert(hl_config_snapshot_store_set(&c));
+    ck_assert_int_eq(hl_config_snapshot_interval_ms(&c), 3600000);
+    hl_config_free(&c);
+    ck_assert_msg(load(&c, "db_path: a.db\nsnapshot:\n  s3_bucket: b\n  interval: 0\n") == HL_OK, "%s", err);
+    ck_assert(hl_config_snapshot_store_set(&c));
+    ck_assert_int_eq(hl_config_snapshot_interval_ms(&c), 0);
+    hl_config_free(&c);
+    /* durations: bare digits are milliseconds (HarmonyLite's unit), or with a unit */
+    static const struct {
+        const char *text;
+        int64_t ms;
+    } ok[] = {{"1500", 1500},
+              {"0", 0},
+              {"250ms", 250},
+              {"2s", 2000},
+              {"5m", 300000},
+              {"1h", 3600000},
+              {"8760h", INT64_C(31536000000)}};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        char y[128];
+        snprintf(y, sizeof y, "db_path: a.db\nsleep_timeout: %s\nsnapshot:\n  interval: %s\n", ok[i].text, ok[i].text);
+        ck_assert_msg(load(&c, y) == HL_OK, "%s: %s", ok[i].text, err);
+        ck_assert_int_eq(c.sleep_timeout_ms, ok[i].ms);
+        ck_assert_int_eq(c.snapshot.interval_ms, ok[i].ms);
+        /* the dump reads back to the same value */
+        char *text = dump(&c);
+        hl_config d;
+        ck_assert_msg(load(&d, text) == HL_OK, "%s", err);
+        ck_assert_int_eq(d.snapshot.interval_ms, ok[i].ms);
+        ck_assert_int_eq(d.sleep_timeout_ms, ok[i].ms);
+        hl_config_free(&d);
+        free(text);
+        hl_config_free(&c);
+    }
+    static const char *const bad[] = {"-1s", "1.5s", "1d", "s", "10 s", "8761h", "99999999999999999999", "1hh"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char y[128], want[300];
+        snprintf(y, sizeof y, "snapshot:\n  interval: \"%s\"\n", bad[i]);
+        snprintf(want, sizeof want,
+                 "2: snapshot.interval: expected auto or a duration: milliseconds, or digits followed by ms, s, m or h "
+                 "(e.g. 1h), at most 8760h, got \"%s\"",
+                 bad[i]);
+        expect_load_error(y, want);
+    }
+    expect_load_error("snapshot:\n  retention_percent: 101\n",
+                      "2: snapshot.retention_percent: expected an integer from 0 to 100, got \"101\"");
+    /* asking for snapshots without saying where they go is refused, naming where it was asked */
+    expect_finish_error("db_path: a.db\nsnapshot:\n  interval: 10m\n", NULL, NULL, NULL,
+                        "@:3: snapshot.interval: expected 0 while the snapshot store has no location (set "
+                        "snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url or snapshot.webdav_url for "
+                        "snapshot.store s3)");
+    expect_finish_error("db_path: a.db\n", "HARMONYLITE_SNAPSHOT_INTERVAL=1h", NULL, NULL,
+                        "env HARMONYLITE_SNAPSHOT_INTERVAL: snapshot.interval: expected 0 while the snapshot store "
+                        "has no location (set snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url or "
+                        "snapshot.webdav_url for snapshot.store s3)");
+    expect_workable("db_path: a.db\nsnapshot:\n  interval: 0\n");
+    expect_workable("db_path: a.db\nsnapshot:\n  interval: AUTO\n");
+    expect_finish_error("db_path: a.db\nsnapshot:\n  lease_bucket: harmonylite-schema\n", NULL, NULL, NULL,
+                        "@:3: snapshot.lease_bucket: must differ from schema.registry_bucket (\"harmonylite-schema\"): "
+                        "the two buckets have different settings");
+    expect_load_error("sleep_timeout: auto\n",
+                      "1: sleep_timeout: expected a duration: milliseconds, or digits followed by ms, s, m or h (e.g. "
+                      "1h), at most 8760h, got \"auto\"");
+    expect_workable("db_path: a.db\nsleep_timeout: 15000\n");
+}
+END_TEST
+
 START_TEST(test_dump)
 {
     hl_config c, d;
@@ -1282,6 +1364,7 @@ static Suite *config_suite(void)
     tcase_add_test(tc, test_unworkable);
     tcase_add_test(tc, test_dump);
     tcase_add_test(tc, test_snapshot_keys);
+    tcase_add_test(tc, test_schedule_keys);
     tcase_add_test(tc, test_example_file);
     tcase_add_test(tc, test_docs);
     tcase_add_test(tc, test_discovery_keys);

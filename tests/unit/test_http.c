@@ -605,6 +605,55 @@ START_TEST(metrics_escaping)
 }
 END_TEST
 
+/* Snapshot metrics only while the scheduler runs; the newest snapshot on /readyz and /schema. */
+START_TEST(snapshot_render)
+{
+    hl_state_snapshot s;
+    healthy(&s, 1);
+    char *b = hl_http_render_metrics(&s);
+    ck_assert_ptr_null(strstr(b, "harmonylite_snapshot"));
+    free(b);
+    int code = 0;
+    b = hl_http_render_readyz(&s, &code);
+    cJSON *j = parse_ok(b);
+    free(b);
+    ck_assert(cJSON_IsNull(cJSON_GetObjectItem(j, "snapshot")));
+    cJSON_Delete(j);
+
+    s.snap_sched = true;
+    s.snap_taken = 4;
+    s.snap_failures = 1;
+    s.snap_last_bytes = 12345;
+    s.snap_last_ms = 1500;
+    b = hl_http_render_metrics(&s);
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_snapshots_taken_total{node_id=\"7\"} 4\n"));
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_snapshot_failures_total{node_id=\"7\"} 1\n"));
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_snapshot_last_size_bytes{node_id=\"7\"} 12345\n"));
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_snapshot_last_duration_seconds{node_id=\"7\"} 1.5\n"));
+    ck_assert_ptr_null(strstr(b, "snapshot_age_seconds")); /* none known yet */
+    free(b);
+
+    s.snap_newest_ms = UINT64_C(1764497693800); /* 2025-11-30T10:14:53.800Z */
+    s.snap_newest_node = 2;
+    snprintf(s.snap_newest, sizeof s.snap_newest, "snap-20251130T101453800Z-n2-4d2eb6f5.manifest.json");
+    b = hl_http_render_metrics(&s);
+    ck_assert_ptr_nonnull(strstr(b, "# TYPE harmonylite_snapshot_age_seconds gauge\n"));
+    free(b);
+    for (int i = 0; i < 2; i++) {
+        b = i ? hl_http_render_schema(&s) : hl_http_render_readyz(&s, &code);
+        j = parse_ok(b);
+        free(b);
+        const cJSON *o = cJSON_GetObjectItem(j, "snapshot");
+        ck_assert_str_eq(jstr(o, "manifest"), "snap-20251130T101453800Z-n2-4d2eb6f5.manifest.json");
+        ck_assert_str_eq(jstr(o, "created"), "2025-11-30T10:14:53.800Z");
+        ck_assert(cJSON_GetObjectItem(o, "node")->valuedouble == 2);
+        cJSON_Delete(j);
+    }
+    free(s.schema_json);
+    free(s.cluster_json);
+}
+END_TEST
+
 /* ---- /schema ---- */
 
 START_TEST(schema_json)
@@ -1225,6 +1274,7 @@ static Suite *http_suite(void)
     tcase_add_test(render, metrics_histogram);
     tcase_add_test(render, metrics_escaping);
     tcase_add_test(render, schema_json);
+    tcase_add_test(render, snapshot_render);
     suite_add_tcase(s, render);
 
     TCase *server = tcase_create("server");
