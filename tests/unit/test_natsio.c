@@ -1160,6 +1160,9 @@ START_TEST(external_tls)
     const char *urls[] = {url};
     hl_config c;
     cfg_init(&c, dir, 9, 4222);
+    /* External mode: the client's TLS files are for these servers (in embedded
+     * mode they are the leaf remotes'). */
+    list_add(&c.nats.urls, url);
     c.nats.connect_retries = 1;
     c.nats.ca_file = xprintf("%s/ca.pem", dir);
     c.nats.cert_file = xprintf("%s/cli.pem", dir);
