@@ -1139,12 +1139,12 @@ START_TEST(test_schedule_keys)
     /* asking for snapshots without saying where they go is refused, naming where it was asked */
     expect_finish_error("db_path: a.db\nsnapshot:\n  interval: 10m\n", NULL, NULL, NULL,
                         "@:3: snapshot.interval: expected 0 while the snapshot store has no location (set "
-                        "snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url or snapshot.webdav_url for "
-                        "snapshot.store s3)");
+                        "snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url, snapshot.webdav_url or "
+                        "snapshot.nats_bucket for snapshot.store s3)");
     expect_finish_error("db_path: a.db\n", "HARMONYLITE_SNAPSHOT_INTERVAL=1h", NULL, NULL,
                         "env HARMONYLITE_SNAPSHOT_INTERVAL: snapshot.interval: expected 0 while the snapshot store "
-                        "has no location (set snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url or "
-                        "snapshot.webdav_url for snapshot.store s3)");
+                        "has no location (set snapshot.dir, snapshot.s3_bucket, snapshot.sftp_url, "
+                        "snapshot.webdav_url or snapshot.nats_bucket for snapshot.store s3)");
     expect_workable("db_path: a.db\nsnapshot:\n  interval: 0\n");
     expect_workable("db_path: a.db\nsnapshot:\n  interval: AUTO\n");
     expect_finish_error("db_path: a.db\nsnapshot:\n  lease_bucket: harmonylite-schema\n", NULL, NULL, NULL,
