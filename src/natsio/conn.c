@@ -420,7 +420,7 @@ static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *co
  */
 static STACK_OF(SSL_COMP) * ssl_comp_methods_kept;
 
-void hl_nats_local_url(const hl_config *c, char *url, size_t len)
+static void local_url(const hl_config *c, char *url, size_t len)
 {
     const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
     const char *colon = strrchr(bind, ':');
@@ -430,6 +430,22 @@ void hl_nats_local_url(const hl_config *c, char *url, size_t len)
         snprintf(url, len, "nats://127.0.0.1:%s", port);
     else
         snprintf(url, len, "nats://%.*s:%s", (int)hl, bind, port);
+}
+
+hl_status hl_nats_connect_node(hl_nats **out, const hl_config *c, char *local, size_t locallen)
+{
+    char url[300] = "";
+    const char *one[1] = {url};
+    const char *const *urls = (const char *const *)c->nats.urls.v;
+    size_t nurls = c->nats.urls.n;
+    if (!nurls) {
+        local_url(c, url, sizeof url);
+        urls = one;
+        nurls = 1;
+    }
+    if (local && locallen)
+        snprintf(local, locallen, "%s", url);
+    return hl_nats_connect(out, c, urls, nurls, NULL, NULL, 16, NULL);
 }
 
 /* Set by the first hl_nats_connect: nats.c's library is open from then on. */

@@ -35,9 +35,11 @@ jsCtx *hl_nats_js(hl_nats *n);
 /* True while the connection is CONNECTED (not reconnecting/closed). Thread-safe. */
 bool hl_nats_connected(hl_nats *n);
 
-/* The embedded server's client URL, from nats.bind_address (a wildcard host is
- * this machine: 127.0.0.1), for commands that reach a running node's server. */
-void hl_nats_local_url(const hl_config *c, char *url, size_t len);
+/* Connects the way a command (or a snapshot store) does: to nats.urls, or
+ * without them to this node's running embedded server: nats.bind_address, a
+ * wildcard host being this machine (127.0.0.1).
+ * local (may be NULL) receives that local URL, or "" when nats.urls was used. */
+hl_status hl_nats_connect_node(hl_nats **out, const hl_config *c, char *local, size_t locallen);
 
 /* Stream and subject names for shard i: "<stream_prefix>-<i>", "<subject_prefix>.<i>". */
 void hl_nats_stream_name(const hl_config *c, int shard, char *buf, size_t len);

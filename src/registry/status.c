@@ -106,20 +106,11 @@ int hl_schema_status_local(const hl_config *c, bool json)
 
 int hl_schema_status_cluster(const hl_config *c, bool json)
 {
-    char url[300];
-    const char *local[1] = {url};
-    const char *const *urls = (const char *const *)c->nats.urls.v;
-    size_t nurls = c->nats.urls.n;
-    if (!nurls) {
-        hl_nats_local_url(c, url, sizeof url);
-        urls = local;
-        nurls = 1;
-    }
     hl_nats *n = NULL;
     hl_kv *kv = NULL;
     hl_reg_entry *v = NULL;
     size_t nv = 0;
-    hl_status st = hl_nats_connect(&n, c, urls, nurls, NULL, NULL, 16, NULL);
+    hl_status st = hl_nats_connect_node(&n, c, NULL, 0);
     if (st) {
         fprintf(stderr, "harmonylite: -schema-status-cluster: cannot reach NATS: %s\n", hl_status_str(st));
         return 1;

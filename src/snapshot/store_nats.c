@@ -566,19 +566,10 @@ hl_status hl_store_nats_open(hl_store **out, const hl_config *c, char *err, size
     snprintf(s->stream, sizeof s->stream, "OBJ_%s", bucket);
     snprintf(s->base.where, sizeof s->base.where, "nats://object-store/%s/", bucket);
     char url[300];
-    const char *local[1] = {url};
-    const char *const *urls = (const char *const *)c->nats.urls.v;
-    size_t nurls = c->nats.urls.n;
-    if (!nurls) {
-        hl_nats_local_url(c, url, sizeof url);
-        urls = local;
-        nurls = 1;
-    }
-    hl_status st = hl_nats_connect(&s->n, c, urls, nurls, NULL, NULL, 16, NULL);
+    hl_status st = hl_nats_connect_node(&s->n, c, url, sizeof url);
     if (st) {
-        snprintf(err, errlen, "nats store: cannot reach NATS (%s): %s", nurls == 1 && urls == local ? url : "nats.urls",
-                 nurls == 1 && urls == local ? "the embedded server of a running node, or set nats.urls"
-                                             : hl_status_str(st));
+        snprintf(err, errlen, "nats store: cannot reach NATS (%s): %s", url[0] ? url : "nats.urls",
+                 url[0] ? "the embedded server of a running node, or set nats.urls" : hl_status_str(st));
         free(s);
         return st == HL_ERR_CONFIG ? HL_ERR_CONFIG : HL_ERR_NATS;
     }
