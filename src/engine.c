@@ -43,6 +43,11 @@
 #define TOMBSTONE_GC_MS (3600u * 1000u)
 #define IDLE_RELEASE_MS 5000u /* a whole period without an engine transaction: give memory back */
 #define SEQ_FLUSH_MS 1000
+/* Between two merge batches of a catch-up the write lock is left free at
+ * least this long: back to back, the batches starved the application's
+ * writers for the whole merge (SQLite's busy handler retries after growing
+ * sleeps and kept missing the instant between two batches). */
+#define CATCHUP_PAUSE_MS 20
 
 typedef struct engine {
     hl_config *c;
@@ -86,6 +91,7 @@ typedef struct engine {
     hl_catchup *catchup;                /* catching up from a snapshot (snapshot/catchup.h); NULL: not */
     uint64_t last_seen_ms;              /* wall ms of this node's last version before this start (0: none) */
     uint64_t catchup_rows_done;         /* rows merged by finished catch-ups */
+    uint64_t catchup_next_ms;           /* monotonic ms the next merge batch may start */
     char gap_base[300];                 /* which stream starts past this node's position */
     hl_ratelimit fail_log;
     hl_ratelimit defer_log; /* changesets deferred at schema.max_held_bytes */
@@ -769,8 +775,13 @@ static void wait_events(engine *e, bool *want_capture)
         timeout = pt;
     if (tt < timeout)
         timeout = tt;
-    if (hl_queue_has_items(&e->q) || hl_catchup_busy(e->catchup))
-        timeout = 0; /* more queued or to merge: only look at the other events */
+    if (hl_catchup_busy(e->catchup)) { /* more to merge, after a pause that lets the application write */
+        int left = e->catchup_next_ms > now ? (int)(e->catchup_next_ms - now) : 0;
+        if (left < timeout)
+            timeout = left;
+    }
+    if (hl_queue_has_items(&e->q))
+        timeout = 0; /* more queued: only look at the other events */
     int nfd = wfd >= 0 ? 2 : 1;
     int pr = poll(pfd, (nfds_t)nfd, timeout);
     if (pr > 0 && (pfd[0].revents & POLLIN))
@@ -885,8 +896,11 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
             if (sd < 0 || (sd > 0 && go_online(&e)))
                 goto out;
         }
-        if (e.catchup && catchup_turn(&e))
-            goto out;
+        if (e.catchup && hl_mono_ms() >= e.catchup_next_ms) {
+            if (catchup_turn(&e))
+                goto out;
+            e.catchup_next_ms = hl_mono_ms() + CATCHUP_PAUSE_MS;
+        }
         if (e.online && !e.sched_tried) {
             e.sched_tried = true;
             if (hl_sched_wanted(c) && hl_sched_start(&e.sched, c, e.n, e.streams, shards))

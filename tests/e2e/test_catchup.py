@@ -7,8 +7,10 @@ tombstone_retention."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,8 @@ import harness
 from harness import REPL_TIMEOUT, SLOW_TIMEOUT, wait_until
 
 MAX_ENTRIES = 40  # messages a stream keeps: a few dozen writes roll it past a stopped node
+# Each test takes its snapshots itself, when it needs them: no periodic ones
+# (snapshot.interval 0), which would cover a gap the test wants uncovered.
 
 SCHEMA = "CREATE TABLE items(id INTEGER PRIMARY KEY, v TEXT NOT NULL, who INTEGER);"
 
@@ -57,7 +61,7 @@ def save_snapshot(node) -> None:
     assert r.returncode == 0 and "snapshot saved to" in r.stdout, f"-save-snapshot: {r.stdout}\n{r.stderr}"
 
 
-def roll_streams_past(cluster, n3_pos: int, start_id: int) -> int:
+def roll_streams_past(cluster, n3_pos: int, start_id: int, max_entries: int = MAX_ENTRIES) -> int:
     """Writes on nodes 1 and 2, one commit at a time (one changeset each), until
     the stream's first message is past n3_pos + 1; returns the next free id."""
     n1, n2 = cluster.node(1), cluster.node(2)
@@ -68,7 +72,7 @@ def roll_streams_past(cluster, n3_pos: int, start_id: int) -> int:
     i += 1
     cluster.wait_converged(nodes=[n1, n2])
     deadline = time.monotonic() + SLOW_TIMEOUT
-    while metric(n1, "stream_applied_sequence") < n3_pos + MAX_ENTRIES + 5:
+    while metric(n1, "stream_applied_sequence") < n3_pos + max_entries + 5:
         assert time.monotonic() < deadline, "the stream does not grow"
         n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"n1-{i}"))
         n2.execute("UPDATE items SET v = ?, who = 2 WHERE id = ?", (f"n2-{i}", i % 10 + 1))
@@ -78,7 +82,7 @@ def roll_streams_past(cluster, n3_pos: int, start_id: int) -> int:
     n1.execute("DELETE FROM items WHERE id IN (9, 10)")
     cluster.wait_converged(nodes=[n1, n2])
     # node 1's recorded position reaches the stream's end: what its snapshot will say.
-    wait_until(lambda: recorded_seq(n1) >= n3_pos + MAX_ENTRIES + 5, REPL_TIMEOUT,
+    wait_until(lambda: recorded_seq(n1) >= n3_pos + max_entries + 5, REPL_TIMEOUT,
                "node 1 records its position at the stream's end")
     return i
 
@@ -87,7 +91,7 @@ def test_node_behind_retention_merges_a_covering_snapshot_and_keeps_its_writes(h
     store = tmp_path / "snapshots"
     store.mkdir()
     settings = {"replication_log": {"max_entries": MAX_ENTRIES},
-                "snapshot": {"store": "dir", "dir": str(store)}}
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
     with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
         n1, n3 = c.node(1), c.node(3)
         for i in range(1, 11):
@@ -155,7 +159,7 @@ def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path)
     store = tmp_path / "snapshots"
     store.mkdir()
     settings = {"replication_log": {"max_entries": MAX_ENTRIES},
-                "snapshot": {"store": "dir", "dir": str(store)}}
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
     with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
         c.node(1).executescript("INSERT INTO items VALUES (1, 'first', 1);")
         roll_streams_past(c, 0, 2)
@@ -174,3 +178,88 @@ def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path)
             assert rows[7000] == "fresh-own" and rows[1] == dump_n1[1], rows
         finally:
             fresh.stop()
+
+
+class Writer(threading.Thread):
+    """An application writing through one long-lived connection, one row per
+    transaction, every `pause` seconds, until stopped; remembers what it wrote
+    and when (wall clock) each write committed."""
+
+    def __init__(self, node, first_id: int, pause: float):
+        super().__init__(daemon=True)
+        self.node, self.next_id, self.pause = node, first_id, pause
+        self.written: list[tuple[int, float]] = []
+        self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.node.connect() as db:
+                while not self.stop_flag.is_set():
+                    db.execute("INSERT INTO items VALUES (?, ?, ?)", (self.next_id, f"w-{self.next_id}", self.node.id))
+                    db.commit()
+                    self.written.append((self.next_id, time.time()))
+                    self.next_id += 1
+                    self.stop_flag.wait(self.pause)
+        except BaseException as e:  # reported by finish()
+            self.error = e
+
+    def finish(self) -> list[tuple[int, float]]:
+        self.stop_flag.set()
+        self.join(60)
+        assert self.error is None, f"writer on node {self.node.id}: {self.error!r}"
+        return self.written
+
+
+def log_time(line: str) -> float:
+    """The wall-clock time at the start of a console log line."""
+    stamp = line.split()[0]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_catch_up_while_every_application_writes(hl_bin, tmp_path):
+    """Node 3 merges a snapshot of 60,000 rows it does not have (many batches) while writers run
+    on all three nodes, its own included: every row written anywhere, before and during the
+    merge, ends on every node, and the dumps are identical."""
+    max_entries = 200
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": max_entries},
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
+        n1, n2, n3 = c.node(1), c.node(2), c.node(3)
+        n1.execute("INSERT INTO items VALUES (1, 'first', 1)")
+        c.wait_converged()
+        time.sleep(1.5)  # node 3 records its position
+        n3.stop()
+        pos = recorded_seq(n3)
+        with n1.connect() as db:
+            db.executemany("INSERT INTO items VALUES (?, ?, 1)", [(i, f"bulk-{i}") for i in range(10000, 70000)])
+            db.commit()
+        next_id = roll_streams_past(c, pos, 100, max_entries)
+        save_snapshot(n1)
+        n3.execute("INSERT INTO items VALUES (5000, 'n3-before', 3)")  # its own, while stopped
+        writers = [Writer(n1, 100000, 0.25), Writer(n2, 200000, 0.25), Writer(n3, 300000, 0.005)]
+        for w in writers:
+            w.start()
+        try:
+            n3.start()
+            wait_until(lambda: readyz(n3)[0] == 200, SLOW_TIMEOUT, "node 3 ready after catching up")
+            assert metric(n3, "catchup_merges_total") == 1
+            assert metric(n3, "catchup_rows_merged_total") >= 60000
+            time.sleep(2)
+        finally:
+            written = {w.node.id: w.finish() for w in writers}
+        log = n3.log_since_start().splitlines()
+        began = log_time([line for line in log if "catch-up: merging snapshot" in line][0])
+        ended = log_time([line for line in log if "catch-up: merged" in line][0])
+        during = [i for i, t in written[3] if began < t < ended]
+        assert during, f"no write of node 3's application while it merged ({began:.3f} .. {ended:.3f})"
+        dump = c.wait_converged(timeout=SLOW_TIMEOUT)
+        ids = {r[0][1] for r in dump["items"][1]}
+        for node_id, rows in written.items():
+            assert rows, f"node {node_id}'s writer wrote nothing"
+            missing = sorted({i for i, _ in rows} - ids)
+            assert not missing, f"rows written on node {node_id} missing: {missing[:20]}"
+        assert 5000 in ids and set(range(10000, 70000)) <= ids and next_id - 1 in ids
