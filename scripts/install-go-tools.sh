@@ -24,7 +24,7 @@ tool_module() {
     nats-server) echo "github.com/nats-io/nats-server/v2@v2.12.15" ;;
     helm) echo "helm.sh/helm/v3/cmd/helm@v3.19.0" ;;
     kustomize) echo "sigs.k8s.io/kustomize/kustomize/v5@v5.7.1" ;;
-    nats) echo "github.com/nats-io/natscli/nats@v0.5.1" ;;
+    nats) echo "github.com/nats-io/natscli/nats@v0.4.0" ;;
     *) return 1 ;;
     esac
 }
