@@ -40,7 +40,6 @@ struct hl_nats {
     char *secret;             /* the password, only to scrub it from any text we log */
     hl_nats *retired_next;    /* closed, kept for callbacks nats.c may still deliver */
     struct retired_sub *subs; /* hl_nats_retire_sub's, newest first; under mu */
-    size_t nsubs;
 };
 
 /* A subscription given back, kept until no message for it can be in flight. */
@@ -420,34 +419,6 @@ static hl_status connect_retrying(hl_nats *n, const hl_config *c, const char *co
  */
 static STACK_OF(SSL_COMP) * ssl_comp_methods_kept;
 
-static void local_url(const hl_config *c, char *url, size_t len)
-{
-    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
-    const char *colon = strrchr(bind, ':');
-    size_t hl = colon ? (size_t)(colon - bind) : 0;
-    const char *port = colon ? colon + 1 : "4222";
-    if (hl == 0 || (hl == 7 && strncmp(bind, "0.0.0.0", 7) == 0) || (hl == 4 && strncmp(bind, "[::]", 4) == 0))
-        snprintf(url, len, "nats://127.0.0.1:%s", port);
-    else
-        snprintf(url, len, "nats://%.*s:%s", (int)hl, bind, port);
-}
-
-hl_status hl_nats_connect_node(hl_nats **out, const hl_config *c, char *local, size_t locallen)
-{
-    char url[300] = "";
-    const char *one[1] = {url};
-    const char *const *urls = (const char *const *)c->nats.urls.v;
-    size_t nurls = c->nats.urls.n;
-    if (!nurls) {
-        local_url(c, url, sizeof url);
-        urls = one;
-        nurls = 1;
-    }
-    if (local && locallen)
-        snprintf(local, locallen, "%s", url);
-    return hl_nats_connect(out, c, urls, nurls, NULL, NULL, 16, NULL);
-}
-
 /* Set by the first hl_nats_connect: nats.c's library is open from then on. */
 static atomic_bool lib_opened;
 
@@ -523,6 +494,34 @@ out:
     }
     *out = n;
     return st;
+}
+
+static void local_url(const hl_config *c, char *url, size_t len)
+{
+    const char *bind = c->nats.bind_address ? c->nats.bind_address : "127.0.0.1:4222";
+    const char *colon = strrchr(bind, ':');
+    size_t hl = colon ? (size_t)(colon - bind) : 0;
+    const char *port = colon ? colon + 1 : "4222";
+    if (hl == 0 || (hl == 7 && strncmp(bind, "0.0.0.0", 7) == 0) || (hl == 4 && strncmp(bind, "[::]", 4) == 0))
+        snprintf(url, len, "nats://127.0.0.1:%s", port);
+    else
+        snprintf(url, len, "nats://%.*s:%s", (int)hl, bind, port);
+}
+
+hl_status hl_nats_connect_node(hl_nats **out, const hl_config *c, char *local, size_t locallen)
+{
+    char url[300] = "";
+    const char *one[1] = {url};
+    const char *const *urls = (const char *const *)c->nats.urls.v;
+    size_t nurls = c->nats.urls.n;
+    if (!nurls) {
+        local_url(c, url, sizeof url);
+        urls = one;
+        nurls = 1;
+    }
+    if (local && locallen)
+        snprintf(local, locallen, "%s", url);
+    return hl_nats_connect(out, c, urls, nurls, NULL, NULL, 16, NULL);
 }
 
 natsConnection *hl_nats_conn(hl_nats *n)
@@ -805,7 +804,6 @@ static retired_sub *take_retired(hl_nats *n, bool all, int64_t now)
             continue;
         }
         *pp = r->next;
-        n->nsubs--;
         r->next = out;
         out = r;
     }
@@ -847,7 +845,6 @@ void hl_nats_retire_sub(hl_nats *n, natsSubscription *sub)
     pthread_mutex_lock(&n->mu);
     r->next = n->subs;
     n->subs = r;
-    n->nsubs++;
     retired_sub *done = take_retired(n, false, now);
     pthread_mutex_unlock(&n->mu);
     free_retired(done);
