@@ -186,7 +186,7 @@ static void held_bound_check(engine *e)
     s->held_bound_reason[0] = 0;
     if (!capped)
         return;
-    if (bounded > max / 2 || !e->online) {
+    if (bounded > max / 2 || !e->online || e->catchup || e->stream_gap) {
         snprintf(s->held_bound_reason, sizeof s->held_bound_reason,
                  "%" PRIu64 " bytes are held for origins waiting for the local schema (schema.max_held_bytes %" PRIu64
                  "): their further changesets are not read on %d stream%s until room frees (JetStream keeps them; "
@@ -574,6 +574,60 @@ static hl_status catchup_turn(engine *e)
     return start_fetchers(e);
 }
 
+/*
+ * A reader found its stream past the sequence it wanted (src/repl/fetcher.c,
+ * jumped): the messages in between were discarded before this node read
+ * them. Every reader stops (what they queued before still applies) and the
+ * node catches up from a snapshot as it does at start; the readers start
+ * again from the positions the merge records. contact_ms: when the reader
+ * last knew it had everything, the start of this node's absence.
+ */
+static void stream_jumped(engine *e, int shard, uint64_t applied, uint64_t gap_to, uint64_t contact_ms)
+{
+    int shards = e->c->replication_log.shards;
+    if (e->catchup || e->stream_gap)
+        return; /* a second reader's report of the same absence */
+    uint64_t *need = calloc((size_t)shards, sizeof *need);
+    for (int s = 0; s < shards; s++) {
+        hl_queue_discard_shard(&e->q, s, true);
+        hl_fetcher_stop(e->fetchers[s]);
+        e->fetchers[s] = NULL;
+        hl_queue_discard_shard(&e->q, s, false);
+    }
+    snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
+             "stream %s jumped to sequence %" PRIu64 " but this node applied only up to %" PRIu64
+             "; changesets in between were discarded by retention before it read them",
+             e->streams[shard], gap_to + 1, applied);
+    hl_errorf("gap in replication log: %s", e->snap.gap_reason);
+    if (contact_ms)
+        e->last_seen_ms = contact_ms;
+    if (!need) {
+        e->stream_gap = e->snap.gap = true; /* the next start checks the streams again */
+        return;
+    }
+    need[shard] = gap_to;
+    start_catchup(e, need);
+    free(need);
+}
+
+/* Takes the readers' jump reports out of items (they are not messages) and
+ * acts on them once what was queued before them is applied. */
+static hl_inbound *take_jumps(hl_inbound *items, hl_inbound **jumps)
+{
+    hl_inbound **pp = &items;
+    while (*pp) {
+        hl_inbound *it = *pp;
+        if (it->gap_to) {
+            *pp = it->next;
+            it->next = *jumps;
+            *jumps = it;
+        } else {
+            pp = &it->next;
+        }
+    }
+    return items;
+}
+
 /* Runs on the engine thread once NATS is ready: checks for gaps, starts publishing and fetching. */
 static hl_status go_online(engine *e)
 {
@@ -590,7 +644,8 @@ static hl_status go_online(engine *e)
             e->snap.streams[s].tail_seq = last;
         }
         /* Messages after what we applied are gone: never skip them silently. */
-        if (c->replicate && last >= first && first > e->applied_seq[s] + 1) {
+        /* An empty stream says first = last + 1: retention emptied it, a gap too when past us. */
+        if (c->replicate && first > e->applied_seq[s] + 1) {
             need[s] = first - 1;
             if (behind)
                 continue;
@@ -727,7 +782,8 @@ static void turn(engine *e, bool *want_capture)
         hl_publisher_handle_acks(e->pub, e->d, acks, na);
     free(acks);
 
-    hl_inbound *items = hl_queue_pop(&e->q, (size_t)e->c->apply_batch_rows);
+    hl_inbound *jumps = NULL;
+    hl_inbound *items = take_jumps(hl_queue_pop(&e->q, (size_t)e->c->apply_batch_rows), &jumps);
     bool external = (*want_capture && hl_db_changed_externally(e->d)) || e->recapture;
     *want_capture = false;
     if (items && only_positions(items)) {
@@ -757,6 +813,10 @@ static void turn(engine *e, bool *want_capture)
         }
         hl_inbound_free(items);
     }
+    for (hl_inbound *j = jumps; j; j = j->next)
+        stream_jumped(e, j->shard, j->safe_seq, j->gap_to,
+                      e->fetchers[j->shard] ? hl_fetcher_contact_ms(e->fetchers[j->shard]) : 0);
+    hl_inbound_free(jumps);
 }
 
 /* Sleeps in poll() until the queue, the database watcher or a timer wants

@@ -36,6 +36,8 @@ struct hl_fetcher {
     atomic_int stop;
     atomic_uint_fast64_t received, malformed, expired, restarts;
     atomic_uint_fast64_t stalled_since; /* monotonic ms the consumer was found missing or stuck; 0: healthy */
+    atomic_uint_fast64_t contact_ms;    /* wall ms this reader last knew it had every message (0: not yet) */
+    bool jumped;                        /* the stream dropped messages before we read them: reading stopped */
     uint64_t expiry_ms;                 /* hl_config_incomplete_expiry_s() in ms */
     uint64_t last_msg_ms, last_check_ms;
     origin_slot *slots;
@@ -69,6 +71,11 @@ uint64_t hl_fetcher_stalled_ms(const hl_fetcher *f)
 {
     uint64_t since = atomic_load(&f->stalled_since), now = hl_mono_ms();
     return since && now > since ? now - since : (since ? 1 : 0);
+}
+
+uint64_t hl_fetcher_contact_ms(const hl_fetcher *f)
+{
+    return atomic_load(&f->contact_ms);
 }
 
 static void set_stalled(hl_fetcher *f, bool stalled)
@@ -273,6 +280,42 @@ static void handle(hl_fetcher *f, natsMsg *m, uint64_t sseq, int64_t ts_ns)
     push(f, sseq, cs, raw, rawlen, flags);
 }
 
+/* Forgets a consumer (failed, or at stop). Retired, never destroyed here: a
+ * message for it may still be in nats.c's reader (see hl_nats_retire_sub). The
+ * consumer is ephemeral; the server removes it once nobody reads it. */
+static void drop_sub(hl_fetcher *f, natsSubscription **sub)
+{
+    hl_nats_retire_sub(f->n, *sub);
+    *sub = NULL;
+}
+
+/*
+ * The stream no longer has messages next_seq..first-1: retention (or a
+ * deletion) removed them before this node read them. Never skip them: stop
+ * reading, and tell the engine, which catches up from a snapshot and starts
+ * a new reader from the position the snapshot gives (docs/snapshots.md).
+ * The stream carries only our subject, so any jump in its sequence is such
+ * a loss.
+ */
+static void jumped(hl_fetcher *f, natsSubscription **sub, uint64_t first)
+{
+    hl_logf(HL_LOG_ERROR,
+            "stream %s jumped to sequence %" PRIu64 " while this node waited for %" PRIu64 ": changesets %" PRIu64
+            "..%" PRIu64 " were discarded by retention before it read them; "
+            "reading stops here",
+            f->stream, first, f->next_seq, f->next_seq, first - 1);
+    f->jumped = true;
+    drop_sub(f, sub);
+    hl_inbound *it = calloc(1, sizeof *it);
+    if (!it)
+        return; /* the engine's stream check at the next start still finds the gap */
+    it->shard = f->shard;
+    it->safe_seq = safe_seq(f, f->next_seq - 1);
+    it->gap_to = first - 1;
+    it->bytes = sizeof *it;
+    hl_queue_push(f->q, it);
+}
+
 static natsSubscription *subscribe(hl_fetcher *f)
 {
     natsSubscription *sub = NULL;
@@ -296,15 +339,6 @@ static natsSubscription *subscribe(hl_fetcher *f)
     }
     hl_logf(HL_LOG_INFO, "reading stream %s from sequence %" PRIu64, f->stream, f->next_seq);
     return sub;
-}
-
-/* Forgets a consumer (failed, or at stop). Retired, never destroyed here: a
- * message for it may still be in nats.c's reader (see hl_nats_retire_sub). The
- * consumer is ephemeral; the server removes it once nobody reads it. */
-static void drop_sub(hl_fetcher *f, natsSubscription **sub)
-{
-    hl_nats_retire_sub(f->n, *sub);
-    *sub = NULL;
 }
 
 /*
@@ -332,6 +366,10 @@ static void idle_check(hl_fetcher *f, natsSubscription **sub)
         drop_sub(f, sub);
         return;
     }
+    if (first > f->next_seq) { /* also a stream retention emptied: first is then last + 1 */
+        jumped(f, sub, first);
+        return;
+    }
     if (last >= f->next_seq) {
         hl_logf(HL_LOG_WARN,
                 "stream %s: nothing received for %" PRIu64 " s while sequences %" PRIu64 "..%" PRIu64
@@ -342,6 +380,7 @@ static void idle_check(hl_fetcher *f, natsSubscription **sub)
         return;
     }
     set_stalled(f, false);
+    atomic_store(&f->contact_ms, hl_now_ms()); /* at the end of the stream: up to date */
     bool moved = false;
     char why[96];
     snprintf(why, sizeof why, "within %" PRIu64 " s (by local time, at the end of the stream)", f->expiry_ms / 1000);
@@ -364,6 +403,10 @@ static void *run(void *arg)
     bool subscribed_once = false;
     f->last_msg_ms = f->last_check_ms = hl_mono_ms();
     while (!atomic_load(&f->stop)) {
+        if (f->jumped) { /* nothing more to read until the engine caught up and starts a new reader */
+            usleep(100000);
+            continue;
+        }
         if (!sub) {
             if (!hl_nats_connected(f->n) || !(sub = subscribe(f))) {
                 set_stalled(f, true);
@@ -395,7 +438,10 @@ static void *run(void *arg)
             uint64_t sseq = meta->Sequence.Stream;
             f->last_msg_ms = hl_mono_ms();
             set_stalled(f, false);
-            if (sseq >= f->next_seq) {
+            if (sseq > f->next_seq) {
+                jumped(f, &sub, sseq);
+            } else if (sseq == f->next_seq) {
+                atomic_store(&f->contact_ms, hl_now_ms());
                 atomic_store(&f->received, sseq);
                 expire_by_stream_time(f, meta->Timestamp);
                 handle(f, m, sseq, meta->Timestamp);

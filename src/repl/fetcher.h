@@ -6,6 +6,9 @@
  * decodes (and decompresses) changesets off the engine thread, and pushes them
  * to the engine queue with the stream sequence the engine may record once the
  * item is applied. A malformed message is logged, counted and skipped.
+ * When the stream's sequence jumps past the one wanted (retention discarded
+ * messages before they were read), the fetcher pushes an item with gap_to
+ * set and reads nothing more: the engine catches up and starts a new one.
  */
 #ifndef HL_FETCHER_H
 #define HL_FETCHER_H
@@ -31,6 +34,9 @@ uint64_t hl_fetcher_malformed(const hl_fetcher *f);
  * consumers re-created after their first (thread-safe). */
 uint64_t hl_fetcher_expired(const hl_fetcher *f);
 uint64_t hl_fetcher_restarts(const hl_fetcher *f);
+/* Wall-clock ms this reader last knew it had read everything the stream
+ * held (a message in sequence, or the stream's end); 0: not yet (thread-safe). */
+uint64_t hl_fetcher_contact_ms(const hl_fetcher *f);
 /* Milliseconds the consumer has been missing or stuck (at least 1 when it
  * is); 0 while it is healthy (thread-safe). */
 uint64_t hl_fetcher_stalled_ms(const hl_fetcher *f);

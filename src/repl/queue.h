@@ -24,8 +24,9 @@ typedef struct hl_inbound {
     unsigned char *raw; /* the encoded payload, kept in case the changeset must be held */
     size_t rawlen;
     uint8_t flags;
-    bool applied; /* set by the engine when the changeset's rows were applied */
-    size_t bytes; /* accounted size */
+    uint64_t gap_to; /* nonzero: no message; the stream lost safe_seq + 1 .. gap_to before they were read */
+    bool applied;    /* set by the engine when the changeset's rows were applied */
+    size_t bytes;    /* accounted size */
 } hl_inbound;
 
 typedef struct hl_ack {

@@ -877,6 +877,77 @@ def started_cluster(binary: Path, root: Path, size: int = 3, settings: Optional[
     assert not errors, "\n".join(errors)
 
 
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 (a network path a test can cut): cut() closes every
+    connection and refuses new ones, as a partition does; heal() lets them through again.
+    target_port may be set later, before the first connection."""
+
+    def __init__(self, target_port: int = 0):
+        self.target_port = target_port
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._open = True
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if not self._open:
+                    c.close()
+                    continue
+                try:
+                    u = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                except OSError:
+                    c.close()
+                    continue
+                self._conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._open = False
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def heal(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self.lsock.close()
+
+
 class DnsServer:
     """dnsmasq on 127.0.0.1 answering only from `records` (dnsmasq config lines such as
     "srv-host=_cluster._tcp.hl.test,n1.hl.test,6222" and "host-record=n1.hl.test,127.0.0.11").

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -67,7 +69,7 @@ def roll_streams_past(cluster, n3_pos: int, start_id: int, max_entries: int = MA
     n1, n2 = cluster.node(1), cluster.node(2)
     i = start_id
     # Nodes 1 and 2 settle after node 3 left (stream leadership may move) before the stream rolls:
-    # a running node's reader that stalls while retention discards would lose messages too.
+    # a running reader that stalls while retention discards would have to catch up from a snapshot too.
     n1.execute("INSERT INTO items VALUES (?, 'settle', 1)", (i,))
     i += 1
     cluster.wait_converged(nodes=[n1, n2])
@@ -263,3 +265,81 @@ def test_catch_up_while_every_application_writes(hl_bin, tmp_path):
             missing = sorted({i for i, _ in rows} - ids)
             assert not missing, f"rows written on node {node_id} missing: {missing[:20]}"
         assert 5000 in ids and set(range(10000, 70000)) <= ids and next_id - 1 in ids
+
+
+def test_running_node_cut_off_while_the_streams_roll_catches_up(hl_bin, tmp_path):
+    """A fourth node keeps running but is cut off from NATS (its only path to the cluster, a
+    TCP proxy, is cut: a partition) while the stream rolls past its position. When the path
+    heals, its reader finds the stream past what it applied. It must not skip those
+    changesets (and give up on their origin's order later): it catches up from the covering
+    snapshot and ends identical, with its own writes made meanwhile on every node."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_entries": MAX_ENTRIES},
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
+    proxy = harness.TcpProxy()
+    # The servers tell clients to reach them through the proxy only (nats.server_config is
+    # included last): node 4 cannot go around the cut by a server it discovered.
+    advertise = tmp_path / "advertise.conf"
+    advertise.write_text(f'client_advertise: "127.0.0.1:{proxy.port}"\n')
+    cluster_settings = {**settings, "nats": {"server_config": str(advertise)}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=cluster_settings, schema=SCHEMA) as c:
+        n1 = c.node(1)
+        proxy.target_port = n1.client_port
+        n4 = harness.Node(hl_bin, tmp_path / "node4", 4, harness.free_port(), harness.free_port(),
+                          harness.free_port(), [], settings=settings, external_urls=[proxy.url])
+        n4.executescript(SCHEMA)
+        n4.start()
+        try:
+            for i in range(1, 11):
+                n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"first-{i}"))
+            nodes = [c.node(1), c.node(2), c.node(3), n4]
+            c.wait_converged(nodes=nodes, timeout=SLOW_TIMEOUT)
+            time.sleep(1.5)  # node 4 records its position
+            pos = recorded_seq(n4)
+            assert pos > 0
+            proxy.cut()
+            n4.execute("INSERT INTO items VALUES (5000, 'n4-own', 4)")  # its application goes on
+            next_id = roll_streams_past(c, pos, 100)
+            save_snapshot(n1)
+            assert metric(n4, "catchup_merges_total") == 0
+            proxy.heal()
+            wait_until(lambda: metric(n4, "catchup_merges_total") >= 1, SLOW_TIMEOUT,
+                       "node 4 catches up from the snapshot once it reaches the stream again")
+            n1.execute("INSERT INTO items VALUES (?, 'after', 1)", (next_id,))
+            dump = c.wait_converged(nodes=nodes, timeout=SLOW_TIMEOUT)
+            wait_until(lambda: readyz(n4)[0] == 200, SLOW_TIMEOUT, "node 4 ready after catching up")
+            rows = {r[0][1]: r[1][1].decode() for r in dump["items"][1]}
+            assert rows[5000] == "n4-own" and rows[next_id] == "after", rows
+            assert metric(n4, "order_gaps_total") == 0, "node 4 gave up on changesets instead of catching up"
+            assert "jumped to sequence" in n4.log_since_start()
+        finally:
+            n4.stop()
+            proxy.close()
+
+
+def test_node_restarting_after_the_stream_emptied_catches_up(hl_bin, tmp_path):
+    """Retention by age empties the stream while node 3 is stopped: its first sequence is past
+    its last, and past node 3's position. That is a gap like any other: node 3 catches up from
+    the snapshot instead of starting ready without the changesets."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"replication_log": {"max_age": 5, "duplicate_window": 1},
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
+        n1, n3 = c.node(1), c.node(3)
+        n1.execute("INSERT INTO items VALUES (1, 'first', 1)")
+        c.wait_converged()
+        time.sleep(1.5)
+        n3.stop()
+        for i in range(2, 12):
+            n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"while-away-{i}"))
+        c.wait_converged(nodes=[n1, c.node(2)])
+        save_snapshot(n1)
+        wait_until(lambda: recorded_seq(n1) > recorded_seq(n3), REPL_TIMEOUT, "node 1 records its position")
+        time.sleep(8)  # every message older than max_age: the stream is empty
+        n3.start()
+        wait_until(lambda: metric(n3, "catchup_merges_total") >= 1, SLOW_TIMEOUT,
+                   "node 3 catches up from the snapshot although the stream is empty")
+        dump = c.wait_converged(timeout=SLOW_TIMEOUT)
+        assert {r[0][1] for r in dump["items"][1]} == set(range(1, 12))
