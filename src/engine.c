@@ -753,6 +753,17 @@ static hl_status open_database(engine *e)
                  "are held by the other nodes until the wall clock catches up",
                  (unsigned long long)(HL_HLC_MS(last_hlc) - hl_now_ms()));
     e->retry_held = true; /* changesets held for their clock become due while we were away */
+    int64_t restores = 0, restored_ms = 0;
+    bool found;
+    if (hl_db_meta_get(e->d, "restores", &restores, &found) == HL_OK && found && restores > 0 &&
+        hl_db_meta_get(e->d, "restored_at_ms", &restored_ms, &found) == HL_OK && found) {
+        e->snap.restores = (uint64_t)restores;
+        e->snap.restored_ms = restored_ms > 0 ? (uint64_t)restored_ms : 0;
+        uint64_t now = hl_now_ms();
+        hl_infof("this database comes from a snapshot -restore wrote %" PRIu64 " s ago (restores of this file: %" PRId64
+                 ")",
+                 now > e->snap.restored_ms ? (now - e->snap.restored_ms) / 1000u : 0, restores);
+    }
     for (int s = 0; s < c->replication_log.shards; s++) {
         if ((st = hl_db_stream_seq_get(e->d, e->streams[s], &e->applied_seq[s])))
             return st;

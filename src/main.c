@@ -15,6 +15,7 @@
 #include "engine.h"
 #include "natsio/conn.h"
 #include "registry/registry.h"
+#include "snapshot/schedule.h"
 #include "snapshot/snapshot.h"
 
 extern char **environ;
@@ -126,9 +127,18 @@ static int run_drop_held(const hl_config *c, uint64_t origin)
 /* -save-snapshot: exit 0 and print where it went, 1 on failure, 2 on a configuration error. */
 static int run_save_snapshot(const hl_config *c)
 {
-    char where[1024], err[1024];
-    hl_status st = hl_snapshot_save(c, where, sizeof where, err, sizeof err);
-    hl_nats_shutdown(5000); /* the nats store's connection, if it was used */
+    char where[1024], err[1024], mname[HL_SNAPSHOT_NAME_MAX + 1];
+    hl_manifest m;
+    hl_status st = hl_snapshot_save_manifest(c, &m, mname, where, sizeof where, err, sizeof err);
+    if (!st && hl_sched_wanted(c)) {
+        /* The schedulers start their interval from it (docs/snapshots.md, "Periodic snapshots"). */
+        hl_status rst = hl_sched_record(c, &m, mname);
+        if (rst)
+            hl_log(HL_LOG_WARN, "snapshot saved but not recorded in the lease bucket (NATS not reachable?)", "bucket",
+                   c->snapshot.lease_bucket, "error", hl_status_str(rst), NULL);
+    }
+    hl_manifest_free(&m);
+    hl_nats_shutdown(5000); /* the nats store's or the record's connection, if one was made */
     if (st) {
         fprintf(stderr, "harmonylite: -save-snapshot: %s\n", err);
         return st == HL_ERR_CONFIG ? 2 : 1;

@@ -96,6 +96,8 @@ hl_status hl_db_install(hl_db *d, bool capture, uint64_t *rows);
 const hl_db_stats *hl_db_counters(const hl_db *d);
 uint64_t hl_db_epoch(const hl_db *d);    /* random id of this database's harmonylite incarnation */
 uint64_t hl_db_last_hlc(const hl_db *d); /* the last version this node gave or saw */
+/* An integer of __harmonylite__meta (*found false when the key is absent). */
+hl_status hl_db_meta_get(hl_db *d, const char *key, int64_t *v, bool *found);
 /* Wall ms when a changeset held because its versions are ahead of the wall
  * clock is due (0: none); a step with retry_held applies it then. */
 uint64_t hl_db_ahead_due_ms(const hl_db *d);

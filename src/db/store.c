@@ -174,7 +174,7 @@ static int64_t query_int(hl_db *d, const char *sql, int64_t dflt)
     return v;
 }
 
-static hl_status meta_get_int(hl_db *d, const char *key, int64_t *v, bool *found)
+hl_status hl_db_meta_get(hl_db *d, const char *key, int64_t *v, bool *found)
 {
     sqlite3_stmt *st = NULL;
     *found = false;
@@ -265,11 +265,11 @@ static hl_status load_meta(hl_db *d, uint64_t node_id)
     bool found;
     uint64_t stored_node = 0;
     hl_status st;
-    if ((st = meta_get_int(d, "node_id", &v, &found)))
+    if ((st = hl_db_meta_get(d, "node_id", &v, &found)))
         return st;
     if (found)
         stored_node = (uint64_t)v;
-    if ((st = meta_get_int(d, "epoch", &v, &found)))
+    if ((st = hl_db_meta_get(d, "epoch", &v, &found)))
         return st;
     if (found && stored_node == node_id) {
         d->epoch = (uint64_t)v;
@@ -284,14 +284,14 @@ static hl_status load_meta(hl_db *d, uint64_t node_id)
             (st = hl_db_meta_put(d, "node_id", (int64_t)node_id)) || (st = hl_db_meta_put(d, "next_seq", 1)))
             return st;
     }
-    if ((st = meta_get_int(d, "next_seq", &v, &found)))
+    if ((st = hl_db_meta_get(d, "next_seq", &v, &found)))
         return st;
     d->next_seq = found && v > 0 ? (uint64_t)v : 1;
     /* Outbox rows may be ahead of next_seq only if meta was lost; never reuse a sequence. */
     int64_t maxo = query_int(d, "SELECT max(seq) FROM " HL_PREFIX "outbox", 0);
     if (maxo >= (int64_t)d->next_seq)
         d->next_seq = (uint64_t)maxo + 1;
-    if ((st = meta_get_int(d, "last_hlc", &v, &found)))
+    if ((st = hl_db_meta_get(d, "last_hlc", &v, &found)))
         return st;
     /* A negative value is a version that overflowed before versions were
      * bounded: start again from the wall clock (stored clocks that are

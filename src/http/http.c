@@ -576,6 +576,15 @@ static void m_catchup(mw *w, const hl_state_snapshot *s)
              s->catchup_merges);
     m_simple(w, "catchup_rows_merged_total", "counter", "Snapshot rows merged while catching up (every attempt).",
              s->catchup_rows);
+    m_simple(w, "restores_total", "counter",
+             "Snapshots -restore wrote into this database file (recorded in the file; 0: never restored).",
+             s->restores);
+    if (s->restored_ms) {
+        m_head(w, "restored_timestamp_seconds", "gauge",
+               "When -restore last wrote this database file from a snapshot (Unix time).");
+        m_begin(w, "restored_timestamp_seconds");
+        m_end_f(w, (double)s->restored_ms / 1000.0);
+    }
 }
 
 /* The bound on what is held for the schema (schema.max_held_bytes) and the odd one out. */

@@ -88,6 +88,8 @@ typedef struct hl_state_snapshot {
     uint64_t engine_failures;     /* engine transactions that failed (and were retried) */
     uint64_t catchup_merges;      /* snapshots merged to close a gap */
     uint64_t catchup_rows;        /* snapshot rows merged (every attempt) */
+    uint64_t restores;            /* -restore runs that wrote this database file (meta "restores") */
+    uint64_t restored_ms;         /* wall ms of the last of them; 0: never restored */
 
     /* held changesets per origin (the first HL_STATE_MAX_HELD by node id) */
     int nheld;

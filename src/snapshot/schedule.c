@@ -611,6 +611,45 @@ static void *sched_main(void *arg)
     return NULL;
 }
 
+/*
+ * -save-snapshot: the snapshot it took becomes the cluster's last one in the
+ * lease bucket (unless a newer one is recorded), so the schedulers count their
+ * interval and the retention share from it and /readyz shows it. Best effort:
+ * one connection attempt; the snapshot is stored either way.
+ */
+hl_status hl_sched_record(const hl_config *c, const hl_manifest *m, const char *mname)
+{
+    hl_config one = *c;
+    one.nats.connect_retries = 0;
+    hl_nats *n = NULL;
+    hl_kv *kv = NULL;
+    hl_kv_opts o = {.history = 1, .replicas = c->replication_log.replicas, .max_value_bytes = LAST_MAX_BYTES};
+    hl_status st = hl_nats_connect_node(&n, &one, NULL, 0);
+    if (!st)
+        st = hl_kv_open(&kv, n, c->snapshot.lease_bucket, &o);
+    if (!st) {
+        unsigned char *v = NULL;
+        size_t len = 0;
+        hl_last_snapshot cur;
+        memset(&cur, 0, sizeof cur);
+        hl_status gst = hl_kv_get(kv, HL_LAST_KEY, &v, &len, NULL);
+        /* A record from further in the future than one interval is not believed (interval_passed). */
+        uint64_t believable = hl_now_ms() + (uint64_t)hl_config_snapshot_interval_ms(c);
+        bool newer = gst == HL_OK && hl_last_snapshot_parse(&cur, (const char *)v, len) == HL_OK &&
+                     cur.created_ms > m->created_ms && cur.created_ms <= believable;
+        free(v);
+        hl_last_snapshot_free(&cur);
+        if (!newer) {
+            char *json = hl_last_snapshot_json(m, mname);
+            st = json ? hl_kv_put(kv, HL_LAST_KEY, json, strlen(json), NULL) : HL_ERR_NOMEM;
+            free(json);
+        }
+    }
+    hl_kv_free(kv);
+    hl_nats_close(n, 2000);
+    return st;
+}
+
 hl_status hl_sched_start(hl_sched **out, const hl_config *c, hl_nats *n, char *const *streams, int nstreams)
 {
     hl_sched *s = calloc(1, sizeof *s);

@@ -76,6 +76,9 @@ typedef struct hl_sched_info {
     char newest[HL_SNAPSHOT_NAME_MAX + 1]; /* its manifest's name */
 } hl_sched_info;
 
+/* Records m (named mname) as the cluster's last snapshot in snapshot.lease_bucket
+ * unless a newer one is recorded (-save-snapshot). One connection attempt. */
+hl_status hl_sched_record(const hl_config *c, const hl_manifest *m, const char *mname);
 /* Whether c asks for the scheduler: snapshot.interval (effective) or sleep_timeout. */
 bool hl_sched_wanted(const hl_config *c);
 

@@ -894,6 +894,55 @@ static hl_status fetch_retrying(hl_store *store, const char *mname, const char *
     }
 }
 
+/* Restores this database file has had: meta "restores" of the file at path,
+ * 0 when it has none (or is no harmonylite database). */
+static int64_t restores_of(const char *path)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    int64_t n = 0;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, "SELECT value FROM " T_META " WHERE key = 'restores'", -1, &st, NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return n > 0 ? n : 0;
+}
+
+/*
+ * Records in the verified file tmp that it comes from a restore (meta
+ * "restores", "restored_at_ms" and "restored_from"): the engine shows them
+ * (harmonylite_restores_total), so a restore an init container did
+ * is visible where the node is watched. Closed cleanly (no -wal left), synced.
+ */
+static hl_status mark_restored(const char *tmp, int fd, const char *mname, int64_t count, char *err, size_t errlen)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_open_v2(tmp, &db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(db,
+                                "INSERT OR REPLACE INTO " T_META "(key, value) VALUES ('restores', ?1), "
+                                "('restored_at_ms', ?2), ('restored_from', ?3)",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, count);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)hl_now_ms());
+        sqlite3_bind_text(st, 3, mname, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+    }
+    hl_status res = rc == SQLITE_OK ? HL_OK
+                                    : fail(err, errlen, HL_ERR_SQLITE, "cannot record the restore in %s: %s", tmp,
+                                           db ? sqlite3_errmsg(db) : "cannot open");
+    sqlite3_finalize(st);
+    if (sqlite3_close(db) != SQLITE_OK && !res)
+        res = fail(err, errlen, HL_ERR_SQLITE, "closing %s failed", tmp);
+    if (!res && fsync(fd) != 0)
+        res = fail(err, errlen, HL_ERR_IO, "fsync beside the database: %s", strerror(errno));
+    return res;
+}
+
 /* Replaces db_path with the verified file tmp (emptied once it is renamed). */
 static hl_status put_in_place(const char *db_path, char *tmp, char *err, size_t errlen)
 {
@@ -931,6 +980,7 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         snprintf(info, infolen, "%s has data: left as it is, no restore (-force replaces it)", c->db_path);
         return HL_OK;
     }
+    int64_t prior = has ? restores_of(c->db_path) : 0;
     if ((res = hl_store_open(&store, c, err, errlen)) || (res = list_retrying(store, &l, err, errlen)))
         goto out;
     if (l.n)
@@ -961,6 +1011,11 @@ hl_status hl_snapshot_restore(const hl_config *c, bool force, hl_restore_result 
         memset(&m, 0, sizeof m);
         hl_log(HL_LOG_INFO, "restore: trying snapshot", "manifest", l.v[i], "store", store->where, NULL);
         res = fetch_retrying(store, l.v[i], tmp, fd, &m, why, sizeof why);
+        if (!res && (res = mark_restored(tmp, fd, l.v[i], prior + 1, err, errlen))) {
+            close(fd);
+            hl_manifest_free(&m);
+            goto out;
+        }
         close(fd);
         if (res) {
             hl_log(HL_LOG_ERROR, "restore: snapshot refused; trying the next older one", "manifest", l.v[i], "reason",

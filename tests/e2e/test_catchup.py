@@ -156,8 +156,9 @@ def test_node_behind_retention_merges_a_covering_snapshot_and_keeps_its_writes(h
 def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path):
     """A new node whose application created its tables, started without the
     -restore init container after the streams dropped their first messages,
-    merges the newest snapshot into its database, converges, and replicates
-    its own writes."""
+    joins a busy cluster (applications writing on nodes 1 and 2): it merges
+    the newest snapshot into its database, converges, and replicates its own
+    writes; every row written anywhere meanwhile is on every node."""
     store = tmp_path / "snapshots"
     store.mkdir()
     settings = {"replication_log": {"max_entries": MAX_ENTRIES},
@@ -170,15 +171,26 @@ def test_fresh_node_without_restore_catches_up_from_a_snapshot(hl_bin, tmp_path)
         fresh = harness.Node(hl_bin, tmp_path / "node4", 4, harness.free_port(), harness.free_port(),
                              harness.free_port(), [], settings=settings, external_urls=[c.node(1).nats_url])
         fresh.executescript(SCHEMA)
-        fresh.start()
+        # Writers slow enough that the stream (MAX_ENTRIES) still holds what came after the snapshot
+        # when the fresh node has merged it.
+        writers = [Writer(c.node(1), 100000, 1.0), Writer(c.node(2), 200000, 1.0)]
+        for w in writers:
+            w.start()
         try:
+            fresh.start()
             wait_until(lambda: readyz(fresh)[0] == 200, SLOW_TIMEOUT, "the fresh node ready after catching up")
             assert metric(fresh, "catchup_merges_total") == 1
             fresh.execute("INSERT INTO items VALUES (7000, 'fresh-own', 4)")
+            time.sleep(2)
+            written = [i for w in writers for i, _ in w.finish()]
+            assert written
             dump = c.wait_converged(nodes=[c.node(1), c.node(2), c.node(3), fresh], timeout=SLOW_TIMEOUT)
             rows = {r[0][1]: r[1][1].decode() for r in dump["items"][1]}
             assert rows[7000] == "fresh-own" and rows[1] == dump_n1[1], rows
+            assert set(written) <= set(rows), sorted(set(written) - set(rows))[:20]
         finally:
+            for w in writers:
+                w.stop_flag.set()
             fresh.stop()
 
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -403,6 +404,18 @@ class Writer:
             raise self.error
 
 
+def scrape(node) -> dict[str, float]:
+    """The node's /metrics as {name: value} (labels dropped)."""
+    with urllib.request.urlopen(node.http_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series.split("{")[0]] = float(value)
+    return out
+
+
 def test_save_restore_join_converge(cluster, store, tmp_path):
     """A fourth node with no database restores the newest snapshot of a busy
     cluster, joins it and ends with identical dumps; restarting it with its
@@ -444,6 +457,9 @@ def test_save_restore_join_converge(cluster, store, tmp_path):
         assert n4.scalar("SELECT count(*) FROM books WHERE title = ?", (f"{k}-before-199",)) == 1
         n4.start()
         cluster.wait_for_triggers(["books", "authors"], [n4])
+        metrics = scrape(n4)
+        assert metrics.get("harmonylite_restores_total") == 1, metrics
+        assert abs(metrics["harmonylite_restored_timestamp_seconds"] - time.time()) < 600
     # the new node's own writes reach everyone, and everyone's reach it
     n4.execute("INSERT INTO books (title, author, publication_year) VALUES (?, 'node4', 2024)", (f"{k}-from-4",))
     n1.execute("UPDATE books SET publication_year = 1111 WHERE title = ?", (f"{k}-before-3",))
@@ -462,6 +478,10 @@ def test_save_restore_join_converge(cluster, store, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "has data" in r.stdout and "no restore" in r.stdout, r.stdout
     assert n4.db_path.stat().st_ino == ino and n4.dump(["books"]) == before
+    # -force replaces it: the file counts its second restore
+    r = run(n4, store, "-restore", "-force")
+    assert r.returncode == 0 and "restored" in r.stdout, r.stdout + r.stderr
+    assert n4.scalar("SELECT value FROM __harmonylite__meta WHERE key = 'restores'") == 2
 
 
 def test_restore_without_snapshot_starts_empty(cluster, store, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -309,3 +310,31 @@ def test_early_when_a_stream_advanced_its_retention_share(hl_bin, tmp_path):
                        "a snapshot replacing the forged record")
             wait_until(lambda: (kv_get(c.node(1), "last") or {}).get("node") in ("1", "2", "3"), SLOW_TIMEOUT,
                        "the forged record replaced")
+
+
+def test_save_snapshot_counts_as_the_clusters_last(hl_bin, tmp_path):
+    """-save-snapshot records its snapshot in the lease bucket: the schedulers count their
+    interval from it (no periodic one right after) and /readyz shows it as the newest."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    # the schedulers look at the bucket every quarter interval (30 s); none is due again within the test
+    settings = {"snapshot": {"store": "dir", "dir": str(store), "interval": "2m"}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings) as c:
+        wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, SLOW_TIMEOUT, "the first snapshot")
+        wait_until(lambda: kv_get(c.node(1), "last") is not None, SLOW_TIMEOUT, "the first one recorded")
+        n2 = c.node(2)
+        n2.write_config()
+        r = subprocess.run(n2.argv("-save-snapshot"), capture_output=True, text=True, timeout=SLOW_TIMEOUT,
+                           cwd=n2.root)
+        assert r.returncode == 0, r.stdout + r.stderr
+        newest = max(store.glob("*.manifest.json"), key=lambda p: int(json.loads(p.read_text())["created_ms"]))
+        assert "-n2-" in newest.name
+        last = kv_get(c.node(1), "last")
+        assert last["manifest"] == newest.name and last["node"] == "2", last
+
+        def shown(n):
+            code, body = _get(n, "/readyz")
+            return (json.loads(body).get("snapshot") or {}).get("manifest") == newest.name
+
+        wait_until(lambda: all(shown(n) for n in c.nodes), SLOW_TIMEOUT, "every node shows it on /readyz")
+        assert len(list(store.glob("*.manifest.json"))) == 2

@@ -612,6 +612,15 @@ START_TEST(snapshot_render)
     healthy(&s, 1);
     char *b = hl_http_render_metrics(&s);
     ck_assert_ptr_null(strstr(b, "harmonylite_snapshot"));
+    /* restores are the database file's, shown whether or not the scheduler runs */
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_restores_total{node_id=\"7\"} 0\n"));
+    ck_assert_ptr_null(strstr(b, "restored_timestamp_seconds")); /* never restored */
+    free(b);
+    s.restores = 2;
+    s.restored_ms = UINT64_C(1764497693800);
+    b = hl_http_render_metrics(&s);
+    ck_assert_ptr_nonnull(strstr(b, "\nharmonylite_restores_total{node_id=\"7\"} 2\n"));
+    ck_assert_ptr_nonnull(strstr(b, "harmonylite_restored_timestamp_seconds{node_id=\"7\"} 1764497693.8"));
     free(b);
     int code = 0;
     b = hl_http_render_readyz(&s, &code);
