@@ -248,9 +248,13 @@ def test_catch_up_while_every_application_writes(hl_bin, tmp_path):
         time.sleep(1.5)  # node 3 records its position
         n3.stop()
         pos = recorded_seq(n3)
-        with n1.connect() as db:
-            db.executemany("INSERT INTO items VALUES (?, ?, 1)", [(i, f"bulk-{i}") for i in range(10000, 70000)])
-            db.commit()
+        # In 10,000-row transactions, each waited for: node 2 must read every changeset of the burst
+        # before retention (max_entries) discards it, even in a slow (sanitizer) build.
+        for lo in range(10000, 70000, 10000):
+            with n1.connect() as db:
+                db.executemany("INSERT INTO items VALUES (?, ?, 1)", [(i, f"bulk-{i}") for i in range(lo, lo + 10000)])
+                db.commit()
+            c.wait_converged(nodes=[n1, n2], timeout=SLOW_TIMEOUT)
         next_id = roll_streams_past(c, pos, 100, max_entries)
         save_snapshot(n1)
         n3.execute("INSERT INTO items VALUES (5000, 'n3-before', 3)")  # its own, while stopped
@@ -344,11 +348,13 @@ def test_node_restarting_after_the_stream_emptied_catches_up(hl_bin, tmp_path):
         c.wait_converged()
         time.sleep(1.5)
         n3.stop()
-        for i in range(2, 12):
-            n1.execute("INSERT INTO items VALUES (?, ?, 1)", (i, f"while-away-{i}"))
-        c.wait_converged(nodes=[n1, c.node(2)])
+        n2 = c.node(2)
+        for i in range(2, 12):  # node 2 writes: node 1 applies, and records its position as it does
+            n2.execute("INSERT INTO items VALUES (?, ?, 2)", (i, f"while-away-{i}"))
+        c.wait_converged(nodes=[n1, n2])
+        wait_until(lambda: recorded_seq(n1) > recorded_seq(n3) and recorded_seq(n1) >= recorded_seq(n2),
+                   REPL_TIMEOUT, "node 1 records its position at the stream's end")
         save_snapshot(n1)
-        wait_until(lambda: recorded_seq(n1) > recorded_seq(n3), REPL_TIMEOUT, "node 1 records its position")
         time.sleep(8)  # every message older than max_age: the stream is empty
         n3.start()
         wait_until(lambda: metric(n3, "catchup_merges_total") >= 1, SLOW_TIMEOUT,
