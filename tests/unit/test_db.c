@@ -1853,9 +1853,10 @@ static char *dump_order_tables(sqlite3 *db)
     return (char *)hl_buf_steal(&out, NULL);
 }
 
-/* Adds rows of table ti to cs: scattered keys made by key(i) for i < n, with
- * repeats; a repeated key sometimes keeps the version of the row before it
- * (then the first one applied wins), sometimes is a delete. */
+/* Adds n rows of table ti to cs, keys made by key(i): scattered, repeated;
+ * one row in 8 has the key and the version of the row before it and another
+ * value (of two rows with one version, the first applied wins), one in 8 is
+ * a delete. */
 static void add_scattered(hl_changeset *cs, uint32_t ti, size_t ncols, int n, uint64_t *hlc,
                           void (*key)(int, hl_value *, size_t *), unsigned *seed)
 {
@@ -1863,15 +1864,16 @@ static void add_scattered(hl_changeset *cs, uint32_t ti, size_t ncols, int n, ui
         hl_value k[2], vals[3];
         size_t nk = 0;
         char text[32];
-        key(i, k, &nk);
+        *seed = *seed * 1103515245u + 12345u;
+        unsigned r = (*seed >> 16) % 8;
+        bool again = r == 0 && i > 0;
+        key(again ? i - 1 : i, k, &nk);
+        if (!again)
+            (*hlc)++;
         snprintf(text, sizeof text, "value %d", i);
         vals[ncols - 1] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)text, strlen(text)}};
         for (size_t c = 0; c + 1 < ncols; c++)
             vals[c] = k[c];
-        *seed = *seed * 1103515245u + 12345u;
-        unsigned r = (*seed >> 16) % 8;
-        if (r != 0) /* 1 in 8 rows repeats the previous version */
-            (*hlc)++;
         hl_op op = r == 1 ? HL_OP_DELETE : HL_OP_UPSERT;
         ck_assert_int_eq(hl_changeset_add_row(cs, ti, op, *hlc, k, nk, op == HL_OP_UPSERT ? vals : NULL,
                                               op == HL_OP_UPSERT ? ncols : 0),
@@ -2007,7 +2009,13 @@ START_TEST(key_order_gives_the_database_of_the_order_sent)
         hl_changeset_free(one);
     }
     char *da = dump_order_tables(p.appa), *db = dump_order_tables(p.appb);
-    ck_assert_str_eq(db, da);
+    size_t at = 0;
+    while (da[at] && da[at] == db[at])
+        at++;
+    bool same = da[at] == db[at];
+    while (at > 0 && da[at - 1] != '\n')
+        at--;
+    ck_assert_msg(same, "from this line on: sent order %.80s, apply %.80s", da + at, db + at);
     /* Not vacuous: the rows that are one row by affinity or collation did clash. */
     ck_assert_int_le(scalar(p.appb, "SELECT count(*) FROM rk"), 1);
     ck_assert_int_le(scalar(p.appb, "SELECT count(*) FROM nk"), 2);
