@@ -786,6 +786,10 @@ static one_result map_tables(hl_db *d, const hl_changeset *cs, tmap *maps, char 
  * the order of rows cannot matter:
  *  - within a run of consecutive rows of one table: rows never move across
  *    tables, as a trigger on one table may read or write another;
+ *  - for a table whose row order is its key: keyed by its rowid, or WITHOUT
+ *    ROWID. A rowid table with another key gives each new row the next
+ *    rowid, so the order of inserts shows (SELECT rowid, and a scan without
+ *    ORDER BY);
  *  - for a table on which a row write touches its own row and nothing else:
  *    no UNIQUE index besides the key (rows of one changeset may hand a value
  *    on: one row gives it up, a later one takes it; taken first, it would
@@ -843,7 +847,7 @@ static hl_status key_order_prepare(hl_db *d, hl_table *t)
         (st = query_int(d, "PRAGMA foreign_keys", NULL, &fks)) ||
         (st = query_int(d, "SELECT \"encoding\" = 'UTF-8' FROM pragma_encoding", NULL, &utf8)))
         return st;
-    t->key_order = unique || triggers || fks ? -1 : 1;
+    t->key_order = (t->int_key || t->without_rowid) && !unique && !triggers && !fks ? 1 : -1;
     if (!t->npk)
         t->key_types[0] = KEY_INT; /* the rowid */
     for (size_t k = 0; k < t->npk && t->key_order > 0; k++) {

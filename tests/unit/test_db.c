@@ -1826,7 +1826,7 @@ static char *dump_order_tables(sqlite3 *db)
     static const char *const q[] = {
         "SELECT rowid, quote(x), quote(y) FROM plain ORDER BY rowid",
         "SELECT quote(a), quote(b), quote(v) FROM pairs ORDER BY a, b",
-        "SELECT quote(\"select\"), quote(\"a\"\"b\") FROM \"my table\" ORDER BY 1",
+        "SELECT rowid, quote(\"select\"), quote(\"a\"\"b\") FROM \"my table\" ORDER BY rowid",
         "SELECT quote(k), quote(v) FROM rk ORDER BY k",
         "SELECT quote(k), quote(v) FROM nk ORDER BY k",
         "SELECT quote(k), quote(v) FROM ck ORDER BY k COLLATE BINARY",
@@ -1934,17 +1934,18 @@ static void key_nocase(int i, hl_value *k, size_t *n)
 }
 
 /* Issue 10: a scattered changeset applied by apply (sorted where it may be)
- * leaves exactly the database, rows and clocks, that applying its rows one by
- * one in the order sent does. Repeated keys, some with equal versions (the
- * first applied wins), and keys that different values of which are one row
- * (affinity, collation) make any wrong move show. */
+ * leaves exactly the database, rows (and hidden rowids) and clocks, that
+ * applying its rows one by one in the order sent does. Repeated keys, some
+ * with equal versions (the first applied wins), different key values that are
+ * one row (by affinity or collation) and new rows of a rowid table with a
+ * text key make any wrong move show. */
 START_TEST(key_order_gives_the_database_of_the_order_sent)
 {
     pair p;
     pair_open(&p);
-    const char *ddl = "CREATE TABLE rk(k REAL PRIMARY KEY, v);"
-                      "CREATE TABLE nk(k NUMERIC PRIMARY KEY, v);"
-                      "CREATE TABLE ck(k TEXT COLLATE NOCASE PRIMARY KEY, v);";
+    const char *ddl = "CREATE TABLE rk(k REAL PRIMARY KEY, v) WITHOUT ROWID;"
+                      "CREATE TABLE nk(k NUMERIC PRIMARY KEY, v) WITHOUT ROWID;"
+                      "CREATE TABLE ck(k TEXT COLLATE NOCASE PRIMARY KEY, v) WITHOUT ROWID;";
     app_exec(p.appa, ddl);
     app_exec(p.appb, ddl);
     capture(p.a);
@@ -1986,7 +1987,9 @@ START_TEST(key_order_gives_the_database_of_the_order_sent)
     ck_assert_int_eq(apply(p.b, cs, &raw, 0), HL_APPLIED);
     ck_assert_int_eq(hl_db_table(p.b, "plain")->key_order, 1);
     ck_assert_int_eq(hl_db_table(p.b, "pairs")->key_order, 1);
-    ck_assert_int_eq(hl_db_table(p.b, "my table")->key_order, 1);
+    ck_assert_int_eq(hl_db_table(p.b, "rk")->key_order, 1);
+    /* A rowid table with a text key: new rows get rowids in the order applied. */
+    ck_assert_int_eq(hl_db_table(p.b, "my table")->key_order, -1);
     /* a: one changeset per row, in the order sent. */
     for (size_t i = 0; i < cs->nrows; i++) {
         const hl_cs_row *r = &cs->rows[i];
