@@ -6,7 +6,11 @@
  * them into changesets; the changesets are applied to node B's database.
  * Reports rows/s for the bare inserts, the capture and the apply, measured in
  * the same run. This is the per-node capacity that bench_cluster.py's
- * end-to-end figure shares among three nodes on one machine.
+ * end-to-end figure shares among three nodes on one machine. Then the
+ * application updates rows/2 rows at random keys in transactions of B rows,
+ * captured after each transaction as the engine does, and the changesets are
+ * applied to B: capture and apply of scattered updates (docs/performance.md,
+ * (h)).
  *
  * Usage: bench_engine [rows] [rows-per-txn] [dir]
  */
@@ -75,6 +79,60 @@ static double insert(const char *path, long from, long n, int batch)
     return el;
 }
 
+/* Updates n rows at random keys of [1, rows] in transactions of batch rows,
+ * capturing after each; returns the seconds spent capturing. */
+static double scattered_updates(const char *path, hl_db *a, long rows, long n, int batch)
+{
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    uint64_t x = 88172645463325252u; /* xorshift64: the same keys every run */
+    double t_cap = 0;
+    check(sqlite3_open(path, &db) == SQLITE_OK, "open");
+    sqlite3_busy_timeout(db, 5000);
+    sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+    check(sqlite3_prepare_v2(db, "UPDATE t SET a = a + 1, c = ? WHERE id = ?", -1, &st, NULL) == SQLITE_OK, "prepare");
+    for (long i = 0; i < n;) {
+        sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
+        for (int k = 0; k < batch && i < n; k++, i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            sqlite3_bind_double(st, 1, (double)(x % 1000) / 1000.0);
+            sqlite3_bind_int64(st, 2, (int64_t)(1 + x % (uint64_t)rows));
+            check(sqlite3_step(st) == SQLITE_DONE, "update");
+            sqlite3_reset(st);
+        }
+        check(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) == SQLITE_OK, "commit");
+        hl_step cap = {.capture = true};
+        double t0 = now();
+        check(hl_db_step(a, NULL, NULL, &cap) == HL_OK, "capture");
+        t_cap += now() - t0;
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return t_cap;
+}
+
+/* Applies every outbox changeset of a after e->seq to b, one engine step
+ * each; e is left holding the last one. Returns seconds (decode excluded). */
+static double apply_outbox(hl_db *a, hl_db *b, hl_outbox_entry *e)
+{
+    double t = 0;
+    while (hl_db_outbox_next(a, e->seq, e) == HL_OK) {
+        hl_changeset *cs = NULL;
+        char err[256];
+        check(hl_changeset_decode(e->payload.data, e->payload.len, (e->flags & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
+                                  err, sizeof err) == HL_OK,
+              "decode");
+        hl_apply_result r;
+        double t0 = now();
+        check(hl_db_apply_one(b, cs, e->payload.data, e->payload.len, e->flags, &r) == HL_OK, "apply");
+        t += now() - t0;
+        hl_changeset_free(cs);
+    }
+    return t;
+}
+
 static hl_db *open_node(const char *path, uint64_t node)
 {
     hl_db *d;
@@ -129,19 +187,14 @@ int main(int argc, char **argv)
     /* apply every outbox changeset to b, one engine step each */
     hl_outbox_entry e;
     hl_outbox_entry_init(&e, 512u << 20);
-    while (hl_db_outbox_next(a, e.seq, &e) == HL_OK) {
-        hl_changeset *cs = NULL;
-        char err[256];
-        check(hl_changeset_decode(e.payload.data, e.payload.len, (e.flags & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
-                                  err, sizeof err) == HL_OK,
-              "decode");
-        hl_apply_result r;
-        double t0 = now();
-        check(hl_db_apply_one(b, cs, e.payload.data, e.payload.len, e.flags, &r) == HL_OK, "apply");
-        t_apply += now() - t0;
-        hl_changeset_free(cs);
-    }
+    t_apply = apply_outbox(a, b, &e);
     check(hl_db_counters(b)->rows_applied == (uint64_t)rows, "all rows applied");
+
+    uint64_t cap0 = hl_db_counters(a)->rows_captured;
+    double t_upd_cap = scattered_updates(pa, a, rows, rows / 2, batch);
+    uint64_t upd = hl_db_counters(a)->rows_captured - cap0;
+    double t_upd_apply = apply_outbox(a, b, &e);
+    check(hl_db_counters(b)->rows_applied == (uint64_t)rows + upd, "all updates applied");
     printf("%-34s %12s\n", "step (one core, no NATS)", "rows/s");
     printf("%-34s %12.0f\n", "bare SQLite insert", rows / bare);
     printf("%-34s %12.0f\n", "insert with triggers", rows / t_ins);
@@ -152,6 +205,9 @@ int main(int argc, char **argv)
         printf("%-34s %12.0f\n", "  record (holds the write lock)", captured / t_rec);
     }
     printf("%-34s %12.0f\n", "apply (decode excluded)", rows / t_apply);
+    printf("%-34s %12.0f   (%llu rows at random keys, %d-row transactions)\n", "scattered updates: capture",
+           (double)upd / t_upd_cap, (unsigned long long)upd, batch);
+    printf("%-34s %12.0f\n", "scattered updates: apply", (double)upd / t_upd_apply);
     hl_outbox_entry_free(&e);
     hl_db_close(a);
     hl_db_close(b);

@@ -12,7 +12,11 @@ processes (a 3-node cluster started with tests/e2e/harness.py):
       every node: its peak during the run and its size SETTLE seconds after the
       marker arrived. The same updates against a bare SQLite database (same
       driver, same settings, no harmonylite) give the bare rate and bare WAL
-      sizes next to them.
+      sizes next to them. CPU per row: each harmonylite process's CPU time
+      (user + system, from /proc/PID/stat; its nats-server child not
+      included) from the start of the burst until the marker is visible,
+      divided by the rows updated: node 1's is capture and publish (the
+      sender), nodes 2 and 3's is fetch and apply (the receivers).
   (g) shuffled-id inserts: node 1 inserts INSERTS rows with ids in random order
       into an empty table in BATCH-row transactions; reports rows/s replicated
       to nodes 2 and 3, next to bare SQLite's insert rate for the same inserts.
@@ -142,6 +146,15 @@ def status_kib(pid: int, field: str) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process pid so far (its children not included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def visible(conn: sqlite3.Connection, sql: str, want) -> bool:
     try:
         return conn.execute(sql).fetchone()[0] == want
@@ -198,24 +211,29 @@ def main() -> int:
             load(conn, args.rows)
             wait_on_others(cluster, "SELECT count(*) FROM t", args.rows, t0)
             dbs = {f"node {n.id}": n.db_path for n in cluster.nodes}
+            pids = {f"harmonylite {nd.id}": nd.proc.pid for nd in cluster.nodes if nd.proc}
             with WalSampler(dbs) as ws:
+                cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                 t0 = time.perf_counter()
                 n, el = update_burst(conn, args.rows, args.batch, args.seconds, seed)
                 conn.execute("INSERT INTO t(id, a, b, c) VALUES (?, 0, 'marker', 0)", (MARKER,))
                 repl_s = wait_on_others(cluster, f"SELECT count(*) FROM t WHERE id = {MARKER}", 1, t0)
+                cpu_us = {k: (cpu_seconds(p) - cpu0[k]) / n * 1e6 for k, p in pids.items()}
                 t0 = time.perf_counter()
                 ins_el = shuffled_inserts(conn, args.inserts, args.batch, seed)
                 ins_repl_s = wait_on_others(cluster, "SELECT count(*) FROM s", args.inserts, t0)
                 time.sleep(args.settle)
             conn.close()
             final = {k: wal_size(p) for k, p in dbs.items()}
-            pids = {f"harmonylite {nd.id}": nd.proc.pid for nd in cluster.nodes if nd.proc}
             peak_rss = {k: status_kib(p, "VmHWM") for k, p in pids.items()}
             rest_rss = {k: status_kib(p, "VmRSS") for k, p in pids.items()}
         finally:
             cluster.stop()
     res = {"seed": seed, "rows": args.rows, "batch": args.batch, "bare": b,
-           "updates": {"rows": n, "app_rows_per_s": n / el, "replicated_rows_per_s": n / repl_s},
+           "updates": {"rows": n, "app_rows_per_s": n / el, "replicated_rows_per_s": n / repl_s,
+                       "cpu_us_per_row": cpu_us, "sender_cpu_us_per_row": cpu_us.get("harmonylite 1", 0.0),
+                       "receiver_cpu_us_per_row": sum(v for k, v in cpu_us.items() if k != "harmonylite 1") /
+                       max(1, len(cpu_us) - 1)},
            "inserts": {"rows": args.inserts, "app_rows_per_s": args.inserts / ins_el,
                        "replicated_rows_per_s": args.inserts / ins_repl_s},
            "wal_peak": ws.peak, "wal_final": final, "peak_rss_kib": peak_rss, "rest_rss_kib": rest_rss}
@@ -223,6 +241,9 @@ def main() -> int:
     print(f"(f) scattered updates, {args.batch}-row txns over {args.rows:,} rows for {args.seconds:.0f} s: "
           f"application {n / el:,.0f} rows/s (bare SQLite {b['updates_per_s']:,.0f}, ratio "
           f"{n / el / b['updates_per_s']:.2f}); replicated to nodes 2 and 3: {n / repl_s:,.0f} rows/s")
+    print("    CPU per row updated (harmonylite process, user + system): " +
+          "; ".join(f"{k} {v:.2f} µs" for k, v in cpu_us.items()) +
+          " (1: capture and publish; 2, 3: fetch and apply)")
     print(f"    WAL peak / {args.settle:.0f} s after: bare SQLite {b['wal_peak'] / mib:.1f} / "
           f"{b['wal_final'] / mib:.1f} MiB; " +
           "; ".join(f"{k} {ws.peak[k] / mib:.1f} / {final[k] / mib:.1f} MiB" for k in dbs))

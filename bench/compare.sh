@@ -71,6 +71,10 @@ figures = [
     ("(d) isolated p99 ms", "cluster", lambda r: r["isolated"]["p99_ms"], False),
     ("(f) application updates rows/s", "scattered", lambda r: r["updates"]["app_rows_per_s"], True),
     ("(f) replicated updates rows/s", "scattered", lambda r: r["updates"]["replicated_rows_per_s"], True),
+    ("(f) sender CPU µs/row (capture, publish)", "scattered",
+     lambda r: r["updates"]["sender_cpu_us_per_row"], False),
+    ("(f) receiver CPU µs/row (fetch, apply)", "scattered",
+     lambda r: r["updates"]["receiver_cpu_us_per_row"], False),
     ("(g) replicated inserts rows/s", "scattered", lambda r: r["inserts"]["replicated_rows_per_s"], True),
 ]
 for node in ("node 1", "node 2", "node 3"):

@@ -777,10 +777,202 @@ static one_result map_tables(hl_db *d, const hl_changeset *cs, tmap *maps, char 
     return ONE_OK;
 }
 
+/* ---- apply order ---- */
+
+/*
+ * Rows applied in key order touch the B-tree pages of their table and of its
+ * clock in ascending order instead of one random page each (DESIGN.md §3).
+ * Sorting must never change what a changeset does, so it is done only where
+ * the order of rows cannot matter:
+ *  - within a run of consecutive rows of one table: rows never move across
+ *    tables, as a trigger on one table may read or write another;
+ *  - for a table whose row order is its key: keyed by its rowid, or WITHOUT
+ *    ROWID. A rowid table with another key gives each new row the next
+ *    rowid, so the order of inserts shows (SELECT rowid, and a scan without
+ *    ORDER BY);
+ *  - for a table on which a row write touches its own row and nothing else:
+ *    no UNIQUE index besides the key (rows of one changeset may hand a value
+ *    on: one row gives it up, a later one takes it; taken first, it would
+ *    clash and land in the conflicts table), no application trigger on it
+ *    (a trigger may read or write other rows), and foreign keys not enforced
+ *    on the engine's connection (store.c turns them off; checked anyway: a
+ *    child applied before its parent would fail);
+ *  - rows with the same key keep their order (ties are broken by position),
+ *    and "the same key" must mean "the same row": a key column is sorted only
+ *    when every row of the run has the same value type there and neither the
+ *    column's affinity nor its collation can make two different values one
+ *    row (KEY_* in hl_table.key_types).
+ * Everything else is applied in the order captured.
+ */
+enum { KEY_INT = 1, KEY_TEXT = 2, KEY_BLOB = 4 };
+
+/* The affinity of a normalised (upper-case) declared type, by SQLite's rules
+ * (https://sqlite.org/datatype3.html, 3.1): 'i'nteger, 't'ext, 'b'lob,
+ * 'r'eal or 'n'umeric. */
+static char decl_affinity(const char *decl)
+{
+    if (strstr(decl, "INT"))
+        return 'i';
+    if (strstr(decl, "CHAR") || strstr(decl, "CLOB") || strstr(decl, "TEXT"))
+        return 't';
+    if (!decl[0] || strstr(decl, "BLOB"))
+        return 'b';
+    if (strstr(decl, "REAL") || strstr(decl, "FLOA") || strstr(decl, "DOUB"))
+        return 'r';
+    return 'n';
+}
+
+/* Runs a one-value query (?1 bound to name when not NULL) into *v. */
+static hl_status query_int(hl_db *d, const char *sql, const char *name, int64_t *v)
+{
+    hl_buf q;
+    hl_buf_init(&q, 1u << 10);
+    hl_buf_adds(&q, sql);
+    hl_status st = hl_db_run(d, &q, name, v, "apply order");
+    hl_buf_free(&q);
+    return st;
+}
+
+/* Finds out t->key_order and t->key_types (see above). */
+static hl_status key_order_prepare(hl_db *d, hl_table *t)
+{
+    int64_t unique = 0, triggers = 0, fks = 0, utf8 = 0;
+    hl_status st;
+    if ((st = query_int(d, "SELECT count(*) FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk'", t->name,
+                        &unique)) ||
+        (st = query_int(d,
+                        "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1 COLLATE NOCASE "
+                        "AND name NOT LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\'",
+                        t->name, &triggers)) ||
+        (st = query_int(d, "PRAGMA foreign_keys", NULL, &fks)) ||
+        (st = query_int(d, "SELECT \"encoding\" = 'UTF-8' FROM pragma_encoding", NULL, &utf8)))
+        return st;
+    t->key_order = (t->int_key || t->without_rowid) && !unique && !triggers && !fks ? 1 : -1;
+    if (!t->npk)
+        t->key_types[0] = KEY_INT; /* the rowid */
+    for (size_t k = 0; k < t->npk && t->key_order > 0; k++) {
+        const char *col = t->cols[t->pk[k]], *coll = NULL;
+        char aff = decl_affinity(t->decl[t->pk[k]]);
+        int rc = sqlite3_table_column_metadata(d->db, "main", t->name, col, NULL, &coll, NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+            return hl_db_err(d, rc, "apply order: key column");
+        /* Blobs are never converted; integers only by REAL affinity (two
+         * large ones can become one double); text by any numeric affinity
+         * ('1' and '01' can become one number), or made equal by a collation. */
+        t->key_types[k] = KEY_BLOB;
+        if (aff != 'r')
+            t->key_types[k] |= KEY_INT;
+        if ((aff == 't' || aff == 'b') && coll && sqlite3_stricmp(coll, "BINARY") == 0 && utf8)
+            t->key_types[k] |= KEY_TEXT;
+    }
+    return HL_OK;
+}
+
+/* A row to apply and its position in the changeset. */
+typedef struct keyed {
+    const hl_cs_row *r;
+    size_t at;
+} keyed;
+
+/* Key order, then position (rows of one run: the same key types). */
+static int keyed_cmp(const void *a, const void *b)
+{
+    const keyed *x = a, *y = b;
+    for (size_t k = 0; k < x->r->nkey; k++) {
+        const hl_value *u = &x->r->key[k], *v = &y->r->key[k];
+        int c;
+        if (u->type == HL_VAL_INT) {
+            c = (u->u.i > v->u.i) - (u->u.i < v->u.i);
+        } else {
+            size_t n = u->u.b.n < v->u.b.n ? u->u.b.n : v->u.b.n;
+            c = n ? memcmp(u->u.b.p, v->u.b.p, n) : 0;
+            if (!c)
+                c = (u->u.b.n > v->u.b.n) - (u->u.b.n < v->u.b.n);
+        }
+        if (c)
+            return c;
+    }
+    return (x->at > y->at) - (x->at < y->at);
+}
+
+/* Whether rows[from, to), all of table t, may be sorted: every row has t's
+ * key, with the same value type in each column, one the column may sort. */
+static bool run_sortable(const hl_table *t, const hl_cs_row *rows, size_t from, size_t to)
+{
+    size_t nk = t->npk ? t->npk : 1;
+    for (size_t i = from; i < to; i++) {
+        if (rows[i].nkey != nk)
+            return false;
+        for (size_t k = 0; k < nk; k++) {
+            hl_vtype ty = rows[i].key[k].type;
+            int bit = ty == HL_VAL_INT ? KEY_INT : ty == HL_VAL_TEXT ? KEY_TEXT : ty == HL_VAL_BLOB ? KEY_BLOB : 0;
+            if (!(t->key_types[k] & bit) || ty != rows[from].key[k].type)
+                return false;
+        }
+    }
+    return true;
+}
+
+/* Whether rows[from, to) are in key order already (ascending keys: the usual case). */
+static bool run_sorted(const hl_cs_row *rows, size_t from, size_t to)
+{
+    for (size_t i = from + 1; i < to; i++)
+        if (keyed_cmp(&(keyed){&rows[i - 1], i - 1}, &(keyed){&rows[i], i}) > 0)
+            return false;
+    return true;
+}
+
+/*
+ * The order to apply cs's rows in (tables mapped in maps): *order receives,
+ * malloc'd, the position of the row to apply at each step, or NULL when the
+ * captured order stays (nothing to sort, or nothing may be).
+ */
+static hl_status apply_order(hl_db *d, const hl_changeset *cs, const tmap *maps, size_t **order)
+{
+    const hl_cs_row *rows = cs->rows;
+    hl_status st = HL_OK;
+    size_t *ord = NULL;
+    keyed *run = NULL;
+    *order = NULL;
+    for (size_t from = 0, to; from < cs->nrows; from = to) {
+        for (to = from + 1; to < cs->nrows && rows[to].table == rows[from].table;)
+            to++;
+        hl_table *t = maps[rows[from].table].t;
+        if (to - from < 2)
+            continue;
+        if (!t->key_order && (st = key_order_prepare(d, t)))
+            goto out;
+        if (t->key_order < 0 || !run_sortable(t, rows, from, to) || run_sorted(rows, from, to))
+            continue;
+        if (!ord) {
+            ord = malloc(cs->nrows * sizeof *ord);
+            run = malloc(cs->nrows * sizeof *run);
+            if (!ord || !run) {
+                st = HL_ERR_NOMEM;
+                goto out;
+            }
+            for (size_t i = 0; i < cs->nrows; i++)
+                ord[i] = i;
+        }
+        for (size_t i = from; i < to; i++)
+            run[i - from] = (keyed){&rows[i], i};
+        qsort(run, to - from, sizeof *run, keyed_cmp);
+        for (size_t i = from; i < to; i++)
+            ord[i] = run[i - from].at;
+    }
+    *order = ord;
+    ord = NULL;
+out:
+    free(run);
+    free(ord);
+    return st;
+}
+
 static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, char *why, size_t whylen)
 {
     hl_status st = HL_OK;
     hl_buf pk;
+    size_t *order = NULL;
     tmap *maps = calloc(cs->ntables ? cs->ntables : 1, sizeof *maps);
     hl_buf_init(&pk, 64u << 20);
     if (!maps)
@@ -811,11 +1003,13 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
             *res = ONE_MALFORMED;
         goto out;
     }
+    if ((st = apply_order(d, cs, maps, &order)))
+        goto out;
     /* Rows of one table are usually adjacent: build its statements when the
      * table changes, not per row. */
     uint32_t prepared = UINT32_MAX;
     for (size_t i = 0; i < cs->nrows && !st; i++) {
-        const hl_cs_row *r = &cs->rows[i];
+        const hl_cs_row *r = &cs->rows[order ? order[i] : i];
         if (r->table != prepared && ((st = prepare_write(d, &maps[r->table], cs->tables[r->table].ncols)) ||
                                      (st = hl_clock_prepare(d, maps[r->table].t))))
             break;
@@ -826,6 +1020,7 @@ out:
     for (size_t i = 0; i < cs->ntables; i++)
         free(maps[i].col);
     free(maps);
+    free(order);
     hl_buf_free(&pk);
     return st;
 }

@@ -51,6 +51,12 @@ typedef struct hl_table {
     sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
     sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
     char *write_sig;                 /* remote column list st_write/st_insert were built for */
+    /* apply.c, found out on the first apply after a schema scan: whether a
+     * changeset's rows of this table may be applied in key order (1), not
+     * (-1) or not known yet (0), and per key column the value types that
+     * order may sort (KEY_INT, KEY_TEXT, KEY_BLOB bits). */
+    signed char key_order;
+    unsigned char key_types[HL_CS_MAX_KEY];
 } hl_table;
 
 typedef struct hl_schema {

@@ -1702,6 +1702,335 @@ START_TEST(failed_step_loses_nothing)
 }
 END_TEST
 
+/* The keys of b's conflicts in table tbl, in the order they were recorded:
+ * integers, at most max; returns how many. */
+static size_t conflict_keys(sqlite3 *db, const char *tbl, int64_t *out, size_t max)
+{
+    sqlite3_stmt *st;
+    size_t n = 0;
+    ck_assert_int_eq(
+        sqlite3_prepare_v2(db, "SELECT pk FROM __harmonylite__conflicts WHERE tbl = ? ORDER BY id", -1, &st, NULL),
+        SQLITE_OK);
+    sqlite3_bind_text(st, 1, tbl, -1, SQLITE_STATIC);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        hl_value key[HL_CS_MAX_KEY];
+        unsigned char scratch[256];
+        size_t nk = 0, len = (size_t)sqlite3_column_bytes(st, 0);
+        ck_assert_uint_lt(len + HL_CS_MAX_KEY, sizeof scratch);
+        ck_assert_int_eq(hl_key_decode(sqlite3_column_blob(st, 0), len, key, &nk, scratch), HL_OK);
+        ck_assert_uint_eq(nk, 1);
+        ck_assert_int_eq(key[0].type, HL_VAL_INT);
+        ck_assert_uint_lt(n, max);
+        out[n++] = key[0].u.i;
+    }
+    sqlite3_finalize(st);
+    return n;
+}
+
+/* Issue 10: rows of one table are applied in key order where the order cannot
+ * matter, and in the order captured where it can. On b every row fails a
+ * CHECK (not part of the schema hash), so the conflicts table shows the order
+ * rows were applied in. */
+START_TEST(rows_apply_in_key_order_only_where_order_cannot_matter)
+{
+    pair p;
+    pair_open(&p);
+    const char *tables[] = {"kord", "kuniq", "ktrig"};
+    for (int i = 0; i < 3; i++) {
+        char ddl[300];
+        snprintf(ddl, sizeof ddl, "CREATE TABLE %s(id INTEGER PRIMARY KEY, v INTEGER, w TEXT%s)", tables[i],
+                 i == 1 ? " UNIQUE" : "");
+        app_exec(p.appa, ddl);
+        snprintf(ddl, sizeof ddl, "CREATE TABLE %s(id INTEGER PRIMARY KEY, v INTEGER CHECK (v >= 0), w TEXT%s)",
+                 tables[i], i == 1 ? " UNIQUE" : "");
+        app_exec(p.appb, ddl);
+    }
+    app_exec(p.appa, "CREATE TABLE seen(k INTEGER)");
+    app_exec(p.appb, "CREATE TABLE seen(k INTEGER);"
+                     "CREATE TRIGGER app_seen BEFORE UPDATE ON ktrig BEGIN INSERT INTO seen VALUES (NEW.id); END");
+    capture(p.a);
+    capture(p.b);
+    char sql[400];
+    for (int i = 0; i < 3; i++) {
+        snprintf(sql, sizeof sql, "INSERT INTO %s(id, v, w) VALUES (1, 0, 'a'), (3, 0, 'c'), (5, 0, 'e'), (9, 0, 'i')",
+                 tables[i]);
+        app_exec(p.appa, sql);
+    }
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 0);
+    /* Updated in the order 5, 3, 9, 1: captured (and sent) in that order. */
+    for (int i = 0; i < 3; i++) {
+        snprintf(sql, sizeof sql,
+                 "UPDATE %1$s SET v = -1 WHERE id = 5; UPDATE %1$s SET v = -1 WHERE id = 3;"
+                 "UPDATE %1$s SET v = -1 WHERE id = 9; UPDATE %1$s SET v = -1 WHERE id = 1",
+                 tables[i]);
+        app_exec(p.appa, sql);
+    }
+    ck_assert_uint_eq(capture(p.a), 12);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_uint_eq(cs->nrows, 12);
+    ck_assert_int_eq(cs->rows[0].key[0].u.i, 5);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    static const int64_t sorted[] = {1, 3, 5, 9}, captured[] = {5, 3, 9, 1};
+    for (int i = 0; i < 3; i++) {
+        int64_t got[8];
+        ck_assert_uint_eq(conflict_keys(p.appb, tables[i], got, 8), 4);
+        for (int k = 0; k < 4; k++)
+            ck_assert_msg(got[k] == (i == 0 ? sorted : captured)[k], "%s: row %d applied as %lld", tables[i], k,
+                          (long long)got[k]);
+    }
+    ck_assert_int_eq(hl_db_table(p.b, "kord")->key_order, 1);
+    ck_assert_int_eq(hl_db_table(p.b, "kuniq")->key_order, -1);
+    ck_assert_int_eq(hl_db_table(p.b, "ktrig")->key_order, -1);
+    pair_close(&p);
+}
+END_TEST
+
+/* Issue 10: rows handing on a UNIQUE value (row 2 gives 'b' up, then row 1
+ * takes it) apply without a conflict although the later row has the lower
+ * key: the table is not sorted. */
+START_TEST(unique_value_handed_on_applies_without_conflict)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO uniq VALUES (1, 'a'), (2, 'b'), (3, 'x'), (4, 'y')");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    app_exec(p.appa, "BEGIN; UPDATE uniq SET email = 'c' WHERE id = 2; UPDATE uniq SET email = 'b' WHERE id = 1;"
+                     "UPDATE uniq SET email = 'z' WHERE id = 4; UPDATE uniq SET email = 'y' WHERE id = 3; COMMIT");
+    ck_assert_uint_eq(capture(p.a), 4);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_uint_eq(cs->nrows, 4);
+    ck_assert_int_eq(cs->rows[0].key[0].u.i, 2); /* as committed: the giver first */
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts"), 0);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+    pair_close(&p);
+}
+END_TEST
+
+/* Every row of the tables below and of their clocks, for comparing databases. */
+static char *dump_order_tables(sqlite3 *db)
+{
+    static const char *const q[] = {
+        "SELECT rowid, quote(x), quote(y) FROM plain ORDER BY rowid",
+        "SELECT quote(a), quote(b), quote(v) FROM pairs ORDER BY a, b",
+        "SELECT rowid, quote(\"select\"), quote(\"a\"\"b\") FROM \"my table\" ORDER BY rowid",
+        "SELECT quote(k), quote(v) FROM rk ORDER BY k",
+        "SELECT quote(k), quote(v) FROM nk ORDER BY k",
+        "SELECT quote(k), quote(v) FROM ck ORDER BY k COLLATE BINARY",
+        "SELECT k0, hlc, node, deleted FROM __harmonylite__plain_clock ORDER BY 1",
+        "SELECT quote(k0), quote(k1), hlc, node, deleted FROM __harmonylite__pairs_clock ORDER BY k0, k1",
+        "SELECT quote(k0), hlc, node, deleted FROM \"__harmonylite__my table_clock\" ORDER BY k0",
+        "SELECT quote(k0), hlc, node, deleted FROM __harmonylite__rk_clock ORDER BY k0",
+        "SELECT quote(k0), hlc, node, deleted FROM __harmonylite__nk_clock ORDER BY k0",
+        "SELECT quote(k0), hlc, node, deleted FROM __harmonylite__ck_clock ORDER BY k0",
+        "SELECT tbl, quote(pk), hlc, reason FROM __harmonylite__conflicts ORDER BY tbl, pk, hlc"};
+    hl_buf out;
+    hl_buf_init(&out, 256u << 20);
+    for (size_t i = 0; i < sizeof q / sizeof q[0]; i++) {
+        sqlite3_stmt *st;
+        ck_assert_msg(sqlite3_prepare_v2(db, q[i], -1, &st, NULL) == SQLITE_OK, "%s: %s", q[i], sqlite3_errmsg(db));
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            for (int c = 0; c < sqlite3_column_count(st); c++)
+                hl_buf_addf(&out, "%s|", sqlite3_column_text(st, c) ? (const char *)sqlite3_column_text(st, c) : "");
+            hl_buf_addc(&out, '\n');
+        }
+        sqlite3_finalize(st);
+        hl_buf_adds(&out, "--\n");
+    }
+    return (char *)hl_buf_steal(&out, NULL);
+}
+
+/* Adds n rows of table ti to cs, keys made by key(i): scattered, repeated;
+ * one row in 8 has the key and the version of the row before it and another
+ * value (of two rows with one version, the first applied wins), one in 8 is
+ * a delete. */
+static void add_scattered(hl_changeset *cs, uint32_t ti, size_t ncols, int n, uint64_t *hlc,
+                          void (*key)(int, hl_value *, size_t *), unsigned *seed)
+{
+    for (int i = 0; i < n; i++) {
+        hl_value k[2], vals[3];
+        size_t nk = 0;
+        char text[32];
+        *seed = *seed * 1103515245u + 12345u;
+        unsigned r = (*seed >> 16) % 8;
+        bool again = r == 0 && i > 0;
+        key(again ? i - 1 : i, k, &nk);
+        if (!again)
+            (*hlc)++;
+        snprintf(text, sizeof text, "value %d", i);
+        vals[ncols - 1] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)text, strlen(text)}};
+        for (size_t c = 0; c + 1 < ncols; c++)
+            vals[c] = k[c];
+        hl_op op = r == 1 ? HL_OP_DELETE : HL_OP_UPSERT;
+        ck_assert_int_eq(hl_changeset_add_row(cs, ti, op, *hlc, k, nk, op == HL_OP_UPSERT ? vals : NULL,
+                                              op == HL_OP_UPSERT ? ncols : 0),
+                         HL_OK);
+    }
+}
+
+static unsigned scatter(int i)
+{
+    return ((unsigned)i * 7919u) % 61u; /* 61 keys, visited out of order, repeated */
+}
+
+static void key_rowid(int i, hl_value *k, size_t *n)
+{
+    k[0] = (hl_value){.type = HL_VAL_INT, .u.i = (int64_t)scatter(i) * 1000};
+    *n = 1;
+}
+
+static void key_pair(int i, hl_value *k, size_t *n)
+{
+    static const char *const b[] = {"x", "a", "xy", ""};
+    k[0] = (hl_value){.type = HL_VAL_INT, .u.i = (int64_t)(scatter(i) % 7) - 3};
+    k[1] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)b[i % 4], strlen(b[i % 4])}};
+    *n = 2;
+}
+
+static void key_text(int i, hl_value *k, size_t *n)
+{
+    static char buf[64][8];
+    snprintf(buf[i % 64], sizeof buf[0], "k%u", scatter(i));
+    k[0] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)buf[i % 64], strlen(buf[i % 64])}};
+    *n = 1;
+}
+
+/* Two integers that are one REAL: 2^53 + 1 rounds to 2^53. */
+static void key_real(int i, hl_value *k, size_t *n)
+{
+    k[0] = (hl_value){.type = HL_VAL_INT, .u.i = (INT64_C(1) << 53) + 1 - (scatter(i) % 2)};
+    *n = 1;
+}
+
+/* Texts that are one number under NUMERIC affinity: '10', '1e1', '10.0'. */
+static void key_numeric(int i, hl_value *k, size_t *n)
+{
+    static const char *const t[] = {"1e1", "10", "10.0", "7"};
+    const char *s = t[scatter(i) % 4];
+    k[0] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)s, strlen(s)}};
+    *n = 1;
+}
+
+/* Texts that are one row under NOCASE. */
+static void key_nocase(int i, hl_value *k, size_t *n)
+{
+    static const char *const t[] = {"b", "B", "a", "A"};
+    const char *s = t[scatter(i) % 4];
+    k[0] = (hl_value){.type = HL_VAL_TEXT, .u.b = {(unsigned char *)s, strlen(s)}};
+    *n = 1;
+}
+
+/* Issue 10: a scattered changeset applied by apply (sorted where it may be)
+ * leaves exactly the database, rows (and hidden rowids) and clocks, that
+ * applying its rows one by one in the order sent does. Repeated keys, some
+ * with equal versions (the first applied wins), different key values that are
+ * one row (by affinity or collation) and new rows of a rowid table with a
+ * text key make any wrong move show. */
+START_TEST(key_order_gives_the_database_of_the_order_sent)
+{
+    pair p;
+    pair_open(&p);
+    const char *ddl = "CREATE TABLE rk(k REAL PRIMARY KEY, v) WITHOUT ROWID;"
+                      "CREATE TABLE nk(k NUMERIC PRIMARY KEY, v) WITHOUT ROWID;"
+                      "CREATE TABLE ck(k TEXT COLLATE NOCASE PRIMARY KEY, v) WITHOUT ROWID;";
+    app_exec(p.appa, ddl);
+    app_exec(p.appb, ddl);
+    capture(p.a);
+    capture(p.b);
+    ck_assert_mem_eq(hl_db_schema_hash(p.a), hl_db_schema_hash(p.b), 32);
+    hl_changeset *cs = hl_changeset_new();
+    ck_assert_ptr_nonnull(cs);
+    cs->origin = 7;
+    cs->epoch = 1;
+    cs->seq = 1;
+    cs->wall_ms = hl_now_ms();
+    memcpy(cs->schema_hash, hl_db_schema_hash(p.b), 32);
+    struct {
+        const char *name;
+        const char *cols[3];
+        size_t ncols;
+        const char *pk[2];
+        size_t npk;
+        void (*key)(int, hl_value *, size_t *);
+    } t[] = {
+        {"plain", {"x", "y"}, 2, {NULL}, 0, key_rowid},
+        {"pairs", {"a", "b", "v"}, 3, {"a", "b"}, 2, key_pair},
+        {"my table", {"select", "a\"b"}, 2, {"select"}, 1, key_text},
+        {"rk", {"k", "v"}, 2, {"k"}, 1, key_real},
+        {"nk", {"k", "v"}, 2, {"k"}, 1, key_numeric},
+        {"ck", {"k", "v"}, 2, {"k"}, 1, key_nocase},
+    };
+    uint64_t hlc = hl_now_ms() << 16;
+    unsigned seed = 42;
+    for (uint32_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        uint32_t ti;
+        ck_assert_int_eq(hl_changeset_add_table(cs, t[i].name, t[i].cols, t[i].ncols, t[i].pk, t[i].npk, &ti), HL_OK);
+        add_scattered(cs, ti, t[i].ncols, 200, &hlc, t[i].key, &seed);
+    }
+    hl_buf raw;
+    hl_buf_init(&raw, 256u << 20);
+    ck_assert_int_eq(hl_changeset_encode(cs, false, &raw), HL_OK);
+    /* b: the whole changeset. */
+    ck_assert_int_eq(apply(p.b, cs, &raw, 0), HL_APPLIED);
+    ck_assert_int_eq(hl_db_table(p.b, "plain")->key_order, 1);
+    ck_assert_int_eq(hl_db_table(p.b, "pairs")->key_order, 1);
+    ck_assert_int_eq(hl_db_table(p.b, "rk")->key_order, 1);
+    /* A rowid table with a text key: new rows get rowids in the order applied. */
+    ck_assert_int_eq(hl_db_table(p.b, "my table")->key_order, -1);
+    /* a: one changeset per row, in the order sent. */
+    for (size_t i = 0; i < cs->nrows; i++) {
+        const hl_cs_row *r = &cs->rows[i];
+        const hl_cs_table *ct = &cs->tables[r->table];
+        hl_changeset *one = hl_changeset_new();
+        uint32_t ti;
+        ck_assert_ptr_nonnull(one);
+        one->origin = cs->origin;
+        one->epoch = cs->epoch;
+        one->seq = i + 1;
+        one->wall_ms = cs->wall_ms;
+        memcpy(one->schema_hash, cs->schema_hash, 32);
+        ck_assert_int_eq(hl_changeset_add_table(one, ct->name, (const char *const *)ct->cols, ct->ncols,
+                                                (const char *const *)ct->pk, ct->npk, &ti),
+                         HL_OK);
+        ck_assert_int_eq(hl_changeset_add_row(one, ti, r->op, r->hlc, r->key, r->nkey, r->vals, r->nvals), HL_OK);
+        hl_buf_reset(&raw);
+        ck_assert_int_eq(hl_changeset_encode(one, false, &raw), HL_OK);
+        ck_assert_int_eq(apply(p.a, one, &raw, 0), HL_APPLIED);
+        hl_changeset_free(one);
+    }
+    char *da = dump_order_tables(p.appa), *db = dump_order_tables(p.appb);
+    size_t at = 0;
+    while (da[at] && da[at] == db[at])
+        at++;
+    bool same = da[at] == db[at];
+    while (at > 0 && da[at - 1] != '\n')
+        at--;
+    ck_assert_msg(same, "from this line on: sent order %.80s, apply %.80s", da + at, db + at);
+    /* Not vacuous: the rows that are one row by affinity or collation did clash. */
+    ck_assert_int_le(scalar(p.appb, "SELECT count(*) FROM rk"), 1);
+    ck_assert_int_le(scalar(p.appb, "SELECT count(*) FROM nk"), 2);
+    ck_assert_int_le(scalar(p.appb, "SELECT count(*) FROM ck"), 2);
+    free(da);
+    free(db);
+    hl_buf_free(&raw);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("db");
@@ -1744,6 +2073,9 @@ int main(void)
     tcase_add_test(tc, capture_never_sends_what_receivers_would_refuse);
     tcase_add_test(tc, step_records_positions_with_what_it_applied);
     tcase_add_test(tc, failed_step_loses_nothing);
+    tcase_add_test(tc, rows_apply_in_key_order_only_where_order_cannot_matter);
+    tcase_add_test(tc, unique_value_handed_on_applies_without_conflict);
+    tcase_add_test(tc, key_order_gives_the_database_of_the_order_sent);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
