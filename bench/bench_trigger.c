@@ -12,8 +12,11 @@
  * beside it on the same database, in a thread of this process doing what the
  * engine thread does with the database (src/engine.c): it waits on the
  * database watcher (inotify and its re-checks), runs hl_db_step to capture
- * into the outbox, and deletes what it captured from the outbox in a write
- * transaction of its own, as the publisher does when JetStream acknowledges.
+ * into the outbox, and deletes what it captured from the outbox as the
+ * publisher does once JetStream acknowledges: in the next step's write
+ * transaction, or in one of its own after 200 ms without a step
+ * (src/repl/publisher.c, deferred deletes). With HL_BENCH_OWN_DELETES set,
+ * in a write transaction of its own right away: the behaviour before.
  * Each case alternates bare and engine runs RUNS times and prints the median
  * ratio with its spread, and per run of the engine side: its write
  * transactions per second and the time they held the write lock. With
@@ -96,7 +99,8 @@ typedef struct engine_side {
     const char *path;
     pthread_t th;
     atomic_bool stop;
-    bool no_hold; /* HL_BENCH_NO_HOLD set: look at every wake-up, as before the busy hold */
+    bool no_hold;     /* HL_BENCH_NO_HOLD set: look at every wake-up, as before the busy hold */
+    bool own_deletes; /* HL_BENCH_OWN_DELETES set: acknowledged rows deleted in a transaction of their own */
     uint64_t steps, commits, rows, lock_us, read_us, acks;
 } engine_side;
 
@@ -115,17 +119,28 @@ static void *engine_run(void *arg)
     hl_db_configure(d, &o);
     hl_outbox_entry ent;
     hl_outbox_entry_init(&ent, 256u << 20);
-    uint64_t acked = 0;
+    uint64_t acked = 0, *done = NULL, done_since = 0;
+    size_t ndone = 0, capdone = 0;
     bool want = false;
     while (!atomic_load(&e->stop)) {
         struct pollfd pfd = {.fd = hl_watch_fd(w), .events = POLLIN};
         int pr = poll(&pfd, 1, hl_watch_timeout(w, hl_mono_ms()) < 50 ? hl_watch_timeout(w, hl_mono_ms()) : 50);
         if (hl_watch_after_poll(w, pr > 0 && (pfd.revents & POLLIN), pr == 0, hl_mono_ms()))
             want = true;
+        if (ndone && hl_mono_ms() - done_since >= 200) { /* no step took them: a transaction of their own */
+            if (hl_db_begin(d) == HL_OK) {
+                for (size_t i = 0; i < ndone; i++)
+                    hl_db_outbox_delete(d, done[i]);
+                if (hl_db_commit(d) == HL_OK) {
+                    ndone = 0;
+                    e->acks++;
+                }
+            }
+        }
         if (!want || !hl_db_changed_externally(d))
             continue;
         want = false;
-        hl_step s = {.capture = true};
+        hl_step s = {.capture = true, .outbox_done = done, .n_outbox_done = ndone};
         if (hl_db_step(d, NULL, NULL, &s)) {
             fprintf(stderr, "bench_trigger: engine step failed\n");
             exit(1);
@@ -133,25 +148,41 @@ static void *engine_run(void *arg)
         e->steps++;
         if (!s.committed)
             continue;
+        ndone = 0; /* deleted by that step */
         if (!e->no_hold)
             hl_watch_captured(w, s.rows_captured, hl_mono_ms()); /* as src/engine.c does */
         e->commits++;
         e->rows += s.rows_captured;
         e->lock_us += s.lock_us;
         e->read_us += s.read_us;
-        /* JetStream's acknowledgements: the publisher deletes in a transaction of its own. */
+        /* JetStream's acknowledgements: remembered for the next step, or
+         * (HL_BENCH_OWN_DELETES) deleted in a transaction of their own. */
         bool began = false;
         while (hl_db_outbox_next(d, acked, &ent) == HL_OK) {
+            acked = ent.seq;
+            if (!e->own_deletes) {
+                if (ndone == capdone) {
+                    capdone = capdone ? capdone * 2 : 256;
+                    if (!(done = realloc(done, capdone * sizeof *done))) {
+                        fprintf(stderr, "bench_trigger: out of memory\n");
+                        exit(1);
+                    }
+                }
+                if (!ndone)
+                    done_since = hl_mono_ms();
+                done[ndone++] = ent.seq;
+                continue;
+            }
             if (!began && hl_db_begin(d) == HL_OK)
                 began = true;
             hl_db_outbox_delete(d, ent.seq);
-            acked = ent.seq;
         }
         if (began) {
             hl_db_commit(d);
             e->acks++;
         }
     }
+    free(done);
     hl_outbox_entry_free(&ent);
     hl_watch_free(w);
     hl_db_close(d);
@@ -238,7 +269,9 @@ int main(int argc, char **argv)
             fresh(path, false);
             bare[rep] = run(path, batches[i], update, secs);
             fresh(path, true);
-            engine_side e = {.path = path, .no_hold = getenv("HL_BENCH_NO_HOLD") != NULL};
+            engine_side e = {.path = path,
+                             .no_hold = getenv("HL_BENCH_NO_HOLD") != NULL,
+                             .own_deletes = getenv("HL_BENCH_OWN_DELETES") != NULL};
             if (pthread_create(&e.th, NULL, engine_run, &e)) {
                 fprintf(stderr, "bench_trigger: cannot start a thread\n");
                 return 1;

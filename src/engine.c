@@ -123,7 +123,10 @@ static void held_to_state(engine *e)
     hl_state_snapshot *s = &e->snap;
     uint64_t for_schema = 0, oldest = 0;
     hl_db_held_count(e->d, &s->held_now, &for_schema, &oldest);
-    hl_db_outbox_count(e->d, &s->outbox_rows);
+    const uint64_t *done = NULL;
+    size_t ndone = e->pub ? hl_publisher_done(e->pub, &done) : 0; /* acknowledged, their delete pending */
+    if (hl_db_outbox_count(e->d, &s->outbox_rows) == HL_OK)
+        s->outbox_rows = s->outbox_rows > ndone ? s->outbox_rows - ndone : 0;
     hl_held_origin *v = NULL;
     size_t n = 0;
     s->nheld = 0;
@@ -352,8 +355,12 @@ static hl_status cycle(engine *e, hl_inbound *items, bool local, bool flush_posi
         .expire_before_ms = e->expire_held ? hl_now_ms() - (uint64_t)e->c->order_hold_timeout_s * 1000u : 0,
         .flush_positions = flush_positions,
     };
+    /* Acknowledged outbox rows go with this transaction instead of one of their own. */
+    s.n_outbox_done = hl_publisher_done(e->pub, &s.outbox_done);
     uint64_t deferred = hl_db_counters(e->d)->changesets_deferred;
     hl_status st = hl_db_step(e->d, items, &e->pos, &s);
+    if (!st && s.committed)
+        hl_publisher_done_recorded(e->pub, s.n_outbox_done);
     e->retry_held = s.retry_held;
     if (!st && s.committed && hl_db_counters(e->d)->changesets_deferred > deferred) {
         uint64_t dropped = 0;
@@ -678,6 +685,8 @@ static void flush_outbox(engine *e)
 {
     uint64_t deadline = hl_mono_ms() + (uint64_t)e->c->shutdown_grace_s * 1000u;
     uint64_t left = 0;
+    hl_publisher_defer_deletes(e->pub, false); /* the count below must fall with each acknowledgement */
+    hl_publisher_flush_done(e->pub, e->d);
     while (e->online && e->c->publish && hl_mono_ms() < deadline) {
         if (hl_db_outbox_count(e->d, &left) || left == 0)
             break;
@@ -950,6 +959,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
     hl_signals_start(&e.q, reload, c);
     if (open_streams(&e) || open_database(&e) || hl_publisher_new(&e.pub, c, &e.q))
         goto out;
+    hl_publisher_defer_deletes(e.pub, true);
     /* NATS comes up in its own thread; the engine captures meanwhile. */
     if (pthread_create(&e.setup_th, NULL, setup_thread, &e) != 0)
         goto out;
@@ -981,6 +991,7 @@ int hl_engine_run(hl_config *c, hl_config_loader reload)
         /* Publishing and the heartbeat run every turn, also under a
          * sustained inbound load. */
         hl_publisher_pump(e.pub, e.d);
+        hl_publisher_flush_done_if_due(e.pub, e.d);
         publish_state(&e);
         hl_timers_run(&e.timers, hl_mono_ms());
         wait_events(&e, &want_capture);

@@ -208,6 +208,9 @@ typedef struct hl_step {
     uint64_t expire_before_ms; /* in: nonzero: out-of-order holds waiting since before this give up on their
                                   missing predecessors (hl_apply_expire_held) */
     bool flush_positions;      /* in: record positions that only moved (seen != applied) */
+    const uint64_t *outbox_done; /* in: acknowledged changesets deleted from the outbox in this step's write
+                                    transaction, if there is one (alone they do not make one) */
+    size_t n_outbox_done;
     bool committed;            /* out: a write transaction committed */
     bool schema_changed;       /* out: the schema was re-read */
     uint64_t rows_captured;    /* out */
@@ -223,7 +226,8 @@ typedef struct hl_step {
  * records a snapshot batch and nothing else: no items, held changesets or
  * positions; the watcher's re-checks bring that step), and only then (capture before
  * apply) held changesets when asked, the remote changesets in items (each
- * one's applied is set) and the stream positions: pos->seen moves to every
+ * one's applied is set), the deletion of s->outbox_done from the outbox and
+ * the stream positions: pos->seen moves to every
  * item's safe_seq, and what differs from pos->applied is recorded. After a
  * commit pos->applied equals pos->seen. On failure the transaction rolls
  * back, nothing is lost (the change logs still hold what was captured; the

@@ -115,6 +115,9 @@ static hl_status write_step(hl_db *d, hl_capture_batch *pre, int64_t pre_version
     s->rows_captured = rows + pre->rows;
     if ((items || s->retry_held || s->expire_before_ms) && (st = apply_all(d, items, pos, s, results)))
         goto fail;
+    for (size_t i = 0; i < s->n_outbox_done; i++)
+        if ((st = hl_db_outbox_delete(d, s->outbox_done[i])))
+            goto fail;
     if ((st = record_positions(d, pos)))
         goto fail;
     return hl_db_commit(d); /* a failed COMMIT rolls back */

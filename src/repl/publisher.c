@@ -12,6 +12,11 @@
 #define WINDOW_BYTES HL_PUBLISH_WINDOW_BYTES
 #define STALL_MS 10000 /* no ack for this long: take the pending list back and re-publish */
 #define RETRY_MS 500   /* after a failure, wait this long before re-publishing */
+/* Acknowledged changesets whose outbox rows wait for the engine's next write
+ * transaction (hl_publisher_defer_deletes) are deleted in one of their own
+ * once the oldest waited this long, or once this many wait. */
+#define DONE_WAIT_MS 200
+#define DONE_MAX 1024
 
 typedef struct inflight {
     uint64_t seq;
@@ -39,6 +44,10 @@ struct hl_publisher {
     uint64_t last_progress; /* mono ms of the last ack or send */
     uint64_t retry_at;      /* mono ms before which nothing is re-published */
     bool resend;
+    bool defer;     /* fully acknowledged rows wait in done for the engine's next write transaction */
+    uint64_t *done; /* outbox seqs fully acknowledged, not yet deleted */
+    size_t ndone, capdone;
+    uint64_t done_since; /* mono ms the oldest in done was acknowledged */
     uint64_t published, rows_published;
     hl_outbox_entry row;
     hl_buf msg;
@@ -76,6 +85,7 @@ void hl_publisher_free(hl_publisher *p)
     for (size_t i = 0; i < p->nwin; i++)
         free(p->win[i].acked);
     free(p->win);
+    free(p->done);
     hl_outbox_entry_free(&p->row);
     hl_buf_free(&p->msg);
     free(p);
@@ -123,6 +133,77 @@ static bool ack_part(inflight *f, uint32_t part)
         return false;
     *w |= bit;
     return true;
+}
+
+static bool is_done(const hl_publisher *p, uint64_t seq)
+{
+    for (size_t i = 0; i < p->ndone; i++)
+        if (p->done[i] == seq)
+            return true;
+    return false;
+}
+
+static bool add_done(hl_publisher *p, uint64_t seq)
+{
+    if (p->ndone == p->capdone) {
+        size_t ncap = p->capdone ? p->capdone * 2 : 64;
+        uint64_t *nd = realloc(p->done, ncap * sizeof *nd);
+        if (!nd)
+            return false;
+        p->done = nd;
+        p->capdone = ncap;
+    }
+    if (!p->ndone)
+        p->done_since = hl_mono_ms();
+    p->done[p->ndone++] = seq;
+    return true;
+}
+
+void hl_publisher_defer_deletes(hl_publisher *p, bool on)
+{
+    p->defer = on;
+}
+
+size_t hl_publisher_done(const hl_publisher *p, const uint64_t **seqs)
+{
+    *seqs = p->done;
+    return p->ndone;
+}
+
+void hl_publisher_done_recorded(hl_publisher *p, size_t n)
+{
+    if (n > p->ndone)
+        n = p->ndone;
+    if (!n)
+        return;
+    memmove(p->done, p->done + n, (p->ndone - n) * sizeof *p->done);
+    p->ndone -= n;
+    if (p->ndone)
+        p->done_since = hl_mono_ms();
+}
+
+hl_status hl_publisher_flush_done(hl_publisher *p, hl_db *d)
+{
+    if (!p->ndone)
+        return HL_OK;
+    hl_status st = hl_db_begin(d);
+    for (size_t i = 0; !st && i < p->ndone; i++)
+        st = hl_db_outbox_delete(d, p->done[i]);
+    if (st) {
+        hl_db_rollback(d); /* kept in done: deleted by a later transaction, never re-published meanwhile */
+        return st;
+    }
+    if ((st = hl_db_commit(d)))
+        return st;
+    p->ndone = 0;
+    return HL_OK;
+}
+
+hl_status hl_publisher_flush_done_if_due(hl_publisher *p, hl_db *d)
+{
+    if (p->ndone && (!p->defer || p->ndone >= DONE_MAX || hl_mono_ms() - p->done_since >= DONE_WAIT_MS))
+        return hl_publisher_flush_done(p, d);
+    return HL_OK;
 }
 
 static inflight *find(hl_publisher *p, uint64_t seq)
@@ -219,6 +300,10 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             return HL_OK;
         if (st)
             return st;
+        if (is_done(p, p->row.seq)) { /* acknowledged, its delete pending (after a restart()) */
+            p->last_sent = p->row.seq;
+            continue;
+        }
         if (p->nwin == p->capwin) {
             size_t ncap = p->capwin ? p->capwin * 2 : 64;
             inflight *nw = realloc(p->win, ncap * sizeof *nw);
@@ -244,25 +329,40 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
     return HL_OK;
 }
 
+/* Counts one acknowledgement; returns the changeset it completed (every part
+ * acknowledged once), else NULL. A failure report asks for a re-publish. */
+static inflight *count_ack(hl_publisher *p, const hl_ack *a)
+{
+    inflight *f = find(p, a->seq);
+    if (!f)
+        return NULL; /* from before a restart(): the re-published copy will be acked */
+    p->last_progress = hl_mono_ms();
+    if (p->parts_inflight)
+        p->parts_inflight--;
+    if (!a->ok) {
+        p->resend = true;
+        return NULL;
+    }
+    if (!ack_part(f, a->part) || !f->parts_left || --f->parts_left)
+        return NULL; /* a part counted already, or parts still missing */
+    return f;
+}
+
 hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size_t n)
 {
     hl_status st = HL_OK;
     bool began = false;
     uint64_t done = 0, done_rows = 0;
     for (size_t i = 0; i < n; i++) {
-        inflight *f = find(p, acks[i].seq);
+        inflight *f = count_ack(p, &acks[i]);
         if (!f)
-            continue; /* from before a restart(): the re-published copy will be acked */
-        p->last_progress = hl_mono_ms();
-        if (p->parts_inflight)
-            p->parts_inflight--;
-        if (!acks[i].ok) {
-            p->resend = true;
             continue;
-        }
-        if (!ack_part(f, acks[i].part))
-            continue; /* this part was counted already */
-        if (f->parts_left && --f->parts_left == 0) {
+        if (p->defer) {
+            if (!add_done(p, f->seq)) {
+                p->resend = true; /* no memory to remember it: published again, dropped as a duplicate */
+                continue;
+            }
+        } else {
             if (!began) {
                 if ((st = hl_db_begin(d)))
                     break;
@@ -270,12 +370,12 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
             }
             if ((st = hl_db_outbox_delete(d, f->seq)))
                 break;
-            done++;
-            done_rows += f->rows;
-            p->bytes_inflight -= f->bytes < p->bytes_inflight ? f->bytes : p->bytes_inflight;
-            free(f->acked);
-            *f = p->win[--p->nwin];
         }
+        done++;
+        done_rows += f->rows;
+        p->bytes_inflight -= f->bytes < p->bytes_inflight ? f->bytes : p->bytes_inflight;
+        free(f->acked);
+        *f = p->win[--p->nwin];
     }
     if (began) {
         if (st)
@@ -292,12 +392,14 @@ hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size
     }
     p->published += done;
     p->rows_published += done_rows;
-    return HL_OK;
+    return p->defer ? hl_publisher_flush_done_if_due(p, d) : HL_OK;
 }
 
 int hl_publisher_next_timeout(const hl_publisher *p)
 {
     uint64_t now = hl_mono_ms();
+    if (p->ndone) /* the deferred deletes are due (again 10 ms after one that failed) */
+        return p->done_since + DONE_WAIT_MS > now + 10 ? (int)(p->done_since + DONE_WAIT_MS - now) : 10;
     if (p->retry_at > now)
         return (int)(p->retry_at - now);
     if (p->nwin)

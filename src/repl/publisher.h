@@ -40,8 +40,28 @@ void hl_publisher_ack_handler(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr
 void hl_publisher_attach(hl_publisher *p, hl_nats *n);
 /* Publishes outbox rows while the window has room. */
 hl_status hl_publisher_pump(hl_publisher *p, hl_db *d);
-/* Handles acknowledgements: deletes fully acknowledged outbox rows (own transaction). */
+/* Handles acknowledgements: deletes fully acknowledged outbox rows (own
+ * transaction), or with deferred deletes remembers them (see below). */
 hl_status hl_publisher_handle_acks(hl_publisher *p, hl_db *d, hl_ack *acks, size_t n);
+/*
+ * Deferred deletes: a write transaction of its own per batch of acknowledgements
+ * is one more transaction the application's writer runs into (docs/performance.md,
+ * (a)). With on, fully acknowledged rows are remembered instead; the engine
+ * deletes them in its next write transaction (hl_publisher_done, then
+ * hl_publisher_done_recorded after the commit), or hl_publisher_flush_done_if_due
+ * does in one of their own after 200 ms or 1024 rows. Remembered rows are never
+ * published again meanwhile; after a crash they are (JetStream and the receivers
+ * drop the copies).
+ */
+void hl_publisher_defer_deletes(hl_publisher *p, bool on);
+/* The remembered outbox seqs (a view, valid until the next publisher call). */
+size_t hl_publisher_done(const hl_publisher *p, const uint64_t **seqs);
+/* The first n of hl_publisher_done's seqs were deleted by a committed transaction. */
+void hl_publisher_done_recorded(hl_publisher *p, size_t n);
+/* Deletes every remembered row in a transaction of its own; on failure they stay remembered. */
+hl_status hl_publisher_flush_done(hl_publisher *p, hl_db *d);
+/* hl_publisher_flush_done once due: deferral off, 200 ms since the oldest, or 1024 rows. */
+hl_status hl_publisher_flush_done_if_due(hl_publisher *p, hl_db *d);
 uint64_t hl_publisher_published(const hl_publisher *p);      /* changesets fully acknowledged */
 uint64_t hl_publisher_rows_published(const hl_publisher *p); /* rows in those changesets */
 /* Milliseconds until pump() should run again for stall detection, or -1. */

@@ -393,6 +393,95 @@ START_TEST(failed_delete_is_published_again)
 }
 END_TEST
 
+/* Takes the queued acks; returns how many are for a seq in [lo, hi]. */
+static size_t take_acks(pfx *t, uint64_t lo, uint64_t hi, hl_ack **out, size_t *n)
+{
+    *n = hl_queue_take_acks(&t->f.q, out);
+    size_t in = 0;
+    for (size_t i = 0; i < *n; i++)
+        in += (*out)[i].seq >= lo && (*out)[i].seq <= hi;
+    return in;
+}
+
+/*
+ * Deferred deletes (what the engine runs with): acknowledged rows stay in the
+ * outbox, remembered, until the next write step deletes them with its own
+ * work, or, without one, a transaction of their own after 200 ms. Meanwhile
+ * a re-publish from the oldest row (after a failed publish) skips them.
+ */
+START_TEST(deferred_deletes_wait_for_a_step_and_are_not_published_again)
+{
+    pfx t;
+    fx_init(&t.f, NODE);
+    pfx_start(&t);
+    hl_publisher_defer_deletes(t.p, true);
+    for (uint64_t seq = 1; seq <= 3; seq++)
+        outbox_put(t.d, seq, 0, 1, 10);
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    hl_ack *acks = NULL;
+    size_t na = 0;
+    ck_assert_uint_eq(take_acks(&t, 1, 3, &acks, &na), 3);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, acks, na), HL_OK);
+    free(acks);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 3);
+    ck_assert_uint_eq(outbox_count(t.d), 3); /* not deleted yet */
+    const uint64_t *done = NULL;
+    ck_assert_uint_eq(hl_publisher_done(t.p, &done), 3);
+
+    /* The engine's next write step deletes what is remembered, in its transaction. */
+    hl_step s = {.flush_positions = true, .outbox_done = done, .n_outbox_done = 3};
+    ck_assert_int_eq(hl_db_step(t.d, NULL, NULL, &s), HL_OK);
+    ck_assert(s.committed);
+    hl_publisher_done_recorded(t.p, 3);
+    ck_assert_uint_eq(outbox_count(t.d), 0);
+    ck_assert_uint_eq(hl_publisher_done(t.p, &done), 0);
+
+    /* A publish fails (row 4's failure report, then its real ack): once
+     * nothing is in flight, publishing starts again from the oldest outbox
+     * row, and must skip row 4, acknowledged and waiting for its delete. */
+    outbox_put(t.d, 4, 0, 1, 10);
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    hl_ack fail = {.seq = 4, .part = 0, .ok = false};
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, &fail, 1), HL_OK);
+    wait_acked(&t);
+    ck_assert_uint_eq(take_acks(&t, 4, 4, &acks, &na), 1);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, acks, na), HL_OK);
+    free(acks);
+    ck_assert_uint_eq(hl_publisher_published(t.p), 4);
+    outbox_put(t.d, 5, 0, 1, 10);
+    int64_t end = fx_now_ms() + 30000;
+    while (hl_publisher_published(t.p) < 5) {
+        ck_assert_msg(fx_now_ms() < end, "row 5 not published");
+        ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+        wait_acked(&t);
+        ck_assert_uint_eq(take_acks(&t, 1, 4, &acks, &na), 0); /* row 4 was not sent again */
+        if (na)
+            ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, acks, na), HL_OK);
+        free(acks);
+        usleep(50000);
+    }
+    /* Row 4 waited past 200 ms (the re-publish waits 500 ms): row 5's ack
+     * found the deletes due and made a transaction of their own. */
+    ck_assert_uint_eq(outbox_count(t.d), 0);
+    ck_assert_uint_eq(hl_publisher_done(t.p, &done), 0);
+
+    /* Without a step, a transaction of their own only once due. */
+    outbox_put(t.d, 6, 0, 1, 10);
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    take_acks(&t, 6, 6, &acks, &na);
+    ck_assert_int_eq(hl_publisher_handle_acks(t.p, t.d, acks, na), HL_OK);
+    free(acks);
+    ck_assert_uint_eq(outbox_count(t.d), 1); /* not yet due */
+    usleep(250000);
+    ck_assert_int_eq(hl_publisher_flush_done_if_due(t.p, t.d), HL_OK);
+    ck_assert_uint_eq(outbox_count(t.d), 0);
+    ck_assert_uint_eq(hl_publisher_done(t.p, &done), 0);
+    pfx_stop(&t);
+}
+END_TEST
+
 /* How many of want[] one pump hands over with no ack handled: whole
  * changesets while both window bounds are below their limit. */
 static size_t window_fill(const want_cs *want, size_t n, size_t *parts)
@@ -642,6 +731,8 @@ static Suite *publisher_suite(void)
         {"partial_acks_keep_the_row", partial_acks_keep_the_row, 120},
         {"repeated_ack_counts_once", repeated_ack_counts_once, 120},
         {"failed_delete_is_published_again", failed_delete_is_published_again, 120},
+        {"deferred_deletes_wait_for_a_step_and_are_not_published_again",
+         deferred_deletes_wait_for_a_step_and_are_not_published_again, 120},
         {"window_holds_at_parts_bound", window_holds_at_parts_bound, 180},
         {"window_holds_at_bytes_bound", window_holds_at_bytes_bound, 180},
         {"lost_acks_republish_deduplicated", lost_acks_republish_deduplicated, 180},
