@@ -170,6 +170,15 @@ static void held_to_state(engine *e)
 
 /* ---- timers (hl_timers) ---- */
 
+/* Stops shard s's reader; what it pushes meanwhile, and what it queued, is dropped. */
+static void stop_fetcher(engine *e, int s)
+{
+    hl_queue_discard_shard(&e->q, s, true);
+    hl_fetcher_stop(e->fetchers[s]);
+    e->fetchers[s] = NULL;
+    hl_queue_discard_shard(&e->q, s, false);
+}
+
 /*
  * schema.max_held_bytes (docs/architecture.md, "Held changesets"): a shard
  * where a changeset was deferred (HL_DEFERRED) is read again from before it
@@ -201,10 +210,7 @@ static void held_bound_check(engine *e)
         if (!e->cap[i])
             continue;
         uint64_t from = e->cap[i];
-        hl_queue_discard_shard(&e->q, i, true);
-        hl_fetcher_stop(e->fetchers[i]);
-        e->fetchers[i] = NULL;
-        hl_queue_discard_shard(&e->q, i, false);
+        stop_fetcher(e, i);
         if (e->seen_seq[i] >= from)
             e->seen_seq[i] = from - 1; /* cannot happen: seen stays below the cap */
         if (hl_fetcher_start(&e->fetchers[i], e->c, e->n, &e->q, i, from, hl_db_epoch(e->d))) {
@@ -595,12 +601,8 @@ static void stream_jumped(engine *e, int shard, uint64_t applied, uint64_t gap_t
     if (e->catchup || e->stream_gap)
         return; /* a second reader's report of the same absence */
     uint64_t *need = calloc((size_t)shards, sizeof *need);
-    for (int s = 0; s < shards; s++) {
-        hl_queue_discard_shard(&e->q, s, true);
-        hl_fetcher_stop(e->fetchers[s]);
-        e->fetchers[s] = NULL;
-        hl_queue_discard_shard(&e->q, s, false);
-    }
+    for (int s = 0; s < shards; s++)
+        stop_fetcher(e, s);
     snprintf(e->snap.gap_reason, sizeof e->snap.gap_reason,
              "stream %s jumped to sequence %" PRIu64 " but this node applied only up to %" PRIu64
              "; changesets in between were discarded by retention before it read them",

@@ -899,13 +899,9 @@ static hl_status fetch_retrying(hl_store *store, const char *mname, const char *
 static int64_t restores_of(const char *path)
 {
     sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL;
     int64_t n = 0;
-    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
-        sqlite3_prepare_v2(db, "SELECT value FROM " T_META " WHERE key = 'restores'", -1, &st, NULL) == SQLITE_OK &&
-        sqlite3_step(st) == SQLITE_ROW)
-        n = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK)
+        n = meta_int(db, "restores", 0);
     sqlite3_close(db);
     return n > 0 ? n : 0;
 }
