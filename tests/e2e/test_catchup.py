@@ -342,7 +342,9 @@ def test_node_restarting_after_the_stream_emptied_catches_up(hl_bin, tmp_path):
     the snapshot instead of starting ready without the changesets."""
     store = tmp_path / "snapshots"
     store.mkdir()
-    settings = {"replication_log": {"max_age": 5, "duplicate_window": 1},
+    # max_age leaves node 1's reader time to come back if its consumer lived on node 3's server
+    # (it stalls until its heartbeats are missed): it must read every message before they expire.
+    settings = {"replication_log": {"max_age": 20, "duplicate_window": 1},
                 "snapshot": {"store": "dir", "dir": str(store), "interval": "0"}}
     with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings, schema=SCHEMA) as c:
         n1, n3 = c.node(1), c.node(3)
@@ -357,7 +359,7 @@ def test_node_restarting_after_the_stream_emptied_catches_up(hl_bin, tmp_path):
         wait_until(lambda: recorded_seq(n1) > recorded_seq(n3) and recorded_seq(n1) >= recorded_seq(n2),
                    REPL_TIMEOUT, "node 1 records its position at the stream's end")
         save_snapshot(n1)
-        time.sleep(8)  # every message older than max_age: the stream is empty
+        time.sleep(22)  # every message older than max_age: the stream is empty
         n3.start()
         wait_until(lambda: metric(n3, "catchup_merges_total") >= 1, SLOW_TIMEOUT,
                    "node 3 catches up from the snapshot although the stream is empty")
