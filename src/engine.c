@@ -845,9 +845,9 @@ static void turn(engine *e, bool *want_capture)
  * the engine, at most 5 s so the /healthz heartbeat stays fresh. */
 static void wait_events(engine *e, bool *want_capture)
 {
-    int wfd = hl_watch_fd(e->watch);
-    struct pollfd pfd[2] = {{.fd = e->q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
     uint64_t now = hl_mono_ms();
+    int wfd = hl_watch_poll_fd(e->watch, now);
+    struct pollfd pfd[2] = {{.fd = e->q.wake_fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
     int timeout = 5000;
     int wt = hl_watch_timeout(e->watch, now), pt = hl_publisher_next_timeout(e->pub);
     int tt = hl_timers_timeout(&e->timers, now);

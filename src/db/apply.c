@@ -437,7 +437,23 @@ static hl_status clash_select_sql(hl_buf *q, const hl_table *t)
         add_key_col(q, t, i);
         hl_buf_adds(q, ", ");
     }
-    hl_buf_adds(q, "coalesce(c.hlc, 0), coalesce(c.node, 0)");
+    if (t->spanned) {
+        /* No clock row: the row's span (clock.c). */
+        hl_buf key;
+        hl_buf_init(&key, 1u << 20);
+        add_key_col(&key, t, 0);
+        hl_status st = hl_buf_status(&key);
+        hl_buf_adds(q, "coalesce(c.hlc, ");
+        hl_span_version_sql(q, t, st ? "NULL" : hl_buf_str(&key), "hlc");
+        hl_buf_adds(q, ", 0), coalesce(c.node, ");
+        hl_span_version_sql(q, t, st ? "NULL" : hl_buf_str(&key), "node");
+        hl_buf_adds(q, ", 0)");
+        hl_buf_free(&key);
+        if (st)
+            return st;
+    } else {
+        hl_buf_adds(q, "coalesce(c.hlc, 0), coalesce(c.node, 0)");
+    }
     for (size_t i = 0; i < t->ncols; i++) {
         hl_buf_adds(q, ", x.");
         hl_buf_add_ident(q, t->cols[i]);

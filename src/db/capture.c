@@ -177,9 +177,10 @@ static bool hwm_get(hl_db *d, const hl_table *t, int64_t *hwm)
  * HL_SNAPSHOT_BYTES (hl_capture_collect, under a snapshot: it gives up, and
  * leaves the work to hl_capture, when there is more).
  */
-#define HL_SNAPSHOT_BYTES (4u << 20)
-#define HL_SNAPSHOT_ROWS 50000   /* change-log entries beyond which a snapshot read is not even tried */
-#define HL_STREAM_CACHE_KIB 4096 /* page cache (and sorter) while streaming a big change log */
+#define HL_SNAPSHOT_BYTES (4u << 20)    /* members kept decoded (their rows need clock rows) */
+#define HL_SNAPSHOT_PAYLOAD (16u << 20) /* members kept encoded only (every row versioned by a span) */
+#define HL_SNAPSHOT_ROWS 50000          /* change-log entries beyond which a snapshot read is not even tried */
+#define HL_STREAM_CACHE_KIB 4096        /* page cache (and sorter) while streaming a big change log */
 
 static hl_status cache_set(hl_db *d, int64_t kib)
 {
@@ -215,9 +216,13 @@ typedef struct sink {
     hl_changeset *cs;  /* member being filled */
     const hl_table *t; /* table of the last row added, and its index in cs */
     uint32_t tidx;
-    size_t done_bytes;   /* approximate size of the members already cut */
+    size_t done_bytes;   /* collect: approximate size of the members kept decoded */
+    size_t done_payload; /* collect: encoded size of the members kept */
+    bool over;           /* collect: more than a snapshot batch holds */
     hl_capture_batch *b; /* collect: where cut members go */
     uint64_t emitted;    /* stream: members recorded */
+    size_t *spanned;     /* rows of cs a span versions: [start, end) index pairs */
+    size_t nspanned, capspanned;
 } sink;
 
 static hl_status member_new(hl_db *d, sink *k)
@@ -252,13 +257,21 @@ static hl_status member_check(hl_db *d, const hl_changeset *cs)
     return HL_ERR_TOO_LARGE;
 }
 
-/* Records the versions of a member's rows (inside the write transaction). */
-static hl_status member_clocks(hl_db *d, const hl_changeset *cs)
+/* Records the versions of a member's rows (inside the write transaction),
+ * but for the rows a span versions: [start, end) index pairs in spanned. */
+static hl_status member_clocks(hl_db *d, const hl_changeset *cs, const size_t *spanned, size_t nspanned)
 {
     hl_status st = HL_OK;
     hl_table *tab = NULL;
     uint32_t tidx = UINT32_MAX;
-    for (size_t i = 0; i < cs->nrows && !st; i++) {
+    size_t sp = 0;
+    for (size_t i = 0; cs && i < cs->nrows && !st; i++) {
+        while (sp < nspanned && spanned[sp + 1] <= i)
+            sp += 2;
+        if (sp < nspanned && spanned[sp] <= i) {
+            i = spanned[sp + 1] - 1;
+            continue;
+        }
         const hl_cs_row *r = &cs->rows[i];
         if (r->table != tidx) {
             tidx = r->table;
@@ -288,8 +301,9 @@ static hl_status member_flush(hl_db *d, sink *k, bool more)
 {
     hl_changeset *cs = k->cs;
     hl_status st;
-    if ((st = member_check(d, cs)) || (st = member_clocks(d, cs)))
+    if ((st = member_check(d, cs)) || (st = member_clocks(d, cs, k->spanned, k->nspanned)))
         return st;
+    k->nspanned = 0;
     if (d->opt.publish) {
         hl_buf payload;
         hl_buf_init(&payload, SIZE_MAX - 1);
@@ -324,11 +338,27 @@ static hl_status member_keep(hl_db *d, sink *k)
     memset(m, 0, sizeof *m);
     hl_buf_init(&m->payload, SIZE_MAX - 1);
     m->cs = k->cs;
-    m->cs->seq = d->next_seq + b->nmembers;
+    m->seq = m->cs->seq = d->next_seq + b->nmembers;
+    m->nrows = m->cs->nrows;
     b->nmembers++;
     k->cs = NULL;
+    if (k->nspanned) {
+        if (!(m->spanned = malloc(k->nspanned * sizeof *m->spanned)))
+            return HL_ERR_NOMEM;
+        memcpy(m->spanned, k->spanned, k->nspanned * sizeof *m->spanned);
+        m->nspanned = k->nspanned;
+        k->nspanned = 0;
+    }
     if (d->opt.publish && (st = hl_changeset_encode(m->cs, d->opt.compress, &m->payload)))
         return st;
+    k->done_payload += m->payload.len;
+    if (m->nspanned == 2 && m->spanned[0] == 0 && m->spanned[1] == m->nrows) {
+        /* Nothing left to do with the rows themselves: keep the bytes only. */
+        hl_changeset_free(m->cs);
+        m->cs = NULL;
+    } else {
+        k->done_bytes += m->cs->approx_bytes;
+    }
     return member_new(d, k);
 }
 
@@ -341,13 +371,14 @@ static hl_status sink_row(hl_db *d, sink *k, const hl_table *t, hl_op op, uint64
     /* Cut on the encoded size, or on what the member costs once decoded
      * (rows of NULLs encode to a byte a value and decode to 24). */
     if (k->cs->nrows && (k->cs->approx_bytes >= target || k->cs->mem_bytes >= 2 * target)) {
-        k->done_bytes += k->cs->approx_bytes;
-        if (k->stream)
+        if (k->stream) {
             st = member_flush(d, k, true);
-        else if (k->done_bytes >= HL_SNAPSHOT_BYTES)
+        } else if (k->done_bytes >= HL_SNAPSHOT_BYTES || k->done_payload >= HL_SNAPSHOT_PAYLOAD) {
+            k->over = true;
             return HL_ERR_TOO_LARGE; /* the caller leaves it to hl_capture */
-        else
+        } else {
             st = member_keep(d, k);
+        }
         if (st)
             return st;
     }
@@ -428,8 +459,67 @@ static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_
     return st;
 }
 
+/* Notes that the row just added to the current member is versioned by a span. */
+static hl_status sink_spanned(sink *k)
+{
+    size_t i = k->cs->nrows - 1;
+    if (k->nspanned && k->spanned[k->nspanned - 1] == i) {
+        k->spanned[k->nspanned - 1] = i + 1;
+        return HL_OK;
+    }
+    if (k->nspanned + 2 > k->capspanned) {
+        size_t cap = k->capspanned ? k->capspanned * 2 : 16;
+        size_t *n = realloc(k->spanned, cap * sizeof *n);
+        if (!n)
+            return HL_ERR_NOMEM;
+        k->spanned = n;
+        k->capspanned = cap;
+    }
+    k->spanned[k->nspanned++] = i;
+    k->spanned[k->nspanned++] = i + 1;
+    return HL_OK;
+}
+
+/* Ends tab's current run of appended rows: streaming records it as a span,
+ * a collected batch keeps it for hl_capture_record. */
+static hl_status run_end(hl_db *d, hl_table *t, sink *k, hl_capture_tab *tab)
+{
+    if (!tab->nruns)
+        return HL_OK;
+    if (k->stream) {
+        tab->nruns = 0;
+        return hl_span_put(d, t, tab->runs[0], tab->runs[1], tab->span_hlc, d->node_id);
+    }
+    return HL_OK;
+}
+
+/* Adds rowid to tab's runs: it extends the last one or starts the next. */
+static hl_status run_add(hl_db *d, hl_table *t, sink *k, hl_capture_tab *tab, int64_t rowid)
+{
+    hl_status st;
+    if (tab->nruns && tab->runs[tab->nruns - 1] == rowid - 1) {
+        tab->runs[tab->nruns - 1] = rowid;
+        return HL_OK;
+    }
+    if ((st = run_end(d, t, k, tab)))
+        return st;
+    if (tab->nruns + 2 > tab->capruns) {
+        size_t cap = tab->capruns ? tab->capruns * 2 : 16;
+        int64_t *n = realloc(tab->runs, cap * sizeof *n);
+        if (!n)
+            return HL_ERR_NOMEM;
+        tab->runs = n;
+        tab->capruns = cap;
+    }
+    tab->runs[tab->nruns++] = rowid;
+    tab->runs[tab->nruns++] = rowid;
+    return HL_OK;
+}
+
 /* Reads the rows of a rowid-keyed table above its high-water mark that are
- * not in logged, in rowid order; tab records the mark and the rowids read. */
+ * not in logged, in rowid order; tab records the mark and the rowids read.
+ * In a spanned table they share one version, recorded as spans: one per run
+ * of consecutive rowids (a gap, or a row read from the log, ends a run). */
 static hl_status capture_range(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_capture_tab *tab, hl_value *vals,
                                rowids *logged)
 {
@@ -445,6 +535,8 @@ static hl_status capture_range(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
     sqlite3_stmt *rg = k->stream ? t->st_range_unlogged : t->st_range;
     sqlite3_bind_int64(rg, 1, tab->hwm);
     uint64_t now = hl_now_ms();
+    tab->span_hlc = 0;
+    tab->nruns = 0;
     while ((rc = sqlite3_step(rg)) == SQLITE_ROW) {
         int64_t rowid = sqlite3_column_int64(rg, 0);
         tab->top = rowid;
@@ -455,13 +547,22 @@ static hl_status capture_range(hl_db *d, hl_table *t, sink *k, uint64_t *rows, h
         hl_value key = {.type = HL_VAL_INT, .u.i = rowid};
         for (size_t i = 0; i < t->ncols; i++)
             hl_value_from_column(rg, 1 + (int)i, &vals[i]);
-        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hl_hlc_next(&d->last_hlc, now), &key, 1, vals, t->ncols)))
+        uint64_t hlc;
+        if (!t->spanned)
+            hlc = hl_hlc_next(&d->last_hlc, now);
+        else if (!(hlc = tab->span_hlc))
+            hlc = tab->span_hlc = hl_hlc_next(&d->last_hlc, now);
+        if ((st = sink_row(d, k, t, HL_OP_UPSERT, hlc, &key, 1, vals, t->ncols)))
+            break;
+        if (t->spanned && ((st = sink_spanned(k)) || (st = run_add(d, t, k, tab, rowid))))
             break;
         (*rows)++;
     }
     if (!st && rc != SQLITE_DONE)
         st = hl_db_err(d, rc, "capture range read");
     sqlite3_reset(rg);
+    if (!st && t->spanned)
+        st = run_end(d, t, k, tab);
     return st;
 }
 
@@ -576,11 +677,14 @@ void hl_capture_batch_free(hl_capture_batch *b)
         return;
     for (size_t i = 0; i < b->nmembers; i++) {
         hl_changeset_free(b->members[i].cs);
+        free(b->members[i].spanned);
         hl_buf_free(&b->members[i].payload);
     }
     free(b->members);
-    for (size_t i = 0; b->tab && i < b->ntables; i++)
+    for (size_t i = 0; b->tab && i < b->ntables; i++) {
         free(b->tab[i].seen);
+        free(b->tab[i].runs);
+    }
     free(b->tab);
     memset(b, 0, sizeof *b);
 }
@@ -610,7 +714,8 @@ hl_status hl_capture_collect(hl_db *d, hl_capture_batch *b)
     if (!st && k.cs->nrows)
         st = member_keep(d, &k);
     hl_changeset_free(k.cs);
-    if (st == HL_ERR_TOO_LARGE && k.done_bytes >= HL_SNAPSHOT_BYTES) {
+    free(k.spanned);
+    if (st == HL_ERR_TOO_LARGE && k.over) {
         /* More than a snapshot batch holds: hl_capture streams it. */
         hl_capture_batch_free(b);
         b->too_big = true;
@@ -626,10 +731,14 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         return HL_ERR_INTERNAL;
     /* Versions, then the log positions read, then the outbox. */
     for (size_t i = 0; i < b->nmembers && !st; i++)
-        st = member_clocks(d, b->members[i].cs);
+        st = member_clocks(d, b->members[i].cs, b->members[i].spanned, b->members[i].nspanned);
     for (size_t i = 0; i < b->ntables && !st; i++) {
         hl_table *t = &d->schema.t[i];
-        st = log_delete(d, t, b->tab[i].max_seq);
+        const hl_capture_tab *ct = &b->tab[i];
+        for (size_t r = 0; r + 1 < ct->nruns && !st; r += 2)
+            st = hl_span_put(d, t, ct->runs[r], ct->runs[r + 1], ct->span_hlc, d->node_id);
+        if (!st)
+            st = log_delete(d, t, b->tab[i].max_seq);
         /* After the deletion: entries range_settle adds are for the next capture. */
         if (!st && b->tab[i].ranged && b->tab[i].top > b->tab[i].hwm)
             st = range_settle(d, t, &b->tab[i]);
@@ -640,7 +749,7 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         for (size_t i = 0; i < b->nmembers && !st; i++) {
             hl_capture_member *m = &b->members[i];
             bool more = i + 1 < b->nmembers;
-            st = hl_db_outbox_put(d, m->cs->seq, member_flags(d, more), m->cs->nrows, m->payload.data, m->payload.len);
+            st = hl_db_outbox_put(d, m->seq, member_flags(d, more), m->nrows, m->payload.data, m->payload.len);
         }
         if (st)
             return st;
@@ -653,7 +762,7 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
     d->stats.rows_captured += b->rows;
     d->stats.changesets_captured += b->nmembers;
     hl_debugf("captured %llu rows as %zu changesets from %llu", (unsigned long long)b->rows, b->nmembers,
-              (unsigned long long)b->members[0].cs->seq);
+              (unsigned long long)b->members[0].seq);
     return HL_OK;
 }
 
@@ -688,6 +797,7 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
             tab.top > tab.hwm)
             st = hwm_put(d, t, tab.top);
         free(tab.seen);
+        free(tab.runs);
     }
     if (!st && k.cs->nrows)
         st = member_flush(d, &k, false);
@@ -696,6 +806,7 @@ hl_status hl_capture(hl_db *d, uint64_t *rows)
         st = hl_outbox_chain_end(d, d->next_seq - 1);
     }
     hl_changeset_free(k.cs);
+    free(k.spanned);
     if (small_cache) {
         hl_status cst = cache_set(d, d->cache_kib);
         if (!st)

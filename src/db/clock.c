@@ -7,8 +7,22 @@
  * (hl_clock_put); apply writes a remote version only when it beats the stored
  * one (st_clock_win, in one statement with the check). The helpers below bind
  * and read hl_values and build the key parts of the SQL both sides write.
+ *
+ * Spans. A table keyed by an INTEGER PRIMARY KEY alias (t->spanned) also has
+ * __harmonylite__<table>_span(lo, hi, hlc, node): every row with a key in
+ * [lo, hi] that has no clock row has version (hlc, node), live. Capture gives
+ * a run of consecutive appended rows (inserted above the high-water mark,
+ * not changed since) one version and records it as one span instead of a
+ * clock row per row: under the application's write lock an append then costs
+ * its share of one row, not a B-tree insert per row (docs/performance.md,
+ * (a)). Invariants: spans do not overlap; a clock row inside a span is newer
+ * than the span (hl_span_put clears the clock rows of its range, and every
+ * later version of a row in it is a clock row: capture's from the log, apply's
+ * only when it beats the span). The version of a row is therefore its clock
+ * row, else its span, else none.
  */
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "db/db_int.h"
 
@@ -96,10 +110,20 @@ static hl_status clock_sql(const hl_table *t, bool win, hl_buf *q)
     hl_buf_adds(q, "(");
     for (size_t i = 0; i < nk; i++)
         hl_buf_addf(q, "k%zu, ", i);
-    hl_buf_adds(q, "hlc, node, deleted) VALUES (");
-    for (size_t i = 0; i < nk + 3; i++)
-        hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
-    hl_buf_adds(q, ") ON CONFLICT(");
+    if (win && t->spanned) {
+        /* No clock row: the row's span, if any, must lose too. */
+        hl_buf_adds(q, "hlc, node, deleted) SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (SELECT 1 FROM (SELECT hi, hlc, "
+                       "node FROM ");
+        hl_buf_add_ident(q, t->span);
+        hl_buf_adds(q, " WHERE lo <= ?1 ORDER BY lo DESC LIMIT 1) AS s WHERE s.hi >= ?1 AND (s.hlc > ?2 OR "
+                       "(s.hlc = ?2 AND s.node >= ?3)))");
+    } else {
+        hl_buf_adds(q, "hlc, node, deleted) VALUES (");
+        for (size_t i = 0; i < nk + 3; i++)
+            hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
+        hl_buf_adds(q, ")");
+    }
+    hl_buf_adds(q, " ON CONFLICT(");
     for (size_t i = 0; i < nk; i++)
         hl_buf_addf(q, "%sk%zu", i ? ", " : "", i);
     hl_buf_adds(q, ") DO UPDATE SET hlc = excluded.hlc, node = excluded.node, deleted = excluded.deleted");
@@ -141,4 +165,116 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "clock put");
+}
+
+hl_status hl_span_version_sql(hl_buf *q, const hl_table *t, const char *key, const char *col)
+{
+    hl_buf_addf(q, "(SELECT CASE WHEN s.hi >= %s THEN s.%s END FROM ", key, col);
+    hl_buf_add_ident(q, t->span);
+    return hl_buf_addf(q, " AS s WHERE s.lo <= %s ORDER BY s.lo DESC LIMIT 1)", key);
+}
+
+/* Prepares "<head><span><tail>" into *st if needed. */
+static hl_status span_stmt(hl_db *d, const hl_table *t, sqlite3_stmt **st, const char *head, const char *name,
+                           const char *tail)
+{
+    if (*st)
+        return HL_OK;
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    hl_buf_adds(&q, head);
+    hl_buf_add_ident(&q, name ? name : t->span);
+    hl_buf_adds(&q, tail);
+    hl_status res = hl_stmt_prepare(d, st, &q);
+    hl_buf_free(&q);
+    return res;
+}
+
+static hl_status span_insert(hl_db *d, hl_table *t, int64_t lo, int64_t hi, int64_t hlc, int64_t node)
+{
+    sqlite3_stmt *st = t->st_span_ins;
+    sqlite3_bind_int64(st, 1, lo);
+    sqlite3_bind_int64(st, 2, hi);
+    sqlite3_bind_int64(st, 3, hlc);
+    sqlite3_bind_int64(st, 4, node);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "span put");
+}
+
+static hl_status span_run(hl_db *d, sqlite3_stmt *st, const char *what)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, what);
+}
+
+typedef struct span_row {
+    int64_t lo, hi, hlc, node;
+} span_row;
+
+hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node)
+{
+    hl_status res;
+    if (!t->spanned || lo > hi)
+        return HL_ERR_INTERNAL;
+    if ((res = span_stmt(d, t, &t->st_span_clear, "DELETE FROM ", t->clock, " WHERE k0 BETWEEN ?1 AND ?2")) ||
+        (res = span_stmt(d, t, &t->st_span_prev, "SELECT lo, hi, hlc, node FROM ", NULL,
+                         " WHERE lo < ?1 ORDER BY lo DESC LIMIT 1")) ||
+        (res = span_stmt(d, t, &t->st_span_within, "SELECT lo, hi, hlc, node FROM ", NULL,
+                         " WHERE lo BETWEEN ?1 AND ?2 ORDER BY lo")) ||
+        (res = span_stmt(d, t, &t->st_span_del, "DELETE FROM ", NULL, " WHERE lo = ?1")) ||
+        (res = span_stmt(d, t, &t->st_span_ins, "INSERT INTO ", NULL, "(lo, hi, hlc, node) VALUES (?1, ?2, ?3, ?4)")))
+        return res;
+    /* Versions older than this one (a tombstone of a rowid used again). */
+    sqlite3_bind_int64(t->st_span_clear, 1, lo);
+    sqlite3_bind_int64(t->st_span_clear, 2, hi);
+    if ((res = span_run(d, t->st_span_clear, "span clear")))
+        return res;
+    /* Spans that overlap [lo, hi] (only after the high-water mark came down
+     * over rows deleted since): cut to what lies outside it. Rare and few. */
+    span_row *cut = NULL;
+    size_t ncut = 0;
+    int rc;
+    sqlite3_bind_int64(t->st_span_prev, 1, lo);
+    if ((rc = sqlite3_step(t->st_span_prev)) == SQLITE_ROW && sqlite3_column_int64(t->st_span_prev, 1) >= lo) {
+        if (!(cut = malloc(sizeof *cut)))
+            rc = SQLITE_NOMEM;
+        else
+            cut[ncut++] =
+                (span_row){sqlite3_column_int64(t->st_span_prev, 0), sqlite3_column_int64(t->st_span_prev, 1),
+                           sqlite3_column_int64(t->st_span_prev, 2), sqlite3_column_int64(t->st_span_prev, 3)};
+    }
+    sqlite3_reset(t->st_span_prev);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        free(cut);
+        return hl_db_err(d, rc, "span read");
+    }
+    sqlite3_bind_int64(t->st_span_within, 1, lo);
+    sqlite3_bind_int64(t->st_span_within, 2, hi);
+    while ((rc = sqlite3_step(t->st_span_within)) == SQLITE_ROW) {
+        span_row *n = realloc(cut, (ncut + 1) * sizeof *n);
+        if (!n) {
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        cut = n;
+        cut[ncut++] =
+            (span_row){sqlite3_column_int64(t->st_span_within, 0), sqlite3_column_int64(t->st_span_within, 1),
+                       sqlite3_column_int64(t->st_span_within, 2), sqlite3_column_int64(t->st_span_within, 3)};
+    }
+    sqlite3_reset(t->st_span_within);
+    res = rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "span read");
+    for (size_t i = 0; i < ncut && !res; i++) {
+        span_row c = cut[i];
+        sqlite3_bind_int64(t->st_span_del, 1, c.lo);
+        if ((res = span_run(d, t->st_span_del, "span cut")))
+            break;
+        if (c.lo < lo)
+            res = span_insert(d, t, c.lo, lo - 1, c.hlc, c.node);
+        if (!res && c.hi > hi)
+            res = span_insert(d, t, hi + 1, c.hi, c.hlc, c.node);
+    }
+    free(cut);
+    return res ? res : span_insert(d, t, lo, hi, (int64_t)hlc, (int64_t)node);
 }

@@ -302,6 +302,8 @@ typedef struct hl_watch hl_watch;
 hl_status hl_watch_open(hl_watch **out, const char *db_path, int polling_interval_ms);
 void hl_watch_free(hl_watch *w);    /* NULL is a no-op */
 int hl_watch_fd(const hl_watch *w); /* to poll() for POLLIN; -1 without inotify */
+/* The fd to poll() now: hl_watch_fd, or -1 while a look waits for a hold to end. */
+int hl_watch_poll_fd(const hl_watch *w, uint64_t now);
 /* Milliseconds until the watcher wants another look (0: now). */
 int hl_watch_timeout(const hl_watch *w, uint64_t now);
 /* After poll(): readable says the fd had POLLIN, timed_out that poll()

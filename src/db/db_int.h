@@ -34,6 +34,8 @@ typedef struct hl_table {
     bool int_key; /* keyed by the rowid or its INTEGER PRIMARY KEY alias: always an integer */
     char *log;    /* name of its change-log table */
     char *clock;  /* name of its clock table: the winning version of each row */
+    char *span;   /* name of its span table (spanned tables): versions of runs of appended rows */
+    bool spanned; /* keyed by an INTEGER PRIMARY KEY alias: appends are versioned by span (clock.c) */
     char *keysig; /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
@@ -47,6 +49,11 @@ typedef struct hl_table {
     bool applied;                    /* apply wrote rows: raise the high-water mark at hl_apply_end */
     sqlite3_stmt *st_clock_win;      /* apply: UPSERT the clock row if the version wins */
     sqlite3_stmt *st_clock_put;      /* capture: UPSERT the clock row */
+    sqlite3_stmt *st_span_clear;     /* capture: DELETE FROM clock WHERE k0 BETWEEN ?1 AND ?2 */
+    sqlite3_stmt *st_span_prev;      /* capture: the span starting last before ?1 */
+    sqlite3_stmt *st_span_within;    /* capture: the spans starting in [?1, ?2] */
+    sqlite3_stmt *st_span_del;       /* capture: DELETE FROM span WHERE lo = ?1 */
+    sqlite3_stmt *st_span_ins;       /* capture: INSERT INTO span VALUES (?1, ?2, ?3, ?4) */
     sqlite3_stmt *st_row_del;        /* DELETE FROM t WHERE key */
     sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
     sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
@@ -160,6 +167,13 @@ hl_status hl_clock_prepare(hl_db *d, hl_table *t);
 /* Records (hlc, node, deleted) as the version of t's row with this key. */
 hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, uint64_t hlc, uint64_t node,
                        bool deleted);
+/* Records (hlc, node) as the version of every row of spanned table t with a
+ * key in [lo, hi] (capture: a run of consecutive appended rows), replacing
+ * the clock rows and spans there. */
+hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node);
+/* Appends the SQL of the version a span gives the row whose key is the SQL
+ * expression key (NULL when none): col is "hlc" or "node". */
+hl_status hl_span_version_sql(hl_buf *q, const hl_table *t, const char *key, const char *col);
 
 /* ---- schema.c ---- */
 
@@ -226,13 +240,24 @@ typedef struct hl_capture_tab {
     int64_t top;     /* the highest rowid read above it (hwm when none) */
     int64_t *seen;   /* every rowid above it in the snapshot, ascending */
     size_t nseen, capseen;
+    /* Spanned tables: the rows read above the mark share one version, and
+     * runs of consecutive rowids among them become spans (clock.c). A batch
+     * collected under a snapshot keeps the runs, (lo, hi) pairs, for
+     * hl_capture_record; streaming records each as it ends. */
+    uint64_t span_hlc;
+    int64_t *runs;
+    size_t nruns, capruns; /* int64 entries: twice the runs */
 } hl_capture_tab;
 
 /* One changeset of a capture: a transaction too big for one is a chain of
  * several (HL_PART_FLAG_MORE on all but the last). */
 typedef struct hl_capture_member {
-    hl_changeset *cs;
-    hl_buf payload; /* encoded (when publishing) */
+    hl_changeset *cs; /* NULL once encoded when every row is versioned by a span */
+    uint64_t seq;
+    size_t nrows;
+    size_t *spanned; /* [start, end) row index pairs of rows a span versions */
+    size_t nspanned; /* size_t entries: twice the pairs */
+    hl_buf payload;  /* encoded (when publishing) */
 } hl_capture_member;
 
 typedef struct hl_capture_batch {

@@ -49,6 +49,26 @@ static void no_table(void *arg, const char *table, const char *int_key)
     (void)int_key;
 }
 
+/*
+ * The rows of spanned table t (clock.c) that its spans give a version, in
+ * the same columns as open_rows' query: "SELECT <what> FROM <span> AS s JOIN
+ * t ... WHERE <no clock row>".
+ */
+static hl_status spanned_rows_sql(hl_buf *q, const hl_table *t, const char *what)
+{
+    hl_buf_addf(q, "SELECT %s FROM ", what);
+    hl_buf_add_ident(q, t->span);
+    hl_buf_adds(q, " AS s JOIN ");
+    hl_buf_add_ident(q, t->name);
+    hl_buf_adds(q, " AS t ON t.");
+    hl_add_rowid(q, t);
+    hl_buf_adds(q, " BETWEEN s.lo AND s.hi WHERE NOT EXISTS (SELECT 1 FROM ");
+    hl_buf_add_ident(q, t->clock);
+    hl_buf_adds(q, " AS c WHERE c.k0 = t.");
+    hl_add_rowid(q, t);
+    return hl_buf_adds(q, ")");
+}
+
 /* 1 when the snapshot has a table called name. */
 static int snap_has(sqlite3 *snap, const char *name)
 {
@@ -98,8 +118,14 @@ hl_status hl_db_merge_open(hl_db *d, const char *path, hl_merge **out, uint64_t 
             continue;
         hl_buf q;
         hl_buf_init(&q, 1u << 20);
-        hl_buf_adds(&q, "SELECT count(*) FROM ");
+        hl_buf_adds(&q, "SELECT (SELECT count(*) FROM ");
         hl_buf_add_ident(&q, t->clock);
+        hl_buf_adds(&q, ")");
+        if (t->spanned && snap_has(m->snap, t->span)) {
+            hl_buf_adds(&q, " + (");
+            spanned_rows_sql(&q, t, "count(*)");
+            hl_buf_adds(&q, ")");
+        }
         sqlite3_stmt *s = NULL;
         int rc = hl_buf_status(&q) ? SQLITE_NOMEM : sqlite3_prepare_v2(m->snap, hl_buf_str(&q), -1, &s, NULL);
         if (rc == SQLITE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
@@ -134,9 +160,9 @@ uint64_t hl_db_merge_stream_seq(hl_merge *m, const char *stream)
 
 /*
  * The snapshot's rows of t: its clock (key, hlc, node, deleted) left-joined
- * to the table by key, then a presence marker and every replicated column.
- * Read in the clock's order, never sorted: a sort would read the whole table
- * at the first step.
+ * to the table by key, then a presence marker and every replicated column;
+ * for a spanned table, then the rows its spans version. Read in the clock's
+ * order, never sorted: a sort would read the whole table at the first step.
  */
 static hl_status open_rows(hl_merge *m, const hl_table *t)
 {
@@ -164,6 +190,24 @@ static hl_status open_rows(hl_merge *m, const hl_table *t)
         else
             hl_buf_adds(&q, t->rowid);
         hl_buf_addf(&q, " = c.k%zu", k);
+    }
+    if (t->spanned && snap_has(m->snap, t->span)) {
+        hl_buf what;
+        hl_buf_init(&what, 16u << 20);
+        hl_buf_adds(&what, "t.");
+        hl_add_rowid(&what, t);
+        hl_buf_adds(&what, ", s.hlc, s.node, 0, t.");
+        hl_add_rowid(&what, t);
+        for (size_t i = 0; i < t->ncols; i++) {
+            hl_buf_adds(&what, ", t.");
+            hl_buf_add_ident(&what, t->cols[i]);
+        }
+        hl_buf_adds(&q, " UNION ALL ");
+        if (hl_buf_status(&what))
+            hl_buf_adds(&q, "!"); /* cut short: make the statement fail */
+        else
+            spanned_rows_sql(&q, t, hl_buf_str(&what));
+        hl_buf_free(&what);
     }
     hl_status st = hl_buf_status(&q);
     int rc = SQLITE_OK;

@@ -30,6 +30,12 @@ static void table_finalize(hl_table *t)
     sqlite3_finalize(t->st_range_unlogged);
     sqlite3_finalize(t->st_log_span);
     sqlite3_finalize(t->st_log_add);
+    sqlite3_finalize(t->st_span_clear);
+    sqlite3_finalize(t->st_span_prev);
+    sqlite3_finalize(t->st_span_within);
+    sqlite3_finalize(t->st_span_del);
+    sqlite3_finalize(t->st_span_ins);
+    t->st_span_clear = t->st_span_prev = t->st_span_within = t->st_span_del = t->st_span_ins = NULL;
     t->st_range = t->st_range_keys = t->st_range_unlogged = t->st_log_add = t->st_log_span = NULL;
     t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = NULL;
     t->st_clock_win = t->st_clock_put = NULL;
@@ -53,6 +59,7 @@ static void table_free(hl_table *t)
     free(t->rowid);
     free(t->log);
     free(t->clock);
+    free(t->span);
     free(t->keysig);
     memset(t, 0, sizeof *t);
 }
@@ -380,6 +387,9 @@ static hl_status table_add(hl_db *d, hl_schema *s, size_t *cap, const char *name
     hl_buf_init(&lb, 1u << 20);
     hl_buf_addf(&lb, HL_PREFIX "%s_clock", name);
     t->clock = (char *)hl_buf_steal(&lb, NULL);
+    hl_buf_init(&lb, 1u << 20);
+    hl_buf_addf(&lb, HL_PREFIX "%s_span", name);
+    t->span = (char *)hl_buf_steal(&lb, NULL);
     hl_status res = load_columns(d, t);
     if (res == HL_ERR_SCHEMA) {
         table_free(t);
@@ -389,7 +399,7 @@ static hl_status table_add(hl_db *d, hl_schema *s, size_t *cap, const char *name
     if (res)
         return res;
     t->keysig = key_signature(t);
-    return t->log && t->clock && t->keysig ? HL_OK : HL_ERR_NOMEM;
+    return t->log && t->clock && t->span && t->keysig ? HL_OK : HL_ERR_NOMEM;
 }
 
 /* Whether t is WITHOUT ROWID, and whether it is keyed by an integer: its rowid
@@ -415,6 +425,9 @@ static void key_kind(hl_db *d, hl_table *t)
         t->int_key = sqlite3_step(w) == SQLITE_ROW && sqlite3_column_int(w, 0) == 0;
         sqlite3_finalize(w);
     }
+    /* Not tables keyed by the plain rowid: VACUUM renumbers those, and the
+     * check for that (triggers.c) reads per-row versions. */
+    t->spanned = t->int_key && t->npk == 1;
 }
 
 hl_status hl_schema_scan(hl_db *d, hl_schema *out)

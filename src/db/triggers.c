@@ -65,19 +65,20 @@ static hl_status add_literal(hl_buf *b, const char *s)
     return hl_buf_addc(b, '\'');
 }
 
-/* The WHEN condition of a trigger after the guard. */
+/* The WHEN condition of a trigger: the guard (no log while the engine applies) and what the event needs. */
 static void trigger_when(hl_buf *b, const hl_table *t, int which)
 {
     if (which == 0 && t->int_key) {
         /* Rows inserted above the table's high-water mark are found by
          * capture through the rowid, without a log entry: an append then
-         * writes one B-tree page, not two. */
-        hl_buf_adds(b, " AND ");
+         * writes one B-tree page, not two. Tested before the guard, so an
+         * append evaluates one subquery, not two. */
         add_keys(b, t, "NEW");
         hl_buf_adds(b, " <= coalesce((SELECT hwm FROM \"" HL_PREFIX "hwm\" WHERE tbl = ");
         add_literal(b, t->name);
-        hl_buf_adds(b, "), 9223372036854775807)");
+        hl_buf_adds(b, "), 9223372036854775807) AND ");
     }
+    hl_buf_adds(b, GUARD);
     if (which == 2) {
         /* The key changed: the row under the old key is gone. */
         hl_buf_adds(b, " AND (");
@@ -112,7 +113,7 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
     }
     hl_buf_adds(b, " ON ");
     hl_buf_add_ident(b, t->name);
-    hl_buf_adds(b, " WHEN " GUARD);
+    hl_buf_adds(b, " WHEN ");
     trigger_when(b, t, which);
     hl_buf_adds(b, " BEGIN INSERT INTO ");
     hl_buf_add_ident(b, t->log);
@@ -154,6 +155,14 @@ static hl_status clock_ddl(const hl_table *t, hl_buf *b)
     for (size_t i = 0; i < n; i++)
         hl_buf_addf(b, "%sk%zu", i ? ", " : "", i);
     return hl_buf_adds(b, ")) WITHOUT ROWID");
+}
+
+/* The spans of a spanned table (clock.c): runs of appended rows, one version each. */
+static hl_status span_ddl(const hl_table *t, hl_buf *b)
+{
+    hl_buf_adds(b, "CREATE TABLE IF NOT EXISTS ");
+    hl_buf_add_ident(b, t->span);
+    return hl_buf_adds(b, "(lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL)");
 }
 
 hl_status hl_trigger_sql(const hl_table *t, hl_buf *log_ddl_out, hl_buf *triggers)
@@ -523,6 +532,31 @@ typedef struct sync_ctx {
     bool check_rowids; /* the schema changed: rowids may have moved without a trigger */
 } sync_ctx;
 
+/*
+ * A table that has spans but is no longer spanned (its INTEGER PRIMARY KEY
+ * became another kind of key under the same name): the rows its spans give a
+ * version get a clock row each, then the spans go.
+ */
+static hl_status span_retire(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_adds(&q, "(k0, hlc, node, deleted) SELECT x.");
+    hl_add_rowid(&q, t);
+    hl_buf_adds(&q, ", s.hlc, s.node, 0 FROM ");
+    hl_buf_add_ident(&q, t->span);
+    hl_buf_adds(&q, " AS s JOIN ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, " AS x ON x.");
+    hl_add_rowid(&q, t);
+    hl_buf_adds(&q, " BETWEEN s.lo AND s.hi");
+    hl_status st = exec_built(d, &q);
+    hl_buf_free(&q);
+    return st ? st : drop_object(d, "TABLE", t->span);
+}
+
 /* A table whose key changed since its change log was made: the log's rows
  * cannot be captured, its versions are of keys that no longer exist. */
 static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
@@ -536,7 +570,8 @@ static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
                     "primary key of table \"%s\" changed: %lld uncaptured changes recorded under the old key "
                     "cannot be replicated",
                     t->name, (long long)n);
-        if (!(st = drop_object(d, "TABLE", t->log)) && !(st = drop_object(d, "TABLE", t->clock)))
+        if (!(st = drop_object(d, "TABLE", t->log)) && !(st = drop_object(d, "TABLE", t->clock)) &&
+            !(st = drop_object(d, "TABLE", t->span)))
             st = hwm_drop(d, t->name);
     }
     free(sig);
@@ -582,6 +617,11 @@ static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
     if ((st = clock_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))) ||
         (st = put_keysig(d, t->name, t->keysig)))
         return st;
+    hl_buf_reset(&c->ddl);
+    if (t->spanned && ((st = span_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl)))))
+        return st;
+    if (!t->spanned && pair_find(&c->tabs, t->span) && (st = span_retire(d, t)))
+        return st;
     if (is_new && c->backfill && (st = backfill_table(d, t)))
         return st;
     /* Everything up to here is logged (or, on the first run, the common
@@ -594,6 +634,8 @@ static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
             return st;
     }
     hl_buf_add(&c->want, t->log, strlen(t->log) + 1);
+    if (t->spanned)
+        hl_buf_add(&c->want, t->span, strlen(t->span) + 1);
     if ((st = hl_buf_add(&c->want, t->clock, strlen(t->clock) + 1)))
         return st;
     return table_triggers(d, t, c);
@@ -611,8 +653,9 @@ static hl_status drop_stale(hl_db *d, sync_ctx *c)
             size_t nl = strlen(n);
             bool is_log = nl >= 11 && strcmp(n + nl - 11, "_change_log") == 0;
             bool is_clock = nl >= 6 && strcmp(n + nl - 6, "_clock") == 0;
-            if (pass == 1 && !is_log && !is_clock)
-                continue; /* only change logs and clocks; not our internal tables */
+            bool is_span = nl >= 5 && strcmp(n + nl - 5, "_span") == 0;
+            if (pass == 1 && !is_log && !is_clock && !is_span)
+                continue; /* only change logs, clocks and spans; not our internal tables */
             bool found = false;
             for (size_t off2 = 0; off2 < c->want.len && !found;) {
                 const char *w = (const char *)c->want.data + off2;

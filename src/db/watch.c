@@ -110,6 +110,17 @@ int hl_watch_fd(const hl_watch *w)
     return w ? w->fd : -1;
 }
 
+int hl_watch_poll_fd(const hl_watch *w, uint64_t now)
+{
+    /* A look is already due when the hold ends: further events change
+     * nothing, and waking for each (one per application commit) would cost
+     * the engine a wake-up and the application a busier machine. They wait
+     * in the inotify queue, merged. */
+    if (!w || (w->held && now < w->hold_until))
+        return -1;
+    return w->fd;
+}
+
 int hl_watch_timeout(const hl_watch *w, uint64_t now)
 {
     uint64_t due = UINT64_MAX;

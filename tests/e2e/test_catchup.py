@@ -253,9 +253,10 @@ def test_catch_up_while_every_application_writes(hl_bin, tmp_path):
         # In 10,000-row transactions, each waited for: node 2 must read every changeset of the burst
         # before retention (max_entries) discards it, even in a slow (sanitizer) build.
         for lo in range(10000, 70000, 10000):
-            with n1.connect() as db:
+            db = n1.connect()  # autocommit: without the explicit transaction, 10,000 of them
+            with harness.transaction(db):
                 db.executemany("INSERT INTO items VALUES (?, ?, 1)", [(i, f"bulk-{i}") for i in range(lo, lo + 10000)])
-                db.commit()
+            db.close()
             c.wait_converged(nodes=[n1, n2], timeout=SLOW_TIMEOUT)
         next_id = roll_streams_past(c, pos, 100, max_entries)
         save_snapshot(n1)

@@ -593,6 +593,26 @@ static int64_t scalar(sqlite3 *db, const char *sql)
     return v;
 }
 
+/* The version of row k of a table keyed by an INTEGER PRIMARY KEY: its clock
+ * row, else its span (src/db/clock.c); 0 when none. *node (may be NULL)
+ * receives the version's node. */
+static int64_t version_of(sqlite3 *db, const char *table, int64_t k, int64_t *node)
+{
+    char sql[600];
+    int64_t v[2];
+    for (int i = 0; i < 2; i++) {
+        const char *col = i ? "node" : "hlc";
+        snprintf(sql, sizeof sql,
+                 "SELECT coalesce((SELECT %s FROM __harmonylite__%s_clock WHERE k0 = %lld), (SELECT CASE WHEN hi >= "
+                 "%lld THEN %s END FROM __harmonylite__%s_span WHERE lo <= %lld ORDER BY lo DESC LIMIT 1), 0)",
+                 col, table, (long long)k, (long long)k, col, table, (long long)k);
+        v[i] = scalar(db, sql);
+    }
+    if (node)
+        *node = v[1];
+    return v[0];
+}
+
 START_TEST(null_key_rows_are_refused_not_fatal)
 {
     pair p;
@@ -616,6 +636,147 @@ START_TEST(null_key_rows_are_refused_not_fatal)
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NULL%'"), 1);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM nk"), 1);
     hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
+/* Issue 10: appended rows of a table keyed by an INTEGER PRIMARY KEY get one
+ * version per capture, recorded as spans of consecutive rowids, not a clock
+ * row each; later writes get clock rows; the receiver's versions agree. */
+START_TEST(appends_are_versioned_by_spans)
+{
+    pair p;
+    pair_open(&p);
+    ck_assert(hl_db_table(p.a, "books")->spanned);
+    ck_assert(!hl_db_table(p.a, "plain")->spanned); /* VACUUM may renumber it: a version per row */
+    ck_assert(!hl_db_table(p.a, "pairs")->spanned);
+    app_exec(p.appa, "INSERT INTO books(title) VALUES ('a'), ('b'), ('c'); INSERT INTO books(id, title) VALUES (10, "
+                     "'j'), (11, 'k')");
+    ck_assert_uint_eq(capture(p.a), 5);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_span"), 2); /* 1-3 and 10-11 */
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_span WHERE (lo = 1 AND hi = 3) OR "
+                                    "(lo = 10 AND hi = 11)"),
+                     2);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_uint_eq(cs->nrows, 5);
+    int64_t node = 0, v = version_of(p.appa, "books", 2, &node);
+    ck_assert_int_gt(v, 0);
+    ck_assert_int_eq(node, 1);
+    for (size_t i = 0; i < cs->nrows; i++) /* one version for the whole append */
+        ck_assert_uint_eq(cs->rows[i].hlc, (uint64_t)v);
+    ck_assert_int_eq(version_of(p.appa, "books", 11, NULL), v);
+    ck_assert_int_eq(version_of(p.appa, "books", 5, NULL), 0); /* the gap has no version */
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    for (int64_t k = 1; k <= 11; k++)
+        ck_assert_int_eq(version_of(p.appb, "books", k, NULL), version_of(p.appa, "books", k, NULL));
+
+    /* An update and a delete inside the span: clock rows, newer than it. */
+    app_exec(p.appa, "UPDATE books SET title = 'B' WHERE id = 2; DELETE FROM books WHERE id = 3");
+    ck_assert_uint_eq(capture(p.a), 2);
+    ck_assert_int_gt(version_of(p.appa, "books", 2, NULL), v);
+    ck_assert_int_eq(scalar(p.appa, "SELECT deleted FROM __harmonylite__books_clock WHERE k0 = 3"), 1);
+    ck_assert_int_eq(version_of(p.appa, "books", 1, NULL), v);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+
+    /* Rows appended while the step streams (a change log too big for a
+     * snapshot read) are spanned the same way. */
+    set_max_changeset_bytes(p.a, 4096);
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000) "
+                     "INSERT INTO books(id, title) SELECT 100 + i, 'x' || i FROM n");
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000) "
+                     "INSERT INTO plain SELECT i, i FROM n");
+    ck_assert_uint_eq(capture(p.a), 120000);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock WHERE k0 > 100"), 0);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_span WHERE lo = 101 AND hi = 60100"), 1);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__plain_clock"), 60000);
+    while (outbox_has(p.a)) { /* a chain: its members wait for the last one */
+        cs = take(p.a, &p.raw, &p.flags);
+        hl_apply_result r = apply(p.b, cs, &p.raw, p.flags);
+        ck_assert(r == HL_APPLIED || r == HL_HELD);
+        hl_changeset_free(cs);
+    }
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 60004);
+    ck_assert_int_eq(version_of(p.appb, "books", 60100, NULL), version_of(p.appa, "books", 60100, NULL));
+    pair_close(&p);
+}
+END_TEST
+
+/* Issue 10: a remote version is compared with the span of a row that has no
+ * clock row: an older one loses, a newer one wins and gets a clock row. */
+START_TEST(remote_versions_are_compared_with_spans)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (1, 'b1'), (2, 'b2')");
+    capture(p.b);
+    hl_changeset *cs = take(p.b, &p.raw, &p.flags);
+    usleep(3000);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'a1'), (2, 'a2')");
+    capture(p.a);
+    int64_t va = version_of(p.appa, "books", 1, NULL);
+    ck_assert_int_gt(va, 0);
+    ck_assert_uint_lt(cs->rows[0].hlc, (uint64_t)va);
+    /* b's versions are older than a's span: nothing changes on a. */
+    ck_assert_int_eq(apply(p.a, cs, &p.raw, p.flags), HL_APPLIED);
+    ck_assert_uint_eq(hl_db_counters(p.a)->rows_skipped_lww, 2);
+    char *before = dump(p.pa);
+    ck_assert_ptr_nonnull(strstr(before, "'a1'"));
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
+    /* The same rows with a version newer than the span win. */
+    for (size_t i = 0; i < cs->nrows; i++)
+        if (cs->rows[i].key[0].u.i == 2)
+            cs->rows[i].hlc = (uint64_t)va + 1;
+    cs->seq++;
+    hl_buf_reset(&p.raw);
+    p.flags = 0;
+    ck_assert_int_eq(hl_changeset_encode(cs, false, &p.raw), HL_OK);
+    ck_assert_int_eq(apply(p.a, cs, &p.raw, p.flags), HL_APPLIED);
+    int64_t node = 0;
+    ck_assert_int_eq(version_of(p.appa, "books", 2, &node), va + 1);
+    ck_assert_int_eq(node, 2);
+    ck_assert_int_eq(version_of(p.appa, "books", 1, NULL), va);
+    char *after = dump(p.pa);
+    ck_assert_ptr_nonnull(strstr(after, "'a1'"));
+    ck_assert_ptr_nonnull(strstr(after, "'b2'"));
+    free(before);
+    free(after);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
+/* hl_span_put keeps spans apart: one recorded over others cuts them, and the
+ * clock rows inside it (older versions) go. */
+START_TEST(span_put_cuts_what_it_covers)
+{
+    pair p;
+    pair_open(&p);
+    hl_table *t = hl_db_table(p.a, "books");
+    ck_assert_int_eq(hl_db_begin(p.a), HL_OK);
+    ck_assert_int_eq(hl_span_put(p.a, t, 1, 10, 100, 1), HL_OK);
+    ck_assert_int_eq(hl_span_put(p.a, t, 20, 30, 110, 1), HL_OK);
+    hl_value k = {.type = HL_VAL_INT, .u.i = 6};
+    ck_assert_int_eq(hl_clock_put(p.a, t, &k, 1, 90, 2, true), HL_OK);
+    ck_assert_int_eq(hl_span_put(p.a, t, 5, 7, 200, 1), HL_OK);   /* inside the first */
+    ck_assert_int_eq(hl_span_put(p.a, t, 9, 22, 300, 1), HL_OK);  /* over the end of one, the start of the next */
+    ck_assert_int_eq(hl_span_put(p.a, t, 25, 25, 400, 1), HL_OK); /* one row */
+    ck_assert_int_eq(hl_db_commit(p.a), HL_OK);
+    char v[300];
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(p.appa,
+                                        "SELECT group_concat(lo || '-' || hi || ':' || hlc, ' ') FROM (SELECT * FROM "
+                                        "__harmonylite__books_span ORDER BY lo)",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    snprintf(v, sizeof v, "%s", sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    ck_assert_str_eq(v, "1-4:100 5-7:200 8-8:100 9-22:300 23-24:110 25-25:400 26-30:110");
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
     pair_close(&p);
 }
 END_TEST
@@ -789,9 +950,14 @@ START_TEST(watch_holds_looks_while_the_writer_is_busy_and_loses_none)
     hl_watch_captured(w, 100, t);
     hl_watch_captured(w, 100, t + 2);
     touch_file(p);
+    ck_assert_int_eq(hl_watch_poll_fd(w, t + 3), hl_watch_fd(w)); /* nothing due yet: the event is wanted */
     ck_assert(!hl_watch_after_poll(w, true, false, t + 3));
     ck_assert_int_eq(hl_watch_timeout(w, t + 3), 9);
+    /* A look is due at the end of the hold: more events would change nothing
+     * and are not polled for (one wake-up per application commit before). */
+    ck_assert_int_eq(hl_watch_poll_fd(w, t + 3), -1);
     ck_assert(!hl_watch_after_poll(w, false, true, t + 8));
+    ck_assert_int_eq(hl_watch_poll_fd(w, t + 12), hl_watch_fd(w));
     /* ...and is not lost: it comes when the hold ends, without another event. */
     ck_assert(hl_watch_after_poll(w, false, true, t + 12));
     /* A slow writer (1 row since the last capture a second ago) is never held. */
@@ -1237,7 +1403,7 @@ START_TEST(far_future_version_is_held_not_observed)
     /* b's own writes keep versions from its wall clock and still win over a's older ones. */
     app_exec(p.appb, "INSERT INTO books(id, title) VALUES (2, 'local')");
     capture(p.b);
-    int64_t v = scalar(p.appb, "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 2");
+    int64_t v = version_of(p.appb, "books", 2, NULL);
     ck_assert_int_gt(v, 0);
     ck_assert(!hl_hlc_ahead((uint64_t)v, hl_now_ms(), 60000));
     /* Retrying does not apply it either. */
@@ -2054,6 +2220,9 @@ int main(void)
     tcase_add_test(tc, legacy_clock_table_is_migrated);
     tcase_add_test(tc, application_triggers_fire_on_apply);
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
+    tcase_add_test(tc, appends_are_versioned_by_spans);
+    tcase_add_test(tc, remote_versions_are_compared_with_spans);
+    tcase_add_test(tc, span_put_cuts_what_it_covers);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
     tcase_add_test(tc, watch_holds_looks_while_the_writer_is_busy_and_loses_none);
