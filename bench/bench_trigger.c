@@ -22,7 +22,12 @@
  * transactions per second and the time they held the write lock. With
  * HL_BENCH_NO_HOLD set in the environment the engine looks at every wake-up
  * (no hold while the writer is busy, src/db/watch.c): the behaviour before it,
- * for a before/after in one build.
+ * for a before/after in one build; with HL_BENCH_WAKE_ALL set it holds but
+ * still wakes for every file event meanwhile, as before hl_watch_poll_fd.
+ * Last, where the writer's time went: milliseconds per second in COMMIT, and
+ * the sleeps of its busy handler (the same 1, 2, 5, 10 ... ms as SQLite's
+ * default one), bare and with the engine. HL_BENCH_VERBOSE prints the
+ * engine's wake-ups, steps and lock time per run.
  *
  * Usage: bench_trigger [seconds-per-case] [dir] [runs]
  */

@@ -221,7 +221,7 @@ typedef struct sink {
     bool over;           /* collect: more than a snapshot batch holds */
     hl_capture_batch *b; /* collect: where cut members go */
     uint64_t emitted;    /* stream: members recorded */
-    size_t *spanned;     /* rows of cs a span versions: [start, end) index pairs */
+    int64_t *spanned;    /* rows of cs a span versions: [start, end) index pairs */
     size_t nspanned, capspanned;
 } sink;
 
@@ -259,17 +259,17 @@ static hl_status member_check(hl_db *d, const hl_changeset *cs)
 
 /* Records the versions of a member's rows (inside the write transaction),
  * but for the rows a span versions: [start, end) index pairs in spanned. */
-static hl_status member_clocks(hl_db *d, const hl_changeset *cs, const size_t *spanned, size_t nspanned)
+static hl_status member_clocks(hl_db *d, const hl_changeset *cs, const int64_t *spanned, size_t nspanned)
 {
     hl_status st = HL_OK;
     hl_table *tab = NULL;
     uint32_t tidx = UINT32_MAX;
     size_t sp = 0;
     for (size_t i = 0; cs && i < cs->nrows && !st; i++) {
-        while (sp < nspanned && spanned[sp + 1] <= i)
+        while (sp < nspanned && (size_t)spanned[sp + 1] <= i)
             sp += 2;
-        if (sp < nspanned && spanned[sp] <= i) {
-            i = spanned[sp + 1] - 1;
+        if (sp < nspanned && (size_t)spanned[sp] <= i) {
+            i = (size_t)spanned[sp + 1] - 1;
             continue;
         }
         const hl_cs_row *r = &cs->rows[i];
@@ -352,7 +352,7 @@ static hl_status member_keep(hl_db *d, sink *k)
     if (d->opt.publish && (st = hl_changeset_encode(m->cs, d->opt.compress, &m->payload)))
         return st;
     k->done_payload += m->payload.len;
-    if (m->nspanned == 2 && m->spanned[0] == 0 && m->spanned[1] == m->nrows) {
+    if (m->nspanned == 2 && m->spanned[0] == 0 && m->spanned[1] == (int64_t)m->nrows) {
         /* Nothing left to do with the rows themselves: keep the bytes only. */
         hl_changeset_free(m->cs);
         m->cs = NULL;
@@ -462,22 +462,15 @@ static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_
 /* Notes that the row just added to the current member is versioned by a span. */
 static hl_status sink_spanned(sink *k)
 {
-    size_t i = k->cs->nrows - 1;
+    int64_t i = (int64_t)k->cs->nrows - 1;
+    hl_status st;
     if (k->nspanned && k->spanned[k->nspanned - 1] == i) {
         k->spanned[k->nspanned - 1] = i + 1;
         return HL_OK;
     }
-    if (k->nspanned + 2 > k->capspanned) {
-        size_t cap = k->capspanned ? k->capspanned * 2 : 16;
-        size_t *n = realloc(k->spanned, cap * sizeof *n);
-        if (!n)
-            return HL_ERR_NOMEM;
-        k->spanned = n;
-        k->capspanned = cap;
-    }
-    k->spanned[k->nspanned++] = i;
-    k->spanned[k->nspanned++] = i + 1;
-    return HL_OK;
+    if ((st = push_i64(&k->spanned, &k->nspanned, &k->capspanned, i)))
+        return st;
+    return push_i64(&k->spanned, &k->nspanned, &k->capspanned, i + 1);
 }
 
 /* Ends tab's current run of appended rows: streaming records it as a span,
@@ -501,19 +494,9 @@ static hl_status run_add(hl_db *d, hl_table *t, sink *k, hl_capture_tab *tab, in
         tab->runs[tab->nruns - 1] = rowid;
         return HL_OK;
     }
-    if ((st = run_end(d, t, k, tab)))
+    if ((st = run_end(d, t, k, tab)) || (st = push_i64(&tab->runs, &tab->nruns, &tab->capruns, rowid)))
         return st;
-    if (tab->nruns + 2 > tab->capruns) {
-        size_t cap = tab->capruns ? tab->capruns * 2 : 16;
-        int64_t *n = realloc(tab->runs, cap * sizeof *n);
-        if (!n)
-            return HL_ERR_NOMEM;
-        tab->runs = n;
-        tab->capruns = cap;
-    }
-    tab->runs[tab->nruns++] = rowid;
-    tab->runs[tab->nruns++] = rowid;
-    return HL_OK;
+    return push_i64(&tab->runs, &tab->nruns, &tab->capruns, rowid);
 }
 
 /* Reads the rows of a rowid-keyed table above its high-water mark that are

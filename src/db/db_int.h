@@ -255,9 +255,9 @@ typedef struct hl_capture_member {
     hl_changeset *cs; /* NULL once encoded when every row is versioned by a span */
     uint64_t seq;
     size_t nrows;
-    size_t *spanned; /* [start, end) row index pairs of rows a span versions */
-    size_t nspanned; /* size_t entries: twice the pairs */
-    hl_buf payload;  /* encoded (when publishing) */
+    int64_t *spanned; /* [start, end) row index pairs of rows a span versions */
+    size_t nspanned;  /* entries: twice the pairs */
+    hl_buf payload;   /* encoded (when publishing) */
 } hl_capture_member;
 
 typedef struct hl_capture_batch {
