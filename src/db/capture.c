@@ -477,13 +477,10 @@ static hl_status sink_spanned(sink *k)
  * a collected batch keeps it for hl_capture_record. */
 static hl_status run_end(hl_db *d, hl_table *t, sink *k, hl_capture_tab *tab)
 {
-    if (!tab->nruns)
+    if (!k->stream || !tab->nruns)
         return HL_OK;
-    if (k->stream) {
-        tab->nruns = 0;
-        return hl_span_put(d, t, tab->runs[0], tab->runs[1], tab->span_hlc, d->node_id);
-    }
-    return HL_OK;
+    tab->nruns = 0;
+    return hl_span_put(d, t, tab->runs[0], tab->runs[1], tab->span_hlc, d->node_id);
 }
 
 /* Adds rowid to tab's runs: it extends the last one or starts the next. */
@@ -721,10 +718,10 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         for (size_t r = 0; r + 1 < ct->nruns && !st; r += 2)
             st = hl_span_put(d, t, ct->runs[r], ct->runs[r + 1], ct->span_hlc, d->node_id);
         if (!st)
-            st = log_delete(d, t, b->tab[i].max_seq);
+            st = log_delete(d, t, ct->max_seq);
         /* After the deletion: entries range_settle adds are for the next capture. */
-        if (!st && b->tab[i].ranged && b->tab[i].top > b->tab[i].hwm)
-            st = range_settle(d, t, &b->tab[i]);
+        if (!st && ct->ranged && ct->top > ct->hwm)
+            st = range_settle(d, t, ct);
     }
     if (st || b->nmembers == 0)
         return st;

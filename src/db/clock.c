@@ -213,6 +213,26 @@ typedef struct span_row {
     int64_t lo, hi, hlc, node;
 } span_row;
 
+/* Appends the spans st reads (lo, hi, hlc, node) that reach lo to *cut, and resets st. */
+static hl_status span_overlaps(hl_db *d, sqlite3_stmt *st, int64_t lo, span_row **cut, size_t *ncut)
+{
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (sqlite3_column_int64(st, 1) < lo)
+            continue;
+        span_row *n = realloc(*cut, (*ncut + 1) * sizeof *n);
+        if (!n) {
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        *cut = n;
+        n[(*ncut)++] = (span_row){sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+                                  sqlite3_column_int64(st, 3)};
+    }
+    sqlite3_reset(st);
+    return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "span read");
+}
+
 hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node)
 {
     hl_status res;
@@ -232,39 +252,15 @@ hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hl
     if ((res = span_run(d, t->st_span_clear, "span clear")))
         return res;
     /* Spans that overlap [lo, hi] (only after the high-water mark came down
-     * over rows deleted since): cut to what lies outside it. Rare and few. */
+     * over rows deleted since): cut to what lies outside it. Rare and few:
+     * the one starting before lo, if it reaches lo, and those starting in it. */
     span_row *cut = NULL;
     size_t ncut = 0;
-    int rc;
     sqlite3_bind_int64(t->st_span_prev, 1, lo);
-    if ((rc = sqlite3_step(t->st_span_prev)) == SQLITE_ROW && sqlite3_column_int64(t->st_span_prev, 1) >= lo) {
-        if (!(cut = malloc(sizeof *cut)))
-            rc = SQLITE_NOMEM;
-        else
-            cut[ncut++] =
-                (span_row){sqlite3_column_int64(t->st_span_prev, 0), sqlite3_column_int64(t->st_span_prev, 1),
-                           sqlite3_column_int64(t->st_span_prev, 2), sqlite3_column_int64(t->st_span_prev, 3)};
-    }
-    sqlite3_reset(t->st_span_prev);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-        free(cut);
-        return hl_db_err(d, rc, "span read");
-    }
     sqlite3_bind_int64(t->st_span_within, 1, lo);
     sqlite3_bind_int64(t->st_span_within, 2, hi);
-    while ((rc = sqlite3_step(t->st_span_within)) == SQLITE_ROW) {
-        span_row *n = realloc(cut, (ncut + 1) * sizeof *n);
-        if (!n) {
-            rc = SQLITE_NOMEM;
-            break;
-        }
-        cut = n;
-        cut[ncut++] =
-            (span_row){sqlite3_column_int64(t->st_span_within, 0), sqlite3_column_int64(t->st_span_within, 1),
-                       sqlite3_column_int64(t->st_span_within, 2), sqlite3_column_int64(t->st_span_within, 3)};
-    }
-    sqlite3_reset(t->st_span_within);
-    res = rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "span read");
+    if (!(res = span_overlaps(d, t->st_span_prev, lo, &cut, &ncut)))
+        res = span_overlaps(d, t->st_span_within, lo, &cut, &ncut);
     for (size_t i = 0; i < ncut && !res; i++) {
         span_row c = cut[i];
         sqlite3_bind_int64(t->st_span_del, 1, c.lo);

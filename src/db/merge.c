@@ -158,6 +158,18 @@ uint64_t hl_db_merge_stream_seq(hl_merge *m, const char *stream)
     return seq;
 }
 
+/* Appends "t.<rowid or key>, t.<col>, ...": the presence marker (NULL when
+ * the row is gone) and every replicated column. */
+static void add_presence_cols(hl_buf *q, const hl_table *t)
+{
+    hl_buf_adds(q, "t.");
+    hl_add_rowid(q, t);
+    for (size_t i = 0; i < t->ncols; i++) {
+        hl_buf_adds(q, ", t.");
+        hl_buf_add_ident(q, t->cols[i]);
+    }
+}
+
 /*
  * The snapshot's rows of t: its clock (key, hlc, node, deleted) left-joined
  * to the table by key, then a presence marker and every replicated column;
@@ -172,12 +184,8 @@ static hl_status open_rows(hl_merge *m, const hl_table *t)
     hl_buf_adds(&q, "SELECT ");
     for (size_t k = 0; k < nk; k++)
         hl_buf_addf(&q, "c.k%zu, ", k);
-    hl_buf_adds(&q, "c.hlc, c.node, c.deleted, t.");
-    hl_add_rowid(&q, t);
-    for (size_t i = 0; i < t->ncols; i++) {
-        hl_buf_adds(&q, ", t.");
-        hl_buf_add_ident(&q, t->cols[i]);
-    }
+    hl_buf_adds(&q, "c.hlc, c.node, c.deleted, ");
+    add_presence_cols(&q, t);
     hl_buf_adds(&q, " FROM ");
     hl_buf_add_ident(&q, t->clock);
     hl_buf_adds(&q, " AS c LEFT JOIN ");
@@ -196,12 +204,8 @@ static hl_status open_rows(hl_merge *m, const hl_table *t)
         hl_buf_init(&what, 16u << 20);
         hl_buf_adds(&what, "t.");
         hl_add_rowid(&what, t);
-        hl_buf_adds(&what, ", s.hlc, s.node, 0, t.");
-        hl_add_rowid(&what, t);
-        for (size_t i = 0; i < t->ncols; i++) {
-            hl_buf_adds(&what, ", t.");
-            hl_buf_add_ident(&what, t->cols[i]);
-        }
+        hl_buf_adds(&what, ", s.hlc, s.node, 0, ");
+        add_presence_cols(&what, t);
         hl_buf_adds(&q, " UNION ALL ");
         if (hl_buf_status(&what))
             hl_buf_adds(&q, "!"); /* cut short: make the statement fail */
