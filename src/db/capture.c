@@ -473,14 +473,26 @@ static hl_status sink_spanned(sink *k)
     return push_i64(&k->spanned, &k->nspanned, &k->capspanned, i + 1);
 }
 
-/* Ends tab's current run of appended rows: streaming records it as a span,
+/* Records the version of a run of appended rows: a span, or for a single row
+ * (appends with gaps, such as ids interleaved between nodes) its clock row,
+ * one statement where a span costs four and a bigger row. Either way a later
+ * version of the row is a clock row that replaces it. */
+static hl_status run_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc)
+{
+    if (lo < hi)
+        return hl_span_put(d, t, lo, hi, hlc, d->node_id);
+    hl_value key = {.type = HL_VAL_INT, .u.i = lo};
+    return hl_clock_put(d, t, &key, 1, hlc, d->node_id, false);
+}
+
+/* Ends tab's current run of appended rows: streaming records it,
  * a collected batch keeps it for hl_capture_record. */
 static hl_status run_end(hl_db *d, hl_table *t, sink *k, hl_capture_tab *tab)
 {
     if (!k->stream || !tab->nruns)
         return HL_OK;
     tab->nruns = 0;
-    return hl_span_put(d, t, tab->runs[0], tab->runs[1], tab->span_hlc, d->node_id);
+    return run_put(d, t, tab->runs[0], tab->runs[1], tab->span_hlc);
 }
 
 /* Adds rowid to tab's runs: it extends the last one or starts the next. */
@@ -716,7 +728,7 @@ hl_status hl_capture_record(hl_db *d, hl_capture_batch *b)
         hl_table *t = &d->schema.t[i];
         const hl_capture_tab *ct = &b->tab[i];
         for (size_t r = 0; r + 1 < ct->nruns && !st; r += 2)
-            st = hl_span_put(d, t, ct->runs[r], ct->runs[r + 1], ct->span_hlc, d->node_id);
+            st = run_put(d, t, ct->runs[r], ct->runs[r + 1], ct->span_hlc);
         if (!st)
             st = log_delete(d, t, ct->max_seq);
         /* After the deletion: entries range_settle adds are for the next capture. */

@@ -13,10 +13,9 @@
  * [lo, hi] that has no clock row has version (hlc, node), live. Capture gives
  * a run of consecutive appended rows (inserted above the high-water mark,
  * not changed since) one version and records it as one span instead of a
- * clock row per row: under the application's write lock an append then costs
- * its share of one row, not a B-tree insert per row (docs/performance.md,
- * (a)). Invariants: spans do not overlap; a clock row inside a span is newer
- * than the span (hl_span_put clears the clock rows of its range, and every
+ * clock row per row (a run of one row keeps its clock row, capture.c): under the application's write lock an append
+ * then costs its share of one row, not a B-tree insert per row (docs/performance.md, (a)). Invariants: spans do not
+ * overlap; a clock row inside a span is newer than the span (hl_span_put clears the clock rows of its range, and every
  * later version of a row in it is a clock row: capture's from the log, apply's
  * only when it beats the span). The version of a row is therefore its clock
  * row, else its span, else none.

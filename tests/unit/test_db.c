@@ -701,6 +701,22 @@ START_TEST(appends_are_versioned_by_spans)
     }
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 60004);
     ck_assert_int_eq(version_of(p.appb, "books", 60100, NULL), version_of(p.appa, "books", 60100, NULL));
+
+    /* Appends with gaps (ids interleaved between nodes): a run of one row
+     * gets a clock row, not a span. */
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (70000, 't'), (70002, 'v')");
+    ck_assert_uint_eq(capture(p.a), 2);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_span WHERE lo >= 70000"), 0);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock WHERE k0 IN (70000, 70002) AND "
+                                    "deleted = 0 AND node = 1"),
+                     2);
+    int64_t vgap = version_of(p.appa, "books", 70000, NULL);
+    ck_assert_int_gt(vgap, v);
+    ck_assert_int_eq(version_of(p.appa, "books", 70002, NULL), vgap);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(version_of(p.appb, "books", 70002, NULL), vgap);
     pair_close(&p);
 }
 END_TEST
