@@ -8,7 +8,9 @@ processes (the e2e harness in tests/e2e/harness.py starts them):
       time from the first commit until every row is visible on nodes 2 and 3
       gives replicated rows/s. Bare SQLite insert speed for the same inserts,
       through the same Python driver, into a database without harmonylite, is
-      reported next to it.
+      reported next to it, and the CPU time (user + system) each process took
+      meanwhile per replicated row: every harmonylite and nats-server process,
+      and the writer.
   (c) lag: node 1 commits single-row transactions at a fixed RATE per second
       for SECONDS; a separate process polls node 2 and notes when each row
       becomes visible. Reports p50/p99/max of commit -> visible.
@@ -22,6 +24,7 @@ processes (the e2e harness in tests/e2e/harness.py starts them):
       as a row that never arrives ("missing").
 
 Usage: bench/bench_cluster.py [--rows N] [--batch N] [--rate N] [--seconds N] [--isolated N]
+                              [--replicas N]   (JetStream replicas of the stream: 3 by default)
 Prints a table and, with --json FILE, writes the numbers as JSON.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 import harness  # noqa: E402
+from bench_scattered import cpu_seconds  # noqa: E402
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL);"
 
@@ -79,8 +83,21 @@ def has_all(conn: sqlite3.Connection, total: int) -> bool:
     return conn.execute("SELECT count(*) FROM t").fetchone()[0] >= total
 
 
+def cluster_pids(cluster) -> dict:
+    """Every harmonylite process of the cluster and the nats-server each supervises."""
+    pids = {}
+    for n in cluster.nodes:
+        pids[f"harmonylite {n.id}"] = n.proc.pid
+        for kid in harness.descendants(n.proc.pid):
+            pids[f"nats-server {n.id}"] = kid
+    return pids
+
+
 def throughput(cluster, total: int, batch: int) -> dict:
     n1, n2, n3 = cluster.nodes
+    pids = cluster_pids(cluster)
+    cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+    self0 = os.times()
     conn = n1.connect()
     t0 = time.perf_counter()
     insert_batches(conn, total, batch)
@@ -99,8 +116,12 @@ def throughput(cluster, total: int, batch: int) -> dict:
     if len(done) < 2:
         raise SystemExit(f"rows did not replicate within 600 s: {done}")
     slowest = max(done.values())
+    self1 = os.times()
+    cpu_us = {k: (cpu_seconds(p) - cpu0[k]) / total * 1e6 for k, p in pids.items()}
+    # The writer's own CPU (this process; its pollers too, a small part).
+    cpu_us["writer (Python)"] = (self1.user + self1.system - self0.user - self0.system) / total * 1e6
     return {"rows": total, "batch": batch, "write_s": t_written, "replicated_s": slowest,
-            "replicated_rows_per_s": total / slowest}
+            "replicated_rows_per_s": total / slowest, "cpu_us_per_row": cpu_us}
 
 
 def _poller(path: str, first_id: int, last_id: int, out: mp.Queue, limit_s: float = 120,
@@ -211,6 +232,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--isolated", type=int, default=200, help="lone writes in (d) and again in (d')")
+    ap.add_argument("--replicas", type=int, default=3, help="JetStream replicas of the replication stream")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
@@ -222,7 +244,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hl-bench-") as tmp:
         root = Path(tmp)
         bare = bare_sqlite(root, args.rows, args.batch)
-        cluster = harness.Cluster(binary, root / "cluster", settings={"http": {"bind": ""}})
+        cluster = harness.Cluster(binary, root / "cluster", settings={
+            "http": {"bind": ""}, "replication_log": {"replicas": args.replicas}})
         cluster.init_databases(SCHEMA)
         try:
             cluster.start()
@@ -240,11 +263,14 @@ def main() -> int:
             iso0 = isolated(cluster, args.isolated, next_id + args.isolated + 1, seed + 1)
         finally:
             cluster.stop()
-    res = {"bare_sqlite_rows_per_s": bare, "throughput": tp, "lag": lg, "seed": seed,
+    res = {"bare_sqlite_rows_per_s": bare, "throughput": tp, "lag": lg, "seed": seed, "replicas": args.replicas,
            "isolated": dict(iso, polling_interval_ms=poll_ms), "isolated_no_poll": iso0}
     print(f"(b) replicated node 1 -> nodes 2 and 3: {tp['replicated_rows_per_s']:,.0f} rows/s "
-          f"({tp['rows']:,} rows, {tp['batch']} rows/txn); bare SQLite insert: {bare:,.0f} rows/s; "
-          f"ratio {tp['replicated_rows_per_s'] / bare:.2f}")
+          f"({tp['rows']:,} rows, {tp['batch']} rows/txn, JetStream replicas {args.replicas}); bare SQLite insert: "
+          f"{bare:,.0f} rows/s; ratio {tp['replicated_rows_per_s'] / bare:.2f}")
+    print("    CPU µs per replicated row: " +
+          "; ".join(f"{k} {v:.2f}" for k, v in tp["cpu_us_per_row"].items()) +
+          f"; all {sum(tp['cpu_us_per_row'].values()):.2f}")
     print(f"(c) commit -> visible on node 2 at {lg['achieved_rate']:.0f} txn/s for {lg['txns']} txns: "
           f"p50 {lg['p50_ms']:.1f} ms, p99 {lg['p99_ms']:.1f} ms, max {lg['max_ms']:.1f} ms"
           f"{'' if not lg['missing'] else ', missing ' + str(lg['missing'])}")

@@ -66,6 +66,9 @@ mib = 1 << 20
 figures = [
     ("(b) replicated rows/s", "cluster", lambda r: r["throughput"]["replicated_rows_per_s"], True),
     ("(b) bare SQLite rows/s (same run)", "cluster", lambda r: r["bare_sqlite_rows_per_s"], True),
+    ("(b) replicated / bare SQLite", "cluster",
+     lambda r: r["throughput"]["replicated_rows_per_s"] / r["bare_sqlite_rows_per_s"], True),
+    ("(b) CPU µs/row, all processes", "cluster", lambda r: sum(r["throughput"]["cpu_us_per_row"].values()), False),
     ("(c) lag p50 ms", "cluster", lambda r: r["lag"]["p50_ms"], False),
     ("(c) lag p99 ms", "cluster", lambda r: r["lag"]["p99_ms"], False),
     ("(d) isolated p99 ms", "cluster", lambda r: r["isolated"]["p99_ms"], False),
@@ -88,5 +91,6 @@ for name, bench, get, _higher_better in figures:
     o = statistics.median(get(r) for r in load("old", bench))
     n = statistics.median(get(r) for r in load("new", bench))
     ratio = f"{n / o:.2f}" if o else "-"
-    print(f"{name:<40} {o:>14,.1f} {n:>14,.1f} {ratio:>8}")
+    prec = 2 if o < 10 else 1
+    print(f"{name:<40} {o:>14,.{prec}f} {n:>14,.{prec}f} {ratio:>8}")
 EOF

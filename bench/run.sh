@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bench/run.sh - every benchmark, measured in one run on this machine.
 #   (a) application insert speed with harmonylite's triggers vs without (ratio)
-#   (b) end-to-end replicated rows/s node 1 -> nodes 2 and 3, next to bare SQLite
+#   (b) end-to-end replicated rows/s node 1 -> nodes 2 and 3, next to bare SQLite,
+#       and the CPU each process spent per row
 #   (c) commit -> visible lag p50/p99 at a fixed 1,000 txn/s
+#       (b), (c) and (d) with JetStream replicas 3, then again with replicas 1
 #   (d) commit -> visible lag of isolated writes from a long-lived connection,
 #       with the fallback poll and (d') without it
 #   (f) scattered updates on a 1,000,000-row table: rows/s, and the -wal file of
@@ -28,9 +30,12 @@ echo "== (a) trigger overhead on application inserts"
 build/bench_trigger "$secs"
 echo "== per node: capture and apply on one core, no NATS"
 build/bench_engine "$rows" 1000
-echo "== (b)(c)(d) 3-node cluster on loopback"
+echo "== (b)(c)(d) 3-node cluster on loopback, JetStream replicas 3"
 HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s" \
     --isolated "$isolated"
+echo "== (b)(c)(d) the same with JetStream replicas 1"
+HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_cluster.py --rows "$rows" --seconds "$lag_s" \
+    --isolated "$((isolated / 4))" --replicas 1
 echo "== (f)(g) scattered writes and the WAL, 3-node cluster on loopback"
 HARMONYLITE_BIN="$PWD/build/harmonylite" python3 bench/bench_scattered.py --seconds "$scat_s" --rows "$scat_rows"
 if [ "$big" = 1 ]; then

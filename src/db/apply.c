@@ -8,6 +8,7 @@
  * deletes leave tombstones. The origin sequence advances in the same
  * transaction, so each changeset is applied exactly once.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -694,11 +695,40 @@ static hl_status resolve_unique(hl_db *d, const hl_changeset *cs, const hl_cs_ro
     return st;
 }
 
-static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk)
+/* Writes r, whose version won and is recorded; a row that cannot be written
+ * goes to the conflicts table. */
+static hl_status write_won(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk)
 {
     hl_table *t = m->t;
     hl_status st;
     char why[512];
+    int xrc = 0;
+    for (int attempt = 0;; attempt++) {
+        if ((st = write_row(d, r, m, nrc, why, sizeof why, &xrc)))
+            return st;
+        if (!why[0] || xrc != SQLITE_CONSTRAINT_UNIQUE || attempt > 0)
+            break;
+        /* Different rows, same values in a UNIQUE index: the greater version
+         * wins everywhere, whatever the arrival order. */
+        bool retry = false;
+        if ((st = resolve_unique(d, cs, r, m, nrc, pk, &retry)))
+            return st;
+        if (!retry)
+            break;
+    }
+    /* A row that cannot be written keeps its winning version in the clock:
+     * every node agrees on the version, and an older one arriving later
+     * cannot be applied here either. The row itself is in the conflicts table. */
+    if (why[0])
+        return record_conflict(d, cs, t->name, r, pk, why);
+    t->applied = true;
+    d->stats.rows_applied++;
+    return HL_OK;
+}
+
+static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r, tmap *m, size_t nrc, hl_buf *pk)
+{
+    hl_table *t = m->t;
 
     hl_hlc_observe(&d->last_hlc, r->hlc);
     for (size_t i = 0; i < r->nkey; i++)
@@ -724,28 +754,7 @@ static hl_status apply_row(hl_db *d, const hl_changeset *cs, const hl_cs_row *r,
         d->stats.rows_skipped_lww++;
         return HL_OK;
     }
-    int xrc = 0;
-    for (int attempt = 0;; attempt++) {
-        if ((st = write_row(d, r, m, nrc, why, sizeof why, &xrc)))
-            return st;
-        if (!why[0] || xrc != SQLITE_CONSTRAINT_UNIQUE || attempt > 0)
-            break;
-        /* Different rows, same values in a UNIQUE index: the greater version
-         * wins everywhere, whatever the arrival order. */
-        bool retry = false;
-        if ((st = resolve_unique(d, cs, r, m, nrc, pk, &retry)))
-            return st;
-        if (!retry)
-            break;
-    }
-    /* A row that cannot be written keeps its winning version in the clock:
-     * every node agrees on the version, and an older one arriving later
-     * cannot be applied here either. The row itself is in the conflicts table. */
-    if (why[0])
-        return record_conflict(d, cs, t->name, r, pk, why);
-    t->applied = true;
-    d->stats.rows_applied++;
-    return HL_OK;
+    return write_won(d, cs, r, m, nrc, pk);
 }
 
 /* Maps every table and column of cs onto the local schema. */
@@ -984,6 +993,61 @@ out:
     return st;
 }
 
+/* ---- runs of appended rows ---- */
+
+#define ROW_AT(cs, order, i) (&(cs)->rows[(order) ? (order)[i] : (i)])
+
+/* The length of the run of appended rows starting at step i: upserts of one
+ * table, consecutive integer keys, one version (1 when there is none). */
+static size_t append_run(const hl_changeset *cs, const size_t *order, size_t i)
+{
+    const hl_cs_row *first = ROW_AT(cs, order, i), *prev = first;
+    if (first->op != HL_OP_UPSERT || first->nkey != 1 || first->key[0].type != HL_VAL_INT)
+        return 1;
+    size_t j = i + 1;
+    for (; j < cs->nrows; j++) {
+        const hl_cs_row *r = ROW_AT(cs, order, j);
+        if (r->table != first->table || r->op != HL_OP_UPSERT || r->nkey != 1 || r->key[0].type != HL_VAL_INT ||
+            r->hlc != first->hlc || prev->key[0].u.i == INT64_MAX || r->key[0].u.i != prev->key[0].u.i + 1)
+            break;
+        prev = r;
+    }
+    return j - i;
+}
+
+/*
+ * Appended rows arrive in runs: consecutive keys, one version (the sender's
+ * spans, clock.c). When no row in a run's range has a version here, the run's
+ * version beats each of theirs, so it is recorded as one span, as on the
+ * sender, and the rows are written without a clock check each: an applied
+ * append costs its row's B-tree insert and little else. Only for a table on
+ * which a row write touches its own row alone (t->key_order > 0: no UNIQUE
+ * index, no trigger), so that recording the run's version before its rows
+ * are written cannot change what another row's write sees. *done false: the
+ * run was not applied, apply it row by row.
+ */
+static hl_status apply_run(hl_db *d, const hl_changeset *cs, const size_t *order, size_t i, size_t n, tmap *m,
+                           size_t nrc, hl_buf *pk, bool *done)
+{
+    hl_table *t = m->t;
+    const hl_cs_row *first = ROW_AT(cs, order, i);
+    int64_t lo = first->key[0].u.i, hi = ROW_AT(cs, order, i + n - 1)->key[0].u.i;
+    bool none = false;
+    hl_status st;
+    *done = false;
+    if (!t->key_order && (st = key_order_prepare(d, t)))
+        return st;
+    if (t->key_order < 0 || (st = hl_span_unversioned(d, t, lo, hi, &none)) || !none)
+        return st;
+    hl_hlc_observe(&d->last_hlc, first->hlc);
+    if ((st = hl_span_put(d, t, lo, hi, first->hlc, cs->origin)))
+        return st;
+    for (size_t k = 0; k < n && !st; k++)
+        st = write_won(d, cs, ROW_AT(cs, order, i + k), m, nrc, pk);
+    *done = !st;
+    return st;
+}
+
 static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, char *why, size_t whylen)
 {
     hl_status st = HL_OK;
@@ -1030,7 +1094,14 @@ static hl_status apply_one(hl_db *d, const hl_changeset *cs, one_result *res, ch
                                      (st = hl_clock_prepare(d, maps[r->table].t))))
             break;
         prepared = r->table;
-        st = apply_row(d, cs, r, &maps[r->table], cs->tables[r->table].ncols, &pk);
+        tmap *m = &maps[r->table];
+        size_t nrc = cs->tables[r->table].ncols, n = m->t->spanned ? append_run(cs, order, i) : 1;
+        bool done = false;
+        if (n > 1 && ((st = apply_run(d, cs, order, i, n, m, nrc, &pk, &done)) || done)) {
+            i += n - 1;
+            continue;
+        }
+        st = apply_row(d, cs, r, m, nrc, &pk);
     }
 out:
     for (size_t i = 0; i < cs->ntables; i++)

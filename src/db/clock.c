@@ -20,6 +20,7 @@
  * only when it beats the span). The version of a row is therefore its clock
  * row, else its span, else none.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -232,18 +233,56 @@ static hl_status span_overlaps(hl_db *d, sqlite3_stmt *st, int64_t lo, span_row 
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "span read");
 }
 
-hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node)
+static hl_status span_prepare(hl_db *d, hl_table *t)
 {
     hl_status res;
-    if (!t->spanned || lo > hi)
+    if (!t->spanned)
         return HL_ERR_INTERNAL;
     if ((res = span_stmt(d, t, &t->st_span_clear, "DELETE FROM ", t->clock, " WHERE k0 BETWEEN ?1 AND ?2")) ||
+        (res =
+             span_stmt(d, t, &t->st_span_clocked, "SELECT 1 FROM ", t->clock, " WHERE k0 BETWEEN ?1 AND ?2 LIMIT 1")) ||
         (res = span_stmt(d, t, &t->st_span_prev, "SELECT lo, hi, hlc, node FROM ", NULL,
                          " WHERE lo < ?1 ORDER BY lo DESC LIMIT 1")) ||
         (res = span_stmt(d, t, &t->st_span_within, "SELECT lo, hi, hlc, node FROM ", NULL,
                          " WHERE lo BETWEEN ?1 AND ?2 ORDER BY lo")) ||
         (res = span_stmt(d, t, &t->st_span_del, "DELETE FROM ", NULL, " WHERE lo = ?1")) ||
         (res = span_stmt(d, t, &t->st_span_ins, "INSERT INTO ", NULL, "(lo, hi, hlc, node) VALUES (?1, ?2, ?3, ?4)")))
+        return res;
+    return HL_OK;
+}
+
+hl_status hl_span_unversioned(hl_db *d, hl_table *t, int64_t lo, int64_t hi, bool *none)
+{
+    hl_status res;
+    *none = false;
+    if (lo > hi || hi == INT64_MAX)
+        return HL_OK; /* no "hi + 1" to read the spans below */
+    if ((res = span_prepare(d, t)))
+        return res;
+    sqlite3_bind_int64(t->st_span_clocked, 1, lo);
+    sqlite3_bind_int64(t->st_span_clocked, 2, hi);
+    int rc = sqlite3_step(t->st_span_clocked);
+    sqlite3_reset(t->st_span_clocked);
+    if (rc != SQLITE_DONE)
+        return rc == SQLITE_ROW ? HL_OK : hl_db_err(d, rc, "clock read");
+    /* Spans do not overlap, so if any reaches into [lo, hi], the one
+     * starting last at or before hi does. */
+    sqlite3_bind_int64(t->st_span_prev, 1, hi + 1);
+    rc = sqlite3_step(t->st_span_prev);
+    bool spanned = rc == SQLITE_ROW && sqlite3_column_int64(t->st_span_prev, 1) >= lo;
+    sqlite3_reset(t->st_span_prev);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "span read");
+    *none = !spanned;
+    return HL_OK;
+}
+
+hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node)
+{
+    hl_status res;
+    if (!t->spanned || lo > hi)
+        return HL_ERR_INTERNAL;
+    if ((res = span_prepare(d, t)))
         return res;
     /* Versions older than this one (a tombstone of a rowid used again). */
     sqlite3_bind_int64(t->st_span_clear, 1, lo);

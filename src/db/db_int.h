@@ -50,7 +50,8 @@ typedef struct hl_table {
     sqlite3_stmt *st_clock_win;      /* apply: UPSERT the clock row if the version wins */
     sqlite3_stmt *st_clock_put;      /* capture: UPSERT the clock row */
     sqlite3_stmt *st_span_clear;     /* capture: DELETE FROM clock WHERE k0 BETWEEN ?1 AND ?2 */
-    sqlite3_stmt *st_span_prev;      /* capture: the span starting last before ?1 */
+    sqlite3_stmt *st_span_clocked;   /* apply: whether a clock row has a key in [?1, ?2] */
+    sqlite3_stmt *st_span_prev;      /* the span starting last before ?1 */
     sqlite3_stmt *st_span_within;    /* capture: the spans starting in [?1, ?2] */
     sqlite3_stmt *st_span_del;       /* capture: DELETE FROM span WHERE lo = ?1 */
     sqlite3_stmt *st_span_ins;       /* capture: INSERT INTO span VALUES (?1, ?2, ?3, ?4) */
@@ -171,6 +172,9 @@ hl_status hl_clock_put(hl_db *d, hl_table *t, const hl_value *key, size_t nkey, 
  * key in [lo, hi] (capture: a run of consecutive appended rows), replacing
  * the clock rows and spans there. */
 hl_status hl_span_put(hl_db *d, hl_table *t, int64_t lo, int64_t hi, uint64_t hlc, uint64_t node);
+/* *none: no row of spanned table t with a key in [lo, hi] has a version (no
+ * clock row, no span), so any version wins over each of them. */
+hl_status hl_span_unversioned(hl_db *d, hl_table *t, int64_t lo, int64_t hi, bool *none);
 /* Appends the SQL of the version a span gives the row whose key is the SQL
  * expression key (NULL when none): col is "hlc" or "node". */
 hl_status hl_span_version_sql(hl_buf *q, const hl_table *t, const char *key, const char *col);

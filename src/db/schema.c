@@ -31,11 +31,13 @@ static void table_finalize(hl_table *t)
     sqlite3_finalize(t->st_log_span);
     sqlite3_finalize(t->st_log_add);
     sqlite3_finalize(t->st_span_clear);
+    sqlite3_finalize(t->st_span_clocked);
     sqlite3_finalize(t->st_span_prev);
     sqlite3_finalize(t->st_span_within);
     sqlite3_finalize(t->st_span_del);
     sqlite3_finalize(t->st_span_ins);
-    t->st_span_clear = t->st_span_prev = t->st_span_within = t->st_span_del = t->st_span_ins = NULL;
+    t->st_span_clear = t->st_span_clocked = t->st_span_prev = t->st_span_within = t->st_span_del = t->st_span_ins =
+        NULL;
     t->st_range = t->st_range_keys = t->st_range_unlogged = t->st_log_add = t->st_log_span = NULL;
     t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = NULL;
     t->st_clock_win = t->st_clock_put = NULL;

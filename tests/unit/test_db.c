@@ -765,6 +765,111 @@ START_TEST(remote_versions_are_compared_with_spans)
 }
 END_TEST
 
+/* The titles of books lo..hi in key order, concatenated into buf. */
+static const char *titles(sqlite3 *db, int64_t lo, int64_t hi, size_t len, char *buf)
+{
+    sqlite3_stmt *st;
+    ck_assert_int_eq(sqlite3_prepare_v2(db,
+                                        "SELECT group_concat(title, '') FROM (SELECT title FROM books WHERE id "
+                                        "BETWEEN ?1 AND ?2 ORDER BY id)",
+                                        -1, &st, NULL),
+                     SQLITE_OK);
+    sqlite3_bind_int64(st, 1, lo);
+    sqlite3_bind_int64(st, 2, hi);
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    const unsigned char *v = sqlite3_column_text(st, 0);
+    snprintf(buf, len, "%s", v ? (const char *)v : "");
+    sqlite3_finalize(st);
+    return buf;
+}
+
+/* Issue 10: a run of appended rows arrives as consecutive keys with one
+ * version; where no row of its range has a version yet, the receiver records
+ * it as one span too, and rows that do have one are still compared row by
+ * row: the newer version wins on both nodes. */
+START_TEST(applied_appends_are_versioned_by_spans)
+{
+    char titles_buf[64];
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3'), (4, 'a4'), (5, 'a5')");
+    capture(p.a);
+    hl_changeset *cs1 = take(p.a, &p.raw, &p.flags);
+    hl_buf raw1;
+    hl_buf_init(&raw1, 1u << 20);
+    ck_assert_int_eq(hl_buf_add(&raw1, p.raw.data, p.raw.len), HL_OK);
+    int flags1 = p.flags;
+    int64_t va = version_of(p.appa, "books", 1, NULL);
+
+    /* Nothing in 1-5 has a version on b: one span, no clock row. */
+    ck_assert_int_eq(apply(p.b, cs1, &raw1, flags1), HL_APPLIED);
+    ck_assert_uint_eq(hl_db_counters(p.b)->rows_applied, 5);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
+    ck_assert_int_eq(
+        scalar(p.appb, "SELECT count(*) FROM __harmonylite__books_span WHERE lo = 1 AND hi = 5 AND node = 1"), 1);
+    for (int64_t k = 1; k <= 5; k++)
+        ck_assert_int_eq(version_of(p.appb, "books", k, NULL), va);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE title LIKE 'a%'"), 5);
+    /* The high-water mark moved over them: b does not capture them as its own. */
+    ck_assert_uint_eq(capture(p.b), 0);
+
+    /* Newer writes on b inside a later run's range: a clock row (row 12) and
+     * a span (rows 14-15); a's older run 10-16 loses there, wins elsewhere. */
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (10, 'a'), (11, 'a'), (12, 'a'), (13, 'a'), (14, 'a'), "
+                     "(15, 'a'), (16, 'a')");
+    capture(p.a);
+    hl_changeset *cs2 = take(p.a, &p.raw, &p.flags);
+    usleep(3000);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (12, 'b')");
+    capture(p.b);
+    app_exec(p.appb, "INSERT INTO books(id, title) VALUES (14, 'b'), (15, 'b')");
+    capture(p.b);
+    int64_t vb12 = version_of(p.appb, "books", 12, NULL), vb14 = version_of(p.appb, "books", 14, NULL);
+    ck_assert_int_gt(vb12, version_of(p.appa, "books", 10, NULL));
+    ck_assert_int_eq(apply(p.b, cs2, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs2);
+    ck_assert_str_eq(titles(p.appb, 10, 16, sizeof titles_buf, titles_buf), "aababba");
+    ck_assert_int_eq(version_of(p.appb, "books", 12, NULL), vb12);
+    ck_assert_int_eq(version_of(p.appb, "books", 15, NULL), vb14);
+    int64_t va2 = version_of(p.appa, "books", 16, NULL);
+    ck_assert_int_eq(version_of(p.appb, "books", 13, NULL), va2);
+    ck_assert_int_eq(version_of(p.appb, "books", 10, NULL), va2);
+    /* b's writes reach a, where they are newer than a's span: both nodes agree. */
+    while (outbox_has(p.b)) {
+        hl_changeset *cs = take(p.b, &p.raw, &p.flags);
+        ck_assert_int_eq(apply(p.a, cs, &p.raw, p.flags), HL_APPLIED);
+        hl_changeset_free(cs);
+    }
+    ck_assert_str_eq(titles(p.appa, 10, 16, sizeof titles_buf, titles_buf), "aababba");
+    for (int64_t k = 1; k <= 16; k++)
+        ck_assert_int_eq(version_of(p.appa, "books", k, NULL), version_of(p.appb, "books", k, NULL));
+
+    /* A table with another UNIQUE index: a row's write may touch another row,
+     * so its rows keep a clock row each. */
+    ck_assert(hl_db_table(p.b, "uniq")->spanned);
+    app_exec(p.appa, "INSERT INTO uniq VALUES (1, 'x'), (2, 'y'), (3, 'z')");
+    capture(p.a);
+    hl_changeset *cs3 = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs3, &p.raw, p.flags), HL_APPLIED);
+    uint64_t seq3 = cs3->seq;
+    hl_changeset_free(cs3);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__uniq_clock"), 3);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__uniq_span"), 0);
+
+    /* The first run again: nothing changes (its version does not beat itself). */
+    uint64_t skipped = hl_db_counters(p.b)->rows_skipped_lww;
+    cs1->seq = seq3 + 1;
+    hl_buf_reset(&raw1);
+    ck_assert_int_eq(hl_changeset_encode(cs1, false, &raw1), HL_OK);
+    ck_assert_int_eq(apply(p.b, cs1, &raw1, 0), HL_APPLIED);
+    ck_assert_uint_eq(hl_db_counters(p.b)->rows_skipped_lww, skipped + 5);
+    hl_changeset_free(cs1);
+    hl_buf_free(&raw1);
+
+    pair_close(&p);
+}
+END_TEST
+
 /* hl_span_put keeps spans apart: one recorded over others cuts them, and the
  * clock rows inside it (older versions) go. */
 START_TEST(span_put_cuts_what_it_covers)
@@ -2238,6 +2343,7 @@ int main(void)
     tcase_add_test(tc, rowid_clocks_and_their_exceptions);
     tcase_add_test(tc, appends_are_versioned_by_spans);
     tcase_add_test(tc, remote_versions_are_compared_with_spans);
+    tcase_add_test(tc, applied_appends_are_versioned_by_spans);
     tcase_add_test(tc, span_put_cuts_what_it_covers);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
