@@ -8,6 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "common/log.h"
 #include "config/config.h"
@@ -315,8 +318,31 @@ static int run(hl_config *c, const cmdline *o)
     return hl_engine_run(c, load_config);
 }
 
+/*
+ * glibc gives freed memory at the top of a heap back to the kernel once more
+ * than a threshold (128 KiB, raised dynamically) is free there. A receiver
+ * decodes each changeset in the fetcher thread (a block per row) and frees it
+ * in the engine thread once applied, so every changeset's memory went back
+ * to the kernel and came back as fresh pages, zeroed on a page fault each:
+ * 7 - 11 % of a receiver's CPU under a write burst (docs/performance.md, (b)).
+ * Keep up to 16 MiB free for reuse; allocations of 4 MiB and more (large
+ * payloads) are mapped on their own and unmapped when freed. One arena for
+ * all threads: malloc_trim, run when the engine has been idle a while
+ * (hl_db_release_memory), returns the free top of the main arena only, so
+ * memory kept in another thread's arena would stay resident at rest.
+ */
+static void tune_malloc(void)
+{
+#ifdef __GLIBC__
+    mallopt(M_ARENA_MAX, 1);
+    mallopt(M_MMAP_THRESHOLD, 4 << 20);
+    mallopt(M_TRIM_THRESHOLD, 16 << 20);
+#endif
+}
+
 int main(int argc, char **argv)
 {
+    tune_malloc();
     hl_db_global_init();
     cmdline o = {0};
     char err[1024];
