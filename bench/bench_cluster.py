@@ -11,6 +11,10 @@ processes (the e2e harness in tests/e2e/harness.py starts them):
       reported next to it, and the CPU time (user + system) each process took
       meanwhile per replicated row: every harmonylite and nats-server process,
       and the writer.
+  (b'') small transactions: the same with SMALL single-row transactions from
+      one connection (synchronous = NORMAL), committed as fast as it can:
+      replicated transactions/s, next to bare SQLite's single-row
+      transactions/s with the same settings.
   (c) lag: node 1 commits single-row transactions at a fixed RATE per second
       for SECONDS; a separate process polls node 2 and notes when each row
       becomes visible. Reports p50/p99/max of commit -> visible.
@@ -23,8 +27,11 @@ processes (the e2e harness in tests/e2e/harness.py starts them):
       with polling_interval 0 (inotify alone), where a missed wake-up shows
       as a row that never arrives ("missing").
 
-Usage: bench/bench_cluster.py [--rows N] [--batch N] [--rate N] [--seconds N] [--isolated N]
-                              [--replicas N]   (JetStream replicas of the stream: 3 by default)
+At the end it prints the peak resident memory (VmHWM) of every harmonylite
+and nats-server process through (b), (b''), (c) and (d).
+
+Usage: bench/bench_cluster.py [--rows N] [--batch N] [--small N] [--rate N] [--seconds N]
+                              [--isolated N] [--replicas N]   (JetStream replicas of the stream: 3 by default)
 Prints a table and, with --json FILE, writes the numbers as JSON.
 """
 from __future__ import annotations
@@ -42,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 import harness  # noqa: E402
-from bench_scattered import cpu_seconds  # noqa: E402
+from bench_scattered import cpu_seconds, status_kib  # noqa: E402
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL);"
 
@@ -51,36 +58,41 @@ def rows_for(start: int, n: int):
     return [(start + i, start + i, "some text value of moderate size", (start + i) * 0.5) for i in range(n)]
 
 
-def insert_batches(conn: sqlite3.Connection, total: int, batch: int) -> float:
-    """Inserts total rows in transactions of batch rows; returns elapsed seconds."""
+def insert_batches(conn: sqlite3.Connection, total: int, batch: int, first: int = 1) -> float:
+    """Inserts total rows (ids from first) in transactions of batch rows; returns elapsed seconds."""
     t0 = time.perf_counter()
     done = 0
     while done < total:
         n = min(batch, total - done)
         conn.execute("BEGIN")
-        conn.executemany("INSERT INTO t(id, a, b, c) VALUES (?, ?, ?, ?)", rows_for(done + 1, n))
+        if n == 1:
+            conn.execute("INSERT INTO t(id, a, b, c) VALUES (?, ?, ?, ?)", rows_for(first + done, 1)[0])
+        else:
+            conn.executemany("INSERT INTO t(id, a, b, c) VALUES (?, ?, ?, ?)", rows_for(first + done, n))
         conn.execute("COMMIT")
         done += n
     return time.perf_counter() - t0
 
 
 def bare_sqlite(dirpath: Path, total: int, batch: int) -> float:
-    db = dirpath / "bare.db"
+    db = dirpath / f"bare-{batch}.db"
     conn = harness.connect(db)
     conn.executescript(SCHEMA)
+    if batch == 1:
+        conn.execute("PRAGMA synchronous = NORMAL")  # see throughput()
     el = insert_batches(conn, total, batch)
     conn.close()
     return total / el
 
 
-def has_all(conn: sqlite3.Connection, total: int) -> bool:
-    """True once all total rows are visible. Polls max(id), an index lookup, and
+def has_all(conn: sqlite3.Connection, last: int) -> bool:
+    """True once rows 1..last are all visible. Polls max(id), an index lookup, and
     confirms with count(*) only then: a count(*) of a 200,000-row table costs
     milliseconds, and polling with it every few ms on two nodes would take CPU
     from the very processes being measured."""
-    if (conn.execute("SELECT max(id) FROM t").fetchone()[0] or 0) < total:
+    if (conn.execute("SELECT max(id) FROM t").fetchone()[0] or 0) < last:
         return False
-    return conn.execute("SELECT count(*) FROM t").fetchone()[0] >= total
+    return conn.execute("SELECT count(*) FROM t WHERE id BETWEEN 1 AND ?", (last,)).fetchone()[0] >= last
 
 
 def cluster_pids(cluster) -> dict:
@@ -93,14 +105,20 @@ def cluster_pids(cluster) -> dict:
     return pids
 
 
-def throughput(cluster, total: int, batch: int) -> dict:
+def throughput(cluster, total: int, batch: int, first: int = 1) -> dict:
+    """(b), or (b'') with batch 1: rows first.. first + total - 1 (rows 1..first - 1
+    already on every node) committed on node 1, until visible on nodes 2 and 3."""
     n1, n2, n3 = cluster.nodes
     pids = cluster_pids(cluster)
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     self0 = os.times()
     conn = n1.connect()
+    if batch == 1:
+        # Single-row commits with synchronous = FULL (the default) wait for an
+        # fsync each and measure the disk; NORMAL, usual with WAL, does not.
+        conn.execute("PRAGMA synchronous = NORMAL")
     t0 = time.perf_counter()
-    insert_batches(conn, total, batch)
+    insert_batches(conn, total, batch, first)
     t_written = time.perf_counter() - t0
     conn.close()
     readers = {n.id: sqlite3.connect(f"file:{n.db_path}?mode=ro", uri=True, timeout=10) for n in (n2, n3)}
@@ -108,7 +126,7 @@ def throughput(cluster, total: int, batch: int) -> dict:
     deadline = time.monotonic() + 600
     while len(done) < 2 and time.monotonic() < deadline:
         for n in (n2, n3):
-            if n.id not in done and has_all(readers[n.id], total):
+            if n.id not in done and has_all(readers[n.id], first + total - 1):
                 done[n.id] = time.perf_counter() - t0
         time.sleep(0.005)
     for r in readers.values():
@@ -120,8 +138,8 @@ def throughput(cluster, total: int, batch: int) -> dict:
     cpu_us = {k: (cpu_seconds(p) - cpu0[k]) / total * 1e6 for k, p in pids.items()}
     # The writer's own CPU (this process; its pollers too, a small part).
     cpu_us["writer (Python)"] = (self1.user + self1.system - self0.user - self0.system) / total * 1e6
-    return {"rows": total, "batch": batch, "write_s": t_written, "replicated_s": slowest,
-            "replicated_rows_per_s": total / slowest, "cpu_us_per_row": cpu_us}
+    return {"rows": total, "batch": batch, "write_s": t_written, "written_rows_per_s": total / t_written,
+            "replicated_s": slowest, "replicated_rows_per_s": total / slowest, "cpu_us_per_row": cpu_us}
 
 
 def _poller(path: str, first_id: int, last_id: int, out: mp.Queue, limit_s: float = 120,
@@ -229,6 +247,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--small", type=int, default=20000, help="single-row transactions in (b''); 0 skips it")
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--isolated", type=int, default=200, help="lone writes in (d) and again in (d')")
@@ -244,16 +263,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hl-bench-") as tmp:
         root = Path(tmp)
         bare = bare_sqlite(root, args.rows, args.batch)
+        bare_small = bare_sqlite(root, args.small, 1) if args.small else 0.0
         cluster = harness.Cluster(binary, root / "cluster", settings={
             "http": {"bind": ""}, "replication_log": {"replicas": args.replicas}})
         cluster.init_databases(SCHEMA)
         try:
             cluster.start()
             tp = throughput(cluster, args.rows, args.batch)
-            lg = lag(cluster, args.rate, args.seconds, args.rows + 1)
-            next_id = args.rows + lg["txns"] + 1
+            small = throughput(cluster, args.small, 1, args.rows + 1) if args.small else None
+            first = args.rows + args.small + 1
+            lg = lag(cluster, args.rate, args.seconds, first)
+            next_id = first + lg["txns"]
             iso = isolated(cluster, args.isolated, next_id, seed)
             poll_ms = cluster.nodes[0].settings["polling_interval"]
+            peak_rss = {k: status_kib(p, "VmHWM") for k, p in cluster_pids(cluster).items()}
             # (d'): the same with the fallback poll off, inotify alone.
             cluster.stop()
             for n in cluster.nodes:
@@ -264,6 +287,7 @@ def main() -> int:
         finally:
             cluster.stop()
     res = {"bare_sqlite_rows_per_s": bare, "throughput": tp, "lag": lg, "seed": seed, "replicas": args.replicas,
+           "small": small, "bare_sqlite_small_txn_per_s": bare_small, "peak_rss_kib": peak_rss,
            "isolated": dict(iso, polling_interval_ms=poll_ms), "isolated_no_poll": iso0}
     print(f"(b) replicated node 1 -> nodes 2 and 3: {tp['replicated_rows_per_s']:,.0f} rows/s "
           f"({tp['rows']:,} rows, {tp['batch']} rows/txn, JetStream replicas {args.replicas}); bare SQLite insert: "
@@ -271,6 +295,14 @@ def main() -> int:
     print("    CPU µs per replicated row: " +
           "; ".join(f"{k} {v:.2f}" for k, v in tp["cpu_us_per_row"].items()) +
           f"; all {sum(tp['cpu_us_per_row'].values()):.2f}")
+    if small:
+        print(f"(b'') replicated single-row transactions node 1 -> nodes 2 and 3: "
+              f"{small['replicated_rows_per_s']:,.0f} txn/s ({small['rows']:,} transactions from one connection, "
+              f"committed at {small['written_rows_per_s']:,.0f} txn/s); bare SQLite: {bare_small:,.0f} txn/s; "
+              f"ratio {small['replicated_rows_per_s'] / bare_small:.2f}")
+        print("    CPU µs per replicated transaction: " +
+              "; ".join(f"{k} {v:.2f}" for k, v in small["cpu_us_per_row"].items()) +
+              f"; all {sum(small['cpu_us_per_row'].values()):.2f}")
     print(f"(c) commit -> visible on node 2 at {lg['achieved_rate']:.0f} txn/s for {lg['txns']} txns: "
           f"p50 {lg['p50_ms']:.1f} ms, p99 {lg['p99_ms']:.1f} ms, max {lg['max_ms']:.1f} ms"
           f"{'' if not lg['missing'] else ', missing ' + str(lg['missing'])}")
@@ -278,6 +310,8 @@ def main() -> int:
         print(f"{name} isolated writes (one every 50-200 ms, long-lived connection, {poll}), commit -> visible "
               f"on nodes 2 and 3, {r['txns']} txns: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms, missing {r['missing']}")
+    print("peak RSS through (b), (b''), (c) and (d): " +
+          "; ".join(f"{k} {v / 1024:.1f} MiB" for k, v in peak_rss.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

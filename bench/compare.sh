@@ -69,6 +69,8 @@ figures = [
     ("(b) replicated / bare SQLite", "cluster",
      lambda r: r["throughput"]["replicated_rows_per_s"] / r["bare_sqlite_rows_per_s"], True),
     ("(b) CPU µs/row, all processes", "cluster", lambda r: sum(r["throughput"]["cpu_us_per_row"].values()), False),
+    ("(b'') replicated single-row txn/s", "cluster", lambda r: r["small"]["replicated_rows_per_s"], True),
+    ("(b'') bare SQLite single-row txn/s", "cluster", lambda r: r["bare_sqlite_small_txn_per_s"], True),
     ("(c) lag p50 ms", "cluster", lambda r: r["lag"]["p50_ms"], False),
     ("(c) lag p99 ms", "cluster", lambda r: r["lag"]["p99_ms"], False),
     ("(d) isolated p99 ms", "cluster", lambda r: r["isolated"]["p99_ms"], False),

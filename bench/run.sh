@@ -2,7 +2,8 @@
 # bench/run.sh - every benchmark, measured in one run on this machine.
 #   (a) application insert speed with harmonylite's triggers vs without (ratio)
 #   (b) end-to-end replicated rows/s node 1 -> nodes 2 and 3, next to bare SQLite,
-#       and the CPU each process spent per row
+#       and the CPU each process spent per row; (b'') the same for single-row
+#       transactions
 #   (c) commit -> visible lag p50/p99 at a fixed 1,000 txn/s
 #       (b), (c) and (d) with JetStream replicas 3, then again with replicas 1
 #   (d) commit -> visible lag of isolated writes from a long-lived connection,
