@@ -557,6 +557,64 @@ static hl_status span_retire(hl_db *d, const hl_table *t)
     return st ? st : drop_object(d, "TABLE", t->span);
 }
 
+/*
+ * The clock's shape follows the key (clock_ddl): a rowid table for a table
+ * keyed by its rowid or an INTEGER PRIMARY KEY alias, WITHOUT ROWID otherwise.
+ * A rebuild can turn one kind of key into the other under the same column
+ * (id INTEGER PRIMARY KEY <-> id INT PRIMARY KEY), which keeps the key
+ * signature, and CREATE TABLE IF NOT EXISTS would keep the old clock: a text
+ * key then failed every capture ("datatype mismatch"). The versions move into
+ * a clock of the new shape; into a rowid clock only those of integer keys,
+ * the only keys such a table can hold.
+ */
+static hl_status clock_reshape(hl_db *d, const hl_table *t)
+{
+    /* Read now: key_changed() may have dropped it since the sync began. */
+    sqlite3_stmt *sh = NULL;
+    int rc = sqlite3_prepare_v2(
+        d->db, "SELECT sql LIKE '% WITHOUT ROWID' FROM sqlite_schema WHERE type = 'table' AND name = ?1", -1, &sh,
+        NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(sh, 1, t->clock, -1, SQLITE_STATIC);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(sh);
+    bool without_rowid = rc == SQLITE_ROW && sqlite3_column_int(sh, 0);
+    sqlite3_finalize(sh);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return hl_db_err(d, rc, "clock shape");
+    if (rc == SQLITE_DONE || without_rowid != t->int_key)
+        return HL_OK; /* no clock yet, or the right shape */
+    /* Through a temporary copy: ALTER TABLE RENAME would re-check every
+     * view and trigger of the application's schema and could fail on theirs. */
+    size_t nk = t->npk ? t->npk : 1;
+    hl_buf q;
+    hl_buf_init(&q, 1u << 20);
+    hl_buf_adds(&q,
+                "DROP TABLE IF EXISTS temp." HL_PREFIX "reshape; CREATE TEMP TABLE " HL_PREFIX "reshape AS SELECT ");
+    for (size_t i = 0; i < nk; i++)
+        hl_buf_addf(&q, "k%zu, ", i);
+    hl_buf_adds(&q, "hlc, node, deleted FROM ");
+    hl_buf_add_ident(&q, t->clock);
+    if (t->int_key) /* a rowid: the only keys the table can hold now */
+        hl_buf_adds(&q, " WHERE typeof(k0) IN ('integer', 'real') AND k0 = CAST(k0 AS INTEGER)");
+    hl_status st = exec_built(d, &q);
+    if (!st && !(st = drop_object(d, "TABLE", t->clock))) {
+        hl_buf_reset(&q);
+        if (!(st = clock_ddl(t, &q)) && !(st = exec_built(d, &q))) {
+            hl_buf_reset(&q);
+            hl_buf_adds(&q, "INSERT INTO ");
+            hl_buf_add_ident(&q, t->clock);
+            hl_buf_adds(&q, " SELECT * FROM temp." HL_PREFIX "reshape; DROP TABLE temp." HL_PREFIX "reshape");
+            st = exec_built(d, &q);
+        }
+    }
+    if (!st)
+        hl_logf(HL_LOG_INFO, "table \"%s\": its key is %s a rowid alias: versions moved to a clock of that shape",
+                t->name, t->int_key ? "now" : "no longer");
+    hl_buf_free(&q);
+    return st;
+}
+
 /* A table whose key changed since its change log was made: the log's rows
  * cannot be captured, its versions are of keys that no longer exist. */
 static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
@@ -614,7 +672,7 @@ static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
     if ((st = log_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))))
         return st;
     hl_buf_reset(&c->ddl);
-    if ((st = clock_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))) ||
+    if ((st = clock_reshape(d, t)) || (st = clock_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))) ||
         (st = put_keysig(d, t->name, t->keysig)))
         return st;
     hl_buf_reset(&c->ddl);

@@ -902,6 +902,64 @@ START_TEST(span_put_cuts_what_it_covers)
 }
 END_TEST
 
+/* The clock's shape follows the key (src/db/triggers.c, clock_reshape): a
+ * rebuild that makes an INTEGER PRIMARY KEY an ordinary INT key, or back,
+ * keeps every version, and text keys then replicate instead of failing
+ * every capture with a datatype mismatch. */
+START_TEST(a_key_that_changes_kind_keeps_its_versions)
+{
+    static const char *const to_int =
+        "BEGIN; CREATE TABLE books2(id INT PRIMARY KEY, title TEXT NOT NULL, year INTEGER); INSERT INTO books2 "
+        "SELECT * FROM books; DROP TABLE books; ALTER TABLE books2 RENAME TO books; COMMIT";
+    static const char *const to_alias =
+        "BEGIN; CREATE TABLE books2(id INTEGER PRIMARY KEY, title TEXT NOT NULL, year INTEGER); INSERT INTO books2 "
+        "SELECT * FROM books; DROP TABLE books; ALTER TABLE books2 RENAME TO books; COMMIT";
+    const char *shape =
+        "SELECT sql LIKE '% WITHOUT ROWID' FROM sqlite_schema WHERE name = '__harmonylite__books_clock'";
+    const char *v1 = "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 1";
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'a'), (2, 'b'), (5, 'e')");
+    ck_assert_uint_eq(capture(p.a), 3);
+    int64_t v = version_of(p.appa, "books", 1, NULL);
+    int64_t v5 = version_of(p.appa, "books", 5, NULL);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(scalar(p.appa, shape), 0);
+
+    app_exec(p.appa, to_int);
+    app_exec(p.appb, to_int);
+    capture(p.a); /* the engine sees the new schema */
+    capture(p.b);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES ('abc', 'text key')");
+    ck_assert_uint_eq(capture(p.a), 1); /* before: "clock put: datatype mismatch" */
+    ck_assert(!hl_db_table(p.a, "books")->int_key);
+    ck_assert_int_eq(scalar(p.appa, shape), 1);
+    ck_assert_int_eq(scalar(p.appa, v1), v); /* the span's version, now a clock row */
+    ck_assert_int_eq(scalar(p.appa, "SELECT hlc FROM __harmonylite__books_clock WHERE k0 = 5"), v5);
+    cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
+    hl_changeset_free(cs);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id = 'abc'"), 1);
+
+    /* And back: the text key goes first (an INTEGER PRIMARY KEY cannot hold
+     * it); its tombstone has no place in a rowid clock, the rest stays. */
+    app_exec(p.appa, "DELETE FROM books WHERE id = 'abc'");
+    ck_assert_uint_eq(capture(p.a), 1);
+    app_exec(p.appa, to_alias);
+    capture(p.a);
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (6, 'f')");
+    ck_assert_uint_eq(capture(p.a), 1);
+    ck_assert(hl_db_table(p.a, "books")->int_key);
+    ck_assert_int_eq(scalar(p.appa, shape), 0);
+    ck_assert_int_eq(scalar(p.appa, v1), v);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock WHERE typeof(k0) <> 'integer'"),
+                     0);
+    pair_close(&p);
+}
+END_TEST
+
 START_TEST(rowid_clocks_and_their_exceptions)
 {
     pair p;
@@ -2344,6 +2402,7 @@ int main(void)
     tcase_add_test(tc, appends_are_versioned_by_spans);
     tcase_add_test(tc, remote_versions_are_compared_with_spans);
     tcase_add_test(tc, applied_appends_are_versioned_by_spans);
+    tcase_add_test(tc, a_key_that_changes_kind_keeps_its_versions);
     tcase_add_test(tc, span_put_cuts_what_it_covers);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
     tcase_add_test(tc, wal_returns_under_its_bound_after_scattered_updates);
