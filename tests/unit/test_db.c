@@ -593,6 +593,19 @@ static int64_t scalar(sqlite3 *db, const char *sql)
     return v;
 }
 
+/* The text value of a one-row query ("" for NULL), malloc'd. */
+static char *text_of(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st;
+    ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+    const unsigned char *v = sqlite3_column_text(st, 0);
+    char *out = strdup(v ? (const char *)v : "");
+    sqlite3_finalize(st);
+    ck_assert_ptr_nonnull(out);
+    return out;
+}
+
 /* The version of row k of a table keyed by an INTEGER PRIMARY KEY: its clock
  * row, else its span (src/db/clock.c); 0 when none. *node (may be NULL)
  * receives the version's node. */
@@ -765,44 +778,23 @@ START_TEST(remote_versions_are_compared_with_spans)
 }
 END_TEST
 
-/* The titles of books lo..hi in key order, concatenated into buf. */
-static const char *titles(sqlite3 *db, int64_t lo, int64_t hi, size_t len, char *buf)
-{
-    sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(db,
-                                        "SELECT group_concat(title, '') FROM (SELECT title FROM books WHERE id "
-                                        "BETWEEN ?1 AND ?2 ORDER BY id)",
-                                        -1, &st, NULL),
-                     SQLITE_OK);
-    sqlite3_bind_int64(st, 1, lo);
-    sqlite3_bind_int64(st, 2, hi);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    const unsigned char *v = sqlite3_column_text(st, 0);
-    snprintf(buf, len, "%s", v ? (const char *)v : "");
-    sqlite3_finalize(st);
-    return buf;
-}
-
 /* Issue 10: a run of appended rows arrives as consecutive keys with one
  * version; where no row of its range has a version yet, the receiver records
  * it as one span too, and rows that do have one are still compared row by
  * row: the newer version wins on both nodes. */
 START_TEST(applied_appends_are_versioned_by_spans)
 {
-    char titles_buf[64];
+    const char *titles = "SELECT group_concat(title, '') FROM (SELECT title FROM books WHERE id BETWEEN 10 AND 16 "
+                         "ORDER BY id)";
     pair p;
     pair_open(&p);
     app_exec(p.appa, "INSERT INTO books(id, title) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3'), (4, 'a4'), (5, 'a5')");
     capture(p.a);
     hl_changeset *cs1 = take(p.a, &p.raw, &p.flags);
-    hl_buf raw1;
-    hl_buf_init(&raw1, 1u << 20);
-    ck_assert_int_eq(hl_buf_add(&raw1, p.raw.data, p.raw.len), HL_OK);
-    int flags1 = p.flags;
     int64_t va = version_of(p.appa, "books", 1, NULL);
 
     /* Nothing in 1-5 has a version on b: one span, no clock row. */
-    ck_assert_int_eq(apply(p.b, cs1, &raw1, flags1), HL_APPLIED);
+    ck_assert_int_eq(apply(p.b, cs1, &p.raw, p.flags), HL_APPLIED);
     ck_assert_uint_eq(hl_db_counters(p.b)->rows_applied, 5);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
     ck_assert_int_eq(
@@ -828,7 +820,9 @@ START_TEST(applied_appends_are_versioned_by_spans)
     ck_assert_int_gt(vb12, version_of(p.appa, "books", 10, NULL));
     ck_assert_int_eq(apply(p.b, cs2, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs2);
-    ck_assert_str_eq(titles(p.appb, 10, 16, sizeof titles_buf, titles_buf), "aababba");
+    char *got = text_of(p.appb, titles);
+    ck_assert_str_eq(got, "aababba");
+    free(got);
     ck_assert_int_eq(version_of(p.appb, "books", 12, NULL), vb12);
     ck_assert_int_eq(version_of(p.appb, "books", 15, NULL), vb14);
     int64_t va2 = version_of(p.appa, "books", 16, NULL);
@@ -840,7 +834,9 @@ START_TEST(applied_appends_are_versioned_by_spans)
         ck_assert_int_eq(apply(p.a, cs, &p.raw, p.flags), HL_APPLIED);
         hl_changeset_free(cs);
     }
-    ck_assert_str_eq(titles(p.appa, 10, 16, sizeof titles_buf, titles_buf), "aababba");
+    got = text_of(p.appa, titles);
+    ck_assert_str_eq(got, "aababba");
+    free(got);
     for (int64_t k = 1; k <= 16; k++)
         ck_assert_int_eq(version_of(p.appa, "books", k, NULL), version_of(p.appb, "books", k, NULL));
 
@@ -859,12 +855,11 @@ START_TEST(applied_appends_are_versioned_by_spans)
     /* The first run again: nothing changes (its version does not beat itself). */
     uint64_t skipped = hl_db_counters(p.b)->rows_skipped_lww;
     cs1->seq = seq3 + 1;
-    hl_buf_reset(&raw1);
-    ck_assert_int_eq(hl_changeset_encode(cs1, false, &raw1), HL_OK);
-    ck_assert_int_eq(apply(p.b, cs1, &raw1, 0), HL_APPLIED);
+    hl_buf_reset(&p.raw);
+    ck_assert_int_eq(hl_changeset_encode(cs1, false, &p.raw), HL_OK);
+    ck_assert_int_eq(apply(p.b, cs1, &p.raw, 0), HL_APPLIED);
     ck_assert_uint_eq(hl_db_counters(p.b)->rows_skipped_lww, skipped + 5);
     hl_changeset_free(cs1);
-    hl_buf_free(&raw1);
 
     pair_close(&p);
 }
@@ -886,17 +881,10 @@ START_TEST(span_put_cuts_what_it_covers)
     ck_assert_int_eq(hl_span_put(p.a, t, 9, 22, 300, 1), HL_OK);  /* over the end of one, the start of the next */
     ck_assert_int_eq(hl_span_put(p.a, t, 25, 25, 400, 1), HL_OK); /* one row */
     ck_assert_int_eq(hl_db_commit(p.a), HL_OK);
-    char v[300];
-    sqlite3_stmt *st;
-    ck_assert_int_eq(sqlite3_prepare_v2(p.appa,
-                                        "SELECT group_concat(lo || '-' || hi || ':' || hlc, ' ') FROM (SELECT * FROM "
-                                        "__harmonylite__books_span ORDER BY lo)",
-                                        -1, &st, NULL),
-                     SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    snprintf(v, sizeof v, "%s", sqlite3_column_text(st, 0));
-    sqlite3_finalize(st);
+    char *v = text_of(p.appa, "SELECT group_concat(lo || '-' || hi || ':' || hlc, ' ') FROM (SELECT * FROM "
+                              "__harmonylite__books_span ORDER BY lo)");
     ck_assert_str_eq(v, "1-4:100 5-7:200 8-8:100 9-22:300 23-24:110 25-25:400 26-30:110");
+    free(v);
     ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_clock"), 0);
     pair_close(&p);
 }
@@ -1413,15 +1401,7 @@ END_TEST
 
 static char *plain_rows(sqlite3 *db)
 {
-    sqlite3_stmt *st;
-    ck_assert_int_eq(
-        sqlite3_prepare_v2(db, "SELECT group_concat(x || '=' || y, ',') FROM (SELECT x, y FROM plain ORDER BY x)", -1,
-                           &st, NULL),
-        SQLITE_OK);
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    char *v = strdup(sqlite3_column_text(st, 0) ? (const char *)sqlite3_column_text(st, 0) : "");
-    sqlite3_finalize(st);
-    return v;
+    return text_of(db, "SELECT group_concat(x || '=' || y, ',') FROM (SELECT x, y FROM plain ORDER BY x)");
 }
 
 /* Six rows in the rowid-keyed table "plain" on both nodes, then deletes that leave gaps. */
