@@ -282,6 +282,7 @@ static void publish_state(engine *e)
         s->chains_applied = st->chains_applied;
         s->order_gaps = st->order_gaps;
         s->table_resyncs = st->table_resyncs;
+        s->missed_rows = st->missed_rows;
         s->clock_ahead = st->clock_ahead;
         s->changesets_deferred = st->changesets_deferred;
     }

@@ -44,6 +44,7 @@ typedef struct hl_db_stats {
     uint64_t changesets_late;     /* applied after their position had been given up on */
     uint64_t order_gaps;          /* times missing predecessors were given up on */
     uint64_t table_resyncs;       /* tables sent in full because VACUUM or a rebuild moved their rowids */
+    uint64_t missed_rows;         /* rows found written while a table's triggers were missing, then logged */
     uint64_t clock_ahead;         /* changesets held: a row version too far ahead of the wall clock */
     uint64_t changesets_deferred; /* not stored: their origin was over max_held_bytes (read again later) */
 } hl_db_stats;

@@ -345,27 +345,198 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
     return res;
 }
 
+/* Appends "c.k0 IS x.a AND c.k1 IS x.b": clock row c holds the key of t's row x. */
+static hl_status add_key_match(hl_buf *b, const hl_table *t)
+{
+    size_t n = t->npk ? t->npk : 1;
+    for (size_t i = 0; i < n; i++) {
+        hl_buf_addf(b, "%sc.k%zu IS x.", i ? " AND " : "", i);
+        t->npk ? hl_buf_add_ident(b, t->cols[t->pk[i]]) : hl_buf_adds(b, t->rowid);
+    }
+    return hl_buf_status(b);
+}
+
+/* Appends the condition "row x of t has no live version": no clock row, or a
+ * tombstone, and (spanned tables) no span covering it unless a clock row
+ * overrides that span. */
+static hl_status add_unversioned(hl_buf *b, const hl_table *t)
+{
+    hl_buf_adds(b, "coalesce((SELECT c.deleted FROM ");
+    hl_buf_add_ident(b, t->clock);
+    hl_buf_adds(b, " AS c WHERE ");
+    add_key_match(b, t);
+    if (!t->spanned)
+        return hl_buf_adds(b, "), 1)");
+    hl_buf_adds(b, "), coalesce((SELECT s.hi FROM ");
+    hl_buf_add_ident(b, t->span);
+    hl_buf_adds(b, " AS s WHERE s.lo <= x.");
+    hl_add_rowid(b, t);
+    hl_buf_adds(b, " ORDER BY s.lo DESC LIMIT 1), x.");
+    hl_add_rowid(b, t);
+    hl_buf_adds(b, " - 1) < x.");
+    hl_add_rowid(b, t);
+    return hl_buf_adds(b, ")");
+}
+
+/* Appends " AND x.rowid <= its high-water mark" for a rowid-keyed table:
+ * capture finds the rows above it through the rowid. No mark: every row. */
+static hl_status add_below_hwm(hl_buf *b, const hl_table *t)
+{
+    if (!t->int_key)
+        return hl_buf_status(b);
+    hl_buf_adds(b, " AND x.");
+    hl_add_rowid(b, t);
+    return hl_buf_adds(b, " <= coalesce((SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1), 9223372036854775807)");
+}
+
 /*
- * Gives every row of t at or below its high-water mark that has no version a
- * version that loses to any write (hlc 0, node 0). Such rows are the content
- * harmonylite found when it first started (the common starting point, never
- * sent): with a version each, a VACUUM that moves them leaves evidence (a live
- * version with no row) and the resync sends a delete for each rowid they
- * vacated, which the other nodes still hold. Runs once per schema change;
- * finds nothing to do after the first time.
+ * Gives every row of t that has no version (at or below the high-water mark,
+ * of a rowid-keyed table) a version that loses to any write (hlc 0, node 0):
+ * in a spanned table one span per run of consecutive keys, otherwise a clock
+ * row each. Such rows are the content harmonylite found when it first
+ * started, or when the table's key changed (the common starting point, never
+ * sent). Once they have versions, every row this node holds has one or is
+ * logged, so a row without either was written while the triggers were gone
+ * (missed_writes), and a VACUUM that moves the rowids of a table without a
+ * primary key leaves evidence (a live version with no row), whereupon the
+ * resync sends a delete for each rowid they vacated. Finds nothing to do
+ * after the first time.
  */
 static hl_status clock_seed(hl_db *d, const hl_table *t)
 {
     hl_buf q;
+    hl_status res = HL_OK;
     hl_buf_init(&q, 1u << 20);
-    hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
-    hl_buf_add_ident(&q, t->clock);
-    hl_buf_addf(&q, "(k0, hlc, node, deleted) SELECT %s, 0, 0, 0 FROM ", t->rowid);
-    hl_buf_add_ident(&q, t->name);
-    hl_buf_addf(&q, " WHERE %s <= (SELECT hwm FROM " HL_PREFIX "hwm WHERE tbl = ?1)", t->rowid);
-    hl_status res = hl_db_run(d, &q, t->name, NULL, "clock seed");
+    if (!t->spanned) {
+        hl_buf_adds(&q, "INSERT OR IGNORE INTO ");
+        hl_buf_add_ident(&q, t->clock);
+        hl_buf_adds(&q, "(");
+        for (size_t i = 0; i < (t->npk ? t->npk : 1); i++)
+            hl_buf_addf(&q, "k%zu, ", i);
+        hl_buf_adds(&q, "hlc, node, deleted) SELECT ");
+        add_keys(&q, t, "x");
+        hl_buf_adds(&q, ", 0, 0, 0 FROM ");
+        hl_buf_add_ident(&q, t->name);
+        hl_buf_adds(&q, " AS x WHERE 1");
+        add_below_hwm(&q, t);
+        res = hl_db_run(d, &q, t->int_key ? t->name : NULL, NULL, "clock seed");
+        hl_buf_free(&q);
+        return res;
+    }
+    /* Runs of consecutive keys: a key minus its rank is the same along a run.
+     * The first pass records the runs of two rows or more as spans; what is
+     * left then is runs of one, which get a clock row each. */
+    for (int pass = 0; pass < 2 && !res; pass++) {
+        hl_buf_reset(&q);
+        hl_buf_adds(&q, "WITH k(k) AS (SELECT x.");
+        hl_add_rowid(&q, t);
+        hl_buf_adds(&q, " FROM ");
+        hl_buf_add_ident(&q, t->name);
+        hl_buf_adds(&q, " AS x WHERE ");
+        add_unversioned(&q, t);
+        add_below_hwm(&q, t);
+        hl_buf_adds(&q,
+                    "), run(lo, hi) AS (SELECT min(k), max(k) FROM (SELECT k, k - row_number() OVER (ORDER BY k) AS g"
+                    " FROM k) GROUP BY g) INSERT INTO ");
+        if (pass == 0) {
+            hl_buf_add_ident(&q, t->span);
+            hl_buf_adds(&q, "(lo, hi, hlc, node) SELECT lo, hi, 0, 0 FROM run WHERE hi > lo");
+        } else {
+            hl_buf_add_ident(&q, t->clock);
+            hl_buf_adds(&q, "(k0, hlc, node, deleted) SELECT lo, 0, 0, 0 FROM run");
+        }
+        res = hl_db_run(d, &q, t->int_key ? t->name : NULL, NULL, "clock seed");
+    }
     hl_buf_free(&q);
     return res;
+}
+
+/*
+ * A table rebuilt the usual SQLite way (CREATE new, INSERT ... SELECT, DROP,
+ * ALTER TABLE RENAME) loses our triggers with the old table; the new ones
+ * come with the engine's next sync, and the application may write in
+ * between (or for longer, when harmonylite was stopped). Every row here has a
+ * version or a log entry (clock_seed), so the rows written meanwhile show:
+ * a row without a live version was inserted (a row above the high-water mark
+ * of a rowid-keyed table is found by capture anyway), and a live version
+ * without a row was deleted. Both are logged, and capture sends them. A row
+ * changed in place in that window cannot be told from one that was not.
+ */
+static hl_status missed_writes(hl_db *d, const hl_table *t)
+{
+    hl_buf q;
+    int64_t ins, del = 0, spandel = 0;
+    hl_buf_init(&q, 1u << 20);
+    hl_buf_adds(&q, "INSERT INTO ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, "(");
+    add_log_cols(&q, t);
+    hl_buf_adds(&q, ") SELECT " NOW_JD ", ");
+    add_keys(&q, t, "x");
+    hl_buf_adds(&q, " FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, " AS x WHERE ");
+    add_unversioned(&q, t);
+    add_below_hwm(&q, t);
+    hl_status res = hl_db_run(d, &q, t->int_key ? t->name : NULL, NULL, "missed inserts");
+    ins = sqlite3_changes64(d->db);
+    /* Live versions without a row: clock rows, then the keys of spans. */
+    hl_buf_reset(&q);
+    hl_buf_adds(&q, "INSERT INTO ");
+    hl_buf_add_ident(&q, t->log);
+    hl_buf_adds(&q, "(");
+    add_log_cols(&q, t);
+    hl_buf_adds(&q, ") SELECT " NOW_JD);
+    for (size_t i = 0; i < (t->npk ? t->npk : 1); i++)
+        hl_buf_addf(&q, ", c.k%zu", i);
+    hl_buf_adds(&q, " FROM ");
+    hl_buf_add_ident(&q, t->clock);
+    hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
+    hl_buf_add_ident(&q, t->name);
+    hl_buf_adds(&q, " AS x WHERE ");
+    add_key_match(&q, t);
+    hl_buf_adds(&q, ")");
+    if (!res && !(res = hl_db_run(d, &q, NULL, NULL, "missed deletes")))
+        del = sqlite3_changes64(d->db);
+    if (!res && t->spanned) {
+        /* Only spans with fewer rows than keys: the keys of those, one by one. */
+        hl_buf_reset(&q);
+        hl_buf_adds(&q, "WITH RECURSIVE k(k, hi) AS (SELECT s.lo, s.hi FROM ");
+        hl_buf_add_ident(&q, t->span);
+        hl_buf_adds(&q, " AS s WHERE (SELECT count(*) FROM ");
+        hl_buf_add_ident(&q, t->name);
+        hl_buf_adds(&q, " AS x WHERE x.");
+        hl_add_rowid(&q, t);
+        hl_buf_adds(&q, " BETWEEN s.lo AND s.hi) <= s.hi - s.lo UNION ALL SELECT k + 1, hi FROM k WHERE k < hi) "
+                        "INSERT INTO ");
+        hl_buf_add_ident(&q, t->log);
+        hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", k FROM k WHERE NOT EXISTS (SELECT 1 FROM ");
+        hl_buf_add_ident(&q, t->name);
+        hl_buf_adds(&q, " AS x WHERE x.");
+        hl_add_rowid(&q, t);
+        hl_buf_adds(&q, " = k) AND NOT EXISTS (SELECT 1 FROM ");
+        hl_buf_add_ident(&q, t->clock);
+        hl_buf_adds(&q, " AS c WHERE c.k0 = k)");
+        if (!(res = hl_db_run(d, &q, NULL, NULL, "missed deletes")))
+            spandel = sqlite3_changes64(d->db);
+    }
+    if (!res && ins + del + spandel > 0) {
+        d->stats.missed_rows += (uint64_t)(ins + del + spandel);
+        hl_logf(HL_LOG_WARN,
+                "table \"%s\" was written while its triggers were missing (a rebuild): %lld inserted and %lld "
+                "deleted rows found and logged; rows changed in place meanwhile cannot be found",
+                t->name, (long long)ins, (long long)(del + spandel));
+    }
+    hl_buf_free(&q);
+    return res;
+}
+
+/* Whether meta key is set to a non-zero value. */
+static bool meta_flag(hl_db *d, const char *key)
+{
+    int64_t v = 0;
+    bool found = false;
+    return hl_db_meta_get(d, key, &v, &found) == HL_OK && found && v != 0;
 }
 
 /* schema_version when the rowids of tables without a primary key were last checked (-1: never). */
@@ -530,6 +701,7 @@ typedef struct sync_ctx {
     hl_buf want;       /* the names of the objects the schema needs, NUL separated */
     bool backfill;     /* new tables' existing rows are captured */
     bool check_rowids; /* the schema changed: rowids may have moved without a trigger */
+    bool seeded;       /* every row had a version or a log entry at the last sync (clock_seed) */
 } sync_ctx;
 
 /*
@@ -616,12 +788,14 @@ static hl_status clock_reshape(hl_db *d, const hl_table *t)
 }
 
 /* A table whose key changed since its change log was made: the log's rows
- * cannot be captured, its versions are of keys that no longer exist. */
-static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c)
+ * cannot be captured, its versions are of keys that no longer exist
+ * (*rekeyed). */
+static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c, bool *rekeyed)
 {
     char *sig = stored_keysig(d, t->name);
     hl_status st = HL_OK;
-    if (sig && strcmp(sig, t->keysig) != 0 && pair_find(&c->tabs, t->log)) {
+    *rekeyed = sig && strcmp(sig, t->keysig) != 0;
+    if (*rekeyed && pair_find(&c->tabs, t->log)) {
         int64_t n = count_rows(d, t->log);
         if (n > 0)
             hl_logf(HL_LOG_WARN,
@@ -659,15 +833,31 @@ static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
     return st;
 }
 
+/* Whether any of t's triggers is missing (dropped with the table by a rebuild). */
+static bool triggers_missing(const hl_table *t, sync_ctx *c)
+{
+    bool missing = false;
+    for (int w = 0; w < 4 && !missing; w++) {
+        hl_buf_reset(&c->ddl);
+        hl_buf_addf(&c->ddl, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
+        missing = !hl_buf_status(&c->ddl) && !pair_find(&c->trig, hl_buf_str(&c->ddl));
+    }
+    return missing;
+}
+
 /* Brings one replicated table's change log, clock, high-water mark and triggers in line. */
 static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
 {
-    hl_status st = key_changed(d, t, c);
+    bool rekeyed = false;
+    hl_status st = key_changed(d, t, c, &rekeyed);
     if (st)
         return st;
     char *known = stored_keysig(d, t->name);
     bool is_new = known == NULL;
     free(known);
+    /* Writes since the triggers went can be found only where every row had a
+     * version or a log entry before (clock_seed) and still has its clock. */
+    bool untriggered = !is_new && !rekeyed && c->seeded && pair_find(&c->tabs, t->log) && triggers_missing(t, c);
     hl_buf_reset(&c->ddl);
     if ((st = log_ddl(t, &c->ddl)) || (st = exec_logged(d, hl_buf_str(&c->ddl))))
         return st;
@@ -682,15 +872,22 @@ static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
         return st;
     if (is_new && c->backfill && (st = backfill_table(d, t)))
         return st;
+    /* Before anything else is logged: a log entry hides evidence of moved rowids. */
+    bool moved = false;
+    if (t->npk == 0 && c->check_rowids && !is_new && (st = rowids_moved(d, t, &moved)))
+        return st;
+    if (moved)
+        st = rowid_resync(d, t);
+    else if (untriggered)
+        st = missed_writes(d, t);
+    if (st)
+        return st;
     /* Everything up to here is logged (or, on the first run, the common
      * starting point): inserts above the current last rowid need no log. */
     if (t->int_key && (st = hwm_init(d, t)))
         return st;
-    if (t->npk == 0 && c->check_rowids) {
-        bool moved = false;
-        if ((!is_new && (st = rowids_moved(d, t, &moved))) || (st = moved ? rowid_resync(d, t) : clock_seed(d, t)))
-            return st;
-    }
+    if (!moved && (!c->seeded || rekeyed || (t->npk == 0 && c->check_rowids)) && (st = clock_seed(d, t)))
+        return st;
     hl_buf_add(&c->want, t->log, strlen(t->log) + 1);
     if (t->spanned)
         hl_buf_add(&c->want, t->span, strlen(t->span) + 1);
@@ -768,6 +965,7 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     c.backfill = had_schema || count_rows(d, HL_PREFIX "tables") > 0;
     /* Only a schema change (VACUUM included) can move rowids without a trigger. */
     c.check_rowids = rowids_checked_at(d) != sv;
+    c.seeded = meta_flag(d, "versions_seeded");
     for (size_t i = 0; i < d->schema.n && !st; i++)
         st = table_sync(d, &d->schema.t[i], &c);
     if (st || (pair_find(&c.tabs, HL_PREFIX "clock") && (st = migrate_legacy_clock(d))) || (st = drop_stale(d, &c)))
@@ -779,7 +977,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     d->app_triggers = count_app_triggers(d);
     sqlite3_db_config(d->db, SQLITE_DBCONFIG_ENABLE_TRIGGER, d->app_triggers ? 1 : 0, NULL);
     d->schema_version = hl_db_schema_version(d);
-    if ((st = hl_db_meta_put(d, "rowids_checked", d->schema_version)))
+    if ((st = hl_db_meta_put(d, "rowids_checked", d->schema_version)) ||
+        (!c.seeded && (st = hl_db_meta_put(d, "versions_seeded", 1))))
         goto out;
     if ((st = hl_schema_track(d)))
         goto out;

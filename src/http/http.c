@@ -563,6 +563,9 @@ static void m_engine(mw *w, const hl_state_snapshot *s)
     m_simple(w, "table_resyncs_total", "counter",
              "Tables without a primary key sent in full because VACUUM or a rebuild moved their rowids.",
              s->table_resyncs);
+    m_simple(w, "missed_rows_total", "counter",
+             "Rows found inserted or deleted while a table's triggers were missing (a rebuild), then sent.",
+             s->missed_rows);
     m_simple(w, "clock_ahead_total", "counter",
              "Changesets held because a row version was more than max_clock_drift ahead of the local wall clock.",
              s->clock_ahead);

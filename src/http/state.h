@@ -96,6 +96,7 @@ typedef struct hl_state_snapshot {
     uint64_t held_origins; /* origins with held changesets, also beyond HL_STATE_MAX_HELD */
     hl_state_held held[HL_STATE_MAX_HELD];
     uint64_t table_resyncs; /* tables sent in full after VACUUM or a rebuild moved their rowids */
+    uint64_t missed_rows;   /* rows found written while a table's triggers were missing */
 
     /* replication lag: origin capture wall time -> local apply commit */
     uint64_t lag_buckets[HL_LAG_BUCKETS + 1]; /* cumulative counts are computed when rendering */

@@ -359,6 +359,35 @@ def test_vacuum_of_a_table_without_primary_key_converges(cluster):
     assert n1.scalar("SELECT count(*) FROM nokey") == len(expected)
 
 
+def test_writes_after_a_rebuild_while_stopped_reach_the_others(cluster):
+    """The usual SQLite migration rebuilds a table (new table, copy, drop,
+    rename), which drops harmonylite's triggers with the old table. An
+    application that migrates and writes while its harmonylite is stopped (or
+    before it notices the new schema) must still see those inserts and deletes
+    replicated once it runs."""
+    n1, n2, n3 = cluster.nodes
+    cluster.create_tables("CREATE TABLE tags (name TEXT PRIMARY KEY, n INTEGER NOT NULL)", ["tags"])
+    conn = n1.connect()
+    with transaction(conn):
+        conn.executemany("INSERT INTO tags VALUES (?, ?)", [(f"t{i}", i) for i in range(10)])
+    cluster.wait_converged(["tags"])
+    n1.stop()
+    conn.executescript("BEGIN; CREATE TABLE tags_new (name TEXT PRIMARY KEY, n INTEGER NOT NULL, note TEXT);"
+                       "INSERT INTO tags_new(name, n) SELECT name, n FROM tags; DROP TABLE tags;"
+                       "ALTER TABLE tags_new RENAME TO tags; COMMIT")
+    for n in (n2, n3):
+        n.executescript("ALTER TABLE tags ADD COLUMN note TEXT")
+    conn.execute("INSERT INTO tags VALUES ('after rebuild', 100, 'new')")
+    conn.execute("DELETE FROM tags WHERE name = 't3'")
+    n1.start()
+    expected = {f"t{i}": i for i in range(10) if i != 3} | {"after rebuild": 100}
+    for n in cluster.nodes:
+        harness.wait_equal(lambda: dict(n.query("SELECT name, n FROM tags")), expected, REPL_TIMEOUT,
+                           f"the writes after the rebuild on node {n.id}")
+    cluster.wait_converged(["tags"])
+    conn.close()
+
+
 def test_trusted_schema_off(cluster):
     n1, n2, n3 = cluster.nodes
     cluster.create_tables("CREATE TABLE ts_t (id INTEGER PRIMARY KEY, v TEXT)", ["ts_t"])

@@ -1533,6 +1533,65 @@ START_TEST(rebuilt_rowid_table_converges)
 }
 END_TEST
 
+/* A rebuild drops our triggers with the old table; the new ones come with the
+ * engine's next step. Rows inserted or deleted in between, in the starting
+ * content as in replicated rows, are found then and sent; the starting
+ * content itself is not. */
+START_TEST(writes_while_a_rebuild_dropped_the_triggers_are_captured)
+{
+    static const char *init = "INSERT INTO books(id, title) VALUES (1, 's1'), (2, 's2'), (3, 's3'), (4, 's4');"
+                              "INSERT INTO pairs VALUES (1, 'a', 1), (2, 'b', 2)";
+    static const char *rebuild =
+        "BEGIN; CREATE TABLE books2(id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, year INTEGER);"
+        "INSERT INTO books2 SELECT * FROM books; DROP TABLE books; ALTER TABLE books2 RENAME TO books;"
+        "CREATE TABLE pairs2(a INTEGER, b TEXT, v, PRIMARY KEY(a, b)) WITHOUT ROWID;"
+        "INSERT INTO pairs2 SELECT * FROM pairs; DROP TABLE pairs; ALTER TABLE pairs2 RENAME TO pairs; COMMIT";
+    pair p = {0};
+    path_of(p.pa, sizeof p.pa, "a.db");
+    path_of(p.pb, sizeof p.pb, "b.db");
+    p.appa = app_open(p.pa);
+    p.appb = app_open(p.pb);
+    app_exec(p.appa, schema_sql);
+    app_exec(p.appb, schema_sql);
+    app_exec(p.appa, init);
+    app_exec(p.appb, init);
+    p.a = engine_open(p.pa, 1);
+    p.b = engine_open(p.pb, 2);
+    hl_buf_init(&p.raw, 256u << 20);
+    /* the starting content got versions that lose to any write: one span, a clock row per pair */
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__books_span WHERE lo = 1 AND hi = 4 AND "
+                                    "hlc = 0"),
+                     1);
+    ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM __harmonylite__pairs_clock WHERE hlc = 0"), 2);
+
+    app_exec(p.appa, "INSERT INTO books(id, title) VALUES (5, 'r5'), (6, 'r6'), (7, 'r7'), (8, 'r8');"
+                     "INSERT INTO pairs VALUES (3, 'c', 3)");
+    ck_assert_uint_eq(capture(p.a), 5);
+    deliver_all(&p, p.a, p.b);
+
+    app_exec(p.appa, rebuild);
+    /* before the engine's next step: nothing logs these */
+    app_exec(p.appa, "DELETE FROM books WHERE id IN (2, 6); INSERT INTO books(id, title) VALUES (0, 'below');"
+                     "INSERT INTO books(id, title) VALUES (9, 'above');"
+                     "DELETE FROM pairs WHERE a IN (1, 3); INSERT INTO pairs VALUES (4, 'd', 4)");
+    ck_assert_uint_eq(capture(p.a), 7); /* 9 through the high-water mark; the rest found */
+    ck_assert_uint_eq(hl_db_counters(p.a)->missed_rows, 6);
+    deliver_all(&p, p.a, p.b);
+    char *da = dump(p.pa), *db = dump(p.pb);
+    ck_assert_str_eq(da, db);
+    ck_assert_ptr_null(strstr(da, "'s2'"));
+    ck_assert_ptr_nonnull(strstr(da, "'below'"));
+    free(da);
+    free(db);
+
+    /* triggers in place again: nothing more is found at the next schema change */
+    app_exec(p.appa, "CREATE TABLE unrelated(z)");
+    ck_assert_uint_eq(capture(p.a), 0);
+    ck_assert_uint_eq(hl_db_counters(p.a)->missed_rows, 6);
+    pair_close(&p);
+}
+END_TEST
+
 /* Rewrites the row versions of cs (from raw) and re-encodes it into raw. */
 static void set_versions(hl_changeset *cs, uint64_t hlc, hl_buf *raw, uint8_t *flags)
 {
@@ -2395,6 +2454,7 @@ int main(void)
     tcase_add_test(tc, gap_filled_between_read_and_record_is_captured);
     tcase_add_test(tc, vacuum_renumbering_rowids_converges);
     tcase_add_test(tc, rebuilt_rowid_table_converges);
+    tcase_add_test(tc, writes_while_a_rebuild_dropped_the_triggers_are_captured);
     tcase_add_test(tc, vacuum_moving_rows_of_the_starting_point_converges);
     tcase_add_test(tc, big_transaction_travels_as_a_chain_applied_as_one);
     tcase_add_test(tc, chain_waits_for_the_schema_as_a_whole);
