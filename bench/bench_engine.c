@@ -114,18 +114,21 @@ static double scattered_updates(const char *path, hl_db *a, long rows, long n, i
 }
 
 /* Applies every outbox changeset of a after e->seq to b, one engine step
- * each; e is left holding the last one. Returns seconds (decode excluded). */
-static double apply_outbox(hl_db *a, hl_db *b, hl_outbox_entry *e)
+ * each; e is left holding the last one. Returns seconds (decode excluded);
+ * *t_dec grows by the seconds decoding took. */
+static double apply_outbox(hl_db *a, hl_db *b, hl_outbox_entry *e, double *t_dec)
 {
     double t = 0;
     while (hl_db_outbox_next(a, e->seq, e) == HL_OK) {
         hl_changeset *cs = NULL;
         char err[256];
+        double t0 = now();
         check(hl_changeset_decode(e->payload.data, e->payload.len, (e->flags & HL_PART_FLAG_ZSTD) != 0, 512u << 20, &cs,
                                   err, sizeof err) == HL_OK,
               "decode");
+        *t_dec += now() - t0;
         hl_apply_result r;
-        double t0 = now();
+        t0 = now();
         check(hl_db_apply_one(b, cs, e->payload.data, e->payload.len, e->flags, &r) == HL_OK, "apply");
         t += now() - t0;
         hl_changeset_free(cs);
@@ -176,7 +179,7 @@ int main(int argc, char **argv)
      * transaction (the part that holds the application's write lock); more
      * than a snapshot batch holds is captured as a chain, streaming inside
      * the write transaction (all of it holds the lock) */
-    double t_read = 0, t_rec = 0, t_apply = 0;
+    double t_read = 0, t_rec = 0, t_apply = 0, t_dec = 0, t_upd_dec = 0;
     hl_step cap = {.capture = true};
     check(hl_db_step(a, NULL, NULL, &cap) == HL_OK, "capture");
     t_read = (double)cap.read_us / 1e6;
@@ -187,13 +190,13 @@ int main(int argc, char **argv)
     /* apply every outbox changeset to b, one engine step each */
     hl_outbox_entry e;
     hl_outbox_entry_init(&e, 512u << 20);
-    t_apply = apply_outbox(a, b, &e);
+    t_apply = apply_outbox(a, b, &e, &t_dec);
     check(hl_db_counters(b)->rows_applied == (uint64_t)rows, "all rows applied");
 
     uint64_t cap0 = hl_db_counters(a)->rows_captured;
     double t_upd_cap = scattered_updates(pa, a, rows, rows / 2, batch);
     uint64_t upd = hl_db_counters(a)->rows_captured - cap0;
-    double t_upd_apply = apply_outbox(a, b, &e);
+    double t_upd_apply = apply_outbox(a, b, &e, &t_upd_dec);
     check(hl_db_counters(b)->rows_applied == (uint64_t)rows + upd, "all updates applied");
     printf("%-34s %12s\n", "step (one core, no NATS)", "rows/s");
     printf("%-34s %12.0f\n", "bare SQLite insert", rows / bare);
@@ -204,9 +207,11 @@ int main(int argc, char **argv)
         printf("%-34s %12.0f\n", "  read and encode (no lock)", captured / t_read);
         printf("%-34s %12.0f\n", "  record (holds the write lock)", captured / t_rec);
     }
+    printf("%-34s %12.0f\n", "decode (zstd and CBOR)", rows / t_dec);
     printf("%-34s %12.0f\n", "apply (decode excluded)", rows / t_apply);
     printf("%-34s %12.0f   (%llu rows at random keys, %d-row transactions)\n", "scattered updates: capture",
            (double)upd / t_upd_cap, (unsigned long long)upd, batch);
+    printf("%-34s %12.0f\n", "scattered updates: decode", (double)upd / t_upd_dec);
     printf("%-34s %12.0f\n", "scattered updates: apply", (double)upd / t_upd_apply);
     hl_outbox_entry_free(&e);
     hl_db_close(a);

@@ -420,12 +420,16 @@ static hl_status clock_seed(hl_db *d, const hl_table *t)
         hl_buf_adds(&q, " AS x WHERE 1");
         add_below_hwm(&q, t);
         res = hl_db_run(d, &q, t->int_key ? t->name : NULL, NULL, "clock seed");
+        if (!res && sqlite3_changes64(d->db) > 0)
+            hl_logf(HL_LOG_INFO, "table \"%s\": %lld existing rows taken as the common starting point", t->name,
+                    (long long)sqlite3_changes64(d->db));
         hl_buf_free(&q);
         return res;
     }
     /* Runs of consecutive keys: a key minus its rank is the same along a run.
      * The first pass records the runs of two rows or more as spans; what is
      * left then is runs of one, which get a clock row each. */
+    int64_t made[2] = {0, 0};
     for (int pass = 0; pass < 2 && !res; pass++) {
         hl_buf_reset(&q);
         hl_buf_adds(&q, "WITH k(k) AS (SELECT x.");
@@ -446,7 +450,13 @@ static hl_status clock_seed(hl_db *d, const hl_table *t)
             hl_buf_adds(&q, "(k0, hlc, node, deleted) SELECT lo, 0, 0, 0 FROM run");
         }
         res = hl_db_run(d, &q, t->int_key ? t->name : NULL, NULL, "clock seed");
+        made[pass] = res ? 0 : sqlite3_changes64(d->db);
     }
+    if (made[0] + made[1] > 0)
+        hl_logf(HL_LOG_INFO,
+                "table \"%s\": existing rows taken as the common starting point (%lld runs of consecutive keys, "
+                "%lld single rows)",
+                t->name, (long long)made[0], (long long)made[1]);
     hl_buf_free(&q);
     return res;
 }
