@@ -1033,7 +1033,7 @@ static hl_status apply_run(hl_db *d, const hl_changeset *cs, const size_t *order
     const hl_cs_row *first = ROW_AT(cs, order, i);
     int64_t lo = first->key[0].u.i, hi = ROW_AT(cs, order, i + n - 1)->key[0].u.i;
     bool none = false;
-    hl_status st;
+    hl_status st = HL_OK; /* returned as is when the run cannot be a span */
     *done = false;
     if (!t->key_order && (st = key_order_prepare(d, t)))
         return st;

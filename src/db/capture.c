@@ -43,7 +43,7 @@ static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only, bool un
         hl_add_rowid(q, t);
         hl_buf_adds(q, " NOT IN (SELECT k0 FROM ");
         hl_buf_add_ident(q, t->log);
-        hl_buf_adds(q, " WHERE k0 IS NOT NULL)");
+        hl_buf_adds(q, " WHERE k0 IS NOT NULL AND jd > 0)"); /* not suspects (triggers.c, replace_sql) */
     }
     return hl_buf_adds(q, " ORDER BY 1");
 }
@@ -419,8 +419,12 @@ static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_
     sqlite3_stmt *lr = t->st_log_read;
     int rc;
     while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
-        /* Julian day -> Unix milliseconds */
+        /* Julian day -> Unix milliseconds. Negated: every entry of the row
+         * is a suspect (triggers.c, replace_sql), sent only if it is gone. */
         double jd = sqlite3_column_double(lr, 0);
+        bool suspect = jd < 0;
+        if (suspect)
+            jd = -jd;
         uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : 0;
         int64_t seq = sqlite3_column_int64(lr, 1);
         if (seq > tab->max_seq)
@@ -439,11 +443,13 @@ static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_
                         dropped ? " (repeats not logged)" : "");
             continue;
         }
+        /* The row as it is now is the last image of every write logged for it. */
+        bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
+        if (suspect && exists)
+            continue; /* not deleted; above the high-water mark, the range read still sees it */
         if (!k->stream && t->int_key && key[0].type == HL_VAL_INT &&
             (st = push_i64(&logged->v, &logged->n, &logged->cap, key[0].u.i)))
             break;
-        /* The row as it is now is the last image of every write logged for it. */
-        bool exists = sqlite3_column_int(lr, 2 + (int)nk) != 0;
         if (exists)
             for (size_t i = 0; i < t->ncols; i++)
                 hl_value_from_column(lr, 3 + (int)nk + (int)i, &vals[i]);

@@ -19,7 +19,9 @@
  * capture converts it to Unix milliseconds. */
 #define NOW_JD "julianday('now')"
 
-static const char *const trig_suffix[4] = {"_ai", "_au", "_ak", "_ad"};
+/* _ai, _au, _ak, _ad log writes; _ar and _ur, only on tables with a UNIQUE
+ * index, log the rows an INSERT or UPDATE OR REPLACE may delete (replace_sql). */
+static const char *const trig_suffix[6] = {"_ai", "_au", "_ak", "_ad", "_ar", "_ur"};
 
 /* Appends "NEW.k0, NEW.k1" style key references (which = "NEW" or "OLD"). */
 static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
@@ -122,6 +124,119 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
     hl_buf_adds(b, ") VALUES (" NOW_JD ", ");
     add_keys(b, t, which >= 2 ? "OLD" : "NEW");
     return hl_buf_adds(b, "); END");
+}
+
+/*
+ * The OR REPLACE conflict resolution (INSERT OR REPLACE, UPDATE OR REPLACE,
+ * REPLACE, ON CONFLICT REPLACE in the table's definition) deletes the rows
+ * that hold the new row's value of a UNIQUE index, and SQLite fires no DELETE
+ * trigger for them unless the writer turned recursive_triggers on: such a row
+ * vanished without a log entry. These BEFORE triggers log, for each row
+ * written, the rows that share one of its UNIQUE values (an index lookup per
+ * index), marked as suspects: the Julian day negated. Capture sends a delete
+ * for a suspect whose row is gone and nothing for one that is still there (an
+ * INSERT OR IGNORE, or a statement that failed: then the entry was rolled
+ * back with it). cond is the OR of one condition per UNIQUE index on the row
+ * x (unique_cond), cols the indexed columns, for UPDATE OF.
+ */
+static hl_status replace_sql(const hl_table *t, int which, const char *cond, const char *cols, hl_buf *b)
+{
+    hl_buf_adds(b, "CREATE TRIGGER ");
+    hl_status st = add_trigger_name(b, t, which);
+    if (st)
+        return st;
+    hl_buf_addf(b, " BEFORE %s", which == 4 ? "INSERT" : "UPDATE OF ");
+    if (which == 5)
+        hl_buf_adds(b, cols);
+    hl_buf_adds(b, " ON ");
+    hl_buf_add_ident(b, t->name);
+    hl_buf_adds(b, " WHEN " GUARD " BEGIN INSERT INTO ");
+    hl_buf_add_ident(b, t->log);
+    hl_buf_adds(b, "(");
+    add_log_cols(b, t);
+    hl_buf_adds(b, ") SELECT -" NOW_JD ", ");
+    add_keys(b, t, "x");
+    hl_buf_adds(b, " FROM ");
+    hl_buf_add_ident(b, t->name);
+    hl_buf_adds(b, " AS x WHERE ");
+    hl_buf_adds(b, cond);
+    return hl_buf_adds(b, "; END");
+}
+
+/*
+ * The UNIQUE indexes of t (not its primary key) as a condition on a row x
+ * and NEW: "(x.a = NEW.a COLLATE NOCASE AND x.b = NEW.b COLLATE BINARY) OR
+ * ...", each column compared under the index's collation; their columns in
+ * cols. An index on an expression is left out: its values cannot be named
+ * in a trigger (docs/architecture.md). Both stay empty without such indexes.
+ */
+static hl_status unique_cond(hl_db *d, const hl_table *t, hl_buf *cond, hl_buf *cols)
+{
+    sqlite3_stmt *il = NULL, *ix = NULL;
+    hl_status st = HL_OK;
+    hl_buf one, cids; /* one index's condition; the columns in cols so far (ints) */
+    hl_buf_init(&one, 1u << 20);
+    hl_buf_init(&cids, 1u << 20);
+    hl_buf_reset(cond);
+    hl_buf_reset(cols);
+    int rc = sqlite3_prepare_v2(d->db,
+                                "SELECT name FROM pragma_index_list(?1) WHERE \"unique\" AND origin <> 'pk' "
+                                "ORDER BY name",
+                                -1, &il, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(d->db, "SELECT cid, name, coll FROM pragma_index_xinfo(?1) WHERE key ORDER BY seqno",
+                                -1, &ix, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(il, 1, t->name, -1, SQLITE_STATIC);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(il)) == SQLITE_ROW) {
+        bool plain = true;
+        rc = sqlite3_bind_text(ix, 1, (const char *)sqlite3_column_text(il, 0), -1, SQLITE_TRANSIENT);
+        hl_buf_reset(&one);
+        for (;;) {
+            if (rc != SQLITE_OK || (rc = sqlite3_step(ix)) != SQLITE_ROW)
+                break;
+            rc = SQLITE_OK;
+            const char *col = (const char *)sqlite3_column_text(ix, 1);
+            const char *coll = (const char *)sqlite3_column_text(ix, 2);
+            if (sqlite3_column_int(ix, 0) < 0 || !col || !coll) {
+                plain = false;
+                continue;
+            }
+            hl_buf_adds(&one, one.len ? " AND x." : "(x.");
+            hl_buf_add_ident(&one, col);
+            hl_buf_adds(&one, " = NEW.");
+            hl_buf_add_ident(&one, col);
+            hl_buf_adds(&one, " COLLATE ");
+            hl_buf_add_ident(&one, coll);
+            int cid = sqlite3_column_int(ix, 0);
+            bool seen = false;
+            for (size_t i = 0; i + sizeof cid <= cids.len && !seen; i += sizeof cid)
+                seen = memcmp(cids.data + i, &cid, sizeof cid) == 0;
+            if (!seen) {
+                hl_buf_add(&cids, &cid, sizeof cid);
+                if (cols->len)
+                    hl_buf_adds(cols, ", ");
+                hl_buf_add_ident(cols, col);
+            }
+        }
+        sqlite3_reset(ix);
+        if (rc == SQLITE_DONE)
+            rc = SQLITE_OK;
+        if (rc == SQLITE_OK && plain && one.len) {
+            hl_buf_adds(cond, cond->len ? " OR " : "");
+            hl_buf_add(cond, one.data, one.len);
+            hl_buf_adds(cond, ")");
+        }
+    }
+    if (rc != SQLITE_DONE && rc != SQLITE_OK)
+        st = hl_db_err(d, rc, "unique indexes");
+    else if (!(st = hl_buf_status(&one)) && !(st = hl_buf_status(&cids)) && !(st = hl_buf_status(cond)))
+        st = hl_buf_status(cols);
+    sqlite3_finalize(il);
+    sqlite3_finalize(ix);
+    hl_buf_free(&one);
+    hl_buf_free(&cids);
+    return st;
 }
 
 static hl_status log_ddl(const hl_table *t, hl_buf *b)
@@ -706,12 +821,13 @@ static hl_status migrate_legacy_clock(hl_db *d)
 
 /* What one hl_triggers_sync works with. */
 typedef struct sync_ctx {
-    hl_buf trig, tabs; /* our triggers and tables now: (name, sql) pairs */
-    hl_buf ddl, tsql;  /* scratch */
-    hl_buf want;       /* the names of the objects the schema needs, NUL separated */
-    bool backfill;     /* new tables' existing rows are captured */
-    bool check_rowids; /* the schema changed: rowids may have moved without a trigger */
-    bool seeded;       /* every row had a version or a log entry at the last sync (clock_seed) */
+    hl_buf trig, tabs;   /* our triggers and tables now: (name, sql) pairs */
+    hl_buf ddl, tsql;    /* scratch */
+    hl_buf want;         /* the names of the objects the schema needs, NUL separated */
+    bool backfill;       /* new tables' existing rows are captured */
+    bool check_rowids;   /* the schema changed: rowids may have moved without a trigger */
+    bool seeded;         /* every row had a version or a log entry at the last sync (clock_seed) */
+    hl_buf ucond, ucols; /* the table's UNIQUE indexes (unique_cond); empty: none */
 } sync_ctx;
 
 /*
@@ -824,12 +940,16 @@ static hl_status key_changed(hl_db *d, hl_table *t, sync_ctx *c, bool *rekeyed)
 static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 {
     hl_status st = HL_OK;
-    for (int w = 0; w < 4 && !st; w++) {
+    for (int w = 0; w < 6 && !st; w++) {
+        if (w >= 4 && !c->ucond.len)
+            continue; /* no UNIQUE index: nothing OR REPLACE could delete */
         hl_buf name;
         hl_buf_init(&name, 1u << 20);
         hl_buf_reset(&c->tsql);
         hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
-        if (!(st = hl_buf_status(&name)) && !(st = trigger_sql(t, w, &c->tsql))) {
+        if (!(st = hl_buf_status(&name)) &&
+            !(st = w < 4 ? trigger_sql(t, w, &c->tsql)
+                         : replace_sql(t, w, hl_buf_str(&c->ucond), hl_buf_str(&c->ucols), &c->tsql))) {
             const char *have = pair_find(&c->trig, hl_buf_str(&name));
             if (have && strcmp(have, hl_buf_str(&c->tsql)) != 0)
                 st = drop_object(d, "TRIGGER", hl_buf_str(&name));
@@ -847,7 +967,9 @@ static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 static bool triggers_missing(const hl_table *t, sync_ctx *c)
 {
     bool missing = false;
-    for (int w = 0; w < 4 && !missing; w++) {
+    for (int w = 0; w < 6 && !missing; w++) {
+        if (w >= 4 && !c->ucond.len)
+            continue;
         hl_buf_reset(&c->ddl);
         hl_buf_addf(&c->ddl, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
         missing = !hl_buf_status(&c->ddl) && !pair_find(&c->trig, hl_buf_str(&c->ddl));
@@ -865,6 +987,8 @@ static hl_status table_sync(hl_db *d, hl_table *t, sync_ctx *c)
     char *known = stored_keysig(d, t->name);
     bool is_new = known == NULL;
     free(known);
+    if ((st = unique_cond(d, t, &c->ucond, &c->ucols)))
+        return st;
     /* Writes since the triggers went can be found only where every row had a
      * version or a log entry before (clock_seed) and still has its clock. */
     bool untriggered = !is_new && !rekeyed && c->seeded && pair_find(&c->tabs, t->log) && triggers_missing(t, c);
@@ -962,6 +1086,8 @@ hl_status hl_triggers_sync(hl_db *d, bool force, bool *changed)
     hl_buf_init(&c.ddl, 16u << 20);
     hl_buf_init(&c.tsql, 16u << 20);
     hl_buf_init(&c.want, 256u << 20);
+    hl_buf_init(&c.ucond, 16u << 20);
+    hl_buf_init(&c.ucols, 16u << 20);
 
     bool had_schema = d->schema.t != NULL || d->schema_version >= 0;
     if ((st = hl_schema_scan(d, &d->schema)) || (st = existing(d, "trigger", &c.trig)) ||
@@ -999,5 +1125,7 @@ out:
     hl_buf_free(&c.ddl);
     hl_buf_free(&c.tsql);
     hl_buf_free(&c.want);
+    hl_buf_free(&c.ucond);
+    hl_buf_free(&c.ucols);
     return st;
 }
