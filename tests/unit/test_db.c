@@ -175,6 +175,15 @@ static char *dump(const char *path)
     return (char *)hl_buf_steal(&out, NULL);
 }
 
+/* Both databases hold the same application rows (dump()). */
+static void assert_same_dump(const char *pa, const char *pb)
+{
+    char *da = dump(pa), *db = dump(pb);
+    ck_assert_str_eq(da, db);
+    free(da);
+    free(db);
+}
+
 static void make_pair(char *pa, char *pb, size_t n, hl_db **a, hl_db **b)
 {
     path_of(pa, n, "a.db");
@@ -376,10 +385,7 @@ START_TEST(capture_and_apply_round_trip)
     ck_assert_uint_eq(cs->origin, 1);
     ck_assert_uint_eq(cs->seq, 1);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
 
     /* Replicated writes are not captured again. */
     ck_assert_uint_eq(capture(p.b), 0);
@@ -420,10 +426,7 @@ START_TEST(capture_never_sends_what_receivers_would_refuse)
     }
     ck_assert_uint_gt(members, 4);
     ck_assert_uint_eq(hl_db_counters(p.b)->chains_applied, 1);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     pair_close(&p);
 }
 END_TEST
@@ -454,11 +457,7 @@ START_TEST(last_writer_wins_and_tombstones)
     /* b's version reaches a and wins there too. */
     hl_changeset *newer = take(p.b, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.a, newer, &p.raw, p.flags), HL_APPLIED);
-    char *da = dump(p.pa);
-    db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     hl_changeset_free(newer);
     hl_changeset_free(older);
 
@@ -504,10 +503,7 @@ START_TEST(out_of_order_changesets_are_held_then_applied)
     ck_assert_int_eq(apply(p.b, c1, &r1, f1), HL_APPLIED);
     ck_assert_int_eq(hl_db_held_count(p.b, &held, NULL, NULL), HL_OK);
     ck_assert_uint_eq(held, 0);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     hl_changeset_free(c1);
     hl_changeset_free(c2);
     pair_close(&p);
@@ -1276,10 +1272,7 @@ START_TEST(inserts_above_the_high_water_mark_are_not_logged)
     cs = take(p.a, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.b, cs, &p.raw, p.flags), HL_APPLIED);
     hl_changeset_free(cs);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     pair_close(&p);
 }
 END_TEST
@@ -1414,10 +1407,7 @@ static void plain_with_gaps(pair *p)
     app_exec(p->appa, "DELETE FROM plain WHERE x IN ('r2', 'r4')");
     capture(p->a);
     deliver_all(p, p->a, p->b);
-    char *da = dump(p->pa), *db = dump(p->pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p->pa, p->pb);
 }
 
 /* VACUUM renumbers the rows of a table without a primary key and fires no
@@ -1439,10 +1429,7 @@ START_TEST(vacuum_renumbering_rowids_converges)
                      "INSERT INTO plain(x, y) VALUES ('r7', 7)");
     capture(p.b);
     deliver_all(&p, p.b, p.a);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     char *ra = plain_rows(p.appa), *rb = plain_rows(p.appb);
     ck_assert_str_eq(ra, "r3=30,r5=50,r7=7");
     ck_assert_str_eq(rb, ra);
@@ -1488,10 +1475,7 @@ START_TEST(vacuum_moving_rows_of_the_starting_point_converges)
     ck_assert_str_eq(rb, ra);
     free(ra);
     free(rb);
-    char *da = dump(pa), *db = dump(pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(pa, pb);
     pair_close(&p);
 }
 END_TEST
@@ -1622,10 +1606,7 @@ START_TEST(rows_deleted_by_or_replace_are_captured)
     ck_assert_int_eq(scalar(p.appa, "SELECT count(*) FROM uniq"), 0);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM uniq"), 0); /* before: rows 1 and 4 stayed */
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM acct"), 0); /* 'a' by email (NOCASE), 'b' by (org, n) */
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     /* the engine's own writes fire none of it */
     app_exec(p.appb, "INSERT INTO uniq VALUES (7, 'u')");
     capture(p.b);
@@ -1755,10 +1736,7 @@ START_TEST(unique_clash_newer_row_wins_everywhere)
     /* b's rows are newer: on a they replace a's, on b a's lose. */
     ck_assert_int_eq(apply(p.a, cb, &p.raw, p.flags), HL_APPLIED);
     ck_assert_int_eq(apply(p.b, ca, &rawa, fa), HL_APPLIED);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     for (int i = 0; i < 2; i++) {
         sqlite3 *app = i ? p.appb : p.appa;
         ck_assert_int_eq(scalar(app, "SELECT count(*) FROM uniq WHERE id = 2"), 1);
@@ -1796,11 +1774,7 @@ START_TEST(unique_clash_newer_row_wins_everywhere)
     capture(p.b);
     hl_changeset *cu = take(p.b, &p.raw, &p.flags);
     ck_assert_int_eq(apply(p.a, cu, &p.raw, p.flags), HL_APPLIED);
-    da = dump(p.pa);
-    db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     hl_changeset_free(ca);
     hl_changeset_free(cb);
     hl_changeset_free(cu);
@@ -1877,10 +1851,7 @@ START_TEST(big_transaction_travels_as_a_chain_applied_as_one)
         ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM pairs"), 100);
         ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__pending"), 0);
         ck_assert_uint_eq(hl_db_counters(p.b)->chains_applied, 1);
-        char *da = dump(p.pa), *db = dump(p.pb);
-        ck_assert_str_eq(da, db);
-        free(da);
-        free(db);
+        assert_same_dump(p.pa, p.pb);
         /* A replay of the chain is a duplicate; the next changeset applies at once. */
         ck_assert_int_eq(apply(p.b, t.cs[0], &t.raw[0], t.flags[0]), HL_DUPLICATE);
         taken_free(&t);
@@ -2262,10 +2233,7 @@ START_TEST(unique_value_handed_on_applies_without_conflict)
     hl_changeset_free(cs);
     ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 0);
     ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts"), 0);
-    char *da = dump(p.pa), *db = dump(p.pb);
-    ck_assert_str_eq(da, db);
-    free(da);
-    free(db);
+    assert_same_dump(p.pa, p.pb);
     pair_close(&p);
 }
 END_TEST
