@@ -35,13 +35,17 @@ static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
     return hl_buf_status(b);
 }
 
-static hl_status add_log_cols(hl_buf *b, const hl_table *t)
+/* Appends "INSERT INTO <t's change log>(jd, k0, k1 ...)": what follows gives
+ * the write time and the key. */
+static hl_status add_log_insert(hl_buf *b, const hl_table *t)
 {
     size_t n = t->npk ? t->npk : 1;
-    hl_buf_adds(b, "jd");
+    hl_buf_adds(b, "INSERT INTO ");
+    hl_buf_add_ident(b, t->log);
+    hl_buf_adds(b, "(jd");
     for (size_t i = 0; i < n; i++)
         hl_buf_addf(b, ", k%zu", i);
-    return hl_buf_status(b);
+    return hl_buf_adds(b, ")");
 }
 
 static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
@@ -117,11 +121,9 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
     hl_buf_add_ident(b, t->name);
     hl_buf_adds(b, " WHEN ");
     trigger_when(b, t, which);
-    hl_buf_adds(b, " BEGIN INSERT INTO ");
-    hl_buf_add_ident(b, t->log);
-    hl_buf_adds(b, "(");
-    add_log_cols(b, t);
-    hl_buf_adds(b, ") VALUES (" NOW_JD ", ");
+    hl_buf_adds(b, " BEGIN ");
+    add_log_insert(b, t);
+    hl_buf_adds(b, " VALUES (" NOW_JD ", ");
     add_keys(b, t, which >= 2 ? "OLD" : "NEW");
     return hl_buf_adds(b, "); END");
 }
@@ -150,11 +152,9 @@ static hl_status replace_sql(const hl_table *t, int which, const char *cond, con
         hl_buf_adds(b, cols);
     hl_buf_adds(b, " ON ");
     hl_buf_add_ident(b, t->name);
-    hl_buf_adds(b, " WHEN " GUARD " BEGIN INSERT INTO ");
-    hl_buf_add_ident(b, t->log);
-    hl_buf_adds(b, "(");
-    add_log_cols(b, t);
-    hl_buf_adds(b, ") SELECT -" NOW_JD ", ");
+    hl_buf_adds(b, " WHEN " GUARD " BEGIN ");
+    add_log_insert(b, t);
+    hl_buf_adds(b, " SELECT -" NOW_JD ", ");
     add_keys(b, t, "x");
     hl_buf_adds(b, " FROM ");
     hl_buf_add_ident(b, t->name);
@@ -314,11 +314,8 @@ static hl_status backfill_table(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 64u << 20);
-    hl_buf_adds(&q, "INSERT INTO ");
-    hl_buf_add_ident(&q, t->log);
-    hl_buf_adds(&q, "(");
-    add_log_cols(&q, t);
-    hl_buf_adds(&q, ") SELECT " NOW_JD);
+    add_log_insert(&q, t);
+    hl_buf_adds(&q, " SELECT " NOW_JD);
     for (size_t i = 0; i < t->npk; i++) {
         hl_buf_adds(&q, ", ");
         hl_buf_add_ident(&q, t->cols[t->pk[i]]);
@@ -426,16 +423,14 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 1u << 20);
-    hl_buf_adds(&q, "INSERT INTO ");
-    hl_buf_add_ident(&q, t->log);
-    hl_buf_addf(&q, "(jd, k0) SELECT " NOW_JD ", %s FROM ", t->rowid);
+    add_log_insert(&q, t);
+    hl_buf_addf(&q, " SELECT " NOW_JD ", %s FROM ", t->rowid);
     hl_buf_add_ident(&q, t->name);
     hl_status res = exec_built(d, &q);
     int64_t rows = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
-    hl_buf_adds(&q, "INSERT INTO ");
-    hl_buf_add_ident(&q, t->log);
-    hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", c.k0 FROM ");
+    add_log_insert(&q, t);
+    hl_buf_adds(&q, " SELECT " NOW_JD ", c.k0 FROM ");
     hl_buf_add_ident(&q, t->clock);
     hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
     hl_buf_add_ident(&q, t->name);
@@ -592,11 +587,8 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
     hl_buf q;
     int64_t ins, del = 0, spandel = 0;
     hl_buf_init(&q, 1u << 20);
-    hl_buf_adds(&q, "INSERT INTO ");
-    hl_buf_add_ident(&q, t->log);
-    hl_buf_adds(&q, "(");
-    add_log_cols(&q, t);
-    hl_buf_adds(&q, ") SELECT " NOW_JD ", ");
+    add_log_insert(&q, t);
+    hl_buf_adds(&q, " SELECT " NOW_JD ", ");
     add_keys(&q, t, "x");
     hl_buf_adds(&q, " FROM ");
     hl_buf_add_ident(&q, t->name);
@@ -607,11 +599,8 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
     ins = sqlite3_changes64(d->db);
     /* Live versions without a row: clock rows, then the keys of spans. */
     hl_buf_reset(&q);
-    hl_buf_adds(&q, "INSERT INTO ");
-    hl_buf_add_ident(&q, t->log);
-    hl_buf_adds(&q, "(");
-    add_log_cols(&q, t);
-    hl_buf_adds(&q, ") SELECT " NOW_JD);
+    add_log_insert(&q, t);
+    hl_buf_adds(&q, " SELECT " NOW_JD);
     for (size_t i = 0; i < (t->npk ? t->npk : 1); i++)
         hl_buf_addf(&q, ", c.k%zu", i);
     hl_buf_adds(&q, " FROM ");
@@ -632,10 +621,9 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
         hl_buf_add_ident(&q, t->name);
         hl_buf_adds(&q, " AS x WHERE x.");
         hl_add_rowid(&q, t);
-        hl_buf_adds(&q, " BETWEEN s.lo AND s.hi) <= s.hi - s.lo UNION ALL SELECT k + 1, hi FROM k WHERE k < hi) "
-                        "INSERT INTO ");
-        hl_buf_add_ident(&q, t->log);
-        hl_buf_adds(&q, "(jd, k0) SELECT " NOW_JD ", k FROM k WHERE NOT EXISTS (SELECT 1 FROM ");
+        hl_buf_adds(&q, " BETWEEN s.lo AND s.hi) <= s.hi - s.lo UNION ALL SELECT k + 1, hi FROM k WHERE k < hi) ");
+        add_log_insert(&q, t);
+        hl_buf_adds(&q, " SELECT " NOW_JD ", k FROM k WHERE NOT EXISTS (SELECT 1 FROM ");
         hl_buf_add_ident(&q, t->name);
         hl_buf_adds(&q, " AS x WHERE x.");
         hl_add_rowid(&q, t);
