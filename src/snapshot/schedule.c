@@ -30,6 +30,8 @@
 #define LAST_MAX_BYTES (1024 * 1024) /* the last-snapshot value: up to 4096 streams of 256-byte names */
 #define TICK_MIN_MS 500
 #define TICK_MAX_MS 30000
+#define FIRST_LOOK_MS 1000 /* the wait between looks until the first one, so a new cluster's first snapshot is prompt  \
+                            */
 #define BACKOFF_MIN_MS 10000
 #define BACKOFF_MAX_MS (15 * 60 * 1000)
 #define LEASE_SETTLE_MS 1000 /* between taking the lease and confirming it (see take()) */
@@ -567,7 +569,12 @@ static void *sched_main(void *arg)
     /* Each wait is the tick +-25%, at random: nodes started together would otherwise look at the
      * same instants, and the same node would win every race for the lease. */
     uint64_t rnd = hl_now_ms() ^ (c->node_id * UINT64_C(0x9e3779b97f4a7c15)) ^ (uint64_t)(uintptr_t)s;
-    for (uint64_t wait = jitter(&rnd, tick); !nap(s, wait); wait = jitter(&rnd, tick)) {
+    /* Until the node has looked at the bucket once (it must be caught up first), it looks every
+     * second or so: the first snapshot of a new cluster, and /readyz's newest snapshot, need not
+     * wait a whole tick after the start. */
+    bool looked = s->interval_ms <= 0; /* sleep_timeout alone keeps the tick */
+    for (uint64_t wait = jitter(&rnd, tick < FIRST_LOOK_MS ? tick : FIRST_LOOK_MS); !nap(s, wait);
+         wait = jitter(&rnd, looked || tick < FIRST_LOOK_MS ? tick : FIRST_LOOK_MS)) {
         pthread_mutex_lock(&s->mu);
         bool ready = s->ready;
         uint64_t idle = hl_mono_ms() - s->active_mono_ms, active_wall = s->active_wall_ms;
@@ -595,6 +602,7 @@ static void *sched_main(void *arg)
         hl_last_snapshot l;
         uint64_t dropped = 0;
         hl_status st = read_last(s, &l);
+        looked = true;
         if (st && st != HL_ERR_NOT_FOUND && s->kv && hl_ratelimit_allow(&s->kv_log, &dropped))
             hl_log(HL_LOG_WARN,
                    "cannot read the cluster's last snapshot from the lease bucket; retrying at the next tick", "error",

@@ -267,13 +267,25 @@ def test_sleep_timeout_snapshots_and_exits_0(sched_cluster):
     assert "sleep_timeout" in n2.log_since_start()
 
 
+def test_first_snapshot_of_a_new_cluster_is_prompt(hl_bin, tmp_path):
+    """"The first one of a new cluster is due at once": not a quarter interval (here 30 s, the
+    longest tick) after the nodes start, but as soon as one of them is caught up."""
+    store = tmp_path / "snapshots"
+    store.mkdir()
+    settings = {"snapshot": {"store": "dir", "dir": str(store), "interval": "1h"}}
+    with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings):
+        wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, 15, "the first snapshot within 15 s")
+
+
 def test_early_when_a_stream_advanced_its_retention_share(hl_bin, tmp_path):
-    """With an interval far away, a stream that advanced snapshot.retention_percent
+    """With the interval still far away, a stream that advanced snapshot.retention_percent
     of replication_log.max_entries past the last snapshot gets one early."""
     store = tmp_path / "snapshots"
     store.mkdir()
+    # 40 s: a tick of 10 s, so that the test waits little, and an interval the early one comes well
+    # before (the log line below shows the retention share was the reason)
     settings = {"replication_log": {"max_entries": 40},
-                "snapshot": {"store": "dir", "dir": str(store), "interval": "1h", "retention_percent": 25}}
+                "snapshot": {"store": "dir", "dir": str(store), "interval": "40s", "retention_percent": 25}}
     with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings) as c:
         # the cluster's first snapshot is due at once
         wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, SLOW_TIMEOUT, "the first snapshot")
@@ -317,8 +329,8 @@ def test_save_snapshot_counts_as_the_clusters_last(hl_bin, tmp_path):
     interval from it (no periodic one right after) and /readyz shows it as the newest."""
     store = tmp_path / "snapshots"
     store.mkdir()
-    # the schedulers look at the bucket every quarter interval (30 s); none is due again within the test
-    settings = {"snapshot": {"store": "dir", "dir": str(store), "interval": "2m"}}
+    # the schedulers look at the bucket every quarter interval (10 s); none is due again within the test
+    settings = {"snapshot": {"store": "dir", "dir": str(store), "interval": "40s"}}
     with harness.started_cluster(hl_bin, tmp_path / "c", settings=settings) as c:
         wait_until(lambda: len(list(store.glob("*.manifest.json"))) == 1, SLOW_TIMEOUT, "the first snapshot")
         wait_until(lambda: kv_get(c.node(1), "last") is not None, SLOW_TIMEOUT, "the first one recorded")
