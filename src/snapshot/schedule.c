@@ -30,8 +30,7 @@
 #define LAST_MAX_BYTES (1024 * 1024) /* the last-snapshot value: up to 4096 streams of 256-byte names */
 #define TICK_MIN_MS 500
 #define TICK_MAX_MS 30000
-#define FIRST_LOOK_MS 1000 /* the wait between looks until the first one, so a new cluster's first snapshot is prompt  \
-                            */
+#define FIRST_LOOK_MS 1000 /* between looks until the first one (a new cluster's first snapshot) */
 #define BACKOFF_MIN_MS 10000
 #define BACKOFF_MAX_MS (15 * 60 * 1000)
 #define LEASE_SETTLE_MS 1000 /* between taking the lease and confirming it (see take()) */
