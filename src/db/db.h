@@ -261,6 +261,9 @@ hl_status hl_db_outbox_next(hl_db *d, uint64_t after, hl_outbox_entry *e);
 hl_status hl_db_outbox_put(hl_db *d, uint64_t seq, uint8_t flags, uint64_t rows, const void *payload, size_t len);
 hl_status hl_db_outbox_delete(hl_db *d, uint64_t seq);
 hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
+/* Makes every transaction committed so far durable (a sync of the WAL, no
+ * lock): due before an outbox row's changeset is first published. */
+hl_status hl_db_outbox_sync(hl_db *d);
 
 /* ---- apply.c: held changesets ---- */
 

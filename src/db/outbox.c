@@ -9,6 +9,7 @@
  * inside the payload.
  */
 #include <stdint.h>
+#include <stdio.h>
 
 #include "db/db_int.h"
 
@@ -115,4 +116,28 @@ hl_status hl_outbox_chain_end(hl_db *d, uint64_t seq)
     }
     sqlite3_finalize(u);
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox chain end");
+}
+
+/*
+ * Under synchronous = NORMAL a commit reaches the WAL file but not the disk
+ * (SQLite syncs the WAL only at checkpoints), and a power loss takes the last
+ * commits back. An outbox row must be on disk before its changeset leaves the
+ * node: otherwise the sequence it used is taken back with it, the next capture
+ * reuses it for other rows, and every other node drops those as duplicates
+ * (docs/architecture.md, "Exactly once"). One sync of the WAL makes every
+ * transaction committed so far durable, the application's included; it holds
+ * no lock, so nobody waits for it.
+ */
+hl_status hl_db_outbox_sync(hl_db *d)
+{
+    sqlite3_file *f = NULL;
+    int rc = sqlite3_file_control(d->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f);
+    if (rc == SQLITE_OK && f && f->pMethods) /* not open: no WAL yet, nothing of ours to sync */
+        rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL);
+    if (rc == SQLITE_OK)
+        return HL_OK;
+    hl_log(HL_LOG_ERROR, "cannot sync the WAL: nothing is published until it succeeds", "error", sqlite3_errstr(rc),
+           NULL);
+    snprintf(d->last_error, sizeof d->last_error, "WAL sync: %s", sqlite3_errstr(rc));
+    return HL_ERR_SQLITE;
 }

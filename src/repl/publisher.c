@@ -294,6 +294,7 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
         restart(p, "publish failed");
     if (p->resend || now < p->retry_at)
         return HL_OK;
+    bool synced = false;
     while (p->parts_inflight < WINDOW_PARTS && (p->bytes_inflight < WINDOW_BYTES || p->nwin == 0)) {
         hl_status st = hl_db_outbox_next(d, p->last_sent, &p->row);
         if (st == HL_ERR_NOT_FOUND)
@@ -304,6 +305,12 @@ hl_status hl_publisher_pump(hl_publisher *p, hl_db *d)
             p->last_sent = p->row.seq;
             continue;
         }
+        /* On disk before it leaves the node; one sync covers every row this call reads. */
+        if (!synced && (st = hl_db_outbox_sync(d))) {
+            p->retry_at = now + RETRY_MS;
+            return st;
+        }
+        synced = true;
         if (p->nwin == p->capwin) {
             size_t ncap = p->capwin ? p->capwin * 2 : 64;
             inflight *nw = realloc(p->win, ncap * sizeof *nw);

@@ -10,10 +10,12 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include "common/log.h"
 #include "db/db.h"
 #include "js_fixture.h"
+#include "powerloss_vfs.h"
 #include "repl/changeset.h"
 #include "repl/publisher.h"
 
@@ -701,6 +703,45 @@ START_TEST(server_killed_while_publishing)
 }
 END_TEST
 
+/*
+ * A changeset leaves the node only once its outbox row is on disk. Under
+ * synchronous = NORMAL a commit is not: a power loss right after the publish
+ * would take the row and the sequence it used back, the next capture would
+ * reuse the sequence for other rows, and JetStream's duplicate window (or the
+ * receivers' applied sequence) would drop those everywhere else.
+ */
+START_TEST(a_published_changeset_survives_a_power_loss)
+{
+    plv_install();
+    pfx t;
+    fx_init(&t.f, NODE);
+    pfx_start(&t);
+    plv_sync_all(); /* the database as opened counts as on disk */
+    outbox_put(t.d, 1, 0, 1, 10);
+    ck_assert_int_eq(hl_publisher_pump(t.p, t.d), HL_OK);
+    wait_acked(&t);
+    ck_assert_uint_eq(fx_stream_last(&t.f), 1); /* it left the node */
+
+    char *db = fx_printf("%s/app.db", t.f.dir), *after = fx_printf("%s/after", t.f.dir);
+    ck_assert_int_eq(mkdir(after, 0700), 0);
+    char path[1024];
+    plv_power_loss(db, after, path, sizeof path);
+    hl_db *d = NULL;
+    ck_assert_int_eq(hl_db_open(&d, path, NODE, 2000), HL_OK);
+    ck_assert_uint_eq(hl_db_epoch(d), hl_db_epoch(t.d));
+    hl_outbox_entry e;
+    hl_outbox_entry_init(&e, 1u << 20);
+    ck_assert_msg(hl_db_outbox_next(d, 0, &e) == HL_OK, "the published changeset was lost with the power");
+    ck_assert_uint_eq(e.seq, 1);
+    ck_assert_uint_eq(e.payload.len, 10);
+    hl_outbox_entry_free(&e);
+    hl_db_close(d);
+    free(db);
+    free(after);
+    pfx_stop(&t);
+}
+END_TEST
+
 START_TEST(shard_for_node_spreads)
 {
     int count[4] = {0};
@@ -738,6 +779,7 @@ static Suite *publisher_suite(void)
         {"lost_acks_republish_deduplicated", lost_acks_republish_deduplicated, 180},
         {"server_restart_mid_publish", server_restart_mid_publish, 300},
         {"server_killed_while_publishing", server_killed_while_publishing, 300},
+        {"a_published_changeset_survives_a_power_loss", a_published_changeset_survives_a_power_loss, 120},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = tcase_create(cases[i].name);
