@@ -1570,7 +1570,8 @@ static hl_status check_embedded(const hl_config *c, char *err, size_t errlen)
  * connects to it over TLS too and must be able to verify it. */
 static hl_status check_client_tls(const hl_config *c, char *err, size_t errlen, bool scert)
 {
-    if (!c->nats.client_tls || strcmp(c->nats.client_tls, "off") == 0)
+    hl_client_tls mode = hl_config_client_tls(c);
+    if (mode == HL_CLIENT_TLS_OFF)
         return HL_OK;
     const char *o = origin_of(c, "nats.client_tls");
     if (c->nats.urls.n > 0)
@@ -1581,7 +1582,7 @@ static hl_status check_client_tls(const hl_config *c, char *err, size_t errlen, 
         return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
                     "needs nats.server_cert_file and nats.server_key_file (the server's certificate)");
     bool sca = c->nats.server_ca_file && *c->nats.server_ca_file, ca = c->nats.ca_file && *c->nats.ca_file;
-    if (strcmp(c->nats.client_tls, "verify") == 0 && !sca)
+    if (mode == HL_CLIENT_TLS_VERIFY && !sca)
         return fail(err, errlen, HL_ERR_CONFIG, o, "nats.client_tls",
                     "verify needs nats.server_ca_file (the CA clients' certificates must be signed by)");
     if (!sca && !ca)
@@ -1731,6 +1732,14 @@ int hl_config_duplicate_window_s(const hl_config *c)
     if (c->replication_log.max_age_s > 0 && w > c->replication_log.max_age_s)
         w = (int)c->replication_log.max_age_s;
     return w;
+}
+
+hl_client_tls hl_config_client_tls(const hl_config *c)
+{
+    const char *v = c->nats.client_tls;
+    return !v || !*v || strcmp(v, "off") == 0 ? HL_CLIENT_TLS_OFF
+           : strcmp(v, "verify") == 0         ? HL_CLIENT_TLS_VERIFY
+                                              : HL_CLIENT_TLS_ON;
 }
 
 bool hl_config_snapshot_store_set(const hl_config *c)

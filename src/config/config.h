@@ -197,6 +197,10 @@ int hl_config_duplicate_window_s(const hl_config *c);
  * incomplete_expiry, or when 0 twice the duplicate window + 60 (always longer
  * than the window; docs/architecture.md says why). */
 int64_t hl_config_incomplete_expiry_s(const hl_config *c);
+/* nats.client_tls as a value (off when unset); the key's values are checked
+ * when the configuration loads. */
+typedef enum { HL_CLIENT_TLS_OFF, HL_CLIENT_TLS_ON, HL_CLIENT_TLS_VERIFY } hl_client_tls;
+hl_client_tls hl_config_client_tls(const hl_config *c);
 /* Whether the chosen snapshot.store has its location set (dir, s3_bucket,
  * sftp_url or webdav_url): periodic snapshots are on by default only then. */
 bool hl_config_snapshot_store_set(const hl_config *c);

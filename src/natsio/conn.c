@@ -330,7 +330,8 @@ static hl_status set_tls(hl_nats *n, const hl_config *c)
 {
     natsOptions *o = n->opts;
     bool embedded = c->nats.urls.n == 0;
-    bool embedded_tls = embedded && is_set(c->nats.client_tls) && strcmp(c->nats.client_tls, "off") != 0;
+    hl_client_tls mode = embedded ? hl_config_client_tls(c) : HL_CLIENT_TLS_OFF;
+    bool embedded_tls = mode != HL_CLIENT_TLS_OFF;
     if (embedded && !embedded_tls)
         return HL_OK;
     const char *ca = c->nats.ca_file, *cert = c->nats.cert_file, *key = c->nats.key_file;
@@ -339,7 +340,7 @@ static hl_status set_tls(hl_nats *n, const hl_config *c)
         ca = c->nats.server_ca_file;
         ca_key = "nats.server_ca_file";
     }
-    if (embedded_tls && strcmp(c->nats.client_tls, "verify") == 0 && !is_set(cert) && !is_set(key)) {
+    if (mode == HL_CLIENT_TLS_VERIFY && !is_set(cert) && !is_set(key)) {
         cert = c->nats.server_cert_file;
         key = c->nats.server_key_file;
         cert_key = "nats.server_cert_file/server_key_file";

@@ -577,14 +577,15 @@ static void add_route_security(hl_buf *out, const hl_config *c)
  * signed. The file watcher's reload covers this block too. */
 static void add_client_tls(hl_buf *out, const hl_config *c)
 {
-    if (!set(c->nats.client_tls) || strcmp(c->nats.client_tls, "off") == 0 || !set(c->nats.server_cert_file))
+    hl_client_tls mode = hl_config_client_tls(c);
+    if (mode == HL_CLIENT_TLS_OFF || !set(c->nats.server_cert_file))
         return;
     hl_buf_adds(out, "tls {\n");
     add_conf_path(out, "  cert_file: ", c->nats.server_cert_file);
     add_conf_path(out, "  key_file: ", c->nats.server_key_file);
     if (set(c->nats.server_ca_file))
         add_conf_path(out, "  ca_file: ", c->nats.server_ca_file);
-    if (strcmp(c->nats.client_tls, "verify") == 0)
+    if (mode == HL_CLIENT_TLS_VERIFY)
         hl_buf_adds(out, "  verify: true\n");
     hl_buf_adds(out, "  timeout: 5\n}\n");
 }
