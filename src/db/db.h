@@ -264,6 +264,9 @@ hl_status hl_db_outbox_count(hl_db *d, uint64_t *count);
 /* Makes every transaction committed so far durable (a sync of the WAL, no
  * lock): due before an outbox row's changeset is first published. */
 hl_status hl_db_outbox_sync(hl_db *d);
+/* The same for any connection to a database in WAL mode: syncs its WAL (an
+ * SQLite result code; SQLITE_OK when it has none open). */
+int hl_sqlite_sync_wal(sqlite3 *db);
 
 /* ---- apply.c: held changesets ---- */
 

@@ -118,6 +118,15 @@ hl_status hl_outbox_chain_end(hl_db *d, uint64_t seq)
     return rc == SQLITE_DONE ? HL_OK : hl_db_err(d, rc, "outbox chain end");
 }
 
+int hl_sqlite_sync_wal(sqlite3 *db)
+{
+    sqlite3_file *f = NULL;
+    int rc = sqlite3_file_control(db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f);
+    if (rc == SQLITE_OK && f && f->pMethods) /* not open: no WAL yet, nothing to sync */
+        rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL);
+    return rc;
+}
+
 /*
  * Under synchronous = NORMAL a commit reaches the WAL file but not the disk
  * (SQLite syncs the WAL only at checkpoints), and a power loss takes the last
@@ -130,10 +139,7 @@ hl_status hl_outbox_chain_end(hl_db *d, uint64_t seq)
  */
 hl_status hl_db_outbox_sync(hl_db *d)
 {
-    sqlite3_file *f = NULL;
-    int rc = sqlite3_file_control(d->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f);
-    if (rc == SQLITE_OK && f && f->pMethods) /* not open: no WAL yet, nothing of ours to sync */
-        rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL);
+    int rc = hl_sqlite_sync_wal(d->db);
     if (rc == SQLITE_OK)
         return HL_OK;
     hl_log(HL_LOG_ERROR, "cannot sync the WAL: nothing is published until it succeeds", "error", sqlite3_errstr(rc),

@@ -186,8 +186,14 @@ static hl_status copy_db(const char *db_path, const char *copy, char *err, size_
         rc = sqlite3_step(st);
         rc = rc == SQLITE_DONE ? SQLITE_OK : rc;
     }
+    /* What the copy holds is committed here, not yet on disk under synchronous = NORMAL: had the
+     * node lost its power after the upload, nodes restored from the copy would keep rows it never
+     * sends. One sync of the WAL (no lock) makes it durable first. */
+    if (rc == SQLITE_OK)
+        rc = hl_sqlite_sync_wal(db);
     if (rc != SQLITE_OK)
-        res = fail(err, errlen, HL_ERR_SQLITE, "copying %s: %s", db_path, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        res = fail(err, errlen, HL_ERR_SQLITE, "copying %s: %s", db_path,
+                   db && sqlite3_errcode(db) == rc ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
 out:
     sqlite3_finalize(st);
     sqlite3_close(db);
