@@ -1734,14 +1734,6 @@ int hl_config_duplicate_window_s(const hl_config *c)
     return w;
 }
 
-hl_client_tls hl_config_client_tls(const hl_config *c)
-{
-    const char *v = c->nats.client_tls;
-    return !v || !*v || strcmp(v, "off") == 0 ? HL_CLIENT_TLS_OFF
-           : strcmp(v, "verify") == 0         ? HL_CLIENT_TLS_VERIFY
-                                              : HL_CLIENT_TLS_ON;
-}
-
 bool hl_config_snapshot_store_set(const hl_config *c)
 {
     const char *kind = c->snapshot.store ? c->snapshot.store : "s3";

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "common/status.h"
 
@@ -198,9 +199,16 @@ int hl_config_duplicate_window_s(const hl_config *c);
  * than the window; docs/architecture.md says why). */
 int64_t hl_config_incomplete_expiry_s(const hl_config *c);
 /* nats.client_tls as a value (off when unset); the key's values are checked
- * when the configuration loads. */
+ * when the configuration loads. Inline: code built without config.c (the
+ * fuzz targets) uses it too. */
 typedef enum { HL_CLIENT_TLS_OFF, HL_CLIENT_TLS_ON, HL_CLIENT_TLS_VERIFY } hl_client_tls;
-hl_client_tls hl_config_client_tls(const hl_config *c);
+static inline hl_client_tls hl_config_client_tls(const hl_config *c)
+{
+    const char *v = c->nats.client_tls;
+    return !v || !*v || strcmp(v, "off") == 0 ? HL_CLIENT_TLS_OFF
+           : strcmp(v, "verify") == 0         ? HL_CLIENT_TLS_VERIFY
+                                              : HL_CLIENT_TLS_ON;
+}
 /* Whether the chosen snapshot.store has its location set (dir, s3_bucket,
  * sftp_url or webdav_url): periodic snapshots are on by default only then. */
 bool hl_config_snapshot_store_set(const hl_config *c);
