@@ -48,11 +48,18 @@ static hl_status add_log_insert(hl_buf *b, const hl_table *t)
     return hl_buf_adds(b, ")");
 }
 
+/* The name of t's trigger which, unquoted, in b (reset first). */
+static hl_status trigger_name(hl_buf *b, const hl_table *t, int which)
+{
+    hl_buf_reset(b);
+    return hl_buf_addf(b, HL_PREFIX "%s%s", t->name, trig_suffix[which]);
+}
+
 static hl_status add_trigger_name(hl_buf *b, const hl_table *t, int which)
 {
     hl_buf name;
     hl_buf_init(&name, 1u << 20);
-    hl_status st = hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[which]);
+    hl_status st = trigger_name(&name, t, which);
     if (!st)
         st = hl_buf_add_ident(b, hl_buf_str(&name));
     hl_buf_free(&name);
@@ -655,14 +662,9 @@ static bool meta_flag(hl_db *d, const char *key)
 /* schema_version when the rowids of tables without a primary key were last checked (-1: never). */
 static int64_t rowids_checked_at(hl_db *d)
 {
-    sqlite3_stmt *st = NULL;
     int64_t v = -1;
-    if (sqlite3_prepare_v2(d->db, "SELECT value FROM " HL_PREFIX "meta WHERE key = 'rowids_checked'", -1, &st, NULL) ==
-            SQLITE_OK &&
-        sqlite3_step(st) == SQLITE_ROW)
-        v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return v;
+    bool found = false;
+    return hl_db_meta_get(d, "rowids_checked", &v, &found) == HL_OK && found ? v : -1;
 }
 
 /* Triggers the application defined (on any table), -1 when unknown. */
@@ -818,6 +820,12 @@ typedef struct sync_ctx {
     hl_buf ucond, ucols; /* the table's UNIQUE indexes (unique_cond); empty: none */
 } sync_ctx;
 
+/* Whether t gets trigger w: the OR REPLACE ones (4, 5) only with a UNIQUE index besides the key. */
+static bool trigger_wanted(int w, const sync_ctx *c)
+{
+    return w < 4 || c->ucond.len > 0;
+}
+
 /*
  * A table that has spans but is no longer spanned (its INTEGER PRIMARY KEY
  * became another kind of key under the same name): the rows its spans give a
@@ -929,13 +937,12 @@ static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 {
     hl_status st = HL_OK;
     for (int w = 0; w < 6 && !st; w++) {
-        if (w >= 4 && !c->ucond.len)
+        if (!trigger_wanted(w, c))
             continue; /* no UNIQUE index: nothing OR REPLACE could delete */
         hl_buf name;
         hl_buf_init(&name, 1u << 20);
         hl_buf_reset(&c->tsql);
-        hl_buf_addf(&name, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
-        if (!(st = hl_buf_status(&name)) &&
+        if (!(st = trigger_name(&name, t, w)) &&
             !(st = w < 4 ? trigger_sql(t, w, &c->tsql)
                          : replace_sql(t, w, hl_buf_str(&c->ucond), hl_buf_str(&c->ucols), &c->tsql))) {
             const char *have = pair_find(&c->trig, hl_buf_str(&name));
@@ -955,13 +962,9 @@ static hl_status table_triggers(hl_db *d, hl_table *t, sync_ctx *c)
 static bool triggers_missing(const hl_table *t, sync_ctx *c)
 {
     bool missing = false;
-    for (int w = 0; w < 6 && !missing; w++) {
-        if (w >= 4 && !c->ucond.len)
-            continue;
-        hl_buf_reset(&c->ddl);
-        hl_buf_addf(&c->ddl, HL_PREFIX "%s%s", t->name, trig_suffix[w]);
-        missing = !hl_buf_status(&c->ddl) && !pair_find(&c->trig, hl_buf_str(&c->ddl));
-    }
+    for (int w = 0; w < 6 && !missing; w++)
+        if (trigger_wanted(w, c))
+            missing = !trigger_name(&c->ddl, t, w) && !pair_find(&c->trig, hl_buf_str(&c->ddl));
     return missing;
 }
 
