@@ -4,9 +4,10 @@
  * Measures, in one run on the same machine and file system, application
  * insert throughput into the same table without triggers and with
  * harmonylite's capture triggers installed (through the product's own code),
- * for single-row transactions and for 1,000-row transactions, and single-row
- * updates of existing rows (always logged; appends above a table's high-water
- * mark are not). Prints ratios.
+ * for single-row transactions and for 1,000-row transactions (rowids picked
+ * by SQLite, and given by the writer), and single-row updates of existing
+ * rows (always logged; appends above a table's high-water mark are not).
+ * Prints ratios.
  *
  * Then the real deployment: the same writer with harmonylite's engine running
  * beside it on the same database, in a thread of this process doing what the
@@ -85,9 +86,15 @@ static int busy_sleep(void *arg, int count)
     return 1;
 }
 
-/* Inserts rows (or, with update, updates random existing rows) in
- * transactions of batch rows for `seconds`; returns rows/s. */
-static double run(const char *path, int batch, bool update, double seconds, app_stats *a)
+/* What the writer does: appends without a key (SQLite picks the rowid),
+ * appends with their key given (the statement may then fail on the key's
+ * uniqueness, which makes SQLite keep a statement journal for it once the
+ * table has any trigger), or updates of existing rows. */
+enum { W_INSERT, W_INSERT_KEYED, W_UPDATE };
+
+/* Writes rows (what) in transactions of batch rows for `seconds`; returns rows/s. */
+
+static double run(const char *path, int batch, int what, double seconds, app_stats *a)
 {
     sqlite3 *db;
     sqlite3_stmt *ins;
@@ -98,8 +105,10 @@ static double run(const char *path, int batch, bool update, double seconds, app_
         a = &scratch;
     sqlite3_busy_handler(db, busy_sleep, a);
     sqlite3_exec(db, "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
-    const char *sql =
-        update ? "UPDATE t SET a = ?1, b = ?2, c = ?3 WHERE id = ?4" : "INSERT INTO t(a, b, c) VALUES (?, ?, ?)";
+    static const char *const sqls[] = {"INSERT INTO t(a, b, c) VALUES (?1, ?2, ?3)",
+                                       "INSERT INTO t(a, b, c, id) VALUES (?1, ?2, ?3, ?4)",
+                                       "UPDATE t SET a = ?1, b = ?2, c = ?3 WHERE id = ?4"};
+    const char *sql = sqls[what];
     if (sqlite3_prepare_v2(db, sql, -1, &ins, NULL) != SQLITE_OK)
         die(db, "prepare");
     long rows = 0;
@@ -110,8 +119,10 @@ static double run(const char *path, int batch, bool update, double seconds, app_
             sqlite3_bind_int64(ins, 1, rows);
             sqlite3_bind_text(ins, 2, "some text value of moderate size", -1, SQLITE_STATIC);
             sqlite3_bind_double(ins, 3, (double)rows * 0.5);
-            if (update)
+            if (what == W_UPDATE)
                 sqlite3_bind_int64(ins, 4, 1 + (int64_t)((uint64_t)rows * 2654435761u % PREFILL));
+            else if (what == W_INSERT_KEYED)
+                sqlite3_bind_int64(ins, 4, PREFILL + 1 + rows);
             if (sqlite3_step(ins) != SQLITE_DONE)
                 die(db, "insert");
             sqlite3_reset(ins);
@@ -263,6 +274,12 @@ static int cmp_double(const void *a, const void *b)
 
 #define MAX_RUNS 15
 
+static void case_name(char *out, size_t cap, int batch, int what)
+{
+    snprintf(out, cap, "%s, %d row%s/txn%s", what == W_UPDATE ? "update" : "insert", batch, batch > 1 ? "s" : "",
+             what == W_INSERT_KEYED ? ", key" : "");
+}
+
 int main(int argc, char **argv)
 {
     double secs = argc > 1 ? atof(argv[1]) : 3.0;
@@ -275,38 +292,37 @@ int main(int argc, char **argv)
     hl_db_global_init(); /* as the product does: the application side below shares the process */
     hl_log_setup(HL_LOG_WARN, false, 0);
 
-    int batches[] = {1, 1000, 1};
-    char where[3][160];
+#define NCASES 4
+    static const int batches[NCASES] = {1, 1000, 1000, 1};
+    static const int whats[NCASES] = {W_INSERT, W_INSERT, W_INSERT_KEYED, W_UPDATE};
+    char where[NCASES][160];
     printf("triggers only (no engine running):\n");
     printf("%-28s %14s %14s %8s\n", "case", "bare rows/s", "triggers rows/s", "ratio");
-    for (size_t i = 0; i < 3; i++) {
-        bool update = i == 2;
+    for (size_t i = 0; i < NCASES; i++) {
         /* Alternate bare and trigger runs twice and keep each one's best, so a
          * noisy neighbour hurts both sides alike. */
         double bare = 0, trig = 0;
         for (int rep = 0; rep < 2; rep++) {
             fresh(path, false);
-            double b = run(path, batches[i], update, secs, NULL);
+            double b = run(path, batches[i], whats[i], secs, NULL);
             fresh(path, true);
-            double t = run(path, batches[i], update, secs, NULL);
+            double t = run(path, batches[i], whats[i], secs, NULL);
             bare = b > bare ? b : bare;
             trig = t > trig ? t : trig;
         }
         char name[64];
-        snprintf(name, sizeof name, "%s, %d row%s/txn", update ? "update" : "insert", batches[i],
-                 batches[i] > 1 ? "s" : "");
+        case_name(name, sizeof name, batches[i], whats[i]);
         printf("%-28s %14.0f %14.0f %8.2f\n", name, bare, trig, trig / bare);
     }
     printf("\nwith the engine running beside the writer (median of %d alternating runs, min - max):\n", runs);
     printf("%-28s %14s %14s %18s %12s %12s\n", "case", "bare rows/s", "engine rows/s", "ratio", "engine txn/s",
            "lock ms/s");
-    for (size_t i = 0; i < 3; i++) {
-        bool update = i == 2;
+    for (size_t i = 0; i < NCASES; i++) {
         double bare[MAX_RUNS], eng[MAX_RUNS], ratio[MAX_RUNS], txns = 0, lock = 0;
         app_stats sb = {0}, se = {0};
         for (int rep = 0; rep < runs; rep++) {
             fresh(path, false);
-            bare[rep] = run(path, batches[i], update, secs, &sb);
+            bare[rep] = run(path, batches[i], whats[i], secs, &sb);
             fresh(path, true);
             engine_side e = {.path = path,
                              .no_hold = getenv("HL_BENCH_NO_HOLD") != NULL,
@@ -318,7 +334,7 @@ int main(int argc, char **argv)
             }
             usleep(200000); /* the engine is up and idle */
             uint64_t c0 = e.commits + e.acks, l0 = e.lock_us;
-            eng[rep] = run(path, batches[i], update, secs, &se);
+            eng[rep] = run(path, batches[i], whats[i], secs, &se);
             txns += (double)(e.commits + e.acks - c0) / secs; /* read racily: a figure, not a check */
             lock += (double)(e.lock_us - l0) / 1000.0 / secs;
             atomic_store(&e.stop, true);
@@ -337,8 +353,7 @@ int main(int argc, char **argv)
         qsort(eng, (size_t)runs, sizeof *eng, cmp_double);
         qsort(ratio, (size_t)runs, sizeof *ratio, cmp_double);
         char name[64], r[32];
-        snprintf(name, sizeof name, "%s, %d row%s/txn", update ? "update" : "insert", batches[i],
-                 batches[i] > 1 ? "s" : "");
+        case_name(name, sizeof name, batches[i], whats[i]);
         snprintf(r, sizeof r, "%.2f (%.2f - %.2f)", ratio[runs / 2], ratio[0], ratio[runs - 1]);
         printf("%-28s %14.0f %14.0f %18s %12.0f %12.1f\n", name, bare[runs / 2], eng[runs / 2], r, txns / runs,
                lock / runs);
@@ -350,7 +365,7 @@ int main(int argc, char **argv)
     printf("\nwhere the writer's time went (per second of writing, mean of the runs above):\n");
     printf("%-28s %12s %12s %12s %12s %12s\n", "case", "commit ms", "commit ms", "busy waits", "busy waits", "busy ms");
     printf("%-28s %12s %12s %12s %12s %12s\n", "", "bare", "engine", "bare", "engine", "engine");
-    for (size_t i = 0; i < 3; i++)
+    for (size_t i = 0; i < NCASES; i++)
         fputs(where[i], stdout);
     fresh(path, false);
     unlink(path);

@@ -43,7 +43,7 @@ static hl_status range_sql(hl_buf *q, const hl_table *t, bool keys_only, bool un
         hl_add_rowid(q, t);
         hl_buf_adds(q, " NOT IN (SELECT k0 FROM ");
         hl_buf_add_ident(q, t->log);
-        hl_buf_adds(q, " WHERE k0 IS NOT NULL AND jd > 0)"); /* not suspects (triggers.c, replace_sql) */
+        hl_buf_adds(q, " WHERE k0 IS NOT NULL AND jd >= 0)"); /* not suspects (triggers.c, replace_sql) */
     }
     return hl_buf_adds(q, " ORDER BY 1");
 }
@@ -417,15 +417,17 @@ static hl_status capture_log(hl_db *d, hl_table *t, sink *k, uint64_t *rows, hl_
     hl_value key[HL_CS_MAX_KEY];
     hl_status st = HL_OK;
     sqlite3_stmt *lr = t->st_log_read;
+    uint64_t now = hl_now_ms();
     int rc;
     while ((rc = sqlite3_step(lr)) == SQLITE_ROW) {
-        /* Julian day -> Unix milliseconds. Negated: every entry of the row
-         * is a suspect (triggers.c, replace_sql), sent only if it is gone. */
+        /* Julian day -> Unix milliseconds; none (0: an INSERT, triggers.c,
+         * NO_JD): now, as for an append. Negated: every entry of the row is
+         * a suspect (triggers.c, replace_sql), sent only if it is gone. */
         double jd = sqlite3_column_double(lr, 0);
         bool suspect = jd < 0;
         if (suspect)
             jd = -jd;
-        uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : 0;
+        uint64_t ms = jd > 2440587.5 ? (uint64_t)llround((jd - 2440587.5) * 86400000.0) : now;
         int64_t seq = sqlite3_column_int64(lr, 1);
         if (seq > tab->max_seq)
             tab->max_seq = seq;

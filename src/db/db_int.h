@@ -31,12 +31,14 @@ typedef struct hl_table {
     size_t npk;  /* 0: keyed by rowid */
     char *rowid; /* rowid alias usable in SQL (rowid, _rowid_ or oid) when npk == 0 */
     bool without_rowid;
-    bool int_key; /* keyed by the rowid or its INTEGER PRIMARY KEY alias: always an integer */
-    char *log;    /* name of its change-log table */
-    char *clock;  /* name of its clock table: the winning version of each row */
-    char *span;   /* name of its span table (spanned tables): versions of runs of appended rows */
-    bool spanned; /* keyed by an INTEGER PRIMARY KEY alias: appends are versioned by span (clock.c) */
-    char *keysig; /* key layout signature stored in __harmonylite__tables */
+    bool int_key;      /* keyed by the rowid or its INTEGER PRIMARY KEY alias: always an integer */
+    char *log;         /* name of its change-log table */
+    char *clock;       /* name of its clock table: the winning version of each row */
+    char *span;        /* name of its span table (spanned tables): versions of runs of appended rows */
+    bool spanned;      /* keyed by an INTEGER PRIMARY KEY alias: appends are versioned by span (clock.c) */
+    bool plain_insert; /* rowid-keyed, no NOT NULL, CHECK, UNIQUE, foreign key or generated column: an
+                          INSERT may need no statement journal, and its trigger logs no time (triggers.c) */
+    char *keysig;      /* key layout signature stored in __harmonylite__tables */
 
     /* cached statements, prepared lazily, finalized when the schema changes */
     sqlite3_stmt *st_log_read;       /* change log joined to the rows, one entry per key */

@@ -430,6 +430,26 @@ static void key_kind(hl_db *d, hl_table *t)
     /* Not tables keyed by the plain rowid: VACUUM renumbers those, and the
      * check for that (triggers.c) reads per-row versions. */
     t->spanned = t->int_key && t->npk == 1;
+    /* Nothing in the table that makes the application's own INSERT able to
+     * fail (triggers.c, NO_JD). Conservative: the word CHECK anywhere in the
+     * definition counts as a constraint. The key column's NOT NULL is not
+     * checked by SQLite (a NULL rowid is assigned one). */
+    t->plain_insert = false;
+    bool notnull = false;
+    for (size_t i = 0; i < t->ncols; i++)
+        notnull |= t->notnull[i] && !(t->npk == 1 && t->pk[0] == i);
+    if (t->int_key && !notnull &&
+        sqlite3_prepare_v2(d->db,
+                           "SELECT (SELECT count(*) FROM pragma_table_xinfo(?1) WHERE hidden <> 0)"
+                           " + (SELECT count(*) FROM pragma_index_list(?1) WHERE \"unique\")"
+                           " + (SELECT count(*) FROM pragma_foreign_key_list(?1))"
+                           " + (SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1"
+                           " AND sql LIKE '%check%')",
+                           -1, &w, NULL) == SQLITE_OK) {
+        sqlite3_bind_text(w, 1, t->name, -1, SQLITE_STATIC);
+        t->plain_insert = sqlite3_step(w) == SQLITE_ROW && sqlite3_column_int(w, 0) == 0;
+        sqlite3_finalize(w);
+    }
 }
 
 hl_status hl_schema_scan(hl_db *d, hl_schema *out)

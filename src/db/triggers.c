@@ -18,6 +18,19 @@
 /* The raw Julian day: the cheapest clock SQLite offers inside a trigger;
  * capture converts it to Unix milliseconds. */
 #define NOW_JD "julianday('now')"
+/*
+ * What the INSERT trigger of a plain_insert table logs instead: no time, so
+ * capture versions the row when it reads it, as it does every append it finds
+ * above the high-water mark. A function call or a NOT NULL to check in a
+ * trigger makes every INSERT statement into the table, inside a transaction,
+ * keep a statement journal (a copy of each page it changes), even an append
+ * the trigger does not log: SQLite decides that when it prepares the
+ * statement. That trigger calls no function and logs with OR IGNORE (the NOT
+ * NULL of jd is not checked; 0 is never NULL). It only pays where the
+ * application's INSERT cannot fail by itself (plain_insert, and no explicit
+ * key given); every other trigger keeps the time of the write.
+ */
+#define NO_JD "0"
 
 /* _ai, _au, _ak, _ad log writes; _ar and _ur, only on tables with a UNIQUE
  * index, log the rows an INSERT or UPDATE OR REPLACE may delete (replace_sql). */
@@ -37,10 +50,10 @@ static hl_status add_keys(hl_buf *b, const hl_table *t, const char *which)
 
 /* Appends "INSERT INTO <t's change log>(jd, k0, k1 ...)": what follows gives
  * the write time and the key. */
-static hl_status add_log_insert(hl_buf *b, const hl_table *t)
+static hl_status add_log_insert(hl_buf *b, const hl_table *t, bool or_ignore)
 {
     size_t n = t->npk ? t->npk : 1;
-    hl_buf_adds(b, "INSERT INTO ");
+    hl_buf_adds(b, or_ignore ? "INSERT OR IGNORE INTO " : "INSERT INTO ");
     hl_buf_add_ident(b, t->log);
     hl_buf_adds(b, "(jd");
     for (size_t i = 0; i < n; i++)
@@ -129,8 +142,9 @@ static hl_status trigger_sql(const hl_table *t, int which, hl_buf *b)
     hl_buf_adds(b, " WHEN ");
     trigger_when(b, t, which);
     hl_buf_adds(b, " BEGIN ");
-    add_log_insert(b, t);
-    hl_buf_adds(b, " VALUES (" NOW_JD ", ");
+    bool no_time = which == 0 && t->plain_insert;
+    add_log_insert(b, t, no_time);
+    hl_buf_adds(b, no_time ? " VALUES (" NO_JD ", " : " VALUES (" NOW_JD ", ");
     add_keys(b, t, which >= 2 ? "OLD" : "NEW");
     return hl_buf_adds(b, "); END");
 }
@@ -160,7 +174,7 @@ static hl_status replace_sql(const hl_table *t, int which, const char *cond, con
     hl_buf_adds(b, " ON ");
     hl_buf_add_ident(b, t->name);
     hl_buf_adds(b, " WHEN " GUARD " BEGIN ");
-    add_log_insert(b, t);
+    add_log_insert(b, t, false);
     hl_buf_adds(b, " SELECT -" NOW_JD ", ");
     add_keys(b, t, "x");
     hl_buf_adds(b, " FROM ");
@@ -321,7 +335,7 @@ static hl_status backfill_table(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 64u << 20);
-    add_log_insert(&q, t);
+    add_log_insert(&q, t, false);
     hl_buf_adds(&q, " SELECT " NOW_JD);
     for (size_t i = 0; i < t->npk; i++) {
         hl_buf_adds(&q, ", ");
@@ -430,13 +444,13 @@ static hl_status rowid_resync(hl_db *d, const hl_table *t)
 {
     hl_buf q;
     hl_buf_init(&q, 1u << 20);
-    add_log_insert(&q, t);
+    add_log_insert(&q, t, false);
     hl_buf_addf(&q, " SELECT " NOW_JD ", %s FROM ", t->rowid);
     hl_buf_add_ident(&q, t->name);
     hl_status res = exec_built(d, &q);
     int64_t rows = sqlite3_changes64(d->db);
     hl_buf_reset(&q);
-    add_log_insert(&q, t);
+    add_log_insert(&q, t, false);
     hl_buf_adds(&q, " SELECT " NOW_JD ", c.k0 FROM ");
     hl_buf_add_ident(&q, t->clock);
     hl_buf_adds(&q, " AS c WHERE c.deleted = 0 AND NOT EXISTS (SELECT 1 FROM ");
@@ -594,7 +608,7 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
     hl_buf q;
     int64_t ins, del = 0, spandel = 0;
     hl_buf_init(&q, 1u << 20);
-    add_log_insert(&q, t);
+    add_log_insert(&q, t, false);
     hl_buf_adds(&q, " SELECT " NOW_JD ", ");
     add_keys(&q, t, "x");
     hl_buf_adds(&q, " FROM ");
@@ -606,7 +620,7 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
     ins = sqlite3_changes64(d->db);
     /* Live versions without a row: clock rows, then the keys of spans. */
     hl_buf_reset(&q);
-    add_log_insert(&q, t);
+    add_log_insert(&q, t, false);
     hl_buf_adds(&q, " SELECT " NOW_JD);
     for (size_t i = 0; i < (t->npk ? t->npk : 1); i++)
         hl_buf_addf(&q, ", c.k%zu", i);
@@ -629,7 +643,7 @@ static hl_status missed_writes(hl_db *d, const hl_table *t)
         hl_buf_adds(&q, " AS x WHERE x.");
         hl_add_rowid(&q, t);
         hl_buf_adds(&q, " BETWEEN s.lo AND s.hi) <= s.hi - s.lo UNION ALL SELECT k + 1, hi FROM k WHERE k < hi) ");
-        add_log_insert(&q, t);
+        add_log_insert(&q, t, false);
         hl_buf_adds(&q, " SELECT " NOW_JD ", k FROM k WHERE NOT EXISTS (SELECT 1 FROM ");
         hl_buf_add_ident(&q, t->name);
         hl_buf_adds(&q, " AS x WHERE x.");

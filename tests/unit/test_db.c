@@ -1616,6 +1616,89 @@ START_TEST(rows_deleted_by_or_replace_are_captured)
 }
 END_TEST
 
+/* Counts the statement journals SQLite opens; with SQLITE_CONFIG_STMTJRNL_SPILL
+ * 0 every one is a file, opened through the VFS. */
+static sqlite3_vfs subj_vfs, *subj_real;
+static int subj_opens;
+
+static int subj_open(sqlite3_vfs *v, sqlite3_filename name, sqlite3_file *f, int flags, int *out)
+{
+    (void)v;
+    if (flags & SQLITE_OPEN_SUBJOURNAL)
+        subj_opens++;
+    return subj_real->xOpen(subj_real, name, f, flags, out);
+}
+
+/* A statement in a transaction keeps a statement journal (a copy of every
+ * page it changes, to undo it alone) when it may abort and writes more than
+ * one thing, which any trigger that writes makes it do. A trigger may abort
+ * when it checks a NOT NULL or calls a function (julianday('now')): then
+ * every application INSERT into a replicated table paid for one, even an
+ * append the trigger does not log. The INSERT triggers do neither. (An
+ * INSERT that may abort by itself, a text key's uniqueness for one, keeps
+ * its journal whatever the trigger does.) */
+START_TEST(application_inserts_keep_no_statement_journal)
+{
+    ck_assert_int_eq(sqlite3_shutdown(), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_config(SQLITE_CONFIG_STMTJRNL_SPILL, 0), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_initialize(), SQLITE_OK);
+    subj_real = sqlite3_vfs_find(NULL);
+    subj_vfs = *subj_real;
+    subj_vfs.zName = "hl_count_subjournals";
+    subj_vfs.xOpen = subj_open;
+    ck_assert_int_eq(sqlite3_vfs_register(&subj_vfs, 1), SQLITE_OK);
+
+    char path[300];
+    path_of(path, sizeof path, "subj.db");
+    sqlite3 *app = app_open(path);
+    /* ev: nothing can make an insert fail; evn: a NOT NULL can; kv: the key's uniqueness can. */
+    app_exec(app, "CREATE TABLE ev(id INTEGER PRIMARY KEY, at INTEGER, what TEXT);"
+                  "CREATE TABLE evn(id INTEGER PRIMARY KEY, at INTEGER NOT NULL);"
+                  "CREATE TABLE kv(k TEXT PRIMARY KEY, v)");
+    hl_db *d = engine_open(path, 1);
+    app_exec(app, "INSERT INTO ev(at, what) VALUES (1, 'a'); INSERT INTO evn(at) VALUES (1);"
+                  "INSERT INTO kv VALUES ('a', 1)");
+    ck_assert_uint_eq(capture(d), 3);
+
+    /* The control: an UPDATE keeps its journal (and its write time). */
+    subj_opens = 0;
+    app_exec(app, "BEGIN; UPDATE ev SET at = 2; UPDATE ev SET at = 3; COMMIT");
+    ck_assert_int_gt(subj_opens, 0);
+
+    subj_opens = 0;
+    app_exec(app, "BEGIN; INSERT INTO ev(at, what) VALUES (4, 'b'); INSERT INTO ev(at, what) VALUES (5, 'c');"
+                  "COMMIT");
+    ck_assert_int_eq(subj_opens, 0);
+    app_exec(app, "BEGIN; INSERT INTO evn(at) VALUES (4); INSERT INTO evn(at) VALUES (5); COMMIT");
+    ck_assert_int_gt(subj_opens, 0); /* SQLite's doing: the NOT NULL */
+
+    /* Logged inserts (under the high-water mark) are captured once each: into
+     * ev with the version of the capture, as appends are; where the journal
+     * is kept anyway, with the time of the write. */
+    app_exec(app, "DELETE FROM ev WHERE id = 1; DELETE FROM evn WHERE id = 1");
+    ck_assert_uint_eq(capture(d), 6);
+    uint64_t before = hl_now_ms();
+    app_exec(app, "BEGIN; INSERT INTO evn(id, at) VALUES (1, 6); INSERT INTO kv VALUES ('d', 4); COMMIT");
+    uint64_t after = hl_now_ms();
+    usleep(30000);
+    ck_assert_uint_eq(capture(d), 2);
+    sqlite3 *eng = hl_db_handle(d);
+    int64_t v = scalar(eng, "SELECT hlc >> 16 FROM \"" HL_PREFIX "evn_clock\" WHERE k0 = 1");
+    ck_assert_int_ge(v, (int64_t)before - 1);
+    ck_assert_int_le(v, (int64_t)after + 1);
+    v = scalar(eng, "SELECT hlc >> 16 FROM \"" HL_PREFIX "kv_clock\" WHERE k0 = 'd'");
+    ck_assert_int_ge(v, (int64_t)before - 1);
+    ck_assert_int_le(v, (int64_t)after + 1);
+    app_exec(app, "INSERT INTO ev(id, at, what) VALUES (1, 6, 'd')");
+    usleep(30000);
+    uint64_t captured = hl_now_ms();
+    ck_assert_uint_eq(capture(d), 1);
+    ck_assert_int_ge(scalar(eng, "SELECT hlc >> 16 FROM \"" HL_PREFIX "ev_clock\" WHERE k0 = 1"), (int64_t)captured);
+    hl_db_close(d);
+    sqlite3_close(app);
+}
+END_TEST
+
 /* The documented limit and its remedy (docs/architecture.md, known
  * limitations): a streamed BLOB write fires no trigger; an UPDATE of the row
  * after it is captured with the row as it is then. */
@@ -2490,6 +2573,7 @@ int main(void)
     tcase_add_test(tc, rebuilt_rowid_table_converges);
     tcase_add_test(tc, writes_while_a_rebuild_dropped_the_triggers_are_captured);
     tcase_add_test(tc, rows_deleted_by_or_replace_are_captured);
+    tcase_add_test(tc, application_inserts_keep_no_statement_journal);
     tcase_add_test(tc, streamed_blob_write_needs_an_update_to_be_seen);
     tcase_add_test(tc, vacuum_moving_rows_of_the_starting_point_converges);
     tcase_add_test(tc, big_transaction_travels_as_a_chain_applied_as_one);
