@@ -13,44 +13,16 @@
 /* The module's white-box test: besides db.h's API it checks internals
  * (trigger SQL, the two halves of a capture with writes in between). */
 #include "db/db_int.h"
-
-static char dir[256];
+#include "db_fixture.h"
 
 static void setup(void)
 {
-    snprintf(dir, sizeof dir, "/tmp/hl_test_db_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(dir));
-    hl_log_setup(HL_LOG_WARN, false, 0);
+    db_fixture_setup("db");
 }
 
 static void teardown(void)
 {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    ck_assert_int_eq(system(cmd), 0);
-}
-
-static void path_of(char *buf, size_t n, const char *name)
-{
-    snprintf(buf, n, "%s/%s", dir, name);
-}
-
-/* An application connection: its own handle, trusted_schema OFF like a careful app. */
-static sqlite3 *app_open(const char *path)
-{
-    sqlite3 *db = NULL;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    sqlite3_busy_timeout(db, 5000);
-    ck_assert_int_eq(sqlite3_exec(db, "PRAGMA trusted_schema = OFF; PRAGMA journal_mode = WAL", NULL, NULL, NULL),
-                     SQLITE_OK);
-    return db;
-}
-
-static void app_exec(sqlite3 *db, const char *sql)
-{
-    char *msg = NULL;
-    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
-    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
+    db_fixture_teardown();
 }
 
 static const char *schema_sql =
@@ -91,14 +63,6 @@ static void set_max_clock_drift_ms(hl_db *d, uint64_t ms)
     hl_db_options o = *hl_db_get_options(d);
     o.max_clock_drift_ms = ms;
     hl_db_configure(d, &o);
-}
-
-/* An engine step that only captures; returns the rows captured. */
-static uint64_t capture(hl_db *d)
-{
-    hl_step s = {.capture = true};
-    ck_assert_int_eq(hl_db_step(d, NULL, NULL, &s), HL_OK);
-    return s.rows_captured;
 }
 
 /* An engine step that retries the held changesets (after capturing). */
@@ -578,16 +542,6 @@ START_TEST(constraint_conflict_is_recorded_and_rest_applies)
     pair_close(&p);
 }
 END_TEST
-
-static int64_t scalar(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *st;
-    ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
-    ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
-    int64_t v = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return v;
-}
 
 /* The text value of a one-row query ("" for NULL), malloc'd. */
 static char *text_of(sqlite3 *db, const char *sql)

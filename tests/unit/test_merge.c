@@ -12,46 +12,16 @@
 
 #include "common/log.h"
 #include "db/db.h"
-
-static char dir[256];
+#include "db_fixture.h"
 
 static void setup(void)
 {
-    snprintf(dir, sizeof dir, "/tmp/hl_test_merge_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(dir));
-    hl_log_setup(HL_LOG_WARN, false, 0);
+    db_fixture_setup("merge");
 }
 
 static void teardown(void)
 {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    ck_assert_int_eq(system(cmd), 0);
-}
-
-static sqlite3 *app_open(const char *path)
-{
-    sqlite3 *db = NULL;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    sqlite3_busy_timeout(db, 5000);
-    ck_assert_int_eq(sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL), SQLITE_OK);
-    return db;
-}
-
-static void app_exec(sqlite3 *db, const char *sql)
-{
-    char *msg = NULL;
-    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
-    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
-}
-
-static int64_t scalar(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *st = NULL;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
-    int64_t v = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
-    sqlite3_finalize(st);
-    return v;
+    db_fixture_teardown();
 }
 
 /* The text of the first column of sql's first row ("" when none or NULL). */
@@ -77,13 +47,6 @@ static hl_db *engine_open(const char *path, uint64_t node)
     hl_db_configure(d, &o);
     ck_assert_int_eq(hl_db_install(d, false, NULL), HL_OK);
     return d;
-}
-
-static uint64_t capture(hl_db *d)
-{
-    hl_step s = {.capture = true};
-    ck_assert_int_eq(hl_db_step(d, NULL, NULL, &s), HL_OK);
-    return s.rows_captured;
 }
 
 /* Rows in src's outbox after changeset seq after (0: all); *last receives the last seq. */
