@@ -93,7 +93,6 @@ static int busy_sleep(void *arg, int count)
 enum { W_INSERT, W_INSERT_KEYED, W_UPDATE };
 
 /* Writes rows (what) in transactions of batch rows for `seconds`; returns rows/s. */
-
 static double run(const char *path, int batch, int what, double seconds, app_stats *a)
 {
     sqlite3 *db;

@@ -60,14 +60,14 @@ static inline void app_exec(sqlite3 *db, const char *sql)
     sqlite3_free(msg);
 }
 
-/* The first column of sql's first row as an integer; -1 when it has none. */
+/* The first column of sql's first row as an integer; the test fails when there is no row. */
 static inline int64_t scalar(sqlite3 *db, const char *sql)
 {
     sqlite3_stmt *st = NULL;
     ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
     int rc = sqlite3_step(st);
-    ck_assert_msg(rc == SQLITE_ROW || rc == SQLITE_DONE, "%s: %s", sql, sqlite3_errmsg(db));
-    int64_t v = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    ck_assert_msg(rc == SQLITE_ROW, "%s: no row (%s)", sql, sqlite3_errmsg(db));
+    int64_t v = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     return v;
 }
