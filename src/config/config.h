@@ -41,7 +41,7 @@ typedef struct hl_config {
     int order_hold_timeout_s;      /* order_hold_timeout: seconds before a missing predecessor is given up on (60) */
     int stall_timeout_s;           /* stall_timeout: seconds of failing engine transactions before not ready (30) */
     int apply_batch_rows;          /* apply_batch_rows: rows applied per SQLite transaction (default 10000) */
-    int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 65536) */
+    int64_t cache_size_kib;        /* cache_size: engine connection page cache in KiB (default 32768) */
     int64_t wal_size_limit;        /* wal_size_limit: bytes of -wal file before checkpoints truncate it (64 MiB) */
     /* sleep_timeout (docs/snapshots.md#sleep_timeout) */
     int64_t sleep_timeout_ms; /* sleep_timeout: ms without a change before a snapshot and exit 0 (0: off) */

@@ -241,11 +241,22 @@ typedef struct tmap {
     int *col; /* remote column i -> local column index */
 } tmap;
 
-/* Appends the UPSERT of a keyed table's row from the remote columns m. UPSERT,
+/* A run of appended rows is written WRITE_MANY_ROWS rows per statement
+ * (apply_run): SQLite's cost of starting and ending a statement, paid once per
+ * row otherwise, is a large part of an applied append. At most
+ * WRITE_MANY_PARAMS parameters, which keeps the prepared statement, kept for
+ * as long as the schema, near 30 KB (about 110 bytes per parameter); fewer
+ * rows per statement for wider tables, and a table wider than half of that
+ * is written row by row. */
+#define WRITE_MANY_ROWS 32
+#define WRITE_MANY_PARAMS 256
+
+/* Appends the UPSERT of rows rows of a keyed table from the remote columns m,
+ * the values of row j in parameters j * nrc + 1 to (j + 1) * nrc. UPSERT,
  * not REPLACE: REPLACE deletes the old row first, which fires ON DELETE
  * actions on child rows and removes rows that clash on other unique
  * constraints behind the application's back. */
-static hl_status upsert_sql(hl_buf *q, const tmap *m, size_t nrc)
+static hl_status upsert_sql(hl_buf *q, const tmap *m, size_t nrc, size_t rows)
 {
     const hl_table *t = m->t;
     hl_buf_adds(q, "INSERT INTO ");
@@ -256,10 +267,14 @@ static hl_status upsert_sql(hl_buf *q, const tmap *m, size_t nrc)
             hl_buf_adds(q, ", ");
         hl_buf_add_ident(q, t->cols[m->col[i]]);
     }
-    hl_buf_adds(q, ") VALUES (");
-    for (size_t i = 0; i < nrc; i++)
-        hl_buf_addf(q, "%s?%zu", i ? ", " : "", i + 1);
-    hl_buf_adds(q, ") ON CONFLICT (");
+    hl_buf_adds(q, ") VALUES ");
+    for (size_t j = 0; j < rows; j++) {
+        hl_buf_adds(q, j ? ", (" : "(");
+        for (size_t i = 0; i < nrc; i++)
+            hl_buf_addf(q, "%s?%zu", i ? ", " : "", j * nrc + i + 1);
+        hl_buf_adds(q, ")");
+    }
+    hl_buf_adds(q, " ON CONFLICT (");
     for (size_t i = 0; i < t->npk; i++) {
         if (i)
             hl_buf_adds(q, ", ");
@@ -340,12 +355,22 @@ static hl_status prepare_write(hl_db *d, tmap *m, size_t nrc)
         goto out;
     sqlite3_finalize(t->st_write);
     sqlite3_finalize(t->st_insert);
-    t->st_write = t->st_insert = NULL;
+    sqlite3_finalize(t->st_write_many);
+    t->st_write = t->st_insert = t->st_write_many = NULL;
+    t->write_many = 0;
     free(t->write_sig);
     t->write_sig = NULL;
     if (t->npk) {
-        upsert_sql(&q, m, nrc);
+        upsert_sql(&q, m, nrc, 1);
         st = prepare_built(d, &q, &t->st_write);
+        size_t many = nrc ? WRITE_MANY_PARAMS / nrc : 0;
+        if (many > WRITE_MANY_ROWS)
+            many = WRITE_MANY_ROWS;
+        if (!st && t->spanned && many >= 2) {
+            upsert_sql(&q, m, nrc, many);
+            if (!(st = prepare_built(d, &q, &t->st_write_many)))
+                t->write_many = (int)many;
+        }
     } else {
         rowid_update_sql(&q, m, nrc);
         if (!(st = prepare_built(d, &q, &t->st_write))) {
@@ -1015,6 +1040,36 @@ static size_t append_run(const hl_changeset *cs, const size_t *order, size_t i)
     return j - i;
 }
 
+/* Writes the t->write_many rows of a run from step i with one statement.
+ * Where one of them cannot be written, SQLite takes the whole statement back
+ * and they are written one by one, so that each such row is recorded as a
+ * conflict (write_won) and the others are applied. */
+static hl_status write_many(hl_db *d, const hl_changeset *cs, const size_t *order, size_t i, tmap *m, size_t nrc,
+                            hl_buf *pk)
+{
+    hl_table *t = m->t;
+    size_t many = (size_t)t->write_many;
+    char why[512];
+    int xrc = 0;
+    for (size_t k = 0; k < many; k++) {
+        const hl_cs_row *r = ROW_AT(cs, order, i + k);
+        for (size_t c = 0; c < nrc; c++)
+            hl_bind_value(t->st_write_many, (int)(k * nrc + c) + 1, &r->vals[c]);
+    }
+    hl_status st = step_write(d, t->st_write_many, why, sizeof why, &xrc);
+    sqlite3_clear_bindings(t->st_write_many);
+    if (st)
+        return st;
+    if (!why[0]) {
+        t->applied = true;
+        d->stats.rows_applied += many;
+        return HL_OK;
+    }
+    for (size_t k = 0; k < many && !st; k++)
+        st = write_won(d, cs, ROW_AT(cs, order, i + k), m, nrc, pk);
+    return st;
+}
+
 /*
  * Appended rows arrive in runs: consecutive keys, one version (the sender's
  * spans, clock.c). When no row in a run's range has a version here, the run's
@@ -1042,7 +1097,10 @@ static hl_status apply_run(hl_db *d, const hl_changeset *cs, const size_t *order
     hl_hlc_observe(&d->last_hlc, first->hlc);
     if ((st = hl_span_put(d, t, lo, hi, first->hlc, cs->origin)))
         return st;
-    for (size_t k = 0; k < n && !st; k++)
+    size_t k = 0, many = (size_t)t->write_many;
+    for (; many && k + many <= n && !st; k += many)
+        st = write_many(d, cs, order, i + k, m, nrc, pk);
+    for (; k < n && !st; k++)
         st = write_won(d, cs, ROW_AT(cs, order, i + k), m, nrc, pk);
     *done = !st;
     return st;

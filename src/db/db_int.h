@@ -60,7 +60,9 @@ typedef struct hl_table {
     sqlite3_stmt *st_row_del;        /* DELETE FROM t WHERE key */
     sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
     sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
-    char *write_sig;                 /* remote column list st_write/st_insert were built for */
+    sqlite3_stmt *st_write_many;     /* apply: st_write for write_many rows in one statement (runs of appends) */
+    int write_many;                  /* rows per st_write_many; 0: none */
+    char *write_sig;                 /* remote column list st_write/st_insert/st_write_many were built for */
     /* apply.c, found out on the first apply after a schema scan: whether a
      * changeset's rows of this table may be applied in key order (1), not
      * (-1) or not known yet (0), and per key column the value types that

@@ -23,6 +23,7 @@ static void table_finalize(hl_table *t)
     sqlite3_finalize(t->st_row_del);
     sqlite3_finalize(t->st_write);
     sqlite3_finalize(t->st_insert);
+    sqlite3_finalize(t->st_write_many);
     sqlite3_finalize(t->st_clock_win);
     sqlite3_finalize(t->st_clock_put);
     sqlite3_finalize(t->st_range);
@@ -39,7 +40,8 @@ static void table_finalize(hl_table *t)
     t->st_span_clear = t->st_span_clocked = t->st_span_prev = t->st_span_within = t->st_span_del = t->st_span_ins =
         NULL;
     t->st_range = t->st_range_keys = t->st_range_unlogged = t->st_log_add = t->st_log_span = NULL;
-    t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = NULL;
+    t->st_log_read = t->st_log_del = t->st_row_del = t->st_write = t->st_insert = t->st_write_many = NULL;
+    t->write_many = 0;
     t->st_clock_win = t->st_clock_put = NULL;
     free(t->write_sig);
     t->write_sig = NULL;

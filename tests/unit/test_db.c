@@ -815,6 +815,43 @@ START_TEST(applied_appends_are_versioned_by_spans)
 }
 END_TEST
 
+/* Issue 10: a run of appended rows is written many rows per statement. A row
+ * the receiver cannot write (here a NULL in a NOT NULL column, in the middle
+ * of a run and of one such statement) is recorded as a conflict; every other
+ * row of the run, before and after it, is applied and versioned. */
+START_TEST(a_run_of_appends_keeps_all_rows_but_the_one_that_fails)
+{
+    pair p;
+    pair_open(&p);
+    app_exec(p.appa, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) "
+                     "INSERT INTO books(id, title, year) SELECT i, 't' || i, i FROM n");
+    capture(p.a);
+    hl_changeset *cs = take(p.a, &p.raw, &p.flags);
+    ck_assert_uint_eq(cs->nrows, 1000);
+    size_t bad = 0;
+    for (size_t i = 0; i < cs->nrows; i++)
+        if (cs->rows[i].key[0].u.i == 500)
+            bad = i;
+    ck_assert_int_eq(cs->rows[bad].vals[1].type, HL_VAL_TEXT);
+    cs->rows[bad].vals[1].type = HL_VAL_NULL; /* title */
+    hl_buf_reset(&p.raw);
+    ck_assert_int_eq(hl_changeset_encode(cs, false, &p.raw), HL_OK);
+    ck_assert_int_eq(apply(p.b, cs, &p.raw, 0), HL_APPLIED);
+    ck_assert_uint_eq(hl_db_counters(p.b)->rows_applied, 999);
+    ck_assert_uint_eq(hl_db_counters(p.b)->conflicts, 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM __harmonylite__conflicts WHERE reason LIKE '%NOT NULL%'"), 1);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books"), 999);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE id = 500"), 0);
+    ck_assert_int_eq(scalar(p.appb, "SELECT count(*) FROM books WHERE title = 't' || id AND year = id"), 999);
+    int64_t va = version_of(p.appa, "books", 1, NULL);
+    ck_assert_int_eq(version_of(p.appb, "books", 499, NULL), va);
+    ck_assert_int_eq(version_of(p.appb, "books", 501, NULL), va);
+    ck_assert_int_eq(version_of(p.appb, "books", 1000, NULL), va);
+    hl_changeset_free(cs);
+    pair_close(&p);
+}
+END_TEST
+
 /* hl_span_put keeps spans apart: one recorded over others cuts them, and the
  * clock rows inside it (older versions) go. */
 START_TEST(span_put_cuts_what_it_covers)
@@ -2512,6 +2549,7 @@ int main(void)
     tcase_add_test(tc, appends_are_versioned_by_spans);
     tcase_add_test(tc, remote_versions_are_compared_with_spans);
     tcase_add_test(tc, applied_appends_are_versioned_by_spans);
+    tcase_add_test(tc, a_run_of_appends_keeps_all_rows_but_the_one_that_fails);
     tcase_add_test(tc, a_key_that_changes_kind_keeps_its_versions);
     tcase_add_test(tc, span_put_cuts_what_it_covers);
     tcase_add_test(tc, checkpointer_moves_wal_into_the_database);
