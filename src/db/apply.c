@@ -364,13 +364,8 @@ static hl_status prepare_write(hl_db *d, tmap *m, size_t nrc)
         upsert_sql(&q, m, nrc, 1);
         st = prepare_built(d, &q, &t->st_write);
         size_t many = nrc ? WRITE_MANY_PARAMS / nrc : 0;
-        if (many > WRITE_MANY_ROWS)
-            many = WRITE_MANY_ROWS;
-        if (!st && t->spanned && many >= 2) {
-            upsert_sql(&q, m, nrc, many);
-            if (!(st = prepare_built(d, &q, &t->st_write_many)))
-                t->write_many = (int)many;
-        }
+        if (t->spanned && many >= 2) /* st_write_many: when a run first needs it (write_many) */
+            t->write_many = (int)(many > WRITE_MANY_ROWS ? WRITE_MANY_ROWS : many);
     } else {
         rowid_update_sql(&q, m, nrc);
         if (!(st = prepare_built(d, &q, &t->st_write))) {
@@ -1051,6 +1046,17 @@ static hl_status write_many(hl_db *d, const hl_changeset *cs, const size_t *orde
     size_t many = (size_t)t->write_many;
     char why[512];
     int xrc = 0;
+    if (!t->st_write_many) {
+        /* Prepared on first use, not with st_write: a table that never
+         * receives a run of that many appends does not keep it. */
+        hl_buf q;
+        hl_buf_init(&q, 64u << 20);
+        upsert_sql(&q, m, nrc, many);
+        hl_status pst = prepare_built(d, &q, &t->st_write_many);
+        hl_buf_free(&q);
+        if (pst)
+            return pst;
+    }
     for (size_t k = 0; k < many; k++) {
         const hl_cs_row *r = ROW_AT(cs, order, i + k);
         for (size_t c = 0; c < nrc; c++)

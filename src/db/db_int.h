@@ -61,7 +61,7 @@ typedef struct hl_table {
     sqlite3_stmt *st_write;          /* apply: UPSERT (or UPDATE for rowid tables) for cols_sig */
     sqlite3_stmt *st_insert;         /* apply: INSERT for rowid tables */
     sqlite3_stmt *st_write_many;     /* apply: st_write for write_many rows in one statement (runs of appends) */
-    int write_many;                  /* rows per st_write_many; 0: none */
+    int write_many;                  /* rows per st_write_many (prepared on first use); 0: none */
     char *write_sig;                 /* remote column list st_write/st_insert/st_write_many were built for */
     /* apply.c, found out on the first apply after a schema scan: whether a
      * changeset's rows of this table may be applied in key order (1), not
